@@ -1,0 +1,660 @@
+//! Throwaway servers for Portcullis tests and benchmarks: a real PostgreSQL in a temp dir on a free
+//! port, and the real `portcullis` binary in front of it. Everything is torn down on drop.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::Rng;
+use rand::distributions::Alphanumeric;
+
+/// True when running as root: tests that need the kernel (eBPF, cgroups) check this.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Prints a loud skip line and returns true when the caller is not root.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("SKIPPED {test}: needs root (eBPF programs and cgroups); CI runs as root");
+    true
+}
+
+/// A TCP port nobody listens on right now, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+pub fn random_password() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect()
+}
+
+/// Where the PostgreSQL 15 server binaries live.
+pub fn pg_bindir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    for v in ["15", "16", "17"] {
+        let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"));
+        if p.join("initdb").exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "no PostgreSQL server binaries found under /usr/lib/postgresql/*/bin (apt-get install postgresql-15, or set PG_BINDIR)"
+    )
+}
+
+/// How PostgreSQL authenticates TCP clients (pg_hba.conf method).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HbaAuth {
+    Scram,
+    Md5,
+    Password,
+    Trust,
+}
+
+impl HbaAuth {
+    fn method(self) -> &'static str {
+        match self {
+            HbaAuth::Scram => "scram-sha-256",
+            HbaAuth::Md5 => "md5",
+            HbaAuth::Password => "password",
+            HbaAuth::Trust => "trust",
+        }
+    }
+}
+
+/// A PEM certificate and key for the server's TLS, with the CA that signed it.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// When set, only `hostssl` lines are written, so plaintext connections are refused.
+    pub require: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostgresBuilder {
+    auth: HbaAuth,
+    tls: Option<ServerTls>,
+    listen_ipv6: bool,
+    max_connections: u32,
+    extra_conf: Vec<String>,
+}
+
+impl Default for PostgresBuilder {
+    fn default() -> Self {
+        Self {
+            auth: HbaAuth::Scram,
+            tls: None,
+            listen_ipv6: true,
+            max_connections: 300,
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+impl PostgresBuilder {
+    pub fn auth(mut self, auth: HbaAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+    pub fn listen_ipv6(mut self, on: bool) -> Self {
+        self.listen_ipv6 = on;
+        self
+    }
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+    /// A raw `postgresql.conf` line, e.g. `shared_buffers = '256MB'`.
+    pub fn conf(mut self, line: impl Into<String>) -> Self {
+        self.extra_conf.push(line.into());
+        self
+    }
+
+    pub fn start(self) -> Result<Postgres> {
+        Postgres::start_with(self)
+    }
+}
+
+/// A running throwaway PostgreSQL. Role `app` (password in `password`) owns database `app`;
+/// the superuser `postgres` connects over the Unix socket in `socket_dir` without a password.
+pub struct Postgres {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    pub socket_dir: PathBuf,
+    bindir: PathBuf,
+    data: PathBuf,
+    _root: tempfile::TempDir,
+    run_as: Option<(u32, u32)>,
+}
+
+impl Postgres {
+    pub fn builder() -> PostgresBuilder {
+        PostgresBuilder::default()
+    }
+
+    /// SCRAM-SHA-256 over TCP on 127.0.0.1 (and ::1), no TLS.
+    pub fn start() -> Result<Postgres> {
+        Self::builder().start()
+    }
+
+    fn start_with(b: PostgresBuilder) -> Result<Postgres> {
+        let bindir = pg_bindir()?;
+        let root = tempfile::Builder::new()
+            .prefix("portcullis-pg-")
+            .tempdir()?;
+        let data = root.path().join("data");
+        let socket_dir = root.path().join("sock");
+        fs::create_dir_all(&socket_dir)?;
+        // initdb refuses to run as root, so as root the cluster belongs to the `postgres` user.
+        let run_as = if is_root() {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
+        if let Some((uid, gid)) = run_as {
+            for p in [root.path(), socket_dir.as_path()] {
+                chown(p, Some(uid), Some(gid))?;
+            }
+            fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
+        }
+        let password = random_password();
+        let pwfile = root.path().join("superpw");
+        fs::write(&pwfile, "unused\n")?;
+        if let Some((uid, gid)) = run_as {
+            chown(&pwfile, Some(uid), Some(gid))?;
+        }
+        let out = run_cmd(
+            Command::new(bindir.join("initdb"))
+                .args(["-D"])
+                .arg(&data)
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=reject",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ])
+                .arg(format!("--pwfile={}", pwfile.display())),
+            run_as,
+        )?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = free_port();
+        let listen = if b.listen_ipv6 && ipv6_loopback_available() {
+            "127.0.0.1,::1"
+        } else {
+            "127.0.0.1"
+        };
+        let mut conf = format!(
+            "listen_addresses = '{listen}'\nport = {port}\nunix_socket_directories = '{}'\n\
+             max_connections = {}\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             shared_buffers = '128MB'\nlog_min_messages = warning\npassword_encryption = 'scram-sha-256'\n",
+            socket_dir.display(),
+            b.max_connections
+        );
+        if let Some(tls) = &b.tls {
+            let cert = data.join("server.crt");
+            let key = data.join("server.key");
+            fs::write(&cert, &tls.cert_pem)?;
+            fs::write(&key, &tls.key_pem)?;
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = run_as {
+                chown(&cert, Some(uid), Some(gid))?;
+                chown(&key, Some(uid), Some(gid))?;
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
+        for line in &b.extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        append(&data.join("postgresql.conf"), &conf)?;
+        let host_kind = match &b.tls {
+            Some(t) if t.require => "hostssl",
+            _ => "host",
+        };
+        let m = b.auth.method();
+        let hba = format!(
+            "local all all trust\n{host_kind} all postgres 0.0.0.0/0 reject\n{host_kind} all all 127.0.0.0/8 {m}\n\
+             {host_kind} all all ::1/128 {m}\n"
+        );
+        fs::write(data.join("pg_hba.conf"), hba)?;
+
+        let log = root.path().join("postgres.log");
+        let out = run_cmd(
+            Command::new(bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "60", "start"]),
+            run_as,
+        )?;
+        if !out.status.success() {
+            let l = fs::read_to_string(&log).unwrap_or_default();
+            bail!(
+                "pg_ctl start failed: {}\n{l}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let pg = Postgres {
+            host: "127.0.0.1".into(),
+            port,
+            user: "app".into(),
+            password,
+            database: "app".into(),
+            socket_dir,
+            bindir,
+            data,
+            _root: root,
+            run_as,
+        };
+        if b.auth == HbaAuth::Md5 {
+            pg.superuser_sql("SET password_encryption = 'md5'")?;
+        }
+        let enc = if b.auth == HbaAuth::Md5 {
+            "SET password_encryption = 'md5'; "
+        } else {
+            ""
+        };
+        pg.superuser_sql(&format!(
+            "{enc}CREATE ROLE app LOGIN PASSWORD '{}'; CREATE DATABASE app OWNER app;",
+            pg.password
+        ))?;
+        Ok(pg)
+    }
+
+    /// `postgres://app@127.0.0.1:PORT/app` (no password: callers pass it separately).
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("{}:{}", self.host, self.port)
+            .parse()
+            .expect("valid address")
+    }
+
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    /// Runs SQL as the superuser over the Unix socket, failing on any error.
+    pub fn superuser_sql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "superuser SQL failed: {sql}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs SQL as the superuser in the `app` database.
+    pub fn app_superuser_sql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "app",
+                "-c",
+                sql,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "superuser SQL failed: {sql}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes the `app` password to a 0600 file, as `portcullis serve --password-file` wants it.
+    pub fn write_password_file(&self, dir: &Path) -> Result<PathBuf> {
+        let p = dir.join("upstream.password");
+        fs::write(&p, format!("{}\n", self.password))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600))?;
+        Ok(p)
+    }
+
+    /// A psql (or pgbench, …) command from the same PostgreSQL install.
+    pub fn client(&self, program: &str) -> Command {
+        Command::new(self.bindir.join(program))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = run_cmd(
+            Command::new(self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"]),
+            self.run_as,
+        );
+    }
+}
+
+fn postgres_ids() -> Result<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd")?;
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] == "postgres" {
+            return Ok((f[2].parse()?, f[3].parse()?));
+        }
+    }
+    bail!(
+        "running as root, but there is no `postgres` user to own the test cluster (apt-get install postgresql-15 creates it)"
+    )
+}
+
+fn run_cmd(cmd: &mut Command, run_as: Option<(u32, u32)>) -> Result<Output> {
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.stdin(Stdio::null());
+    cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+pub fn ipv6_loopback_available() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Path to the `portcullis` binary: `PORTCULLIS_BIN`, else next to the running test executable's
+/// target directory (`target/<profile>/portcullis`).
+pub fn portcullis_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PORTCULLIS_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_portcullis") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("portcullis")
+}
+
+/// A running `portcullis serve` process. Its stdout and stderr are captured into `log()`.
+pub struct Gateway {
+    child: Option<Child>,
+    pub listen: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+/// What to start the gateway with. `args` are passed after `serve` verbatim, after the ones the
+/// harness adds (`--listen`, `--admin-socket`, `--state-dir`).
+pub struct GatewayOptions {
+    pub target: Option<(String, PathBuf)>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub listen: Option<SocketAddr>,
+}
+
+impl GatewayOptions {
+    /// The quick-start form: one target given as flags.
+    pub fn for_target(pg: &Postgres, password_file: PathBuf) -> Self {
+        Self {
+            target: Some((pg.url(), password_file)),
+            args: Vec::new(),
+            env: Vec::new(),
+            listen: None,
+        }
+    }
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+}
+
+impl Gateway {
+    pub fn start(opts: GatewayOptions) -> Result<Gateway> {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-gw-")
+            .tempdir()?;
+        let listen = opts
+            .listen
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let admin_socket = dir.path().join("admin.sock");
+        let state_dir = dir.path().join("state");
+        fs::create_dir_all(&state_dir)?;
+        let mut cmd = Command::new(portcullis_bin());
+        cmd.arg("serve").arg("--listen").arg(listen.to_string());
+        cmd.arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("--state-dir")
+            .arg(&state_dir);
+        if let Some((url, pw)) = &opts.target {
+            cmd.arg("--target").arg(url).arg("--password-file").arg(pw);
+        }
+        cmd.args(&opts.args);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", portcullis_bin().display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("PORTCULLIS_TEST_ECHO").is_some() {
+                        eprintln!("[gateway] {line}");
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let mut gw = Gateway {
+            child: Some(child),
+            listen,
+            admin_socket,
+            state_dir,
+            log,
+            _dir: dir,
+        };
+        gw.wait_ready(Duration::from_secs(30))?;
+        Ok(gw)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::net::TcpStream::connect_timeout(&self.listen, Duration::from_millis(200))
+                .is_ok()
+                && self.admin_socket.exists()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!("gateway exited early with {status}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gateway did not start listening on {} within {timeout:?}:\n{}",
+                    self.listen,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the gateway printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Runs `portcullis ARGS --admin-socket SOCK` (a CLI command against this gateway).
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(portcullis_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()?)
+    }
+
+    /// A libpq connection string through the gateway (any user: the gateway injects its own).
+    pub fn conninfo(&self, dbname: &str) -> String {
+        format!(
+            "host={} port={} user=agent dbname={dbname} sslmode=disable",
+            self.listen.ip(),
+            self.listen.port()
+        )
+    }
+
+    /// Sends SIGTERM and waits for exit, returning the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("gateway already stopped")?;
+        signal(child.id(), 15);
+        Ok(child.wait()?)
+    }
+
+    /// Sends a signal (e.g. 1 for SIGHUP) to the gateway.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            signal(c.id(), sig);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs psql with a connection string and SQL, returning (stdout, stderr, success).
+pub fn psql(bindir: &Path, conninfo: &str, sql: &str) -> Result<(String, String, bool)> {
+    let out = Command::new(bindir.join("psql"))
+        .args([
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    ))
+}
+
+/// Resident set size of a process in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
