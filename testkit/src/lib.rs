@@ -287,9 +287,11 @@ impl Postgres {
             ""
         };
         pg.superuser_sql(&format!(
-            "{enc}CREATE ROLE app LOGIN PASSWORD '{}'; CREATE DATABASE app OWNER app;",
+            "{enc}CREATE ROLE app LOGIN PASSWORD '{}'",
             pg.password
         ))?;
+        // psql -c runs a multi-statement string in one transaction, which CREATE DATABASE refuses.
+        pg.superuser_sql("CREATE DATABASE app OWNER app")?;
         Ok(pg)
     }
 
