@@ -20,7 +20,7 @@ use crate::identify::Identity;
 use crate::metrics::{NewSession, SessionInfo, SessionState};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{
-    AllowAll, Output, Progress, Seg, Session, SessionError, Side,
+    AllowAll, NoFilter, Output, Progress, Seg, Session, SessionError, Side,
 };
 use crate::protocol::postgres::startup::{self, Initial};
 
@@ -242,9 +242,15 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
                 Side::Server => {
                     "the upstream server broke the protocol; the session is closed".to_owned()
                 }
+                Side::Gateway => format!("result refused by masking: {}", e.reason),
             };
             warn!(session = info.id, "{e}");
-            fatal(&client, "08P01", &message).await;
+            let code = if e.side == Side::Gateway {
+                "42501"
+            } else {
+                "08P01"
+            };
+            fatal(&client, code, &message).await;
         }
         Err(PumpError::Io(e)) => {
             target.counters.errors.fetch_add(1, Relaxed);
@@ -367,6 +373,7 @@ async fn server_to_client(
 ) -> Result<End, PumpError> {
     let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
     let mut out = Output::default();
+    let mut filter = NoFilter;
     loop {
         let BufResult(n, b) = server.read(buf).await;
         buf = b;
@@ -374,7 +381,7 @@ async fn server_to_client(
             let fatal_seen = core.borrow().server_sent_fatal();
             return Ok(End::ServerClosed { fatal_seen });
         }
-        let progress = core.borrow_mut().on_backend(&buf, &mut out)?;
+        let progress = core.borrow_mut().on_backend(&buf, &mut filter, &mut out)?;
         let (r, b) = write_output(&client, buf, &mut out).await;
         buf = b;
         r?;

@@ -10,7 +10,8 @@
 //! [`Session::on_backend`], each with the whole unconsumed input; write the returned segments in
 //! order; drop the consumed prefix; keep the rest for the next call.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::ops::Range;
 
 use super::frame::{self, Frame, FrameError, Next, Reader};
@@ -109,6 +110,15 @@ impl Output {
         self.segs.push(Seg::Input(r));
     }
 
+    /// Removes a scratch segment an `emit` left empty.
+    fn drop_empty_scratch(&mut self) {
+        if let Some(Seg::Scratch(r)) = self.segs.last()
+            && r.is_empty()
+        {
+            self.segs.pop();
+        }
+    }
+
     fn emit(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
         let start = self.scratch.len();
         write(&mut self.scratch);
@@ -134,15 +144,17 @@ pub enum Progress {
     Terminate { consumed: usize },
 }
 
-/// Which peer broke the protocol.
+/// Who broke the session: a peer that broke the protocol, or the gateway refusing to pass a
+/// result it could not inspect (masking fails closed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Client,
     Server,
+    Gateway,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("protocol violation by the {side:?}: {reason}")]
+#[error("{side:?}: {reason}")]
 pub struct SessionError {
     pub side: Side,
     pub reason: String,
@@ -172,13 +184,96 @@ enum Expect {
         probe: Option<Blocked>,
     },
     Parse {
+        statement: NameId,
         probe: Option<Blocked>,
     },
-    Bind,
-    Describe,
-    Execute,
+    Bind {
+        portal: NameId,
+        statement: NameId,
+        result_formats: ResultFormats,
+    },
+    Describe {
+        portal: bool,
+        name: NameId,
+    },
+    Execute {
+        portal: NameId,
+    },
     Close,
     Sync,
+}
+
+/// Inspects (and may rewrite) result rows on their way to the client: the masking hook.
+/// `begin*` return whether the result's rows must be inspected; when they return false, rows
+/// stream through untouched and unparsed.
+pub trait ResultFilter {
+    /// A result's columns: a RowDescription body and the formats its rows use.
+    fn begin(&mut self, row_description: &[u8], formats: &ResultFormats) -> bool;
+    /// Rows whose columns the gateway never saw described.
+    fn begin_unknown(&mut self) -> bool;
+    /// Ok(true) when a replacement DataRow message was appended to `out`.
+    fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String>;
+    /// A CopyOutResponse body; true when its CopyData must be inspected.
+    fn copy_out(&mut self, body: &[u8]) -> bool;
+    /// Ok(true) when a replacement CopyData message was appended to `out`.
+    fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String>;
+}
+
+/// The formats rows of a result come in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultFormats {
+    /// As the RowDescription says (simple query, or a Describe of the portal).
+    Described,
+    /// From Bind: one code for every column (Bind sent none, meaning text, or one).
+    Uniform(i16),
+    /// From Bind: one code per column.
+    PerColumn(Vec<i16>),
+}
+
+impl ResultFormats {
+    /// The format of column `i`, given what its RowDescription field says.
+    pub fn of(&self, i: usize, described: i16) -> i16 {
+        match self {
+            ResultFormats::Described => described,
+            ResultFormats::Uniform(f) => *f,
+            ResultFormats::PerColumn(v) => v.get(i).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Statement and portal names, hashed with a per-session key so the hot path neither allocates
+/// nor compares strings, and a client cannot aim a collision.
+type NameId = u64;
+
+/// Passes every result through.
+pub struct NoFilter;
+
+impl ResultFilter for NoFilter {
+    fn begin(&mut self, _: &[u8], _: &ResultFormats) -> bool {
+        false
+    }
+    fn begin_unknown(&mut self) -> bool {
+        false
+    }
+    fn data_row(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn copy_out(&mut self, _: &[u8]) -> bool {
+        false
+    }
+    fn copy_data(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+/// What the server side knows about the result streaming now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResultState {
+    None,
+    /// Rows pass through; large ones stream without being buffered.
+    Pass,
+    /// Rows go through the filter whole.
+    Inspect,
 }
 
 /// SQL that fails at parse time on every PostgreSQL. The gateway sends it in place of a blocked
@@ -210,6 +305,15 @@ pub struct Session {
     resolved: Option<Disposition>,
     /// Server side: bytes of a message being streamed through still to come.
     be_stream: usize,
+    result: ResultState,
+    copy_inspect: bool,
+    /// Server-side view, updated in the server's order: RowDescriptions of described statements
+    /// and portals, and what each portal was bound to.
+    /// An empty entry means "not described"; entries keep their capacity for reuse.
+    statement_rows: HashMap<NameId, Vec<u8>>,
+    portal_rows: HashMap<NameId, Vec<u8>>,
+    portals: HashMap<NameId, (NameId, ResultFormats)>,
+    names: std::hash::RandomState,
     tx_status: u8,
     server_fatal: bool,
     pub from_client: Counters,
@@ -228,6 +332,12 @@ impl Session {
             fe_discard_to_sync: false,
             resolved: None,
             be_stream: 0,
+            result: ResultState::None,
+            copy_inspect: false,
+            statement_rows: HashMap::new(),
+            portal_rows: HashMap::new(),
+            portals: HashMap::new(),
+            names: std::hash::RandomState::new(),
             tx_status: b'I',
             server_fatal: false,
             from_client: Counters::default(),
@@ -348,11 +458,17 @@ impl Session {
                 match self.decide(gate, &Request::Parse { statement, sql }) {
                     Disposition::Allow => {
                         out.pass(range);
-                        self.expect.push_back(Expect::Parse { probe: None });
+                        self.expect.push_back(Expect::Parse {
+                            statement: self.names.hash_one(statement),
+                            probe: None,
+                        });
                     }
                     Disposition::Block(b) => {
                         out.emit(|o| messages::encode_parse(statement, PROBE_SQL, o));
-                        self.expect.push_back(Expect::Parse { probe: Some(b) });
+                        self.expect.push_back(Expect::Parse {
+                            statement: self.names.hash_one(statement),
+                            probe: Some(b),
+                        });
                         self.fe_discard_to_sync = true;
                     }
                     Disposition::Hold => {
@@ -384,18 +500,44 @@ impl Session {
                     }
                 }
             }
-            b'B' | b'D' | b'E' | b'C' | b'S' => {
+            b'B' => {
+                let (portal, statement, result_formats) = parse_bind(frame.body)?;
                 out.pass(range);
-                self.expect.push_back(match frame.tag {
-                    b'B' => Expect::Bind,
-                    b'D' => Expect::Describe,
-                    b'E' => Expect::Execute,
-                    b'C' => Expect::Close,
-                    _ => {
-                        self.fe_discard_to_sync = false;
-                        Expect::Sync
-                    }
+                let (portal, statement) =
+                    (self.names.hash_one(portal), self.names.hash_one(statement));
+                self.expect.push_back(Expect::Bind {
+                    portal,
+                    statement,
+                    result_formats,
                 });
+            }
+            b'D' => {
+                let mut r = Reader::new(frame.body);
+                let kind = r
+                    .u8()
+                    .map_err(|e| SessionError::client(format!("Describe: {e}")))?;
+                let name = self.names.hash_one(body_str(r.cstr(), "Describe name")?);
+                out.pass(range);
+                self.expect.push_back(Expect::Describe {
+                    portal: kind == b'P',
+                    name,
+                });
+            }
+            b'E' => {
+                let portal = self
+                    .names
+                    .hash_one(body_str(Reader::new(frame.body).cstr(), "Execute portal")?);
+                out.pass(range);
+                self.expect.push_back(Expect::Execute { portal });
+            }
+            b'C' => {
+                out.pass(range);
+                self.expect.push_back(Expect::Close);
+            }
+            b'S' => {
+                out.pass(range);
+                self.fe_discard_to_sync = false;
+                self.expect.push_back(Expect::Sync);
             }
             b'H' | b'd' | b'c' | b'f' => out.pass(range),
             b'X' => {
@@ -425,6 +567,7 @@ impl Session {
     pub fn on_backend(
         &mut self,
         input: &[u8],
+        filter: &mut dyn ResultFilter,
         to_client: &mut Output,
     ) -> Result<Progress, SessionError> {
         let mut pos = 0;
@@ -443,8 +586,14 @@ impl Session {
                 Next::Frame(f) => f,
                 Next::NeedHeader => return Ok(Progress::Continue { consumed: pos }),
                 Next::Partial { tag, wire_len } => {
-                    // Rows and COPY data stream through without being buffered whole.
-                    if matches!(tag, b'D' | b'd') {
+                    // Rows and COPY data nobody inspects stream through without being buffered
+                    // whole, so a huge value never makes the gateway hold it all.
+                    let streamable = match tag {
+                        b'D' => self.result == ResultState::Pass,
+                        b'd' => !self.copy_inspect,
+                        _ => false,
+                    };
+                    if streamable {
                         self.from_server.messages += 1;
                         self.be_stream = wire_len;
                         continue;
@@ -453,7 +602,7 @@ impl Session {
                 }
             };
             let range = pos..pos + frame.wire_len();
-            self.backend_message(frame, range.clone(), to_client)?;
+            self.backend_message(frame, range.clone(), filter, to_client)?;
             self.from_server.messages += 1;
             self.from_server.bytes += range.len() as u64;
             pos = range.end;
@@ -464,14 +613,48 @@ impl Session {
         &mut self,
         frame: Frame<'_>,
         range: Range<usize>,
+        filter: &mut dyn ResultFilter,
         out: &mut Output,
     ) -> Result<(), SessionError> {
         match frame.tag {
+            b'D' => {
+                if self.result == ResultState::None {
+                    self.result = self.begin_execute_rows(filter);
+                }
+                if self.result == ResultState::Inspect {
+                    let mut replaced = Ok(false);
+                    out.emit(|o| replaced = filter.data_row(frame.body, o));
+                    // A row the filter cannot process is never passed through.
+                    if replaced.map_err(|reason| SessionError {
+                        side: Side::Gateway,
+                        reason,
+                    })? {
+                        return Ok(());
+                    }
+                    // The filter wrote nothing: forward the original bytes.
+                    out.drop_empty_scratch();
+                }
+            }
+            b'd' if self.copy_inspect => {
+                let mut replaced = Ok(false);
+                out.emit(|o| replaced = filter.copy_data(frame.body, o));
+                if replaced.map_err(|reason| SessionError {
+                    side: Side::Gateway,
+                    reason,
+                })? {
+                    return Ok(());
+                }
+                out.drop_empty_scratch();
+            }
+            b'H' => self.copy_inspect = filter.copy_out(frame.body),
+            b'c' => self.copy_inspect = false,
             b'Z' => {
                 let status = Reader::new(frame.body)
                     .u8()
                     .map_err(|e| SessionError::server(format!("ReadyForQuery: {e}")))?;
                 self.tx_status = status;
+                self.result = ResultState::None;
+                self.copy_inspect = false;
                 if matches!(
                     self.expect.front(),
                     Some(Expect::Query { .. } | Expect::Sync)
@@ -480,6 +663,8 @@ impl Session {
                 }
             }
             b'E' => {
+                self.result = ResultState::None;
+                self.copy_inspect = false;
                 if messages::parse_error_fields(frame.body).is_ok_and(|e| e.is_fatal()) {
                     self.server_fatal = true;
                 }
@@ -497,16 +682,63 @@ impl Session {
                     return Ok(());
                 }
             }
-            b'1' | b'2' | b'3' | b'n' | b's' => {
-                self.expect.pop_front();
-            }
-            b'T' => {
-                if matches!(self.expect.front(), Some(Expect::Describe)) {
-                    self.expect.pop_front();
+            b'1' => {
+                if let Some(Expect::Parse { statement, .. }) = self.expect.pop_front() {
+                    forget(&mut self.statement_rows, statement);
                 }
             }
+            b'2' => {
+                if let Some(Expect::Bind {
+                    portal,
+                    statement,
+                    result_formats,
+                }) = self.expect.pop_front()
+                {
+                    forget(&mut self.portal_rows, portal);
+                    self.portals.insert(portal, (statement, result_formats));
+                }
+            }
+            b'3' | b's' => {
+                self.expect.pop_front();
+                self.result = ResultState::None;
+            }
+            b'n' => {
+                if let Some(Expect::Describe { portal, name }) = self.expect.pop_front() {
+                    forget(
+                        if portal {
+                            &mut self.portal_rows
+                        } else {
+                            &mut self.statement_rows
+                        },
+                        name,
+                    );
+                }
+            }
+            b'T' => match self.expect.front() {
+                Some(Expect::Describe { .. }) => {
+                    if let Some(Expect::Describe { portal, name }) = self.expect.pop_front() {
+                        let rows = if portal {
+                            &mut self.portal_rows
+                        } else {
+                            &mut self.statement_rows
+                        };
+                        let entry = rows.entry(name).or_default();
+                        entry.clear();
+                        entry.extend_from_slice(frame.body);
+                    }
+                }
+                _ => {
+                    // A simple query's next result set.
+                    self.result = if filter.begin(frame.body, &ResultFormats::Described) {
+                        ResultState::Inspect
+                    } else {
+                        ResultState::Pass
+                    };
+                }
+            },
             b'C' | b'I' => {
-                if matches!(self.expect.front(), Some(Expect::Execute)) {
+                self.result = ResultState::None;
+                if matches!(self.expect.front(), Some(Expect::Execute { .. })) {
                     self.expect.pop_front();
                 }
             }
@@ -514,6 +746,32 @@ impl Session {
         }
         out.pass(range);
         Ok(())
+    }
+
+    /// The first row of an Execute: find its columns from the portal's or the statement's
+    /// description, in the server's order of events.
+    fn begin_execute_rows(&mut self, filter: &mut dyn ResultFilter) -> ResultState {
+        let inspect = match self.expect.front() {
+            Some(Expect::Execute { portal }) => {
+                if let Some(rows) = described(&self.portal_rows, portal) {
+                    filter.begin(rows, &ResultFormats::Described)
+                } else if let Some((rows, formats)) =
+                    self.portals.get(portal).and_then(|(stmt, formats)| {
+                        Some((described(&self.statement_rows, stmt)?, formats))
+                    })
+                {
+                    filter.begin(rows, formats)
+                } else {
+                    filter.begin_unknown()
+                }
+            }
+            _ => filter.begin_unknown(),
+        };
+        if inspect {
+            ResultState::Inspect
+        } else {
+            ResultState::Pass
+        }
     }
 
     /// On an ErrorResponse: settles the queue the way the server does, and returns the blocked
@@ -530,12 +788,55 @@ impl Session {
                     self.expect.pop_front();
                 }
                 match head {
-                    Some(Expect::Parse { probe }) => probe,
+                    Some(Expect::Parse { probe, .. }) => probe,
                     _ => None,
                 }
             }
         }
     }
+}
+
+/// The description stored under `name`, if it was described since it was last (re)defined.
+fn described<'a>(rows: &'a HashMap<NameId, Vec<u8>>, name: &NameId) -> Option<&'a Vec<u8>> {
+    rows.get(name).filter(|v| !v.is_empty())
+}
+
+/// Marks a name as not described, keeping the buffer for reuse.
+fn forget(rows: &mut HashMap<NameId, Vec<u8>>, name: NameId) {
+    if let Some(v) = rows.get_mut(&name) {
+        v.clear();
+    }
+}
+
+/// Bind: portal, statement, and the result-format codes at its end.
+fn parse_bind(body: &[u8]) -> Result<(&str, &str, ResultFormats), SessionError> {
+    let bad = |e: frame::Truncated| SessionError::client(format!("Bind: {e}"));
+    let mut r = Reader::new(body);
+    let portal = body_str(r.cstr(), "Bind portal")?;
+    let statement = body_str(r.cstr(), "Bind statement")?;
+    let nformats = r.i16().map_err(bad)?;
+    r.bytes(
+        2 * usize::try_from(nformats)
+            .map_err(|_| SessionError::client("Bind: negative format count"))?,
+    )
+    .map_err(bad)?;
+    let nparams = r.i16().map_err(bad)?;
+    for _ in 0..nparams {
+        let len = r.i32().map_err(bad)?;
+        if len > 0 {
+            r.bytes(len as usize).map_err(bad)?;
+        }
+    }
+    let formats = match r.i16().map_err(bad)? {
+        0 => ResultFormats::Uniform(0),
+        1 => ResultFormats::Uniform(r.i16().map_err(bad)?),
+        n if n < 0 => return Err(SessionError::client("Bind: negative result format count")),
+        n => (0..n)
+            .map(|_| r.i16().map_err(bad))
+            .collect::<Result<_, _>>()
+            .map(ResultFormats::PerColumn)?,
+    };
+    Ok((portal, statement, formats))
 }
 
 fn client_frame_error(e: FrameError) -> SessionError {
@@ -549,4 +850,308 @@ fn body_str<'a>(
     let bytes = r.map_err(|e| SessionError::client(format!("{what}: {e}")))?;
     std::str::from_utf8(bytes)
         .map_err(|_| SessionError::client(format!("{what} is not valid UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::postgres::frame::write_message;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_message(&mut v, tag, |o| o.extend_from_slice(body));
+        v
+    }
+    fn query(sql: &str) -> Vec<u8> {
+        msg(b'Q', format!("{sql}\0").as_bytes())
+    }
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+    }
+    fn bind(portal: &str, stmt: &str, result_formats: &[i16]) -> Vec<u8> {
+        let mut b = format!("{portal}\0{stmt}\0").into_bytes();
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(result_formats.len() as i16).to_be_bytes());
+        for f in result_formats {
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        msg(b'B', &b)
+    }
+    fn execute(portal: &str) -> Vec<u8> {
+        msg(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
+    }
+    fn sync() -> Vec<u8> {
+        msg(b'S', b"")
+    }
+    fn ready(status: u8) -> Vec<u8> {
+        msg(b'Z', &[status])
+    }
+    fn server_error(code: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        messages::encode_error("ERROR", code, "boom", None, None, &mut out);
+        out
+    }
+    fn data_row(value: &[u8]) -> Vec<u8> {
+        let mut b = 1i16.to_be_bytes().to_vec();
+        b.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        b.extend_from_slice(value);
+        msg(b'D', &b)
+    }
+
+    /// Concatenates what an Output says to write.
+    fn rendered(input: &[u8], out: &Output) -> Vec<u8> {
+        let mut v = Vec::new();
+        for s in out.segments() {
+            match s {
+                Seg::Input(r) => v.extend_from_slice(&input[r.clone()]),
+                Seg::Scratch(r) => v.extend_from_slice(&out.scratch()[r.clone()]),
+            }
+        }
+        v
+    }
+
+    /// Blocks statements containing DROP.
+    struct NoDrop;
+    impl Gate for NoDrop {
+        fn check(&mut self, r: &Request<'_>) -> Disposition {
+            let sql = match r {
+                Request::Query(s) => *s,
+                Request::Parse { sql, .. } => *sql,
+                Request::FunctionCall { .. } => return Disposition::Allow,
+            };
+            if sql.to_ascii_uppercase().contains("DROP") {
+                Disposition::Block(Blocked {
+                    rule: "no-ddl".into(),
+                    reason: "DROP is DDL".into(),
+                })
+            } else {
+                Disposition::Allow
+            }
+        }
+    }
+
+    #[test]
+    fn a_pipeline_passes_as_one_input_range() {
+        let mut s = Session::new(1 << 20);
+        let input = [
+            parse("", "SELECT 1"),
+            bind("", "", &[]),
+            execute(""),
+            sync(),
+        ]
+        .concat();
+        let mut out = Output::default();
+        let p = s.on_frontend(&input, &mut AllowAll, &mut out).unwrap();
+        assert_eq!(
+            p,
+            Progress::Continue {
+                consumed: input.len()
+            }
+        );
+        assert_eq!(
+            out.segments(),
+            &[Seg::Input(0..input.len())],
+            "forwarded by reference, coalesced"
+        );
+        assert_eq!(s.pending_replies(), 4);
+        assert_eq!(s.from_client.messages, 4);
+    }
+
+    #[test]
+    fn incomplete_message_is_kept_for_the_next_read() {
+        let mut s = Session::new(1 << 20);
+        let q = query("SELECT 1");
+        let mut out = Output::default();
+        assert_eq!(
+            s.on_frontend(&q[..7], &mut AllowAll, &mut out).unwrap(),
+            Progress::Continue { consumed: 0 }
+        );
+        assert!(out.is_empty());
+        assert_eq!(
+            s.on_frontend(&q, &mut AllowAll, &mut out).unwrap(),
+            Progress::Continue { consumed: q.len() }
+        );
+    }
+
+    #[test]
+    fn blocked_simple_query_becomes_a_failing_probe_and_a_42501() {
+        let mut s = Session::new(1 << 20);
+        let input = query("select 1; DROP TABLE t");
+        let mut out = Output::default();
+        s.on_frontend(&input, &mut NoDrop, &mut out).unwrap();
+        let upstream = rendered(&input, &out);
+        assert_eq!(
+            upstream,
+            query(PROBE_SQL),
+            "the blocked text never reaches the server"
+        );
+        // The server rejects the probe inside the client's transaction: state E.
+        let reply = [server_error("42601"), ready(b'E')].concat();
+        let mut out = Output::default();
+        s.on_backend(&reply, &mut NoFilter, &mut out).unwrap();
+        let to_client = rendered(&reply, &out);
+        let Next::Frame(err) = frame::next_frame(&to_client, 1 << 20).unwrap() else {
+            panic!()
+        };
+        let fields = messages::parse_error_fields(err.body).unwrap();
+        assert_eq!(fields.code, "42501");
+        assert!(fields.message.contains("no-ddl"), "{}", fields.message);
+        assert_eq!(fields.detail, Some("DROP is DDL"));
+        assert_eq!(
+            &to_client[err.wire_len()..],
+            &ready(b'E')[..],
+            "ReadyForQuery passes with the server's status"
+        );
+        assert_eq!(s.pending_replies(), 0);
+        assert_eq!(s.blocked, 1);
+    }
+
+    #[test]
+    fn blocked_parse_drops_the_batch_to_sync_and_keeps_earlier_replies() {
+        let mut s = Session::new(1 << 20);
+        let ok = [parse("a", "SELECT 1"), bind("", "a", &[]), execute("")].concat();
+        let bad = [parse("b", "DROP TABLE t"), bind("", "b", &[]), execute("")].concat();
+        let input = [ok.clone(), bad, sync()].concat();
+        let mut out = Output::default();
+        s.on_frontend(&input, &mut NoDrop, &mut out).unwrap();
+        let upstream = rendered(&input, &out);
+        assert_eq!(upstream, [ok, parse("b", PROBE_SQL), sync()].concat());
+        let reply = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            data_row(b"1"),
+            msg(b'C', b"SELECT 1\0"),
+            server_error("42601"),
+            ready(b'I'),
+        ]
+        .concat();
+        let mut out = Output::default();
+        s.on_backend(&reply, &mut NoFilter, &mut out).unwrap();
+        let to_client = rendered(&reply, &out);
+        let tail_len = server_error("42601").len() + 6;
+        assert_eq!(
+            &to_client[..reply.len() - tail_len],
+            &reply[..reply.len() - tail_len]
+        );
+        let rest = &to_client[reply.len() - tail_len..];
+        let Next::Frame(err) = frame::next_frame(rest, 1 << 20).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            messages::parse_error_fields(err.body).unwrap().code,
+            "42501"
+        );
+        assert_eq!(s.pending_replies(), 0);
+    }
+
+    #[test]
+    fn an_earlier_error_in_the_batch_is_relayed_as_the_server_sent_it() {
+        let mut s = Session::new(1 << 20);
+        let input = [parse("a", "SELEC oops"), parse("b", "DROP TABLE t"), sync()].concat();
+        let mut out = Output::default();
+        s.on_frontend(&input, &mut NoDrop, &mut out).unwrap();
+        // The server fails the first Parse and skips the probe.
+        let reply = [server_error("42601"), ready(b'I')].concat();
+        let mut out = Output::default();
+        s.on_backend(&reply, &mut NoFilter, &mut out).unwrap();
+        assert_eq!(rendered(&reply, &out), reply);
+        assert_eq!(s.pending_replies(), 0);
+    }
+
+    #[test]
+    fn large_rows_stream_through_without_being_buffered_whole() {
+        let mut s = Session::new(1 << 20);
+        let row = data_row(&vec![b'x'; 4 << 20]);
+        let mut out = Output::default();
+        // First chunk: header plus part of the body, bigger than max_message would allow whole.
+        let p = s.on_backend(&row[..1000], &mut NoFilter, &mut out).unwrap();
+        assert_eq!(p, Progress::Continue { consumed: 1000 });
+        assert_eq!(out.segments(), &[Seg::Input(0..1000)]);
+        let mut out = Output::default();
+        let p = s.on_backend(&row[1000..], &mut NoFilter, &mut out).unwrap();
+        assert_eq!(
+            p,
+            Progress::Continue {
+                consumed: row.len() - 1000
+            }
+        );
+        assert_eq!(s.from_server.bytes, row.len() as u64);
+    }
+
+    #[test]
+    fn absurd_client_length_is_a_client_protocol_error() {
+        let mut s = Session::new(1 << 20);
+        let mut input = vec![b'Q'];
+        input.extend_from_slice(&i32::MAX.to_be_bytes());
+        let e = s
+            .on_frontend(&input, &mut AllowAll, &mut Output::default())
+            .unwrap_err();
+        assert_eq!(e.side, Side::Client);
+        let e = s
+            .on_frontend(b"\x01\0\0\0\x04", &mut AllowAll, &mut Output::default())
+            .unwrap_err();
+        assert!(e.reason.contains("unexpected message type"), "{e}");
+    }
+
+    /// Records what the filter saw and masks every value to "***".
+    #[derive(Default)]
+    struct Spy {
+        begun: Vec<Option<ResultFormats>>,
+    }
+    impl ResultFilter for Spy {
+        fn begin(&mut self, _: &[u8], f: &ResultFormats) -> bool {
+            self.begun.push(Some(f.clone()));
+            true
+        }
+        fn begin_unknown(&mut self) -> bool {
+            self.begun.push(None);
+            true
+        }
+        fn data_row(&mut self, _: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+            out.extend_from_slice(&data_row(b"***"));
+            Ok(true)
+        }
+        fn copy_out(&mut self, _: &[u8]) -> bool {
+            false
+        }
+        fn copy_data(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, String> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn prepared_execute_without_describe_uses_the_statement_rows_and_bind_formats() {
+        let mut s = Session::new(1 << 20);
+        let describe_s = msg(b'D', b"Sq\0");
+        let prep = [parse("q", "SELECT email FROM users"), describe_s, sync()].concat();
+        s.on_frontend(&prep, &mut AllowAll, &mut Output::default())
+            .unwrap();
+        let rowdesc = msg(b'T', b"\0\0");
+        let reply = [msg(b'1', b""), msg(b't', b"\0\0"), rowdesc, ready(b'I')].concat();
+        let mut spy = Spy::default();
+        s.on_backend(&reply, &mut spy, &mut Output::default())
+            .unwrap();
+        assert!(spy.begun.is_empty(), "a Describe is not a result");
+
+        let run = [bind("", "q", &[1]), execute(""), sync()].concat();
+        s.on_frontend(&run, &mut AllowAll, &mut Output::default())
+            .unwrap();
+        let reply = [
+            msg(b'2', b""),
+            data_row(b"a@b.c"),
+            msg(b'C', b"SELECT 1\0"),
+            ready(b'I'),
+        ]
+        .concat();
+        let mut out = Output::default();
+        s.on_backend(&reply, &mut spy, &mut out).unwrap();
+        assert_eq!(spy.begun, vec![Some(ResultFormats::Uniform(1))]);
+        let to_client = rendered(&reply, &out);
+        assert!(
+            !to_client.windows(5).any(|w| w == b"a@b.c"),
+            "the row was replaced"
+        );
+        assert!(to_client.windows(3).any(|w| w == b"***"));
+    }
 }

@@ -1,0 +1,103 @@
+//! The session core's gate, backed by the policy: a pure decision per request, then the effects a
+//! decision has (logging a shadow verdict, opening an approval request).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::policy::approval::{Approvals, Decision, NewApproval, PendingDecision};
+use crate::policy::{Action, ClassifyCache, Identity, Policy, Request as PolicyRequest, TargetRef};
+use crate::protocol::postgres::session::{Blocked, Disposition, Gate, Request};
+
+thread_local! {
+    /// One classification cache per worker thread: sessions on a runtime share it, with no lock.
+    static CACHE: RefCell<ClassifyCache> = RefCell::new(ClassifyCache::new(4096));
+}
+
+/// A statement the gate is holding for an operator.
+pub struct Held {
+    pub id: u64,
+    pub rule: String,
+    pub decision: PendingDecision,
+}
+
+pub struct PolicyGate {
+    pub policy: Arc<Policy>,
+    pub approvals: Arc<Approvals>,
+    pub session: u64,
+    pub agent: Option<String>,
+    pub pid: Option<u32>,
+    pub target: String,
+    pub database: String,
+    /// Set when `check` returned Hold; the driver takes it and waits.
+    pub held: Option<Held>,
+}
+
+impl PolicyGate {
+    /// What the operator's decision means for the held statement.
+    pub fn outcome(rule: &str, decision: Decision) -> Disposition {
+        match decision {
+            Decision::Approved => Disposition::Allow,
+            Decision::Denied { reason } => Disposition::Block(Blocked { rule: rule.to_owned(), reason }),
+        }
+    }
+}
+
+impl Gate for PolicyGate {
+    fn check(&mut self, request: &Request<'_>) -> Disposition {
+        let req = match *request {
+            Request::Query(sql) => PolicyRequest::Query(sql),
+            Request::Parse { statement, sql } => PolicyRequest::Parse { statement, sql },
+            Request::FunctionCall { oid } => PolicyRequest::FunctionCall { oid },
+        };
+        let id = Identity { agent: self.agent.as_deref(), groups: &[] };
+        let target = TargetRef { name: &self.target, database: &self.database };
+        let verdict = CACHE.with(|c| self.policy.decide(&id, &target, &req, &mut c.borrow_mut()));
+        if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
+            let would = if shadow == Action::Block { "would block" } else { "would hold for approval" };
+            info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
+        }
+        match verdict.action {
+            Action::Allow => Disposition::Allow,
+            Action::Block => {
+                warn!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "statement blocked");
+                Disposition::Block(Blocked { rule: verdict.rule.to_string(), reason: verdict.reason })
+            }
+            Action::Approve => {
+                if self.approvals.granted(verdict.fingerprint, self.agent.as_deref(), &self.target) {
+                    info!(session = self.session, rule = %verdict.rule, "statement allowed by a standing approval");
+                    return Disposition::Allow;
+                }
+                let sql = match *request {
+                    Request::Query(sql) | Request::Parse { sql, .. } => sql.to_owned(),
+                    Request::FunctionCall { oid } => format!("-- fast-path FunctionCall of function OID {oid}"),
+                };
+                let new = NewApproval {
+                    agent: self.agent.clone(),
+                    pid: self.pid,
+                    target: self.target.clone(),
+                    database: self.database.clone(),
+                    sql,
+                    rule: verdict.rule.to_string(),
+                    fingerprint: verdict.fingerprint,
+                };
+                match self.approvals.request(new, self.policy.approval_timeout()) {
+                    Ok((id, decision)) => {
+                        info!(session = self.session, approval = id, rule = %verdict.rule, "statement held for approval");
+                        self.held = Some(Held { id, rule: verdict.rule.to_string(), decision });
+                        Disposition::Hold
+                    }
+                    // No store, no approval: refuse rather than let it through.
+                    Err(e) => {
+                        warn!(session = self.session, "approval store unavailable: {e:#}");
+                        Disposition::Block(Blocked {
+                            rule: verdict.rule.to_string(),
+                            reason: "needs approval, but the approval store is unavailable".into(),
+                        })
+                    }
+                }
+            }
+        }
+    }
+}

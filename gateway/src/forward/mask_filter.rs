@@ -1,0 +1,212 @@
+//! The session core's result filter, backed by the masking engine: a plan per result set from its
+//! RowDescription, and a plan per `COPY ... TO STDOUT` from what the statement said.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use sqlparser::ast::{CopyLegacyOption, CopyOption, CopySource, CopyTarget, SelectItem, SetExpr, Statement};
+use sqlparser::dialect::PostgreSqlDialect;
+
+use crate::mask::{Column, CopyOptions, CopyPlan, Masker, ResultPlan};
+use crate::protocol::postgres::messages;
+use crate::protocol::postgres::session::{ResultFilter, ResultFormats};
+
+/// What the gate saw of each `COPY ... TO STDOUT` on its way upstream, for the filter to use when
+/// the server answers with CopyOutResponse. Shared by the session's two pumps, on one thread.
+pub type CopyStatements = Rc<RefCell<VecDeque<CopyStatement>>>;
+
+#[derive(Debug, Clone)]
+pub struct CopyStatement {
+    pub options: CopyOptions,
+    pub column_names: Option<Vec<String>>,
+}
+
+pub struct MaskFilter {
+    masker: Masker,
+    plan: Option<ResultPlan>,
+    copy: Option<CopyPlan>,
+    copies: CopyStatements,
+}
+
+impl MaskFilter {
+    pub fn new(masker: Masker, copies: CopyStatements) -> Self {
+        MaskFilter { masker, plan: None, copy: None, copies }
+    }
+}
+
+impl ResultFilter for MaskFilter {
+    fn begin(&mut self, row_description: &[u8], formats: &ResultFormats) -> bool {
+        if self.masker.is_noop() {
+            return false;
+        }
+        let Ok(fields) = messages::parse_row_description(row_description) else {
+            // Columns unknown: every value is withheld (see data_row).
+            self.plan = None;
+            return true;
+        };
+        let cols: Vec<Column<'_>> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Column {
+                name: f.name,
+                table_oid: f.table_oid,
+                attnum: f.attnum,
+                type_oid: f.type_oid,
+                format: formats.of(i, f.format),
+            })
+            .collect();
+        // No catalog lookups yet: a column from a table whose origin the gateway cannot resolve is
+        // redacted when `table` rules exist (the engine fails closed).
+        let plan = self.masker.plan_with_origin(&cols, &|_, _| None);
+        let inspect = !plan.is_passthrough();
+        self.plan = Some(plan);
+        inspect
+    }
+
+    fn begin_unknown(&mut self) -> bool {
+        self.plan = None;
+        !self.masker.is_noop()
+    }
+
+    fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+        match &self.plan {
+            Some(plan) => plan.mask_data_row(body, out).map_err(|e| e.to_string()),
+            None => null_row(body, out).map(|()| true),
+        }
+    }
+
+    fn copy_out(&mut self, body: &[u8]) -> bool {
+        let statement = self.copies.borrow_mut().pop_front();
+        if self.masker.is_noop() {
+            return false;
+        }
+        let (format, column_formats) = match parse_copy_out(body) {
+            Some(v) => v,
+            None => {
+                self.copy = None;
+                return true;
+            }
+        };
+        let (options, names) = match statement {
+            Some(s) => (s.options, s.column_names),
+            None => (CopyOptions::text(), None),
+        };
+        let plan = self.masker.copy_plan(format, &column_formats, names.as_deref(), &options);
+        let inspect = !plan.is_passthrough();
+        self.copy = Some(plan);
+        inspect
+    }
+
+    fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+        match &self.copy {
+            Some(plan) => plan.mask_copy_data(body, out).map_err(|e| e.to_string()),
+            None => Err("COPY output whose shape the gateway cannot read".into()),
+        }
+    }
+}
+
+/// A DataRow with every value NULL: what a row of unknown columns becomes. NULL is valid for
+/// every type and format, so the client still decodes the row.
+fn null_row(body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    let count = body.get(..2).ok_or("DataRow without a column count")?;
+    let n = u16::from_be_bytes([count[0], count[1]]);
+    crate::protocol::postgres::frame::write_message(out, b'D', |o| {
+        o.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            o.extend_from_slice(&(-1i32).to_be_bytes());
+        }
+    });
+    Ok(())
+}
+
+/// CopyOutResponse: overall format and per-column formats.
+fn parse_copy_out(body: &[u8]) -> Option<(u8, Vec<i16>)> {
+    let format = *body.first()?;
+    let n = i16::from_be_bytes([*body.get(1)?, *body.get(2)?]);
+    let mut formats = Vec::with_capacity(n.max(0) as usize);
+    for i in 0..n.max(0) as usize {
+        let at = 3 + 2 * i;
+        formats.push(i16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+    }
+    Some((format, formats))
+}
+
+/// Reads what a `COPY ... TO STDOUT` statement says about its output, when the SQL is one.
+pub fn copy_statement(sql: &str) -> Option<CopyStatement> {
+    let statements = sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    statements.iter().find_map(|s| match s {
+        Statement::Copy { source, to: true, target: CopyTarget::Stdout, options, legacy_options, .. } => {
+            let mut o = CopyOptions::text();
+            let mut csv = false;
+            let mut header = false;
+            let mut delimiter = None;
+            let mut null = None;
+            let mut quote = None;
+            let mut escape = None;
+            for opt in options {
+                match opt {
+                    CopyOption::Format(f) => csv = f.value.eq_ignore_ascii_case("csv"),
+                    CopyOption::Header(h) => header = *h,
+                    CopyOption::Delimiter(c) => delimiter = Some(*c as u8),
+                    CopyOption::Null(n) => null = Some(n.as_bytes().to_vec()),
+                    CopyOption::Quote(c) => quote = Some(*c as u8),
+                    CopyOption::Escape(c) => escape = Some(*c as u8),
+                    _ => {}
+                }
+            }
+            for opt in legacy_options {
+                match opt {
+                    CopyLegacyOption::Csv(_) => csv = true,
+                    CopyLegacyOption::Delimiter(c) => delimiter = Some(*c as u8),
+                    CopyLegacyOption::Null(n) => null = Some(n.as_bytes().to_vec()),
+                    _ => {}
+                }
+            }
+            if csv {
+                o = CopyOptions::csv();
+            }
+            o.header = header && csv;
+            if let Some(d) = delimiter {
+                o.delimiter = d;
+            }
+            if let Some(n) = null {
+                o.null = n;
+            }
+            if let Some(q) = quote {
+                o.quote = q;
+                o.escape = escape.unwrap_or(q);
+            } else if let Some(e) = escape {
+                o.escape = e;
+            }
+            let column_names = match source {
+                CopySource::Table { table_name, columns } => {
+                    let parts: Vec<String> = table_name.0.iter().map(|p| p.to_string().trim_matches('"').to_owned()).collect();
+                    o.table = match parts.as_slice() {
+                        [t] => Some(("public".to_owned(), t.clone())),
+                        [s, t] => Some((s.clone(), t.clone())),
+                        _ => None,
+                    };
+                    (!columns.is_empty()).then(|| columns.iter().map(|c| c.value.clone()).collect())
+                }
+                CopySource::Query(q) => match q.body.as_ref() {
+                    SetExpr::Select(select) => select
+                        .projection
+                        .iter()
+                        .map(|item| match item {
+                            SelectItem::UnnamedExpr(sqlparser::ast::Expr::Identifier(i)) => Some(i.value.clone()),
+                            SelectItem::UnnamedExpr(sqlparser::ast::Expr::CompoundIdentifier(parts)) => {
+                                parts.last().map(|i| i.value.clone())
+                            }
+                            SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => None,
+                },
+            };
+            Some(CopyStatement { options: o, column_names })
+        }
+        _ => None,
+    })
+}
