@@ -41,6 +41,23 @@ pub enum FrameError {
     },
 }
 
+/// The tag and wire length of the message at the start of `buf`, before any cap: a caller that
+/// streams a message through does not need it whole, so only it can say how large is too large.
+pub fn header(buf: &[u8]) -> Result<Option<(u8, usize)>, FrameError> {
+    let Some(h) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let declared = i32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    if declared < 4 {
+        return Err(FrameError::LengthOutOfRange {
+            tag: h[0] as char,
+            declared: declared.into(),
+            max: i32::MAX as usize,
+        });
+    }
+    Ok(Some((h[0], 1 + declared as usize)))
+}
+
 /// Looks at the start of `buf`. `max_len` caps the declared length so a peer cannot make the
 /// gateway buffer an arbitrarily large message.
 pub fn next_frame(buf: &[u8], max_len: usize) -> Result<Next<'_>, FrameError> {

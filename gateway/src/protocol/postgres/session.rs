@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::ops::Range;
 
-use super::frame::{self, Frame, FrameError, Next, Reader};
+use super::frame::{self, Frame, FrameError, Reader};
 use super::messages;
 
 /// A statement that policy blocked: the rule that fired and why.
@@ -387,23 +387,32 @@ impl Session {
                 pos += n;
             }
             let rest = &input[pos..];
-            let frame =
-                match frame::next_frame(rest, self.max_message).map_err(client_frame_error)? {
-                    Next::Frame(f) => f,
-                    Next::NeedHeader => return Ok(Progress::Continue { consumed: pos }),
-                    Next::Partial { tag, wire_len } => {
-                        // COPY data needs no inspection, and a dropped message needs none either:
-                        // stream them instead of buffering a whole large message.
-                        let drop = self.fe_discard_to_sync && tag != b'S';
-                        if tag == b'd' || drop {
-                            self.from_client.messages += 1;
-                            self.fe_stream = wire_len;
-                            self.fe_stream_drop = drop;
-                            continue;
-                        }
-                        return Ok(Progress::Continue { consumed: pos });
-                    }
-                };
+            let Some((tag, wire_len)) = frame::header(rest).map_err(client_frame_error)? else {
+                return Ok(Progress::Continue { consumed: pos });
+            };
+            if wire_len > rest.len() || wire_len - 1 > self.max_message {
+                // COPY data needs no inspection, and a dropped message needs none either:
+                // stream them instead of buffering a whole large message.
+                let drop = self.fe_discard_to_sync && tag != b'S';
+                if tag == b'd' || drop {
+                    self.from_client.messages += 1;
+                    self.fe_stream = wire_len;
+                    self.fe_stream_drop = drop;
+                    continue;
+                }
+                if wire_len - 1 > self.max_message {
+                    return Err(client_frame_error(FrameError::LengthOutOfRange {
+                        tag: tag as char,
+                        declared: (wire_len - 1) as i64,
+                        max: self.max_message,
+                    }));
+                }
+                return Ok(Progress::Continue { consumed: pos });
+            }
+            let frame = Frame {
+                tag,
+                body: &rest[frame::HEADER_LEN..wire_len],
+            };
             let range = pos..pos + frame.wire_len();
             match self.frontend_message(frame, range.clone(), gate, to_server)? {
                 Some(Progress::Hold { .. }) => return Ok(Progress::Hold { consumed: pos }),
@@ -580,26 +589,38 @@ impl Session {
                 pos += n;
             }
             let rest = &input[pos..];
-            let frame = match frame::next_frame(rest, self.max_message)
-                .map_err(|e| SessionError::server(e.to_string()))?
-            {
-                Next::Frame(f) => f,
-                Next::NeedHeader => return Ok(Progress::Continue { consumed: pos }),
-                Next::Partial { tag, wire_len } => {
-                    // Rows and COPY data nobody inspects stream through without being buffered
-                    // whole, so a huge value never makes the gateway hold it all.
-                    let streamable = match tag {
-                        b'D' => self.result == ResultState::Pass,
-                        b'd' => !self.copy_inspect,
-                        _ => false,
-                    };
-                    if streamable {
-                        self.from_server.messages += 1;
-                        self.be_stream = wire_len;
-                        continue;
-                    }
-                    return Ok(Progress::Continue { consumed: pos });
+            let Some((tag, wire_len)) =
+                frame::header(rest).map_err(|e| SessionError::server(e.to_string()))?
+            else {
+                return Ok(Progress::Continue { consumed: pos });
+            };
+            if wire_len > rest.len() || wire_len - 1 > self.max_message {
+                // Rows and COPY data nobody inspects stream through without being buffered
+                // whole, so a huge value never makes the gateway hold it all.
+                if tag == b'D' && self.result == ResultState::None {
+                    self.result = self.begin_execute_rows(filter);
                 }
+                let streamable = match tag {
+                    b'D' => self.result == ResultState::Pass,
+                    b'd' => !self.copy_inspect,
+                    _ => false,
+                };
+                if streamable {
+                    self.from_server.messages += 1;
+                    self.be_stream = wire_len;
+                    continue;
+                }
+                if wire_len - 1 > self.max_message {
+                    return Err(SessionError::server(format!(
+                        "message {:?} of {} bytes exceeds max_message_bytes ({})",
+                        tag as char, wire_len, self.max_message
+                    )));
+                }
+                return Ok(Progress::Continue { consumed: pos });
+            }
+            let frame = Frame {
+                tag,
+                body: &rest[frame::HEADER_LEN..wire_len],
             };
             let range = pos..pos + frame.wire_len();
             self.backend_message(frame, range.clone(), filter, to_client)?;
@@ -855,7 +876,7 @@ fn body_str<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::postgres::frame::write_message;
+    use crate::protocol::postgres::frame::{Next, write_message};
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
