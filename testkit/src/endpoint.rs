@@ -516,3 +516,37 @@ impl Harness {
         Ok(())
     }
 }
+
+/// Runs `COPY … FROM STDIN` (`sql`) feeding it `chunks`, returning the server's row count.
+pub async fn copy_in<I>(client: &Client, sql: &str, chunks: I) -> Result<u64, tokio_postgres::Error>
+where
+    I: IntoIterator<Item = Vec<u8>>,
+{
+    use futures_util::SinkExt;
+    let sink = client.copy_in(sql).await?;
+    futures_util::pin_mut!(sink);
+    for chunk in chunks {
+        sink.feed(std::io::Cursor::new(chunk)).await?;
+    }
+    sink.as_mut().finish().await
+}
+
+/// Starts `COPY … FROM STDIN`, sends `chunks`, then abandons the copy (the driver sends
+/// CopyFail). Returns what the server answered to the abandoned copy.
+pub async fn copy_in_abandoned<I>(
+    client: &Client,
+    sql: &str,
+    chunks: I,
+) -> Result<(), tokio_postgres::Error>
+where
+    I: IntoIterator<Item = Vec<u8>>,
+{
+    use futures_util::SinkExt;
+    let sink = client.copy_in(sql).await?;
+    futures_util::pin_mut!(sink);
+    for chunk in chunks {
+        sink.feed(std::io::Cursor::new(chunk)).await?;
+    }
+    sink.flush().await?;
+    Ok(())
+}

@@ -19,7 +19,10 @@ mod endpoint;
 pub mod tls;
 pub mod wire;
 
-pub use endpoint::{Endpoint, Harness, HarnessBuilder, Mode, skip_in_direct};
+pub use endpoint::{
+    CONNECT_TIMEOUT, ConnectError, Endpoint, Harness, HarnessBuilder, Mode, PsqlOutput, copy_in,
+    copy_in_abandoned, skip_in_direct, write_secret,
+};
 
 /// True when running as root: tests that need the kernel (eBPF, cgroups) check this.
 pub fn is_root() -> bool {
@@ -316,6 +319,34 @@ impl Postgres {
 
     pub fn bindir(&self) -> &Path {
         &self.bindir
+    }
+
+    /// Stops the server (fast shutdown: sessions are terminated), keeping its data.
+    pub fn stop(&self) -> Result<()> {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port.
+    pub fn start_again(&self) -> Result<()> {
+        let log = self.data.parent().expect("data dir parent").join("postgres.log");
+        self.pg_ctl(&["-l", log.to_str().expect("utf8 path"), "-w", "-t", "60", "start"])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let out = run_cmd(
+            Command::new(self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(args),
+            self.run_as,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Runs SQL as the superuser over the Unix socket, failing on any error.
@@ -777,4 +808,37 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// The peak resident set size of a process, against the size when watching started: proves a
+/// process streams rather than buffers.
+#[derive(Debug)]
+pub struct RssWatch {
+    pid: u32,
+    pub baseline_kib: u64,
+    pub peak_kib: u64,
+    pub samples: usize,
+}
+
+impl RssWatch {
+    pub fn new(pid: u32) -> Option<RssWatch> {
+        let baseline_kib = rss_kib(pid)?;
+        Some(RssWatch {
+            pid,
+            baseline_kib,
+            peak_kib: baseline_kib,
+            samples: 1,
+        })
+    }
+
+    pub fn sample(&mut self) {
+        if let Some(kib) = rss_kib(self.pid) {
+            self.peak_kib = self.peak_kib.max(kib);
+            self.samples += 1;
+        }
+    }
+
+    pub fn growth_kib(&self) -> u64 {
+        self.peak_kib.saturating_sub(self.baseline_kib)
+    }
 }
