@@ -210,6 +210,8 @@ impl Postgres {
                     "-E",
                     "UTF8",
                     "--locale=C",
+                    // A throwaway cluster: skip the fsync of every file, which dominates initdb time.
+                    "--no-sync",
                 ])
                 .arg(format!("--pwfile={}", pwfile.display())),
             run_as,
