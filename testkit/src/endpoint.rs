@@ -89,7 +89,8 @@ impl Endpoint {
             .env("PGUSER", &self.user)
             .env("PGDATABASE", &self.dbname)
             .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string())
-            .env("PGPASSFILE", "/dev/null");
+            // A path that does not exist: libpq silently skips it (it warns about /dev/null).
+            .env("PGPASSFILE", "/nonexistent/portcullis-test-pgpass");
         if let Some(p) = &self.password {
             cmd.env("PGPASSWORD", p);
         }
@@ -471,6 +472,7 @@ impl Harness {
     }
 
     /// Unwraps `r`, or panics naming `what` with the error and [`Harness::context`].
+    #[track_caller]
     pub fn must<T, E: std::fmt::Debug>(&self, r: Result<T, E>, what: &str) -> T {
         match r {
             Ok(v) => v,
@@ -479,6 +481,7 @@ impl Harness {
     }
 
     /// Asserts `cond`, or panics with `what` and [`Harness::context`].
+    #[track_caller]
     pub fn check(&self, cond: bool, what: impl std::fmt::Display) {
         if !cond {
             panic!("{what}\n{}", self.context());

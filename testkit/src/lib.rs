@@ -844,3 +844,24 @@ impl RssWatch {
         self.peak_kib.saturating_sub(self.baseline_kib)
     }
 }
+
+/// Runs `cmd` to completion, or kills it after `limit` and returns `None` (for commands that
+/// must exit, like `portcullis serve` with a bad config).
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Option<Output>> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(Some(child.wait_with_output()?));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(None)
+}

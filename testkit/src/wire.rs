@@ -146,6 +146,11 @@ impl RawConn {
         Self::connect(&endpoint.host, endpoint.port)
     }
 
+    /// The client side address, as the gateway sees it (`client_addr` in `portcullis sessions`).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.stream.local_addr().expect("local address of a connected socket")
+    }
+
     /// Writes bytes; a peer that already closed is not an error here (the read that follows
     /// tells the test what happened).
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
