@@ -3,7 +3,7 @@
 //! available), md5, cleartext password or trust, from a password file or an environment variable.
 
 use testkit::tls::TestCa;
-use testkit::{Gateway, GatewayOptions, HbaAuth, Harness, Postgres, skip_in_direct};
+use testkit::{Gateway, GatewayOptions, Harness, HbaAuth, Postgres, skip_in_direct};
 
 async fn assert_session_is_app(h: &Harness, what: &str) {
     let out = h.must(
@@ -78,7 +78,10 @@ async fn scram_over_verified_tls() {
         // The server offers SCRAM-SHA-256-PLUS over this TLS: libpq insists on it here.
         let mut ep = h.endpoint();
         ep.params.push(("channel_binding".into(), "require".into()));
-        let out = h.must(ep.psql(h.bindir(), "SELECT 1"), "psql channel_binding=require");
+        let out = h.must(
+            ep.psql(h.bindir(), "SELECT 1"),
+            "psql channel_binding=require",
+        );
         assert!(out.success, "channel binding: {}", out.stderr);
     }
 }
@@ -108,8 +111,8 @@ fn password_from_environment_variable() {
         config: None,
     })
     .expect("start the gateway with --password-env");
-    let (out, err, ok) = testkit::psql(pg.bindir(), &gw.conninfo("app"), "SELECT current_user")
-        .expect("psql");
+    let (out, err, ok) =
+        testkit::psql(pg.bindir(), &gw.conninfo("app"), "SELECT current_user").expect("psql");
     assert!(ok, "psql: {err}\n{}", gw.log_tail(40));
     assert_eq!(out.trim(), "app");
     assert!(

@@ -50,10 +50,7 @@ async fn cancel_pg_sleep_via_cancel_token() {
         h.context()
     );
     eprintln!("cancel took {elapsed:?}");
-    h.check(
-        elapsed < CANCEL_LIMIT,
-        format!("cancel took {elapsed:?}"),
-    );
+    h.check(elapsed < CANCEL_LIMIT, format!("cancel took {elapsed:?}"));
     let v: i32 = h
         .must(c.query_one("SELECT 1", &[]).await, "query after cancel")
         .get(0);
@@ -96,7 +93,10 @@ async fn cancel_reaches_only_its_own_session() {
         "b still sleeps after a's cancel",
     );
     assert_eq!(still, pid_b);
-    assert!(!sb.is_finished(), "b finished although only a was cancelled");
+    assert!(
+        !sb.is_finished(),
+        "b finished although only a was cancelled"
+    );
 
     h.must(tb.cancel_query(NoTls).await, "cancel b");
     let rb = tokio::time::timeout(Duration::from_secs(30), sb)
@@ -136,10 +136,7 @@ fn cancel_with_unknown_key_cancels_nothing() {
         cancel.send(&wire::cancel_request(p, &k)).unwrap();
         // The server answers a CancelRequest by closing the connection, whatever the key.
         let answer = h.must(cancel.read_until_closed(), "cancel connection closes");
-        assert!(
-            answer.is_empty(),
-            "no reply to a CancelRequest: {answer:?}"
-        );
+        assert!(answer.is_empty(), "no reply to a CancelRequest: {answer:?}");
     }
 
     let msgs = h.must(conn.read_until_ready(), "the sleep completes");

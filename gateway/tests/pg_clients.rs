@@ -20,11 +20,9 @@ fn harness() -> Harness {
 fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
     msgs.iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).map(str::to_owned))
-                    .collect(),
-            ),
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
             _ => None,
         })
         .collect()
@@ -93,7 +91,10 @@ async fn simple_query_protocol() {
         "division_by_zero SQLSTATE, got {err:?}\n{}",
         h.context()
     );
-    let msgs = h.must(c.simple_query("SELECT 'still here'").await, "query after error");
+    let msgs = h.must(
+        c.simple_query("SELECT 'still here'").await,
+        "query after error",
+    );
     assert_eq!(simple_rows(&msgs), vec![vec![Some("still here".into())]]);
 
     // A transaction rolled back leaves no trace; an empty query is fine.
@@ -175,8 +176,11 @@ async fn extended_query_with_parameters() {
 
     // Many rows through the extended protocol, with a portal row limit via a transaction cursor.
     let rows = h.must(
-        c.query("SELECT g, md5(g::text) FROM generate_series(1, 5000) g", &[])
-            .await,
+        c.query(
+            "SELECT g, md5(g::text) FROM generate_series(1, 5000) g",
+            &[],
+        )
+        .await,
         "5000 rows",
     );
     assert_eq!(rows.len(), 5000);
@@ -211,10 +215,7 @@ async fn prepared_statement_reused_across_many_executes() {
         assert_eq!(n, 1);
     }
     for k in 0..N {
-        let row = h.must(
-            c.query_one(&select, &[&k]).await,
-            "execute prepared select",
-        );
+        let row = h.must(c.query_one(&select, &[&k]).await, "execute prepared select");
         assert_eq!(row.get::<_, String>(0), format!("value-{k}"));
         assert_eq!(row.get::<_, i32>(1), k * 2);
     }

@@ -7,8 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use testkit::{
-    Gateway, GatewayOptions, Postgres, output_within, portcullis_bin, skip_in_direct,
-    write_secret,
+    Gateway, GatewayOptions, Postgres, output_within, portcullis_bin, skip_in_direct, write_secret,
 };
 
 /// Runs `portcullis serve ARGS`, which must exit on its own.
@@ -17,7 +16,9 @@ fn serve(args: &[&str]) -> Output {
     cmd.arg("serve").args(args);
     output_within(&mut cmd, Duration::from_secs(20))
         .expect("run portcullis serve")
-        .unwrap_or_else(|| panic!("portcullis serve {args:?} kept running with a bad configuration"))
+        .unwrap_or_else(|| {
+            panic!("portcullis serve {args:?} kept running with a bad configuration")
+        })
 }
 
 /// A config file whose line 5 is `line5`, inside `[[listener]]`.
@@ -70,7 +71,10 @@ fn names_line_5(stderr: &str) -> bool {
 
 #[test]
 fn unknown_key_names_file_line_and_key() {
-    if skip_in_direct("unknown_key_names_file_line_and_key", "it tests the gateway binary") {
+    if skip_in_direct(
+        "unknown_key_names_file_line_and_key",
+        "it tests the gateway binary",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -83,7 +87,10 @@ fn unknown_key_names_file_line_and_key() {
 
 #[test]
 fn wrong_type_names_file_line_and_key() {
-    if skip_in_direct("wrong_type_names_file_line_and_key", "it tests the gateway binary") {
+    if skip_in_direct(
+        "wrong_type_names_file_line_and_key",
+        "it tests the gateway binary",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +103,10 @@ fn wrong_type_names_file_line_and_key() {
 
 #[test]
 fn toml_syntax_error_names_file_and_line() {
-    if skip_in_direct("toml_syntax_error_names_file_and_line", "it tests the gateway binary") {
+    if skip_in_direct(
+        "toml_syntax_error_names_file_and_line",
+        "it tests the gateway binary",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +119,10 @@ fn toml_syntax_error_names_file_and_line() {
 
 #[test]
 fn listener_naming_an_unknown_target() {
-    if skip_in_direct("listener_naming_an_unknown_target", "it tests the gateway binary") {
+    if skip_in_direct(
+        "listener_naming_an_unknown_target",
+        "it tests the gateway binary",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -135,7 +148,10 @@ fn missing_config_file() {
 
 #[test]
 fn readable_password_file_is_refused() {
-    if skip_in_direct("readable_password_file_is_refused", "it tests the gateway binary") {
+    if skip_in_direct(
+        "readable_password_file_is_refused",
+        "it tests the gateway binary",
+    ) {
         return;
     }
     let pg = Postgres::start().expect("start PostgreSQL");
@@ -187,7 +203,10 @@ fn readable_password_file_is_refused() {
 
 #[test]
 fn password_env_that_is_not_set() {
-    if skip_in_direct("password_env_that_is_not_set", "it tests the gateway binary") {
+    if skip_in_direct(
+        "password_env_that_is_not_set",
+        "it tests the gateway binary",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

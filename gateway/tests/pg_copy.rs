@@ -51,7 +51,12 @@ async fn copy_in_and_out_over_100mb() {
     let sent: u64 = copy_chunks(0, ROWS).map(|c| c.len() as u64).sum();
     assert!(sent >= MIN_BYTES, "test data is only {sent} bytes");
     let rows = h.must(
-        copy_in(&c, "COPY big (id, payload) FROM STDIN", copy_chunks(0, ROWS)).await,
+        copy_in(
+            &c,
+            "COPY big (id, payload) FROM STDIN",
+            copy_chunks(0, ROWS),
+        )
+        .await,
         "COPY FROM STDIN",
     );
     assert_eq!(rows, ROWS as u64, "rows COPY reports\n{}", h.context());
@@ -117,7 +122,7 @@ async fn copy_in_and_out_over_100mb() {
         }
         partial.drain(..start);
         chunks += 1;
-        if chunks % 200 == 0
+        if chunks.is_multiple_of(200)
             && let Some(w) = rss.as_mut()
         {
             w.sample();
@@ -140,7 +145,9 @@ async fn copy_in_and_out_over_100mb() {
             ),
         );
     }
-    let v: i32 = h.must(c.query_one("SELECT 3", &[]).await, "after COPY").get(0);
+    let v: i32 = h
+        .must(c.query_one("SELECT 3", &[]).await, "after COPY")
+        .get(0);
     assert_eq!(v, 3);
 }
 
@@ -231,7 +238,12 @@ async fn binary_copy_round_trip() {
             "compare",
         )
         .get(0);
-    assert_eq!(diff, 0, "binary COPY round trip altered rows\n{}", h.context());
+    assert_eq!(
+        diff,
+        0,
+        "binary COPY round trip altered rows\n{}",
+        h.context()
+    );
 }
 
 #[test]

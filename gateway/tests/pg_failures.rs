@@ -16,24 +16,24 @@ fn harness() -> Harness {
 
 /// How a malformed input must be answered.
 #[derive(Clone, Copy, PartialEq)]
-enum Expect {
+enum Expect08P01 {
     /// ErrorResponse with SQLSTATE 08P01, then the connection closes (gateway and PostgreSQL).
-    ProtocolViolation,
+    Always,
     /// The gateway answers 08P01 and closes; PostgreSQL itself closes silently (it logs the
     /// problem as COMMERROR), so direct mode accepts a bare close.
-    ProtocolViolationOrSilentClose,
+    OrSilentClose,
     /// Bytes that parse as a startup packet of an unknown protocol version: 08P01 or, as
     /// PostgreSQL itself answers, 0A000 (feature_not_supported).
-    ProtocolViolationOrUnsupported,
+    OrUnsupported,
     /// A well-framed message with a malformed body, followed by Sync: 08P01, then either the
     /// connection closes or (as PostgreSQL does: it is an ERROR, not FATAL) the session
     /// recovers at the Sync and keeps working.
-    ProtocolViolationMaybeRecoverable,
+    OrRecovery,
 }
 
 /// Reads the answer to malformed bytes until the connection closes and checks it.
-fn check_rejected(h: &Harness, conn: &mut RawConn, what: &str, expect: Expect) {
-    if expect == Expect::ProtocolViolationMaybeRecoverable {
+fn check_rejected(h: &Harness, conn: &mut RawConn, what: &str, expect: Expect08P01) {
+    if expect == Expect08P01::OrRecovery {
         return check_recoverable(h, conn, what);
     }
     let msgs = conn.read_until_closed().unwrap_or_else(|e| {
@@ -43,7 +43,7 @@ fn check_rejected(h: &Harness, conn: &mut RawConn, what: &str, expect: Expect) {
         )
     });
     let errors: Vec<&Message> = msgs.iter().filter(|m| m.is_error()).collect();
-    let silent_ok = h.is_direct() && expect == Expect::ProtocolViolationOrSilentClose;
+    let silent_ok = h.is_direct() && expect == Expect08P01::OrSilentClose;
     if errors.is_empty() && silent_ok {
         return;
     }
@@ -55,7 +55,7 @@ fn check_rejected(h: &Harness, conn: &mut RawConn, what: &str, expect: Expect) {
         h.context()
     );
     let code = errors[0].sqlstate().unwrap_or_default();
-    let unsupported_ok = expect == Expect::ProtocolViolationOrUnsupported && code == "0A000";
+    let unsupported_ok = expect == Expect08P01::OrUnsupported && code == "0A000";
     assert!(
         code == "08P01" || unsupported_ok,
         "{what}: protocol_violation, got {described:?}\n{}",
@@ -91,7 +91,10 @@ fn check_recoverable(h: &Harness, conn: &mut RawConn, what: &str) {
         h.context()
     );
     if ready {
-        let msgs = h.must(conn.simple_query("SELECT 1"), "query after a recovered error");
+        let msgs = h.must(
+            conn.simple_query("SELECT 1"),
+            "query after a recovered error",
+        );
         assert_eq!(RawConn::first_column(&msgs), vec![Some("1".to_string())]);
     }
 }
@@ -114,7 +117,7 @@ async fn malformed_client_bytes_get_protocol_errors() {
     let bystander = h.must(ep.connect().await, "connect the bystander session");
 
     // Before startup.
-    let startup_cases: Vec<(&str, Vec<u8>, Expect)> = vec![
+    let startup_cases: Vec<(&str, Vec<u8>, Expect08P01)> = vec![
         (
             "absurd startup length",
             {
@@ -123,12 +126,12 @@ async fn malformed_client_bytes_get_protocol_errors() {
                 b.extend_from_slice(b"user\0agent\0");
                 b
             },
-            Expect::ProtocolViolationOrSilentClose,
+            Expect08P01::OrSilentClose,
         ),
         (
             "startup length shorter than its header",
             vec![0, 0, 0, 2, 0, 3, 0, 0],
-            Expect::ProtocolViolationOrSilentClose,
+            Expect08P01::OrSilentClose,
         ),
         (
             "startup parameters without terminator",
@@ -137,7 +140,7 @@ async fn malformed_client_bytes_get_protocol_errors() {
                 body.extend_from_slice(b"user\0agent\0database\0app");
                 wire::untagged(&body)
             },
-            Expect::ProtocolViolation,
+            Expect08P01::Always,
         ),
         (
             "random garbage",
@@ -146,7 +149,7 @@ async fn malformed_client_bytes_get_protocol_errors() {
                 b.extend((0..60u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8));
                 b
             },
-            Expect::ProtocolViolationOrUnsupported,
+            Expect08P01::OrUnsupported,
         ),
     ];
     for (what, bytes, expect) in startup_cases {
@@ -157,21 +160,25 @@ async fn malformed_client_bytes_get_protocol_errors() {
     }
 
     // After a successful startup.
-    let session_cases: Vec<(&str, Vec<u8>, Expect)> = vec![
+    let session_cases: Vec<(&str, Vec<u8>, Expect08P01)> = vec![
         (
             "unknown message type",
             wire::frontend(b'z', b"hello"),
-            Expect::ProtocolViolation,
+            Expect08P01::Always,
         ),
         (
             "backend-only message type from a client",
             wire::frontend(b'Z', b"I"),
-            Expect::ProtocolViolation,
+            Expect08P01::Always,
         ),
         (
             "Parse with an unterminated string",
-            [wire::frontend(b'P', b"stmt\0SELECT 1"), wire::frontend(b'S', b"")].concat(),
-            Expect::ProtocolViolationMaybeRecoverable,
+            [
+                wire::frontend(b'P', b"stmt\0SELECT 1"),
+                wire::frontend(b'S', b""),
+            ]
+            .concat(),
+            Expect08P01::OrRecovery,
         ),
         (
             "absurd message length",
@@ -181,12 +188,12 @@ async fn malformed_client_bytes_get_protocol_errors() {
                 b.extend_from_slice(b"SELECT 1\0");
                 b
             },
-            Expect::ProtocolViolationOrSilentClose,
+            Expect08P01::OrSilentClose,
         ),
         (
             "message length below 4",
             vec![b'Q', 0, 0, 0, 2, b'x'],
-            Expect::ProtocolViolationOrSilentClose,
+            Expect08P01::OrSilentClose,
         ),
     ];
     for (what, bytes, expect) in session_cases {
@@ -270,7 +277,10 @@ async fn upstream_backend_killed_mid_result() {
     let victim = h.must(ep.connect().await, "connect victim");
     let survivor = h.must(ep.connect().await, "connect survivor");
     let victim_pid: i32 = h
-        .must(victim.query_one("SELECT pg_backend_pid()", &[]).await, "pid")
+        .must(
+            victim.query_one("SELECT pg_backend_pid()", &[]).await,
+            "pid",
+        )
         .get(0);
 
     let stream = h.must(

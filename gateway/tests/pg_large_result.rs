@@ -37,10 +37,7 @@ async fn million_row_result_streams_with_bounded_memory() {
 
     // Take one row, then stop reading for a while: the server keeps producing, and a gateway that
     // buffers instead of applying backpressure would swallow the whole result now.
-    let first = h.must(
-        stream.next().await.expect("at least one row"),
-        "first row",
-    );
+    let first = h.must(stream.next().await.expect("at least one row"), "first row");
     let mut count: i64 = 1;
     let mut sum: i64 = first.get::<_, i32>(0) as i64;
     for _ in 0..30 {

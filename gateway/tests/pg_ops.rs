@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use testkit::wire::{self, RawConn};
 use testkit::{
-    Gateway, GatewayOptions, Harness, Postgres, output_within, portcullis_bin,
-    single_target_toml, skip_in_direct, write_secret,
+    Gateway, GatewayOptions, Harness, Postgres, output_within, portcullis_bin, single_target_toml,
+    skip_in_direct, write_secret,
 };
 
 const SESSION_FIELDS: [&str; 11] = [
@@ -66,7 +66,10 @@ fn number(s: &Value, field: &str) -> u64 {
 
 #[test]
 fn sessions_and_status_report_live_sessions() {
-    if skip_in_direct("sessions_and_status_report_live_sessions", "it tests the gateway CLI") {
+    if skip_in_direct(
+        "sessions_and_status_report_live_sessions",
+        "it tests the gateway CLI",
+    ) {
         return;
     }
     let h = Harness::start().expect("start");
@@ -178,7 +181,10 @@ fn cli_against(socket: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn cli_without_a_gateway_errors_clearly() {
-    if skip_in_direct("cli_without_a_gateway_errors_clearly", "it tests the gateway CLI") {
+    if skip_in_direct(
+        "cli_without_a_gateway_errors_clearly",
+        "it tests the gateway CLI",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -267,7 +273,10 @@ fn assert_no_secret(gw: &Gateway, secret: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_password_never_leaks() {
-    if skip_in_direct("upstream_password_never_leaks", "it inspects the gateway's output") {
+    if skip_in_direct(
+        "upstream_password_never_leaks",
+        "it inspects the gateway's output",
+    ) {
         return;
     }
     // Most verbose logging: no level may carry the secret.
@@ -355,7 +364,9 @@ async fn sigterm_drains_and_exits_zero() {
 /// A gateway started from a config file (so SIGHUP has something to reload).
 fn config_gateway(pg: &Postgres, dir: &Path) -> Gateway {
     let pwfile = write_secret(dir, "main.password", &pg.password).unwrap();
-    let listen = format!("127.0.0.1:{}", testkit::free_port()).parse().unwrap();
+    let listen = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
     Gateway::start(GatewayOptions::with_config(
         listen,
         single_target_toml(listen, &pg.url(), &pwfile),
@@ -365,7 +376,10 @@ fn config_gateway(pg: &Postgres, dir: &Path) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_keeps_sessions_and_reloads_credentials() {
-    if skip_in_direct("sighup_keeps_sessions_and_reloads_credentials", "it signals the gateway") {
+    if skip_in_direct(
+        "sighup_keeps_sessions_and_reloads_credentials",
+        "it signals the gateway",
+    ) {
         return;
     }
     let pg = Postgres::start().expect("start PostgreSQL");
@@ -433,5 +447,8 @@ async fn sighup_keeps_sessions_and_reloads_credentials() {
     // Sessions opened before the rotation are still up.
     before.query_one("SELECT 1", &[]).await.unwrap();
     after.query_one("SELECT 1", &[]).await.unwrap();
-    assert!(!gw.log().contains(&rotated), "the rotated password reached the log");
+    assert!(
+        !gw.log().contains(&rotated),
+        "the rotated password reached the log"
+    );
 }

@@ -51,7 +51,10 @@ fn psql_sslmode_on_the_loopback_leg() {
     let h = harness();
     let mut prefer = h.endpoint();
     prefer.params = vec![("sslmode".into(), "prefer".into())];
-    let out = h.must(prefer.psql(h.bindir(), "SELECT 'plain'"), "psql sslmode=prefer");
+    let out = h.must(
+        prefer.psql(h.bindir(), "SELECT 'plain'"),
+        "psql sslmode=prefer",
+    );
     assert!(
         out.success && out.stdout.trim() == "plain",
         "sslmode=prefer falls back to plaintext: {}\n{}",
@@ -61,10 +64,7 @@ fn psql_sslmode_on_the_loopback_leg() {
 
     let mut require = h.endpoint();
     require.params = vec![("sslmode".into(), "require".into())];
-    let out = h.must(
-        require.psql(h.bindir(), "SELECT 1"),
-        "psql sslmode=require",
-    );
+    let out = h.must(require.psql(h.bindir(), "SELECT 1"), "psql sslmode=require");
     assert!(!out.success, "sslmode=require must fail: no TLS offered");
     assert!(
         out.stderr.contains("server does not support SSL"),
@@ -83,7 +83,9 @@ fn gssenc_request_refused_then_plaintext_startup() {
         .unwrap();
     let answer = h.must(conn.read_byte(), "answer to GSSENCRequest");
     if h.is_direct() && answer == Some(b'G') {
-        eprintln!("direct: this PostgreSQL offers GSS encryption ('G'); the gateway must answer 'N'");
+        eprintln!(
+            "direct: this PostgreSQL offers GSS encryption ('G'); the gateway must answer 'N'"
+        );
         return;
     }
     assert_eq!(answer, Some(b'N'), "GSSENCRequest refused\n{}", h.context());
@@ -163,10 +165,12 @@ fn unsupported_protocol_version_gets_an_error() {
     ))
     .unwrap();
     let msgs = h.must(conn.read_until_closed(), "answer to protocol 4.0");
-    let err = msgs
-        .iter()
-        .find(|m| m.is_error())
-        .unwrap_or_else(|| panic!("no ErrorResponse for protocol 4.0: {msgs:?}\n{}", h.context()));
+    let err = msgs.iter().find(|m| m.is_error()).unwrap_or_else(|| {
+        panic!(
+            "no ErrorResponse for protocol 4.0: {msgs:?}\n{}",
+            h.context()
+        )
+    });
     let code = err.sqlstate().unwrap_or_default();
     assert!(
         code == "0A000" || code == "08P01",
@@ -184,7 +188,9 @@ fn direct_tls_client_hello_is_refused() {
     let ep = h.endpoint();
     let mut conn = h.must(RawConn::to(&ep), "connect");
     // A TLS 1.2 record header for a ClientHello, then the start of the handshake body.
-    let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0xf0, 0x01, 0x00, 0x00, 0xec, 0x03, 0x03];
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0xf0, 0x01, 0x00, 0x00, 0xec, 0x03, 0x03,
+    ];
     hello.extend_from_slice(&[0x42; 32]);
     conn.send(&hello).unwrap();
     let msgs = h.must(conn.read_until_closed(), "answer to a ClientHello");

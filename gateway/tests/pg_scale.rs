@@ -149,7 +149,10 @@ fn run_pgbench(h: &Harness, args: &[&str]) -> PgbenchRun {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     if stderr.contains("error") || stderr.contains("ERROR") {
-        panic!("pgbench {args:?} reported errors:\n{stderr}\n{}", h.context());
+        panic!(
+            "pgbench {args:?} reported errors:\n{stderr}\n{}",
+            h.context()
+        );
     }
     PgbenchRun {
         processed,
@@ -188,8 +191,16 @@ fn pgbench_select_only_and_tpcb_in_every_protocol_mode() {
                 "pgbench -M {mode} {}",
                 if select_only { "-S" } else { "TPC-B" }
             );
-            eprintln!("{label}: {} transactions, tps {:.0}", run.processed, run.tps);
-            assert_eq!(run.processed, expected, "{label}: processed\n{}", h.context());
+            eprintln!(
+                "{label}: {} transactions, tps {:.0}",
+                run.processed, run.tps
+            );
+            assert_eq!(
+                run.processed,
+                expected,
+                "{label}: processed\n{}",
+                h.context()
+            );
             assert_eq!(
                 run.failed.unwrap_or(0),
                 0,

@@ -54,8 +54,11 @@ async fn driver_traffic(h: &Harness) {
         assert_eq!(v, i * 2);
     }
     let rows = h.must(
-        c.query("SELECT g, md5(g::text) FROM generate_series(1, 100000) g", &[])
-            .await,
+        c.query(
+            "SELECT g, md5(g::text) FROM generate_series(1, 100000) g",
+            &[],
+        )
+        .await,
         "100k rows over TLS",
     );
     assert_eq!(rows.len(), 100_000);
@@ -76,7 +79,10 @@ async fn verify_full_with_the_right_ca() {
         "SELECT count(*), sum(length(repeat(md5(g::text), 20))) FROM generate_series(1, 200000) g",
     );
     assert_eq!(out.trim(), "200000|128000000");
-    let out = psql_ok(&h, "SELECT string_agg(md5(g::text), '') FROM generate_series(1, 50000) g");
+    let out = psql_ok(
+        &h,
+        "SELECT string_agg(md5(g::text), '') FROM generate_series(1, 50000) g",
+    );
     assert_eq!(out.trim().len(), 32 * 50_000);
     driver_traffic(&h).await;
 }
@@ -130,7 +136,12 @@ fn verify_ca_ignores_the_name_verify_full_does_not() {
         &[("sslmode", "verify-ca"), ("sslrootcert", "@ca.pem")],
         Some(ca.cert_pem()),
     );
-    assert_eq!(psql_ok(&h, SSL_IN_USE).trim(), "t", "verify-ca\n{}", h.context());
+    assert_eq!(
+        psql_ok(&h, SSL_IN_USE).trim(),
+        "t",
+        "verify-ca\n{}",
+        h.context()
+    );
     drop(h);
 
     let mut h = tls_harness(

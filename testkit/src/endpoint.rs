@@ -158,14 +158,10 @@ impl Endpoint {
         let (client, mut conn) = self.connect_raw().await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            loop {
-                match futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                    Some(Ok(m)) => {
-                        if tx.send(m).is_err() {
-                            break;
-                        }
-                    }
-                    _ => break,
+            while let Some(Ok(m)) = futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await
+            {
+                if tx.send(m).is_err() {
+                    break;
                 }
             }
         });

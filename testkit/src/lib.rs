@@ -300,7 +300,12 @@ impl Postgres {
             "SET password_encryption = '{enc}'; CREATE ROLE app LOGIN PASSWORD '{}'",
             pg.password
         ))
-        .map_err(|e| anyhow::anyhow!("creating role app: {}", redact(&e.to_string(), &pg.password)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "creating role app: {}",
+                redact(&e.to_string(), &pg.password)
+            )
+        })?;
         pg.superuser_sql("CREATE DATABASE app OWNER app")?;
         Ok(pg)
     }
@@ -330,8 +335,19 @@ impl Postgres {
 
     /// Starts the server again after [`Postgres::stop`], on the same port.
     pub fn start_again(&self) -> Result<()> {
-        let log = self.data.parent().expect("data dir parent").join("postgres.log");
-        self.pg_ctl(&["-l", log.to_str().expect("utf8 path"), "-w", "-t", "60", "start"])
+        let log = self
+            .data
+            .parent()
+            .expect("data dir parent")
+            .join("postgres.log");
+        self.pg_ctl(&[
+            "-l",
+            log.to_str().expect("utf8 path"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ])
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Result<()> {
@@ -732,7 +748,10 @@ impl Gateway {
 
     /// Sends SIGTERM and waits up to `limit` for the exit status; `None` if still running then
     /// (the process is killed on drop).
-    pub fn terminate_within(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+    pub fn terminate_within(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
         let child = self.child.as_mut().context("gateway already stopped")?;
         signal(child.id(), 15);
         let deadline = Instant::now() + limit;

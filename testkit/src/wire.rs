@@ -51,7 +51,9 @@ impl Message {
 
     /// The SQLSTATE of an ErrorResponse.
     pub fn sqlstate(&self) -> Option<String> {
-        self.is_error().then(|| self.fields().remove(&b'C')).flatten()
+        self.is_error()
+            .then(|| self.fields().remove(&b'C'))
+            .flatten()
     }
 
     /// "SEVERITY SQLSTATE: message" for an ErrorResponse, else the tag and length.
@@ -148,7 +150,9 @@ impl RawConn {
 
     /// The client side address, as the gateway sees it (`client_addr` in `portcullis sessions`).
     pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.stream.local_addr().expect("local address of a connected socket")
+        self.stream
+            .local_addr()
+            .expect("local address of a connected socket")
     }
 
     /// Writes bytes; a peer that already closed is not an error here (the read that follows
@@ -274,7 +278,8 @@ impl RawConn {
                         }
                         5 => {
                             let salt: [u8; 4] = data[..4].try_into()?;
-                            let hash = md5_hash(endpoint.user.as_bytes(), password.as_bytes(), salt);
+                            let hash =
+                                md5_hash(endpoint.user.as_bytes(), password.as_bytes(), salt);
                             let mut body = hash.into_bytes();
                             body.push(0);
                             self.send(&frontend(b'p', &body))?;
@@ -284,8 +289,10 @@ impl RawConn {
                             if !mechanisms.split('\0').any(|m| m == SCRAM_SHA_256) {
                                 bail!("server offers no SCRAM-SHA-256: {mechanisms:?}");
                             }
-                            let s =
-                                ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                            let s = ScramSha256::new(
+                                password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
                             let first = s.message().to_vec();
                             let mut body = SCRAM_SHA_256.as_bytes().to_vec();
                             body.push(0);
