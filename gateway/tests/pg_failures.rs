@@ -381,3 +381,73 @@ async fn upstream_down_then_back() {
     assert_works(&h, &back, "after restart").await;
     h.assert_gateway_alive();
 }
+
+/// Clients that leave, politely (Terminate) or not (a dropped socket, even during startup or
+/// in the middle of a result), leave no upstream backend behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnects_release_upstream_backends() {
+    let mut h = harness();
+    let ep = h.endpoint();
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                  AND pid <> pg_backend_pid()";
+
+    let mut polite = Vec::new();
+    for _ in 0..10 {
+        polite.push(h.must(ep.connect().await, "connect"));
+    }
+    let mut rude = Vec::new();
+    for i in 0..15 {
+        let mut conn = h.must(RawConn::to(&ep), "raw connect");
+        h.must(conn.startup(&ep, wire::PROTOCOL_3_0), "startup");
+        if i >= 10 {
+            // Leave while a long result streams.
+            conn.send(&wire::query(
+                "SELECT g, repeat('r', 200) FROM generate_series(1, 5000000) g",
+            ))
+            .unwrap();
+            conn.read_n(3).unwrap();
+        }
+        rude.push(conn);
+    }
+    let mut halfway = Vec::new();
+    for _ in 0..5 {
+        let mut conn = h.must(RawConn::to(&ep), "raw connect");
+        conn.send(&wire::startup_message(
+            wire::PROTOCOL_3_0,
+            &[("user", &ep.user), ("database", &ep.dbname)],
+        ))
+        .unwrap();
+        halfway.push(conn);
+    }
+    let open: u64 = h
+        .must(h.pg.superuser_sql(others), "count")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(open >= 25, "{open} backends for 25 established sessions");
+
+    // tokio-postgres sends Terminate when the client is dropped; the raw ones just close.
+    drop(polite);
+    drop(rude);
+    drop(halfway);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: u64 = h
+            .must(h.pg.superuser_sql(others), "count")
+            .trim()
+            .parse()
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} upstream backends still there 30 s after their clients left\n{}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fresh = h.must(ep.connect().await, "connect afterwards");
+    assert_works(&h, &fresh, "fresh").await;
+    h.assert_gateway_alive();
+}

@@ -452,3 +452,99 @@ async fn sighup_keeps_sessions_and_reloads_credentials() {
         "the rotated password reached the log"
     );
 }
+
+/// Two listeners in one config, each routed to its own target (one credential from a file, one
+/// from the environment): the original destination picks the upstream.
+#[test]
+fn listeners_route_to_their_own_targets() {
+    if skip_in_direct(
+        "listeners_route_to_their_own_targets",
+        "it tests the gateway's routing",
+    ) {
+        return;
+    }
+    let pg_a = Postgres::start().expect("start PostgreSQL a");
+    let pg_b = Postgres::start().expect("start PostgreSQL b");
+    let dir = tempfile::tempdir().unwrap();
+    let pw_a = write_secret(dir.path(), "a.password", &pg_a.password).unwrap();
+    let port = || testkit::free_port();
+    let listen_a: std::net::SocketAddr = format!("127.0.0.1:{}", port()).parse().unwrap();
+    let listen_b: std::net::SocketAddr = format!("127.0.0.1:{}", port()).parse().unwrap();
+    let body = format!(
+        "[[listener]]\nlisten = \"{listen_a}\"\ntarget = \"a\"\n\n\
+         [[listener]]\nlisten = \"{listen_b}\"\ntarget = \"b\"\n\n\
+         [[target]]\nname = \"a\"\nupstream = \"{}\"\npassword_file = \"{}\"\n\n\
+         [[target]]\nname = \"b\"\nupstream = \"{}\"\npassword_env = \"PORTCULLIS_TEST_PASSWORD_B\"\n",
+        pg_a.url(),
+        pw_a.display(),
+        pg_b.url()
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen_a, body)
+            .env("PORTCULLIS_TEST_PASSWORD_B", pg_b.password.clone()),
+    )
+    .expect("start the gateway with two listeners");
+    let conninfo = |l: std::net::SocketAddr| {
+        format!(
+            "host={} port={} user=agent dbname=app sslmode=disable",
+            l.ip(),
+            l.port()
+        )
+    };
+    let port_via = |l: std::net::SocketAddr| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (out, err, ok) = testkit::psql(
+                pg_a.bindir(),
+                &conninfo(l),
+                "SELECT current_setting('port')",
+            )
+            .unwrap();
+            if ok {
+                return out.trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "psql via {l}: {err}\n{}",
+                gw.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(port_via(listen_a), pg_a.port.to_string(), "listener a → a");
+    assert_eq!(port_via(listen_b), pg_b.port.to_string(), "listener b → b");
+
+    // sessions shows each session's original destination and target.
+    let ep = |l: std::net::SocketAddr| testkit::Endpoint {
+        host: l.ip().to_string(),
+        port: l.port(),
+        user: "agent".into(),
+        password: None,
+        dbname: "app".into(),
+        params: vec![],
+    };
+    let mut on_b = RawConn::to(&ep(listen_b)).unwrap();
+    on_b.startup(&ep(listen_b), wire::PROTOCOL_3_0).unwrap();
+    let out = gw.cli(&["sessions", "--json"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: Vec<Value> = serde_json::from_slice(&out.stdout).expect("sessions --json");
+    let s = all
+        .iter()
+        .find(|s| s["client_addr"].as_str() == Some(on_b.local_addr().to_string().as_str()))
+        .unwrap_or_else(|| panic!("session on listener b not listed: {all:?}"));
+    assert_eq!(
+        s["original_dst"].as_str(),
+        Some(listen_b.to_string().as_str())
+    );
+    let target = s["target"].as_str().unwrap_or_default();
+    assert!(
+        target == "b" || target.contains(&pg_b.port.to_string()),
+        "target of the session on listener b: {s}"
+    );
+    let log = gw.log();
+    assert!(!log.contains(&pg_a.password) && !log.contains(&pg_b.password));
+}

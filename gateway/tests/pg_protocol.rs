@@ -205,3 +205,166 @@ fn direct_tls_client_hello_is_refused() {
     h.must(other.startup(&ep, wire::PROTOCOL_3_0), "startup");
     assert_select_1(&h, &mut other);
 }
+
+/// The extended protocol message by message: Flush gets answers before any Sync, a row limit
+/// suspends the portal, Close frees statements, and Sync-terminated groups can be pipelined.
+#[test]
+fn extended_protocol_flush_close_and_portal_suspension() {
+    let h = harness();
+    let ep = h.endpoint();
+    let mut conn = h.must(RawConn::to(&ep), "connect");
+    h.must(conn.startup(&ep, wire::PROTOCOL_3_0), "startup");
+    let tags = |msgs: &[Message]| msgs.iter().map(|m| m.tag as char).collect::<String>();
+
+    conn.send(
+        &[
+            wire::parse("s1", "SELECT g FROM generate_series(1, $1::int4) g"),
+            wire::describe(b'S', "s1"),
+            wire::flush(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let msgs = h.must(conn.read_n(3), "answers to Parse/Describe after Flush");
+    assert_eq!(
+        tags(&msgs),
+        "1tT",
+        "ParseComplete, ParameterDescription, RowDescription"
+    );
+
+    conn.send(
+        &[
+            wire::bind("p1", "s1", &[Some("5")]),
+            wire::execute("p1", 2),
+            wire::flush(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let mut rows = Vec::new();
+    let msgs = h.must(conn.read_n(4), "first page");
+    assert_eq!(
+        tags(&msgs),
+        "2DDs",
+        "BindComplete, 2 rows, PortalSuspended\n{}",
+        h.context()
+    );
+    rows.extend(RawConn::first_column(&msgs));
+    conn.send(&[wire::execute("p1", 2), wire::flush()].concat())
+        .unwrap();
+    let msgs = h.must(conn.read_n(3), "second page");
+    assert_eq!(tags(&msgs), "DDs");
+    rows.extend(RawConn::first_column(&msgs));
+    conn.send(&[wire::execute("p1", 2), wire::flush()].concat())
+        .unwrap();
+    let msgs = h.must(conn.read_n(2), "last page");
+    assert_eq!(tags(&msgs), "DC", "last row and CommandComplete");
+    rows.extend(RawConn::first_column(&msgs));
+    let expected: Vec<Option<String>> = (1..=5).map(|i| Some(i.to_string())).collect();
+    assert_eq!(rows, expected);
+
+    conn.send(
+        &[
+            wire::close(b'P', "p1"),
+            wire::close(b'S', "s1"),
+            wire::sync(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let msgs = h.must(conn.read_until_ready(), "Close");
+    assert_eq!(tags(&msgs), "33", "two CloseComplete");
+    conn.send(
+        &[
+            wire::bind("", "s1", &[Some("1")]),
+            wire::execute("", 0),
+            wire::sync(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let msgs = h.must(conn.read_until_ready(), "Bind to a closed statement");
+    assert_eq!(
+        msgs.iter().find_map(Message::sqlstate).as_deref(),
+        Some("26000"),
+        "invalid_sql_statement_name: {:?}",
+        msgs.iter().map(Message::describe).collect::<Vec<_>>()
+    );
+
+    // Fifty Sync-terminated groups written at once, one of them failing; a NULL parameter too.
+    let mut batch = Vec::new();
+    for i in 0..50 {
+        let sql = if i == 25 {
+            "SELECT 1 / ($1::int4 - 25)"
+        } else {
+            "SELECT $1::int4 + 1"
+        };
+        batch.extend(wire::parse("", sql));
+        batch.extend(wire::bind("", "", &[Some(&i.to_string())]));
+        batch.extend(wire::execute("", 0));
+        batch.extend(wire::sync());
+    }
+    batch.extend(wire::parse("", "SELECT $1::text IS NULL"));
+    batch.extend(wire::bind("", "", &[None]));
+    batch.extend(wire::execute("", 0));
+    batch.extend(wire::sync());
+    conn.send(&batch).unwrap();
+    for i in 0..50 {
+        let msgs = h.must(conn.read_until_ready(), "pipelined group");
+        if i == 25 {
+            assert_eq!(
+                msgs.iter().find_map(Message::sqlstate).as_deref(),
+                Some("22012")
+            );
+        } else {
+            assert_eq!(
+                RawConn::first_column(&msgs),
+                vec![Some((i + 1).to_string())],
+                "group {i}\n{}",
+                h.context()
+            );
+        }
+    }
+    let msgs = h.must(conn.read_until_ready(), "NULL parameter");
+    assert_eq!(RawConn::first_column(&msgs), vec![Some("t".to_string())]);
+    assert_select_1(&h, &mut conn);
+}
+
+/// A reported setting changed by SET reaches the client as ParameterStatus.
+#[test]
+fn parameter_status_follows_set() {
+    let h = harness();
+    let ep = h.endpoint();
+    let mut conn = h.must(RawConn::to(&ep), "connect");
+    h.must(conn.startup(&ep, wire::PROTOCOL_3_0), "startup");
+    for key in ["server_version", "client_encoding", "integer_datetimes"] {
+        assert!(
+            conn.parameters.contains_key(key),
+            "startup ParameterStatus {key}: {:?}\n{}",
+            conn.parameters,
+            h.context()
+        );
+    }
+    let msgs = h.must(
+        conn.simple_query("SET application_name = 'ps-test'; SET TimeZone = 'Asia/Tokyo'"),
+        "SET",
+    );
+    let statuses: Vec<(String, String)> = msgs
+        .iter()
+        .filter(|m| m.tag == b'S')
+        .map(|m| {
+            let mut parts = m.body.split(|&b| b == 0);
+            let k = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+            let v = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+            (k, v)
+        })
+        .collect();
+    assert!(
+        statuses.contains(&("application_name".into(), "ps-test".into())),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&("TimeZone".into(), "Asia/Tokyo".into())),
+        "{statuses:?}"
+    );
+}

@@ -116,6 +116,74 @@ pub fn query(sql: &str) -> Vec<u8> {
     frontend(b'Q', &body)
 }
 
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// Parse: a named (or unnamed, "") statement with no declared parameter types.
+pub fn parse(statement: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, statement);
+    cstr(&mut body, sql);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    frontend(b'P', &body)
+}
+
+/// Bind: text-format parameters (`None` is NULL), text-format results.
+pub fn bind(portal: &str, statement: &str, params: &[Option<&str>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, portal);
+    cstr(&mut body, statement);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for p in params {
+        match p {
+            Some(v) => {
+                body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                body.extend_from_slice(v.as_bytes());
+            }
+            None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    frontend(b'B', &body)
+}
+
+/// Describe (`kind` b'S' statement or b'P' portal).
+pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+    let mut body = vec![kind];
+    cstr(&mut body, name);
+    frontend(b'D', &body)
+}
+
+/// Execute a portal, returning at most `max_rows` rows (0: all).
+pub fn execute(portal: &str, max_rows: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, portal);
+    body.extend_from_slice(&max_rows.to_be_bytes());
+    frontend(b'E', &body)
+}
+
+/// Close (`kind` b'S' statement or b'P' portal).
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    let mut body = vec![kind];
+    cstr(&mut body, name);
+    frontend(b'C', &body)
+}
+
+pub fn sync() -> Vec<u8> {
+    frontend(b'S', b"")
+}
+
+pub fn flush() -> Vec<u8> {
+    frontend(b'H', b"")
+}
+
+pub fn terminate() -> Vec<u8> {
+    frontend(b'X', b"")
+}
+
 /// A raw connection.
 pub struct RawConn {
     stream: TcpStream,
@@ -336,6 +404,18 @@ impl RawConn {
                 other => bail!("unexpected message '{}' during startup", other as char),
             }
         }
+    }
+
+    /// Reads exactly `n` messages (fails on a close or a hang).
+    pub fn read_n(&mut self, n: usize) -> Result<Vec<Message>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.read_message()? {
+                Some(m) => out.push(m),
+                None => bail!("connection closed after {} of {n} messages", out.len()),
+            }
+        }
+        Ok(out)
     }
 
     /// Runs one simple query, returning the messages before ReadyForQuery.
