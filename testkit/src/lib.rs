@@ -1,5 +1,16 @@
 //! Throwaway servers for Portcullis tests and benchmarks: a real PostgreSQL in a temp dir on a free
 //! port, and the real `portcullis` binary in front of it. Everything is torn down on drop.
+//!
+//! Integration tests start a [`Harness`] and connect to [`Harness::endpoint`]: through a started
+//! gateway as user `agent` with no password (the gateway injects the credential), or, with
+//! `PORTCULLIS_TEST_DIRECT=1`, straight to PostgreSQL as `app` with the real password. Running the
+//! suite direct proves each test correct without the gateway; gateway-only tests call
+//! [`skip_in_direct`]. [`wire::RawConn`] speaks the protocol byte by byte for what drivers never
+//! send, and [`tls::TestCa`] makes certificates at test time.
+//!
+//! Environment: `PORTCULLIS_BIN` (the binary under test; default next to the test executable),
+//! `PORTCULLIS_TEST_LOG` (the gateway's `RUST_LOG`, default `info`), `PORTCULLIS_TEST_ECHO` (echo
+//! the gateway's output to stderr live), `PG_BINDIR` (PostgreSQL server binaries).
 
 use std::fs;
 use std::io::{BufRead, BufReader};

@@ -437,3 +437,43 @@ impl RawConn {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_fields_and_sqlstate() {
+        let m = Message {
+            tag: b'E',
+            body: b"SFATAL\0VFATAL\0C08P01\0Minvalid frontend message type 122\0\0".to_vec(),
+        };
+        assert_eq!(m.sqlstate().as_deref(), Some("08P01"));
+        assert_eq!(m.fields().get(&b'S').map(String::as_str), Some("FATAL"));
+        assert_eq!(
+            m.describe(),
+            "FATAL 08P01: invalid frontend message type 122"
+        );
+        let not_error = Message {
+            tag: b'N',
+            body: m.body.clone(),
+        };
+        assert_eq!(not_error.sqlstate(), None);
+    }
+
+    #[test]
+    fn message_layouts() {
+        let s = startup_message(PROTOCOL_3_0, &[("user", "agent")]);
+        assert_eq!(&s[..4], &(s.len() as u32).to_be_bytes());
+        assert_eq!(&s[4..8], &[0, 3, 0, 0]);
+        assert_eq!(&s[8..], b"user\0agent\0\0");
+        assert_eq!(request_code(SSL_REQUEST_CODE), [0, 0, 0, 8, 4, 210, 22, 47]);
+        assert_eq!(query("SELECT 1"), b"Q\0\0\0\x0dSELECT 1\0");
+        let c = cancel_request(7, &[1, 2, 3, 4]);
+        assert_eq!(c.len(), 16);
+        assert_eq!(&c[8..12], &7u32.to_be_bytes());
+        let b = bind("", "s", &[Some("5"), None]);
+        assert_eq!(b[0], b'B');
+        assert!(b.windows(4).any(|w| w == (-1i32).to_be_bytes()));
+    }
+}
