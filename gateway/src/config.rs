@@ -1,21 +1,33 @@
 //! Configuration: the TOML file, the quick-start flags, and the embedded default.
+//!
+//! Every error an operator can cause names the file, the line and the key.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::secret::SecretSource;
 
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/portcullis/admin.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 
+/// The configuration `portcullis serve` uses when given neither `--config` nor `--target`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
 /// `portcullis serve`: a config file, or a single target given as flags.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServeArgs {
-    /// TOML configuration file. Without it, the embedded default configuration is used.
+    /// TOML configuration file. Without it (and without --target), the embedded default is used.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Address to accept PostgreSQL clients on (quick start: one explicit listener).
     #[arg(long)]
-    pub listen: Option<std::net::SocketAddr>,
+    pub listen: Option<SocketAddr>,
     /// Upstream PostgreSQL, as postgres://USER@HOST:PORT/DB[?sslmode=MODE&sslrootcert=FILE].
-    #[arg(long)]
+    #[arg(long, requires = "listen")]
     pub target: Option<String>,
     /// File holding the upstream password (refused when group- or world-readable).
     #[arg(long, conflicts_with = "password_env")]
@@ -23,10 +35,10 @@ pub struct ServeArgs {
     /// Environment variable holding the upstream password.
     #[arg(long)]
     pub password_env: Option<String>,
-    /// Admin API Unix socket.
+    /// Admin API Unix socket [default: /run/portcullis/admin.sock].
     #[arg(long)]
     pub admin_socket: Option<PathBuf>,
-    /// State directory (approvals store, recordings).
+    /// State directory [default: /var/lib/portcullis].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Policy: a built-in name (`default`, `observe`) or a TOML file.
@@ -34,8 +46,452 @@ pub struct ServeArgs {
     pub policy: Option<String>,
     /// Log format: `plain` (journald-friendly lines) or `json`.
     #[arg(long)]
-    pub log_format: Option<String>,
-    /// I/O worker threads, one io_uring runtime each (default: one per core).
+    pub log_format: Option<LogFormat>,
+    /// I/O worker threads, one io_uring runtime each [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+/// The TOML file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    gateway: GatewaySection,
+    #[serde(default)]
+    listener: Vec<ListenerSection>,
+    #[serde(default)]
+    target: Vec<Spanned<TargetSection>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GatewaySection {
+    admin_socket: Option<PathBuf>,
+    admin_group: Option<String>,
+    state_dir: Option<PathBuf>,
+    policy: Option<String>,
+    log_format: Option<LogFormat>,
+    workers: Option<usize>,
+    drain_timeout: Option<Spanned<String>>,
+    max_message_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerSection {
+    listen: SocketAddr,
+    target: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetSection {
+    name: String,
+    upstream: Spanned<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    connect_timeout: Option<Spanned<String>>,
+}
+
+/// The gateway's settings after merging file, flags and defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from, for messages: a path or "embedded default".
+    pub origin: String,
+    pub admin_socket: PathBuf,
+    /// Group allowed on the admin socket besides root.
+    pub admin_group: String,
+    pub state_dir: PathBuf,
+    pub policy: String,
+    pub log_format: LogFormat,
+    pub workers: usize,
+    /// How long SIGTERM waits for sessions to finish before closing them.
+    pub drain_timeout: Duration,
+    /// Largest message the gateway buffers whole (COPY data and rows stream regardless).
+    pub max_message_bytes: usize,
+    pub listeners: Vec<Listener>,
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub listen: SocketAddr,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    pub name: String,
+    pub upstream: Upstream,
+    pub password: SecretSource,
+    pub connect_timeout: Duration,
+}
+
+/// How the gateway reaches and authenticates to one PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub database: String,
+    pub sslmode: SslMode,
+    /// CA bundle; `None` means the system roots.
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(
+            f,
+            "postgres://{}@{host}:{}/{}",
+            self.user, self.port, self.database
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// A configuration error: `origin:line:column: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl Config {
+    /// Builds the configuration `serve` runs with.
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut cfg = match (&args.config, &args.target) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+                Config::parse(&text, &path.display().to_string())?
+            }
+            (None, Some(_)) => Config::parse("", "command line")?,
+            (None, None) => Config::parse(EMBEDDED_DEFAULT, "embedded default")?,
+        };
+        if let Some(url) = &args.target {
+            let listen = args
+                .listen
+                .ok_or_else(|| anyhow::anyhow!("--target needs --listen"))?;
+            let upstream = parse_upstream(url).map_err(|m| anyhow::anyhow!("--target: {m}"))?;
+            let password = match (&args.password_file, &args.password_env) {
+                (Some(p), _) => SecretSource::File(p.clone()),
+                (None, Some(v)) => SecretSource::Env(v.clone()),
+                (None, None) => SecretSource::None,
+            };
+            cfg.targets = vec![TargetConfig {
+                name: "default".into(),
+                upstream,
+                password,
+                connect_timeout: Duration::from_secs(10),
+            }];
+            cfg.listeners = vec![Listener {
+                listen,
+                target: "default".into(),
+            }];
+        } else if let Some(listen) = args.listen {
+            let [only] = &mut cfg.listeners[..] else {
+                anyhow::bail!(
+                    "--listen without --target needs a config with exactly one [[listener]]"
+                );
+            };
+            only.listen = listen;
+        }
+        if let Some(v) = &args.admin_socket {
+            cfg.admin_socket = v.clone();
+        }
+        if let Some(v) = &args.state_dir {
+            cfg.state_dir = v.clone();
+        }
+        if let Some(v) = &args.policy {
+            cfg.policy = v.clone();
+        }
+        if let Some(v) = args.log_format {
+            cfg.log_format = v;
+        }
+        if let Some(v) = args.workers {
+            cfg.workers = v.max(1);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text. `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, message: String| {
+            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
+            ConfigError {
+                origin: origin.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let file: File = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
+        let g = file.gateway;
+        let drain_timeout = match g.drain_timeout {
+            Some(s) => parse_duration(s.get_ref())
+                .map_err(|m| err(Some(s.span()), format!("key `gateway.drain_timeout`: {m}")))?,
+            None => Duration::from_secs(30),
+        };
+        let mut targets = Vec::new();
+        for t in file.target {
+            let span = t.span();
+            let t = t.into_inner();
+            if targets.iter().any(|x: &TargetConfig| x.name == t.name) {
+                return Err(err(
+                    Some(span),
+                    format!("key `target.name`: duplicate target name {:?}", t.name),
+                ));
+            }
+            let upstream = parse_upstream(t.upstream.get_ref()).map_err(|m| {
+                err(
+                    Some(t.upstream.span()),
+                    format!("key `target.upstream`: {m}"),
+                )
+            })?;
+            let password = match (t.password_file, t.password_env) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        Some(span),
+                        "target sets both `password_file` and `password_env`; keep one".into(),
+                    ));
+                }
+                (Some(p), None) => SecretSource::File(p),
+                (None, Some(v)) => SecretSource::Env(v),
+                (None, None) => SecretSource::None,
+            };
+            let connect_timeout = match t.connect_timeout {
+                Some(s) => parse_duration(s.get_ref()).map_err(|m| {
+                    err(Some(s.span()), format!("key `target.connect_timeout`: {m}"))
+                })?,
+                None => Duration::from_secs(10),
+            };
+            targets.push(TargetConfig {
+                name: t.name,
+                upstream,
+                password,
+                connect_timeout,
+            });
+        }
+        let mut listeners = Vec::new();
+        for l in file.listener {
+            if !targets.iter().any(|t| t.name == *l.target.get_ref()) {
+                return Err(err(
+                    Some(l.target.span()),
+                    format!(
+                        "key `listener.target`: no [[target]] is named {:?}",
+                        l.target.get_ref()
+                    ),
+                ));
+            }
+            listeners.push(Listener {
+                listen: l.listen,
+                target: l.target.into_inner(),
+            });
+        }
+        Ok(Config {
+            origin: origin.to_owned(),
+            admin_socket: g
+                .admin_socket
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            admin_group: g.admin_group.unwrap_or_else(|| "portcullis".into()),
+            state_dir: g.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            policy: g.policy.unwrap_or_else(|| "default".into()),
+            log_format: g.log_format.unwrap_or_default(),
+            workers: g.workers.unwrap_or_else(default_workers).max(1),
+            drain_timeout,
+            max_message_bytes: g.max_message_bytes.unwrap_or(64 << 20),
+            listeners,
+            targets,
+        })
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Parses `postgres://USER@HOST:PORT/DB?sslmode=..&sslrootcert=..`. A password in the URL is
+/// refused: it belongs in a password file or variable, where it is not shown by `ps`.
+pub fn parse_upstream(url: &str) -> Result<Upstream, String> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .ok_or_else(|| format!("{url:?} is not a postgres:// URL"))?;
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, database) = main.split_once('/').unwrap_or((main, ""));
+    let (user, hostport) = authority
+        .rsplit_once('@')
+        .ok_or_else(|| "the URL needs a user: postgres://USER@HOST:PORT/DB".to_string())?;
+    if user.contains(':') {
+        return Err(
+            "the URL holds a password; put it in password_file or password_env instead".into(),
+        );
+    }
+    if user.is_empty() {
+        return Err("the URL needs a user: postgres://USER@HOST:PORT/DB".into());
+    }
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
+        (h.to_owned(), after.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (hostport.to_owned(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("the URL needs a host".into());
+    }
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("port {p:?} is not a number"))?,
+        None => 5432,
+    };
+    let mut sslmode = SslMode::Prefer;
+    let mut sslrootcert = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "sslmode" => {
+                sslmode = match v {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    _ => {
+                        return Err(format!(
+                            "sslmode {v:?}: expected disable, prefer, require, verify-ca or verify-full"
+                        ));
+                    }
+                }
+            }
+            "sslrootcert" => sslrootcert = (v != "system").then(|| PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "unknown URL parameter {k:?} (known: sslmode, sslrootcert)"
+                ));
+            }
+        }
+    }
+    let database = if database.is_empty() {
+        user.to_owned()
+    } else {
+        database.to_owned()
+    };
+    Ok(Upstream {
+        host,
+        port,
+        user: user.to_owned(),
+        database,
+        sslmode,
+        sslrootcert,
+    })
+}
+
+/// Reads a config file for `policy check`-style validation without starting anything.
+pub fn check_file(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok(Config::parse(&text, &path.display().to_string())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "embedded default").unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.policy, "default");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "[gateway]\nstate_dir = \"/tmp/x\"\n\n[[listener]]\nlistne = \"127.0.0.1:1\"\n";
+        let e = Config::parse(text, "/etc/portcullis/bad.toml").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("/etc/portcullis/bad.toml:5:"), "{s}");
+        assert!(s.contains("listne"), "{s}");
+    }
+
+    #[test]
+    fn listener_to_unknown_target_is_refused_at_its_line() {
+        let text = "[[target]]\nname = \"a\"\nupstream = \"postgres://u@h/d\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\ntarget = \"b\"\n";
+        let e = Config::parse(text, "f.toml").unwrap_err();
+        assert_eq!((e.line, e.column), (6, 10), "{e}");
+        assert!(e.message.contains("listener.target"));
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = parse_upstream(
+            "postgres://app@127.0.0.1:5433/app?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                u.host.as_str(),
+                u.port,
+                u.user.as_str(),
+                u.database.as_str()
+            ),
+            ("127.0.0.1", 5433, "app", "app")
+        );
+        assert_eq!(u.sslmode, SslMode::VerifyFull);
+        assert_eq!(u.sslrootcert, Some(PathBuf::from("/ca.pem")));
+        let u = parse_upstream("postgresql://me@[::1]/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.database.as_str()),
+            ("::1", 5432, "me")
+        );
+        let e = parse_upstream("postgres://me:hunter2@h/d").unwrap_err();
+        assert!(!e.contains("hunter2"));
+        assert!(parse_upstream("postgres://me@h/d?sslmode=bogus").is_err());
+        assert!(parse_upstream("mysql://me@h/d").is_err());
+    }
 }

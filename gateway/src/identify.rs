@@ -1,1 +1,32 @@
-//! (being built)
+//! Who is on the other end of an accepted connection: its addresses, the destination it dialled,
+//! and, where the kernel told us, its agent, process and cgroup.
+
+use std::net::SocketAddr;
+
+use crate::metrics::Peer;
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client_addr: SocketAddr,
+    /// The address the client dialled: the listener itself, or what the eBPF redirect recorded.
+    pub original_dst: SocketAddr,
+    pub peer: Peer,
+}
+
+impl Identity {
+    /// A connection to an explicit listener: the original destination is the listener address.
+    pub fn explicit(client_addr: SocketAddr, listener: SocketAddr) -> Self {
+        Identity {
+            client_addr,
+            original_dst: listener,
+            peer: Peer::default(),
+        }
+    }
+}
+
+/// The executable of a process, from /proc at accept time (best effort: it may be gone).
+pub fn exe_of(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+}

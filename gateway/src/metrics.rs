@@ -1,1 +1,250 @@
-//! (being built)
+//! Counters per target and the registry of live sessions, shared by the data path (writers) and
+//! the admin API (reader). Plain atomics: the data path never takes a lock to count.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// Counters for one target, ready for a metrics endpoint.
+#[derive(Debug, Default)]
+pub struct TargetCounters {
+    pub sessions_total: AtomicU64,
+    pub sessions_active: AtomicU64,
+    pub queries: AtomicU64,
+    pub blocked: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct TargetSnapshot {
+    pub target: String,
+    pub sessions_total: u64,
+    pub sessions_active: u64,
+    pub queries: u64,
+    pub blocked: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub errors: u64,
+}
+
+/// What a session is doing, for `portcullis sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum SessionState {
+    Startup = 0,
+    Idle = 1,
+    InTransaction = 2,
+    FailedTransaction = 3,
+    Holding = 4,
+    Closing = 5,
+}
+
+impl SessionState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Startup,
+            1 => Self::Idle,
+            2 => Self::InTransaction,
+            3 => Self::FailedTransaction,
+            4 => Self::Holding,
+            _ => Self::Closing,
+        }
+    }
+}
+
+/// Who is on the other end of a session, as far as the gateway could tell at accept time.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Peer {
+    pub agent: Option<String>,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub exe: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+/// One live session. Counters are updated by its I/O task; the rest is fixed at accept.
+#[derive(Debug)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub client_addr: SocketAddr,
+    pub original_dst: SocketAddr,
+    pub target: String,
+    pub upstream_user: String,
+    pub database: String,
+    pub started_at: SystemTime,
+    pub peer: Peer,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    state: AtomicU8,
+}
+
+impl SessionInfo {
+    pub fn set_state(&self, s: SessionState) {
+        self.state.store(s as u8, Relaxed);
+    }
+    pub fn state(&self) -> SessionState {
+        SessionState::from_u8(self.state.load(Relaxed))
+    }
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct SessionSnapshot {
+    pub id: u64,
+    pub client_addr: String,
+    pub original_dst: String,
+    pub target: String,
+    pub upstream_user: String,
+    pub database: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub agent: Option<String>,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub exe: Option<String>,
+    pub cgroup: Option<String>,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub state: SessionState,
+}
+
+/// New-session details the accept path knows.
+pub struct NewSession {
+    pub client_addr: SocketAddr,
+    pub original_dst: SocketAddr,
+    pub target: String,
+    pub upstream_user: String,
+    pub database: String,
+    pub peer: Peer,
+}
+
+/// Live sessions and per-target counters. One per process, shared by `Arc`.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    sessions: Mutex<HashMap<u64, Arc<SessionInfo>>>,
+    targets: RwLock<HashMap<String, Arc<TargetCounters>>>,
+}
+
+impl Registry {
+    pub fn target(&self, name: &str) -> Arc<TargetCounters> {
+        if let Some(c) = self
+            .targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return c.clone();
+        }
+        let mut w = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        w.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Registers a session; it leaves the registry when the guard drops.
+    pub fn open(self: &Arc<Self>, s: NewSession) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Relaxed) + 1;
+        let info = Arc::new(SessionInfo {
+            id,
+            client_addr: s.client_addr,
+            original_dst: s.original_dst,
+            target: s.target,
+            upstream_user: s.upstream_user,
+            database: s.database,
+            started_at: SystemTime::now(),
+            peer: s.peer,
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            state: AtomicU8::new(SessionState::Startup as u8),
+        });
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, info.clone());
+        SessionGuard {
+            registry: self.clone(),
+            info,
+        }
+    }
+
+    pub fn live(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn sessions(&self) -> Vec<SessionSnapshot> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map
+            .values()
+            .map(|s| SessionSnapshot {
+                id: s.id,
+                client_addr: s.client_addr.to_string(),
+                original_dst: s.original_dst.to_string(),
+                target: s.target.clone(),
+                upstream_user: s.upstream_user.clone(),
+                database: s.database.clone(),
+                started_at: humantime::format_rfc3339_seconds(s.started_at).to_string(),
+                agent: s.peer.agent.clone(),
+                pid: s.peer.pid,
+                uid: s.peer.uid,
+                exe: s.peer.exe.clone(),
+                cgroup: s.peer.cgroup.clone(),
+                messages_in: s.messages_in.load(Relaxed),
+                messages_out: s.messages_out.load(Relaxed),
+                bytes_in: s.bytes_in.load(Relaxed),
+                bytes_out: s.bytes_out.load(Relaxed),
+                state: s.state(),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    pub fn target_snapshots(&self) -> Vec<TargetSnapshot> {
+        let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map
+            .iter()
+            .map(|(name, c)| TargetSnapshot {
+                target: name.clone(),
+                sessions_total: c.sessions_total.load(Relaxed),
+                sessions_active: c.sessions_active.load(Relaxed),
+                queries: c.queries.load(Relaxed),
+                blocked: c.blocked.load(Relaxed),
+                bytes_in: c.bytes_in.load(Relaxed),
+                bytes_out: c.bytes_out.load(Relaxed),
+                errors: c.errors.load(Relaxed),
+            })
+            .collect();
+        v.sort_by(|a, b| a.target.cmp(&b.target));
+        v
+    }
+}
+
+/// Keeps a session listed while it lives.
+pub struct SessionGuard {
+    registry: Arc<Registry>,
+    pub info: Arc<SessionInfo>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.registry
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.info.id);
+    }
+}

@@ -1,9 +1,183 @@
-use std::path::Path;
+//! The CLI side of the admin API: `portcullis status` and `portcullis sessions`.
 
-pub fn status(_socket: &Path, _json: bool) -> anyhow::Result<()> {
-    anyhow::bail!("being built")
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use super::{Request, Response, Status};
+use crate::metrics::SessionSnapshot;
+
+/// Sends one request and returns the response's data.
+pub fn call(socket: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let mut conn = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no gateway is running at {} ({e}); start one with `portcullis serve` or pass --admin-socket",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied on {}: run as root or a member of the portcullis group", socket.display())
+        }
+        _ => anyhow::anyhow!("connecting to {}: {e}", socket.display()),
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    conn.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(conn)
+        .read_line(&mut reply)
+        .context("reading the gateway's answer")?;
+    if reply.is_empty() {
+        bail!(
+            "the gateway at {} closed the connection without answering",
+            socket.display()
+        );
+    }
+    let resp: Response =
+        serde_json::from_str(&reply).context("the gateway's answer is not valid JSON")?;
+    match (resp.ok, resp.data, resp.error) {
+        (true, Some(data), _) => Ok(data),
+        (_, _, Some(e)) => bail!("{e}"),
+        _ => bail!("the gateway answered without data"),
+    }
 }
 
-pub fn sessions(_socket: &Path, _json: bool) -> anyhow::Result<()> {
-    anyhow::bail!("being built")
+pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let data = call(socket, &Request::Status)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let s: Status = serde_json::from_value(data)?;
+    println!("portcullis {} (pid {})", s.version, s.pid);
+    println!(
+        "uptime:    {}",
+        humantime::format_duration(Duration::from_secs(s.uptime_seconds))
+    );
+    println!("config:    {}", s.config);
+    println!("policy:    {}", s.policy);
+    println!(
+        "state:     {}",
+        if s.draining { "draining" } else { "serving" }
+    );
+    println!("sessions:  {} active", s.sessions_active);
+    println!("listeners:");
+    for l in &s.listeners {
+        println!("  {} -> {}", l.listen, l.target);
+    }
+    let rows: Vec<Vec<String>> = s
+        .targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.target.clone(),
+                t.sessions_active.to_string(),
+                t.sessions_total.to_string(),
+                t.queries.to_string(),
+                t.blocked.to_string(),
+                t.bytes_in.to_string(),
+                t.bytes_out.to_string(),
+                t.errors.to_string(),
+            ]
+        })
+        .collect();
+    println!();
+    print!(
+        "{}",
+        table(
+            &[
+                "TARGET",
+                "ACTIVE",
+                "SESSIONS",
+                "QUERIES",
+                "BLOCKED",
+                "BYTES IN",
+                "BYTES OUT",
+                "ERRORS"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+pub fn sessions(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let data = call(socket, &Request::Sessions)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let sessions: Vec<SessionSnapshot> = serde_json::from_value(data)?;
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.client_addr.clone(),
+                s.original_dst.clone(),
+                s.target.clone(),
+                s.upstream_user.clone(),
+                opt(&s.agent),
+                s.pid.map_or("-".into(), |p| p.to_string()),
+                s.started_at.clone(),
+                format!("{}/{}", s.messages_in, s.messages_out),
+                format!("{}/{}", s.bytes_in, s.bytes_out),
+                serde_json::to_value(s.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "ID",
+                "CLIENT",
+                "ORIGINAL DST",
+                "TARGET",
+                "USER",
+                "AGENT",
+                "PID",
+                "STARTED",
+                "MSGS IN/OUT",
+                "BYTES IN/OUT",
+                "STATE"
+            ],
+            &rows
+        )
+    );
+    if sessions.is_empty() {
+        println!("(no live sessions)");
+    }
+    Ok(())
+}
+
+/// A plain left-aligned table.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let parts: Vec<String> = cells
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
 }

@@ -1,1 +1,10 @@
-//! (being built)
+//! PostgreSQL wire protocol, sans-IO.
+
+pub mod auth;
+pub mod error;
+pub mod frame;
+pub mod messages;
+pub mod session;
+pub mod startup;
+
+pub use error::ProtocolError;

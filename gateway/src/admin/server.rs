@@ -1,0 +1,193 @@
+//! The admin socket: mode 0660, owned by root and the `portcullis` group, and every connection's
+//! peer credentials checked. Requests are rare, so a thread per connection is plenty.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use anyhow::Context;
+use tracing::{debug, warn};
+
+use super::{ListenerStatus, Request, Response, Status};
+use crate::config::Config;
+use crate::forward::Shared;
+
+/// Removes the socket file when the gateway stops.
+pub struct AdminServer {
+    path: PathBuf,
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub fn start(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<AdminServer> {
+    let path = cfg.admin_socket.clone();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if UnixStream::connect(&path).is_ok() {
+        anyhow::bail!(
+            "another gateway is already serving the admin socket {}",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding admin socket {}", path.display()))?;
+    let group = group_id(&cfg.admin_group);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(&path, Some(0), Some(gid))
+            .with_context(|| format!("giving {} to group {}", path.display(), cfg.admin_group))?;
+    }
+    std::thread::Builder::new()
+        .name("portcullis-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serve_one(conn, &shared, group) {
+                        debug!("admin connection: {e:#}");
+                    }
+                });
+            }
+        })?;
+    Ok(AdminServer { path })
+}
+
+fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::Result<()> {
+    let (uid, gid) = peer_credentials(&conn)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let allowed = uid == 0 || uid == me || group.is_some_and(|g| g == gid || in_group(uid, g));
+    let mut writer = conn.try_clone()?;
+    if !allowed {
+        warn!(
+            uid,
+            gid, "admin request refused: not root, not the gateway's user, not in the admin group"
+        );
+        return respond(
+            &mut writer,
+            Err("permission denied: the admin API is for root and the portcullis group".into()),
+        );
+    }
+    let mut line = String::new();
+    BufReader::new(conn).take(1 << 20).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => handle(req, shared),
+        Err(e) => Err(format!("bad request: {e}")),
+    };
+    respond(&mut writer, reply)
+}
+
+fn to_json(v: impl serde::Serialize) -> Result<serde_json::Value, String> {
+    serde_json::to_value(v).map_err(|e| e.to_string())
+}
+
+fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, String> {
+    match req {
+        Request::Status => {
+            let cfg = shared.config();
+            to_json(&Status {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                uptime_seconds: shared.started.elapsed().as_secs(),
+                draining: shared.draining.load(Relaxed),
+                config: cfg.origin.clone(),
+                policy: cfg.policy.clone(),
+                listeners: cfg
+                    .listeners
+                    .iter()
+                    .map(|l| ListenerStatus {
+                        listen: l.listen.to_string(),
+                        target: l.target.clone(),
+                    })
+                    .collect(),
+                sessions_active: shared.registry.live(),
+                targets: shared.registry.target_snapshots(),
+            })
+        }
+        Request::Sessions => to_json(&shared.registry.sessions()),
+    }
+}
+
+fn respond(w: &mut UnixStream, reply: Result<serde_json::Value, String>) -> anyhow::Result<()> {
+    let resp = match reply {
+        Ok(data) => Response {
+            ok: true,
+            data: Some(data),
+            error: None,
+        },
+        Err(e) => Response {
+            ok: false,
+            data: None,
+            error: Some(e),
+        },
+    };
+    let mut line = serde_json::to_vec(&resp)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    Ok(())
+}
+
+fn peer_credentials(conn: &UnixStream) -> anyhow::Result<(u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a live ucred on our stack.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the admin peer's credentials");
+    }
+    Ok((cred.uid, cred.gid))
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
+}
+
+/// Whether `uid`'s user lists `gid` among its supplementary groups.
+fn in_group(uid: u32, gid: u32) -> bool {
+    let Some(user) = user_name(uid) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string("/etc/group") else {
+        return false;
+    };
+    text.lines().any(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        f.len() == 4 && f[2].parse() == Ok(gid) && f[3].split(',').any(|m| m == user)
+    })
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2].parse() == Ok(uid)).then(|| f[0].to_owned())
+    })
+}

@@ -1,0 +1,408 @@
+//! One client connection: startup with the client, the upstream leg, then two pumps around the
+//! sans-IO session core. This and `conn` are the only places bytes meet sockets.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use compio::BufResult;
+use compio::buf::IoBuf;
+use compio::net::TcpStream;
+use futures_util::future::{Either, select};
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use super::cancel::CancelTarget;
+use super::conn::Stream;
+use super::upstream;
+use crate::identify::Identity;
+use crate::metrics::{NewSession, SessionInfo, SessionState};
+use crate::protocol::postgres::messages;
+use crate::protocol::postgres::session::{
+    AllowAll, Output, Progress, Seg, Session, SessionError, Side,
+};
+use crate::protocol::postgres::startup::{self, Initial};
+
+/// PostgreSQL caps startup packets at 10000 bytes; so does the gateway.
+const MAX_STARTUP: usize = 10_000;
+
+/// Session parameters passed upstream. Others, notably `options` (which can carry `-c role=...`)
+/// and `replication`, are not: the gateway decides the session's identity, not the agent.
+const PASSED_PARAMS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "extra_float_digits",
+    "intervalstyle",
+];
+
+pub async fn handle(tcp: TcpStream, identity: Identity, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let client = Rc::new(Stream::Tcp(tcp));
+    let peer = identity.client_addr;
+    if let Err(e) = run(client.clone(), identity, &shared).await {
+        debug!(client = %peer, "session ended: {e:#}");
+    }
+}
+
+/// Sends a FATAL ErrorResponse to the client; the caller then closes.
+async fn fatal(client: &Stream, code: &str, message: &str) {
+    let mut out = Vec::with_capacity(64 + message.len());
+    messages::encode_error("FATAL", code, message, None, None, &mut out);
+    let _ = client.write_all(out).await;
+}
+
+async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> anyhow::Result<()> {
+    // Startup: answer SSL/GSS probes, serve cancels, wait for the StartupMessage.
+    let mut buf = Vec::with_capacity(8192);
+    let (params, minor) = loop {
+        let parsed = match startup::parse_initial(&buf, MAX_STARTUP) {
+            Ok(p) => p,
+            Err(e) => {
+                fatal(&client, e.sqlstate(), &e.to_string()).await;
+                anyhow::bail!("bad startup from {}: {e}", identity.client_addr);
+            }
+        };
+        match parsed {
+            None => {
+                let BufResult(n, b) = client.read(buf).await;
+                buf = b;
+                if n? == 0 {
+                    return Ok(());
+                }
+            }
+            Some((Initial::SslRequest | Initial::GssEncRequest, used)) => {
+                buf.drain(..used);
+                // TLS on the loopback leg is refused; the client continues in plaintext.
+                let mut out = Vec::with_capacity(1);
+                messages::encode_ssl_response(false, &mut out);
+                client.write_all(out).await.0?;
+            }
+            Some((Initial::DirectTls, _)) => {
+                anyhow::bail!(
+                    "{} tried direct TLS, which this listener does not terminate",
+                    identity.client_addr
+                );
+            }
+            Some((Initial::Cancel { pid, key }, _)) => {
+                if let Some(to) = shared.cancel.lookup(pid, key) {
+                    info!(client = %identity.client_addr, target = %to.target.config.name, "forwarding cancel request");
+                    upstream::cancel(&to.target, to.backend_pid, &to.backend_key).await?;
+                }
+                return Ok(());
+            }
+            Some((Initial::Startup(msg), used)) => {
+                let params: Vec<(String, String)> = msg
+                    .params
+                    .iter()
+                    .filter(|(k, _)| PASSED_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k)))
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect();
+                if msg
+                    .get("replication")
+                    .is_some_and(|v| v != "false" && v != "0")
+                {
+                    fatal(
+                        &client,
+                        "42501",
+                        "replication connections are not allowed through the gateway",
+                    )
+                    .await;
+                    anyhow::bail!("refused a replication connection");
+                }
+                let minor = msg.negotiated_minor();
+                buf.drain(..used);
+                break (params, minor);
+            }
+        }
+    };
+
+    let Some(target) = shared.route(identity.original_dst) else {
+        fatal(
+            &client,
+            "08004",
+            &format!("no target is configured for {}", identity.original_dst),
+        )
+        .await;
+        anyhow::bail!("no route for {}", identity.original_dst);
+    };
+    let up = &target.config.upstream;
+    let guard = shared.registry.open(NewSession {
+        client_addr: identity.client_addr,
+        original_dst: identity.original_dst,
+        target: target.config.name.clone(),
+        upstream_user: up.user.clone(),
+        database: up.database.clone(),
+        peer: identity.peer.clone(),
+    });
+    let info = guard.info.clone();
+    target.counters.sessions_total.fetch_add(1, Relaxed);
+    target.counters.sessions_active.fetch_add(1, Relaxed);
+    let _active = scopeguard(|| {
+        target.counters.sessions_active.fetch_sub(1, Relaxed);
+    });
+
+    let param_refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let upstream = match upstream::connect(&target, &param_refs, minor, shared.max_message()).await
+    {
+        Ok(u) => u,
+        Err(e) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            warn!(session = info.id, target = %target.config.name, "upstream: {e}");
+            fatal(&client, e.sqlstate(), &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    let cancel_key = shared.cancel.issue(
+        upstream.minor,
+        CancelTarget {
+            target: target.clone(),
+            backend_pid: upstream.backend_pid,
+            backend_key: upstream.backend_key.clone(),
+        },
+    );
+
+    // The client's startup is answered by the gateway: its own key, the server's parameters.
+    let mut hello = Vec::with_capacity(upstream.relay.len() + 64);
+    messages::encode_auth_ok(&mut hello);
+    let (negotiate, rest) = split_negotiate(&upstream.relay);
+    let mut out = Vec::with_capacity(hello.len() + upstream.relay.len() + 48);
+    out.extend_from_slice(negotiate);
+    out.extend_from_slice(&hello);
+    let (params_part, ready) = rest.split_at(rest.len() - 6);
+    out.extend_from_slice(params_part);
+    messages::encode_backend_key_data(cancel_key.pid, &cancel_key.key, &mut out);
+    out.extend_from_slice(ready);
+    client.write_all(out).await.0?;
+    info.set_state(SessionState::Idle);
+    info!(
+        session = info.id,
+        client = %identity.client_addr,
+        original_dst = %identity.original_dst,
+        target = %target.config.name,
+        agent = identity.peer.agent.as_deref().unwrap_or("-"),
+        tls = upstream.stream.is_tls(),
+        "session started"
+    );
+
+    let server = Rc::new(upstream.stream);
+    let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    let ends = select(
+        Box::pin(client_to_server(
+            client.clone(),
+            server.clone(),
+            core.clone(),
+            buf,
+            info.clone(),
+        )),
+        Box::pin(server_to_client(
+            server.clone(),
+            client.clone(),
+            core.clone(),
+            info.clone(),
+        )),
+    )
+    .await;
+    let end = match ends {
+        Either::Left((r, _)) | Either::Right((r, _)) => r,
+    };
+    info.set_state(SessionState::Closing);
+    let core = core.borrow();
+    target.counters.queries.fetch_add(core.queries, Relaxed);
+    target.counters.blocked.fetch_add(core.blocked, Relaxed);
+    target
+        .counters
+        .bytes_in
+        .fetch_add(core.from_client.bytes, Relaxed);
+    target
+        .counters
+        .bytes_out
+        .fetch_add(core.from_server.bytes, Relaxed);
+    match &end {
+        Ok(End::ClientClosed) | Ok(End::Terminated) => {}
+        Ok(End::ServerClosed { fatal_seen }) => {
+            if !fatal_seen {
+                fatal(
+                    &client,
+                    "08006",
+                    "the upstream server closed the connection unexpectedly",
+                )
+                .await;
+            }
+        }
+        Err(PumpError::Protocol(e)) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            let message = match e.side {
+                Side::Client => format!("protocol violation: {}", e.reason),
+                Side::Server => {
+                    "the upstream server broke the protocol; the session is closed".to_owned()
+                }
+            };
+            warn!(session = info.id, "{e}");
+            fatal(&client, "08P01", &message).await;
+        }
+        Err(PumpError::Io(e)) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            debug!(session = info.id, "I/O: {e}");
+        }
+    }
+    info!(
+        session = info.id,
+        queries = core.queries,
+        blocked = core.blocked,
+        bytes_in = core.from_client.bytes,
+        bytes_out = core.from_server.bytes,
+        "session ended"
+    );
+    drop(guard);
+    Ok(())
+}
+
+/// Splits a leading NegotiateProtocolVersion message off the relayed startup messages: it must
+/// reach the client before AuthenticationOk.
+fn split_negotiate(relay: &[u8]) -> (&[u8], &[u8]) {
+    if relay.first() == Some(&b'v') && relay.len() >= 5 {
+        let len = 1 + u32::from_be_bytes([relay[1], relay[2], relay[3], relay[4]]) as usize;
+        if len <= relay.len() {
+            return relay.split_at(len);
+        }
+    }
+    (&[], relay)
+}
+
+enum End {
+    ClientClosed,
+    Terminated,
+    ServerClosed { fatal_seen: bool },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PumpError {
+    #[error(transparent)]
+    Protocol(#[from] SessionError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes one call's output: input ranges straight from the read buffer, the rest from scratch.
+/// Returns the buffers for reuse.
+async fn write_output(
+    to: &Stream,
+    mut buf: Vec<u8>,
+    out: &mut Output,
+) -> (std::io::Result<()>, Vec<u8>) {
+    for i in 0..out.segments().len() {
+        match out.segments()[i].clone() {
+            Seg::Input(r) => {
+                let BufResult(res, slice) = to.write_all(buf.slice(r)).await;
+                buf = compio::buf::IntoInner::into_inner(slice);
+                if let Err(e) = res {
+                    return (Err(e), buf);
+                }
+            }
+            Seg::Scratch(r) => {
+                let scratch = std::mem::take(out.scratch_mut());
+                let BufResult(res, slice) = to.write_all(scratch.slice(r)).await;
+                *out.scratch_mut() = compio::buf::IntoInner::into_inner(slice);
+                if let Err(e) = res {
+                    return (Err(e), buf);
+                }
+            }
+        }
+    }
+    out.clear();
+    (Ok(()), buf)
+}
+
+async fn client_to_server(
+    client: Rc<Stream>,
+    server: Rc<Stream>,
+    core: Rc<RefCell<Session>>,
+    mut buf: Vec<u8>,
+    info: Arc<SessionInfo>,
+) -> Result<End, PumpError> {
+    let mut gate = AllowAll;
+    let mut out = Output::default();
+    loop {
+        if !buf.is_empty() {
+            let progress = core.borrow_mut().on_frontend(&buf, &mut gate, &mut out)?;
+            let (r, b) = write_output(&server, buf, &mut out).await;
+            buf = b;
+            r?;
+            {
+                let c = core.borrow();
+                info.messages_in.store(c.from_client.messages, Relaxed);
+                info.bytes_in.store(c.from_client.bytes, Relaxed);
+            }
+            match progress {
+                Progress::Continue { consumed } => {
+                    buf.drain(..consumed);
+                }
+                Progress::Terminate { .. } => return Ok(End::Terminated),
+                Progress::Hold { consumed } => {
+                    buf.drain(..consumed);
+                    // Policy holds arrive with the policy gate; AllowAll never holds.
+                    continue;
+                }
+            }
+        }
+        let BufResult(n, b) = client.read(buf).await;
+        buf = b;
+        if n? == 0 {
+            return Ok(End::ClientClosed);
+        }
+    }
+}
+
+async fn server_to_client(
+    server: Rc<Stream>,
+    client: Rc<Stream>,
+    core: Rc<RefCell<Session>>,
+    info: Arc<SessionInfo>,
+) -> Result<End, PumpError> {
+    let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
+    let mut out = Output::default();
+    loop {
+        let BufResult(n, b) = server.read(buf).await;
+        buf = b;
+        if n? == 0 {
+            let fatal_seen = core.borrow().server_sent_fatal();
+            return Ok(End::ServerClosed { fatal_seen });
+        }
+        let progress = core.borrow_mut().on_backend(&buf, &mut out)?;
+        let (r, b) = write_output(&client, buf, &mut out).await;
+        buf = b;
+        r?;
+        {
+            let c = core.borrow();
+            info.messages_out.store(c.from_server.messages, Relaxed);
+            info.bytes_out.store(c.from_server.bytes, Relaxed);
+            info.set_state(match c.transaction_status() {
+                b'T' => SessionState::InTransaction,
+                b'E' => SessionState::FailedTransaction,
+                _ => SessionState::Idle,
+            });
+        }
+        if let Progress::Continue { consumed } = progress {
+            buf.drain(..consumed);
+        }
+    }
+}
+
+/// Runs `f` on drop.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

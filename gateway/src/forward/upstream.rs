@@ -1,0 +1,296 @@
+//! The upstream leg: connect to the target, negotiate TLS per sslmode, start up and authenticate
+//! with the gateway's own credential. The agent's user and password are never used here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use compio::BufResult;
+use compio::net::TcpStream;
+
+use super::conn::{Stream, TlsStream};
+use super::tls;
+use crate::config::SslMode;
+use crate::protocol::postgres::auth::{
+    AuthError, AuthStep, ChannelBinding, UpstreamAuth, tls_server_end_point,
+};
+use crate::protocol::postgres::frame::{self, Next};
+use crate::protocol::postgres::{messages, startup};
+use crate::route::Target;
+
+/// An authenticated upstream session, right after its first ReadyForQuery.
+pub struct Upstream {
+    pub stream: Stream,
+    pub backend_pid: u32,
+    pub backend_key: Vec<u8>,
+    /// Messages to relay to the client verbatim, in order: NegotiateProtocolVersion, notices,
+    /// ParameterStatus, and the closing ReadyForQuery.
+    pub relay: Vec<u8>,
+    /// The protocol minor version the server agreed to.
+    pub minor: u16,
+}
+
+/// Why the upstream leg could not be opened. Display is safe to show the client: it never holds
+/// the credential.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to upstream {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("upstream {addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("upstream {addr} TLS: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("upstream authentication: {0}")]
+    Auth(#[from] AuthError),
+    /// The server refused the session (e.g. the database does not exist); relayed as it came.
+    #[error("upstream refused the session: {message}")]
+    Server {
+        code: String,
+        message: String,
+        detail: Option<String>,
+    },
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// SQLSTATE for the FATAL ErrorResponse the client receives.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Tls { .. } => "08001",
+            UpstreamError::Auth(AuthError::Server { code, .. }) => code,
+            UpstreamError::Auth(_) => "28000",
+            UpstreamError::Server { code, .. } => code,
+            UpstreamError::Protocol(_) => "08P01",
+        }
+    }
+}
+
+/// Opens a TCP connection, then TLS as the target's sslmode says.
+async fn open(target: &Target) -> Result<Stream, UpstreamError> {
+    let up = &target.config.upstream;
+    let addr = format!("{}:{}", up.host, up.port);
+    let tcp = TcpStream::connect((up.host.as_str(), up.port))
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = tls::client_config(up.sslmode, up.sslrootcert.as_deref()).map_err(|e| {
+        UpstreamError::Tls {
+            addr: addr.clone(),
+            reason: format!("{e:#}"),
+        }
+    })?
+    else {
+        return Ok(Stream::Tcp(tcp));
+    };
+    let mut req = Vec::with_capacity(8);
+    startup::encode_ssl_request(&mut req);
+    let stream = Stream::Tcp(tcp);
+    stream
+        .write_all(req)
+        .await
+        .0
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let BufResult(n, answer) = stream.read(Vec::with_capacity(1)).await;
+    let n = n.map_err(|source| UpstreamError::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
+    let Stream::Tcp(tcp) = stream else {
+        unreachable!("plain until the handshake")
+    };
+    match (n, answer.first()) {
+        (1, Some(b'S')) => {
+            let name = tls::server_name(&up.host).map_err(|e| UpstreamError::Tls {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+            let conn =
+                rustls::ClientConnection::new(config, name).map_err(|e| UpstreamError::Tls {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            let tls = TlsStream::handshake(tcp, conn)
+                .await
+                .map_err(|e| UpstreamError::Tls {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            Ok(Stream::Tls(tls))
+        }
+        (1, Some(b'N')) if up.sslmode == SslMode::Prefer => Ok(Stream::Tcp(tcp)),
+        (1, Some(b'N')) => Err(UpstreamError::Tls {
+            addr,
+            reason: "the server does not support TLS".into(),
+        }),
+        _ => Err(UpstreamError::Protocol(format!(
+            "unexpected answer to SSLRequest from {addr}"
+        ))),
+    }
+}
+
+/// Connects and authenticates. `params` are the client's session parameters worth passing on
+/// (application_name, client_encoding, ...); `minor` is the protocol minor version to ask for.
+pub async fn connect(
+    target: &Target,
+    params: &[(&str, &str)],
+    minor: u16,
+    max_message: usize,
+) -> Result<Upstream, UpstreamError> {
+    let timeout = target.config.connect_timeout;
+    let up = &target.config.upstream;
+    let addr = format!("{}:{}", up.host, up.port);
+    match compio::time::timeout(timeout, connect_inner(target, params, minor, max_message)).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::Timeout { addr, timeout }),
+    }
+}
+
+async fn connect_inner(
+    target: &Target,
+    params: &[(&str, &str)],
+    minor: u16,
+    max_message: usize,
+) -> Result<Upstream, UpstreamError> {
+    let up = &target.config.upstream;
+    let addr = format!("{}:{}", up.host, up.port);
+    let io_err = |source| UpstreamError::Connect {
+        addr: addr.clone(),
+        source,
+    };
+    let stream = open(target).await?;
+
+    let mut all: Vec<(&str, &str)> = vec![("user", &up.user), ("database", &up.database)];
+    all.extend(params.iter().copied());
+    let mut out = Vec::with_capacity(256);
+    startup::encode_startup(3, minor, &all, &mut out);
+    stream.write_all(out).await.0.map_err(io_err)?;
+
+    let binding = match stream.peer_certificate() {
+        Some(der) => ChannelBinding::TlsServerEndPoint(tls_server_end_point(&der)),
+        None => ChannelBinding::None,
+    };
+    let mut auth = UpstreamAuth::new(
+        &up.user,
+        target.password.as_ref().map(|s| s.expose()),
+        binding,
+    );
+    let mut buf = Vec::with_capacity(8192);
+    let mut relay = Vec::new();
+    let mut authenticated = false;
+    let mut negotiated_minor = minor;
+    let mut backend: Option<(u32, Vec<u8>)> = None;
+    loop {
+        let f = match frame::next_frame(&buf, max_message)
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?
+        {
+            Next::Frame(f) => f,
+            Next::NeedHeader | Next::Partial { .. } => {
+                let BufResult(n, b) = stream.read(buf).await;
+                buf = b;
+                if n.map_err(io_err)? == 0 {
+                    return Err(UpstreamError::Protocol(format!(
+                        "{addr} closed the connection during startup"
+                    )));
+                }
+                continue;
+            }
+        };
+        let (tag, len) = (f.tag, f.wire_len());
+        if !authenticated {
+            let mut reply = Vec::new();
+            match auth.on_message(tag, f.body, &mut reply)? {
+                AuthStep::Continue => {}
+                AuthStep::Authenticated => authenticated = true,
+                AuthStep::Negotiated { minor } => {
+                    negotiated_minor = minor;
+                    relay.extend_from_slice(&buf[..len]);
+                }
+            }
+            if !reply.is_empty() {
+                stream.write_all(reply).await.0.map_err(io_err)?;
+            }
+        } else {
+            match tag {
+                b'K' => {
+                    let (pid, key) = messages::parse_backend_key_data(f.body)
+                        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                    backend = Some((pid, key.to_vec()));
+                }
+                b'S' | b'N' => relay.extend_from_slice(&buf[..len]),
+                b'E' => {
+                    let e = messages::parse_error_fields(f.body)
+                        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                    return Err(UpstreamError::Server {
+                        code: e.code.to_owned(),
+                        message: e.message.to_owned(),
+                        detail: e.detail.map(str::to_owned),
+                    });
+                }
+                b'Z' => {
+                    relay.extend_from_slice(&buf[..len]);
+                    buf.drain(..len);
+                    if !buf.is_empty() {
+                        return Err(UpstreamError::Protocol(
+                            "data after the first ReadyForQuery".into(),
+                        ));
+                    }
+                    let (backend_pid, backend_key) = backend.unwrap_or_default();
+                    return Ok(Upstream {
+                        stream,
+                        backend_pid,
+                        backend_key,
+                        relay,
+                        minor: negotiated_minor,
+                    });
+                }
+                other => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        other as char
+                    )));
+                }
+            }
+        }
+        buf.drain(..len);
+    }
+}
+
+/// Forwards a client's cancel to the real backend, over the same kind of connection the target
+/// uses. Best effort, like PostgreSQL's own: the client hears nothing either way.
+pub async fn cancel(
+    target: &Target,
+    backend_pid: u32,
+    backend_key: &[u8],
+) -> Result<(), UpstreamError> {
+    let stream = open(target).await?;
+    let mut out = Vec::with_capacity(16 + backend_key.len());
+    startup::encode_cancel(backend_pid, backend_key, &mut out);
+    let addr: SocketAddr = stream
+        .tcp()
+        .peer_addr()
+        .map_err(|source| UpstreamError::Connect {
+            addr: "?".into(),
+            source,
+        })?;
+    stream
+        .write_all(out)
+        .await
+        .0
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    // The server closes after reading the request; wait for that so the cancel is delivered.
+    let _ =
+        compio::time::timeout(Duration::from_secs(5), stream.read(Vec::with_capacity(64))).await;
+    Ok(())
+}
