@@ -1,5 +1,16 @@
 //! Throwaway servers for Portcullis tests and benchmarks: a real PostgreSQL in a temp dir on a free
 //! port, and the real `portcullis` binary in front of it. Everything is torn down on drop.
+//!
+//! Integration tests start a [`Harness`] and connect to [`Harness::endpoint`]: through a started
+//! gateway as user `agent` with no password (the gateway injects the credential), or, with
+//! `PORTCULLIS_TEST_DIRECT=1`, straight to PostgreSQL as `app` with the real password. Running the
+//! suite direct proves each test correct without the gateway; gateway-only tests call
+//! [`skip_in_direct`]. [`wire::RawConn`] speaks the protocol byte by byte for what drivers never
+//! send, and [`tls::TestCa`] makes certificates at test time.
+//!
+//! Environment: `PORTCULLIS_BIN` (the binary under test; default next to the test executable),
+//! `PORTCULLIS_TEST_LOG` (the gateway's `RUST_LOG`, default `info`), `PORTCULLIS_TEST_ECHO` (echo
+//! the gateway's output to stderr live), `PG_BINDIR` (PostgreSQL server binaries).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -14,6 +25,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rand::Rng;
 use rand::distributions::Alphanumeric;
+
+mod endpoint;
+pub mod tls;
+pub mod wire;
+
+pub use endpoint::{
+    CONNECT_TIMEOUT, ConnectError, Endpoint, Harness, HarnessBuilder, Mode, PsqlOutput, copy_in,
+    copy_in_abandoned, skip_in_direct, write_secret,
+};
 
 /// True when running as root: tests that need the kernel (eBPF, cgroups) check this.
 pub fn is_root() -> bool {
@@ -201,6 +221,8 @@ impl Postgres {
                     "-E",
                     "UTF8",
                     "--locale=C",
+                    // A throwaway cluster: skip the fsync of every file, which dominates initdb time.
+                    "--no-sync",
                 ])
                 .arg(format!("--pwfile={}", pwfile.display())),
             run_as,
@@ -278,19 +300,23 @@ impl Postgres {
             _root: root,
             run_as,
         };
-        if b.auth == HbaAuth::Md5 {
-            pg.superuser_sql("SET password_encryption = 'md5'")?;
-        }
         let enc = if b.auth == HbaAuth::Md5 {
-            "SET password_encryption = 'md5'; "
+            "md5"
         } else {
-            ""
+            "scram-sha-256"
         };
-        pg.superuser_sql(&format!(
-            "{enc}CREATE ROLE app LOGIN PASSWORD '{}'",
-            pg.password
-        ))?;
         // psql -c runs a multi-statement string in one transaction, which CREATE DATABASE refuses.
+        // The error must not echo the statement: it holds the password.
+        pg.superuser_sql(&format!(
+            "SET password_encryption = '{enc}'; CREATE ROLE app LOGIN PASSWORD '{}'",
+            pg.password
+        ))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "creating role app: {}",
+                redact(&e.to_string(), &pg.password)
+            )
+        })?;
         pg.superuser_sql("CREATE DATABASE app OWNER app")?;
         Ok(pg)
     }
@@ -311,6 +337,45 @@ impl Postgres {
 
     pub fn bindir(&self) -> &Path {
         &self.bindir
+    }
+
+    /// Stops the server (fast shutdown: sessions are terminated), keeping its data.
+    pub fn stop(&self) -> Result<()> {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port.
+    pub fn start_again(&self) -> Result<()> {
+        let log = self
+            .data
+            .parent()
+            .expect("data dir parent")
+            .join("postgres.log");
+        self.pg_ctl(&[
+            "-l",
+            log.to_str().expect("utf8 path"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let out = run_cmd(
+            Command::new(self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(args),
+            self.run_as,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Runs SQL as the superuser over the Unix socket, failing on any error.
@@ -363,6 +428,27 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Waits until some other backend is running a statement containing `needle` (state active),
+    /// returning its pid. Bounded by `limit` so a test never hangs here.
+    pub fn wait_active(&self, needle: &str, limit: Duration) -> Result<u32> {
+        let deadline = Instant::now() + limit;
+        let sql = format!(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() \
+             AND position('{}' in query) > 0 LIMIT 1",
+            needle.replace('\'', "''")
+        );
+        loop {
+            let out = self.superuser_sql(&sql)?;
+            if let Ok(pid) = out.trim().parse() {
+                return Ok(pid);
+            }
+            if Instant::now() > deadline {
+                bail!("no active backend ran {needle:?} within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Writes the `app` password to a 0600 file, as `portcullis serve --password-file` wants it.
     pub fn write_password_file(&self, dir: &Path) -> Result<PathBuf> {
         let p = dir.join("upstream.password");
@@ -387,6 +473,14 @@ impl Drop for Postgres {
             self.run_as,
         );
     }
+}
+
+/// `text` with every occurrence of `secret` replaced, for error messages.
+pub fn redact(text: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        return text.to_string();
+    }
+    text.replace(secret, "<redacted>")
 }
 
 fn postgres_ids() -> Result<(u32, u32)> {
@@ -444,6 +538,8 @@ pub struct Gateway {
     pub listen: SocketAddr,
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
+    /// The config file, in config-file mode (rewrite it and send SIGHUP to reload).
+    pub config_path: Option<PathBuf>,
     log: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
@@ -453,8 +549,13 @@ pub struct Gateway {
 pub struct GatewayOptions {
     pub target: Option<(String, PathBuf)>,
     pub args: Vec<String>,
+    /// Environment for the gateway process; overrides the harness's `RUST_LOG`.
     pub env: Vec<(String, String)>,
     pub listen: Option<SocketAddr>,
+    /// Config-file mode: the TOML that follows the `[gateway]` section (listeners and targets).
+    /// The harness writes `[gateway]` with its own admin socket and state dir, then this text, to
+    /// `portcullis.toml` and runs `portcullis serve --config FILE` with no other flags but `args`.
+    pub config: Option<String>,
 }
 
 impl GatewayOptions {
@@ -465,12 +566,40 @@ impl GatewayOptions {
             args: Vec::new(),
             env: Vec::new(),
             listen: None,
+            config: None,
         }
     }
+
+    /// Config-file mode; `body` holds `[[listener]]` and `[[target]]` tables
+    /// (see [`single_target_toml`]). `listen` is the address the harness waits on.
+    pub fn with_config(listen: SocketAddr, body: impl Into<String>) -> Self {
+        Self {
+            target: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            listen: Some(listen),
+            config: Some(body.into()),
+        }
+    }
+
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
     }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// `[[listener]]` + `[[target]]` TOML for one listener in front of one upstream.
+pub fn single_target_toml(listen: SocketAddr, upstream_url: &str, password_file: &Path) -> String {
+    format!(
+        "[[listener]]\nlisten = \"{listen}\"\ntarget = \"main\"\n\n[[target]]\nname = \"main\"\n\
+         upstream = \"{upstream_url}\"\npassword_file = \"{}\"\n",
+        password_file.display()
+    )
 }
 
 impl Gateway {
@@ -485,22 +614,39 @@ impl Gateway {
         let state_dir = dir.path().join("state");
         fs::create_dir_all(&state_dir)?;
         let mut cmd = Command::new(portcullis_bin());
-        cmd.arg("serve").arg("--listen").arg(listen.to_string());
-        cmd.arg("--admin-socket")
-            .arg(&admin_socket)
-            .arg("--state-dir")
-            .arg(&state_dir);
+        cmd.arg("serve");
+        let config_path = match &opts.config {
+            Some(body) => {
+                let path = dir.path().join("portcullis.toml");
+                let text = format!(
+                    "[gateway]\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n\n{body}",
+                    admin_socket.display(),
+                    state_dir.display()
+                );
+                fs::write(&path, text)?;
+                cmd.arg("--config").arg(&path);
+                Some(path)
+            }
+            None => {
+                cmd.arg("--listen").arg(listen.to_string());
+                cmd.arg("--admin-socket")
+                    .arg(&admin_socket)
+                    .arg("--state-dir")
+                    .arg(&state_dir);
+                None
+            }
+        };
         if let Some((url, pw)) = &opts.target {
             cmd.arg("--target").arg(url).arg("--password-file").arg(pw);
         }
         cmd.args(&opts.args);
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
         cmd.env(
             "RUST_LOG",
             std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into()),
         );
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -538,6 +684,7 @@ impl Gateway {
             listen,
             admin_socket,
             state_dir,
+            config_path,
             log,
             _dir: dir,
         };
@@ -574,6 +721,13 @@ impl Gateway {
         self.log.lock().unwrap().clone()
     }
 
+    /// The last `lines` lines the gateway printed, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -601,6 +755,33 @@ impl Gateway {
         let mut child = self.child.take().context("gateway already stopped")?;
         signal(child.id(), 15);
         Ok(child.wait()?)
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit status; `None` if still running then
+    /// (the process is killed on drop).
+    pub fn terminate_within(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let child = self.child.as_mut().context("gateway already stopped")?;
+        signal(child.id(), 15);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+
+    /// The exit status if the gateway process has exited, without waiting.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("gateway already stopped"),
+        }
     }
 
     /// Sends a signal (e.g. 1 for SIGHUP) to the gateway.
@@ -659,4 +840,58 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// The peak resident set size of a process, against the size when watching started: proves a
+/// process streams rather than buffers.
+#[derive(Debug)]
+pub struct RssWatch {
+    pid: u32,
+    pub baseline_kib: u64,
+    pub peak_kib: u64,
+    pub samples: usize,
+}
+
+impl RssWatch {
+    pub fn new(pid: u32) -> Option<RssWatch> {
+        let baseline_kib = rss_kib(pid)?;
+        Some(RssWatch {
+            pid,
+            baseline_kib,
+            peak_kib: baseline_kib,
+            samples: 1,
+        })
+    }
+
+    pub fn sample(&mut self) {
+        if let Some(kib) = rss_kib(self.pid) {
+            self.peak_kib = self.peak_kib.max(kib);
+            self.samples += 1;
+        }
+    }
+
+    pub fn growth_kib(&self) -> u64 {
+        self.peak_kib.saturating_sub(self.baseline_kib)
+    }
+}
+
+/// Runs `cmd` to completion, or kills it after `limit` and returns `None` (for commands that
+/// must exit, like `portcullis serve` with a bad config).
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Option<Output>> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(Some(child.wait_with_output()?));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(None)
 }
