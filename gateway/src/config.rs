@@ -251,7 +251,13 @@ impl Config {
                 message,
             }
         };
-        let file: File = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
+        let file: File = toml::from_str(text).map_err(|e| {
+            let message = match e.span().and_then(|s| key_at(text, s.start)) {
+                Some(key) if !e.message().contains(&key) => format!("key `{key}`: {}", e.message()),
+                _ => e.message().to_owned(),
+            };
+            err(e.span(), message)
+        })?;
         let g = file.gateway;
         let drain_timeout = match g.drain_timeout {
             Some(s) => parse_duration(s.get_ref())
@@ -343,6 +349,25 @@ fn default_workers() -> usize {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"))
+}
+
+/// The dotted key whose value sits at `offset`: the `key = value` on that line, under the nearest
+/// `[table]` or `[[array]]` header above it.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -457,6 +482,14 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("/etc/portcullis/bad.toml:5:"), "{s}");
         assert!(s.contains("listne"), "{s}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_dotted_key() {
+        let text = "[gateway]\nworkers = 2\n\n[[listener]]\nlisten = 6432\ntarget = \"a\"\n";
+        let e = Config::parse(text, "f.toml").unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("`listener.listen`"), "{e}");
     }
 
     #[test]
