@@ -383,14 +383,7 @@ struct PendingRow {
 
 impl State {
     fn check_pending(&self, id: u64) -> anyhow::Result<PendingRow> {
-        let row: Option<(
-            String,
-            Option<String>,
-            Option<String>,
-            i64,
-            Option<String>,
-            String,
-        )> = self
+        let row = self
             .db
             .query_row(
                 "SELECT status, decided_by, reason, fingerprint, agent, target
@@ -398,17 +391,19 @@ impl State {
                 params![id as i64],
                 |r| {
                     Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        PendingRow {
+                            fingerprint: r.get::<_, i64>(3)? as u64,
+                            agent: r.get(4)?,
+                            target: r.get(5)?,
+                        },
                     ))
                 },
             )
             .optional()?;
-        let Some((status, by, reason, fingerprint, agent, target)) = row else {
+        let Some((status, by, reason, pending)) = row else {
             bail!("no approval request with id {id}");
         };
         if self.abandoned.contains(&id) {
@@ -424,11 +419,7 @@ impl State {
             }
             bail!(msg);
         }
-        Ok(PendingRow {
-            fingerprint: fingerprint as u64,
-            agent,
-            target,
-        })
+        Ok(pending)
     }
 
     /// Denies a pending request and wakes its waiter. The waiter hears the denial even if it

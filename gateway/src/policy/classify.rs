@@ -431,19 +431,16 @@ pub fn classify(sql: &str) -> Classification {
             fingerprint,
         };
     }
-    let statements = match Parser::new(&dialect)
-        .with_tokens_with_locations(tokens.clone())
-        .parse_statements()
-    {
-        Ok(stmts) => stmts.iter().map(classify_statement).collect(),
-        // Classify statement by statement, so one sqlparser cannot read does not hide the others
-        // and the few it cannot parse (DO, LOCK, ALTER SYSTEM, ...) get their proper class.
-        Err(_) => tokens
-            .split(|t| t.token == Token::SemiColon)
-            .filter(|frag| !frag.iter().all(|t| is_trivia(&t.token)))
-            .flat_map(classify_fragment)
-            .collect(),
-    };
+    // Split at every `;` token (those in strings, comments and dollar quotes are inside other
+    // tokens), as PostgreSQL does, rather than trusting sqlparser's statement boundaries: its COPY
+    // parser takes everything after `COPY .. FROM STDIN;` as inline data, which would hide
+    // `COPY t FROM STDIN; DROP TABLE t`. A statement sqlparser cannot parse does not hide the others,
+    // and the few it cannot parse at all (DO, LOCK, ALTER SYSTEM, ...) get their proper class.
+    let statements = tokens
+        .split(|t| t.token == Token::SemiColon)
+        .filter(|frag| !frag.iter().all(|t| is_trivia(&t.token)))
+        .flat_map(classify_fragment)
+        .collect();
     Classification {
         statements,
         fingerprint,
@@ -460,16 +457,43 @@ fn has_unicode_identifier(sql: &str) -> bool {
         .any(|w| w[0] | 0x20 == b'u' && w[1] == b'&' && w[2] == b'"')
 }
 
+/// Classifies the tokens of one statement (no `;` among them).
 fn classify_fragment(frag: &[TokenWithSpan]) -> Vec<StatementClass> {
-    let dialect = PostgreSqlDialect {};
-    match Parser::new(&dialect)
-        .with_tokens_with_locations(frag.to_vec())
-        .parse_statements()
-    {
+    let parse = |tokens: Vec<TokenWithSpan>| {
+        Parser::new(&PostgreSqlDialect {})
+            .with_tokens_with_locations(tokens)
+            .parse_statements()
+    };
+    let mut parsed = parse(frag.to_vec());
+    if parsed.is_err() && first_word(frag).is_some_and(|w| w.eq_ignore_ascii_case("COPY")) {
+        // sqlparser wants `COPY .. FROM STDIN` followed by `;` and inline data up to `\.`; on the
+        // wire the data comes in CopyData messages, so supply an empty data section.
+        let mut tokens = frag.to_vec();
+        tokens.extend([Token::SemiColon, Token::Backslash, Token::Period].map(TokenWithSpan::wrap));
+        parsed = parse(tokens);
+    }
+    match parsed {
+        // Anything taken as inline data was statement text.
+        Ok(stmts)
+            if stmts
+                .iter()
+                .any(|s| matches!(s, Statement::Copy { values, .. } if !values.is_empty())) =>
+        {
+            vec![StatementClass::unparsable(
+                "unexpected text after COPY .. FROM STDIN".into(),
+            )]
+        }
         Ok(stmts) => stmts.iter().map(classify_statement).collect(),
         Err(e) => vec![
             classify_by_keywords(frag).unwrap_or_else(|| StatementClass::unparsable(e.to_string())),
         ],
+    }
+}
+
+fn first_word(frag: &[TokenWithSpan]) -> Option<&str> {
+    match &frag.iter().find(|t| !is_trivia(&t.token))?.token {
+        Token::Word(w) if w.quote_style.is_none() => Some(&w.value),
+        _ => None,
     }
 }
 
@@ -506,6 +530,10 @@ fn classify_by_keywords(frag: &[TokenWithSpan]) -> Option<StatementClass> {
                 Kind::Session,
                 Some(Risk::SetSessionAuthorization),
             )
+        }
+        // SET [SESSION | LOCAL] ROLE TO ... (the generic form sqlparser does not take)
+        "SET" if w(1) == "ROLE" || (matches!(w(1), "SESSION" | "LOCAL") && w(2) == "ROLE") => {
+            c("SET ROLE", Kind::Session, Some(Risk::SetRole))
         }
         // RESET returns a setting to its session default: it cannot raise privileges.
         "RESET" => c("RESET", Kind::Session, None),

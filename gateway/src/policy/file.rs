@@ -105,7 +105,11 @@ pub fn load_str(
 ) -> Result<Policy, PolicyError> {
     let file: PolicyFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
         .map_err(|e| {
-            let path = e.path().to_string();
+            // `toml::Spanned` shows up in the path as a private field name.
+            let path = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
             let inner = e.into_inner();
             let (line, column) = inner
                 .span()

@@ -34,7 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use approval::{
-    ApprovalRecord, Approvals, Decision, NewApproval, PendingDecision, Scope, print_approvals,
+    ApprovalRecord, Approvals, Decision, NewApproval, PendingDecision, Scope, Status,
+    print_approvals,
 };
 pub use classify::{Classification, ClassifyCache, Kind, Risk, RiskSet, StatementClass};
 pub use decide::{Explanation, StatementVerdict};
