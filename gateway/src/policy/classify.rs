@@ -310,6 +310,10 @@ pub struct StatementClass {
     /// message can quote the statement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parse_error: Option<String>,
+    /// [`StatementClass::describe`], built once when classified so verdicts on cached statements
+    /// do not format it again.
+    #[serde(skip)]
+    summary: String,
 }
 
 impl StatementClass {
@@ -322,18 +326,38 @@ impl StatementClass {
             functions: Vec::new(),
             procedures: Vec::new(),
             parse_error: None,
+            summary: String::new(),
         }
+    }
+
+    /// The class of a FunctionCall message.
+    pub(super) fn function_call(oid: u32) -> Self {
+        let mut c = StatementClass::new("FUNCTION CALL", Kind::Admin);
+        c.risks.insert(Risk::FunctionCall);
+        c.functions.push(format!("oid:{oid}"));
+        c.finish()
+    }
+
+    /// Fills in the summary; every constructor path ends here.
+    fn finish(mut self) -> Self {
+        self.summary = self.summarize();
+        self
     }
 
     fn unparsable(error: String) -> Self {
         let mut c = StatementClass::new("UNPARSABLE", Kind::Admin);
         c.risks.insert(Risk::Unparsable);
         c.parse_error = Some(error);
-        c
+        c.finish()
     }
 
-    /// A short description for verdict reasons and logs; never includes literals.
-    pub fn describe(&self) -> String {
+    /// A short description for verdict reasons and logs, e.g. `DROP TABLE (ddl, drop) on public.t`;
+    /// never includes literals.
+    pub fn describe(&self) -> &str {
+        &self.summary
+    }
+
+    fn summarize(&self) -> String {
         let mut s = format!("{} ({}", self.command, self.kind);
         for r in self.risks.iter() {
             s.push_str(", ");
@@ -516,7 +540,7 @@ fn classify_by_keywords(frag: &[TokenWithSpan]) -> Option<StatementClass> {
         if let Some(r) = risk {
             c.risks.insert(r);
         }
-        Some(c)
+        Some(c.finish())
     };
     match w(0) {
         "DO" => c("DO", Kind::Admin, Some(Risk::DoBlock)),
@@ -674,7 +698,7 @@ fn classify_statement(stmt: &Statement) -> StatementClass {
     class.functions.dedup();
     class.procedures.sort_unstable();
     class.procedures.dedup();
-    class
+    class.finish()
 }
 
 struct StatementVisitor {

@@ -307,11 +307,11 @@ impl Policy {
         } else {
             let stmt = &class.statements[i];
             let what = if stmt.risks.contains(Risk::Unparsable) {
-                "SQL that the policy cannot parse".to_owned()
+                "SQL that the policy cannot parse"
             } else {
                 stmt.describe()
             };
-            let mut r = String::new();
+            let mut r = String::with_capacity(128);
             if let Some(reason) = d.reason {
                 r.push_str(reason);
                 r.push_str(": ");
@@ -319,13 +319,10 @@ impl Policy {
                 r.push_str("no rule matched: ");
             }
             if class.statements.len() > 1 {
-                r.push_str(&format!(
-                    "statement {} of {}: ",
-                    i + 1,
-                    class.statements.len()
-                ));
+                use std::fmt::Write as _;
+                let _ = write!(r, "statement {} of {}: ", i + 1, class.statements.len());
             }
-            r.push_str(&what);
+            r.push_str(what);
             r
         };
         self.finish(d.action, d.rule.clone(), reason, class)
@@ -343,15 +340,7 @@ impl Policy {
             )
         };
         let class = Classification {
-            statements: vec![StatementClass {
-                command: "FUNCTION CALL",
-                kind: Kind::Admin,
-                risks: RiskSet::EMPTY.with(Risk::FunctionCall),
-                objects: Vec::new(),
-                functions: vec![format!("oid:{oid}")],
-                procedures: Vec::new(),
-                parse_error: None,
-            }],
+            statements: vec![StatementClass::function_call(oid)],
             fingerprint: u64::from(oid) | 1 << 63,
         };
         self.finish(
