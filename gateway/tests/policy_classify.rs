@@ -1,6 +1,9 @@
 //! Classification and decisions of the built-in policies, statement by statement: every blocking
 //! class, smuggling attempts, comments, case and quoting tricks, and the extended protocol.
 
+mod policy_corpus;
+
+use policy_corpus::{CORPUS, mangle};
 use portcullis::policy::{
     self, Action, ClassifyCache, Identity, Kind, Policy, Request, Risk, TargetRef, Verdict,
 };
@@ -889,4 +892,49 @@ fn builtin_policies_differ_only_in_name_and_mode() {
     assert_eq!(p.mode(), policy::Mode::Enforce);
     assert!(p.mask_table().contains_key("detectors"));
     assert!(p.mask_table().contains_key("columns"));
+}
+
+fn decided(p: &Policy, sql: &str) -> Action {
+    decide_with(p, sql).action
+}
+
+#[test]
+fn joining_statements_never_lowers_the_verdict() {
+    // `A; B` is at least as severe as A and as B: smuggling cannot dilute a verdict.
+    let p = default_policy();
+    for a in CORPUS {
+        for b in CORPUS {
+            let joined = format!("{a}\n;\n{b}");
+            let want = decided(&p, a).max(decided(&p, b));
+            assert_eq!(decided(&p, &joined), want, "{joined:?}");
+        }
+    }
+}
+
+#[test]
+fn mangled_sql_never_panics_and_the_cache_agrees_with_a_fresh_classification() {
+    let mut next = policy_corpus::rng(0x9e37_79b9_7f4a_7c15);
+    let p = default_policy();
+    // Small, so CLOCK eviction runs all the time; a few texts repeat to hit.
+    let mut cache = ClassifyCache::new(64);
+    for i in 0..20_000 {
+        let s = mangle(&mut next);
+        let v = p.decide(
+            &Identity::default(),
+            &TargetRef {
+                name: "prod",
+                database: "app",
+            },
+            &Request::Query(&s),
+            &mut cache,
+        );
+        assert_eq!(*v.class, policy::classify::classify(&s), "case {i}: {s:?}");
+        if i % 7 == 0 {
+            let again = cache.classify(&s);
+            assert!(
+                std::sync::Arc::ptr_eq(&again, &v.class),
+                "case {i}: cache miss after insert"
+            );
+        }
+    }
 }

@@ -429,6 +429,17 @@ impl Classification {
 /// Classifies a request text (one or many statements). Never fails: what cannot be classified is
 /// `unparsable`.
 pub fn classify(sql: &str) -> Classification {
+    // The parser is third-party code on hostile input: should it panic, the statement is
+    // unparsable (denied by default) and the worker thread lives on.
+    std::panic::catch_unwind(|| classify_unguarded(sql)).unwrap_or_else(|_| Classification {
+        statements: vec![StatementClass::unparsable(
+            "the SQL parser failed on this text".into(),
+        )],
+        fingerprint: hash_text(sql),
+    })
+}
+
+fn classify_unguarded(sql: &str) -> Classification {
     let dialect = PostgreSqlDialect {};
     let tokens = match Tokenizer::new(&dialect, sql).tokenize_with_location() {
         Ok(t) => t,
