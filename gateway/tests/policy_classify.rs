@@ -3,7 +3,7 @@
 
 mod policy_corpus;
 
-use policy_corpus::{CORPUS, mangle};
+use policy_corpus::{CORPUS, mangle_from};
 use portcullis::policy::{
     self, Action, ClassifyCache, Identity, Kind, Policy, Request, Risk, TargetRef, Verdict,
 };
@@ -918,7 +918,7 @@ fn mangled_sql_never_panics_and_the_cache_agrees_with_a_fresh_classification() {
     // Small, so CLOCK eviction runs all the time; a few texts repeat to hit.
     let mut cache = ClassifyCache::new(64);
     for i in 0..20_000 {
-        let s = mangle(&mut next);
+        let s = mangle_from(CORPUS, &mut next);
         let v = p.decide(
             &Identity::default(),
             &TargetRef {

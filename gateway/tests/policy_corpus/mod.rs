@@ -32,11 +32,6 @@ pub const CORPUS: &[&str] = &[
     "SELECT E'\\\\'",
 ];
 
-/// A corpus statement with 1-4 tricky pieces inserted at random places.
-pub fn mangle(next: &mut impl FnMut() -> u64) -> String {
-    mangle_from(CORPUS, next)
-}
-
 /// One of `bases` with 1-4 tricky pieces inserted at random places.
 pub fn mangle_from(bases: &[&str], next: &mut impl FnMut() -> u64) -> String {
     const PIECES: &[&str] = &[
