@@ -499,8 +499,32 @@ fn classify_fragment(frag: &[TokenWithSpan]) -> Vec<StatementClass> {
             .with_tokens_with_locations(tokens)
             .parse_statements()
     };
-    let mut parsed = parse(frag.to_vec());
-    if parsed.is_err() && first_word(frag).is_some_and(|w| w.eq_ignore_ascii_case("COPY")) {
+    let first = first_word(frag);
+    let mut parsed = if first.is_some_and(|w| w.eq_ignore_ascii_case("TABLE")) {
+        // `TABLE t ...` is `SELECT * FROM t ...`, which sqlparser does take.
+        let mut tokens = Vec::with_capacity(frag.len() + 2);
+        let mut replaced = false;
+        for t in frag {
+            if !replaced && !is_trivia(&t.token) {
+                replaced = true;
+                tokens.extend(
+                    [
+                        Token::make_keyword("SELECT"),
+                        Token::Mul,
+                        Token::Whitespace(sqlparser::tokenizer::Whitespace::Space),
+                        Token::make_keyword("FROM"),
+                    ]
+                    .map(TokenWithSpan::wrap),
+                );
+            } else {
+                tokens.push(t.clone());
+            }
+        }
+        parse(tokens)
+    } else {
+        parse(frag.to_vec())
+    };
+    if parsed.is_err() && first.is_some_and(|w| w.eq_ignore_ascii_case("COPY")) {
         // sqlparser wants `COPY .. FROM STDIN` followed by `;` and inline data up to `\.`; on the
         // wire the data comes in CopyData messages, so supply an empty data section.
         let mut tokens = frag.to_vec();
@@ -780,11 +804,12 @@ impl StatementVisitor {
 
     fn set(&mut self, set: &Set) {
         let mut check = |name: &ObjectName, value: Option<&Expr>| {
+            // Custom settings are qualified (`app.user_id`): only a bare name is a server setting.
             let name = name_parts(name)
-                .last()
-                .cloned()
-                .flatten()
-                .unwrap_or_default();
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect::<Vec<_>>()
+                .join(".");
             let value = value.and_then(|v| literal_text(v, true));
             if let Some(r) = setting_risk(&name, value.as_deref()) {
                 self.risk(r);

@@ -126,10 +126,28 @@ pub struct Verdict {
     pub class: Arc<Classification>,
 }
 
+/// SQLSTATE of the ErrorResponse for a blocked or denied statement (insufficient_privilege).
+pub const SQLSTATE_BLOCKED: &str = "42501";
+
 impl Verdict {
     /// The action the rules chose, whether or not it is enforced.
     pub fn decided(&self) -> Action {
         self.shadow.unwrap_or(self.action)
+    }
+
+    /// The ErrorResponse message for a blocked or denied statement: it names the rule;
+    /// [`Verdict::reason`] (or the denial reason) goes in the detail.
+    pub fn error_message(&self) -> String {
+        format!("portcullis: blocked by policy rule \"{}\"", self.rule)
+    }
+
+    /// For observe-mode logs: `would block` / `would hold`, or `None` when nothing would happen.
+    pub fn shadow_label(&self) -> Option<&'static str> {
+        match self.shadow? {
+            Action::Allow => None,
+            Action::Approve => Some("would hold"),
+            Action::Block => Some("would block"),
+        }
     }
 }
 
