@@ -70,12 +70,10 @@ pub enum PolicyError {
     },
 }
 
-/// Loads a built-in policy by name (`default`, `observe`) or a TOML file by path. A name with a
-/// `/` or a `.toml` suffix, or an existing file, is a path.
+/// Loads a built-in policy by name (`default`, `observe`) or a TOML file by path. Built-in names win
+/// over files of the same name in the working directory; write `./default` for such a file.
 pub fn load(name_or_path: &str) -> Result<Policy, PolicyError> {
-    let is_path = name_or_path.contains('/')
-        || name_or_path.ends_with(".toml")
-        || Path::new(name_or_path).is_file();
+    let is_path = name_or_path.contains('/') || name_or_path.ends_with(".toml");
     if !is_path && let Some((name, text)) = BUILTINS.iter().find(|(n, _)| *n == name_or_path) {
         return load_str(text, &format!("builtin:{name}"), Some(name));
     }
