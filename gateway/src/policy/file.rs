@@ -9,7 +9,8 @@
 //! function_call = "block"      # action for FunctionCall messages whose OID is not allowed
 //! function_call_allow_oids = []
 //! approval_timeout = "5m"      # how long a held statement waits for an operator
-//! allowed_procedures = []      # CALL targets (patterns on the name as written, e.g. "public.refresh_*")
+//! allowed_procedures = []      # CALL targets, patterns on the name as written and case-folded:
+//!                              # "refresh_*" does not match `CALL public.refresh_x()`
 //!
 //! [[rules]]                    # first match wins; all selectors given must match
 //! name = "no-ddl"              # default: rules[N]
