@@ -44,6 +44,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validate a policy, or explain the verdict it gives a statement.
+    Policy {
+        #[command(subcommand)]
+        command: portcullis::policy::cli::PolicyCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Command::Sessions { admin, json } => {
             portcullis::admin::client::sessions(&admin.admin_socket, json)
         }
+        Command::Policy { command } => portcullis::policy::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
