@@ -170,8 +170,11 @@ async fn huge_single_values_both_ways() {
 
     const OUT: i32 = 100 << 20;
     let row = h.must(
-        c.query_one("SELECT repeat('ab', $1::int4 / 2) || 'END'", &[&OUT])
-            .await,
+        within(
+            &h,
+            c.query_one("SELECT repeat('ab', $1::int4 / 2) || 'END'", &[&OUT]),
+        )
+        .await,
         "a 100 MiB value in a DataRow",
     );
     let v: &str = row.get(0);
@@ -187,24 +190,63 @@ async fn huge_single_values_both_ways() {
         w.sample();
     }
 
-    let param = format!("{}END", "q".repeat(64 << 20));
+    // A 32 MiB Bind parameter passes intact.
+    let param = format!("{}END", "q".repeat(32 << 20));
     let row = h.must(
-        c.query_one(
-            "SELECT length($1::text), right($1::text, 4), strpos($1::text, 'x')",
-            &[&param],
+        within(
+            &h,
+            c.query_one(
+                "SELECT length($1::text), right($1::text, 4), strpos($1::text, 'x')",
+                &[&param],
+            ),
         )
         .await,
-        "a 64 MiB Bind parameter",
+        "a 32 MiB Bind parameter",
     );
     assert_eq!(row.get::<_, i32>(0) as usize, param.len());
     assert_eq!(row.get::<_, &str>(1), "qEND");
     assert_eq!(row.get::<_, i32>(2), 0);
+
+    // An 80 MiB one: PostgreSQL takes it (its limit is 1 GiB); a gateway that must see a whole
+    // client message to inspect it may cap their size, but then refuses with a clear 08P01
+    // rather than hanging or corrupting the value.
+    let param = format!("{}END", "w".repeat(80 << 20));
+    let fresh = h.must(h.endpoint().connect().await, "connect");
+    match within(
+        &h,
+        fresh.query_one("SELECT length($1::text), right($1::text, 4)", &[&param]),
+    )
+    .await
+    {
+        Ok(row) => {
+            assert_eq!(row.get::<_, i32>(0) as usize, param.len());
+            assert_eq!(row.get::<_, &str>(1), "wEND");
+        }
+        Err(e) => {
+            let db = e.as_db_error().unwrap_or_else(|| {
+                panic!(
+                    "an oversized client message must get an ErrorResponse, got {e:?}\n{}",
+                    h.context()
+                )
+            });
+            assert_eq!(db.code().code(), "08P01", "{db:?}");
+            eprintln!("80 MiB Bind refused: {}", db.message());
+            h.check(!h.is_direct(), "PostgreSQL itself refused an 80 MiB Bind");
+        }
+    }
     if let Some(mut w) = rss {
         w.sample();
         // Reported, not asserted: a gateway may hold one whole message while it frames it.
         eprintln!(
-            "gateway RSS growth with 100 MiB / 64 MiB single messages: {} KiB",
+            "gateway RSS growth with 100 MiB / 32 MiB / 80 MiB single messages: {} KiB",
             w.growth_kib()
         );
     }
+}
+
+/// Awaits `f`, failing the test rather than hanging if nothing happens for two minutes.
+async fn within<T>(h: &Harness, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 120 s (hang)\n{}", h.context()))
 }
