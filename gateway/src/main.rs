@@ -45,10 +45,44 @@ enum Command {
         json: bool,
     },
     /// Validate a policy, or explain the verdict it gives a statement.
+    /// Pending and recent just-in-time approval requests.
+    Approvals {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a held statement.
+    Approve {
+        /// The request id (from `portcullis approvals` or the client's notice).
+        id: u64,
+        /// With `--scope fingerprint`: how long statements with the same fingerprint pass without
+        /// a new approval (e.g. 10m).
+        #[arg(long = "for", value_parser = parse_duration)]
+        for_: Option<std::time::Duration>,
+        /// What the approval covers.
+        #[arg(long, value_enum, default_value = "statement")]
+        scope: portcullis::policy::approval::Scope,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deny a held statement; the client gets SQLSTATE 42501 with the reason.
+    Deny {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     Policy {
         #[command(subcommand)]
         command: portcullis::policy::cli::PolicyCommand,
     },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 10m or 1h: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -60,6 +94,18 @@ fn main() -> ExitCode {
         }
         Command::Sessions { admin, json } => {
             portcullis::admin::client::sessions(&admin.admin_socket, json)
+        }
+        Command::Approvals { admin, json } => {
+            portcullis::admin::client::approvals(&admin.admin_socket, json)
+        }
+        Command::Approve {
+            id,
+            for_,
+            scope,
+            admin,
+        } => portcullis::admin::client::approve(&admin.admin_socket, id, for_, scope),
+        Command::Deny { id, reason, admin } => {
+            portcullis::admin::client::deny(&admin.admin_socket, id, reason)
         }
         Command::Policy { command } => portcullis::policy::cli::run(command),
     };

@@ -640,6 +640,11 @@ impl Gateway {
             cmd.arg("--target").arg(url).arg("--password-file").arg(pw);
         }
         cmd.args(&opts.args);
+        // Protocol tests exercise the proxy, not the rules: unless a test picks a policy, the
+        // gateway runs the built-in shadow mode, which evaluates every statement and blocks none.
+        if !opts.args.iter().any(|a| a == "--policy") {
+            cmd.arg("--policy").arg("observe");
+        }
         cmd.env(
             "RUST_LOG",
             std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into()),

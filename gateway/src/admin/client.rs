@@ -181,3 +181,37 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+pub fn approvals(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let data = call(socket, &Request::Approvals { recent: 50 })?;
+    let records: Vec<crate::policy::approval::ApprovalRecord> = serde_json::from_value(data)?;
+    print!(
+        "{}",
+        crate::policy::approval::print_approvals(&records, json)
+    );
+    Ok(())
+}
+
+pub fn approve(
+    socket: &Path,
+    id: u64,
+    for_: Option<Duration>,
+    scope: crate::policy::approval::Scope,
+) -> anyhow::Result<()> {
+    call(
+        socket,
+        &Request::Approve {
+            id,
+            for_seconds: for_.map(|d| d.as_secs().max(1)),
+            scope,
+        },
+    )?;
+    println!("approved request {id}");
+    Ok(())
+}
+
+pub fn deny(socket: &Path, id: u64, reason: Option<String>) -> anyhow::Result<()> {
+    call(socket, &Request::Deny { id, reason })?;
+    println!("denied request {id}");
+    Ok(())
+}

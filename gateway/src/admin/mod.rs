@@ -14,6 +14,19 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     Status,
     Sessions,
+    /// Pending approval requests and the `recent` latest decided ones.
+    Approvals {
+        recent: usize,
+    },
+    Approve {
+        id: u64,
+        for_seconds: Option<u64>,
+        scope: crate::policy::approval::Scope,
+    },
+    Deny {
+        id: u64,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

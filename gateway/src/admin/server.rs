@@ -81,8 +81,9 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
     }
     let mut line = String::new();
     BufReader::new(conn).take(1 << 20).read_line(&mut line)?;
+    let operator = user_name(uid).unwrap_or_else(|| format!("uid {uid}"));
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(req, shared),
+        Ok(req) => handle(req, shared, &operator),
         Err(e) => Err(format!("bad request: {e}")),
     };
     respond(&mut writer, reply)
@@ -92,11 +93,11 @@ fn to_json(v: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
 }
 
-fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, String> {
+fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::Value, String> {
     match req {
         Request::Status => {
             let cfg = shared.config();
-            to_json(&Status {
+            to_json(Status {
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
                 uptime_seconds: shared.started.elapsed().as_secs(),
@@ -115,7 +116,34 @@ fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, String> {
                 targets: shared.registry.target_snapshots(),
             })
         }
-        Request::Sessions => to_json(&shared.registry.sessions()),
+        Request::Sessions => to_json(shared.registry.sessions()),
+        Request::Approvals { recent } => to_json(
+            shared
+                .approvals
+                .list(recent)
+                .map_err(|e| format!("{e:#}"))?,
+        ),
+        Request::Approve {
+            id,
+            for_seconds,
+            scope,
+        } => {
+            let for_ = for_seconds.map(std::time::Duration::from_secs);
+            shared
+                .approvals
+                .approve(id, for_, scope, operator)
+                .map_err(|e| format!("{e:#}"))?;
+            tracing::info!(approval = id, by = operator, ?scope, "approved");
+            to_json(serde_json::json!({ "id": id, "status": "approved" }))
+        }
+        Request::Deny { id, reason } => {
+            shared
+                .approvals
+                .deny(id, reason.as_deref(), operator)
+                .map_err(|e| format!("{e:#}"))?;
+            tracing::info!(approval = id, by = operator, "denied");
+            to_json(serde_json::json!({ "id": id, "status": "denied" }))
+        }
     }
 }
 

@@ -17,8 +17,19 @@ use futures_util::lock::Mutex;
 pub const READ_CHUNK: usize = 64 * 1024;
 
 pub enum Stream {
-    Tcp(TcpStream),
+    Tcp(TcpStream, WriteLock),
     Tls(TlsStream),
+}
+
+/// Serializes whole-message writes: both pumps may write to the client (results, and a notice
+/// about a held statement), and a message must never be cut into by another.
+#[derive(Default)]
+pub struct WriteLock(Mutex<()>);
+
+impl Stream {
+    pub fn tcp_stream(tcp: TcpStream) -> Stream {
+        Stream::Tcp(tcp, WriteLock::default())
+    }
 }
 
 pub struct TlsStream {
@@ -33,7 +44,7 @@ impl Stream {
     /// Reads at least one byte (0 = end of stream), appended to `buf`.
     pub async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
         match self {
-            Stream::Tcp(tcp) => {
+            Stream::Tcp(tcp, _) => {
                 buf.reserve(READ_CHUNK);
                 let mut r = tcp;
                 r.append(buf).await
@@ -44,7 +55,8 @@ impl Stream {
 
     pub async fn write_all<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
         match self {
-            Stream::Tcp(tcp) => {
+            Stream::Tcp(tcp, lock) => {
+                let _guard = lock.0.lock().await;
                 let mut w = tcp;
                 w.write_all(buf).await
             }
@@ -54,7 +66,7 @@ impl Stream {
 
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Tcp(t) => t,
+            Stream::Tcp(t, _) => t,
             Stream::Tls(t) => &t.tcp,
         }
     }
@@ -62,7 +74,7 @@ impl Stream {
     /// The DER certificate the TLS peer presented, for SCRAM channel binding.
     pub fn peer_certificate(&self) -> Option<Vec<u8>> {
         match self {
-            Stream::Tcp(_) => None,
+            Stream::Tcp(..) => None,
             Stream::Tls(t) => {
                 let tls = t.tls.borrow();
                 tls.peer_certificates()

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::policy::approval::{Approvals, Decision, NewApproval, PendingDecision};
-use crate::policy::{Action, ClassifyCache, Identity, Policy, Request as PolicyRequest, TargetRef};
+use super::Shared;
+use crate::policy::approval::{Decision, NewApproval, PendingDecision};
+use crate::policy::{Action, ClassifyCache, Identity, Request as PolicyRequest, TargetRef};
 use crate::protocol::postgres::session::{Blocked, Disposition, Gate, Request};
 
 thread_local! {
@@ -23,8 +24,7 @@ pub struct Held {
 }
 
 pub struct PolicyGate {
-    pub policy: Arc<Policy>,
-    pub approvals: Arc<Approvals>,
+    pub shared: Arc<Shared>,
     pub session: u64,
     pub agent: Option<String>,
     pub pid: Option<u32>,
@@ -39,7 +39,10 @@ impl PolicyGate {
     pub fn outcome(rule: &str, decision: Decision) -> Disposition {
         match decision {
             Decision::Approved => Disposition::Allow,
-            Decision::Denied { reason } => Disposition::Block(Blocked { rule: rule.to_owned(), reason }),
+            Decision::Denied { reason } => Disposition::Block(Blocked {
+                rule: rule.to_owned(),
+                reason,
+            }),
         }
     }
 }
@@ -51,27 +54,47 @@ impl Gate for PolicyGate {
             Request::Parse { statement, sql } => PolicyRequest::Parse { statement, sql },
             Request::FunctionCall { oid } => PolicyRequest::FunctionCall { oid },
         };
-        let id = Identity { agent: self.agent.as_deref(), groups: &[] };
-        let target = TargetRef { name: &self.target, database: &self.database };
-        let verdict = CACHE.with(|c| self.policy.decide(&id, &target, &req, &mut c.borrow_mut()));
+        let id = Identity {
+            agent: self.agent.as_deref(),
+            groups: &[],
+        };
+        let target = TargetRef {
+            name: &self.target,
+            database: &self.database,
+        };
+        let policy = self.shared.policy();
+        let verdict = CACHE.with(|c| policy.decide(&id, &target, &req, &mut c.borrow_mut()));
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
-            let would = if shadow == Action::Block { "would block" } else { "would hold for approval" };
+            let would = if shadow == Action::Block {
+                "would block"
+            } else {
+                "would hold for approval"
+            };
             info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
         }
         match verdict.action {
             Action::Allow => Disposition::Allow,
             Action::Block => {
                 warn!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "statement blocked");
-                Disposition::Block(Blocked { rule: verdict.rule.to_string(), reason: verdict.reason })
+                Disposition::Block(Blocked {
+                    rule: verdict.rule.to_string(),
+                    reason: verdict.reason,
+                })
             }
             Action::Approve => {
-                if self.approvals.granted(verdict.fingerprint, self.agent.as_deref(), &self.target) {
+                if self.shared.approvals.granted(
+                    verdict.fingerprint,
+                    self.agent.as_deref(),
+                    &self.target,
+                ) {
                     info!(session = self.session, rule = %verdict.rule, "statement allowed by a standing approval");
                     return Disposition::Allow;
                 }
                 let sql = match *request {
                     Request::Query(sql) | Request::Parse { sql, .. } => sql.to_owned(),
-                    Request::FunctionCall { oid } => format!("-- fast-path FunctionCall of function OID {oid}"),
+                    Request::FunctionCall { oid } => {
+                        format!("-- fast-path FunctionCall of function OID {oid}")
+                    }
                 };
                 let new = NewApproval {
                     agent: self.agent.clone(),
@@ -82,10 +105,18 @@ impl Gate for PolicyGate {
                     rule: verdict.rule.to_string(),
                     fingerprint: verdict.fingerprint,
                 };
-                match self.approvals.request(new, self.policy.approval_timeout()) {
+                match self
+                    .shared
+                    .approvals
+                    .request(new, policy.approval_timeout())
+                {
                     Ok((id, decision)) => {
                         info!(session = self.session, approval = id, rule = %verdict.rule, "statement held for approval");
-                        self.held = Some(Held { id, rule: verdict.rule.to_string(), decision });
+                        self.held = Some(Held {
+                            id,
+                            rule: verdict.rule.to_string(),
+                            decision,
+                        });
                         Disposition::Hold
                     }
                     // No store, no approval: refuse rather than let it through.

@@ -6,6 +6,7 @@
 
 pub mod cancel;
 pub mod conn;
+pub mod gate;
 pub mod session;
 pub mod tls;
 pub mod upstream;
@@ -22,6 +23,8 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ServeArgs};
 use crate::identify::Identity;
 use crate::metrics::Registry;
+use crate::policy::Policy;
+use crate::policy::approval::Approvals;
 use crate::route::{Routes, Target};
 
 /// State every worker and the admin API share.
@@ -30,6 +33,8 @@ pub struct Shared {
     pub cancel: Arc<cancel::CancelMap>,
     routes: RwLock<Arc<Routes>>,
     config: RwLock<Arc<Config>>,
+    policy: RwLock<Arc<Policy>>,
+    pub approvals: Arc<Approvals>,
     pub started: Instant,
     pub draining: AtomicBool,
 }
@@ -51,6 +56,15 @@ impl Shared {
 
     pub fn max_message(&self) -> usize {
         self.config().max_message_bytes
+    }
+
+    /// The policy in force now. A session takes it per request, so a reload applies to the next
+    /// statement; a statement already held keeps the verdict it got.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn routes(&self) -> Arc<Routes> {
@@ -76,6 +90,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    let policy = crate::policy::load(&cfg.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let approvals = Approvals::open(&cfg.state_dir)?;
 
     // Bind everything before starting anything, so a busy port is one clear error.
     let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
@@ -91,6 +107,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cancel: Arc::default(),
         routes: RwLock::new(Arc::new(routes)),
         config: RwLock::new(Arc::new(cfg.clone())),
+        policy: RwLock::new(Arc::new(policy)),
+        approvals,
         started: Instant::now(),
         draining: AtomicBool::new(false),
     });
@@ -123,6 +141,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config = %cfg.origin,
         workers = cfg.workers,
         listeners = %addrs.join(","),
+        policy = %shared.policy().source(),
         admin = %cfg.admin_socket.display(),
         "portcullis serving"
     );
@@ -163,11 +182,14 @@ fn reload(args: &ServeArgs, shared: &Shared) {
     let result = Config::from_args(args).and_then(|cfg| {
         let routes = Routes::build(&cfg, &shared.registry)
             .with_context(|| format!("loading {}", cfg.origin))?;
+        let policy =
+            crate::policy::load(&cfg.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
         let old = shared.config();
         if old.listeners != cfg.listeners {
             warn!("listener changes take effect at the next restart");
         }
         *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
         Ok(())
     });

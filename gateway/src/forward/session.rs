@@ -15,23 +15,24 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::cancel::CancelTarget;
 use super::conn::Stream;
+use super::gate::PolicyGate;
 use super::upstream;
 use crate::identify::Identity;
 use crate::metrics::{NewSession, SessionInfo, SessionState};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{
-    AllowAll, NoFilter, Output, Progress, Seg, Session, SessionError, Side,
+    Blocked, Disposition, NoFilter, Output, Progress, Seg, Session, SessionError, Side,
 };
 use crate::protocol::postgres::startup::{self, Initial};
 
 /// PostgreSQL caps startup packets at 10000 bytes; so does the gateway.
 const MAX_STARTUP: usize = 10_000;
 
-/// Session parameters passed upstream. Others, notably `options` (which can carry `-c role=...`)
-/// and `replication`, are not: the gateway decides the session's identity, not the agent.
+/// Session parameters passed upstream. Others are not: `options` can carry `-c role=...`,
+/// `replication` opens a replication session, and `client_encoding` would let the server read
+/// SQL differently from the policy classifier (the gateway fixes it to UTF8).
 const PASSED_PARAMS: &[&str] = &[
     "application_name",
-    "client_encoding",
     "datestyle",
     "timezone",
     "extra_float_digits",
@@ -40,7 +41,7 @@ const PASSED_PARAMS: &[&str] = &[
 
 pub async fn handle(tcp: TcpStream, identity: Identity, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let client = Rc::new(Stream::Tcp(tcp));
+    let client = Rc::new(Stream::tcp_stream(tcp));
     let peer = identity.client_addr;
     if let Err(e) = run(client.clone(), identity, &shared).await {
         debug!(client = %peer, "session ended: {e:#}");
@@ -192,6 +193,15 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     let server = Rc::new(upstream.stream);
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    let gate = PolicyGate {
+        shared: shared.clone(),
+        session: info.id,
+        agent: identity.peer.agent.clone(),
+        pid: identity.peer.pid,
+        target: target.config.name.clone(),
+        database: up.database.clone(),
+        held: None,
+    };
     let ends = select(
         Box::pin(client_to_server(
             client.clone(),
@@ -199,6 +209,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
             core.clone(),
             buf,
             info.clone(),
+            gate,
         )),
         Box::pin(server_to_client(
             server.clone(),
@@ -331,8 +342,8 @@ async fn client_to_server(
     core: Rc<RefCell<Session>>,
     mut buf: Vec<u8>,
     info: Arc<SessionInfo>,
+    mut gate: PolicyGate,
 ) -> Result<End, PumpError> {
-    let mut gate = AllowAll;
     let mut out = Output::default();
     loop {
         if !buf.is_empty() {
@@ -352,7 +363,9 @@ async fn client_to_server(
                 Progress::Terminate { .. } => return Ok(End::Terminated),
                 Progress::Hold { consumed } => {
                     buf.drain(..consumed);
-                    // Policy holds arrive with the policy gate; AllowAll never holds.
+                    let outcome = hold(&client, &info, &mut gate).await?;
+                    core.borrow_mut().resolve_hold(outcome);
+                    // Process the held message again, now with its final answer.
                     continue;
                 }
             }
@@ -363,6 +376,46 @@ async fn client_to_server(
             return Ok(End::ClientClosed);
         }
     }
+}
+
+/// Waits for an operator's decision on the statement the gate is holding. The client hears
+/// that it is held, with the request id; earlier results keep flowing meanwhile.
+async fn hold(
+    client: &Stream,
+    info: &SessionInfo,
+    gate: &mut PolicyGate,
+) -> Result<Disposition, PumpError> {
+    let Some(held) = gate.held.take() else {
+        return Ok(Disposition::Block(Blocked {
+            rule: "internal".into(),
+            reason: "held without an approval request".into(),
+        }));
+    };
+    let mut notice = Vec::with_capacity(256);
+    messages::encode_notice(
+        "01000",
+        &format!(
+            "statement held for approval: request {} (rule \"{}\")",
+            held.id, held.rule
+        ),
+        Some(&format!(
+            "an operator decides with `portcullis approve {0}` or `portcullis deny {0}`",
+            held.id
+        )),
+        &mut notice,
+    );
+    client.write_all(notice).await.0?;
+    let previous = info.state();
+    info.set_state(SessionState::Holding);
+    let decision = held.decision.await;
+    info.set_state(previous);
+    info!(
+        session = info.id,
+        approval = held.id,
+        ?decision,
+        "approval decided"
+    );
+    Ok(PolicyGate::outcome(&held.rule, decision))
 }
 
 async fn server_to_client(

@@ -86,11 +86,11 @@ async fn open(target: &Target) -> Result<Stream, UpstreamError> {
         }
     })?
     else {
-        return Ok(Stream::Tcp(tcp));
+        return Ok(Stream::tcp_stream(tcp));
     };
     let mut req = Vec::with_capacity(8);
     startup::encode_ssl_request(&mut req);
-    let stream = Stream::Tcp(tcp);
+    let stream = Stream::tcp_stream(tcp);
     stream
         .write_all(req)
         .await
@@ -104,7 +104,7 @@ async fn open(target: &Target) -> Result<Stream, UpstreamError> {
         addr: addr.clone(),
         source,
     })?;
-    let Stream::Tcp(tcp) = stream else {
+    let Stream::Tcp(tcp, _) = stream else {
         unreachable!("plain until the handshake")
     };
     match (n, answer.first()) {
@@ -126,7 +126,7 @@ async fn open(target: &Target) -> Result<Stream, UpstreamError> {
                 })?;
             Ok(Stream::Tls(tls))
         }
-        (1, Some(b'N')) if up.sslmode == SslMode::Prefer => Ok(Stream::Tcp(tcp)),
+        (1, Some(b'N')) if up.sslmode == SslMode::Prefer => Ok(Stream::tcp_stream(tcp)),
         (1, Some(b'N')) => Err(UpstreamError::Tls {
             addr,
             reason: "the server does not support TLS".into(),
@@ -169,6 +169,9 @@ async fn connect_inner(
     let stream = open(target).await?;
 
     let mut all: Vec<(&str, &str)> = vec![("user", &up.user), ("database", &up.database)];
+    // The policy classifier reads SQL as UTF-8 with standard-conforming strings; the session must
+    // too, whatever the agent asked for.
+    all.push(("client_encoding", "UTF8"));
     all.extend(params.iter().copied());
     let mut out = Vec::with_capacity(256);
     startup::encode_startup(3, minor, &all, &mut out);
