@@ -10,7 +10,8 @@ use super::messages::{
     parse_row_description,
 };
 use super::startup::{
-    Initial, MAX_STARTUP_PACKET_LEN, encode_cancel, encode_startup, parse_initial,
+    Initial, MAX_STARTUP_PACKET_LEN, encode_cancel, encode_ssl_request, encode_startup,
+    parse_initial,
 };
 
 /// `parse_initial` on arbitrary bytes; whatever it accepts must re-encode to the same message.
@@ -23,8 +24,13 @@ pub fn startup(data: &[u8]) {
     match &initial {
         Initial::Startup(s) => encode_startup(s.major, s.minor, &s.params, &mut again),
         Initial::Cancel { pid, key } => encode_cancel(*pid, key, &mut again),
-        Initial::DirectTls => return assert_eq!(used, 0),
-        Initial::SslRequest | Initial::GssEncRequest => again.extend_from_slice(&data[..used]),
+        Initial::SslRequest => encode_ssl_request(&mut again),
+        // No builder: the gateway never sends these.
+        Initial::GssEncRequest => again.extend_from_slice(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]),
+        Initial::DirectTls => {
+            assert_eq!(used, 0, "direct TLS must leave the ClientHello unread");
+            return;
+        }
     }
     assert_eq!(&again[..], &data[..used], "re-encoding changed {initial:?}");
 }
@@ -66,5 +72,49 @@ pub fn backend_messages(data: &[u8]) {
             out.clear();
             auth_over = auth.on_message(*tag, body, &mut out).is_err();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::postgres::messages::{encode_auth_ok, encode_error};
+
+    /// The targets' invariants hold on well-formed seeds, so CI runs them without a fuzzer.
+    #[test]
+    fn targets_accept_their_seeds() {
+        let mut seed = Vec::new();
+        encode_startup(3, 2, &[("user", "u"), ("_pq_.x", "1")], &mut seed);
+        startup(&seed);
+        for seed in [
+            &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f][..],
+            &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30],
+            &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 1, 2, 3, 4],
+            &[0x16, 3, 1],
+        ] {
+            startup(seed);
+        }
+
+        // Config byte 0 (password, no binding), then md5 request, AuthenticationOk, an error.
+        let mut seed = vec![0u8];
+        let mut push = |tag: u8, body: &[u8]| {
+            seed.push(tag);
+            seed.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            seed.extend_from_slice(body);
+        };
+        push(b'R', &[0, 0, 0, 5, 1, 2, 3, 4]);
+        let mut ok = Vec::new();
+        encode_auth_ok(&mut ok);
+        push(b'R', &ok[5..]);
+        let mut err = Vec::new();
+        encode_error("FATAL", "28P01", "no", None, None, &mut err);
+        push(b'E', &err[5..]);
+        push(
+            b'T',
+            &[
+                0, 1, b'a', 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 23, 0, 4, 255, 255, 255, 255, 0, 0,
+            ],
+        );
+        backend_messages(&seed);
     }
 }
