@@ -178,7 +178,8 @@ async fn connect_inner(
     stream.write_all(out).await.0.map_err(io_err)?;
 
     let binding = match stream.peer_certificate() {
-        Some(der) => ChannelBinding::TlsServerEndPoint(tls_server_end_point(&der)),
+        Some(der) => tls_server_end_point(&der)
+            .map_or(ChannelBinding::None, ChannelBinding::TlsServerEndPoint),
         None => ChannelBinding::None,
     };
     let mut auth = UpstreamAuth::new(

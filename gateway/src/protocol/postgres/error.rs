@@ -82,10 +82,6 @@ impl<'a> Reader<'a> {
         self.buf.len()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         match self.buf.split_at_checked(n) {
             Some((head, rest)) => {
@@ -196,7 +192,7 @@ mod tests {
         );
         assert_eq!(r.i16(), Err(ProtocolError::Truncated { what: "test" }));
         assert_eq!(r.u8().unwrap(), 9);
-        assert!(r.is_empty());
+        assert_eq!(r.remaining(), 0);
         assert_eq!(r.cstr(), Err(ProtocolError::MissingNul { what: "test" }));
         assert_eq!(r.u32(), Err(ProtocolError::Truncated { what: "test" }));
     }

@@ -230,11 +230,12 @@ pub fn parse_parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError
     Ok((name, value))
 }
 
-/// Appends NegotiateProtocolVersion ('v'): the newest minor version the gateway supports for the
-/// requested major, and the protocol options (`_pq_.*`) it does not recognise.
+/// Appends NegotiateProtocolVersion ('v'): the newest 3.x minor version the gateway supports,
+/// and the protocol options (`_pq_.*`) it does not recognise. On the wire the version is the full
+/// `major << 16 | minor` number, as PostgreSQL sends it and libpq reads it.
 pub fn encode_negotiate_protocol_version(minor: u16, unsupported: &[&str], out: &mut Vec<u8>) {
     let at = begin(b'v', out);
-    out.extend_from_slice(&i32::from(minor).to_be_bytes());
+    out.extend_from_slice(&(3u32 << 16 | u32::from(minor)).to_be_bytes());
     let count = i32::try_from(unsupported.len()).unwrap_or(i32::MAX);
     out.extend_from_slice(&count.to_be_bytes());
     for name in unsupported {
@@ -243,15 +244,19 @@ pub fn encode_negotiate_protocol_version(minor: u16, unsupported: &[&str], out: 
     finish(at, out);
 }
 
-/// Parses a NegotiateProtocolVersion body into the server's newest minor version and the
+/// Parses a NegotiateProtocolVersion body into the server's newest 3.x minor version and the
 /// protocol options it did not recognise.
 pub fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(u16, Vec<&str>), ProtocolError> {
     const WHAT: &str = "negotiate protocol version";
     let mut r = Reader::new(body, WHAT);
-    let minor = u16::try_from(r.i32()?).map_err(|_| ProtocolError::InvalidField {
-        what: WHAT,
-        reason: "minor version out of range",
-    })?;
+    let version = r.u32()?;
+    if version >> 16 != 3 {
+        return Err(ProtocolError::InvalidField {
+            what: WHAT,
+            reason: "server protocol version is not 3.x",
+        });
+    }
+    let minor = version as u16;
     let count = usize::try_from(r.i32()?).map_err(|_| ProtocolError::InvalidField {
         what: WHAT,
         reason: "negative option count",
@@ -679,10 +684,17 @@ mod tests {
             Ok((0, vec![]))
         );
         // A count far beyond the body is refused before allocating.
-        let lying = [0, 0, 0, 2, 0x7f, 0xff, 0xff, 0xff, b'x', 0];
+        let lying = [0, 3, 0, 2, 0x7f, 0xff, 0xff, 0xff, b'x', 0];
         assert!(parse_negotiate_protocol_version(&lying).is_err());
-        let negative = [0, 0, 0, 2, 0xff, 0xff, 0xff, 0xff];
+        let negative = [0, 3, 0, 2, 0xff, 0xff, 0xff, 0xff];
         assert!(parse_negotiate_protocol_version(&negative).is_err());
+        // The version is a full protocol number, as PostgreSQL 15 sends it (0x00030000 = 3.0).
+        assert_eq!(
+            parse_negotiate_protocol_version(&[0, 3, 0, 0, 0, 0, 0, 0]),
+            Ok((0, vec![]))
+        );
+        assert!(parse_negotiate_protocol_version(&[0, 0, 0, 2, 0, 0, 0, 0]).is_err());
+        assert_eq!(&out[5..9], &[0, 3, 0, 0]);
     }
 
     #[test]

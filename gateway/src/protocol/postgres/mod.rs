@@ -3,6 +3,8 @@
 pub mod auth;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod messages;
 pub mod session;
 pub mod startup;

@@ -438,7 +438,8 @@ mod tests {
 
     #[test]
     fn malformed_parameter_lists() {
-        let cases: &[(&[u8], fn(&ProtocolError) -> bool)] = &[
+        type Expectation = fn(&ProtocolError) -> bool;
+        let cases: &[(&[u8], Expectation)] = &[
             // no terminator at all
             (b"", |e| matches!(e, ProtocolError::MissingNul { .. })),
             // name without a NUL
