@@ -44,6 +44,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command as an intercepted agent, in a new cgroup under the agent root.
+    Run(portcullis::redirect::cli::RunArgs),
+    /// List agents with their connections, or place a cgroup under interception (`attach`).
+    Agents(portcullis::redirect::cli::AgentsArgs),
+    /// Remove every pinned eBPF map and link: interception stops.
+    Uninstall(portcullis::redirect::cli::UninstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +62,11 @@ fn main() -> ExitCode {
         Command::Sessions { admin, json } => {
             portcullis::admin::client::sessions(&admin.admin_socket, json)
         }
+        Command::Run(args) => portcullis::redirect::cli::run(args),
+        Command::Agents(args) => {
+            portcullis::redirect::cli::agents(args, &std::collections::HashMap::new())
+        }
+        Command::Uninstall(args) => portcullis::redirect::cli::uninstall(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
