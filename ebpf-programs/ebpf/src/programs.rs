@@ -134,6 +134,9 @@ fn agent_cgroup() -> u64 {
     0
 }
 
+// Inlined so `v6` is a constant in each program: the verifier rejects context accesses
+// at offsets computed at run time.
+#[inline(always)]
 fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     let (dst, port) = destination(sa, v6);
@@ -198,6 +201,9 @@ pub fn pc_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// UDP cannot be proxied: a datagram to a protected destination is refused.
+// Inlined so `v6` is a constant in each program: the verifier rejects context accesses
+// at offsets computed at run time.
+#[inline(always)]
 fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (dst, port) = destination(ctx.sock_addr, v6);
     if target_action(&dst, port).is_none() {
@@ -221,6 +227,9 @@ pub fn pc_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 /// Reports the original destination as the peer of a redirected socket. The current peer must
 /// be a gateway listener: a socket that was later re-connected elsewhere keeps its real peer.
+// Inlined so `v6` is a constant in each program: the verifier rejects context accesses
+// at offsets computed at run time.
+#[inline(always)]
 fn getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the helper.
@@ -272,13 +281,27 @@ pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
     let Some(rec) = BY_COOKIE.get_ptr_mut(&cookie) else {
         return 1;
     };
+    let ops = ctx.ops;
+    // Both forms are read, volatile, and the value chosen afterwards: left to itself the
+    // compiler selects between the two field offsets, which the verifier rejects.
+    // SAFETY: `ops` is the program's context; these fields are readable in sock_ops.
+    let (family, ip4, ip6, port) = unsafe {
+        let ip6 = addr_of!((*ops).local_ip6) as *const u32;
+        (
+            read_u32(addr_of!((*ops).family)),
+            read_u32(addr_of!((*ops).local_ip4)),
+            [
+                read_u32(ip6),
+                read_u32(ip6.add(1)),
+                read_u32(ip6.add(2)),
+                read_u32(ip6.add(3)),
+            ],
+            read_u32(addr_of!((*ops).local_port)),
+        )
+    };
     let peer = PeerKey {
-        addr: if ctx.family() == AF_INET {
-            v4_mapped(ctx.local_ip4())
-        } else {
-            ctx.local_ip6()
-        },
-        port: ctx.local_port(),
+        addr: if family == AF_INET { v4_mapped(ip4) } else { ip6 },
+        port,
     };
     // SAFETY: `rec` points to this socket's own record; only this socket's hooks write it, and
     // they run one at a time under the socket lock.

@@ -116,9 +116,10 @@ impl Loaded {
 }
 
 fn attach(program: &mut Program, cgroup: &File) -> Result<FdLink> {
-    // Multi-attach: other tools' programs on the same cgroup keep running, and an upgrade can
-    // attach the new build before detaching the old one.
-    let mode = CgroupAttachMode::AllowMultiple;
+    // Through bpf_link (kernel >= 5.7, which aya uses there) cgroup attachments are always
+    // multi: other tools' programs keep running, and an upgrade attaches the new build before
+    // detaching the old one. The link API takes no flags, hence `Single` (flags 0).
+    let mode = CgroupAttachMode::Single;
     let link: FdLink = match program {
         Program::CgroupSockAddr(p) => {
             load_once(p.fd().is_ok(), || p.load())?;
