@@ -21,7 +21,10 @@ fn main() {
     let programs = manifest_dir.join("../ebpf-programs");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-env-changed=PORTCULLIS_REQUIRE_EBPF");
-    println!("cargo:rerun-if-changed={}", programs.join("common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        programs.join("common").display()
+    );
 
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let missing = if skip {
@@ -78,7 +81,9 @@ fn missing_toolchain() -> Option<String> {
         .ok()
         .filter(|o| o.status.success())
     else {
-        return Some(format!("no {TOOLCHAIN} toolchain (rustup run {TOOLCHAIN} rustc)"));
+        return Some(format!(
+            "no {TOOLCHAIN} toolchain (rustup run {TOOLCHAIN} rustc)"
+        ));
     };
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {

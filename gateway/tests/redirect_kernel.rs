@@ -165,8 +165,16 @@ fn remove_cgroup_tree(dir: &Path) {
 
 /// A port free on both 127.0.0.1 and ::1 (v4) and another one for ::1.
 fn free_dual_stack_port() -> (u16, u16) {
-    let v4 = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let v6 = TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let v4 = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let v6 = TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     (v4, v6)
 }
 
@@ -184,12 +192,17 @@ fn run_outside(args: &[&str]) -> Value {
 
 fn json_line(stdout: &[u8]) -> Value {
     let text = String::from_utf8_lossy(stdout);
-    let line = text.lines().last().unwrap_or_else(|| panic!("no output from client: {text:?}"));
+    let line = text
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no output from client: {text:?}"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad client output {line:?}: {e}"))
 }
 
 fn peer_of(v: &Value) -> SocketAddr {
-    let host = v["peer"][0].as_str().unwrap_or_else(|| panic!("no peer in {v}"));
+    let host = v["peer"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no peer in {v}"));
     let port = v["peer"][1].as_u64().unwrap() as u16;
     SocketAddr::new(host.parse().unwrap(), port)
 }
@@ -243,12 +256,20 @@ fn agent_ipv4_connect_is_redirected_with_its_origin() {
     let server = protected_server("127.0.0.2:0");
     let target = server.local_addr().unwrap();
     let redirector = env.start(&[ProtectedTarget::host(target)]);
-    let gateway = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), 1);
+    let gateway = stand_in(
+        TcpListener::bind(env.listen).unwrap(),
+        redirector.clone(),
+        1,
+    );
 
     let client = env.run_agent_json("alpha", &["tcp", "127.0.0.2", &target.port().to_string()]);
     let seen = gateway.join().unwrap();
 
-    assert_eq!(peer_of(&client), target, "getpeername must show the original peer");
+    assert_eq!(
+        peer_of(&client),
+        target,
+        "getpeername must show the original peer"
+    );
     let (peer, origin) = &seen[0];
     let origin = origin.as_ref().expect("lookup of a redirected connection");
     assert_eq!(origin.original_dst, target);
@@ -256,9 +277,16 @@ fn agent_ipv4_connect_is_redirected_with_its_origin() {
     assert_eq!(origin.uid, 0);
     assert_eq!(origin.comm, "python3");
     assert_eq!(origin.agent.as_deref(), Some("alpha"));
-    assert_eq!(origin.cgroup_path.as_deref(), Some(env.root.join("alpha").as_path()));
+    assert_eq!(
+        origin.cgroup_path.as_deref(),
+        Some(env.root.join("alpha").as_path())
+    );
     let local = &client["local"];
-    assert_eq!(peer.port() as u64, local[1].as_u64().unwrap(), "peer is the agent socket");
+    assert_eq!(
+        peer.port() as u64,
+        local[1].as_u64().unwrap(),
+        "peer is the agent socket"
+    );
     assert_untouched(&server);
     // Consumed: a second lookup refuses.
     assert!(redirector.lookup(*peer).is_err());
@@ -274,9 +302,16 @@ fn ipv6_and_v4_mapped_connects_are_redirected() {
     let target6 = server6.local_addr().unwrap();
     let server4 = protected_server("127.0.0.2:0");
     let target4 = server4.local_addr().unwrap();
-    let redirector = env.start(&[ProtectedTarget::host(target6), ProtectedTarget::host(target4)]);
+    let redirector = env.start(&[
+        ProtectedTarget::host(target6),
+        ProtectedTarget::host(target4),
+    ]);
 
-    let gateway6 = stand_in(TcpListener::bind(env.listen_v6).unwrap(), redirector.clone(), 1);
+    let gateway6 = stand_in(
+        TcpListener::bind(env.listen_v6).unwrap(),
+        redirector.clone(),
+        1,
+    );
     let client = env.run_agent_json("v6", &["tcp", "::1", &target6.port().to_string()]);
     let (peer, origin) = gateway6.join().unwrap().remove(0);
     assert_eq!(peer_of(&client), target6);
@@ -286,7 +321,11 @@ fn ipv6_and_v4_mapped_connects_are_redirected() {
     assert!(peer.is_ipv6());
 
     // An AF_INET6 socket to ::ffff:127.0.0.2 is IPv4 on the wire: it lands on the v4 listener.
-    let gateway4 = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), 1);
+    let gateway4 = stand_in(
+        TcpListener::bind(env.listen).unwrap(),
+        redirector.clone(),
+        1,
+    );
     let mapped = format!("::ffff:{}", target4.ip());
     let client = env.run_agent_json("mapped", &["tcp", &mapped, &target4.port().to_string()]);
     let (_, origin) = gateway4.join().unwrap().remove(0);
@@ -333,12 +372,19 @@ fn without_a_listener_agent_connects_fail_at_once_and_resume_after_restart() {
     drop(redirector);
 
     let client = env.run_agent_json("down", &["tcp", "127.0.0.2", &port]);
-    assert_eq!(client["error"], "ECONNREFUSED", "fail closed, at once: {client}");
+    assert_eq!(
+        client["error"], "ECONNREFUSED",
+        "fail closed, at once: {client}"
+    );
     assert_untouched(&server);
 
     // Restart: adopts the pinned programs and maps; new connections are intercepted again.
     let redirector = env.start(&[ProtectedTarget::host(target)]);
-    let gateway = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), 1);
+    let gateway = stand_in(
+        TcpListener::bind(env.listen).unwrap(),
+        redirector.clone(),
+        1,
+    );
     let client = env.run_agent_json("down", &["tcp", "127.0.0.2", &port]);
     let (_, origin) = gateway.join().unwrap().remove(0);
     assert_eq!(origin.expect("lookup after restart").original_dst, target);
@@ -360,11 +406,19 @@ fn escape_attempts_from_an_agent_are_refused() {
     let redirector = env.start(&[ProtectedTarget::host(target)]);
     let p = port.to_string();
 
-    let mut others = vec!["127.0.0.3".to_owned(), "127.0.0.1".into(), "0.0.0.0".into(), "::1".into()];
+    let mut others = vec![
+        "127.0.0.3".to_owned(),
+        "127.0.0.1".into(),
+        "0.0.0.0".into(),
+        "::1".into(),
+    ];
     others.extend(host_addresses().iter().map(IpAddr::to_string));
     for host in &others {
         let client = env.run_agent_json("escape", &["tcp", host, &p]);
-        assert_eq!(client["error"], "EPERM", "{host}:{port} must be refused: {client}");
+        assert_eq!(
+            client["error"], "EPERM",
+            "{host}:{port} must be refused: {client}"
+        );
     }
     let udp = env.run_agent_json("escape", &["udp", "127.0.0.2", &p]);
     assert_eq!(udp["sendto"], "EPERM", "{udp}");
@@ -373,7 +427,11 @@ fn escape_attempts_from_an_agent_are_refused() {
     assert_eq!(udp["sendto"], "EPERM", "{udp}");
 
     // TCP Fast Open carries data in the SYN: it goes through the same connect hook.
-    let gateway = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), 1);
+    let gateway = stand_in(
+        TcpListener::bind(env.listen).unwrap(),
+        redirector.clone(),
+        1,
+    );
     let client = env.run_agent_json("escape", &["fastopen", "127.0.0.2", &p]);
     let (_, origin) = gateway.join().unwrap().remove(0);
     assert_eq!(origin.expect("fastopen is redirected").original_dst, target);
@@ -398,7 +456,11 @@ fn a_cidr_target_redirects_every_address_in_it() {
     };
     let redirector = env.start(&[target]);
     for host in ["127.0.0.9", "127.1.2.3"] {
-        let gateway = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), 1);
+        let gateway = stand_in(
+            TcpListener::bind(env.listen).unwrap(),
+            redirector.clone(),
+            1,
+        );
         let client = env.run_agent_json("cidr", &["tcp", host, &port.to_string()]);
         let (_, origin) = gateway.join().unwrap().remove(0);
         let want = SocketAddr::new(host.parse().unwrap(), port);
@@ -438,8 +500,20 @@ fn maps_return_to_baseline_after_10000_connections() {
 
     // Every other connection waits for the lookup (the gateway consumes the record); the others
     // close at once, before or after the lookup (the release hook deletes the record).
-    let gateway = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), N);
-    let client = env.run_agent_json("leak", &["many", "127.0.0.2", &target.port().to_string(), &N.to_string()]);
+    let gateway = stand_in(
+        TcpListener::bind(env.listen).unwrap(),
+        redirector.clone(),
+        N,
+    );
+    let client = env.run_agent_json(
+        "leak",
+        &[
+            "many",
+            "127.0.0.2",
+            &target.port().to_string(),
+            &N.to_string(),
+        ],
+    );
     assert_eq!(client["failed"], 0, "{client}");
     gateway.join().unwrap();
 
@@ -472,14 +546,25 @@ fn agents_attach_list_and_uninstall() {
         .args(env.location_args())
         .output()
         .unwrap();
-    assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let gateway = stand_in(TcpListener::bind(env.listen).unwrap(), redirector.clone(), 1);
+    let gateway = stand_in(
+        TcpListener::bind(env.listen).unwrap(),
+        redirector.clone(),
+        1,
+    );
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" tcp 127.0.0.2 {port}",
         outside.display()
     );
-    let out = Command::new("sh").args(["-c", &script, CLIENT]).output().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", &script, CLIENT])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let client = json_line(&out.stdout);
     let (_, origin) = gateway.join().unwrap().remove(0);
@@ -504,7 +589,11 @@ fn agents_attach_list_and_uninstall() {
         .args(env.location_args())
         .output()
         .unwrap();
-    assert!(out.status.success(), "agents: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "agents: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let agents: Value = serde_json::from_slice(&out.stdout).unwrap();
     let find = |name: &str| {
         agents
@@ -520,14 +609,22 @@ fn agents_attach_list_and_uninstall() {
     assert_eq!(find("gamma")["connections"], 0);
     std::fs::write(gamma.join("cgroup.kill"), "1").unwrap();
     let status = sleeper.wait_with_output().unwrap().status;
-    assert_eq!(status.code(), Some(128 + 9), "killed agent's status passes through");
+    assert_eq!(
+        status.code(),
+        Some(128 + 9),
+        "killed agent's status passes through"
+    );
 
     let out = Command::new(PORTCULLIS)
         .arg("uninstall")
         .args(env.location_args())
         .output()
         .unwrap();
-    assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!env.pin.exists(), "uninstall leaves nothing pinned");
     drop(redirector);
     // Nothing intercepts any more: the agent cgroup reaches the server directly.
@@ -536,7 +633,10 @@ fn agents_attach_list_and_uninstall() {
         let (mut conn, _) = server.accept().unwrap();
         conn.write_all(b"k").unwrap();
     });
-    let out = Command::new("sh").args(["-c", &script, CLIENT]).output().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", &script, CLIENT])
+        .output()
+        .unwrap();
     accepted.join().unwrap();
     assert_eq!(peer_of(&json_line(&out.stdout)), target);
 }
@@ -562,7 +662,10 @@ fn run_passes_the_exit_status_through() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(128 + 15));
-    assert!(!env.root.join("st").exists(), "an agent cgroup left empty is removed");
+    assert!(
+        !env.root.join("st").exists(),
+        "an agent cgroup left empty is removed"
+    );
 }
 
 /// Measures connect() latency, direct against redirected, for the record (no assertion on
@@ -601,7 +704,12 @@ fn connect_latency_direct_vs_redirected() {
     gateway.join().unwrap();
 
     let summary = |v: &Value| {
-        let mut ns: Vec<u64> = v["ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        let mut ns: Vec<u64> = v["ns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         ns.sort_unstable();
         (ns[ns.len() / 2], ns[ns.len() * 99 / 100])
     };

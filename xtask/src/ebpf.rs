@@ -24,6 +24,8 @@ pub fn build_ebpf(args: &BuildEbpfArgs) -> Result<()> {
     if args.release {
         cargo.arg("--release");
     }
-    cargo.env(REQUIRE_EBPF_ENV, "1").env_remove("AYA_BUILD_SKIP");
+    cargo
+        .env(REQUIRE_EBPF_ENV, "1")
+        .env_remove("AYA_BUILD_SKIP");
     cmd::run(&mut cargo)
 }

@@ -152,7 +152,12 @@ pub const V4_MAPPED_WORDS: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xf
 /// An IPv4 address word (network order) in v4-mapped form.
 #[inline(always)]
 pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
-    [V4_MAPPED_WORDS[0], V4_MAPPED_WORDS[1], V4_MAPPED_WORDS[2], ip4]
+    [
+        V4_MAPPED_WORDS[0],
+        V4_MAPPED_WORDS[1],
+        V4_MAPPED_WORDS[2],
+        ip4,
+    ]
 }
 
 #[inline(always)]

@@ -28,5 +28,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("portcullis-ebpf is an eBPF object: build it for bpfel-unknown-none (cargo xtask build-ebpf)");
+    eprintln!(
+        "portcullis-ebpf is an eBPF object: build it for bpfel-unknown-none (cargo xtask build-ebpf)"
+    );
 }

@@ -96,7 +96,10 @@ fn destination(sa: *mut bpf_sock_addr, v6: bool) -> ([u32; 4], u16) {
 #[inline(always)]
 fn set_port(sa: *mut bpf_sock_addr, port: u32) {
     // SAFETY: `user_port` is writable in connect hooks and getpeername hooks.
-    write_u32(unsafe { addr_of_mut!((*sa).user_port) }, (port as u16).to_be() as u32);
+    write_u32(
+        unsafe { addr_of_mut!((*sa).user_port) },
+        (port as u16).to_be() as u32,
+    );
 }
 
 #[inline(always)]
@@ -300,7 +303,11 @@ pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
         )
     };
     let peer = PeerKey {
-        addr: if family == AF_INET { v4_mapped(ip4) } else { ip6 },
+        addr: if family == AF_INET {
+            v4_mapped(ip4)
+        } else {
+            ip6
+        },
         port,
     };
     // SAFETY: `rec` points to this socket's own record; only this socket's hooks write it, and

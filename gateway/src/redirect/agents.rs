@@ -173,7 +173,10 @@ mod tests {
             name_under_root(&root.join("claude/run-7"), root).as_deref(),
             Some("claude")
         );
-        assert_eq!(name_under_root(Path::new("/sys/fs/cgroup/other"), root), None);
+        assert_eq!(
+            name_under_root(Path::new("/sys/fs/cgroup/other"), root),
+            None
+        );
         assert_eq!(name_under_root(root, root), None);
     }
 

@@ -113,8 +113,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", cgroup.display())),
     }
-    let mut registry: BpfHashMap<MapData, u64, AgentInfo> =
-        loader::open_pinned(&loc, MAP_AGENTS)?;
+    let mut registry: BpfHashMap<MapData, u64, AgentInfo> = loader::open_pinned(&loc, MAP_AGENTS)?;
     let cgroup_id = agents::register(&mut registry, &loc, &name, &cgroup)?;
 
     let (program, rest) = args.command.split_first().context("no command given")?;
@@ -311,7 +310,9 @@ pub fn uninstall(args: UninstallArgs) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             println!("nothing pinned at {}", loc.pin_path.display());
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", loc.pin_path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot remove {}", loc.pin_path.display()));
+        }
     }
     remove_empty_cgroups(&loc.agent_root);
     Ok(())

@@ -22,7 +22,8 @@ const CAP_BPF: u32 = 39;
 /// The cgroup2 mount point from /proc/self/mounts: /sys/fs/cgroup on most hosts,
 /// /sys/fs/cgroup/unified on hybrid ones.
 pub fn find_cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
     cgroup2_mount_in(&mounts).context(
         "no cgroup2 filesystem in /proc/self/mounts (mount -t cgroup2 none /sys/fs/cgroup/unified)",
     )
@@ -173,7 +174,8 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 }
 
 fn check_capabilities() -> Result<()> {
-    let status = fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let status =
+        fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

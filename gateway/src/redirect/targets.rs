@@ -9,20 +9,24 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
-use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::MapData;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use portcullis_common::{TARGET_PORT_BITS, TargetAction, TargetKey, V4_MAPPED_PREFIX_BITS};
 
 use super::ProtectedTarget;
 
 /// Replaces the trie's content with `targets`, touching only entries that change.
-pub(super) fn write(map: &mut LpmTrie<MapData, TargetKey, u32>, targets: &[ProtectedTarget]) -> Result<()> {
+pub(super) fn write(
+    map: &mut LpmTrie<MapData, TargetKey, u32>,
+    targets: &[ProtectedTarget],
+) -> Result<()> {
     let wanted = entries(targets, &local_addresses());
     let existing: Vec<Key<TargetKey>> = map.keys().filter_map(|k| k.ok()).collect();
     for key in existing {
         let current = (key.prefix_len(), key.data());
         if !wanted.contains_key(&current) {
-            map.remove(&key).context("cannot remove a protected target")?;
+            map.remove(&key)
+                .context("cannot remove a protected target")?;
         }
     }
     for ((prefix_len, data), action) in wanted {
@@ -118,7 +122,9 @@ fn local_addresses() -> Vec<IpAddr> {
                 libc::AF_INET => {
                     // SAFETY: family AF_INET means a sockaddr_in.
                     let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes())));
+                    out.push(IpAddr::V4(Ipv4Addr::from(
+                        sin.sin_addr.s_addr.to_ne_bytes(),
+                    )));
                 }
                 libc::AF_INET6 => {
                     // SAFETY: family AF_INET6 means a sockaddr_in6.
