@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use super::Locations;
 use super::loader::EBPF_OBJECT;
 
-/// cgroup/sock_release and bpf_get_socket_cookie in it (5.10) are the newest features the
-/// programs use; the getpeername hooks need 5.8, cgroup links 5.7.
+/// The oldest long-term kernel with every hook the programs use: cgroup/sock_release (5.9),
+/// getpeername hooks (5.8), cgroup links (5.7).
 pub const MIN_KERNEL: (u32, u32) = (5, 10);
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CAP_NET_ADMIN: u32 = 12;
