@@ -44,7 +44,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate a policy, or explain the verdict it gives a statement.
     /// Pending and recent just-in-time approval requests.
     Approvals {
         #[command(flatten)]
@@ -75,10 +74,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Validate a policy, or explain the verdict it gives a statement.
     Policy {
         #[command(subcommand)]
         command: portcullis::policy::cli::PolicyCommand,
     },
+    /// Run a command as an intercepted agent, in a new cgroup under the agent root.
+    Run(portcullis::redirect::cli::RunArgs),
+    /// List agents with their connections, or place a cgroup under interception (`attach`).
+    Agents(portcullis::redirect::cli::AgentsArgs),
+    /// Remove every pinned eBPF map and link: interception stops.
+    Uninstall(portcullis::redirect::cli::UninstallArgs),
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -108,6 +114,11 @@ fn main() -> ExitCode {
             portcullis::admin::client::deny(&admin.admin_socket, id, reason)
         }
         Command::Policy { command } => portcullis::policy::cli::run(command),
+        Command::Run(args) => portcullis::redirect::cli::run(args),
+        Command::Agents(args) => {
+            portcullis::redirect::cli::agents(args, &std::collections::HashMap::new())
+        }
+        Command::Uninstall(args) => portcullis::redirect::cli::uninstall(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

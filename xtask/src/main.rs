@@ -1,4 +1,43 @@
-fn main() {
-    eprintln!("xtask: not built yet");
-    std::process::exit(2);
+//! Developer tasks: `cargo xtask <task>`. Each task lives in its own module; add a variant to
+//! [`Task`] and a module beside the others to add one.
+
+mod cmd;
+mod ebpf;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Portcullis developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need and is missing (nightly rust-src, bpf-linker).
+    Setup,
+    /// Build the eBPF programs into the gateway (installs the toolchain first if needed).
+    BuildEbpf(ebpf::BuildEbpfArgs),
+    /// Set up, then run the whole workspace's tests: `cargo xtask test [-- CARGO_TEST_ARGS]`.
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf(args) => ebpf::build_ebpf(&args),
+        Task::Test(args) => test::test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
