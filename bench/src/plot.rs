@@ -1,0 +1,121 @@
+//! Latency-percentile plots: one SVG per latency workload, one line per target, percentiles on a
+//! "nines" axis (p50, p90, p99, p99.9, ...) and latency on a log axis.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+
+use crate::report::{Report, WorkloadInfo};
+
+const COLORS: [RGBColor; 7] = [
+    RGBColor(0, 0, 0),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+];
+
+/// Writes `latency-<workload>.svg` for each workload that has percentile curves.
+pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for w in &report.workloads {
+        let series: Vec<(usize, &str, &[(f64, f64)])> = report
+            .targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let c = t.results.get(&w.id)?;
+                (!c.percentiles.is_empty()).then_some((i, t.name.as_str(), &c.percentiles[..]))
+            })
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let path = dir.join(format!("latency-{}.svg", w.id));
+        draw(&path, w, &series).map_err(|e| anyhow!("plotting {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Percentile to the nines axis: 50 → 0.3, 90 → 1, 99 → 2, 99.9 → 3.
+fn nines(percentile: f64) -> f64 {
+    let rest = (1.0 - percentile / 100.0).max(1e-7);
+    -rest.log10()
+}
+
+fn draw(
+    path: &Path,
+    w: &WorkloadInfo,
+    series: &[(usize, &str, &[(f64, f64)])],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let values = series.iter().flat_map(|(_, _, c)| c.iter().map(|p| p.1));
+    let (lo, hi) = values.fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let x_max = series
+        .iter()
+        .flat_map(|(_, _, c)| c.iter().rev().nth(1).map(|p| nines(p.0)))
+        .fold(1.0f64, f64::max)
+        .ceil();
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&w.title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, ((lo * 0.8).max(0.1)..hi * 1.25).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (µs)")
+        .x_labels(x_max as usize + 1)
+        .x_label_formatter(&|x| match x.round() as i64 {
+            0 => "p0".into(),
+            1 => "p90".into(),
+            n => format!("p99.{}", "9".repeat((n - 2) as usize))
+                .trim_end_matches('.')
+                .to_string(),
+        })
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    for &(i, name, curve) in series {
+        let color = COLORS[i % COLORS.len()];
+        // The final point is the maximum, drawn at the right edge.
+        let points = curve.iter().enumerate().map(|(k, &(p, v))| {
+            let x = if k + 1 == curve.len() {
+                x_max
+            } else {
+                nines(p).min(x_max)
+            };
+            (x, v)
+        });
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nines;
+
+    #[test]
+    fn the_nines_axis_puts_p99_at_two() {
+        assert!((nines(90.0) - 1.0).abs() < 1e-9);
+        assert!((nines(99.0) - 2.0).abs() < 1e-9);
+        assert!((nines(99.9) - 3.0).abs() < 1e-9);
+        assert!(nines(0.0).abs() < 1e-9);
+    }
+}
