@@ -18,7 +18,7 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(44, 160, 44),
 ];
 
-/// Writes `latency-<workload>.svg` for each workload that has percentile curves.
+/// Writes `<workload id>.svg` for each workload that has percentile curves.
 pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for w in &report.workloads {
@@ -34,7 +34,7 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         if series.is_empty() {
             continue;
         }
-        let path = dir.join(format!("latency-{}.svg", w.id));
+        let path = dir.join(format!("{}.svg", w.id));
         draw(&path, w, &series).map_err(|e| anyhow!("plotting {}: {e}", path.display()))?;
         written.push(path);
     }
@@ -64,6 +64,7 @@ fn draw(
     let mut chart = ChartBuilder::on(&root)
         .caption(&w.title, ("sans-serif", 20))
         .margin(16)
+        .margin_right(40)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0f64..x_max, ((lo * 0.8).max(0.1)..hi * 1.25).log_scale())?;

@@ -193,7 +193,7 @@ fn haproxy(bin: &Path, pg: &Postgres) -> Result<Running> {
     fs::write(
         &cfg,
         format!(
-            "global\n    maxconn 10000\n\n\
+            "global\n    maxconn 2000\n\n\
              defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\n\
              listen postgres\n    bind 127.0.0.1:{port}\n    server pg {}:{}\n",
             pg.host, pg.port
