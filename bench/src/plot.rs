@@ -22,13 +22,17 @@ const COLORS: [RGBColor; 7] = [
 pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for w in &report.workloads {
-        let series: Vec<(usize, &str, &[(f64, f64)])> = report
+        let series: Vec<Series> = report
             .targets
             .iter()
             .enumerate()
             .filter_map(|(i, t)| {
                 let c = t.results.get(&w.id)?;
-                (!c.percentiles.is_empty()).then_some((i, t.name.as_str(), &c.percentiles[..]))
+                (!c.percentiles.is_empty()).then_some(Series {
+                    color: COLORS[i % COLORS.len()],
+                    name: &t.name,
+                    curve: &c.percentiles,
+                })
             })
             .collect();
         if series.is_empty() {
@@ -41,6 +45,14 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// One target's line: its colour stays the same in every plot.
+struct Series<'a> {
+    color: RGBColor,
+    name: &'a str,
+    /// (percentile, µs), the last point being the maximum.
+    curve: &'a [(f64, f64)],
+}
+
 /// Percentile to the nines axis: 50 → 0.3, 90 → 1, 99 → 2, 99.9 → 3.
 fn nines(percentile: f64) -> f64 {
     let rest = (1.0 - percentile / 100.0).max(1e-7);
@@ -50,13 +62,13 @@ fn nines(percentile: f64) -> f64 {
 fn draw(
     path: &Path,
     w: &WorkloadInfo,
-    series: &[(usize, &str, &[(f64, f64)])],
+    series: &[Series],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let values = series.iter().flat_map(|(_, _, c)| c.iter().map(|p| p.1));
+    let values = series.iter().flat_map(|s| s.curve.iter().map(|p| p.1));
     let (lo, hi) = values.fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let x_max = series
         .iter()
-        .flat_map(|(_, _, c)| c.iter().rev().nth(1).map(|p| nines(p.0)))
+        .flat_map(|s| s.curve.iter().rev().nth(1).map(|p| nines(p.0)))
         .fold(1.0f64, f64::max)
         .ceil();
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
@@ -82,8 +94,8 @@ fn draw(
         })
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
-    for &(i, name, curve) in series {
-        let color = COLORS[i % COLORS.len()];
+    for s in series {
+        let (color, curve) = (s.color, s.curve);
         // The final point is the maximum, drawn at the right edge.
         let points = curve.iter().enumerate().map(|(k, &(p, v))| {
             let x = if k + 1 == curve.len() {
@@ -95,7 +107,7 @@ fn draw(
         });
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-            .label(name)
+            .label(s.name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     chart

@@ -169,9 +169,15 @@ impl Report {
         for (group, heading) in [
             (Group::Throughput, "Throughput: pgbench -S"),
             (Group::Latency, "Closed-loop latency, 1 client"),
-            (Group::OpenLoop, "Open loop (latency from the scheduled send time)"),
+            (
+                Group::OpenLoop,
+                "Open loop (latency from the scheduled send time)",
+            ),
             (Group::WideRows, "Wide rows"),
-            (Group::Connect, "Connection setup: connect, authenticate, first query"),
+            (
+                Group::Connect,
+                "Connection setup: connect, authenticate, first query",
+            ),
         ] {
             let workloads: Vec<&WorkloadInfo> =
                 self.workloads.iter().filter(|w| w.group == group).collect();
@@ -200,13 +206,20 @@ impl Report {
     }
 
     fn targets_table(&self, md: &mut String) {
-        let _ = writeln!(md, "| target | what | status | version |\n|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| target | what | status | version |\n|---|---|---|---|"
+        );
         for t in &self.targets {
             let status = match (t.status, &t.reason) {
                 (Status::Ok, _) => "ok".to_string(),
                 (st, reason) => format!(
                     "{}{}: {}",
-                    if st == Status::Failed { "**failed**" } else { "skipped" },
+                    if st == Status::Failed {
+                        "**failed**"
+                    } else {
+                        "skipped"
+                    },
                     t.failed_during
                         .as_deref()
                         .map(|w| format!(" during `{w}`"))
@@ -369,7 +382,7 @@ fn num(v: f64) -> String {
     let digits = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -432,7 +445,10 @@ mod tests {
         }
         let c = percentile_curve(&h);
         let (p, _) = c[c.len() - 2];
-        assert!(p <= 99.9 + 1e-9, "1,000 samples support p99.9 at most, got {p}");
+        assert!(
+            p <= 99.9 + 1e-9,
+            "1,000 samples support p99.9 at most, got {p}"
+        );
         assert_eq!(c.last().unwrap().0, 100.0);
         assert!(c.windows(2).all(|w| w[0].1 <= w[1].1));
     }

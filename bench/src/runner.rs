@@ -9,12 +9,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use testkit::Postgres;
 
+use crate::RunArgs;
 use crate::progress::{Progress, note};
 use crate::report::{self, CellReport, Host, Report, Stat, Status, TargetReport, WorkloadInfo};
 use crate::settings::Settings;
 use crate::targets::{self, Lab, Running, Start, TargetKind, Tools};
 use crate::workloads::{self, Measurement, RunCtx, Workload};
-use crate::RunArgs;
 
 /// A target through the run: its process while it lives, and everything it produced.
 struct Slot {
@@ -200,7 +200,7 @@ fn run_cell(slot: &mut Slot, w: &Workload, ctx: &RunCtx) {
         Err(e) => {
             let err = format!("{e:#}");
             if let Some(why) = running.exit_reason() {
-                slot.fail(format!("{err}; its process {why}"), Some(&id));
+                slot.fail(format!("its process {why}; the run saw: {err}"), Some(&id));
             } else if let Err(health) = workloads::check(&running.endpoint, ctx) {
                 slot.fail(
                     format!("{err}; afterwards it failed a health check: {health:#}"),

@@ -60,9 +60,9 @@ impl Settings {
             profile: "quick",
             reps: 1,
             pgbench_seconds: 1,
-            latency_seconds: 1.5,
+            latency_seconds: 1.0,
             warmup_seconds: 0.2,
-            open_loop_seconds: 1.5,
+            open_loop_seconds: 1.0,
             connect_samples: 100,
             ..Settings::full()
         }

@@ -66,7 +66,9 @@ impl TargetKind {
             TargetKind::Gateway => "portcullis, explicit listener, no policy",
             TargetKind::GatewayObserve => "portcullis --policy observe",
             TargetKind::GatewayPolicy => "portcullis --policy default (policy and masking on)",
-            TargetKind::GatewayRedirect => "portcullis, eBPF redirect, clients under `portcullis run`",
+            TargetKind::GatewayRedirect => {
+                "portcullis, eBPF redirect, clients under `portcullis run`"
+            }
             TargetKind::Haproxy => "HAProxy, TCP mode (plain forwarder)",
             TargetKind::Pgbouncer => "PgBouncer, session pooling, SCRAM",
         }
@@ -105,7 +107,8 @@ impl Endpoint {
             None => cmd.env_remove("PGPASSWORD"),
         };
         // Same handshake for every target: no SSLRequest round trip (the loopback legs are plain).
-        cmd.env("PGSSLMODE", "disable").env("PGCONNECT_TIMEOUT", "10");
+        cmd.env("PGSSLMODE", "disable")
+            .env("PGCONNECT_TIMEOUT", "10");
         cmd
     }
 }
@@ -231,7 +234,10 @@ fn pgbouncer(bin: &Path, pg: &Postgres) -> Result<Running> {
         .trim()
         .to_string();
     if !secret.starts_with("SCRAM-SHA-256$") {
-        bail!("role {} has no SCRAM secret to put in PgBouncer's userlist", pg.user);
+        bail!(
+            "role {} has no SCRAM secret to put in PgBouncer's userlist",
+            pg.user
+        );
     }
     let dir = scratch_dir("pgbouncer")?;
     let port = testkit::free_port();
@@ -427,7 +433,9 @@ impl Tools {
             Some("not installed, and installing it needs root (apt-get)".to_string())
         } else {
             crate::progress::note(&format!("installing {} with apt-get", missing.join(" ")));
-            apt_install(&missing).err().map(|e| format!("apt-get install failed: {e:#}"))
+            apt_install(&missing)
+                .err()
+                .map(|e| format!("apt-get install failed: {e:#}"))
         };
         let resolve = |name: &str, wanted: bool| -> Result<PathBuf, String> {
             if !wanted {
@@ -489,9 +497,7 @@ pub struct ChildProc {
 impl ChildProc {
     pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<ChildProc> {
         let f = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f);
+        cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
         let child = cmd
             .spawn()
             .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
@@ -510,7 +516,12 @@ impl ChildProc {
         }
     }
 
-    fn wait_until(&mut self, what: &str, timeout: Duration, ready: impl Fn() -> bool) -> Result<()> {
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn() -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if ready() {
@@ -533,9 +544,11 @@ impl ChildProc {
     }
 
     pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) -> Result<()> {
-        self.wait_until(&format!("ready ({} missing)", path.display()), timeout, || {
-            path.exists()
-        })
+        self.wait_until(
+            &format!("ready ({} missing)", path.display()),
+            timeout,
+            || path.exists(),
+        )
     }
 
     pub fn log_tail(&self) -> String {

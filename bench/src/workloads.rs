@@ -76,15 +76,18 @@ impl Workload {
                 format!("pgbench -S -M {}, {clients} client(s)", mode.as_str())
             }
             Workload::Latency { protocol } => {
-                format!("closed loop, {} protocol, 1 client", protocol_name(*protocol))
+                format!(
+                    "closed loop, {} protocol, 1 client",
+                    protocol_name(*protocol)
+                )
             }
             Workload::OpenLoop { percent } => format!(
                 "open loop at {percent}% of the direct peak, prepared, {} connections",
                 s.open_loop_connections
             ),
-            Workload::Wide { clients } => format!(
-                "wide rows (100 rows, ~10 KB, 10% PII), -M prepared, {clients} client(s)"
-            ),
+            Workload::Wide { clients } => {
+                format!("wide rows (100 rows, ~10 KB, 10% PII), -M prepared, {clients} client(s)")
+            }
             Workload::Connect => "connect + authenticate + first query".into(),
         }
     }

@@ -78,7 +78,10 @@ fn primary_metric(workload: &str) -> &'static str {
 
 fn assert_direct_complete(r: &Value, workloads: &[String]) {
     let direct = target(r, "direct");
-    assert_eq!(direct["status"], "ok", "direct PostgreSQL must always work: {direct}");
+    assert_eq!(
+        direct["status"], "ok",
+        "direct PostgreSQL must always work: {direct}"
+    );
     for w in workloads {
         let cell = &direct["results"][w];
         assert!(
@@ -101,7 +104,10 @@ fn smoke_run_reports_every_target_and_survives_a_target_killed_mid_run() {
         .arg(out.path())
         .status()
         .expect("running portcullis-bench");
-    assert!(status.success(), "portcullis-bench --smoke failed: {status}");
+    assert!(
+        status.success(),
+        "portcullis-bench --smoke failed: {status}"
+    );
 
     let r = report(out.path());
     let workloads = workload_ids(&r);
@@ -112,7 +118,11 @@ fn smoke_run_reports_every_target_and_survives_a_target_killed_mid_run() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, TARGETS.into_iter().collect(), "every target is listed");
+    assert_eq!(
+        names,
+        TARGETS.into_iter().collect(),
+        "every target is listed"
+    );
     for name in TARGETS {
         let t = target(&r, name);
         match t["status"].as_str() {
@@ -142,7 +152,11 @@ fn smoke_run_reports_every_target_and_survives_a_target_killed_mid_run() {
     assert!(md.contains("| `select-prepared-c8` | direct |"), "{md}");
     let svg = std::fs::read_to_string(out.path().join("latency-simple-c1.svg"))
         .expect("the closed-loop latency plot is written");
-    assert!(svg.starts_with("<svg"), "not an SVG: {}", &svg[..svg.len().min(80)]);
+    assert!(
+        svg.starts_with("<svg"),
+        "not an SVG: {}",
+        &svg[..svg.len().min(80)]
+    );
 
     // Second part: kill HAProxy while the harness is using it.
     if target(&r, "haproxy")["status"] != "ok" {
@@ -158,7 +172,13 @@ fn smoke_run_reports_every_target_and_survives_a_target_killed_mid_run() {
 fn killed_target_is_reported_and_the_others_finish() {
     let out = tempfile::tempdir().unwrap();
     let mut child = Command::new(BENCH)
-        .args(["--smoke", "--no-install", "--targets", "direct,haproxy", "--out"])
+        .args([
+            "--smoke",
+            "--no-install",
+            "--targets",
+            "direct,haproxy",
+            "--out",
+        ])
         .arg(out.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -209,9 +229,16 @@ fn killed_target_is_reported_and_the_others_finish() {
 /// Direct children of a process, from /proc/PID/task/*/children.
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
         }
     }
     out
