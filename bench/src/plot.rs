@@ -8,15 +8,19 @@ use plotters::prelude::*;
 
 use crate::report::{Report, WorkloadInfo};
 
-const COLORS: [RGBColor; 7] = [
-    RGBColor(0, 0, 0),
-    RGBColor(214, 39, 40),
-    RGBColor(255, 127, 14),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(31, 119, 180),
-    RGBColor(44, 160, 44),
-];
+/// One colour per target, the same in every plot and every run.
+fn color(target: &str) -> RGBColor {
+    match target {
+        "direct" => RGBColor(0, 0, 0),
+        "gateway" => RGBColor(214, 39, 40),
+        "gateway-observe" => RGBColor(255, 127, 14),
+        "gateway-policy" => RGBColor(148, 103, 189),
+        "gateway-redirect" => RGBColor(140, 86, 75),
+        "haproxy" => RGBColor(31, 119, 180),
+        "pgbouncer" => RGBColor(44, 160, 44),
+        _ => RGBColor(127, 127, 127),
+    }
+}
 
 /// Writes `<workload id>.svg` for each workload that has percentile curves.
 pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
@@ -25,11 +29,10 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         let series: Vec<Series> = report
             .targets
             .iter()
-            .enumerate()
-            .filter_map(|(i, t)| {
+            .filter_map(|t| {
                 let c = t.results.get(&w.id)?;
                 (!c.percentiles.is_empty()).then_some(Series {
-                    color: COLORS[i % COLORS.len()],
+                    color: color(&t.name),
                     name: &t.name,
                     curve: &c.percentiles,
                 })
@@ -59,6 +62,12 @@ fn nines(percentile: f64) -> f64 {
     -rest.log10()
 }
 
+/// Up to two decimals, without trailing zeros: 100, 2.5, 0.25.
+fn trimmed(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 fn draw(
     path: &Path,
     w: &WorkloadInfo,
@@ -83,7 +92,7 @@ fn draw(
     chart
         .configure_mesh()
         .x_desc("percentile")
-        .y_desc("latency (µs)")
+        .y_desc("latency")
         .x_labels(x_max as usize + 1)
         .x_label_formatter(&|x| match x.round() as i64 {
             0 => "p0".into(),
@@ -92,7 +101,13 @@ fn draw(
                 .trim_end_matches('.')
                 .to_string(),
         })
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_label_formatter(&|&y| {
+            if y >= 1000.0 {
+                format!("{} ms", trimmed(y / 1000.0))
+            } else {
+                format!("{} µs", trimmed(y))
+            }
+        })
         .draw()?;
     for s in series {
         let (color, curve) = (s.color, s.curve);
@@ -112,7 +127,7 @@ fn draw(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -123,6 +138,13 @@ fn draw(
 #[cfg(test)]
 mod tests {
     use super::nines;
+
+    #[test]
+    fn axis_labels_drop_trailing_zeros() {
+        assert_eq!(super::trimmed(100.0), "100");
+        assert_eq!(super::trimmed(2.5), "2.5");
+        assert_eq!(super::trimmed(0.25), "0.25");
+    }
 
     #[test]
     fn the_nines_axis_puts_p99_at_two() {

@@ -35,18 +35,19 @@ const ALL_MODES: [PgbenchMode; 3] = [
 ];
 
 impl Settings {
-    /// The documented run: 3 interleaved repetitions of 10-second runs.
+    /// The documented run: 5 interleaved repetitions of 5-second runs. More, shorter repetitions
+    /// spread the machine's drift over every target better than a few long ones.
     pub fn full() -> Settings {
         Settings {
             profile: "full",
             scale: 10,
-            reps: 3,
-            pgbench_seconds: 10,
+            reps: 5,
+            pgbench_seconds: 5,
             select_modes: ALL_MODES.to_vec(),
             select_clients: vec![1, 8, 32],
-            latency_seconds: 10.0,
-            warmup_seconds: 1.0,
-            open_loop_seconds: 10.0,
+            latency_seconds: 5.0,
+            warmup_seconds: 0.5,
+            open_loop_seconds: 5.0,
             open_loop_percents: vec![50, 80],
             open_loop_connections: 8,
             wide_clients: vec![1, 8],
