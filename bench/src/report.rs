@@ -32,6 +32,20 @@ pub struct Host {
     pub cpu_model: Option<String>,
     pub kernel: Option<String>,
     pub postgres: Option<String>,
+    /// 1-minute load average before setup and after the last workload: other work on the
+    /// machine shows here, and makes every figure noisier.
+    pub load_avg_start: Option<f64>,
+    pub load_avg_end: Option<f64>,
+}
+
+/// The 1-minute load average, from /proc/loadavg.
+pub fn load_avg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -161,6 +175,18 @@ impl Report {
             self.duration_s,
         );
         let _ = writeln!(md, "Command: `{}`\n", self.command);
+        let busiest = [self.host.load_avg_start, self.host.load_avg_end]
+            .into_iter()
+            .flatten()
+            .reduce(f64::max);
+        if let Some(load) = busiest.filter(|&l| l > 0.5 * f64::from(self.host.cpus)) {
+            let _ = writeln!(
+                md,
+                "**Other work was running** (load average up to {load:.1} on {} CPUs): drift \
+                 between targets is larger than on a quiet host, and box CPU includes that work.\n",
+                self.host.cpus
+            );
+        }
         if let Some(p) = self.direct_peak_tps {
             let _ = writeln!(md, "Direct peak (open-loop base): {} TPS.\n", num(p));
         }

@@ -45,12 +45,34 @@ impl Slot {
     }
 }
 
+/// When and on how busy a machine the run started.
+struct Started {
+    unix: u64,
+    at: Instant,
+    load_avg: Option<f64>,
+}
+
+impl Started {
+    fn now() -> Started {
+        Started {
+            unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            at: Instant::now(),
+            load_avg: report::load_avg(),
+        }
+    }
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
-    let started_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let clock = Instant::now();
+    let started = Started::now();
+    let cpus = workloads::cpus();
+    if let Some(load) = started.load_avg.filter(|&l| l > 0.5 * f64::from(cpus)) {
+        note(&format!(
+            "load average {load:.1} on {cpus} CPUs: other work is running, figures will be noisy"
+        ));
+    }
     let mut settings = if args.smoke {
         Settings::smoke()
     } else if args.quick {
@@ -141,7 +163,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         slot.running = None;
     }
-    let report = build_report(&settings, &plan, &ctx, slots, &pg, started_unix, clock);
+    let report = build_report(&settings, &plan, &ctx, slots, &pg, &started);
     drop(pg);
     write_outputs(&report, &out_dir)
 }
@@ -231,8 +253,7 @@ fn build_report(
     ctx: &RunCtx,
     slots: Vec<Slot>,
     pg: &Postgres,
-    started_unix: u64,
-    clock: Instant,
+    started: &Started,
 ) -> Report {
     let workloads = plan
         .iter()
@@ -265,8 +286,8 @@ fn build_report(
         .collect();
     Report {
         schema: report::SCHEMA.into(),
-        started_unix,
-        duration_s: clock.elapsed().as_secs_f64(),
+        started_unix: started.unix,
+        duration_s: started.at.elapsed().as_secs_f64(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         settings: serde_json::to_value(settings).unwrap_or_default(),
         host: Host {
@@ -282,6 +303,8 @@ fn build_report(
             postgres: targets::first_line(
                 std::process::Command::new(pg.bindir().join("postgres")).arg("--version"),
             ),
+            load_avg_start: started.load_avg,
+            load_avg_end: report::load_avg(),
         },
         direct_peak_tps: ctx.direct_peak_tps,
         workloads,
