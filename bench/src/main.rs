@@ -2,6 +2,7 @@
 //! PgBouncer, side by side in one run. See docs/benchmarks.md.
 
 mod cpu;
+mod interrupt;
 mod pgclient;
 mod plot;
 mod probe;

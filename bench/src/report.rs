@@ -22,6 +22,9 @@ pub struct Report {
     pub host: Host,
     /// Highest direct pgbench -S TPS in the first repetition: the base of the open-loop rates.
     pub direct_peak_tps: Option<f64>,
+    /// Stopped early by Ctrl-C or SIGTERM: the results are those of the steps that ran.
+    #[serde(default)]
+    pub interrupted: bool,
     pub workloads: Vec<WorkloadInfo>,
     pub targets: Vec<TargetReport>,
 }
@@ -175,6 +178,12 @@ impl Report {
             self.duration_s,
         );
         let _ = writeln!(md, "Command: `{}`\n", self.command);
+        if self.interrupted {
+            let _ = writeln!(
+                md,
+                "**Interrupted**: only the steps that ran before Ctrl-C are reported.\n"
+            );
+        }
         let busiest = [self.host.load_avg_start, self.host.load_avg_end]
             .into_iter()
             .flatten()

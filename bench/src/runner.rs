@@ -66,6 +66,7 @@ impl Started {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    crate::interrupt::install();
     let started = Started::now();
     let cpus = workloads::cpus();
     if let Some(load) = started.load_avg.filter(|&l| l > 0.5 * f64::from(cpus)) {
@@ -141,12 +142,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     let plan = workloads::plan(&settings);
     let live = slots.iter().filter(|s| s.running.is_some()).count();
     let mut progress = Progress::new(settings.reps as usize * plan.len() * live);
-    for rep in 1..=settings.reps {
+    let mut interrupted = false;
+    'run: for rep in 1..=settings.reps {
         for w in &plan {
             if matches!(w, Workload::OpenLoop { .. }) && ctx.direct_peak_tps.is_none() {
                 ctx.direct_peak_tps = direct_peak(&slots);
             }
             for slot in slots.iter_mut() {
+                if crate::interrupt::requested() {
+                    interrupted = true;
+                    break 'run;
+                }
                 if slot.running.is_none() {
                     continue;
                 }
@@ -156,6 +162,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     progress.finish();
+    if interrupted {
+        note("interrupted: stopping the targets and writing the report of what ran");
+    }
 
     for slot in slots.iter_mut() {
         if let Some(r) = &slot.running {
@@ -163,7 +172,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         slot.running = None;
     }
-    let report = build_report(&settings, &plan, &ctx, slots, &pg, &started);
+    let mut report = build_report(&settings, &plan, &ctx, slots, &pg, &started);
+    report.interrupted = interrupted;
     drop(pg);
     write_outputs(&report, &out_dir)
 }
@@ -219,6 +229,8 @@ fn run_cell(slot: &mut Slot, w: &Workload, ctx: &RunCtx) {
     }
     match workloads::run(w, &running.endpoint, ctx) {
         Ok(m) => slot.cells.entry(id).or_default().runs.push(m),
+        // Ctrl-C reaches pgbench and the probe too: their failure is not the target's.
+        Err(_) if crate::interrupt::requested() => {}
         Err(e) => {
             let err = format!("{e:#}");
             if let Some(why) = running.exit_reason() {
@@ -307,6 +319,7 @@ fn build_report(
             load_avg_end: report::load_avg(),
         },
         direct_peak_tps: ctx.direct_peak_tps,
+        interrupted: false,
         workloads,
         targets,
     }
