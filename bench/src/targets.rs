@@ -416,7 +416,7 @@ pub struct Tools {
 
 impl Tools {
     /// Finds haproxy and pgbouncer; installs the missing ones with apt-get when `install` is set
-    /// and we are root. `wanted` limits the work to the targets selected.
+    /// and we are root. Tools of targets not selected are neither looked for nor installed.
     pub fn ensure(want_haproxy: bool, want_pgbouncer: bool, install: bool) -> Tools {
         let mut missing = Vec::new();
         if want_haproxy && find_program("haproxy").is_none() {
