@@ -65,3 +65,10 @@ pub fn path_with_cargo_bin() -> Result<OsString> {
     }
     std::env::join_paths(dirs).context("PATH contains an invalid entry")
 }
+
+/// Where cargo puts build output: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+pub fn target_dir() -> Result<PathBuf> {
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target")))
+}

@@ -1,8 +1,10 @@
 //! Developer tasks: `cargo xtask <task>`. Each task lives in its own module; add a variant to
 //! [`Task`] and a module beside the others to add one.
 
+mod bench;
 mod cmd;
 mod ebpf;
+mod run;
 mod setup;
 mod test;
 
@@ -25,6 +27,10 @@ enum Task {
     BuildEbpf(ebpf::BuildEbpfArgs),
     /// Set up, then run the whole workspace's tests: `cargo xtask test [-- CARGO_TEST_ARGS]`.
     Test(test::TestArgs),
+    /// Set up, build, and run the gateway with the embedded default configuration.
+    Run(run::RunArgs),
+    /// Build in release and run the latency harness: `cargo xtask bench [-- --quick]`.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +38,8 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::BuildEbpf(args) => ebpf::build_ebpf(&args),
         Task::Test(args) => test::test(&args),
+        Task::Run(args) => run::run(&args),
+        Task::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,7 +14,34 @@ pub const EBPF_TOOLCHAIN: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13";
 
 pub fn setup() -> Result<()> {
+    ensure_postgres()?;
     ensure_ebpf_toolchain()
+}
+
+/// The tests start a throwaway PostgreSQL 15 and drive it with psql and pgbench.
+fn ensure_postgres() -> Result<()> {
+    if Path::new("/usr/lib/postgresql/15/bin/initdb").exists()
+        && Path::new("/usr/lib/postgresql/15/bin/pgbench").exists()
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing postgresql-15 (server, psql, pgbench)");
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "postgresql-15",
+                "postgresql-client-15",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// Nightly with rust-src (for `-Z build-std=core`) and a bpf-linker that runs.
