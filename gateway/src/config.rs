@@ -70,6 +70,8 @@ struct File {
     listener: Vec<ListenerSection>,
     #[serde(default)]
     target: Vec<Spanned<TargetSection>>,
+    #[serde(default)]
+    redirect: Option<crate::redirect::RedirectConfig>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -100,6 +102,9 @@ struct TargetSection {
     password_file: Option<PathBuf>,
     password_env: Option<String>,
     connect_timeout: Option<Spanned<String>>,
+    /// Destinations agents dial that route here (redirect mode): "ADDR[/PREFIX]:PORT".
+    #[serde(default)]
+    protect: Vec<Spanned<String>>,
 }
 
 /// The gateway's settings after merging file, flags and defaults.
@@ -120,6 +125,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub listeners: Vec<Listener>,
     pub targets: Vec<TargetConfig>,
+    /// eBPF interception; off unless `[redirect] enabled = true`.
+    pub redirect: crate::redirect::RedirectConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +141,9 @@ pub struct TargetConfig {
     pub upstream: Upstream,
     pub password: SecretSource,
     pub connect_timeout: Duration,
+    /// Original destinations that route to this target when the redirect steers a connection
+    /// here. Default: the upstream address itself when it is an IP literal or `localhost`.
+    pub protect: Vec<crate::redirect::ProtectedTarget>,
 }
 
 /// How the gateway reaches and authenticates to one PostgreSQL.
@@ -204,11 +214,13 @@ impl Config {
                 (None, Some(v)) => SecretSource::Env(v.clone()),
                 (None, None) => SecretSource::None,
             };
+            let protect = default_protect(&upstream);
             cfg.targets = vec![TargetConfig {
                 name: "default".into(),
                 upstream,
                 password,
                 connect_timeout: Duration::from_secs(10),
+                protect,
             }];
             cfg.listeners = vec![Listener {
                 listen,
@@ -297,11 +309,22 @@ impl Config {
                 })?,
                 None => Duration::from_secs(10),
             };
+            let mut protect = Vec::new();
+            for p in &t.protect {
+                protect.push(
+                    parse_protect(p.get_ref())
+                        .map_err(|m| err(Some(p.span()), format!("key `target.protect`: {m}")))?,
+                );
+            }
+            if protect.is_empty() {
+                protect = default_protect(&upstream);
+            }
             targets.push(TargetConfig {
                 name: t.name,
                 upstream,
                 password,
                 connect_timeout,
+                protect,
             });
         }
         let mut listeners = Vec::new();
@@ -334,6 +357,7 @@ impl Config {
             max_message_bytes: g.max_message_bytes.unwrap_or(64 << 20),
             listeners,
             targets,
+            redirect: file.redirect.unwrap_or_default(),
         })
     }
 
@@ -454,6 +478,58 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, String> {
         database,
         sslmode,
         sslrootcert,
+    })
+}
+
+/// The upstream's own address, when it is one a connect() can name: an IP literal, or
+/// `localhost` (both loopback families).
+fn default_protect(up: &Upstream) -> Vec<crate::redirect::ProtectedTarget> {
+    use crate::redirect::ProtectedTarget;
+    if let Ok(ip) = up.host.parse::<std::net::IpAddr>() {
+        return vec![ProtectedTarget::host(SocketAddr::new(ip, up.port))];
+    }
+    if up.host == "localhost" {
+        return vec![
+            ProtectedTarget::host(SocketAddr::new(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                up.port,
+            )),
+            ProtectedTarget::host(SocketAddr::new(
+                std::net::Ipv6Addr::LOCALHOST.into(),
+                up.port,
+            )),
+        ];
+    }
+    Vec::new()
+}
+
+/// "10.0.0.5:5432", "10.0.0.0/24:5432", "[::1]:5432", "[fd00::/64]:5432".
+pub fn parse_protect(s: &str) -> Result<crate::redirect::ProtectedTarget, String> {
+    let bad =
+        || format!("{s:?} is not ADDR[/PREFIX]:PORT, e.g. \"10.0.0.0/24:5432\" or \"[::1]:5432\"");
+    let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (net, port) = rest.split_once("]:").ok_or_else(bad)?;
+        (net, port)
+    } else {
+        s.rsplit_once(':').ok_or_else(bad)?
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let (addr, prefix) = match net.split_once('/') {
+        Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+        None => (net, None),
+    };
+    let net: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if net.is_ipv4() { 32 } else { 128 };
+    let prefix_len = prefix.unwrap_or(max);
+    if prefix_len > max {
+        return Err(format!(
+            "{s:?}: prefix /{prefix_len} is longer than the address"
+        ));
+    }
+    Ok(crate::redirect::ProtectedTarget {
+        net,
+        prefix_len,
+        port,
     })
 }
 

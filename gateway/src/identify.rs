@@ -24,6 +24,23 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// A connection the eBPF redirect steered here: the kernel recorded the caller at connect().
+    pub fn redirected(client_addr: SocketAddr, origin: crate::redirect::Origin) -> Self {
+        Identity {
+            client_addr,
+            original_dst: origin.original_dst,
+            peer: Peer {
+                agent: origin.agent,
+                pid: Some(origin.pid),
+                uid: Some(origin.uid),
+                exe: exe_of(origin.pid).or(Some(origin.comm)),
+                cgroup: origin.cgroup_path.map(|p| p.display().to_string()),
+            },
+        }
+    }
+}
+
 /// The executable of a process, from /proc at accept time (best effort: it may be gone).
 pub fn exe_of(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/exe"))

@@ -116,7 +116,14 @@ fn main() -> ExitCode {
         Command::Policy { command } => portcullis::policy::cli::run(command),
         Command::Run(args) => portcullis::redirect::cli::run(args),
         Command::Agents(args) => {
-            portcullis::redirect::cli::agents(args, &std::collections::HashMap::new())
+            let socket = std::env::var_os("PORTCULLIS_ADMIN_SOCKET").map_or_else(
+                || PathBuf::from(portcullis::config::DEFAULT_ADMIN_SOCKET),
+                PathBuf::from,
+            );
+            portcullis::redirect::cli::agents(
+                args,
+                &portcullis::admin::client::live_agent_counts(&socket),
+            )
         }
         Command::Uninstall(args) => portcullis::redirect::cli::uninstall(args),
     };

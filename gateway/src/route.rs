@@ -10,6 +10,7 @@ use anyhow::Context;
 
 use crate::config::{Config, TargetConfig};
 use crate::metrics::{Registry, TargetCounters};
+use crate::redirect::ProtectedTarget;
 use crate::secret::Secret;
 
 /// A target with its credential loaded.
@@ -24,6 +25,8 @@ pub struct Target {
 #[derive(Debug, Default)]
 pub struct Routes {
     by_destination: HashMap<SocketAddr, Arc<Target>>,
+    /// Redirect mode: protected destinations, most specific prefix first.
+    protected: Vec<(ProtectedTarget, Arc<Target>)>,
     targets: Vec<Arc<Target>>,
 }
 
@@ -53,18 +56,84 @@ impl Routes {
         }
         let mut targets: Vec<_> = targets.into_values().collect();
         targets.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        let mut protected: Vec<_> = targets
+            .iter()
+            .flat_map(|t| t.config.protect.iter().map(move |p| (*p, t.clone())))
+            .collect();
+        protected.sort_by(|a, b| b.0.prefix_len.cmp(&a.0.prefix_len));
         Ok(Routes {
             by_destination,
+            protected,
             targets,
         })
     }
 
-    /// The target for a connection's original destination.
+    /// The target for a connection's original destination: an explicit listener's own address,
+    /// or a protected destination the redirect steered here.
     pub fn route(&self, original_dst: SocketAddr) -> Option<Arc<Target>> {
-        self.by_destination.get(&original_dst).cloned()
+        if let Some(t) = self.by_destination.get(&original_dst) {
+            return Some(t.clone());
+        }
+        let ip = original_dst.ip().to_canonical();
+        self.protected
+            .iter()
+            .find(|(p, _)| p.port == original_dst.port() && contains(p, ip))
+            .map(|(_, t)| t.clone())
+    }
+
+    /// Every protected destination, for the eBPF programs.
+    pub fn protected(&self) -> Vec<ProtectedTarget> {
+        self.protected.iter().map(|(p, _)| *p).collect()
     }
 
     pub fn targets(&self) -> &[Arc<Target>] {
         &self.targets
+    }
+}
+
+fn contains(p: &ProtectedTarget, ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match (p.net.to_canonical(), ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => {
+            let bits = p.prefix_len.min(32) as u32;
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(net) & mask == u32::from(ip) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            let bits = p.prefix_len.min(128) as u32;
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(net) & mask == u128::from(ip) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_protect;
+
+    #[test]
+    fn cidr_and_v4_mapped_destinations_match() {
+        let p = parse_protect("10.0.0.0/24:5432").unwrap();
+        assert!(contains(&p, "10.0.0.77".parse().unwrap()));
+        assert!(!contains(&p, "10.0.1.1".parse().unwrap()));
+        let mapped: std::net::IpAddr = "::ffff:10.0.0.9"
+            .parse::<std::net::IpAddr>()
+            .unwrap()
+            .to_canonical();
+        assert!(contains(&p, mapped));
+        let v6 = parse_protect("[fd00::/64]:5432").unwrap();
+        assert!(contains(&v6, "fd00::1".parse().unwrap()));
+        assert!(parse_protect("10.0.0.0/33:5432").is_err());
+        assert!(parse_protect("nonsense").is_err());
     }
 }

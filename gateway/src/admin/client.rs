@@ -215,3 +215,17 @@ pub fn deny(socket: &Path, id: u64, reason: Option<String>) -> anyhow::Result<()
     println!("denied request {id}");
     Ok(())
 }
+
+/// Live sessions per agent name, for `portcullis agents`. Empty when no gateway answers: the
+/// agent list itself comes from the cgroups and stays useful.
+pub fn live_agent_counts(socket: &Path) -> std::collections::HashMap<String, u64> {
+    let mut counts = std::collections::HashMap::new();
+    if let Ok(data) = call(socket, &Request::Sessions)
+        && let Ok(sessions) = serde_json::from_value::<Vec<SessionSnapshot>>(data)
+    {
+        for agent in sessions.into_iter().filter_map(|s| s.agent) {
+            *counts.entry(agent).or_default() += 1;
+        }
+    }
+    counts
+}

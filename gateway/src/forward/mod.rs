@@ -35,6 +35,7 @@ pub struct Shared {
     config: RwLock<Arc<Config>>,
     policy: RwLock<Arc<Policy>>,
     pub approvals: Arc<Approvals>,
+    pub redirector: Option<Arc<crate::redirect::Redirector>>,
     pub started: Instant,
     pub draining: AtomicBool,
 }
@@ -82,9 +83,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
     let routes =
         Routes::build(&cfg, &registry).with_context(|| format!("loading {}", cfg.origin))?;
-    if cfg.listeners.is_empty() {
+    if cfg.listeners.is_empty() && !cfg.redirect.enabled {
         anyhow::bail!(
-            "{}: no [[listener]] is configured, so there is nothing to serve",
+            "{}: no [[listener]] is configured and [redirect] is off, so there is nothing to serve",
             cfg.origin
         );
     }
@@ -94,13 +95,29 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let approvals = Approvals::open(&cfg.state_dir)?;
 
     // Bind everything before starting anything, so a busy port is one clear error.
-    let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
+    let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener, Arrival)>> =
         (0..cfg.workers).map(|_| Vec::new()).collect();
     for l in &cfg.listeners {
         for worker in per_worker.iter_mut() {
-            worker.push((l.listen, bind_reuseport(l.listen)?));
+            worker.push((l.listen, bind_reuseport(l.listen)?, Arrival::Explicit));
         }
     }
+    // Interception: the programs steer agents' connects to these listeners, and the maps say
+    // where each was going. Pinned, so a crash or restart of the gateway keeps agents fenced in.
+    let redirector = if cfg.redirect.enabled {
+        let r = Arc::new(
+            crate::redirect::Redirector::start(&cfg.redirect, &routes.protected())
+                .context("starting the eBPF redirect")?,
+        );
+        for addr in std::iter::once(cfg.redirect.listen).chain(cfg.redirect.listen_v6) {
+            for worker in per_worker.iter_mut() {
+                worker.push((addr, bind_reuseport(addr)?, Arrival::Redirected(r.clone())));
+            }
+        }
+        Some(r)
+    } else {
+        None
+    };
 
     let shared = Arc::new(Shared {
         registry,
@@ -109,6 +126,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config: RwLock::new(Arc::new(cfg.clone())),
         policy: RwLock::new(Arc::new(policy)),
         approvals,
+        redirector,
         started: Instant::now(),
         draining: AtomicBool::new(false),
     });
@@ -188,6 +206,10 @@ fn reload(args: &ServeArgs, shared: &Shared) {
         if old.listeners != cfg.listeners {
             warn!("listener changes take effect at the next restart");
         }
+        if let Some(r) = &shared.redirector {
+            r.update_targets(&routes.protected())
+                .context("updating the eBPF protected targets")?;
+        }
         *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
         *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
@@ -214,14 +236,23 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// How connections reach a listener, and so how the gateway learns their original destination.
+#[derive(Clone)]
+enum Arrival {
+    /// Dialled directly: the original destination is the listener's own address.
+    Explicit,
+    /// Steered here by the eBPF programs, which recorded where the agent was going.
+    Redirected(Arc<crate::redirect::Redirector>),
+}
+
 async fn worker(
-    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    listeners: Vec<(SocketAddr, std::net::TcpListener, Arrival)>,
     shared: Arc<Shared>,
     stop: futures_channel::oneshot::Receiver<()>,
 ) {
     let stop = futures_util::future::FutureExt::shared(stop);
     let mut accepts = Vec::new();
-    for (addr, std_listener) in listeners {
+    for (addr, std_listener, arrival) in listeners {
         let listener = match compio::net::TcpListener::from_std(std_listener) {
             Ok(l) => l,
             Err(e) => {
@@ -232,7 +263,7 @@ async fn worker(
         let shared = shared.clone();
         let stop = stop.clone();
         accepts.push(compio::runtime::spawn(accept_loop(
-            listener, addr, shared, stop,
+            listener, addr, arrival, shared, stop,
         )));
     }
     for a in accepts {
@@ -245,6 +276,7 @@ async fn worker(
 async fn accept_loop<S>(
     listener: compio::net::TcpListener,
     addr: SocketAddr,
+    arrival: Arrival,
     shared: Arc<Shared>,
     mut stop: S,
 ) where
@@ -257,7 +289,18 @@ async fn accept_loop<S>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let identity = Identity::explicit(peer, addr);
+                let identity = match &arrival {
+                    Arrival::Explicit => Identity::explicit(peer, addr),
+                    Arrival::Redirected(r) => match r.lookup(peer) {
+                        Ok(origin) => Identity::redirected(peer, origin),
+                        Err(e) => {
+                            // No record of where it was going: refuse rather than guess.
+                            warn!(client = %peer, "refusing a redirected connection: {e}");
+                            drop(tcp);
+                            continue;
+                        }
+                    },
+                };
                 compio::runtime::spawn(session::handle(tcp, identity, shared.clone())).detach();
             }
             Err(e) => {
