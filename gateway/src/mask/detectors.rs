@@ -503,11 +503,26 @@ fn setting_kind(name: &[u8]) -> Option<Setting> {
     if name.len() < 3 || name.len() > 64 {
         return None;
     }
+    // Every keyword below holds one of these letter pairs; most names have none (`| 0x20` lowers
+    // ASCII letters and maps no other byte onto one).
+    let candidate = name.windows(2).any(|w| {
+        matches!(
+            (w[0] | 0x20, w[1] | 0x20),
+            (b'p', b'a' | b'w' | b'r')
+                | (b's', b'e')
+                | (b't', b'o')
+                | (b'a', b'p' | b'c' | b'u' | b'w')
+                | (b'c', b'r')
+        )
+    });
+    if !candidate {
+        return None;
+    }
     let mut buf = [0u8; 64];
     let lower = &mut buf[..name.len()];
     lower.copy_from_slice(name);
     lower.make_ascii_lowercase();
-    let has = |k: &[u8]| memchr::memmem::find(lower, k).is_some();
+    let has = |k: &[u8]| lower.windows(k.len()).any(|w| w == k);
     if has(b"aws_secret") || has(b"secret_access_key") {
         Some(Setting::AwsSecret)
     } else if lower.ends_with(b"authorization") {
@@ -532,13 +547,16 @@ fn setting_kind(name: &[u8]) -> Option<Setting> {
 /// The value of a `name: value` / `name = value` / `"name": "value"` setting whose name says it is a
 /// secret, around the separator at `p`. Returns the value span and the detector it belongs to.
 pub(crate) fn setting_value(s: &[u8], p: usize) -> Option<(usize, usize, DetectorKind)> {
-    // The name: skip spaces and a closing quote before the separator.
+    // The name: skip spaces and a closing quote (maybe backslash-escaped) before the separator.
     let mut j = p;
-    while j > 0 && p - j < 3 && s[j - 1] == b' ' {
+    while j > 0 && p - j < 3 && matches!(s[j - 1], b' ' | b'\t') {
         j -= 1;
     }
     if j > 0 && matches!(s[j - 1], b'"' | b'\'') {
         j -= 1;
+        if j > 0 && s[j - 1] == b'\\' {
+            j -= 1;
+        }
     }
     let name_end = j;
     let ident = |b: u8| alnum(b) || matches!(b, b'_' | b'-' | b'.');
@@ -554,6 +572,9 @@ pub(crate) fn setting_value(s: &[u8], p: usize) -> Option<(usize, usize, Detecto
     while i < s.len() && i - p < 8 && matches!(s[i], b' ' | b'\t') {
         i += 1;
     }
+    // An escaped quote (`\"`, JSON text inside text) opens a value that the same escape closes.
+    let escaped = at(s, i) == b'\\' && matches!(at(s, i + 1), b'"' | b'\'');
+    i += usize::from(escaped);
     let (mut vs, mut ve) = match at(s, i) {
         q @ (b'"' | b'\'') => {
             let body = &s[i + 1..(i + 1 + 1024).min(s.len())];
@@ -561,6 +582,11 @@ pub(crate) fn setting_value(s: &[u8], p: usize) -> Option<(usize, usize, Detecto
             if body[close] != q {
                 return None;
             }
+            let close = if escaped && close > 0 && body[close - 1] == b'\\' {
+                close - 1
+            } else {
+                close
+            };
             (i + 1, i + 1 + close)
         }
         _ => {
@@ -970,6 +996,15 @@ mod tests {
         );
         assert_eq!(setting("note: password"), None);
         assert_eq!(setting("password="), None);
+        assert_eq!(
+            setting("password\t:\thunter2"),
+            Some(("hunter2".into(), DetectorKind::Secret))
+        );
+        assert_eq!(
+            setting(r#"{\"password\": \"hunter2\"}"#),
+            Some(("hunter2".into(), DetectorKind::Secret)),
+            "JSON escaped inside text"
+        );
     }
 
     #[test]

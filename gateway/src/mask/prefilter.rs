@@ -1,17 +1,20 @@
 //! The scan that decides, fast, whether a text value holds anything to mask.
 //!
-//! Two passes, both vectorized, and only their candidates reach the exact detectors:
-//! - **anchors**: Aho-Corasick (its SIMD "Teddy" prefilter) over the literal prefixes of token formats
-//!   (`eyJ`, `AKIA`, `-----BEGIN`, `Bearer`, `ghp_`, `xoxb-`, ...);
-//! - **trigger bytes**: digits, `@`, `:` and `=`, found 64 bytes at a time with a loop the compiler
-//!   turns into SIMD compares. A digit starts a number-like run (phone, card, SSN, IBAN, IPv4), which is
-//!   checked as a whole and skipped; `@` is an email candidate; `:`/`=` a setting (`password=`), a URL
-//!   with a password, or an IPv6 address.
+//! Two vectorized passes find candidates, and only candidates reach the exact detectors:
+//! - **anchors**: Aho-Corasick's packed searcher (SIMD "Teddy") over a few distinctive literals that
+//!   start token formats: `eyJ` (JWT), `rer ` (`Bearer `), `AKIA`/`ASIA` (AWS), `AIza` (Google);
+//! - **trigger bytes**: digits, `@`, `:`, `=`, `-` and `_`. Each 64-byte block is classified with
+//!   compares the compiler vectorizes, blocks without a trigger are skipped at once, and in the others
+//!   a bit per byte (a multiply packs eight flags into eight bits) leads straight to each trigger. A
+//!   digit starts a number-like run (phone, card, SSN, IBAN, IPv4), checked as a whole and then
+//!   skipped; `@` is an email candidate; `:`/`=` a setting (`password=`), a URL with a password, or an
+//!   IPv6 address; `_`/`-` after a lower-case letter a token prefix (`ghp_`, `xoxb-`, `sk-`), and
+//!   `-----BEGIN` a PEM block.
 //!
-//! Text with none of these bytes costs two SIMD passes and nothing else; typical prose costs a few
-//! cheap rejections per number. Nothing here allocates unless a detector matches.
+//! Each trigger is rejected in a few comparisons in the common case (a short number, a word before a
+//! colon). Nothing here allocates unless a detector matches.
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
+use aho_corasick::packed;
 
 use super::config::DetectorKind;
 use super::detectors::{self, Hit, TokenChars};
@@ -36,7 +39,7 @@ impl Enabled {
 #[derive(Debug, Clone, Copy)]
 enum Anchor {
     Jwt,
-    PrivateKey,
+    /// `rer `: the match is three bytes into `Bearer `/`bearer `/`BEARER `.
     Bearer,
     Token {
         kind: DetectorKind,
@@ -55,38 +58,46 @@ const fn token(kind: DetectorKind, chars: TokenChars, min: usize, max: usize) ->
     }
 }
 
+/// Literal anchors for the packed searcher. Few and distinctive, so it rarely stops on ordinary text
+/// (`Bearer ` is found as `rer `: `bea…` and `ear…` are common in English); token formats whose prefix ends in
+/// `_` or `-` are found through those trigger bytes instead.
 const ANCHORS: &[(&str, DetectorKind, Anchor)] = {
-    use DetectorKind::{AwsKey, Bearer, Jwt, PrivateKey, Secret};
-    use TokenChars::{Alnum, UpperAlnum, Word};
+    use DetectorKind::{AwsKey, Bearer, Jwt, Secret};
+    use TokenChars::{UpperAlnum, Word};
     &[
         ("eyJ", Jwt, Anchor::Jwt),
-        ("-----BEGIN", PrivateKey, Anchor::PrivateKey),
-        ("Bearer", Bearer, Anchor::Bearer),
-        ("bearer", Bearer, Anchor::Bearer),
-        ("BEARER", Bearer, Anchor::Bearer),
+        ("rer ", Bearer, Anchor::Bearer),
+        ("RER ", Bearer, Anchor::Bearer),
         ("AKIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16)),
         ("ASIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16)),
-        ("ghp_", Secret, token(Secret, Alnum, 30, 255)),
-        ("gho_", Secret, token(Secret, Alnum, 30, 255)),
-        ("ghu_", Secret, token(Secret, Alnum, 30, 255)),
-        ("ghs_", Secret, token(Secret, Alnum, 30, 255)),
-        ("ghr_", Secret, token(Secret, Alnum, 30, 255)),
-        ("github_pat_", Secret, token(Secret, Word, 22, 255)),
-        ("xoxb-", Secret, token(Secret, Word, 10, 255)),
-        ("xoxp-", Secret, token(Secret, Word, 10, 255)),
-        ("xoxa-", Secret, token(Secret, Word, 10, 255)),
-        ("xoxr-", Secret, token(Secret, Word, 10, 255)),
-        ("xoxs-", Secret, token(Secret, Word, 10, 255)),
-        ("xapp-", Secret, token(Secret, Word, 10, 255)),
-        ("sk_live_", Secret, token(Secret, Alnum, 16, 255)),
-        ("rk_live_", Secret, token(Secret, Alnum, 16, 255)),
-        ("sk-", Secret, token(Secret, Word, 20, 255)),
         ("AIza", Secret, token(Secret, Word, 35, 35)),
-        ("glpat-", Secret, token(Secret, Word, 20, 255)),
     ]
 };
 
-/// Detectors found through a digit (`NUMERIC`), `@`, or `:`/`=`.
+/// Token formats with a `_` or `-` in their prefix (all `Secret`): (prefix, body chars, min, max).
+const SEPARATED_TOKENS: &[(&str, TokenChars, usize, usize)] = {
+    use TokenChars::{Alnum, Word};
+    &[
+        ("ghp_", Alnum, 30, 255),
+        ("gho_", Alnum, 30, 255),
+        ("ghu_", Alnum, 30, 255),
+        ("ghs_", Alnum, 30, 255),
+        ("ghr_", Alnum, 30, 255),
+        ("github_pat_", Word, 22, 255),
+        ("xoxb-", Word, 10, 255),
+        ("xoxp-", Word, 10, 255),
+        ("xoxa-", Word, 10, 255),
+        ("xoxr-", Word, 10, 255),
+        ("xoxs-", Word, 10, 255),
+        ("xapp-", Word, 10, 255),
+        ("sk_live_", Alnum, 16, 255),
+        ("rk_live_", Alnum, 16, 255),
+        ("sk-", Word, 20, 255),
+        ("glpat-", Word, 20, 255),
+    ]
+};
+
+/// Detectors found through a digit.
 const NUMERIC: [DetectorKind; 5] = [
     DetectorKind::Phone,
     DetectorKind::Card,
@@ -94,6 +105,7 @@ const NUMERIC: [DetectorKind; 5] = [
     DetectorKind::Iban,
     DetectorKind::Ipv4,
 ];
+/// Detectors found through `:`/`=` settings.
 const SETTINGS: [DetectorKind; 3] = [
     DetectorKind::Secret,
     DetectorKind::AwsKey,
@@ -104,7 +116,7 @@ const SETTINGS: [DetectorKind; 3] = [
 #[derive(Debug, Clone)]
 pub(crate) struct Scanner {
     on: Enabled,
-    anchors: Option<(AhoCorasick, Vec<Anchor>)>,
+    anchors: Option<(packed::Searcher, Vec<Anchor>)>,
     triggers: bool,
 }
 
@@ -117,15 +129,17 @@ impl Scanner {
             .map(|&(lit, _, anchor)| (lit, anchor))
             .unzip();
         let anchors = (!patterns.is_empty()).then(|| {
-            let ac = AhoCorasickBuilder::new()
-                .match_kind(MatchKind::LeftmostFirst)
-                .kind(Some(AhoCorasickKind::DFA))
-                .build(&patterns)
-                .expect("anchor literals are a small fixed set");
-            (ac, anchors)
+            let searcher = packed::Config::new()
+                .match_kind(packed::MatchKind::LeftmostFirst)
+                .builder()
+                .extend(&patterns)
+                .build()
+                .expect("the packed searcher takes a few short literals");
+            (searcher, anchors)
         });
         let triggers = on.any(&NUMERIC)
             || on.any(&SETTINGS)
+            || on.has(DetectorKind::PrivateKey)
             || on.has(DetectorKind::Email)
             || on.has(DetectorKind::Ipv6);
         Scanner {
@@ -142,15 +156,14 @@ impl Scanner {
     /// Appends the hits in `text` to `hits`, sorted, overlapping hits merged into one span.
     pub fn scan(&self, text: &[u8], hits: &mut Vec<Hit>) {
         let base = hits.len();
-        if let Some((ac, anchors)) = &self.anchors {
+        if let Some((searcher, anchors)) = &self.anchors {
             let mut covered = 0;
-            for m in ac.find_iter(text) {
+            for m in searcher.find_iter(text) {
                 if m.start() < covered {
                     continue;
                 }
-                if let Some(hit) =
-                    verify_anchor(anchors[m.pattern().as_usize()], text, m.start(), m.len())
-                {
+                let anchor = anchors[m.pattern().as_usize()];
+                if let Some(hit) = verify_anchor(anchor, text, m.start(), m.len()) {
                     covered = hit.end;
                     hits.push(hit);
                 }
@@ -172,63 +185,125 @@ impl Scanner {
     }
 
     fn scan_triggers(&self, s: &[u8], hits: &mut Vec<Hit>, base: usize) {
-        // Anchor hits found so far are sorted; triggers inside them are already masked.
+        // Anchor hits (sorted) are masked already: triggers inside them are skipped.
         let anchor_end = hits.len();
         let mut next_anchor = base;
         let mut resume = 0;
-        let mut on_trigger = |j: usize, hits: &mut Vec<Hit>, resume: &mut usize| {
-            while next_anchor < anchor_end && hits[next_anchor].end <= j {
-                next_anchor += 1;
-            }
-            if next_anchor < anchor_end && hits[next_anchor].start <= j {
-                *resume = hits[next_anchor].end;
-                return;
-            }
-            *resume = self.at_trigger(s, j, hits);
-        };
         let mut i = 0;
-        while i + 64 <= s.len() {
+        while i < s.len() {
             if resume > i {
                 i = resume;
                 continue;
             }
-            let block: &[u8; 64] = s[i..i + 64].try_into().expect("64-byte block");
-            let mut mask = trigger_mask(block);
-            while mask != 0 {
-                let j = i + mask.trailing_zeros() as usize;
-                mask &= mask - 1;
-                if j >= resume {
-                    on_trigger(j, hits, &mut resume);
+            let mut bits = match s.get(i..i + 64) {
+                Some(block) => trigger_bits(block.try_into().expect("64-byte block")),
+                None => s[i..]
+                    .iter()
+                    .enumerate()
+                    .fold(0, |bits, (k, &b)| bits | (u64::from(is_trigger(b)) << k)),
+            };
+            while bits != 0 {
+                let j = i + bits.trailing_zeros() as usize;
+                if next_anchor < anchor_end {
+                    while next_anchor < anchor_end && hits[next_anchor].end <= j {
+                        next_anchor += 1;
+                    }
                 }
+                resume = if next_anchor < anchor_end && hits[next_anchor].start <= j {
+                    hits[next_anchor].end
+                } else {
+                    self.at_trigger(s, j, hits)
+                };
+                // Drop the triggers the detector consumed (e.g. the rest of a number).
+                bits = match resume - i {
+                    skip if skip >= 64 => 0,
+                    skip => bits & (u64::MAX << skip),
+                };
             }
             i += 64;
         }
-        for (j, &b) in s.iter().enumerate().skip(i) {
-            if j >= resume && is_trigger(b) {
-                on_trigger(j, hits, &mut resume);
-            }
-        }
     }
 
-    /// Runs the detectors for the trigger byte at `j`; returns where scanning resumes.
+    /// Runs the detectors for the trigger byte at `j`; returns where scanning resumes. The common
+    /// rejections (a short number, a word before a colon, a hyphenated word) are decided here, inline;
+    /// anything else goes to the out-of-line detectors.
+    #[inline(always)]
     fn at_trigger(&self, s: &[u8], j: usize, hits: &mut Vec<Hit>) -> usize {
+        let b = s[j];
+        if b.is_ascii_digit() {
+            let iban_possible =
+                j >= 2 && s[j - 1].is_ascii_uppercase() && s[j - 2].is_ascii_uppercase();
+            let run = s[j..].iter().take_while(|b| b.is_ascii_digit()).count();
+            let end = j + run;
+            let sep = |k: usize| matches!(s.get(k), Some(b' ' | b'-' | b'.' | b'(' | b')'));
+            let continues = sep(end)
+                && s.get(end + 1)
+                    .is_some_and(|b| b.is_ascii_digit() || sep(end + 1));
+            if !iban_possible && !continues && run < 8 {
+                return end;
+            }
+            return self.at_number(s, j, hits);
+        }
+        let prev = if j > 0 { s[j - 1] } else { 0 };
+        let quiet = match b {
+            // A token prefix: the letter before its first separator (`ghp_`, `sk-`, `xoxb-`, ...).
+            b'_' | b'-' => {
+                let token = matches!(
+                    prev,
+                    b'p' | b'o' | b'u' | b's' | b'r' | b'b' | b'a' | b'k' | b't'
+                );
+                let pem = b == b'-' && s[j..].starts_with(b"-----BEGIN");
+                !(token || pem)
+            }
+            b':' => {
+                let url = s.get(j + 1) == Some(&b'/');
+                let setting = prev.is_ascii_alphabetic()
+                    || matches!(prev, b'_' | b'"' | b'\'' | b' ' | b'\t');
+                // IPv6 has another colon within a group's length (4 hex digits) on one side.
+                let near = &s[j.saturating_sub(5)..(j + 6).min(s.len())];
+                let ipv6 = near.iter().filter(|&&c| c == b':').count() >= 2;
+                !(url || setting || ipv6)
+            }
+            b'=' => {
+                !(prev.is_ascii_alphabetic() || matches!(prev, b'_' | b'"' | b'\'' | b' ' | b'\t'))
+            }
+            _ => false,
+        };
+        if quiet {
+            return j + 1;
+        }
+        self.at_symbol(s, j, hits)
+    }
+
+    #[inline(never)]
+    fn at_symbol(&self, s: &[u8], j: usize, hits: &mut Vec<Hit>) -> usize {
         let on = self.on;
         let mut push = |(start, end): (usize, usize), kind: DetectorKind| {
             hits.push(Hit { start, end, kind });
             end
         };
-        if s[j].is_ascii_digit() {
-            return self.at_number(s, j, hits);
-        }
         match s[j] {
-            b'@' => match on
-                .has(DetectorKind::Email)
-                .then(|| detectors::email(s, j))
-                .flatten()
-            {
-                Some(span) => push(span, DetectorKind::Email),
-                None => j + 1,
+            b'@' => match on.has(DetectorKind::Email).then(|| detectors::email(s, j)) {
+                Some(Some(span)) => push(span, DetectorKind::Email),
+                _ => j + 1,
             },
+            b'-' if s[j..].starts_with(b"-----BEGIN") => {
+                match on
+                    .has(DetectorKind::PrivateKey)
+                    .then(|| detectors::private_key(s, j))
+                {
+                    Some(Some(span)) => push(span, DetectorKind::PrivateKey),
+                    _ => j + 5,
+                }
+            }
+            sep @ (b'_' | b'-') => {
+                if on.has(DetectorKind::Secret)
+                    && let Some(span) = separated_token(s, j, sep)
+                {
+                    return push(span, DetectorKind::Secret);
+                }
+                j + 1
+            }
             sep => {
                 if sep == b':'
                     && on.has(DetectorKind::Secret)
@@ -255,12 +330,13 @@ impl Scanner {
 
     /// A run of digits and separators starting at digit `i`: try each number-like detector at each
     /// group start, then skip the whole run.
+    #[inline(never)]
     fn at_number(&self, s: &[u8], i: usize, hits: &mut Vec<Hit>) -> usize {
         let on = self.on;
-        if on.has(DetectorKind::Iban)
-            && i >= 2
-            && s[i - 2].is_ascii_uppercase()
+        if i >= 2
             && s[i - 1].is_ascii_uppercase()
+            && s[i - 2].is_ascii_uppercase()
+            && on.has(DetectorKind::Iban)
             && let Some((a, b)) = detectors::iban(s, i - 2)
         {
             hits.push(Hit {
@@ -270,40 +346,53 @@ impl Scanner {
             });
             return b;
         }
+        let first_run = s[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let mut end = i + first_run;
+        // Common case: a short number on its own (`48213`, `2024`, `42%`).
+        let sep = |k: usize| matches!(s.get(k), Some(b' ' | b'-' | b'.' | b'(' | b')'));
+        let digit = |k: usize| s.get(k).is_some_and(u8::is_ascii_digit);
+        let continues = sep(end) && (digit(end + 1) || (sep(end + 1) && digit(end + 2)));
+        if !continues && (first_run < 8 || !on.any(&NUMERIC)) {
+            return end;
+        }
         // Extent of the run: digits, with up to two of ` -.()` between them.
-        let mut end = i;
-        let mut digits = 0;
-        let mut dots = false;
-        let mut k = i;
+        let mut digits = first_run;
+        let mut dots = 0;
+        let mut k = end;
         while k < s.len() {
-            let b = s[k];
-            if b.is_ascii_digit() {
+            if s[k].is_ascii_digit() {
                 digits += 1;
                 k += 1;
                 end = k;
                 continue;
             }
-            let seps = s[k..]
-                .iter()
-                .take(2)
-                .take_while(|b| matches!(b, b' ' | b'-' | b'.' | b'(' | b')'))
-                .count();
-            if seps == 0 || !s.get(k + seps).is_some_and(u8::is_ascii_digit) {
+            let seps = if sep(k) {
+                1 + usize::from(sep(k + 1))
+            } else {
+                0
+            };
+            if seps == 0 || !digit(k + seps) {
                 break;
             }
-            dots |= s[k..k + seps].contains(&b'.');
+            dots += usize::from(s[k] == b'.') + usize::from(seps == 2 && s[k + 1] == b'.');
             k += seps;
         }
-        // The cheapest match needs 4 digits (IPv4), the others 8 or more.
-        let ip_possible = dots && on.has(DetectorKind::Ipv4);
-        if digits < 4 || (digits < 8 && !ip_possible) {
+        // What the run can hold at all: an SSN has 9 digits, a card 13, a phone 10 (8 after `+`),
+        // an IPv4 address 3 dots.
+        let plus = i > 0 && s[i - 1] == b'+';
+        let can = Possible {
+            ssn: digits >= 9 && on.has(DetectorKind::Ssn),
+            card: digits >= 13 && on.has(DetectorKind::Card),
+            phone: (digits >= 10 || (plus && digits >= 8)) && on.has(DetectorKind::Phone),
+            ipv4: dots >= 3 && on.has(DetectorKind::Ipv4),
+        };
+        if !(can.ssn || can.card || can.phone || can.ipv4) {
             return end;
         }
         let mut resume = end;
         let mut g = i;
         while g < end {
-            let found = self.at_group(s, g, digits, ip_possible);
-            let next = match found {
+            let next = match at_group(s, g, can) {
                 Some((start, stop, kind)) => {
                     hits.push(Hit {
                         start,
@@ -321,44 +410,46 @@ impl Scanner {
         }
         resume
     }
-
-    fn at_group(
-        &self,
-        s: &[u8],
-        g: usize,
-        digits: usize,
-        ip_possible: bool,
-    ) -> Option<(usize, usize, DetectorKind)> {
-        let on = self.on;
-        let tag = |kind| move |(a, b)| (a, b, kind);
-        let try_if = |cond: bool, kind, f: detectors::Verifier| {
-            if cond && on.has(kind) {
-                f(s, g).map(tag(kind))
-            } else {
-                None
-            }
-        };
-        try_if(digits >= 9, DetectorKind::Ssn, detectors::ssn)
-            .or_else(|| try_if(digits >= 13, DetectorKind::Card, detectors::card))
-            .or_else(|| try_if(digits >= 8, DetectorKind::Phone, detectors::phone))
-            .or_else(|| try_if(ip_possible, DetectorKind::Ipv4, detectors::ipv4))
-    }
 }
 
-fn verify_anchor(anchor: Anchor, s: &[u8], p: usize, prefix_len: usize) -> Option<Hit> {
+/// Which number-like detectors a run of digits can match.
+#[derive(Debug, Clone, Copy)]
+struct Possible {
+    ssn: bool,
+    card: bool,
+    phone: bool,
+    ipv4: bool,
+}
+
+fn at_group(s: &[u8], g: usize, can: Possible) -> Option<(usize, usize, DetectorKind)> {
+    let try_one = |cond: bool, kind, f: detectors::Verifier| {
+        if cond {
+            f(s, g).map(|(a, b)| (a, b, kind))
+        } else {
+            None
+        }
+    };
+    try_one(can.ssn, DetectorKind::Ssn, detectors::ssn)
+        .or_else(|| try_one(can.card, DetectorKind::Card, detectors::card))
+        .or_else(|| try_one(can.phone, DetectorKind::Phone, detectors::phone))
+        .or_else(|| try_one(can.ipv4, DetectorKind::Ipv4, detectors::ipv4))
+}
+
+fn verify_anchor(anchor: Anchor, s: &[u8], p: usize, len: usize) -> Option<Hit> {
     let (span, kind) = match anchor {
         Anchor::Jwt => (detectors::jwt(s, p)?, DetectorKind::Jwt),
-        Anchor::PrivateKey => (detectors::private_key(s, p)?, DetectorKind::PrivateKey),
-        Anchor::Bearer => (detectors::bearer(s, p)?, DetectorKind::Bearer),
+        Anchor::Bearer => {
+            let start = p
+                .checked_sub(3)
+                .filter(|&b| matches!(&s[b..p], b"Bea" | b"bea" | b"BEA"))?;
+            (detectors::bearer(s, start)?, DetectorKind::Bearer)
+        }
         Anchor::Token {
             kind,
             chars,
             min,
             max,
-        } => (
-            detectors::prefixed_token(s, p, prefix_len, chars, min, max)?,
-            kind,
-        ),
+        } => (detectors::prefixed_token(s, p, len, chars, min, max)?, kind),
     };
     Some(Hit {
         start: span.0,
@@ -367,20 +458,46 @@ fn verify_anchor(anchor: Anchor, s: &[u8], p: usize, prefix_len: usize) -> Optio
     })
 }
 
-#[inline(always)]
-fn is_trigger(b: u8) -> bool {
-    // '0'..='9' and ':' are contiguous (0x30..=0x3A).
-    b.wrapping_sub(b'0') <= 10 || b == b'@' || b == b'='
+/// A token whose prefix holds the separator at `j` (`ghp_…`, `xoxb-…`, `github_pat_…`).
+fn separated_token(s: &[u8], j: usize, sep: u8) -> Option<(usize, usize)> {
+    SEPARATED_TOKENS
+        .iter()
+        .find_map(|&(prefix, chars, min, max)| {
+            let prefix = prefix.as_bytes();
+            let k = prefix.iter().position(|&b| b == sep)?;
+            let start = j.checked_sub(k)?;
+            if prefix[k - 1] != s[j - 1] || !s[start..].starts_with(prefix) {
+                return None;
+            }
+            detectors::prefixed_token(s, start, prefix.len(), chars, min, max)
+        })
 }
 
-/// Bit k set when `block[k]` is a trigger byte; compiles to SIMD compares and movemask.
 #[inline(always)]
-fn trigger_mask(block: &[u8; 64]) -> u64 {
-    let mut mask = 0u64;
-    for (k, &b) in block.iter().enumerate() {
-        mask |= u64::from(is_trigger(b)) << k;
+fn is_trigger(b: u8) -> bool {
+    // '0'..='9' and ':' are contiguous (0x30..=0x3A). Bitwise `|` keeps it branch-free.
+    (b.wrapping_sub(b'0') <= 10) | (b == b'@') | (b == b'=') | (b == b'-') | (b == b'_')
+}
+
+/// Bit k set when `block[k]` is a trigger byte. The flag array and the any-check compile to SIMD
+/// compares; a block with a trigger packs each 8 flags into 8 bits with one multiply.
+#[inline(always)]
+fn trigger_bits(block: &[u8; 64]) -> u64 {
+    let mut flags = [0u8; 64];
+    for (f, &b) in flags.iter_mut().zip(block) {
+        *f = u8::from(is_trigger(b));
     }
-    mask
+    if flags.iter().fold(0, |any, &f| any | f) == 0 {
+        return 0;
+    }
+    flags
+        .chunks_exact(8)
+        .enumerate()
+        .fold(0, |bits, (k, eight)| {
+            let eight = u64::from_le_bytes(eight.try_into().expect("8 flags"));
+            // Byte i of `eight` is 0 or 1; the multiply gathers them into the top byte, bit i.
+            bits | ((eight.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * k))
+        })
 }
 
 /// Sorts `hits[base..]` and merges overlapping spans (a detector may find a span inside another's).
@@ -409,6 +526,21 @@ mod tests {
         hits.iter()
             .map(|h| (text[h.start..h.end].to_owned(), h.kind))
             .collect()
+    }
+
+    #[test]
+    fn trigger_bits_are_exact_for_every_byte() {
+        for b in 0..=255u8 {
+            for pos in [0, 7, 8, 31, 63] {
+                let mut block = [b'x'; 64];
+                block[pos] = b;
+                let expected = if is_trigger(b) { 1u64 << pos } else { 0 };
+                assert_eq!(trigger_bits(&block), expected, "byte {b:#x} at {pos}");
+            }
+        }
+        let mut block = [b'0'; 64];
+        block[5] = b'a';
+        assert_eq!(trigger_bits(&block), !(1u64 << 5));
     }
 
     #[test]
@@ -470,6 +602,33 @@ mod tests {
         let hits = scan_all("postgres://app:s3cret@db.example.com/prod");
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].0, "s3cret@db.example.com");
+    }
+
+    #[test]
+    fn token_formats_and_key_blocks_in_prose() {
+        let text = "use bearer abcdefgh12345678 or BEARER ABCDEFGH12345678; slack xoxb-1234567890-abcdef, \
+                    openai sk-proj-abcdefghijklmnopqrstu, github_pat_11ABCDEFG0123456789_abcdefghijkl, \
+                    key -----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY----- done";
+        let hits = scan_all(text);
+        let found: Vec<&str> = hits.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            found,
+            vec![
+                "abcdefgh12345678",
+                "ABCDEFGH12345678",
+                "xoxb-1234567890-abcdef",
+                "sk-proj-abcdefghijklmnopqrstu",
+                "github_pat_11ABCDEFG0123456789_abcdefghijkl",
+                "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----",
+            ]
+        );
+        // Near misses: hyphenated words, a certificate, "bearer" as a word.
+        assert_eq!(
+            scan_all(
+                "a follow-up, task-force, ask-me; -----BEGIN CERTIFICATE----- x; the bearer of news"
+            ),
+            vec![]
+        );
     }
 
     #[test]
