@@ -169,9 +169,24 @@ pub(crate) fn mask_json(
     if !needs_walk(engine, text) {
         return Ok(false);
     }
-    let mut copy = text.to_vec();
-    let base = copy.as_ptr() as usize;
-    let tape = simd_json::to_tape(&mut copy).map_err(|_| Unparsable)?;
+    // simd-json rejects numbers beyond 64 bits (`1e400`, 30-digit integers), which json and jsonb
+    // allow. Only strings and structure matter here, so on failure such numbers become `0` plus
+    // padding (same length, same offsets) and the document is parsed again; anything else still fails.
+    let mut first = text.to_vec();
+    let mut second = Vec::new();
+    let first_base = first.as_ptr() as usize;
+    let (tape, base) = match simd_json::to_tape(&mut first) {
+        Ok(tape) => (tape, first_base),
+        Err(_) => {
+            second.extend_from_slice(text);
+            neutralize_numbers(&mut second);
+            let base = second.as_ptr() as usize;
+            (
+                simd_json::to_tape(&mut second).map_err(|_| Unparsable)?,
+                base,
+            )
+        }
+    };
     let mut walker = Walker {
         engine,
         raw: text,
@@ -213,6 +228,74 @@ fn needs_walk(engine: &Engine, text: &[u8]) -> bool {
                 .is_none_or(|f| f.find(text).is_some())
     });
     path_may_match || (!engine.scanner.is_empty() && (escaped || engine.scanner.finds_any(text)))
+}
+
+/// Replaces each number token outside strings with `0` and spaces of the same length. Tokens that
+/// are not valid JSON numbers are left alone, so an invalid document stays invalid.
+fn neutralize_numbers(doc: &mut [u8]) {
+    let mut i = 0;
+    while i < doc.len() {
+        match doc[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    match doc
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        None => return,
+                        Some(k) if doc[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let len = doc[i..]
+                    .iter()
+                    .take_while(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .count();
+                if is_json_number(&doc[i..i + len]) {
+                    doc[i] = b'0';
+                    doc[i + 1..i + len].fill(b' ');
+                }
+                i += len;
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+fn is_json_number(t: &[u8]) -> bool {
+    let digits = |t: &[u8]| t.iter().take_while(|b| b.is_ascii_digit()).count();
+    let t = t.strip_prefix(b"-").unwrap_or(t);
+    let int = digits(t);
+    if int == 0 || (int > 1 && t[0] == b'0') {
+        return false;
+    }
+    let mut rest = &t[int..];
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let n = digits(frac);
+        if n == 0 {
+            return false;
+        }
+        rest = &frac[n..];
+    }
+    if let Some(exp) = rest.strip_prefix(b"e").or_else(|| rest.strip_prefix(b"E")) {
+        let exp = exp
+            .strip_prefix(b"+")
+            .or_else(|| exp.strip_prefix(b"-"))
+            .unwrap_or(exp);
+        let n = digits(exp);
+        if n == 0 {
+            return false;
+        }
+        rest = &exp[n..];
+    }
+    rest.is_empty()
 }
 
 struct Edit {
@@ -570,9 +653,52 @@ mod tests {
     }
 
     #[test]
+    fn numbers_beyond_64_bits_are_walked_not_redacted() {
+        let e = engine(&[DetectorKind::Email], &[]);
+        for (doc, want) in [
+            (
+                r#"{"big": 123456789012345678901234567890, "m": "a@b.io"}"#,
+                r#"{"big": 123456789012345678901234567890, "m": "****"}"#,
+            ),
+            (
+                r#"{"f": 1e400, "m": "a@b.io"}"#,
+                r#"{"f": 1e400, "m": "****"}"#,
+            ),
+            (
+                r#"{"f": 3.14159265358979323846264338327950288, "m": "a@b.io"}"#,
+                r#"{"f": 3.14159265358979323846264338327950288, "m": "****"}"#,
+            ),
+            (
+                r#"{"n": -18446744073709551617, "m": "a@b.io"}"#,
+                r#"{"n": -18446744073709551617, "m": "****"}"#,
+            ),
+        ] {
+            assert_eq!(masked(&e, doc).unwrap(), want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn json_number_grammar() {
+        for ok in ["0", "-0", "12", "1.5", "-1.5e10", "1E+2", "3e-7"] {
+            assert!(is_json_number(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["-", "01", "1.", ".5", "1e", "1-2", "--1", "1.2.3"] {
+            assert!(!is_json_number(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
     fn unparsable_documents_fail_closed() {
         let e = engine(&[DetectorKind::Email], &[]);
         assert_eq!(masked(&e, r#"{"a": "x@y.io""#).unwrap(), "<unparsable>");
+        assert_eq!(
+            masked(&e, r#"{"a": "x@y.io", "n": 01}"#).unwrap(),
+            "<unparsable>"
+        );
+        assert_eq!(
+            masked(&e, r#"{"a": "x@y.io", "n": 1-2}"#).unwrap(),
+            "<unparsable>"
+        );
         let deep = format!("{}\"a@b.io\"{}", "[".repeat(300), "]".repeat(300));
         assert_eq!(masked(&e, &deep).unwrap(), "<unparsable>");
     }
