@@ -678,6 +678,15 @@ mod tests {
     }
 
     #[test]
+    fn paths_match_numbers_beyond_64_bits() {
+        let e = engine(&[], &[("$..n", None)]);
+        assert_eq!(
+            masked(&e, r#"{"n": 12345678901234567890123, "plan": "gold"}"#).unwrap(),
+            r#"{"n": "****", "plan": "gold"}"#
+        );
+    }
+
+    #[test]
     fn json_number_grammar() {
         for ok in ["0", "-0", "12", "1.5", "-1.5e10", "1E+2", "3e-7"] {
             assert!(is_json_number(ok.as_bytes()), "{ok}");
