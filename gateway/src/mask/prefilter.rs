@@ -1,0 +1,639 @@
+//! The scan that decides, fast, whether a text value holds anything to mask.
+//!
+//! Two vectorized passes find candidates, and only candidates reach the exact detectors:
+//! - **anchors**: Aho-Corasick's packed searcher (SIMD "Teddy") over a few distinctive literals that
+//!   start token formats: `eyJ` (JWT), `rer ` (`Bearer `), `AKIA`/`ASIA` (AWS), `AIza` (Google);
+//! - **trigger bytes**: digits, `@`, `:`, `=`, `-` and `_`. Each 64-byte block is classified with
+//!   compares the compiler vectorizes, blocks without a trigger are skipped at once, and in the others
+//!   a bit per byte (a multiply packs eight flags into eight bits) leads straight to each trigger. A
+//!   digit starts a number-like run (phone, card, SSN, IBAN, IPv4), checked as a whole and then
+//!   skipped; `@` is an email candidate; `:`/`=` a setting (`password=`), a URL with a password, or an
+//!   IPv6 address; `_`/`-` after a lower-case letter a token prefix (`ghp_`, `xoxb-`, `sk-`), and
+//!   `-----BEGIN` a PEM block.
+//!
+//! Each trigger is rejected in a few comparisons in the common case (a short number, a word before a
+//! colon). Nothing here allocates unless a detector matches.
+
+use aho_corasick::packed;
+
+use super::config::DetectorKind;
+use super::detectors::{self, Hit, TokenChars};
+
+/// Which detectors are on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Enabled(u16);
+
+impl Enabled {
+    fn bit(kind: DetectorKind) -> u16 {
+        1 << (kind as u16)
+    }
+    fn has(self, kind: DetectorKind) -> bool {
+        self.0 & Self::bit(kind) != 0
+    }
+    fn any(self, kinds: &[DetectorKind]) -> bool {
+        kinds.iter().any(|&k| self.has(k))
+    }
+}
+
+/// What an anchor literal starts.
+#[derive(Debug, Clone, Copy)]
+enum Anchor {
+    Jwt,
+    /// `rer `: the match is three bytes into `Bearer `/`bearer `/`BEARER `.
+    Bearer,
+    Token {
+        kind: DetectorKind,
+        chars: TokenChars,
+        min: usize,
+        max: usize,
+    },
+}
+
+const fn token(kind: DetectorKind, chars: TokenChars, min: usize, max: usize) -> Anchor {
+    Anchor::Token {
+        kind,
+        chars,
+        min,
+        max,
+    }
+}
+
+/// Literal anchors for the packed searcher. Few and distinctive, so it rarely stops on ordinary text
+/// (`Bearer ` is found as `rer `: `bea…` and `ear…` are common in English); token formats whose prefix ends in
+/// `_` or `-` are found through those trigger bytes instead.
+const ANCHORS: &[(&str, DetectorKind, Anchor)] = {
+    use DetectorKind::{AwsKey, Bearer, Jwt, Secret};
+    use TokenChars::{UpperAlnum, Word};
+    &[
+        ("eyJ", Jwt, Anchor::Jwt),
+        ("rer ", Bearer, Anchor::Bearer),
+        ("RER ", Bearer, Anchor::Bearer),
+        ("AKIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16)),
+        ("ASIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16)),
+        ("AIza", Secret, token(Secret, Word, 35, 35)),
+    ]
+};
+
+/// Token formats with a `_` or `-` in their prefix (all `Secret`): (prefix, body chars, min, max).
+const SEPARATED_TOKENS: &[(&str, TokenChars, usize, usize)] = {
+    use TokenChars::{Alnum, Word};
+    &[
+        ("ghp_", Alnum, 30, 255),
+        ("gho_", Alnum, 30, 255),
+        ("ghu_", Alnum, 30, 255),
+        ("ghs_", Alnum, 30, 255),
+        ("ghr_", Alnum, 30, 255),
+        ("github_pat_", Word, 22, 255),
+        ("xoxb-", Word, 10, 255),
+        ("xoxp-", Word, 10, 255),
+        ("xoxa-", Word, 10, 255),
+        ("xoxr-", Word, 10, 255),
+        ("xoxs-", Word, 10, 255),
+        ("xapp-", Word, 10, 255),
+        ("sk_live_", Alnum, 16, 255),
+        ("rk_live_", Alnum, 16, 255),
+        ("sk-", Word, 20, 255),
+        ("glpat-", Word, 20, 255),
+    ]
+};
+
+/// Detectors found through a digit.
+const NUMERIC: [DetectorKind; 5] = [
+    DetectorKind::Phone,
+    DetectorKind::Card,
+    DetectorKind::Ssn,
+    DetectorKind::Iban,
+    DetectorKind::Ipv4,
+];
+/// Detectors found through `:`/`=` settings.
+const SETTINGS: [DetectorKind; 3] = [
+    DetectorKind::Secret,
+    DetectorKind::AwsKey,
+    DetectorKind::Bearer,
+];
+
+/// Compiled content detectors. Immutable, shared by every session.
+#[derive(Debug, Clone)]
+pub(crate) struct Scanner {
+    on: Enabled,
+    anchors: Option<(packed::Searcher, Vec<Anchor>)>,
+    triggers: bool,
+}
+
+impl Scanner {
+    pub fn new(kinds: &[DetectorKind]) -> Scanner {
+        let on = Enabled(kinds.iter().fold(0, |bits, &k| bits | Enabled::bit(k)));
+        let (patterns, anchors): (Vec<&str>, Vec<Anchor>) = ANCHORS
+            .iter()
+            .filter(|(_, kind, _)| on.has(*kind))
+            .map(|&(lit, _, anchor)| (lit, anchor))
+            .unzip();
+        let anchors = (!patterns.is_empty()).then(|| {
+            let searcher = packed::Config::new()
+                .match_kind(packed::MatchKind::LeftmostFirst)
+                .builder()
+                .extend(&patterns)
+                .build()
+                .expect("the packed searcher takes a few short literals");
+            (searcher, anchors)
+        });
+        let triggers = on.any(&NUMERIC)
+            || on.any(&SETTINGS)
+            || on.has(DetectorKind::PrivateKey)
+            || on.has(DetectorKind::Email)
+            || on.has(DetectorKind::Ipv6);
+        Scanner {
+            on,
+            anchors,
+            triggers,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.on.0 == 0
+    }
+
+    /// Appends the hits in `text` to `hits`, sorted, overlapping hits merged into one span.
+    pub fn scan(&self, text: &[u8], hits: &mut Vec<Hit>) {
+        let base = hits.len();
+        if let Some((searcher, anchors)) = &self.anchors {
+            let mut covered = 0;
+            for m in searcher.find_iter(text) {
+                if m.start() < covered {
+                    continue;
+                }
+                let anchor = anchors[m.pattern().as_usize()];
+                if let Some(hit) = verify_anchor(anchor, text, m.start(), m.len()) {
+                    covered = hit.end;
+                    hits.push(hit);
+                }
+            }
+        }
+        if self.triggers {
+            self.scan_triggers(text, hits, base);
+        }
+        if hits.len() - base > 1 {
+            merge(&mut *hits, base);
+        }
+    }
+
+    /// True when `text` holds something to mask (no hit list kept).
+    pub fn finds_any(&self, text: &[u8]) -> bool {
+        let mut hits = Vec::new();
+        self.scan(text, &mut hits);
+        !hits.is_empty()
+    }
+
+    fn scan_triggers(&self, s: &[u8], hits: &mut Vec<Hit>, base: usize) {
+        // Anchor hits (sorted) are masked already: triggers inside them are skipped.
+        let anchor_end = hits.len();
+        let mut next_anchor = base;
+        let mut resume = 0;
+        let mut i = 0;
+        while i < s.len() {
+            if resume > i {
+                i = resume;
+                continue;
+            }
+            let mut bits = match s.get(i..i + 64) {
+                Some(block) => trigger_bits(block.try_into().expect("64-byte block")),
+                None => s[i..]
+                    .iter()
+                    .enumerate()
+                    .fold(0, |bits, (k, &b)| bits | (u64::from(is_trigger(b)) << k)),
+            };
+            while bits != 0 {
+                let j = i + bits.trailing_zeros() as usize;
+                if next_anchor < anchor_end {
+                    while next_anchor < anchor_end && hits[next_anchor].end <= j {
+                        next_anchor += 1;
+                    }
+                }
+                resume = if next_anchor < anchor_end && hits[next_anchor].start <= j {
+                    hits[next_anchor].end
+                } else {
+                    self.at_trigger(s, j, hits)
+                };
+                // Drop the triggers the detector consumed (e.g. the rest of a number).
+                bits = match resume - i {
+                    skip if skip >= 64 => 0,
+                    skip => bits & (u64::MAX << skip),
+                };
+            }
+            i += 64;
+        }
+    }
+
+    /// Runs the detectors for the trigger byte at `j`; returns where scanning resumes. The common
+    /// rejections (a short number, a word before a colon, a hyphenated word) are decided here, inline;
+    /// anything else goes to the out-of-line detectors.
+    #[inline(always)]
+    fn at_trigger(&self, s: &[u8], j: usize, hits: &mut Vec<Hit>) -> usize {
+        let b = s[j];
+        if b.is_ascii_digit() {
+            let iban_possible =
+                j >= 2 && s[j - 1].is_ascii_uppercase() && s[j - 2].is_ascii_uppercase();
+            let run = s[j..].iter().take_while(|b| b.is_ascii_digit()).count();
+            let end = j + run;
+            let sep = |k: usize| matches!(s.get(k), Some(b' ' | b'-' | b'.' | b'(' | b')'));
+            let continues = sep(end)
+                && s.get(end + 1)
+                    .is_some_and(|b| b.is_ascii_digit() || sep(end + 1));
+            if !iban_possible && !continues && run < 8 {
+                return end;
+            }
+            return self.at_number(s, j, hits);
+        }
+        let prev = if j > 0 { s[j - 1] } else { 0 };
+        let quiet = match b {
+            // A token prefix: the letter before its first separator (`ghp_`, `sk-`, `xoxb-`, ...).
+            b'_' | b'-' => {
+                let token = matches!(
+                    prev,
+                    b'p' | b'o' | b'u' | b's' | b'r' | b'b' | b'a' | b'k' | b't'
+                );
+                let pem = b == b'-' && s[j..].starts_with(b"-----BEGIN");
+                !(token || pem)
+            }
+            b':' => {
+                let url = s.get(j + 1) == Some(&b'/');
+                let setting = prev.is_ascii_alphabetic()
+                    || matches!(prev, b'_' | b'"' | b'\'' | b' ' | b'\t');
+                // IPv6 has another colon within a group's length (4 hex digits) on one side.
+                let near = &s[j.saturating_sub(5)..(j + 6).min(s.len())];
+                let ipv6 = near.iter().filter(|&&c| c == b':').count() >= 2;
+                !(url || setting || ipv6)
+            }
+            b'=' => {
+                !(prev.is_ascii_alphabetic() || matches!(prev, b'_' | b'"' | b'\'' | b' ' | b'\t'))
+            }
+            _ => false,
+        };
+        if quiet {
+            return j + 1;
+        }
+        self.at_symbol(s, j, hits)
+    }
+
+    #[inline(never)]
+    fn at_symbol(&self, s: &[u8], j: usize, hits: &mut Vec<Hit>) -> usize {
+        let on = self.on;
+        let mut push = |(start, end): (usize, usize), kind: DetectorKind| {
+            hits.push(Hit { start, end, kind });
+            end
+        };
+        match s[j] {
+            b'@' => match on.has(DetectorKind::Email).then(|| detectors::email(s, j)) {
+                Some(Some(span)) => push(span, DetectorKind::Email),
+                _ => j + 1,
+            },
+            b'-' if s[j..].starts_with(b"-----BEGIN") => {
+                match on
+                    .has(DetectorKind::PrivateKey)
+                    .then(|| detectors::private_key(s, j))
+                {
+                    Some(Some(span)) => push(span, DetectorKind::PrivateKey),
+                    _ => j + 5,
+                }
+            }
+            sep @ (b'_' | b'-') => {
+                if on.has(DetectorKind::Secret)
+                    && let Some(span) = separated_token(s, j, sep)
+                {
+                    return push(span, DetectorKind::Secret);
+                }
+                j + 1
+            }
+            sep => {
+                if sep == b':'
+                    && on.has(DetectorKind::Secret)
+                    && let Some(span) = detectors::url_password(s, j)
+                {
+                    return push(span, DetectorKind::Secret);
+                }
+                if on.any(&SETTINGS)
+                    && let Some((a, b, kind)) = detectors::setting_value(s, j)
+                    && on.has(kind)
+                {
+                    return push((a, b), kind);
+                }
+                if sep == b':'
+                    && on.has(DetectorKind::Ipv6)
+                    && let Some(span) = detectors::ipv6(s, j)
+                {
+                    return push(span, DetectorKind::Ipv6);
+                }
+                j + 1
+            }
+        }
+    }
+
+    /// A run of digits and separators starting at digit `i`: try each number-like detector at each
+    /// group start, then skip the whole run.
+    #[inline(never)]
+    fn at_number(&self, s: &[u8], i: usize, hits: &mut Vec<Hit>) -> usize {
+        let on = self.on;
+        if i >= 2
+            && s[i - 1].is_ascii_uppercase()
+            && s[i - 2].is_ascii_uppercase()
+            && on.has(DetectorKind::Iban)
+            && let Some((a, b)) = detectors::iban(s, i - 2)
+        {
+            hits.push(Hit {
+                start: a,
+                end: b,
+                kind: DetectorKind::Iban,
+            });
+            return b;
+        }
+        let first_run = s[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let mut end = i + first_run;
+        // Common case: a short number on its own (`48213`, `2024`, `42%`).
+        let sep = |k: usize| matches!(s.get(k), Some(b' ' | b'-' | b'.' | b'(' | b')'));
+        let digit = |k: usize| s.get(k).is_some_and(u8::is_ascii_digit);
+        let continues = sep(end) && (digit(end + 1) || (sep(end + 1) && digit(end + 2)));
+        if !continues && (first_run < 8 || !on.any(&NUMERIC)) {
+            return end;
+        }
+        // Extent of the run: digits, with up to two of ` -.()` between them.
+        let mut digits = first_run;
+        let mut dots = 0;
+        let mut k = end;
+        while k < s.len() {
+            if s[k].is_ascii_digit() {
+                digits += 1;
+                k += 1;
+                end = k;
+                continue;
+            }
+            let seps = if sep(k) {
+                1 + usize::from(sep(k + 1))
+            } else {
+                0
+            };
+            if seps == 0 || !digit(k + seps) {
+                break;
+            }
+            dots += usize::from(s[k] == b'.') + usize::from(seps == 2 && s[k + 1] == b'.');
+            k += seps;
+        }
+        // What the run can hold at all: an SSN has 9 digits, a card 13, a phone 10 (8 after `+`),
+        // an IPv4 address 3 dots.
+        let plus = i > 0 && s[i - 1] == b'+';
+        let can = Possible {
+            ssn: digits >= 9 && on.has(DetectorKind::Ssn),
+            card: digits >= 13 && on.has(DetectorKind::Card),
+            phone: (digits >= 10 || (plus && digits >= 8)) && on.has(DetectorKind::Phone),
+            ipv4: dots >= 3 && on.has(DetectorKind::Ipv4),
+        };
+        if !(can.ssn || can.card || can.phone || can.ipv4) {
+            return end;
+        }
+        let mut resume = end;
+        let mut g = i;
+        while g < end {
+            let next = match at_group(s, g, can) {
+                Some((start, stop, kind)) => {
+                    hits.push(Hit {
+                        start,
+                        end: stop,
+                        kind,
+                    });
+                    resume = resume.max(stop);
+                    stop
+                }
+                None => g + s[g..end].iter().take_while(|b| b.is_ascii_digit()).count(),
+            };
+            g = next
+                + s.get(next..end)
+                    .map_or(0, |r| r.iter().take_while(|b| !b.is_ascii_digit()).count());
+        }
+        resume
+    }
+}
+
+/// Which number-like detectors a run of digits can match.
+#[derive(Debug, Clone, Copy)]
+struct Possible {
+    ssn: bool,
+    card: bool,
+    phone: bool,
+    ipv4: bool,
+}
+
+fn at_group(s: &[u8], g: usize, can: Possible) -> Option<(usize, usize, DetectorKind)> {
+    let try_one = |cond: bool, kind, f: detectors::Verifier| {
+        if cond {
+            f(s, g).map(|(a, b)| (a, b, kind))
+        } else {
+            None
+        }
+    };
+    try_one(can.ssn, DetectorKind::Ssn, detectors::ssn)
+        .or_else(|| try_one(can.card, DetectorKind::Card, detectors::card))
+        .or_else(|| try_one(can.phone, DetectorKind::Phone, detectors::phone))
+        .or_else(|| try_one(can.ipv4, DetectorKind::Ipv4, detectors::ipv4))
+}
+
+fn verify_anchor(anchor: Anchor, s: &[u8], p: usize, len: usize) -> Option<Hit> {
+    let (span, kind) = match anchor {
+        Anchor::Jwt => (detectors::jwt(s, p)?, DetectorKind::Jwt),
+        Anchor::Bearer => {
+            let start = p
+                .checked_sub(3)
+                .filter(|&b| matches!(&s[b..p], b"Bea" | b"bea" | b"BEA"))?;
+            (detectors::bearer(s, start)?, DetectorKind::Bearer)
+        }
+        Anchor::Token {
+            kind,
+            chars,
+            min,
+            max,
+        } => (detectors::prefixed_token(s, p, len, chars, min, max)?, kind),
+    };
+    Some(Hit {
+        start: span.0,
+        end: span.1,
+        kind,
+    })
+}
+
+/// A token whose prefix holds the separator at `j` (`ghp_…`, `xoxb-…`, `github_pat_…`).
+fn separated_token(s: &[u8], j: usize, sep: u8) -> Option<(usize, usize)> {
+    SEPARATED_TOKENS
+        .iter()
+        .find_map(|&(prefix, chars, min, max)| {
+            let prefix = prefix.as_bytes();
+            let k = prefix.iter().position(|&b| b == sep)?;
+            let start = j.checked_sub(k)?;
+            if prefix[k - 1] != s[j - 1] || !s[start..].starts_with(prefix) {
+                return None;
+            }
+            detectors::prefixed_token(s, start, prefix.len(), chars, min, max)
+        })
+}
+
+#[inline(always)]
+fn is_trigger(b: u8) -> bool {
+    // '0'..='9' and ':' are contiguous (0x30..=0x3A). Bitwise `|` keeps it branch-free.
+    (b.wrapping_sub(b'0') <= 10) | (b == b'@') | (b == b'=') | (b == b'-') | (b == b'_')
+}
+
+/// Bit k set when `block[k]` is a trigger byte. The flag array and the any-check compile to SIMD
+/// compares; a block with a trigger packs each 8 flags into 8 bits with one multiply.
+#[inline(always)]
+fn trigger_bits(block: &[u8; 64]) -> u64 {
+    let mut flags = [0u8; 64];
+    for (f, &b) in flags.iter_mut().zip(block) {
+        *f = u8::from(is_trigger(b));
+    }
+    if flags.iter().fold(0, |any, &f| any | f) == 0 {
+        return 0;
+    }
+    flags
+        .chunks_exact(8)
+        .enumerate()
+        .fold(0, |bits, (k, eight)| {
+            let eight = u64::from_le_bytes(eight.try_into().expect("8 flags"));
+            // Byte i of `eight` is 0 or 1; the multiply gathers them into the top byte, bit i.
+            bits | ((eight.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * k))
+        })
+}
+
+/// Sorts `hits[base..]` and merges overlapping spans (a detector may find a span inside another's).
+fn merge(hits: &mut Vec<Hit>, base: usize) {
+    hits[base..].sort_unstable_by_key(|h| (h.start, std::cmp::Reverse(h.end)));
+    let mut w = base;
+    for r in base + 1..hits.len() {
+        if hits[r].start < hits[w].end {
+            hits[w].end = hits[w].end.max(hits[r].end);
+        } else {
+            w += 1;
+            hits[w] = hits[r];
+        }
+    }
+    hits.truncate(w + 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(text: &str) -> Vec<(String, DetectorKind)> {
+        let scanner = Scanner::new(&DetectorKind::ALL);
+        let mut hits = Vec::new();
+        scanner.scan(text.as_bytes(), &mut hits);
+        hits.iter()
+            .map(|h| (text[h.start..h.end].to_owned(), h.kind))
+            .collect()
+    }
+
+    #[test]
+    fn trigger_bits_are_exact_for_every_byte() {
+        for b in 0..=255u8 {
+            for pos in [0, 7, 8, 31, 63] {
+                let mut block = [b'x'; 64];
+                block[pos] = b;
+                let expected = if is_trigger(b) { 1u64 << pos } else { 0 };
+                assert_eq!(trigger_bits(&block), expected, "byte {b:#x} at {pos}");
+            }
+        }
+        let mut block = [b'0'; 64];
+        block[5] = b'a';
+        assert_eq!(trigger_bits(&block), !(1u64 << 5));
+    }
+
+    #[test]
+    fn clean_prose_has_no_hits() {
+        let text = "Customer called about order 48213 on 2024-03-02 at 10:30; refund of $45.99 approved. \
+                    Version 1.2.3 deployed, ticket #4521 closed. Note: the bearer of bad news = me. \
+                    std::vector<int> is fine; ratio 3:2; see https://example.com/docs?id=42.";
+        assert_eq!(scan_all(text), vec![]);
+        let long = text.repeat(40);
+        assert_eq!(scan_all(&long), vec![]);
+    }
+
+    #[test]
+    fn finds_each_kind_in_prose() {
+        let text = "Contact alice@example.com or (415) 555-0123; card 4111 1111 1111 1111, ssn 123-45-6789, \
+                    IBAN GB82 WEST 1234 5698 7654 32, from 10.1.2.3 and 2001:db8::7, key AKIAIOSFODNN7EXAMPLE, \
+                    jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk, \
+                    Authorization: Bearer abcdefgh12345678, password=hunter2 and ghp_0123456789abcdefghijABCDEFGHIJ012345.";
+        let kinds: Vec<_> = scan_all(text).into_iter().map(|(_, k)| k).collect();
+        use DetectorKind::*;
+        assert_eq!(
+            kinds,
+            vec![
+                Email, Phone, Card, Ssn, Iban, Ipv4, Ipv6, AwsKey, Jwt, Bearer, Secret, Secret
+            ]
+        );
+    }
+
+    #[test]
+    fn hits_at_block_edges_and_in_the_tail() {
+        for pad in [0, 1, 40, 60, 63, 64, 65, 127, 130] {
+            let text = format!(
+                "{}bob@example.com",
+                "x ".repeat(pad / 2) + if pad % 2 == 1 { "y" } else { "" }
+            );
+            assert_eq!(scan_all(&text).len(), 1, "pad {pad}");
+            let text = format!("{} 4111111111111111 {}", "a".repeat(pad), "b".repeat(pad));
+            assert_eq!(
+                scan_all(&text),
+                vec![("4111111111111111".to_owned(), DetectorKind::Card)],
+                "pad {pad}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_enabled_detectors_run() {
+        let scanner = Scanner::new(&[DetectorKind::Email]);
+        let mut hits = Vec::new();
+        scanner.scan(b"4111111111111111 a@b.io AKIAIOSFODNN7EXAMPLE", &mut hits);
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].kind, DetectorKind::Email);
+        assert!(Scanner::new(&[]).is_empty());
+    }
+
+    #[test]
+    fn overlapping_hits_merge() {
+        // The URL password and the "email" after it overlap: one span covers both.
+        let hits = scan_all("postgres://app:s3cret@db.example.com/prod");
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].0, "s3cret@db.example.com");
+    }
+
+    #[test]
+    fn token_formats_and_key_blocks_in_prose() {
+        let text = "use bearer abcdefgh12345678 or BEARER ABCDEFGH12345678; slack xoxb-1234567890-abcdef, \
+                    openai sk-proj-abcdefghijklmnopqrstu, github_pat_11ABCDEFG0123456789_abcdefghijkl, \
+                    key -----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY----- done";
+        let hits = scan_all(text);
+        let found: Vec<&str> = hits.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            found,
+            vec![
+                "abcdefgh12345678",
+                "ABCDEFGH12345678",
+                "xoxb-1234567890-abcdef",
+                "sk-proj-abcdefghijklmnopqrstu",
+                "github_pat_11ABCDEFG0123456789_abcdefghijkl",
+                "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----",
+            ]
+        );
+        // Near misses: hyphenated words, a certificate, "bearer" as a word.
+        assert_eq!(
+            scan_all(
+                "a follow-up, task-force, ask-me; -----BEGIN CERTIFICATE----- x; the bearer of news"
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn two_cards_in_one_run() {
+        let hits = scan_all("4111111111111111 5555555555554444");
+        assert_eq!(hits.len(), 2);
+    }
+}

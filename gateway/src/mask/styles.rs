@@ -1,0 +1,162 @@
+//! Replacement values: redaction, partial, keyed hash.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::config::Style;
+
+/// What replaces a redacted text value or span.
+pub(crate) const REDACTED: &[u8] = b"****";
+
+/// HMAC-SHA256 under the mask key. The keyed state is computed once and cloned per value.
+#[derive(Clone)]
+pub(crate) struct Hasher(Hmac<Sha256>);
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hasher(<key>)")
+    }
+}
+
+impl Hasher {
+    pub fn new(key: &[u8]) -> Hasher {
+        Hasher(Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length"))
+    }
+
+    pub fn digest(&self, value: &[u8]) -> [u8; 32] {
+        let mut mac = self.0.clone();
+        mac.update(value);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The first 64 bits of the digest as 16 lower-case hex digits.
+    pub fn hex16(&self, value: &[u8]) -> [u8; 16] {
+        let digest = self.digest(value);
+        let mut out = [0u8; 16];
+        hex(&digest[..8], &mut out);
+        out
+    }
+
+    /// The first 64 bits of the digest as a number.
+    pub fn u64(&self, value: &[u8]) -> u64 {
+        let digest = self.digest(value);
+        u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 15)];
+    }
+}
+
+/// Writes what replaces `value` (a detector span, or a whole text value) under `style`. `Null` is
+/// decided by the caller, which owns the field; here it redacts.
+pub(crate) fn replace_text(style: Style, value: &[u8], hasher: &Hasher, out: &mut Vec<u8>) {
+    match style {
+        Style::Redact | Style::Null => out.extend_from_slice(REDACTED),
+        Style::Partial => partial(value, out),
+        Style::KeyedHash => out.extend_from_slice(&hasher.hex16(value)),
+    }
+}
+
+/// `text` with each span in `hits` (sorted, disjoint) replaced under `style`.
+pub(crate) fn rewrite_spans(
+    text: &[u8],
+    hits: impl IntoIterator<Item = (usize, usize)>,
+    style: Style,
+    hasher: &Hasher,
+    out: &mut Vec<u8>,
+) {
+    let mut last = 0;
+    for (start, end) in hits {
+        out.extend_from_slice(&text[last..start]);
+        replace_text(style, &text[start..end], hasher, out);
+        last = end;
+    }
+    out.extend_from_slice(&text[last..]);
+}
+
+/// Keep the last 4 letters/digits/non-ASCII characters, star the others, keep ASCII punctuation and
+/// spaces. With fewer than 8 maskable characters everything is starred.
+pub(crate) fn partial(value: &[u8], out: &mut Vec<u8>) {
+    // A character is maskable when it is an ASCII letter or digit, or a non-ASCII character (counted
+    // at its UTF-8 lead byte; continuation bytes follow their lead).
+    let maskable = |b: u8| b.is_ascii_alphanumeric() || b >= 0xC0;
+    let total = value.iter().filter(|&&b| maskable(b)).count();
+    let first_kept = if total >= 8 { total - 4 } else { total };
+    let mut seen = 0;
+    let mut keeping = false;
+    for &b in value {
+        if (0x80..0xC0).contains(&b) {
+            // Continuation byte: follows its lead byte's fate.
+            if keeping {
+                out.push(b);
+            }
+            continue;
+        }
+        if maskable(b) {
+            keeping = seen >= first_kept;
+            seen += 1;
+            out.push(if keeping { b } else { b'*' });
+        } else {
+            keeping = false;
+            out.push(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial_of(s: &str) -> String {
+        let mut out = Vec::new();
+        partial(s.as_bytes(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn partial_keeps_last_four() {
+        assert_eq!(partial_of("4111 1111 1111 1111"), "**** **** **** 1111");
+        assert_eq!(partial_of("(415) 555-0123"), "(***) ***-0123");
+        assert_eq!(partial_of("alice@example.com"), "*****@******e.com");
+        assert_eq!(
+            partial_of("Zoë Müller-Lüdenscheidt"),
+            "*** ******-********eidt"
+        );
+        assert_eq!(
+            partial_of("1234567"),
+            "*******",
+            "short values are starred entirely"
+        );
+        assert_eq!(partial_of("ünïcödé!"), "*******!");
+        assert_eq!(partial_of("ünïcödéxyz"), "******éxyz");
+    }
+
+    #[test]
+    fn keyed_hash_is_deterministic_and_keyed() {
+        let a = Hasher::new(b"0123456789abcdef");
+        let b = Hasher::new(b"fedcba9876543210");
+        assert_eq!(a.hex16(b"alice@example.com"), a.hex16(b"alice@example.com"));
+        assert_ne!(a.hex16(b"alice@example.com"), a.hex16(b"bob@example.com"));
+        assert_ne!(a.hex16(b"alice@example.com"), b.hex16(b"alice@example.com"));
+        assert!(a.hex16(b"x").iter().all(u8::is_ascii_hexdigit));
+    }
+
+    #[test]
+    fn spans_are_replaced_in_place() {
+        let h = Hasher::new(b"k");
+        let mut out = Vec::new();
+        rewrite_spans(
+            b"a 1234 b 5678 c",
+            [(2, 6), (9, 13)],
+            Style::Redact,
+            &h,
+            &mut out,
+        );
+        assert_eq!(out, b"a **** b **** c");
+    }
+}
