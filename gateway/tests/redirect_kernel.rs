@@ -260,14 +260,28 @@ fn agent_ipv4_connect_is_redirected_with_its_origin() {
     let server = protected_server("127.0.0.2:0");
     let target = server.local_addr().unwrap();
     let redirector = env.start(&[ProtectedTarget::host(target)]);
-    let gateway = stand_in(
-        TcpListener::bind(env.listen).unwrap(),
-        redirector.clone(),
-        1,
-    );
+    let listener = TcpListener::bind(env.listen).unwrap();
+    let r = redirector.clone();
+    // Like the real gateway: look up and read the executable while the agent waits.
+    let gateway = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let origin = r.lookup(peer).map_err(|e| e.to_string());
+        let exe = origin.as_ref().ok().and_then(Origin::executable);
+        conn.write_all(b"k").unwrap();
+        (vec![(peer, origin)], exe)
+    });
 
     let client = env.run_agent_json("alpha", &["tcp", "127.0.0.2", &target.port().to_string()]);
-    let seen = gateway.join().unwrap();
+    let (seen, exe) = gateway.join().unwrap();
+    let exe = exe.expect("executable of a live agent");
+    assert!(
+        exe.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("python3"),
+        "{}",
+        exe.display()
+    );
 
     assert_eq!(
         peer_of(&client),
