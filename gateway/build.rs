@@ -50,6 +50,10 @@ fn main() {
 
     let root_dir = programs.join("ebpf");
     let root_dir = root_dir.to_str().expect("workspace path is UTF-8");
+    // aya-build turns every line the nested cargo prints into a warning, replayed on every
+    // later build; quiet keeps only real diagnostics.
+    // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     let package = aya_build::Package {
         name: EBPF_PACKAGE,
         root_dir,

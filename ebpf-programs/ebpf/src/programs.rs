@@ -1,3 +1,7 @@
+// Map keys and values are passed by reference: the helpers take pointers, and copies of
+// records would only grow the 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 

@@ -122,6 +122,14 @@ pub struct Origin {
     pub cgroup_path: Option<PathBuf>,
 }
 
+impl Origin {
+    /// The caller's executable, read from /proc: call it at accept time, while the caller
+    /// still lives (best effort: `None` once it has exited or exec'd elsewhere).
+    pub fn executable(&self) -> Option<PathBuf> {
+        std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
     /// No record for this peer: not redirected by our programs (e.g. a direct connect to the
