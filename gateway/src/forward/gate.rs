@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::Shared;
+use super::mask_filter::{CopyStatements, copy_statement};
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
 use crate::policy::{Action, ClassifyCache, Identity, Request as PolicyRequest, TargetRef};
 use crate::protocol::postgres::session::{Blocked, Disposition, Gate, Request};
@@ -32,6 +33,9 @@ pub struct PolicyGate {
     pub database: String,
     /// Set when `check` returned Hold; the driver takes it and waits.
     pub held: Option<Held>,
+    /// COPY ... TO STDOUT statements on their way upstream, for the masking filter; `None` when
+    /// the session masks nothing.
+    pub copies: Option<CopyStatements>,
 }
 
 impl PolicyGate {
@@ -71,6 +75,20 @@ impl Gate for PolicyGate {
                 "would hold for approval"
             };
             info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
+        }
+        if verdict.action == Action::Allow
+            && let (Some(copies), Request::Query(sql) | Request::Parse { sql, .. }) =
+                (&self.copies, request)
+            && verdict
+                .class
+                .statements
+                .iter()
+                .any(|s| s.command.eq_ignore_ascii_case("COPY"))
+        {
+            // The filter needs what the statement says about its output (format, columns).
+            if let Some(c) = copy_statement(sql) {
+                copies.borrow_mut().push_back(c);
+            }
         }
         match verdict.action {
             Action::Allow => Disposition::Allow,

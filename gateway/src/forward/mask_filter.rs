@@ -5,7 +5,9 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use sqlparser::ast::{CopyLegacyOption, CopyOption, CopySource, CopyTarget, SelectItem, SetExpr, Statement};
+use sqlparser::ast::{
+    CopyLegacyOption, CopyOption, CopySource, CopyTarget, SelectItem, SetExpr, Statement,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 
 use crate::mask::{Column, CopyOptions, CopyPlan, Masker, ResultPlan};
@@ -31,7 +33,12 @@ pub struct MaskFilter {
 
 impl MaskFilter {
     pub fn new(masker: Masker, copies: CopyStatements) -> Self {
-        MaskFilter { masker, plan: None, copy: None, copies }
+        MaskFilter {
+            masker,
+            plan: None,
+            copy: None,
+            copies,
+        }
     }
 }
 
@@ -92,7 +99,9 @@ impl ResultFilter for MaskFilter {
             Some(s) => (s.options, s.column_names),
             None => (CopyOptions::text(), None),
         };
-        let plan = self.masker.copy_plan(format, &column_formats, names.as_deref(), &options);
+        let plan = self
+            .masker
+            .copy_plan(format, &column_formats, names.as_deref(), &options);
         let inspect = !plan.is_passthrough();
         self.copy = Some(plan);
         inspect
@@ -136,7 +145,14 @@ fn parse_copy_out(body: &[u8]) -> Option<(u8, Vec<i16>)> {
 pub fn copy_statement(sql: &str) -> Option<CopyStatement> {
     let statements = sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
     statements.iter().find_map(|s| match s {
-        Statement::Copy { source, to: true, target: CopyTarget::Stdout, options, legacy_options, .. } => {
+        Statement::Copy {
+            source,
+            to: true,
+            target: CopyTarget::Stdout,
+            options,
+            legacy_options,
+            ..
+        } => {
             let mut o = CopyOptions::text();
             let mut csv = false;
             let mut header = false;
@@ -180,8 +196,15 @@ pub fn copy_statement(sql: &str) -> Option<CopyStatement> {
                 o.escape = e;
             }
             let column_names = match source {
-                CopySource::Table { table_name, columns } => {
-                    let parts: Vec<String> = table_name.0.iter().map(|p| p.to_string().trim_matches('"').to_owned()).collect();
+                CopySource::Table {
+                    table_name,
+                    columns,
+                } => {
+                    let parts: Vec<String> = table_name
+                        .0
+                        .iter()
+                        .map(|p| p.to_string().trim_matches('"').to_owned())
+                        .collect();
                     o.table = match parts.as_slice() {
                         [t] => Some(("public".to_owned(), t.clone())),
                         [s, t] => Some((s.clone(), t.clone())),
@@ -194,10 +217,12 @@ pub fn copy_statement(sql: &str) -> Option<CopyStatement> {
                         .projection
                         .iter()
                         .map(|item| match item {
-                            SelectItem::UnnamedExpr(sqlparser::ast::Expr::Identifier(i)) => Some(i.value.clone()),
-                            SelectItem::UnnamedExpr(sqlparser::ast::Expr::CompoundIdentifier(parts)) => {
-                                parts.last().map(|i| i.value.clone())
+                            SelectItem::UnnamedExpr(sqlparser::ast::Expr::Identifier(i)) => {
+                                Some(i.value.clone())
                             }
+                            SelectItem::UnnamedExpr(sqlparser::ast::Expr::CompoundIdentifier(
+                                parts,
+                            )) => parts.last().map(|i| i.value.clone()),
                             SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
                             _ => None,
                         })
@@ -205,7 +230,10 @@ pub fn copy_statement(sql: &str) -> Option<CopyStatement> {
                     _ => None,
                 },
             };
-            Some(CopyStatement { options: o, column_names })
+            Some(CopyStatement {
+                options: o,
+                column_names,
+            })
         }
         _ => None,
     })

@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod conn;
 pub mod gate;
+pub mod mask_filter;
 pub mod session;
 pub mod tls;
 pub mod upstream;
@@ -22,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ServeArgs};
 use crate::identify::Identity;
+use crate::mask::{MaskRules, Masker};
 use crate::metrics::Registry;
 use crate::policy::Policy;
 use crate::policy::approval::Approvals;
@@ -33,7 +35,7 @@ pub struct Shared {
     pub cancel: Arc<cancel::CancelMap>,
     routes: RwLock<Arc<Routes>>,
     config: RwLock<Arc<Config>>,
-    policy: RwLock<Arc<Policy>>,
+    policy: RwLock<(Arc<Policy>, Masker)>,
     pub approvals: Arc<Approvals>,
     pub redirector: Option<Arc<crate::redirect::Redirector>>,
     pub started: Instant,
@@ -65,6 +67,16 @@ impl Shared {
         self.policy
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// The masking rules of the policy in force: a session takes them when it starts.
+    pub fn masker(&self) -> Masker {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
             .clone()
     }
 
@@ -91,7 +103,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
-    let policy = crate::policy::load(&cfg.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let policy = load_policy(&cfg.policy)?;
     let approvals = Approvals::open(&cfg.state_dir)?;
 
     // Bind everything before starting anything, so a busy port is one clear error.
@@ -124,7 +136,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cancel: Arc::default(),
         routes: RwLock::new(Arc::new(routes)),
         config: RwLock::new(Arc::new(cfg.clone())),
-        policy: RwLock::new(Arc::new(policy)),
+        policy: RwLock::new(policy),
         approvals,
         redirector,
         started: Instant::now(),
@@ -200,8 +212,7 @@ fn reload(args: &ServeArgs, shared: &Shared) {
     let result = Config::from_args(args).and_then(|cfg| {
         let routes = Routes::build(&cfg, &shared.registry)
             .with_context(|| format!("loading {}", cfg.origin))?;
-        let policy =
-            crate::policy::load(&cfg.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+        let policy = load_policy(&cfg.policy)?;
         let old = shared.config();
         if old.listeners != cfg.listeners {
             warn!("listener changes take effect at the next restart");
@@ -211,7 +222,7 @@ fn reload(args: &ServeArgs, shared: &Shared) {
                 .context("updating the eBPF protected targets")?;
         }
         *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
-        *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
         *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
         Ok(())
     });
@@ -219,6 +230,17 @@ fn reload(args: &ServeArgs, shared: &Shared) {
         Ok(()) => info!("configuration reloaded"),
         Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
     }
+}
+
+/// Loads a policy and compiles its `[mask]` table; any error names the policy and the key.
+fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
+    use serde::Deserialize;
+    let policy = crate::policy::load(name_or_path).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let rules = MaskRules::deserialize(toml::Value::Table(policy.mask_table().clone()))
+        .map_err(|e| anyhow::anyhow!("policy {}: [mask]: {e}", policy.source()))?;
+    let masker = Masker::new(&rules)
+        .map_err(|e| anyhow::anyhow!("policy {}: [mask]: {e}", policy.source()))?;
+    Ok((Arc::new(policy), masker))
 }
 
 fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {

@@ -16,12 +16,13 @@ use super::Shared;
 use super::cancel::CancelTarget;
 use super::conn::Stream;
 use super::gate::PolicyGate;
+use super::mask_filter::{CopyStatements, MaskFilter};
 use super::upstream;
 use crate::identify::Identity;
 use crate::metrics::{NewSession, SessionInfo, SessionState};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{
-    Blocked, Disposition, NoFilter, Output, Progress, Seg, Session, SessionError, Side,
+    Blocked, Disposition, Output, Progress, Seg, Session, SessionError, Side,
 };
 use crate::protocol::postgres::startup::{self, Initial};
 
@@ -193,7 +194,11 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     let server = Rc::new(upstream.stream);
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    let masker = shared.masker();
+    let copies: Option<CopyStatements> = (!masker.is_noop()).then(Default::default);
+    let filter = MaskFilter::new(masker, copies.clone().unwrap_or_default());
     let gate = PolicyGate {
+        copies,
         shared: shared.clone(),
         session: info.id,
         agent: identity.peer.agent.clone(),
@@ -216,6 +221,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
             client.clone(),
             core.clone(),
             info.clone(),
+            filter,
         )),
     )
     .await;
@@ -423,10 +429,10 @@ async fn server_to_client(
     client: Rc<Stream>,
     core: Rc<RefCell<Session>>,
     info: Arc<SessionInfo>,
+    mut filter: MaskFilter,
 ) -> Result<End, PumpError> {
     let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
     let mut out = Output::default();
-    let mut filter = NoFilter;
     loop {
         let BufResult(n, b) = server.read(buf).await;
         buf = b;

@@ -1,0 +1,167 @@
+//! Masking through the real gateway and a real PostgreSQL: text and binary results, prepared
+//! statements, json/jsonb values and COPY TO STDOUT, with the built-in `default` policy.
+
+use std::time::Duration;
+
+use testkit::{Gateway, GatewayOptions, Postgres};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+const EMAIL: &str = "alice.smith@example.com";
+/// A Luhn-valid test card number, and a 16-digit number that is not one.
+const CARD: &str = "4111 1111 1111 1111";
+const NOT_A_CARD: &str = "4111111111111112";
+const SSN: &str = "123-45-6789";
+
+struct Setup {
+    pg: Postgres,
+    gw: Gateway,
+    _dir: tempfile::TempDir,
+}
+
+fn start(policy: &str) -> Setup {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    pg.app_superuser_sql(&format!(
+        "CREATE TABLE people (id int, contact text, note text, ref text, doc jsonb, secret_token text);
+         INSERT INTO people VALUES
+           (1, '{EMAIL}', 'card {CARD} on file', '{NOT_A_CARD}', '{{\"user\": {{\"mail\": \"{EMAIL}\", \"n\": 7}}}}', 'tok-123'),
+           (2, 'nobody', 'ssn {SSN}', 'order 42', '{{\"clean\": true}}', NULL);
+         GRANT ALL ON people TO app;"
+    ))
+    .expect("seed table");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pg.write_password_file(dir.path()).unwrap();
+    let gw = Gateway::start(
+        GatewayOptions::for_target(&pg, pw)
+            .arg("--policy")
+            .arg(policy),
+    )
+    .expect("start gateway");
+    Setup { pg, gw, _dir: dir }
+}
+
+async fn connect(gw: &Gateway) -> Client {
+    let (client, conn) = tokio_postgres::connect(&gw.conninfo("app"), NoTls)
+        .await
+        .expect("connect through the gateway");
+    tokio::spawn(conn);
+    client
+}
+
+fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_no_pii(text: &str, ctx: &str) {
+    for secret in [EMAIL, CARD, SSN, "tok-123"] {
+        assert!(
+            !text.contains(secret),
+            "{ctx}: {secret:?} reached the client: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_results_are_masked_and_clean_values_pass() {
+    let s = start("default");
+    let client = connect(&s.gw).await;
+    let got = rows(
+        &client
+            .simple_query(
+                "SELECT id, contact, note, ref, doc::text, secret_token FROM people ORDER BY id",
+            )
+            .await
+            .unwrap(),
+    );
+    let flat = format!("{got:?}");
+    assert_no_pii(&flat, "simple query");
+    // A Luhn-invalid 16-digit number is not a card: it passes untouched, as does clean text.
+    assert_eq!(got[0][3].as_deref(), Some(NOT_A_CARD));
+    assert_eq!(got[1][1].as_deref(), Some("nobody"));
+    assert_eq!(got[1][3].as_deref(), Some("order 42"));
+    // The detector replaced only the card inside the note; the rest of the text stays.
+    let note = got[0][2].as_deref().unwrap();
+    assert!(
+        note.starts_with("card ") && note.ends_with(" on file"),
+        "{note}"
+    );
+    // json: the email inside the document is masked, the document still parses.
+    let doc: serde_json::Value =
+        serde_json::from_str(got[0][4].as_deref().unwrap()).expect("masked json is json");
+    assert_eq!(doc["user"]["n"], 7);
+    assert_ne!(doc["user"]["mail"], EMAIL);
+    // The same rows read directly are intact (the gateway masks; the data is untouched).
+    let direct =
+        s.pg.app_superuser_sql("SELECT contact FROM people WHERE id = 1")
+            .unwrap();
+    assert_eq!(direct.trim(), EMAIL);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_results_of_prepared_statements_are_masked() {
+    let s = start("default");
+    let client = connect(&s.gw).await;
+    // tokio-postgres prepares once and executes without a Describe, in binary format.
+    let stmt = client
+        .prepare("SELECT contact, note, doc, secret_token FROM people WHERE id = $1")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let row = client.query_one(&stmt, &[&1i32]).await.unwrap();
+        let contact: String = row.get(0);
+        let note: String = row.get(1);
+        let doc: serde_json::Value = row.get(2);
+        let token: Option<String> = row.get(3);
+        assert_no_pii(&format!("{contact} {note} {doc} {token:?}"), "binary");
+        assert!(
+            contact.ends_with(".com") || contact.contains('*'),
+            "partial style keeps a tail: {contact}"
+        );
+        assert_eq!(doc["user"]["n"], 7);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_to_stdout_rows_are_masked() {
+    let s = start("default");
+    let client = connect(&s.gw).await;
+    let stream = client
+        .copy_out("COPY (SELECT id, contact, note FROM people ORDER BY id) TO STDOUT")
+        .await
+        .expect("COPY through the gateway");
+    use futures_util::StreamExt;
+    let chunks: Vec<_> = stream.collect().await;
+    let mut text = String::new();
+    for c in chunks {
+        text.push_str(std::str::from_utf8(&c.expect("copy data")).unwrap());
+    }
+    assert_no_pii(&text, "COPY");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("nobody"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn observe_mode_still_masks() {
+    let s = start("observe");
+    let client = connect(&s.gw).await;
+    let got = client
+        .simple_query("SELECT contact, note FROM people WHERE id = 1")
+        .await
+        .unwrap();
+    assert_no_pii(&format!("{:?}", rows(&got)), "observe");
+    // And nothing is blocked: a write goes through in shadow mode.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.simple_query("UPDATE people SET ref = 'x' WHERE id = 2"),
+    )
+    .await
+    .expect("observe mode holds nothing")
+    .expect("observe mode blocks nothing");
+}
