@@ -347,10 +347,10 @@ fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
             fs::write(&cfg, "[redirect]\nenabled = true\n")?;
             cmd.arg("--config").arg(&cfg);
         }
-        _ => {
-            cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
-        }
+        _ => {}
     }
+    // An explicit listener too: --target needs one, and it tells when the gateway is up.
+    cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
     cmd.arg("--target")
         .arg(pg.url())
         .arg("--password-file")

@@ -594,6 +594,10 @@ impl GatewayOptions {
 }
 
 /// `[[listener]]` + `[[target]]` TOML for one listener in front of one upstream.
+/// A policy that allows everything and masks nothing: the proxy alone.
+pub const ALLOW_ALL_POLICY: &str = "name = \"allow-all\"\nmode = \"enforce\"\nunparsable = \"allow\"\n\
+default_action = \"allow\"\nfunction_call = \"allow\"\n";
+
 pub fn single_target_toml(listen: SocketAddr, upstream_url: &str, password_file: &Path) -> String {
     format!(
         "[[listener]]\nlisten = \"{listen}\"\ntarget = \"main\"\n\n[[target]]\nname = \"main\"\n\
@@ -641,9 +645,13 @@ impl Gateway {
         }
         cmd.args(&opts.args);
         // Protocol tests exercise the proxy, not the rules: unless a test picks a policy, the
-        // gateway runs the built-in shadow mode, which evaluates every statement and blocks none.
+        // gateway runs one that allows every statement and masks nothing, so test data and
+        // clients that never describe their statements pass as they would directly. Policy and
+        // masking have their own end-to-end tests.
         if !opts.args.iter().any(|a| a == "--policy") {
-            cmd.arg("--policy").arg("observe");
+            let policy = dir.path().join("allow-all.toml");
+            fs::write(&policy, ALLOW_ALL_POLICY)?;
+            cmd.arg("--policy").arg(&policy);
         }
         cmd.env(
             "RUST_LOG",

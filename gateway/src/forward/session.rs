@@ -268,6 +268,9 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
                 "08P01"
             };
             fatal(&client, code, &message).await;
+            if e.side == Side::Client {
+                drain_client(&client).await;
+            }
         }
         Err(PumpError::Io(e)) => {
             target.counters.errors.fetch_add(1, Relaxed);
@@ -284,6 +287,28 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     );
     drop(guard);
     Ok(())
+}
+
+/// After refusing a client in the middle of what it is sending, reads and drops the rest for a
+/// moment: closing with unread data resets the connection, and the client would lose the error.
+async fn drain_client(client: &Stream) {
+    use compio::io::AsyncWrite;
+    let mut w = client.tcp();
+    let _ = w.shutdown().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
+    let mut drained = 0usize;
+    while drained < 256 << 20 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match compio::time::timeout(left, client.read(buf)).await {
+            Ok(BufResult(Ok(n), b)) if n > 0 => {
+                drained += n;
+                buf = b;
+                buf.clear();
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Splits a leading NegotiateProtocolVersion message off the relayed startup messages: it must
