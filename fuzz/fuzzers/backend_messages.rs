@@ -1,2 +1,4 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| portcullis::protocol::postgres::fuzzing::backend_messages(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    portcullis::protocol::postgres::fuzzing::backend_messages(data)
+});
