@@ -340,14 +340,11 @@ fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
     let mut cmd = Command::new(bin);
     cmd.arg("serve");
     let port = testkit::free_port();
-    match kind {
-        TargetKind::GatewayRedirect => {
-            // The redirect listener is the gateway's own business; agents dial PostgreSQL.
-            let cfg = dir.path().join("portcullis.toml");
-            fs::write(&cfg, "[redirect]\nenabled = true\n")?;
-            cmd.arg("--config").arg(&cfg);
-        }
-        _ => {}
+    if kind == TargetKind::GatewayRedirect {
+        // The redirect listener is the gateway's own business; agents dial PostgreSQL.
+        let cfg = dir.path().join("portcullis.toml");
+        fs::write(&cfg, "[redirect]\nenabled = true\n")?;
+        cmd.arg("--config").arg(&cfg);
     }
     // An explicit listener too: --target needs one, and it tells when the gateway is up.
     cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));

@@ -60,7 +60,7 @@ impl Routes {
             .iter()
             .flat_map(|t| t.config.protect.iter().map(move |p| (*p, t.clone())))
             .collect();
-        protected.sort_by(|a, b| b.0.prefix_len.cmp(&a.0.prefix_len));
+        protected.sort_by_key(|(p, _)| std::cmp::Reverse(p.prefix_len));
         Ok(Routes {
             by_destination,
             protected,

@@ -18,7 +18,7 @@ pub const READ_CHUNK: usize = 64 * 1024;
 
 pub enum Stream {
     Tcp(TcpStream, WriteLock),
-    Tls(TlsStream),
+    Tls(Box<TlsStream>),
 }
 
 /// Serializes whole-message writes: both pumps may write to the client (results, and a notice

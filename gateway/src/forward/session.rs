@@ -229,17 +229,20 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         Either::Left((r, _)) | Either::Right((r, _)) => r,
     };
     info.set_state(SessionState::Closing);
-    let core = core.borrow();
-    target.counters.queries.fetch_add(core.queries, Relaxed);
-    target.counters.blocked.fetch_add(core.blocked, Relaxed);
-    target
-        .counters
-        .bytes_in
-        .fetch_add(core.from_client.bytes, Relaxed);
-    target
-        .counters
-        .bytes_out
-        .fetch_add(core.from_server.bytes, Relaxed);
+    // Copied out: the core must not stay borrowed across the awaits below.
+    let (queries, blocked, bytes_in, bytes_out) = {
+        let c = core.borrow();
+        (
+            c.queries,
+            c.blocked,
+            c.from_client.bytes,
+            c.from_server.bytes,
+        )
+    };
+    target.counters.queries.fetch_add(queries, Relaxed);
+    target.counters.blocked.fetch_add(blocked, Relaxed);
+    target.counters.bytes_in.fetch_add(bytes_in, Relaxed);
+    target.counters.bytes_out.fetch_add(bytes_out, Relaxed);
     match &end {
         Ok(End::ClientClosed) | Ok(End::Terminated) => {}
         Ok(End::ServerClosed { fatal_seen }) => {
@@ -279,11 +282,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     }
     info!(
         session = info.id,
-        queries = core.queries,
-        blocked = core.blocked,
-        bytes_in = core.from_client.bytes,
-        bytes_out = core.from_server.bytes,
-        "session ended"
+        queries, blocked, bytes_in, bytes_out, "session ended"
     );
     drop(guard);
     Ok(())

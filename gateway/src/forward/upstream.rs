@@ -60,8 +60,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
             | UpstreamError::Timeout { .. }
             | UpstreamError::Tls { .. } => "08001",
-            UpstreamError::Auth(AuthError::Server { code, .. }) => code,
-            UpstreamError::Auth(_) => "28000",
+            UpstreamError::Auth(e) => e.sqlstate(),
             UpstreamError::Server { code, .. } => code,
             UpstreamError::Protocol(_) => "08P01",
         }
@@ -124,7 +123,7 @@ async fn open(target: &Target) -> Result<Stream, UpstreamError> {
                     addr: addr.clone(),
                     reason: e.to_string(),
                 })?;
-            Ok(Stream::Tls(tls))
+            Ok(Stream::Tls(Box::new(tls)))
         }
         (1, Some(b'N')) if up.sslmode == SslMode::Prefer => Ok(Stream::tcp_stream(tcp)),
         (1, Some(b'N')) => Err(UpstreamError::Tls {
