@@ -75,12 +75,95 @@ pub fn backend_messages(data: &[u8]) {
     }
 }
 
+/// The session core on arbitrary client and server bytes, fed in chunks the first byte chooses,
+/// with a gate that blocks every other request: it must never panic, never consume more than it
+/// was given, and only ever forward ranges inside its input.
+pub fn session(data: &[u8]) {
+    use super::session::{
+        Blocked, Disposition, Gate, NoFilter, Output, Progress, Request, Seg, Session,
+    };
+
+    struct Alternate(bool);
+    impl Gate for Alternate {
+        fn check(&mut self, _: &Request<'_>) -> Disposition {
+            self.0 = !self.0;
+            if self.0 {
+                Disposition::Allow
+            } else {
+                Disposition::Block(Blocked {
+                    rule: "fuzz".into(),
+                    reason: "every other".into(),
+                })
+            }
+        }
+    }
+
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let (client, server) = rest.split_at(rest.len() * usize::from(split) / 256);
+    let chunk = 1 + usize::from(split % 64);
+    let mut core = Session::new(1 << 16);
+    let mut gate = Alternate(false);
+    for (input, is_client) in [(client, true), (server, false)] {
+        let mut pending: Vec<u8> = Vec::new();
+        for piece in input.chunks(chunk) {
+            pending.extend_from_slice(piece);
+            let mut out = Output::default();
+            let progress = if is_client {
+                core.on_frontend(&pending, &mut gate, &mut out)
+            } else {
+                core.on_backend(&pending, &mut NoFilter, &mut out)
+            };
+            let consumed = match progress {
+                Ok(
+                    Progress::Continue { consumed }
+                    | Progress::Hold { consumed }
+                    | Progress::Terminate { consumed },
+                ) => consumed,
+                Err(_) => break,
+            };
+            assert!(consumed <= pending.len());
+            for seg in out.segments() {
+                match seg {
+                    Seg::Input(r) => {
+                        assert!(r.end <= consumed, "forwarded bytes it did not consume")
+                    }
+                    Seg::Scratch(r) => assert!(r.end <= out.scratch().len()),
+                }
+            }
+            pending.drain(..consumed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::postgres::messages::{encode_auth_ok, encode_error};
 
     /// The targets' invariants hold on well-formed seeds, so CI runs them without a fuzzer.
+    #[test]
+    fn session_target_survives_pseudo_random_bytes() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in [0usize, 1, 7, 64, 300, 4096] {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            session(&data);
+        }
+        // A well-formed pipeline, as a seed.
+        let mut seed = vec![128];
+        seed.extend_from_slice(b"Q\0\0\0\x0dSELECT 1\0");
+        seed.extend_from_slice(b"Z\0\0\0\x05I");
+        session(&seed);
+    }
+
     #[test]
     fn targets_accept_their_seeds() {
         let mut seed = Vec::new();
