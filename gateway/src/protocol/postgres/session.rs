@@ -442,72 +442,19 @@ impl Session {
         match frame.tag {
             b'Q' => {
                 let sql = body_str(Reader::new(frame.body).cstr(), "Query")?;
-                self.queries += 1;
-                match self.decide(gate, &Request::Query(sql)) {
-                    Disposition::Allow => {
-                        out.pass(range);
-                        self.expect.push_back(Expect::Query { probe: None });
-                    }
-                    Disposition::Block(b) => {
-                        out.emit(|o| messages::encode_query(PROBE_SQL, o));
-                        self.expect.push_back(Expect::Query { probe: Some(b) });
-                    }
-                    Disposition::Hold => {
-                        return Ok(Some(Progress::Hold {
-                            consumed: range.start,
-                        }));
-                    }
-                }
+                return Ok(self.gated(gate, Request::Query(sql), range, out));
             }
             b'P' => {
                 let mut r = Reader::new(frame.body);
                 let statement = body_str(r.cstr(), "Parse statement name")?;
                 let sql = body_str(r.cstr(), "Parse query")?;
-                self.queries += 1;
-                match self.decide(gate, &Request::Parse { statement, sql }) {
-                    Disposition::Allow => {
-                        out.pass(range);
-                        self.expect.push_back(Expect::Parse {
-                            statement: self.names.hash_one(statement),
-                            probe: None,
-                        });
-                    }
-                    Disposition::Block(b) => {
-                        out.emit(|o| messages::encode_parse(statement, PROBE_SQL, o));
-                        self.expect.push_back(Expect::Parse {
-                            statement: self.names.hash_one(statement),
-                            probe: Some(b),
-                        });
-                        self.fe_discard_to_sync = true;
-                    }
-                    Disposition::Hold => {
-                        return Ok(Some(Progress::Hold {
-                            consumed: range.start,
-                        }));
-                    }
-                }
+                return Ok(self.gated(gate, Request::Parse { statement, sql }, range, out));
             }
             b'F' => {
                 let oid = Reader::new(frame.body)
                     .i32()
                     .map_err(|e| SessionError::client(format!("FunctionCall: {e}")))?;
-                self.queries += 1;
-                match self.decide(gate, &Request::FunctionCall { oid: oid as u32 }) {
-                    Disposition::Allow => {
-                        out.pass(range);
-                        self.expect.push_back(Expect::Query { probe: None });
-                    }
-                    Disposition::Block(b) => {
-                        // A FunctionCall is answered like a simple query: result, then ReadyForQuery.
-                        out.emit(|o| messages::encode_query(PROBE_SQL, o));
-                        self.expect.push_back(Expect::Query { probe: Some(b) });
-                    }
-                    Disposition::Hold => {
-                        return Ok(Some(Progress::Hold {
-                            consumed: range.start,
-                        }));
-                    }
-                }
+                return Ok(self.gated(gate, Request::FunctionCall { oid: oid as u32 }, range, out));
             }
             b'B' => {
                 let (portal, statement, result_formats) = parse_bind(frame.body)?;
@@ -562,6 +509,52 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// A request the gate decides: forwarded as it came, replaced by a failing probe whose error
+    /// the server side rewrites, or held at `range.start`.
+    fn gated(
+        &mut self,
+        gate: &mut dyn Gate,
+        request: Request<'_>,
+        range: Range<usize>,
+        out: &mut Output,
+    ) -> Option<Progress> {
+        self.queries += 1;
+        let probe = match self.decide(gate, &request) {
+            Disposition::Allow => {
+                out.pass(range);
+                None
+            }
+            Disposition::Block(b) => Some(b),
+            Disposition::Hold => {
+                return Some(Progress::Hold {
+                    consumed: range.start,
+                });
+            }
+        };
+        let blocked = probe.is_some();
+        let expect = match request {
+            Request::Parse { statement, .. } => {
+                if blocked {
+                    out.emit(|o| messages::encode_parse(statement, PROBE_SQL, o));
+                    self.fe_discard_to_sync = true;
+                }
+                Expect::Parse {
+                    statement: self.names.hash_one(statement),
+                    probe,
+                }
+            }
+            // A FunctionCall is answered like a simple query: result, then ReadyForQuery.
+            Request::Query(_) | Request::FunctionCall { .. } => {
+                if blocked {
+                    out.emit(|o| messages::encode_query(PROBE_SQL, o));
+                }
+                Expect::Query { probe }
+            }
+        };
+        self.expect.push_back(expect);
+        None
     }
 
     fn decide(&mut self, gate: &mut dyn Gate, request: &Request<'_>) -> Disposition {
