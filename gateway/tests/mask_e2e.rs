@@ -165,3 +165,46 @@ async fn observe_mode_still_masks() {
     .expect("observe mode holds nothing")
     .expect("observe mode blocks nothing");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn table_column_rules_follow_the_catalog_through_aliases() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    pg.app_superuser_sql(
+        "CREATE TABLE staff (id int, badge text); INSERT INTO staff VALUES (1, 'B-7781-QX');
+         CREATE TABLE visitors (id int, badge text); INSERT INTO visitors VALUES (1, 'V-0001-AA');
+         GRANT SELECT ON staff, visitors TO app;",
+    )
+    .expect("seed tables");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pg.write_password_file(dir.path()).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "name = \"badges\"\nmode = \"enforce\"\nunparsable = \"allow\"\ndefault_action = \"allow\"\nfunction_call = \"allow\"\n\n\
+         [mask]\ndetectors = []\n\n[[mask.columns]]\ntable = \"public.staff\"\ncolumn = \"badge\"\nstyle = \"redact\"\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(
+        GatewayOptions::for_target(&pg, pw)
+            .arg("--policy")
+            .arg(policy.to_str().unwrap()),
+    )
+    .expect("start gateway");
+    let client = connect(&gw).await;
+    // An alias does not hide where the column comes from: the catalog says staff.badge.
+    let got = rows(
+        &client
+            .simple_query("SELECT badge AS b FROM staff")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got[0][0].as_deref(), Some("****"), "{got:?}");
+    // The same column name in another table is not the rule's.
+    let got = rows(
+        &client
+            .simple_query("SELECT badge FROM visitors")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got[0][0].as_deref(), Some("V-0001-AA"), "{got:?}");
+}

@@ -222,15 +222,21 @@ async fn approved_statement_runs_in_the_open_transaction() {
         !held.is_finished(),
         "the statement must wait for the operator"
     );
-    assert!(
-        notices
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|n| n.contains(&id.to_string())),
-        "a notice names the approval request id: {:?}",
-        notices.lock().unwrap()
-    );
+    // The request is in the store a moment before its notice reaches the client.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !notices
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|n| n.contains(&id.to_string()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a notice names the approval request id: {:?}",
+            notices.lock().unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     cli_ok(&s.gw, &["approve", &id.to_string()]);
     held.await.unwrap().expect("the approved INSERT runs");
     // Same session, same transaction: the row is visible here and not yet outside.

@@ -10,7 +10,7 @@ use sqlparser::ast::{
 };
 use sqlparser::dialect::PostgreSqlDialect;
 
-use crate::mask::{Column, CopyOptions, CopyPlan, Masker, ResultPlan};
+use crate::mask::{Column, ColumnOrigin, CopyOptions, CopyPlan, Masker, ResultPlan};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{ResultFilter, ResultFormats};
 
@@ -24,17 +24,30 @@ pub struct CopyStatement {
     pub column_names: Option<Vec<String>>,
 }
 
+/// Where each table column comes from, by (table OID, attribute number), read from the upstream
+/// catalog on the session's connection when `table` rules need it.
+pub type Catalog = std::collections::HashMap<(u32, i16), ColumnOrigin>;
+
+/// The catalog query: every user table column's schema, table and name.
+pub const CATALOG_SQL: &str = "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname \
+    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
+    AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
 pub struct MaskFilter {
     masker: Masker,
+    catalog: Catalog,
     plan: Option<ResultPlan>,
     copy: Option<CopyPlan>,
     copies: CopyStatements,
 }
 
 impl MaskFilter {
-    pub fn new(masker: Masker, copies: CopyStatements) -> Self {
+    pub fn new(masker: Masker, catalog: Catalog, copies: CopyStatements) -> Self {
         MaskFilter {
             masker,
+            catalog,
             plan: None,
             copy: None,
             copies,
@@ -63,9 +76,12 @@ impl ResultFilter for MaskFilter {
                 format: formats.of(i, f.format),
             })
             .collect();
-        // No catalog lookups yet: a column from a table whose origin the gateway cannot resolve is
-        // redacted when `table` rules exist (the engine fails closed).
-        let plan = self.masker.plan_with_origin(&cols, &|_, _| None);
+        // A column from a table the catalog did not list (created since) is redacted when
+        // `table` rules exist: the engine fails closed.
+        let catalog = &self.catalog;
+        let plan = self
+            .masker
+            .plan_with_origin(&cols, &|oid, attnum| catalog.get(&(oid, attnum)).cloned());
         let inspect = !plan.is_passthrough();
         self.plan = Some(plan);
         inspect

@@ -297,3 +297,70 @@ pub async fn cancel(
         compio::time::timeout(Duration::from_secs(5), stream.read(Vec::with_capacity(64))).await;
     Ok(())
 }
+
+/// Runs one simple query on an authenticated upstream and returns its rows as text (NULL as
+/// `None`). For the gateway's own side queries, never for agents' traffic.
+pub async fn side_query(
+    stream: &Stream,
+    sql: &str,
+    max_message: usize,
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+    let io = |source| UpstreamError::Connect {
+        addr: "upstream".into(),
+        source,
+    };
+    let mut out = Vec::new();
+    messages::encode_query(sql, &mut out);
+    stream.write_all(out).await.0.map_err(io)?;
+    let mut rows = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let f = match frame::next_frame(&buf, max_message)
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?
+        {
+            Next::Frame(f) => f,
+            Next::NeedHeader | Next::Partial { .. } => {
+                let BufResult(n, b) = stream.read(buf).await;
+                buf = b;
+                if n.map_err(io)? == 0 {
+                    return Err(UpstreamError::Protocol(
+                        "upstream closed during a side query".into(),
+                    ));
+                }
+                continue;
+            }
+        };
+        let len = f.wire_len();
+        match f.tag {
+            b'D' => {
+                let mut r = crate::protocol::postgres::frame::Reader::new(f.body);
+                let bad = |_| UpstreamError::Protocol("malformed DataRow in a side query".into());
+                let n = r.i16().map_err(bad)?;
+                let mut row = Vec::with_capacity(n.max(0) as usize);
+                for _ in 0..n {
+                    let l = r.i32().map_err(bad)?;
+                    row.push(if l < 0 {
+                        None
+                    } else {
+                        Some(
+                            String::from_utf8_lossy(r.bytes(l as usize).map_err(bad)?).into_owned(),
+                        )
+                    });
+                }
+                rows.push(row);
+            }
+            b'E' => {
+                let e = messages::parse_error_fields(f.body)
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                return Err(UpstreamError::Server {
+                    code: e.code.to_owned(),
+                    message: e.message.to_owned(),
+                    detail: None,
+                });
+            }
+            b'Z' => return Ok(rows),
+            _ => {}
+        }
+        buf.drain(..len);
+    }
+}
