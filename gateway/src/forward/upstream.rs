@@ -14,7 +14,7 @@ use crate::config::SslMode;
 use crate::protocol::postgres::auth::{
     AuthError, AuthStep, ChannelBinding, UpstreamAuth, tls_server_end_point,
 };
-use crate::protocol::postgres::frame::{self, Next};
+use crate::protocol::postgres::frame::{self, Frame, Next};
 use crate::protocol::postgres::{messages, startup};
 use crate::route::Target;
 
@@ -192,20 +192,10 @@ async fn connect_inner(
     let mut negotiated_minor = minor;
     let mut backend: Option<(u32, Vec<u8>)> = None;
     loop {
-        let f = match frame::next_frame(&buf, max_message)
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?
-        {
-            Next::Frame(f) => f,
-            Next::NeedHeader | Next::Partial { .. } => {
-                let BufResult(n, b) = stream.read(buf).await;
-                buf = b;
-                if n.map_err(io_err)? == 0 {
-                    return Err(UpstreamError::Protocol(format!(
-                        "{addr} closed the connection during startup"
-                    )));
-                }
-                continue;
-            }
+        let len = read_message(&stream, &mut buf, max_message, "startup").await?;
+        let f = Frame {
+            tag: buf[0],
+            body: &buf[frame::HEADER_LEN..len],
         };
         let (tag, len) = (f.tag, f.wire_len());
         if !authenticated {
@@ -298,6 +288,36 @@ pub async fn cancel(
     Ok(())
 }
 
+/// Reads until `buf` starts with one whole message and returns its wire length; `during` names
+/// the step in the error when the server closes instead.
+async fn read_message(
+    stream: &Stream,
+    buf: &mut Vec<u8>,
+    max_message: usize,
+    during: &str,
+) -> Result<usize, UpstreamError> {
+    loop {
+        match frame::next_frame(buf, max_message)
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?
+        {
+            Next::Frame(f) => return Ok(f.wire_len()),
+            Next::NeedHeader | Next::Partial { .. } => {
+                let BufResult(n, b) = stream.read(std::mem::take(buf)).await;
+                *buf = b;
+                let n = n.map_err(|source| UpstreamError::Connect {
+                    addr: "upstream".into(),
+                    source,
+                })?;
+                if n == 0 {
+                    return Err(UpstreamError::Protocol(format!(
+                        "the upstream server closed the connection during {during}"
+                    )));
+                }
+            }
+        }
+    }
+}
+
 /// Runs one simple query on an authenticated upstream and returns its rows as text (NULL as
 /// `None`). For the gateway's own side queries, never for agents' traffic.
 pub async fn side_query(
@@ -315,22 +335,11 @@ pub async fn side_query(
     let mut rows = Vec::new();
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
-        let f = match frame::next_frame(&buf, max_message)
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?
-        {
-            Next::Frame(f) => f,
-            Next::NeedHeader | Next::Partial { .. } => {
-                let BufResult(n, b) = stream.read(buf).await;
-                buf = b;
-                if n.map_err(io)? == 0 {
-                    return Err(UpstreamError::Protocol(
-                        "upstream closed during a side query".into(),
-                    ));
-                }
-                continue;
-            }
+        let len = read_message(stream, &mut buf, max_message, "a side query").await?;
+        let f = Frame {
+            tag: buf[0],
+            body: &buf[frame::HEADER_LEN..len],
         };
-        let len = f.wire_len();
         match f.tag {
             b'D' => {
                 let mut r = crate::protocol::postgres::frame::Reader::new(f.body);
