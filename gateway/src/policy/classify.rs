@@ -310,6 +310,10 @@ pub struct StatementClass {
     /// message can quote the statement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parse_error: Option<String>,
+    /// Set when the class depends on a literal's value (`SET x = off`, `set_config('x', ..)`,
+    /// `EXPLAIN (ANALYZE off)`): such statements are cached by exact text, never by shape.
+    #[serde(skip)]
+    reads_literals: bool,
     /// [`StatementClass::describe`], built once when classified so verdicts on cached statements
     /// do not format it again.
     #[serde(skip)]
@@ -326,6 +330,7 @@ impl StatementClass {
             functions: Vec::new(),
             procedures: Vec::new(),
             parse_error: None,
+            reads_literals: false,
             summary: String::new(),
         }
     }
@@ -397,6 +402,14 @@ fn serialize_fingerprint<S: serde::Serializer>(fp: &u64, s: S) -> Result<S::Ok, 
 }
 
 impl Classification {
+    /// True when every text of the same shape (the same tokens, other literal values) has this
+    /// class: every statement parsed and none depends on a literal's value.
+    fn holds_for_shape(&self) -> bool {
+        self.statements
+            .iter()
+            .all(|s| !s.reads_literals && !s.risks.contains(Risk::Unparsable))
+    }
+
     /// The most severe kind of any statement (`Read` for an empty query).
     pub fn kind(&self) -> Kind {
         self.statements
@@ -777,6 +790,7 @@ impl StatementVisitor {
             return;
         };
         if last == "set_config" {
+            self.class.reads_literals = true;
             let args = arg_exprs(args);
             match args.first().and_then(|e| literal_text(e, false)) {
                 Some(setting) => {
@@ -803,6 +817,7 @@ impl StatementVisitor {
     }
 
     fn set(&mut self, set: &Set) {
+        self.class.reads_literals = true;
         let mut check = |name: &ObjectName, value: Option<&Expr>| {
             // Custom settings are qualified (`app.user_id`): only a bare name is a server setting.
             let name = name_parts(name)
@@ -1094,7 +1109,10 @@ impl Visitor for StatementVisitor {
         let noexec = match stmt {
             Statement::Explain {
                 analyze, options, ..
-            } => !(*analyze || options.iter().flatten().any(is_analyze_on)),
+            } => {
+                self.class.reads_literals |= options.is_some();
+                !(*analyze || options.iter().flatten().any(is_analyze_on))
+            }
             _ => false,
         };
         self.noexec.push(noexec);
@@ -1185,14 +1203,19 @@ fn fingerprint(tokens: &[TokenWithSpan]) -> u64 {
     hash_text(trimmed)
 }
 
-/// Bounded cache of classifications by statement text, owned by one worker thread (no locks).
+/// Bounded cache of classifications, owned by one worker thread (no locks). A statement is cached
+/// by its shape (see [`shape_key`]) when its class holds for every text of that shape, so
+/// `... WHERE id = 1` and `... WHERE id = 2` are classified once; otherwise by its exact text.
 /// Eviction is CLOCK (second chance): a hit sets a bit, the hand clears bits until it finds an
 /// entry not used since its last pass.
 pub struct ClassifyCache {
+    /// Exact texts and shape keys; a shape key starts with NUL, which no protocol text contains.
     index: HashMap<Arc<str>, usize>,
     slots: Vec<Slot>,
     hand: usize,
     capacity: usize,
+    /// Reused for each request's shape key.
+    shape: String,
     hits: u64,
     misses: u64,
 }
@@ -1220,6 +1243,7 @@ impl ClassifyCache {
             slots: Vec::with_capacity(capacity),
             hand: 0,
             capacity,
+            shape: String::new(),
             hits: 0,
             misses: 0,
         }
@@ -1227,22 +1251,41 @@ impl ClassifyCache {
 
     /// The classification of `sql`, from the cache or freshly computed.
     pub fn classify(&mut self, sql: &str) -> Arc<Classification> {
-        if let Some(&i) = self.index.get(sql) {
-            let slot = &mut self.slots[i];
-            slot.referenced = true;
-            self.hits += 1;
-            return slot.value.clone();
+        if sql.len() > MAX_CACHED_TEXT {
+            self.misses += 1;
+            return Arc::new(classify(sql));
         }
-        self.misses += 1;
-        let value = Arc::new(classify(sql));
-        if sql.len() <= MAX_CACHED_TEXT {
-            self.insert(sql, value.clone());
-        }
+        let mut shape = std::mem::take(&mut self.shape);
+        let shaped = shape_key(sql, &mut shape);
+        let cached = match shaped {
+            true => self.get(&shape).or_else(|| self.get(sql)),
+            false => self.get(sql),
+        };
+        let value = cached.unwrap_or_else(|| {
+            self.misses += 1;
+            let value = Arc::new(classify(sql));
+            let key = if shaped && value.holds_for_shape() {
+                &shape
+            } else {
+                sql
+            };
+            self.insert(key, value.clone());
+            value
+        });
+        self.shape = shape;
         value
     }
 
-    fn insert(&mut self, sql: &str, value: Arc<Classification>) {
-        let key: Arc<str> = Arc::from(sql);
+    fn get(&mut self, key: &str) -> Option<Arc<Classification>> {
+        let &i = self.index.get(key)?;
+        let slot = &mut self.slots[i];
+        slot.referenced = true;
+        self.hits += 1;
+        Some(slot.value.clone())
+    }
+
+    fn insert(&mut self, key: &str, value: Arc<Classification>) {
+        let key: Arc<str> = Arc::from(key);
         if self.slots.len() < self.capacity {
             self.index.insert(key.clone(), self.slots.len());
             self.slots.push(Slot {
@@ -1282,5 +1325,206 @@ impl ClassifyCache {
     /// (hits, misses) since creation, for metrics.
     pub fn stats(&self) -> (u64, u64) {
         (self.hits, self.misses)
+    }
+}
+
+/// Writes into `out` the shape of `sql`: NUL, then the text with each numeric literal replaced by
+/// `?` and the inside of each string literal by `?`; everything else (words, quoted identifiers,
+/// comments, operators) is kept byte for byte. Two texts of one shape differ only inside literals,
+/// so they parse to the same tree with other constants. Returns false, leaving `out` unspecified,
+/// for any text whose literal boundaries a simple scanner could place differently from
+/// PostgreSQL or sqlparser: backslashes (escape strings, `standard_conforming_strings = off`),
+/// `$` (dollar quotes, parameters), `U&` literals, nested or unterminated comments and quotes.
+fn shape_key(sql: &str, out: &mut String) -> bool {
+    let b = sql.as_bytes();
+    let is_word_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    if b.iter().any(|&c| c == b'\\' || c == b'$') || has_unicode_literal(b) {
+        return false;
+    }
+    out.clear();
+    out.push('\0');
+    let mut copied = 0; // b[copied..i] is still to be copied verbatim
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // A string literal; `''` is a quote inside it.
+                let Some(end) = closing_quote(b, i + 1, b'\'') else {
+                    return false;
+                };
+                out.push_str(&sql[copied..=i]);
+                out.push_str("?'");
+                i = end + 1;
+                copied = i;
+            }
+            b'"' => match closing_quote(b, i + 1, b'"') {
+                Some(end) => i = end + 1,
+                None => return false,
+            },
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n' || c == b'\r')
+                    .map_or(b.len(), |n| i + n);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let body = &sql[i + 2..];
+                let Some(end) = body.find("*/") else {
+                    return false;
+                };
+                if body[..end].contains("/*") {
+                    return false;
+                }
+                i += 2 + end + 2;
+            }
+            c if c.is_ascii_digit()
+                && (i == 0 || !(is_word_byte(b[i - 1]) || b[i - 1] == b'.')) =>
+            {
+                let end = number_end(b, i);
+                if b.get(end).is_some_and(|&c| is_word_byte(c) || c == b'.') {
+                    // `1abc`, `1.`, `0x1f`: not a plain number to both lexers; keep it.
+                    i = end;
+                    continue;
+                }
+                out.push_str(&sql[copied..i]);
+                out.push('?');
+                i = end;
+                copied = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&sql[copied..]);
+    true
+}
+
+/// `U&'..'` and `U&"..."`, whose escapes a plain scanner does not read.
+fn has_unicode_literal(b: &[u8]) -> bool {
+    b.windows(2).any(|w| w[0] | 0x20 == b'u' && w[1] == b'&')
+}
+
+/// The index of the quote closing a literal opened just before `from`, skipping doubled quotes.
+fn closing_quote(b: &[u8], from: usize, quote: u8) -> Option<usize> {
+    let mut i = from;
+    loop {
+        i += b[i..].iter().position(|&c| c == quote)?;
+        if b.get(i + 1) == Some(&quote) {
+            i += 2;
+        } else {
+            return Some(i);
+        }
+    }
+}
+
+/// The end of the number starting at `start`: digits, an optional fraction, an optional exponent.
+fn number_end(b: &[u8], start: usize) -> usize {
+    let digits = |i: usize| i + b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let mut i = digits(start);
+    if b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+        i = digits(i + 1);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        if b.get(i + 1 + sign).is_some_and(u8::is_ascii_digit) {
+            i = digits(i + 1 + sign);
+        }
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(sql: &str) -> Option<String> {
+        let mut out = String::new();
+        shape_key(sql, &mut out).then(|| out[1..].to_string())
+    }
+
+    #[test]
+    fn shape_replaces_literals_only() {
+        assert_eq!(
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;").as_deref(),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = ?;")
+        );
+        assert_eq!(
+            shape("select * from t1 where a = 'it''s' and b > -1.5e-3 and c = E'x'").as_deref(),
+            Some("select * from t1 where a = '?' and b > -? and c = E'?'")
+        );
+        // Digits in words, quoted identifiers and comments are not literals.
+        assert_eq!(
+            shape(
+                r#"SELECT "col 1", x2 FROM t -- 7 o'clock
+/* 9 'a' */ WHERE y = 3"#
+            )
+            .as_deref(),
+            Some(
+                r#"SELECT "col 1", x2 FROM t -- 7 o'clock
+/* 9 'a' */ WHERE y = ?"#
+            )
+        );
+        // Numbers glued to words are kept whole.
+        assert_eq!(
+            shape("SELECT 1abc, 0x1f, 1.").as_deref(),
+            Some("SELECT 1abc, 0x1f, 1.")
+        );
+    }
+
+    #[test]
+    fn shape_refuses_what_a_simple_scanner_could_misread() {
+        for sql in [
+            r"SELECT 'a\'' ; DROP TABLE t; --'",
+            "SELECT $1",
+            "SELECT $q$x$q$",
+            "SELECT U&'\\0041'",
+            "SELECT u&\"x\"",
+            "SELECT 'unterminated",
+            "SELECT \"unterminated",
+            "SELECT 1 /* a /* nested */ 'x' */",
+            "SELECT 1 /* unterminated",
+        ] {
+            assert_eq!(shape(sql), None, "{sql}");
+        }
+    }
+
+    /// A comment that hides a quote must not pair it with a quote in code.
+    #[test]
+    fn shape_keeps_statement_boundaries() {
+        let a = shape("SELECT 1 -- a'\n, 2 --'").unwrap();
+        let b = shape("SELECT 1 -- a'\n; DROP TABLE t --'").unwrap();
+        assert_ne!(a, b);
+        let a = shape("SELECT 1 -- a'\r, 2 --'").unwrap();
+        let b = shape("SELECT 1 -- a'\r; DROP TABLE t --'").unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn cache_shares_a_class_across_literals_but_not_across_settings() {
+        let mut cache = ClassifyCache::new(16);
+        let a = cache.classify("SELECT * FROM t WHERE id = 1");
+        let b = cache.classify("SELECT * FROM t WHERE id = 2");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(cache.stats(), (1, 1));
+
+        let on = cache.classify("SET standard_conforming_strings = 'on'");
+        let off = cache.classify("SET standard_conforming_strings = 'off'");
+        assert!(!on.risks().contains(Risk::UnsafeSetting));
+        assert!(off.risks().contains(Risk::UnsafeSetting));
+        let safe = cache.classify("SELECT set_config('application_name', 'x', false)");
+        let unsafe_ =
+            cache.classify("SELECT set_config('session_replication_role', 'replica', false)");
+        assert!(!safe.risks().contains(Risk::UnsafeSetting));
+        assert!(unsafe_.risks().contains(Risk::UnsafeSetting));
+        let plain = cache.classify("EXPLAIN (ANALYZE false) DELETE FROM t");
+        let analyze = cache.classify("EXPLAIN (ANALYZE true) DELETE FROM t");
+        assert_ne!(plain.kind(), analyze.kind());
+        // Every cached answer is the one a fresh classification gives.
+        for sql in [
+            "SELECT * FROM t WHERE id = 3",
+            "SET standard_conforming_strings = 'off'",
+            "EXPLAIN (ANALYZE true) DELETE FROM t",
+        ] {
+            assert_eq!(*cache.classify(sql), classify(sql), "{sql}");
+        }
     }
 }
