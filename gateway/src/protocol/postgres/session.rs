@@ -319,6 +319,7 @@ pub struct Session {
     pub from_client: Counters,
     pub from_server: Counters,
     pub blocked: u64,
+    /// Statements sent to run: Query, Execute and FunctionCall messages (a Parse only prepares).
     pub queries: u64,
 }
 
@@ -484,6 +485,7 @@ impl Session {
                     .names
                     .hash_one(body_str(Reader::new(frame.body).cstr(), "Execute portal")?);
                 out.pass(range);
+                self.queries += 1;
                 self.expect.push_back(Expect::Execute { portal });
             }
             b'C' => {
@@ -520,7 +522,9 @@ impl Session {
         range: Range<usize>,
         out: &mut Output,
     ) -> Option<Progress> {
-        self.queries += 1;
+        if !matches!(request, Request::Parse { .. }) {
+            self.queries += 1;
+        }
         let probe = match self.decide(gate, &request) {
             Disposition::Allow => {
                 out.pass(range);
@@ -970,6 +974,24 @@ mod tests {
         );
         assert_eq!(s.pending_replies(), 4);
         assert_eq!(s.from_client.messages, 4);
+    }
+
+    #[test]
+    fn queries_count_what_runs_not_what_is_prepared() {
+        let mut s = Session::new(1 << 20);
+        let input = [
+            parse("s", "SELECT 1"),
+            bind("", "s", &[]),
+            execute(""),
+            bind("", "s", &[]),
+            execute(""),
+            sync(),
+            query("SELECT 2; SELECT 3"),
+        ]
+        .concat();
+        s.on_frontend(&input, &mut AllowAll, &mut Output::default())
+            .unwrap();
+        assert_eq!(s.queries, 3);
     }
 
     #[test]
