@@ -197,10 +197,13 @@ impl Scanner {
             }
             let mut bits = match s.get(i..i + 64) {
                 Some(block) => trigger_bits(block.try_into().expect("64-byte block")),
-                None => s[i..]
-                    .iter()
-                    .enumerate()
-                    .fold(0, |bits, (k, &b)| bits | (u64::from(is_trigger(b)) << k)),
+                // Most values are shorter than a block: pad with NUL (not a trigger) and take the
+                // same vector path rather than a byte-at-a-time loop.
+                None => {
+                    let mut block = [0u8; 64];
+                    block[..s.len() - i].copy_from_slice(&s[i..]);
+                    trigger_bits(&block)
+                }
             };
             while bits != 0 {
                 let j = i + bits.trailing_zeros() as usize;
