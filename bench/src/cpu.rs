@@ -55,6 +55,16 @@ fn parse_box_ticks(stat: &str) -> Option<BoxTicks> {
     })
 }
 
+/// The share of all CPUs (0 to 1) busy over `window` while the harness runs nothing: other work
+/// on the machine, which makes every figure noisier and lands in box CPU.
+pub fn background_busy(window: std::time::Duration) -> Option<f64> {
+    let before = box_ticks()?;
+    std::thread::sleep(window);
+    let after = box_ticks()?;
+    let total = after.total.checked_sub(before.total).filter(|&t| t > 0)?;
+    Some(after.busy.saturating_sub(before.busy) as f64 / total as f64)
+}
+
 /// CPU snapshot taken before a run; `finish` turns it into per-query figures.
 pub struct CpuSample {
     proxy: Option<(u32, u64)>,

@@ -35,11 +35,20 @@ pub struct Host {
     pub cpu_model: Option<String>,
     pub kernel: Option<String>,
     pub postgres: Option<String>,
-    /// 1-minute load average before setup and after the last workload: other work on the
-    /// machine shows here, and makes every figure noisier.
+    /// 1-minute load average before setup and after the last workload (the latter still holds
+    /// the harness's own last minute).
     pub load_avg_start: Option<f64>,
     pub load_avg_end: Option<f64>,
+    /// Share of all CPUs busy during a quiet window before setup and after the targets stopped,
+    /// when the harness runs nothing: other work on the machine.
+    #[serde(default)]
+    pub background_busy_start: Option<f64>,
+    #[serde(default)]
+    pub background_busy_end: Option<f64>,
 }
+
+/// Background CPU above this share of the machine is reported as other work running.
+pub const BUSY_BACKGROUND: f64 = 0.15;
 
 /// The 1-minute load average, from /proc/loadavg.
 pub fn load_avg() -> Option<f64> {
@@ -184,15 +193,20 @@ impl Report {
                 "**Interrupted**: only the steps that ran before Ctrl-C are reported.\n"
             );
         }
-        let busiest = [self.host.load_avg_start, self.host.load_avg_end]
-            .into_iter()
-            .flatten()
-            .reduce(f64::max);
-        if let Some(load) = busiest.filter(|&l| l > 0.5 * f64::from(self.host.cpus)) {
+        let busiest = [
+            self.host.background_busy_start,
+            self.host.background_busy_end,
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(f64::max);
+        if let Some(busy) = busiest.filter(|&b| b > BUSY_BACKGROUND) {
             let _ = writeln!(
                 md,
-                "**Other work was running** (load average up to {load:.1} on {} CPUs): drift \
-                 between targets is larger than on a quiet host, and box CPU includes that work.\n",
+                "**Other work was running** (up to {:.0}% of {} CPUs busy while the harness was \
+                 idle): drift between targets is larger than on a quiet host, and box CPU includes \
+                 that work.\n",
+                busy * 100.0,
                 self.host.cpus
             );
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use testkit::Postgres;
@@ -50,6 +50,7 @@ struct Started {
     unix: u64,
     at: Instant,
     load_avg: Option<f64>,
+    background_busy: Option<f64>,
 }
 
 impl Started {
@@ -61,17 +62,26 @@ impl Started {
                 .unwrap_or(0),
             at: Instant::now(),
             load_avg: report::load_avg(),
+            background_busy: crate::cpu::background_busy(QUIET_WINDOW),
         }
     }
 }
+
+/// How long the harness sits idle, before setup and after the targets stop, to see other work.
+const QUIET_WINDOW: Duration = Duration::from_secs(2);
 
 pub fn run(args: RunArgs) -> Result<()> {
     crate::interrupt::install();
     let started = Started::now();
     let cpus = workloads::cpus();
-    if let Some(load) = started.load_avg.filter(|&l| l > 0.5 * f64::from(cpus)) {
+    if let Some(busy) = started
+        .background_busy
+        .filter(|&b| b > report::BUSY_BACKGROUND)
+    {
         note(&format!(
-            "load average {load:.1} on {cpus} CPUs: other work is running, figures will be noisy"
+            "{:.0}% of {cpus} CPUs busy before the harness started: other work is running, \
+             figures will be noisy",
+            busy * 100.0
         ));
     }
     let mut settings = if args.smoke {
@@ -172,7 +182,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         slot.running = None;
     }
-    let mut report = build_report(&settings, &plan, &ctx, slots, &pg, &started);
+    let background_busy_end = crate::cpu::background_busy(QUIET_WINDOW);
+    let mut report = build_report(
+        &settings,
+        &plan,
+        &ctx,
+        slots,
+        &pg,
+        &started,
+        background_busy_end,
+    );
     report.interrupted = interrupted;
     drop(pg);
     write_outputs(&report, &out_dir)
@@ -266,6 +285,7 @@ fn build_report(
     slots: Vec<Slot>,
     pg: &Postgres,
     started: &Started,
+    background_busy_end: Option<f64>,
 ) -> Report {
     let workloads = plan
         .iter()
@@ -317,6 +337,8 @@ fn build_report(
             ),
             load_avg_start: started.load_avg,
             load_avg_end: report::load_avg(),
+            background_busy_start: started.background_busy,
+            background_busy_end,
         },
         direct_peak_tps: ctx.direct_peak_tps,
         interrupted: false,
