@@ -23,7 +23,9 @@ use testkit::Postgres;
 pub enum TargetKind {
     /// Clients connect to PostgreSQL itself: the baseline.
     Direct,
-    /// `portcullis serve --listen ...`: explicit listener, no policy.
+    /// `portcullis serve --listen ...`: explicit listener, the quick-start flags. The gateway's
+    /// default policy is the built-in `default`, so this is `GatewayPolicy` without naming it:
+    /// the gap between the two is the run's noise.
     Gateway,
     /// The gateway with `--policy observe`: policy evaluated and recorded, nothing blocked.
     GatewayObserve,
@@ -63,7 +65,9 @@ impl TargetKind {
     pub fn description(self) -> &'static str {
         match self {
             TargetKind::Direct => "PostgreSQL itself, no hop",
-            TargetKind::Gateway => "portcullis, explicit listener, no policy",
+            TargetKind::Gateway => {
+                "portcullis, explicit listener, quick-start flags (built-in default policy)"
+            }
             TargetKind::GatewayObserve => "portcullis --policy observe",
             TargetKind::GatewayPolicy => "portcullis --policy default (policy and masking on)",
             TargetKind::GatewayRedirect => {
