@@ -342,7 +342,7 @@ pub async fn side_query(
         };
         match f.tag {
             b'D' => {
-                let mut r = crate::protocol::postgres::frame::Reader::new(f.body);
+                let mut r = crate::protocol::postgres::error::Reader::new(f.body, "DataRow");
                 let bad = |_| UpstreamError::Protocol("malformed DataRow in a side query".into());
                 let n = r.i16().map_err(bad)?;
                 let mut row = Vec::with_capacity(n.max(0) as usize);

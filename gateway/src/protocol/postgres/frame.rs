@@ -90,63 +90,6 @@ pub fn write_message(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)
     out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
-/// A cursor over a message body with checked reads: every read says what it needed.
-#[derive(Debug, Clone, Copy)]
-pub struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("message truncated: expected {0}")]
-pub struct Truncated(pub &'static str);
-
-impl<'a> Reader<'a> {
-    pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
-    }
-
-    pub fn remaining(&self) -> &'a [u8] {
-        self.buf
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    pub fn u8(&mut self) -> Result<u8, Truncated> {
-        let (&b, rest) = self.buf.split_first().ok_or(Truncated("a byte"))?;
-        self.buf = rest;
-        Ok(b)
-    }
-
-    pub fn i16(&mut self) -> Result<i16, Truncated> {
-        let b = self.bytes(2).map_err(|_| Truncated("an int16"))?;
-        Ok(i16::from_be_bytes([b[0], b[1]]))
-    }
-
-    pub fn i32(&mut self) -> Result<i32, Truncated> {
-        let b = self.bytes(4).map_err(|_| Truncated("an int32"))?;
-        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Truncated> {
-        if self.buf.len() < n {
-            return Err(Truncated("more bytes"));
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    /// A NUL-terminated string, without its NUL.
-    pub fn cstr(&mut self) -> Result<&'a [u8], Truncated> {
-        let end = memchr::memchr(0, self.buf).ok_or(Truncated("a NUL-terminated string"))?;
-        let s = &self.buf[..end];
-        self.buf = &self.buf[end + 1..];
-        Ok(s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,17 +151,5 @@ mod tests {
             next_frame(&buf, 1024).unwrap(),
             Next::Partial { .. }
         ));
-    }
-
-    #[test]
-    fn reader_checks_every_read() {
-        let mut r = Reader::new(b"ab\0\x00\x01\x00\x00\x00\x02x");
-        assert_eq!(r.cstr().unwrap(), b"ab");
-        assert_eq!(r.i16().unwrap(), 1);
-        assert_eq!(r.i32().unwrap(), 2);
-        assert_eq!(r.u8().unwrap(), b'x');
-        assert!(r.u8().is_err());
-        assert!(Reader::new(b"no nul").cstr().is_err());
-        assert!(Reader::new(b"\x01").i16().is_err());
     }
 }

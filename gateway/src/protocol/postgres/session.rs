@@ -14,7 +14,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::ops::Range;
 
-use super::frame::{self, Frame, FrameError, Reader};
+use super::error::{ProtocolError, Reader};
+use super::frame::{self, Frame, FrameError};
 use super::messages;
 
 /// A statement that policy blocked: the rule that fired and why.
@@ -442,19 +443,19 @@ impl Session {
         }
         match frame.tag {
             b'Q' => {
-                let sql = body_str(Reader::new(frame.body).cstr(), "Query")?;
+                let sql = Reader::new(frame.body, "Query").cstr().map_err(client)?;
                 return Ok(self.gated(gate, Request::Query(sql), range, out));
             }
             b'P' => {
-                let mut r = Reader::new(frame.body);
-                let statement = body_str(r.cstr(), "Parse statement name")?;
-                let sql = body_str(r.cstr(), "Parse query")?;
+                let mut r = Reader::new(frame.body, "Parse");
+                let statement = r.cstr().map_err(client)?;
+                let sql = r.cstr().map_err(client)?;
                 return Ok(self.gated(gate, Request::Parse { statement, sql }, range, out));
             }
             b'F' => {
-                let oid = Reader::new(frame.body)
+                let oid = Reader::new(frame.body, "FunctionCall")
                     .i32()
-                    .map_err(|e| SessionError::client(format!("FunctionCall: {e}")))?;
+                    .map_err(client)?;
                 return Ok(self.gated(gate, Request::FunctionCall { oid: oid as u32 }, range, out));
             }
             b'B' => {
@@ -469,11 +470,9 @@ impl Session {
                 });
             }
             b'D' => {
-                let mut r = Reader::new(frame.body);
-                let kind = r
-                    .u8()
-                    .map_err(|e| SessionError::client(format!("Describe: {e}")))?;
-                let name = self.names.hash_one(body_str(r.cstr(), "Describe name")?);
+                let mut r = Reader::new(frame.body, "Describe");
+                let kind = r.u8().map_err(client)?;
+                let name = self.names.hash_one(r.cstr().map_err(client)?);
                 out.pass(range);
                 self.expect.push_back(Expect::Describe {
                     portal: kind == b'P',
@@ -483,7 +482,7 @@ impl Session {
             b'E' => {
                 let portal = self
                     .names
-                    .hash_one(body_str(Reader::new(frame.body).cstr(), "Execute portal")?);
+                    .hash_one(Reader::new(frame.body, "Execute").cstr().map_err(client)?);
                 out.pass(range);
                 self.queries += 1;
                 self.expect.push_back(Expect::Execute { portal });
@@ -667,9 +666,9 @@ impl Session {
             b'H' => self.copy_inspect = filter.copy_out(frame.body),
             b'c' => self.copy_inspect = false,
             b'Z' => {
-                let status = Reader::new(frame.body)
+                let status = Reader::new(frame.body, "ReadyForQuery")
                     .u8()
-                    .map_err(|e| SessionError::server(format!("ReadyForQuery: {e}")))?;
+                    .map_err(|e| SessionError::server(e.to_string()))?;
                 self.tx_status = status;
                 self.result = ResultState::None;
                 self.copy_inspect = false;
@@ -828,29 +827,28 @@ fn forget(rows: &mut HashMap<NameId, Vec<u8>>, name: NameId) {
 
 /// Bind: portal, statement, and the result-format codes at its end.
 fn parse_bind(body: &[u8]) -> Result<(&str, &str, ResultFormats), SessionError> {
-    let bad = |e: frame::Truncated| SessionError::client(format!("Bind: {e}"));
-    let mut r = Reader::new(body);
-    let portal = body_str(r.cstr(), "Bind portal")?;
-    let statement = body_str(r.cstr(), "Bind statement")?;
-    let nformats = r.i16().map_err(bad)?;
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr().map_err(client)?;
+    let statement = r.cstr().map_err(client)?;
+    let nformats = r.i16().map_err(client)?;
     r.bytes(
         2 * usize::try_from(nformats)
             .map_err(|_| SessionError::client("Bind: negative format count"))?,
     )
-    .map_err(bad)?;
-    let nparams = r.i16().map_err(bad)?;
+    .map_err(client)?;
+    let nparams = r.i16().map_err(client)?;
     for _ in 0..nparams {
-        let len = r.i32().map_err(bad)?;
+        let len = r.i32().map_err(client)?;
         if len > 0 {
-            r.bytes(len as usize).map_err(bad)?;
+            r.bytes(len as usize).map_err(client)?;
         }
     }
-    let formats = match r.i16().map_err(bad)? {
+    let formats = match r.i16().map_err(client)? {
         0 => ResultFormats::Uniform(0),
-        1 => ResultFormats::Uniform(r.i16().map_err(bad)?),
+        1 => ResultFormats::Uniform(r.i16().map_err(client)?),
         n if n < 0 => return Err(SessionError::client("Bind: negative result format count")),
         n => (0..n)
-            .map(|_| r.i16().map_err(bad))
+            .map(|_| r.i16().map_err(client))
             .collect::<Result<_, _>>()
             .map(ResultFormats::PerColumn)?,
     };
@@ -861,13 +859,9 @@ fn client_frame_error(e: FrameError) -> SessionError {
     SessionError::client(e.to_string())
 }
 
-fn body_str<'a>(
-    r: Result<&'a [u8], frame::Truncated>,
-    what: &str,
-) -> Result<&'a str, SessionError> {
-    let bytes = r.map_err(|e| SessionError::client(format!("{what}: {e}")))?;
-    std::str::from_utf8(bytes)
-        .map_err(|_| SessionError::client(format!("{what} is not valid UTF-8")))
+/// A malformed client message: the error names the message and what was wrong.
+fn client(e: ProtocolError) -> SessionError {
+    SessionError::client(e.to_string())
 }
 
 #[cfg(test)]
