@@ -1209,7 +1209,7 @@ fn fingerprint(tokens: &[TokenWithSpan]) -> u64 {
 /// Eviction is CLOCK (second chance): a hit sets a bit, the hand clears bits until it finds an
 /// entry not used since its last pass.
 pub struct ClassifyCache {
-    /// Exact texts and shape keys; a shape key starts with NUL, which no protocol text contains.
+    /// Exact texts and shape keys; a shape key starts with NUL, an exact text never does.
     index: HashMap<Arc<str>, usize>,
     slots: Vec<Slot>,
     hand: usize,
@@ -1251,15 +1251,17 @@ impl ClassifyCache {
 
     /// The classification of `sql`, from the cache or freshly computed.
     pub fn classify(&mut self, sql: &str) -> Arc<Classification> {
-        if sql.len() > MAX_CACHED_TEXT {
+        // A leading NUL (never in a protocol text) could make an exact key look like a shape key.
+        if sql.len() > MAX_CACHED_TEXT || sql.starts_with('\0') {
             self.misses += 1;
             return Arc::new(classify(sql));
         }
         let mut shape = std::mem::take(&mut self.shape);
         let shaped = shape_key(sql, &mut shape);
-        let cached = match shaped {
-            true => self.get(&shape).or_else(|| self.get(sql)),
-            false => self.get(sql),
+        let cached = if shaped {
+            self.get(&shape).or_else(|| self.get(sql))
+        } else {
+            self.get(sql)
         };
         let value = cached.unwrap_or_else(|| {
             self.misses += 1;
