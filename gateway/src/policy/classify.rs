@@ -1500,6 +1500,88 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// Texts of one shape, with pieces that trip lexers (quotes in comments, `;` in strings, `\r`
+    /// ending a comment), classify alike whenever the cache would share a class.
+    #[test]
+    fn texts_of_one_shape_classify_alike() {
+        const VALUES: &[&str] = &[
+            "1",
+            "2.5",
+            "3e5",
+            "'a'",
+            "'x;DROP TABLE t'",
+            "'it''s'",
+            "x1",
+            "\"q1\"",
+            "E'a'",
+            "-7",
+            "(1)",
+            "'a' -- '\n",
+            "/* 1 */ 2",
+        ];
+        const TAILS: &[&str] = &[
+            "",
+            " -- a'\n, 'x'",
+            " -- a'\r; DROP TABLE t",
+            " /* '1' */",
+            "; DROP TABLE t",
+            "; SELECT 1",
+            "; SET client_encoding = 'sql_ascii'",
+            "; SET client_encoding = 'utf8'",
+            "; SELECT set_config('role', 'r', false)",
+            " --'\n; DROP TABLE t --'",
+            " LIMIT 10",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut shared = 0;
+        for _ in 0..3000 {
+            let values: Vec<&str> = (0..1 + next(3))
+                .map(|_| VALUES[next(VALUES.len())])
+                .collect();
+            let a = format!(
+                "SELECT {} FROM t WHERE id = {}{}",
+                values.join(", "),
+                VALUES[next(VALUES.len())],
+                TAILS[next(TAILS.len())]
+            );
+            // Another text: digits and letters changed (inside literals, comments and names), or
+            // a stretch replaced by statement text, which only a literal can hide.
+            let b: String = if next(2) == 0 {
+                a.chars()
+                    .map(|c| match c {
+                        '0'..='9' => char::from(b'0' + next(10) as u8),
+                        'a' | 'x' | 'r' if next(2) == 0 => 'z',
+                        c => c,
+                    })
+                    .collect()
+            } else {
+                let (i, j) = (next(a.len() + 1), next(a.len() + 1));
+                let (i, j) = (i.min(j), i.max(j));
+                let splice = ["; DROP TABLE t; ", "DELETE FROM t", "2", ";"][next(4)];
+                format!("{}{splice}{}", &a[..i], &a[j..])
+            };
+            let (mut ka, mut kb) = (String::new(), String::new());
+            if a == b || !(shape_key(&a, &mut ka) && shape_key(&b, &mut kb) && ka == kb) {
+                continue;
+            }
+            let class = classify(&a);
+            if class.holds_for_shape() {
+                shared += 1;
+                assert_eq!(class, classify(&b), "{a:?} and {b:?}");
+            }
+        }
+        assert!(
+            shared > 200,
+            "too few shared shapes to mean anything: {shared}"
+        );
+    }
+
     #[test]
     fn cache_shares_a_class_across_literals_but_not_across_settings() {
         let mut cache = ClassifyCache::new(16);
