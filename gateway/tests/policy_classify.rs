@@ -943,7 +943,8 @@ fn mangled_sql_never_panics_and_the_cache_agrees_with_a_fresh_classification() {
             &mut cache,
         );
         assert_eq!(*v.class, policy::classify::classify(&s), "case {i}: {s:?}");
-        if i % 7 == 0 {
+        // A text with a leading NUL (never one from the wire) is classified uncached.
+        if i % 7 == 0 && !s.starts_with('\0') {
             let again = cache.classify(&s);
             assert!(
                 std::sync::Arc::ptr_eq(&again, &v.class),
