@@ -210,20 +210,13 @@ fn haproxy(bin: &Path, pg: &Postgres) -> Result<Running> {
     cmd.arg("-db").arg("-f").arg(&cfg);
     let mut proc = ChildProc::spawn(cmd, dir.path().join("haproxy.log"))?;
     proc.wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(15))?;
-    Ok(Running {
-        endpoint: Endpoint {
-            host: "127.0.0.1".into(),
-            port,
-            user: pg.user.clone(),
-            password: Some(pg.password.clone()),
-            wrap: Vec::new(),
-            wrap_env: Vec::new(),
-            proxy_pid: Some(proc.pid()),
-        },
-        version: first_line(Command::new(bin).arg("-v")),
-        process: Some(proc),
-        _dir: Some(dir),
-    })
+    Ok(forwarder(
+        pg,
+        port,
+        proc,
+        first_line(Command::new(bin).arg("-v")),
+        dir,
+    ))
 }
 
 /// PgBouncer authenticates clients with SCRAM against the role's own SCRAM secret (copied from
@@ -276,7 +269,24 @@ fn pgbouncer(bin: &Path, pg: &Postgres) -> Result<Running> {
     }
     let mut proc = ChildProc::spawn(cmd, dir.path().join("pgbouncer.log"))?;
     proc.wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(15))?;
-    Ok(Running {
+    Ok(forwarder(
+        pg,
+        port,
+        proc,
+        first_line(Command::new(bin).arg("--version")),
+        dir,
+    ))
+}
+
+/// A forwarder on 127.0.0.1:`port` that clients log in through with PostgreSQL's own role.
+fn forwarder(
+    pg: &Postgres,
+    port: u16,
+    proc: ChildProc,
+    version: Option<String>,
+    dir: tempfile::TempDir,
+) -> Running {
+    Running {
         endpoint: Endpoint {
             host: "127.0.0.1".into(),
             port,
@@ -286,10 +296,10 @@ fn pgbouncer(bin: &Path, pg: &Postgres) -> Result<Running> {
             wrap_env: Vec::new(),
             proxy_pid: Some(proc.pid()),
         },
-        version: first_line(Command::new(bin).arg("--version")),
+        version,
         process: Some(proc),
         _dir: Some(dir),
-    })
+    }
 }
 
 /// Why this gateway mode cannot run here, if it cannot.

@@ -321,14 +321,7 @@ impl Engine {
                 } else if self.detector_style == Style::Null {
                     Outcome::Null
                 } else {
-                    styles::rewrite_spans(
-                        v,
-                        hits.iter().map(|h| (h.start, h.end)),
-                        self.detector_style,
-                        &self.hasher,
-                        scratch,
-                    );
-                    Outcome::Replace
+                    self.rewrite_hits(v, hits, scratch)
                 }
             }
             ValueKind::Embedded { binary } => {
@@ -351,14 +344,7 @@ impl Engine {
                 if binary || syntax || self.detector_style == Style::Null {
                     Outcome::Null
                 } else {
-                    styles::rewrite_spans(
-                        v,
-                        hits.iter().map(|h| (h.start, h.end)),
-                        self.detector_style,
-                        &self.hasher,
-                        scratch,
-                    );
-                    Outcome::Replace
+                    self.rewrite_hits(v, hits, scratch)
                 }
             }
             ValueKind::Json => match json::mask_json(self, v, scratch) {
@@ -392,6 +378,18 @@ impl Engine {
             // Plans only scan the kinds above.
             _ => Outcome::Keep,
         }
+    }
+
+    /// `v` with each detector hit rewritten in the detectors' style, into `scratch`.
+    fn rewrite_hits(&self, v: &[u8], hits: &[Hit], scratch: &mut Vec<u8>) -> Outcome {
+        styles::rewrite_spans(
+            v,
+            hits.iter().map(|h| (h.start, h.end)),
+            self.detector_style,
+            &self.hasher,
+            scratch,
+        );
+        Outcome::Replace
     }
 
     /// A column rule's replacement, type-appropriate; NULL where no valid value of the type can be made.

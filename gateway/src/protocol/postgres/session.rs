@@ -638,30 +638,17 @@ impl Session {
                 if self.result == ResultState::None {
                     self.result = self.begin_execute_rows(filter);
                 }
-                if self.result == ResultState::Inspect {
-                    let mut replaced = Ok(false);
-                    out.emit(|o| replaced = filter.data_row(frame.body, o));
-                    // A row the filter cannot process is never passed through.
-                    if replaced.map_err(|reason| SessionError {
-                        side: Side::Gateway,
-                        reason,
-                    })? {
-                        return Ok(());
-                    }
-                    // The filter wrote nothing: forward the original bytes.
-                    out.drop_empty_scratch();
+                if self.result == ResultState::Inspect
+                    && filtered(out, |o| filter.data_row(frame.body, o))?
+                {
+                    return Ok(());
                 }
             }
             b'd' if self.copy_inspect => {
-                let mut replaced = Ok(false);
-                out.emit(|o| replaced = filter.copy_data(frame.body, o));
-                if replaced.map_err(|reason| SessionError {
-                    side: Side::Gateway,
-                    reason,
-                })? {
+                let replaced = filtered(out, |o| filter.copy_data(frame.body, o))?;
+                if replaced {
                     return Ok(());
                 }
-                out.drop_empty_scratch();
             }
             b'H' => self.copy_inspect = filter.copy_out(frame.body),
             b'c' => self.copy_inspect = false,
@@ -853,6 +840,25 @@ fn parse_bind(body: &[u8]) -> Result<(&str, &str, ResultFormats), SessionError> 
             .map(ResultFormats::PerColumn)?,
     };
     Ok((portal, statement, formats))
+}
+
+/// Runs a result filter on one message. True: the filter wrote its replacement into `out`.
+/// False: it wrote nothing and the original bytes go on. A message the filter cannot process is an
+/// error and is never passed through.
+fn filtered(
+    out: &mut Output,
+    filter: impl FnOnce(&mut Vec<u8>) -> Result<bool, String>,
+) -> Result<bool, SessionError> {
+    let mut replaced = Ok(false);
+    out.emit(|o| replaced = filter(o));
+    let replaced = replaced.map_err(|reason| SessionError {
+        side: Side::Gateway,
+        reason,
+    })?;
+    if !replaced {
+        out.drop_empty_scratch();
+    }
+    Ok(replaced)
 }
 
 fn client_frame_error(e: FrameError) -> SessionError {
