@@ -39,7 +39,9 @@ async fn two_hundred_concurrent_sessions() {
             let c = ep.connect().await;
             connected.wait().await;
             let result = async {
-                let c = c?;
+                // Borrowed, not moved: the session stays open until `done`, so the backend count
+                // below sees all of them.
+                let c = c.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
                 let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
                 for n in 0..5i32 {
                     c.execute("INSERT INTO hits VALUES ($1, $2)", &[&s, &n])
@@ -56,6 +58,7 @@ async fn two_hundred_concurrent_sessions() {
             }
             .await;
             done.wait().await;
+            drop(c);
             result
         }));
     }
@@ -65,7 +68,7 @@ async fn two_hundred_concurrent_sessions() {
             .unwrap_or_else(|_| panic!("{what}: sessions stuck\n{}", h_ref.context()));
     };
     wait(connected, "connect").await;
-    // All 200 are connected right now: PostgreSQL sees 200 backends for role app.
+    // All 200 are connected and stay open until `done`: PostgreSQL sees 200 backends for role app.
     let backends = h.must(
         h.pg.superuser_sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'"),
         "count backends",
