@@ -6,10 +6,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod forward;
 pub mod identify;
 pub mod mask;
 pub mod metrics;
+pub mod pipeline;
 pub mod policy;
 pub mod protocol;
 pub mod record;

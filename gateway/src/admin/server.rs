@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use super::{ListenerStatus, Request, Response, Status};
 use crate::config::Config;
-use crate::forward::Shared;
+use crate::daemon::Shared;
 
 /// Removes the socket file when the gateway stops.
 pub struct AdminServer {

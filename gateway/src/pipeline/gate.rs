@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::Shared;
+use crate::daemon::Shared;
 use super::mask_filter::{CopyStatements, copy_statement};
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
 use crate::policy::{Action, ClassifyCache, Identity, Request as PolicyRequest, TargetRef};

@@ -12,12 +12,12 @@ use compio::net::TcpStream;
 use futures_util::future::{Either, select};
 use tracing::{debug, info, warn};
 
-use super::Shared;
-use super::cancel::CancelTarget;
-use super::conn::Stream;
 use super::gate::PolicyGate;
 use super::mask_filter::{CATALOG_SQL, CopyStatements, MaskFilter};
-use super::upstream;
+use crate::daemon::Shared;
+use crate::forward::cancel::CancelTarget;
+use crate::forward::conn::{self, Stream};
+use crate::forward::upstream;
 use crate::identify::Identity;
 use crate::mask::ColumnOrigin;
 use crate::metrics::{NewSession, SessionInfo, SessionState};
@@ -329,7 +329,7 @@ async fn drain_client(client: &Stream) {
     let mut w = client.tcp();
     let _ = w.shutdown().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
+    let mut buf = Vec::with_capacity(conn::READ_CHUNK);
     let mut drained = 0usize;
     while drained < 256 << 20 {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -505,7 +505,7 @@ async fn server_to_client(
     info: Arc<SessionInfo>,
     mut filter: MaskFilter,
 ) -> Result<End, PumpError> {
-    let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
+    let mut buf = Vec::with_capacity(conn::READ_CHUNK);
     let mut out = Output::default();
     loop {
         let BufResult(n, b) = server.read(buf).await;
