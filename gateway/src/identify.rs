@@ -3,7 +3,15 @@
 
 use std::net::SocketAddr;
 
-use crate::metrics::Peer;
+/// Who is on the other end of a session, as far as the gateway could tell at accept time.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct Peer {
+    pub agent: Option<String>,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub exe: Option<String>,
+    pub cgroup: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Identity {

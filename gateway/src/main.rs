@@ -94,7 +94,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => portcullis::daemon::serve(*args),
+        Command::Serve(args) => portcullis::daemon::serve(*args, portcullis::admin::server::start),
         Command::Status { admin, json } => {
             portcullis::admin::client::status(&admin.admin_socket, json)
         }

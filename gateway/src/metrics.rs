@@ -9,6 +9,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::identify::Peer;
+
 /// Counters for one target, ready for a metrics endpoint.
 #[derive(Debug, Default)]
 pub struct TargetCounters {
@@ -57,16 +59,6 @@ impl SessionState {
             _ => Self::Closing,
         }
     }
-}
-
-/// Who is on the other end of a session, as far as the gateway could tell at accept time.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Peer {
-    pub agent: Option<String>,
-    pub pid: Option<u32>,
-    pub uid: Option<u32>,
-    pub exe: Option<String>,
-    pub cgroup: Option<String>,
 }
 
 /// One live session. Counters are updated by its I/O task; the rest is fixed at accept.

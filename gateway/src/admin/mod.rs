@@ -1,10 +1,10 @@
-//! Admin API on a Unix socket, the CLI side that talks to it, and logging setup.
+//! Admin API on a Unix socket, and the CLI side that talks to it. It reads the daemon's shared
+//! state; the daemon knows it only as the hook `serve` is given.
 //!
 //! The wire format is one JSON request line and one JSON response line per connection:
 //! `{"command":"status"}` → `{"ok":true,"data":{...}}` or `{"ok":false,"error":"..."}`.
 
 pub mod client;
-pub mod logging;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

@@ -1,8 +1,11 @@
-//! The I/O driver: the only code that touches sockets.
+//! The composition root: startup, config and policy load, shared state, reload on SIGHUP and
+//! drain on SIGTERM. It builds the stages and hands each accepted connection to `accept`; the
+//! admin API reads [`Shared`], and nothing on the data path reaches back in here.
 //!
 //! One compio (io_uring) runtime per worker thread, each with its own SO_REUSEPORT listener per
-//! address, so the kernel spreads connections and no lock sits on the accept path. Every session
-//! is a task on one runtime; a slow session only waits on its own sockets.
+//! address, so the kernel spreads connections and no lock sits on the accept path.
+
+pub mod logging;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,11 +13,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::future::{Either, select};
 use tracing::{error, info, warn};
 
+use crate::accept::{Arrival, bind_reuseport};
 use crate::config::{Config, ServeArgs};
-use crate::identify::Identity;
 use crate::mask::{MaskRules, Masker};
 use crate::metrics::Registry;
 use crate::policy::Policy;
@@ -80,10 +82,14 @@ impl Shared {
     }
 }
 
-/// `portcullis serve`.
-pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// `portcullis serve`. `admin` starts the admin API over the shared state; what it returns lives
+/// until the daemon stops.
+pub fn serve<A>(
+    args: ServeArgs,
+    admin: impl FnOnce(&Config, Arc<Shared>) -> anyhow::Result<A>,
+) -> anyhow::Result<()> {
     let cfg = Config::from_args(&args)?;
-    crate::admin::logging::init(cfg.log_format);
+    logging::init(cfg.log_format);
     let registry = Arc::new(Registry::default());
     let routes =
         Routes::build(&cfg, &registry).with_context(|| format!("loading {}", cfg.origin))?;
@@ -134,7 +140,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         started: Instant::now(),
         draining: AtomicBool::new(false),
     });
-    let admin = crate::admin::server::start(&cfg, shared.clone())?;
+    let admin = admin(&cfg, shared.clone())?;
 
     let mut stops = Vec::new();
     let mut workers = Vec::new();
@@ -153,7 +159,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                             std::process::exit(1);
                         }
                     };
-                    rt.block_on(worker(listeners, shared, stop_rx));
+                    rt.block_on(crate::accept::worker(listeners, shared, stop_rx));
                 })?,
         );
     }
@@ -233,95 +239,4 @@ fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
     let masker = Masker::new(&rules)
         .map_err(|e| anyhow::anyhow!("policy {}: [mask]: {e}", policy.source()))?;
     Ok((Arc::new(policy), masker))
-}
-
-fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding listener {addr}"))?;
-    socket.listen(1024)?;
-    Ok(socket.into())
-}
-
-/// How connections reach a listener, and so how the gateway learns their original destination.
-#[derive(Clone)]
-enum Arrival {
-    /// Dialled directly: the original destination is the listener's own address.
-    Explicit,
-    /// Steered here by the eBPF programs, which recorded where the agent was going.
-    Redirected(Arc<crate::redirect::Redirector>),
-}
-
-async fn worker(
-    listeners: Vec<(SocketAddr, std::net::TcpListener, Arrival)>,
-    shared: Arc<Shared>,
-    stop: futures_channel::oneshot::Receiver<()>,
-) {
-    let stop = futures_util::future::FutureExt::shared(stop);
-    let mut accepts = Vec::new();
-    for (addr, std_listener, arrival) in listeners {
-        let listener = match compio::net::TcpListener::from_std(std_listener) {
-            Ok(l) => l,
-            Err(e) => {
-                error!("listener {addr}: {e}");
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let stop = stop.clone();
-        accepts.push(compio::runtime::spawn(accept_loop(
-            listener, addr, arrival, shared, stop,
-        )));
-    }
-    for a in accepts {
-        let _ = a.await;
-    }
-    // Sessions keep running on this runtime until the process exits after the drain.
-    futures_util::future::pending::<()>().await;
-}
-
-async fn accept_loop<S>(
-    listener: compio::net::TcpListener,
-    addr: SocketAddr,
-    arrival: Arrival,
-    shared: Arc<Shared>,
-    mut stop: S,
-) where
-    S: std::future::Future + Unpin,
-{
-    loop {
-        let accepted = match select(Box::pin(listener.accept()), &mut stop).await {
-            Either::Left((r, _)) => r,
-            Either::Right(_) => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let identity = match &arrival {
-                    Arrival::Explicit => Identity::explicit(peer, addr),
-                    Arrival::Redirected(r) => match r.lookup(peer) {
-                        Ok(origin) => Identity::redirected(peer, origin),
-                        Err(e) => {
-                            // No record of where it was going: refuse rather than guess.
-                            warn!(client = %peer, "refusing a redirected connection: {e}");
-                            drop(tcp);
-                            continue;
-                        }
-                    },
-                };
-                compio::runtime::spawn(crate::pipeline::session::handle(tcp, identity, shared.clone())).detach();
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!("accept on {addr}: {e}");
-                compio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
