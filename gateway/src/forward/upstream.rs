@@ -54,6 +54,15 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether trying again may succeed: the upstream was unreachable or slow, rather than
+    /// refusing the gateway or breaking the protocol.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::Timeout { .. }
+        )
+    }
+
     /// SQLSTATE for the FATAL ErrorResponse the client receives.
     pub fn sqlstate(&self) -> &str {
         match self {
@@ -342,21 +351,10 @@ pub async fn side_query(
         };
         match f.tag {
             b'D' => {
-                let mut r = crate::protocol::postgres::error::Reader::new(f.body, "DataRow");
-                let bad = |_| UpstreamError::Protocol("malformed DataRow in a side query".into());
-                let n = r.i16().map_err(bad)?;
-                let mut row = Vec::with_capacity(n.max(0) as usize);
-                for _ in 0..n {
-                    let l = r.i32().map_err(bad)?;
-                    row.push(if l < 0 {
-                        None
-                    } else {
-                        Some(
-                            String::from_utf8_lossy(r.bytes(l as usize).map_err(bad)?).into_owned(),
-                        )
-                    });
-                }
-                rows.push(row);
+                let values = messages::parse_data_row(f.body)
+                    .map_err(|e| UpstreamError::Protocol(format!("side query: {e}")))?;
+                let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+                rows.push(values.into_iter().map(|v| v.map(text)).collect());
             }
             b'E' => {
                 let e = messages::parse_error_fields(f.body)

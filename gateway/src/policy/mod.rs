@@ -41,6 +41,8 @@ pub use classify::{Classification, ClassifyCache, Kind, Risk, RiskSet, Statement
 pub use decide::{Explanation, StatementVerdict};
 pub use file::{PolicyError, builtin_names, load, load_str};
 
+pub use crate::request::Request;
+
 /// Who is asking: the identity bound to the connection.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Identity<'a> {
@@ -54,17 +56,6 @@ pub struct Identity<'a> {
 pub struct TargetRef<'a> {
     pub name: &'a str,
     pub database: &'a str,
-}
-
-/// What the client sent.
-#[derive(Clone, Copy, Debug)]
-pub enum Request<'a> {
-    /// A simple Query message: one or many statements.
-    Query(&'a str),
-    /// A Parse message; the driver remembers the verdict under `statement` for Bind/Execute.
-    Parse { statement: &'a str, sql: &'a str },
-    /// A FunctionCall message.
-    FunctionCall { oid: u32 },
 }
 
 /// What to do with a request, from least to most severe.
@@ -125,9 +116,6 @@ pub struct Verdict {
     /// The classification (shared with the cache).
     pub class: Arc<Classification>,
 }
-
-/// SQLSTATE of the ErrorResponse for a blocked or denied statement (insufficient_privilege).
-pub const SQLSTATE_BLOCKED: &str = "42501";
 
 impl Verdict {
     /// The action the rules chose, whether or not it is enforced.

@@ -454,6 +454,36 @@ pub fn parse_row_description(body: &[u8]) -> Result<Vec<FieldDesc<'_>>, Protocol
     Ok(fields)
 }
 
+/// Parses a DataRow ('D') body into its values (`None` for NULL). Checks every length against the
+/// body before reading or allocating, and rejects trailing bytes.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, ProtocolError> {
+    const WHAT: &str = "data row";
+    let mut r = Reader::new(body, WHAT);
+    let count = usize::try_from(r.i16()?).map_err(|_| ProtocolError::InvalidField {
+        what: WHAT,
+        reason: "negative column count",
+    })?;
+    if count.saturating_mul(4) > r.remaining() {
+        return Err(ProtocolError::Truncated { what: WHAT });
+    }
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = r.i32()?;
+        values.push(match usize::try_from(len) {
+            Ok(len) => Some(r.bytes(len)?),
+            Err(_) if len == -1 => None,
+            Err(_) => {
+                return Err(ProtocolError::InvalidField {
+                    what: WHAT,
+                    reason: "negative value length other than -1",
+                });
+            }
+        });
+    }
+    r.finish()?;
+    Ok(values)
+}
+
 /// Appends a RowDescription ('T'). Used by tests and by the driver when it answers a client
 /// itself.
 pub fn encode_row_description(fields: &[FieldDesc<'_>], out: &mut Vec<u8>) {
@@ -485,6 +515,29 @@ mod tests {
             "length field covers the rest of the message"
         );
         (msg[0], &msg[5..])
+    }
+
+    #[test]
+    fn data_row_values_and_nulls_with_every_length_checked() {
+        let mut body = 3i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend_from_slice(b"ab");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0i32.to_be_bytes());
+        assert_eq!(
+            parse_data_row(&body).unwrap(),
+            [Some(&b"ab"[..]), None, Some(&b""[..])]
+        );
+        // Cut anywhere, a trailing byte, a count or length past the body, a length below -1.
+        for cut in 0..body.len() {
+            assert!(parse_data_row(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(parse_data_row(&[body.as_slice(), &[0]].concat()).is_err());
+        assert!(parse_data_row(&i16::MAX.to_be_bytes()).is_err());
+        assert!(
+            parse_data_row(&[&1i16.to_be_bytes()[..], &(-2i32).to_be_bytes()].concat()).is_err()
+        );
+        assert!(parse_data_row(&[&1i16.to_be_bytes()[..], &9i32.to_be_bytes()].concat()).is_err());
     }
 
     #[test]

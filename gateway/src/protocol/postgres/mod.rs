@@ -5,6 +5,7 @@ pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hello;
 pub mod messages;
 pub mod session;
 pub mod startup;

@@ -18,132 +18,9 @@ use super::error::{ProtocolError, Reader};
 use super::frame::{self, Frame, FrameError};
 use super::messages;
 
-/// A statement that policy blocked: the rule that fired and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blocked {
-    pub rule: String,
-    pub reason: String,
-}
-
-/// What the gate decided for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    Allow,
-    Block(Blocked),
-    /// Hold the session at this message until [`Session::resolve_hold`] is called.
-    Hold,
-}
-
-/// The requests a gate is asked about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request<'a> {
-    /// A simple Query: one or more statements.
-    Query(&'a str),
-    /// An extended-protocol Parse.
-    Parse { statement: &'a str, sql: &'a str },
-    /// A fast-path FunctionCall by function OID.
-    FunctionCall { oid: u32 },
-}
-
-/// Decides requests. Called synchronously on the data path, so it must not block.
-pub trait Gate {
-    fn check(&mut self, request: &Request<'_>) -> Disposition;
-}
-
-/// Lets everything through.
-pub struct AllowAll;
-
-impl Gate for AllowAll {
-    fn check(&mut self, _: &Request<'_>) -> Disposition {
-        Disposition::Allow
-    }
-}
-
-/// One piece of output, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seg {
-    /// Bytes of the input passed to the call, forwarded as they came.
-    Input(Range<usize>),
-    /// Bytes the core wrote into [`Output::scratch`].
-    Scratch(Range<usize>),
-}
-
-/// What one call produced for one peer.
-#[derive(Debug, Default)]
-pub struct Output {
-    segs: Vec<Seg>,
-    scratch: Vec<u8>,
-}
-
-impl Output {
-    pub fn segments(&self) -> &[Seg] {
-        &self.segs
-    }
-
-    pub fn scratch(&self) -> &[u8] {
-        &self.scratch
-    }
-
-    /// Swaps the scratch buffer out (for an owned-buffer write) and back.
-    pub fn scratch_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.scratch
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.segs.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.segs.clear();
-        self.scratch.clear();
-    }
-
-    fn pass(&mut self, r: Range<usize>) {
-        if r.is_empty() {
-            return;
-        }
-        if let Some(Seg::Input(last)) = self.segs.last_mut()
-            && last.end == r.start
-        {
-            last.end = r.end;
-            return;
-        }
-        self.segs.push(Seg::Input(r));
-    }
-
-    /// Removes a scratch segment an `emit` left empty.
-    fn drop_empty_scratch(&mut self) {
-        if let Some(Seg::Scratch(r)) = self.segs.last()
-            && r.is_empty()
-        {
-            self.segs.pop();
-        }
-    }
-
-    fn emit(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.scratch.len();
-        write(&mut self.scratch);
-        let end = self.scratch.len();
-        if let Some(Seg::Scratch(last)) = self.segs.last_mut()
-            && last.end == start
-        {
-            last.end = end;
-            return;
-        }
-        self.segs.push(Seg::Scratch(start..end));
-    }
-}
-
-/// How far a call got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Progress {
-    /// `consumed` input bytes are handled; keep the rest and read more.
-    Continue { consumed: usize },
-    /// The gate asked to hold the message that starts at `consumed`.
-    Hold { consumed: usize },
-    /// The client sent Terminate: write the output, then close both sides.
-    Terminate { consumed: usize },
-}
+pub use crate::protocol::core::{
+    AllowAll, Blocked, Core, Disposition, Gate, Output, Progress, Request, Seg,
+};
 
 /// Who broke the session: a peer that broke the protocol, or the gateway refusing to pass a
 /// result it could not inspect (masking fails closed).
@@ -162,6 +39,26 @@ pub struct SessionError {
 }
 
 impl SessionError {
+    /// The SQLSTATE of the FATAL ErrorResponse the client gets: a refused result is a privilege
+    /// matter (`42501`), a broken protocol on either side `08P01`.
+    pub fn sqlstate(&self) -> &'static str {
+        match self.side {
+            Side::Gateway => SQLSTATE_BLOCKED,
+            Side::Client | Side::Server => "08P01",
+        }
+    }
+
+    /// What the client is told. The server's own bytes are never described to it.
+    pub fn client_message(&self) -> String {
+        match self.side {
+            Side::Client => format!("protocol violation: {}", self.reason),
+            Side::Server => {
+                "the upstream server broke the protocol; the session is closed".to_owned()
+            }
+            Side::Gateway => format!("result refused by masking: {}", self.reason),
+        }
+    }
+
     fn client(reason: impl Into<String>) -> Self {
         Self {
             side: Side::Client,
@@ -282,7 +179,7 @@ enum ResultState {
 /// reports the resulting transaction state itself.
 const PROBE_SQL: &str = "portcullis_blocked_statement";
 
-/// The SQLSTATE for a statement policy refused.
+/// The SQLSTATE for a statement policy refused or an operator denied (insufficient_privilege).
 pub const SQLSTATE_BLOCKED: &str = "42501";
 
 /// Per-direction traffic counters.
@@ -362,12 +259,6 @@ impl Session {
     /// Replies the server still owes (for tests and the admin view).
     pub fn pending_replies(&self) -> usize {
         self.expect.len()
-    }
-
-    /// The final answer for the message a [`Progress::Hold`] stopped at.
-    pub fn resolve_hold(&mut self, disposition: Disposition) {
-        debug_assert!(disposition != Disposition::Hold);
-        self.resolved = Some(disposition);
     }
 
     /// Processes client bytes. `to_server` gets what goes upstream.
@@ -868,6 +759,34 @@ fn client_frame_error(e: FrameError) -> SessionError {
 /// A malformed client message: the error names the message and what was wrong.
 fn client(e: ProtocolError) -> SessionError {
     SessionError::client(e.to_string())
+}
+
+impl Core for Session {
+    type Filter = dyn ResultFilter;
+    type Error = SessionError;
+
+    fn on_client(
+        &mut self,
+        input: &[u8],
+        gate: &mut dyn Gate,
+        to_server: &mut Output,
+    ) -> Result<Progress, SessionError> {
+        self.on_frontend(input, gate, to_server)
+    }
+
+    fn on_server(
+        &mut self,
+        input: &[u8],
+        filter: &mut dyn ResultFilter,
+        to_client: &mut Output,
+    ) -> Result<Progress, SessionError> {
+        self.on_backend(input, filter, to_client)
+    }
+
+    fn resolve_hold(&mut self, disposition: Disposition) {
+        debug_assert!(disposition != Disposition::Hold);
+        self.resolved = Some(disposition);
+    }
 }
 
 #[cfg(test)]

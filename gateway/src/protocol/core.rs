@@ -1,0 +1,155 @@
+//! What every protocol's session core has in common: the requests it asks the gate about, the
+//! gate's answers, and the output it hands the driver. A core is a pure state machine over bytes;
+//! the driver in `pipeline/` owns the sockets.
+
+use std::ops::Range;
+
+pub use crate::request::Request;
+
+/// A protocol's session core after startup.
+///
+/// Call contract: feed client bytes to [`Core::on_client`] and server bytes to
+/// [`Core::on_server`], each with the whole unconsumed input; write the output's segments in
+/// order; drop the consumed prefix; keep the rest for the next call. After
+/// [`Progress::Hold`], call [`Core::resolve_hold`] with the final answer and feed the same input
+/// again.
+pub trait Core {
+    /// The protocol's hook on results (masking), since each protocol frames results its own way.
+    type Filter: ?Sized;
+    type Error;
+
+    /// Client bytes: requests go through `gate`; `to_server` gets what goes upstream.
+    fn on_client(
+        &mut self,
+        input: &[u8],
+        gate: &mut dyn Gate,
+        to_server: &mut Output,
+    ) -> Result<Progress, Self::Error>;
+
+    /// Server bytes: results go through `filter`; `to_client` gets what goes to the client.
+    fn on_server(
+        &mut self,
+        input: &[u8],
+        filter: &mut Self::Filter,
+        to_client: &mut Output,
+    ) -> Result<Progress, Self::Error>;
+
+    /// The final answer for the request a [`Progress::Hold`] stopped at.
+    fn resolve_hold(&mut self, disposition: Disposition);
+}
+
+/// A statement that policy blocked: the rule that fired and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub rule: String,
+    pub reason: String,
+}
+
+/// What the gate decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Allow,
+    Block(Blocked),
+    /// Hold the session at this message until [`Core::resolve_hold`] is called.
+    Hold,
+}
+
+/// Decides requests. Called synchronously on the data path, so it must not block.
+pub trait Gate {
+    fn check(&mut self, request: &Request<'_>) -> Disposition;
+}
+
+/// Lets everything through.
+pub struct AllowAll;
+
+impl Gate for AllowAll {
+    fn check(&mut self, _: &Request<'_>) -> Disposition {
+        Disposition::Allow
+    }
+}
+
+/// One piece of output, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    /// Bytes of the input passed to the call, forwarded as they came.
+    Input(Range<usize>),
+    /// Bytes the core wrote into [`Output::scratch`].
+    Scratch(Range<usize>),
+}
+
+/// What one call produced for one peer.
+#[derive(Debug, Default)]
+pub struct Output {
+    segs: Vec<Seg>,
+    scratch: Vec<u8>,
+}
+
+impl Output {
+    pub fn segments(&self) -> &[Seg] {
+        &self.segs
+    }
+
+    pub fn scratch(&self) -> &[u8] {
+        &self.scratch
+    }
+
+    /// Swaps the scratch buffer out (for an owned-buffer write) and back.
+    pub fn scratch_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.scratch
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.segs.clear();
+        self.scratch.clear();
+    }
+
+    pub(crate) fn pass(&mut self, r: Range<usize>) {
+        if r.is_empty() {
+            return;
+        }
+        if let Some(Seg::Input(last)) = self.segs.last_mut()
+            && last.end == r.start
+        {
+            last.end = r.end;
+            return;
+        }
+        self.segs.push(Seg::Input(r));
+    }
+
+    /// Removes a scratch segment an `emit` left empty.
+    pub(crate) fn drop_empty_scratch(&mut self) {
+        if let Some(Seg::Scratch(r)) = self.segs.last()
+            && r.is_empty()
+        {
+            self.segs.pop();
+        }
+    }
+
+    pub(crate) fn emit(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.scratch.len();
+        write(&mut self.scratch);
+        let end = self.scratch.len();
+        if let Some(Seg::Scratch(last)) = self.segs.last_mut()
+            && last.end == start
+        {
+            last.end = end;
+            return;
+        }
+        self.segs.push(Seg::Scratch(start..end));
+    }
+}
+
+/// How far a call got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// `consumed` input bytes are handled; keep the rest and read more.
+    Continue { consumed: usize },
+    /// The gate asked to hold the message that starts at `consumed`.
+    Hold { consumed: usize },
+    /// The client sent Terminate: write the output, then close both sides.
+    Terminate { consumed: usize },
+}

@@ -1,0 +1,140 @@
+//! The gateway's answer to a client's startup, built from what the upstream sent once it had
+//! authenticated the gateway. The upstream's messages are checked as strictly as a client's: a
+//! server that sends something else, or no ReadyForQuery, is an error, never a panic.
+
+use super::error::ProtocolError;
+use super::frame::{self, Next};
+use super::messages;
+
+/// Appends the client's startup answer to `out`: the upstream's NegotiateProtocolVersion (it must
+/// come before AuthenticationOk), AuthenticationOk, the upstream's ParameterStatus and notices,
+/// the gateway's own BackendKeyData (`pid`, `key`), and the upstream's ReadyForQuery.
+///
+/// `relay` is what the upstream sent after authentication, in order; it must be whole messages
+/// of those types, with exactly one ReadyForQuery, last.
+pub fn encode_client_hello(
+    relay: &[u8],
+    pid: u32,
+    key: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    const STATE: &str = "relaying the upstream startup";
+    let mut at = 0;
+    let mut negotiate_len = 0;
+    let mut ready_len = 0;
+    while at < relay.len() {
+        let f = match frame::next_frame(&relay[at..], relay.len()) {
+            Ok(Next::Frame(f)) => f,
+            Ok(Next::NeedHeader | Next::Partial { .. }) => {
+                return Err(ProtocolError::Truncated { what: STATE });
+            }
+            Err(frame::FrameError::LengthOutOfRange { declared, max, .. }) => {
+                return Err(ProtocolError::LengthOutOfRange {
+                    what: STATE,
+                    len: declared,
+                    min: 4,
+                    max,
+                });
+            }
+        };
+        let last = at + f.wire_len() == relay.len();
+        match f.tag {
+            b'v' if at == 0 => {
+                messages::parse_negotiate_protocol_version(f.body)?;
+                negotiate_len = f.wire_len();
+            }
+            b'S' => drop(messages::parse_parameter_status(f.body)?),
+            b'N' => drop(messages::parse_error_fields(f.body)?),
+            b'Z' if last => {
+                messages::parse_ready_for_query(f.body)?;
+                ready_len = f.wire_len();
+            }
+            tag => return Err(ProtocolError::UnexpectedMessage { tag, state: STATE }),
+        }
+        at += f.wire_len();
+    }
+    if ready_len == 0 {
+        return Err(ProtocolError::MissingField {
+            what: STATE,
+            field: "ReadyForQuery",
+        });
+    }
+    let (negotiate, rest) = relay.split_at(negotiate_len);
+    let (params, ready) = rest.split_at(rest.len() - ready_len);
+    out.reserve(relay.len() + 48);
+    out.extend_from_slice(negotiate);
+    messages::encode_auth_ok(out);
+    out.extend_from_slice(params);
+    messages::encode_backend_key_data(pid, key, out);
+    out.extend_from_slice(ready);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(status: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        messages::encode_ready_for_query(status, &mut out);
+        out
+    }
+
+    #[test]
+    fn splices_the_gateway_key_before_ready_for_query() {
+        let mut relay = Vec::new();
+        messages::encode_negotiate_protocol_version(0, &["_pq_.x"], &mut relay);
+        let negotiate_len = relay.len();
+        messages::encode_parameter_status("server_version", "17", &mut relay);
+        relay.extend_from_slice(&ready(b'I'));
+        let mut out = Vec::new();
+        encode_client_hello(&relay, 7, &[1, 2, 3, 4], &mut out).unwrap();
+
+        let mut want = relay[..negotiate_len].to_vec();
+        messages::encode_auth_ok(&mut want);
+        messages::encode_parameter_status("server_version", "17", &mut want);
+        messages::encode_backend_key_data(7, &[1, 2, 3, 4], &mut want);
+        want.extend_from_slice(&ready(b'I'));
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn a_short_or_missing_ready_for_query_is_an_error() {
+        let mut params = Vec::new();
+        messages::encode_parameter_status("a", "b", &mut params);
+        // ReadyForQuery without its status byte: once a panic in the splice.
+        let short = [b'Z', 0, 0, 0, 4];
+        for relay in [
+            short.to_vec(),
+            [params.clone(), short.to_vec()].concat(),
+            params.clone(),
+            Vec::new(),
+            [params.clone(), ready(b'I'), params.clone()].concat(),
+            [ready(b'I'), ready(b'I')].concat(),
+            ready(b'I')[..5].to_vec(),
+            [params.clone(), ready(b'X')].concat(),
+        ] {
+            let mut out = Vec::new();
+            assert!(
+                encode_client_hello(&relay, 1, &[0; 4], &mut out).is_err(),
+                "accepted {relay:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn negotiate_only_first_and_no_other_message_types() {
+        let mut negotiate = Vec::new();
+        messages::encode_negotiate_protocol_version(0, &[], &mut negotiate);
+        let mut params = Vec::new();
+        messages::encode_parameter_status("a", "b", &mut params);
+        let mut key = Vec::new();
+        messages::encode_backend_key_data(1, &[0; 4], &mut key);
+        for relay in [
+            [params.clone(), negotiate.clone(), ready(b'I')].concat(),
+            [key, ready(b'I')].concat(),
+        ] {
+            assert!(encode_client_hello(&relay, 1, &[0; 4], &mut Vec::new()).is_err());
+        }
+    }
+}
