@@ -98,6 +98,8 @@ struct ListenerSection {
 #[serde(deny_unknown_fields)]
 struct TargetSection {
     name: String,
+    /// The wire protocol the target speaks; default `postgres`.
+    protocol: Option<Spanned<String>>,
     upstream: Spanned<String>,
     password_file: Option<PathBuf>,
     password_env: Option<String>,
@@ -138,6 +140,8 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetConfig {
     pub name: String,
+    /// The wire protocol its clients and upstream speak (config key `protocol`).
+    pub protocol: crate::protocol::Protocol,
     pub upstream: Upstream,
     pub password: SecretSource,
     pub connect_timeout: Duration,
@@ -217,6 +221,7 @@ impl Config {
             let protect = default_protect(&upstream);
             cfg.targets = vec![TargetConfig {
                 name: "default".into(),
+                protocol: Default::default(),
                 upstream,
                 password,
                 connect_timeout: Duration::from_secs(10),
@@ -286,6 +291,13 @@ impl Config {
                     format!("key `target.name`: duplicate target name {:?}", t.name),
                 ));
             }
+            let protocol = match &t.protocol {
+                Some(p) => p
+                    .get_ref()
+                    .parse()
+                    .map_err(|m| err(Some(p.span()), format!("key `target.protocol`: {m}")))?,
+                None => Default::default(),
+            };
             let upstream = parse_upstream(t.upstream.get_ref()).map_err(|m| {
                 err(
                     Some(t.upstream.span()),
@@ -321,6 +333,7 @@ impl Config {
             }
             targets.push(TargetConfig {
                 name: t.name,
+                protocol,
                 upstream,
                 password,
                 connect_timeout,
@@ -574,6 +587,19 @@ mod tests {
         let e = Config::parse(text, "f.toml").unwrap_err();
         assert_eq!((e.line, e.column), (6, 10), "{e}");
         assert!(e.message.contains("listener.target"));
+    }
+
+    #[test]
+    fn target_protocol_defaults_to_postgres_and_unknown_ones_name_their_line() {
+        let target = "[[target]]\nname = \"a\"\nupstream = \"postgres://u@h/d\"\n";
+        let c = Config::parse(target, "f.toml").unwrap();
+        assert_eq!(c.targets[0].protocol, crate::protocol::Protocol::Postgres);
+        let c = Config::parse(&format!("{target}protocol = \"postgres\"\n"), "f.toml").unwrap();
+        assert_eq!(c.targets[0].protocol, crate::protocol::Protocol::Postgres);
+        let e = Config::parse(&format!("{target}protocol = \"mysql\"\n"), "f.toml").unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("`target.protocol`"), "{e}");
+        assert!(e.message.contains("mysql"), "{e}");
     }
 
     #[test]

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::daemon::Shared;
 use super::mask_filter::{CopyStatements, copy_statement};
+use crate::daemon::Shared;
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
-use crate::policy::{Action, ClassifyCache, Identity, Request as PolicyRequest, TargetRef};
-use crate::protocol::postgres::session::{Blocked, Disposition, Gate, Request};
+use crate::policy::{Action, ClassifyCache, Identity, TargetRef};
+use crate::protocol::core::{Blocked, Disposition, Gate, Request};
+use crate::route::Target;
 
 thread_local! {
     /// One classification cache per worker thread: sessions on a runtime share it, with no lock.
@@ -39,6 +40,25 @@ pub struct PolicyGate {
 }
 
 impl PolicyGate {
+    pub fn new(
+        shared: &Arc<Shared>,
+        session: u64,
+        identity: &crate::identify::Identity,
+        target: &Target,
+        copies: Option<CopyStatements>,
+    ) -> Self {
+        PolicyGate {
+            copies,
+            shared: shared.clone(),
+            session,
+            agent: identity.peer.agent.clone(),
+            pid: identity.peer.pid,
+            target: target.config.name.clone(),
+            database: target.config.upstream.database.clone(),
+            held: None,
+        }
+    }
+
     /// What the operator's decision means for the held statement.
     pub fn outcome(rule: &str, decision: Decision) -> Disposition {
         match decision {
@@ -53,11 +73,6 @@ impl PolicyGate {
 
 impl Gate for PolicyGate {
     fn check(&mut self, request: &Request<'_>) -> Disposition {
-        let req = match *request {
-            Request::Query(sql) => PolicyRequest::Query(sql),
-            Request::Parse { statement, sql } => PolicyRequest::Parse { statement, sql },
-            Request::FunctionCall { oid } => PolicyRequest::FunctionCall { oid },
-        };
         let id = Identity {
             agent: self.agent.as_deref(),
             groups: &[],
@@ -67,7 +82,7 @@ impl Gate for PolicyGate {
             database: &self.database,
         };
         let policy = self.shared.policy();
-        let verdict = CACHE.with(|c| policy.decide(&id, &target, &req, &mut c.borrow_mut()));
+        let verdict = CACHE.with(|c| policy.decide(&id, &target, request, &mut c.borrow_mut()));
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
             let would = if shadow == Action::Block {
                 "would block"
@@ -77,8 +92,7 @@ impl Gate for PolicyGate {
             info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
         }
         if verdict.action == Action::Allow
-            && let (Some(copies), Request::Query(sql) | Request::Parse { sql, .. }) =
-                (&self.copies, request)
+            && let (Some(copies), Some(sql)) = (&self.copies, request.sql())
             && verdict
                 .class
                 .statements

@@ -35,6 +35,30 @@ pub const CATALOG_SQL: &str = "SELECT c.oid, a.attnum, n.nspname, c.relname, a.a
     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
     AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
+/// The catalog from the rows of [`CATALOG_SQL`]; a row that does not parse is left out, so its
+/// columns are redacted by `table` rules.
+pub fn catalog_from_rows(rows: Vec<Vec<Option<String>>>) -> Catalog {
+    rows.into_iter()
+        .filter_map(|r| match &r[..] {
+            [
+                Some(oid),
+                Some(att),
+                Some(schema),
+                Some(table),
+                Some(column),
+            ] => Some((
+                (oid.parse().ok()?, att.parse().ok()?),
+                ColumnOrigin {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    column: column.clone(),
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 pub struct MaskFilter {
     masker: Masker,
     catalog: Catalog,

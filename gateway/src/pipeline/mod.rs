@@ -1,5 +1,144 @@
-//! The session pipeline: one client connection through the stages.
+//! The session pipeline: one client connection through the stages, read top to bottom in [`run`].
+//!
+//! accept (`accept.rs`) → identify (`identify.rs`) → frame (`protocol/`, driven by the protocol's
+//! driver here, `postgres.rs`) → decide (`gate.rs` over `policy/`) → mask (`mask_filter.rs` over
+//! `mask/`) → record (`record/`) → forward (`forward/`). A new protocol adds its driver beside
+//! `postgres.rs` and a sans-IO core under `protocol/`.
 
 pub mod gate;
 pub mod mask_filter;
+pub mod postgres;
 pub mod session;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use compio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::daemon::Shared;
+use crate::forward::conn::Stream;
+use crate::identify::Identity;
+use crate::metrics::{NewSession, SessionState};
+use crate::protocol::Protocol;
+use crate::protocol::postgres::session::Session;
+use crate::route::Target;
+use gate::PolicyGate;
+use mask_filter::{CopyStatements, MaskFilter};
+
+pub async fn handle(tcp: TcpStream, identity: Identity, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let client = Rc::new(Stream::tcp_stream(tcp));
+    let peer = identity.client_addr;
+    if let Err(e) = run(client, identity, &shared).await {
+        debug!(client = %peer, "session ended: {e:#}");
+    }
+}
+
+/// The data path of one connection, in the order it meets the stages.
+async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> anyhow::Result<()> {
+    // Route: the target the client dialled, and so the protocol it speaks. A connection with no
+    // target still gets a refusal it can read, in the default protocol.
+    let target = shared.route(identity.original_dst);
+    let Protocol::Postgres = target
+        .as_ref()
+        .map_or_else(Protocol::default, |t| t.config.protocol);
+
+    // Frame: the client's startup, in its protocol.
+    let Some(startup) = postgres::client_startup(&client, shared, identity.client_addr).await?
+    else {
+        return Ok(());
+    };
+    let Some(target) = target else {
+        let why = format!("no target is configured for {}", identity.original_dst);
+        postgres::refuse(&client, "08004", &why).await;
+        anyhow::bail!("no route for {}", identity.original_dst);
+    };
+    let guard = shared.registry.open(NewSession {
+        client_addr: identity.client_addr,
+        original_dst: identity.original_dst,
+        target: target.config.name.clone(),
+        upstream_user: target.config.upstream.user.clone(),
+        database: target.config.upstream.database.clone(),
+        peer: identity.peer.clone(),
+    });
+    let info = guard.info.clone();
+    let _active = ActiveSession::open(&target);
+
+    // Forward: the upstream leg, then the client's startup answer.
+    let server = Rc::new(postgres::open_upstream(&client, &target, &startup, shared, &info).await?);
+    info.set_state(SessionState::Idle);
+    info!(
+        session = info.id,
+        client = %identity.client_addr,
+        original_dst = %identity.original_dst,
+        target = %target.config.name,
+        agent = identity.peer.agent.as_deref().unwrap_or("-"),
+        tls = server.is_tls(),
+        "session started"
+    );
+
+    // Decide and mask: the gate the core asks per request, the filter it runs per result.
+    let masker = shared.masker();
+    let catalog = if masker.needs_catalog() {
+        postgres::catalog(&server, shared, &info).await
+    } else {
+        Default::default()
+    };
+    let copies: Option<CopyStatements> = (!masker.is_noop()).then(Default::default);
+    let filter = MaskFilter::new(masker, catalog, copies.clone().unwrap_or_default());
+    let gate = PolicyGate::new(shared, info.id, &identity, &target, copies);
+
+    // The pumps: both directions through the protocol core until one side ends.
+    let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    let pump = session::pump(
+        client.clone(),
+        server,
+        core.clone(),
+        startup.pending,
+        info.clone(),
+        gate,
+        filter,
+    );
+    let end = pump.await;
+
+    // The ending: counted, and told to the client in its protocol.
+    info.set_state(SessionState::Closing);
+    count_session(&target, &core.borrow(), info.id);
+    postgres::report_end(&client, &end, &target, &info).await;
+    Ok(())
+}
+
+/// Adds a finished session's traffic to its target's counters and logs it.
+fn count_session(target: &Target, core: &Session, session: u64) {
+    let (queries, blocked) = (core.queries, core.blocked);
+    let (bytes_in, bytes_out) = (core.from_client.bytes, core.from_server.bytes);
+    let counters = &target.counters;
+    counters.queries.fetch_add(queries, Relaxed);
+    counters.blocked.fetch_add(blocked, Relaxed);
+    counters.bytes_in.fetch_add(bytes_in, Relaxed);
+    counters.bytes_out.fetch_add(bytes_out, Relaxed);
+    info!(
+        session,
+        queries, blocked, bytes_in, bytes_out, "session ended"
+    );
+}
+
+/// Counts a session as active on its target for as long as it lives.
+struct ActiveSession<'a>(&'a Target);
+
+impl<'a> ActiveSession<'a> {
+    fn open(target: &'a Target) -> Self {
+        target.counters.sessions_total.fetch_add(1, Relaxed);
+        target.counters.sessions_active.fetch_add(1, Relaxed);
+        ActiveSession(target)
+    }
+}
+
+impl Drop for ActiveSession<'_> {
+    fn drop(&mut self) {
+        self.0.counters.sessions_active.fetch_sub(1, Relaxed);
+    }
+}

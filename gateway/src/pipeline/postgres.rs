@@ -1,0 +1,241 @@
+//! The PostgreSQL driver: what the pipeline cannot do without knowing the protocol. The client's
+//! startup (probes, cancel requests, the StartupMessage), the upstream leg and the client's
+//! startup answer, the catalog the masking stage reads, and how a refusal or an ending is written
+//! on the wire (a FATAL ErrorResponse).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use anyhow::Context;
+use compio::BufResult;
+use tracing::{info, warn};
+
+use super::mask_filter::{CATALOG_SQL, Catalog, catalog_from_rows};
+use super::session::{End, PumpError};
+use crate::daemon::Shared;
+use crate::forward::cancel::CancelTarget;
+use crate::forward::conn::{self, Stream};
+use crate::forward::upstream;
+use crate::metrics::SessionInfo;
+use crate::protocol::postgres::session::Side;
+use crate::protocol::postgres::startup::{self, Initial, MAX_STARTUP_PACKET_LEN};
+use crate::protocol::postgres::{hello, messages};
+use crate::route::Target;
+
+/// Session parameters passed upstream. Others are not: `options` can carry `-c role=...`,
+/// `replication` opens a replication session, and `client_encoding` would let the server read
+/// SQL differently from the policy classifier (the gateway fixes it to UTF8).
+const PASSED_PARAMS: &[&str] = &[
+    "application_name",
+    "datestyle",
+    "timezone",
+    "extra_float_digits",
+    "intervalstyle",
+];
+
+/// A client's startup, accepted: what goes upstream, and what the client sent after it.
+pub struct Startup {
+    params: Vec<(String, String)>,
+    minor: u16,
+    /// Bytes the client pipelined after its StartupMessage.
+    pub pending: Vec<u8>,
+}
+
+/// Refuses the client with a FATAL ErrorResponse; the caller then closes.
+pub async fn refuse(client: &Stream, code: &str, message: &str) {
+    let mut out = Vec::with_capacity(64 + message.len());
+    messages::encode_error("FATAL", code, message, None, None, &mut out);
+    let _ = client.write_all(out).await;
+}
+
+/// Answers SSL/GSS probes and serves cancel requests until the StartupMessage arrives. `None`
+/// when the connection ended without one (closed, or it was a cancel request).
+pub async fn client_startup(
+    client: &Stream,
+    shared: &Shared,
+    client_addr: std::net::SocketAddr,
+) -> anyhow::Result<Option<Startup>> {
+    let mut buf = Vec::with_capacity(8192);
+    loop {
+        let parsed = match startup::parse_initial(&buf, MAX_STARTUP_PACKET_LEN) {
+            Ok(p) => p,
+            Err(e) => {
+                refuse(client, e.sqlstate(), &e.to_string()).await;
+                anyhow::bail!("bad startup from {client_addr}: {e}");
+            }
+        };
+        match parsed {
+            None => {
+                let BufResult(n, b) = client.read(buf).await;
+                buf = b;
+                if n? == 0 {
+                    return Ok(None);
+                }
+            }
+            Some((Initial::SslRequest | Initial::GssEncRequest, used)) => {
+                buf.drain(..used);
+                // TLS on the loopback leg is refused; the client continues in plaintext.
+                let mut out = Vec::with_capacity(1);
+                messages::encode_ssl_response(false, &mut out);
+                client.write_all(out).await.0?;
+            }
+            Some((Initial::DirectTls, _)) => {
+                anyhow::bail!(
+                    "{client_addr} tried direct TLS, which this listener does not terminate"
+                );
+            }
+            Some((Initial::Cancel { pid, key }, _)) => {
+                if let Some(to) = shared.cancel.lookup(pid, key) {
+                    info!(client = %client_addr, target = %to.target.config.name, "forwarding cancel request");
+                    upstream::cancel(&to.target, to.backend_pid, &to.backend_key).await?;
+                }
+                return Ok(None);
+            }
+            Some((Initial::Startup(msg), used)) => {
+                let params: Vec<(String, String)> = msg
+                    .params
+                    .iter()
+                    .filter(|(k, _)| PASSED_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k)))
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect();
+                if msg
+                    .get("replication")
+                    .is_some_and(|v| v != "false" && v != "0")
+                {
+                    refuse(
+                        client,
+                        "42501",
+                        "replication connections are not allowed through the gateway",
+                    )
+                    .await;
+                    anyhow::bail!("refused a replication connection");
+                }
+                let minor = msg.negotiated_minor();
+                buf.drain(..used);
+                return Ok(Some(Startup {
+                    params,
+                    minor,
+                    pending: buf,
+                }));
+            }
+        }
+    }
+}
+
+/// Connects and authenticates upstream as the target's user, then answers the client's startup
+/// with the gateway's own cancel key and the server's parameters. Returns the upstream stream.
+pub async fn open_upstream(
+    client: &Stream,
+    target: &Arc<Target>,
+    startup: &Startup,
+    shared: &Shared,
+    info: &SessionInfo,
+) -> anyhow::Result<Stream> {
+    let params: Vec<(&str, &str)> = startup
+        .params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let up = match upstream::connect(target, &params, startup.minor, shared.max_message()).await {
+        Ok(u) => u,
+        Err(e) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            let retryable = e.is_retryable();
+            warn!(session = info.id, target = %target.config.name, retryable, "upstream: {e}");
+            refuse(client, e.sqlstate(), &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    let cancel_key = shared.cancel.issue(
+        up.minor,
+        CancelTarget {
+            target: target.clone(),
+            backend_pid: up.backend_pid,
+            backend_key: up.backend_key.clone(),
+        },
+    );
+    let mut out = Vec::new();
+    if let Err(e) = hello::encode_client_hello(&up.relay, cancel_key.pid, &cancel_key.key, &mut out)
+    {
+        target.counters.errors.fetch_add(1, Relaxed);
+        warn!(session = info.id, target = %target.config.name, "upstream startup: {e}");
+        refuse(
+            client,
+            "08P01",
+            "the upstream server broke the protocol during startup",
+        )
+        .await;
+        return Err(e).context("upstream startup");
+    }
+    client.write_all(out).await.0?;
+    Ok(up.stream)
+}
+
+/// Where result columns come from, read on the session's own upstream connection before the
+/// agent's first byte goes through: `table` masking rules name columns by their table.
+pub async fn catalog(server: &Stream, shared: &Shared, info: &SessionInfo) -> Catalog {
+    match upstream::side_query(server, CATALOG_SQL, shared.max_message()).await {
+        Ok(rows) => catalog_from_rows(rows),
+        Err(e) => {
+            // Without it, table-rule columns are redacted: masking fails closed.
+            warn!(session = info.id, "catalog lookup for masking failed: {e}");
+            Catalog::default()
+        }
+    }
+}
+
+/// Tells the client why the session ended, when it ended on the gateway's or the server's side.
+pub async fn report_end(
+    client: &Stream,
+    end: &Result<End, PumpError>,
+    target: &Target,
+    info: &SessionInfo,
+) {
+    match end {
+        Ok(End::ClientClosed) | Ok(End::Terminated) => {}
+        Ok(End::ServerClosed { fatal_seen }) => {
+            if !fatal_seen {
+                refuse(
+                    client,
+                    "08006",
+                    "the upstream server closed the connection unexpectedly",
+                )
+                .await;
+            }
+        }
+        Err(PumpError::Protocol(e)) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            warn!(session = info.id, "{e}");
+            refuse(client, e.sqlstate(), &e.client_message()).await;
+            if e.side == Side::Client {
+                drain_client(client).await;
+            }
+        }
+        Err(PumpError::Io(e)) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            tracing::debug!(session = info.id, "I/O: {e}");
+        }
+    }
+}
+
+/// After refusing a client in the middle of what it is sending, reads and drops the rest for a
+/// moment: closing with unread data resets the connection, and the client would lose the error.
+async fn drain_client(client: &Stream) {
+    use compio::io::AsyncWrite;
+    let mut w = client.tcp();
+    let _ = w.shutdown().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut buf = Vec::with_capacity(conn::READ_CHUNK);
+    let mut drained = 0usize;
+    while drained < 256 << 20 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match compio::time::timeout(left, client.read(buf)).await {
+            Ok(BufResult(Ok(n), b)) if n > 0 => {
+                drained += n;
+                buf = b;
+                buf.clear();
+            }
+            _ => return,
+        }
+    }
+}
