@@ -1,0 +1,108 @@
+//! The shape scanner: a text with its literals blanked, when a simple scan can place them exactly
+//! as PostgreSQL and sqlparser do.
+
+use super::*;
+
+/// Writes into `out` the shape of `sql`: NUL, then the text with each numeric literal replaced by
+/// `?` and the inside of each string literal by `?`; everything else (words, quoted identifiers,
+/// comments, operators) is kept byte for byte. Two texts of one shape differ only inside literals,
+/// so they parse to the same tree with other constants. Returns false, leaving `out` unspecified,
+/// for any text whose literal boundaries a simple scanner could place differently from
+/// PostgreSQL or sqlparser: backslashes (escape strings, `standard_conforming_strings = off`),
+/// `$` (dollar quotes, parameters), `U&` literals, nested or unterminated comments and quotes.
+pub(super) fn shape_key(sql: &str, out: &mut String) -> bool {
+    let b = sql.as_bytes();
+    let is_word_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    if b.iter().any(|&c| c == b'\\' || c == b'$') || has_unicode_literal(b) {
+        return false;
+    }
+    out.clear();
+    out.push('\0');
+    let mut copied = 0; // b[copied..i] is still to be copied verbatim
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // A string literal; `''` is a quote inside it.
+                let Some(end) = closing_quote(b, i + 1, b'\'') else {
+                    return false;
+                };
+                out.push_str(&sql[copied..=i]);
+                out.push_str("?'");
+                i = end + 1;
+                copied = i;
+            }
+            b'"' => match closing_quote(b, i + 1, b'"') {
+                Some(end) => i = end + 1,
+                None => return false,
+            },
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n' || c == b'\r')
+                    .map_or(b.len(), |n| i + n);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let body = &sql[i + 2..];
+                let Some(end) = body.find("*/") else {
+                    return false;
+                };
+                if body[..end].contains("/*") {
+                    return false;
+                }
+                i += 2 + end + 2;
+            }
+            c if c.is_ascii_digit()
+                && (i == 0 || !(is_word_byte(b[i - 1]) || b[i - 1] == b'.')) =>
+            {
+                let end = number_end(b, i);
+                if b.get(end).is_some_and(|&c| is_word_byte(c) || c == b'.') {
+                    // `1abc`, `1.`, `0x1f`: not a plain number to both lexers; keep it.
+                    i = end;
+                    continue;
+                }
+                out.push_str(&sql[copied..i]);
+                out.push('?');
+                i = end;
+                copied = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&sql[copied..]);
+    true
+}
+
+/// `U&'..'` and `U&"..."`, whose escapes a plain scanner does not read.
+fn has_unicode_literal(b: &[u8]) -> bool {
+    b.windows(2).any(|w| w[0] | 0x20 == b'u' && w[1] == b'&')
+}
+
+/// The index of the quote closing a literal opened just before `from`, skipping doubled quotes.
+fn closing_quote(b: &[u8], from: usize, quote: u8) -> Option<usize> {
+    let mut i = from;
+    loop {
+        i += b[i..].iter().position(|&c| c == quote)?;
+        if b.get(i + 1) == Some(&quote) {
+            i += 2;
+        } else {
+            return Some(i);
+        }
+    }
+}
+
+/// The end of the number starting at `start`: digits, an optional fraction, an optional exponent.
+fn number_end(b: &[u8], start: usize) -> usize {
+    let digits = |i: usize| i + b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let mut i = digits(start);
+    if b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+        i = digits(i + 1);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        if b.get(i + 1 + sign).is_some_and(u8::is_ascii_digit) {
+            i = digits(i + 1 + sign);
+        }
+    }
+    i
+}
