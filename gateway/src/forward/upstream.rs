@@ -15,6 +15,7 @@ use crate::protocol::postgres::auth::{
     AuthError, AuthStep, ChannelBinding, UpstreamAuth, tls_server_end_point,
 };
 use crate::protocol::postgres::frame::{self, Frame, Next};
+use crate::protocol::postgres::hello::{HelloError, UpstreamHello};
 use crate::protocol::postgres::{messages, startup};
 use crate::route::Target;
 
@@ -51,6 +52,23 @@ pub enum UpstreamError {
     },
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+}
+
+impl From<HelloError> for UpstreamError {
+    fn from(e: HelloError) -> Self {
+        match e {
+            HelloError::Protocol(e) => UpstreamError::Protocol(e.to_string()),
+            HelloError::Refused {
+                code,
+                message,
+                detail,
+            } => UpstreamError::Server {
+                code,
+                message,
+                detail,
+            },
+        }
+    }
 }
 
 impl UpstreamError {
@@ -196,10 +214,9 @@ async fn connect_inner(
         binding,
     );
     let mut buf = Vec::with_capacity(8192);
-    let mut relay = Vec::new();
+    let mut hello = UpstreamHello::default();
     let mut authenticated = false;
     let mut negotiated_minor = minor;
-    let mut backend: Option<(u32, Vec<u8>)> = None;
     loop {
         let len = read_message(&stream, &mut buf, max_message, "startup").await?;
         let f = Frame {
@@ -214,53 +231,27 @@ async fn connect_inner(
                 AuthStep::Authenticated => authenticated = true,
                 AuthStep::Negotiated { minor } => {
                     negotiated_minor = minor;
-                    relay.extend_from_slice(&buf[..len]);
+                    hello.negotiated(&buf[..len]);
                 }
             }
             if !reply.is_empty() {
                 stream.write_all(reply).await.0.map_err(io_err)?;
             }
-        } else {
-            match tag {
-                b'K' => {
-                    let (pid, key) = messages::parse_backend_key_data(f.body)
-                        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-                    backend = Some((pid, key.to_vec()));
-                }
-                b'S' | b'N' => relay.extend_from_slice(&buf[..len]),
-                b'E' => {
-                    let e = messages::parse_error_fields(f.body)
-                        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-                    return Err(UpstreamError::Server {
-                        code: e.code.to_owned(),
-                        message: e.message.to_owned(),
-                        detail: e.detail.map(str::to_owned),
-                    });
-                }
-                b'Z' => {
-                    relay.extend_from_slice(&buf[..len]);
-                    buf.drain(..len);
-                    if !buf.is_empty() {
-                        return Err(UpstreamError::Protocol(
-                            "data after the first ReadyForQuery".into(),
-                        ));
-                    }
-                    let (backend_pid, backend_key) = backend.unwrap_or_default();
-                    return Ok(Upstream {
-                        stream,
-                        backend_pid,
-                        backend_key,
-                        relay,
-                        minor: negotiated_minor,
-                    });
-                }
-                other => {
-                    return Err(UpstreamError::Protocol(format!(
-                        "unexpected message {:?} during startup",
-                        other as char
-                    )));
-                }
+        } else if hello.on_message(&f, &buf[..len])? {
+            buf.drain(..len);
+            if !buf.is_empty() {
+                return Err(UpstreamError::Protocol(
+                    "data after the first ReadyForQuery".into(),
+                ));
             }
+            let (relay, backend_pid, backend_key) = hello.finish();
+            return Ok(Upstream {
+                stream,
+                backend_pid,
+                backend_key,
+                relay,
+                minor: negotiated_minor,
+            });
         }
         buf.drain(..len);
     }

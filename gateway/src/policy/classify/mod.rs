@@ -39,8 +39,7 @@ mod split;
 mod visitor;
 
 pub use cache::{ClassifyCache, MAX_CACHED_TEXT};
-use fingerprint::{fingerprint, hash_text};
-use shape::shape_key;
+use fingerprint::hash_text;
 use split::classify_unguarded;
 
 /// What a statement does, from least to most severe. A statement that nests others (a CTE with
@@ -466,6 +465,7 @@ pub fn classify(sql: &str) -> Classification {
 
 #[cfg(test)]
 mod tests {
+    use super::shape::shape_key;
     use super::*;
 
     fn shape(sql: &str) -> Option<String> {

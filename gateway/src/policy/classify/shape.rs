@@ -1,8 +1,6 @@
 //! The shape scanner: a text with its literals blanked, when a simple scan can place them exactly
 //! as PostgreSQL and sqlparser do.
 
-use super::*;
-
 /// Writes into `out` the shape of `sql`: NUL, then the text with each numeric literal replaced by
 /// `?` and the inside of each string literal by `?`; everything else (words, quoted identifiers,
 /// comments, operators) is kept byte for byte. Two texts of one shape differ only inside literals,

@@ -3,8 +3,75 @@
 //! server that sends something else, or no ReadyForQuery, is an error, never a panic.
 
 use super::error::ProtocolError;
-use super::frame::{self, Next};
+use super::frame::{self, Frame, Next};
 use super::messages;
+
+/// The upstream's startup after AuthenticationOk: ParameterStatus and notices are kept for the
+/// client, BackendKeyData for cancels; an ErrorResponse refuses the session; ReadyForQuery ends it.
+#[derive(Debug, Default)]
+pub struct UpstreamHello {
+    relay: Vec<u8>,
+    backend: Option<(u32, Vec<u8>)>,
+}
+
+/// Why the upstream's startup did not end in ReadyForQuery.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The server refused the session (e.g. the database does not exist).
+    #[error("upstream refused the session: {message}")]
+    Refused {
+        code: String,
+        message: String,
+        detail: Option<String>,
+    },
+}
+
+impl UpstreamHello {
+    /// A NegotiateProtocolVersion the server sent while authenticating: the client hears it first.
+    pub fn negotiated(&mut self, msg: &[u8]) {
+        self.relay.extend_from_slice(msg);
+    }
+
+    /// One whole message `msg` (framed as `f`) after AuthenticationOk. True at ReadyForQuery.
+    pub fn on_message(&mut self, f: &Frame<'_>, msg: &[u8]) -> Result<bool, HelloError> {
+        match f.tag {
+            b'K' => {
+                let (pid, key) = messages::parse_backend_key_data(f.body)?;
+                self.backend = Some((pid, key.to_vec()));
+            }
+            b'S' | b'N' => self.relay.extend_from_slice(msg),
+            b'E' => {
+                let e = messages::parse_error_fields(f.body)?;
+                return Err(HelloError::Refused {
+                    code: e.code.to_owned(),
+                    message: e.message.to_owned(),
+                    detail: e.detail.map(str::to_owned),
+                });
+            }
+            b'Z' => {
+                self.relay.extend_from_slice(msg);
+                return Ok(true);
+            }
+            tag => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    tag,
+                    state: "upstream startup",
+                }
+                .into());
+            }
+        }
+        Ok(false)
+    }
+
+    /// What the client's startup answer is built from (see [`encode_client_hello`]), and the
+    /// server's cancel key (zero and empty when it sent none).
+    pub fn finish(self) -> (Vec<u8>, u32, Vec<u8>) {
+        let (pid, key) = self.backend.unwrap_or_default();
+        (self.relay, pid, key)
+    }
+}
 
 /// Appends the client's startup answer to `out`: the upstream's NegotiateProtocolVersion (it must
 /// come before AuthenticationOk), AuthenticationOk, the upstream's ParameterStatus and notices,
@@ -78,6 +145,52 @@ mod tests {
         let mut out = Vec::new();
         messages::encode_ready_for_query(status, &mut out);
         out
+    }
+
+    /// Feeds whole messages to an [`UpstreamHello`]; the result of the last.
+    fn feed(hello: &mut UpstreamHello, msgs: &[u8]) -> Result<bool, HelloError> {
+        let mut rest = msgs;
+        let mut ready = false;
+        while let Ok(Next::Frame(f)) = frame::next_frame(rest, rest.len()) {
+            let (msg, next) = rest.split_at(f.wire_len());
+            ready = hello.on_message(&f, msg)?;
+            rest = next;
+        }
+        Ok(ready)
+    }
+
+    #[test]
+    fn upstream_hello_keeps_parameters_and_key_until_ready() {
+        let mut msgs = Vec::new();
+        messages::encode_parameter_status("server_version", "17", &mut msgs);
+        messages::encode_backend_key_data(42, &[9; 4], &mut msgs);
+        let mut hello = UpstreamHello::default();
+        assert!(!feed(&mut hello, &msgs).unwrap());
+        assert!(feed(&mut hello, &ready(b'T')).unwrap());
+        let (relay, pid, key) = hello.finish();
+        let mut want = Vec::new();
+        messages::encode_parameter_status("server_version", "17", &mut want);
+        want.extend_from_slice(&ready(b'T'));
+        assert_eq!((relay, pid, key), (want, 42, vec![9; 4]));
+    }
+
+    #[test]
+    fn upstream_hello_refusals_and_strangers() {
+        let mut err = Vec::new();
+        messages::encode_error("FATAL", "3D000", "no such database", None, None, &mut err);
+        assert!(matches!(
+            feed(&mut UpstreamHello::default(), &err),
+            Err(HelloError::Refused { code, .. }) if code == "3D000"
+        ));
+        let mut query = Vec::new();
+        messages::encode_query("SELECT 1", &mut query);
+        assert!(matches!(
+            feed(&mut UpstreamHello::default(), &query),
+            Err(HelloError::Protocol(_))
+        ));
+        // A BackendKeyData with a 2-byte key.
+        let short_key = [b'K', 0, 0, 0, 10, 0, 0, 0, 1, 7, 7];
+        assert!(feed(&mut UpstreamHello::default(), &short_key).is_err());
     }
 
     #[test]

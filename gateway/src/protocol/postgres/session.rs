@@ -777,7 +777,7 @@ impl Core for Session {
     fn on_server(
         &mut self,
         input: &[u8],
-        filter: &mut dyn ResultFilter,
+        filter: &mut Self::Filter,
         to_client: &mut Output,
     ) -> Result<Progress, SessionError> {
         self.on_backend(input, filter, to_client)
