@@ -110,8 +110,12 @@ pub fn encode_client_hello(
                 messages::parse_negotiate_protocol_version(f.body)?;
                 negotiate_len = f.wire_len();
             }
-            b'S' => drop(messages::parse_parameter_status(f.body)?),
-            b'N' => drop(messages::parse_error_fields(f.body)?),
+            b'S' => {
+                messages::parse_parameter_status(f.body)?;
+            }
+            b'N' => {
+                messages::parse_error_fields(f.body)?;
+            }
             b'Z' if last => {
                 messages::parse_ready_for_query(f.body)?;
                 ready_len = f.wire_len();
