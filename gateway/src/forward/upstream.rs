@@ -15,7 +15,7 @@ use crate::protocol::postgres::auth::{
     AuthError, AuthStep, ChannelBinding, UpstreamAuth, tls_server_end_point,
 };
 use crate::protocol::postgres::frame::{self, Frame, Next};
-use crate::protocol::postgres::hello::{HelloError, UpstreamHello};
+use crate::protocol::postgres::hello::{HelloStep, UpstreamHello};
 use crate::protocol::postgres::{messages, startup};
 use crate::route::Target;
 
@@ -52,23 +52,6 @@ pub enum UpstreamError {
     },
     #[error("upstream protocol error: {0}")]
     Protocol(String),
-}
-
-impl From<HelloError> for UpstreamError {
-    fn from(e: HelloError) -> Self {
-        match e {
-            HelloError::Protocol(e) => UpstreamError::Protocol(e.to_string()),
-            HelloError::Refused {
-                code,
-                message,
-                detail,
-            } => UpstreamError::Server {
-                code,
-                message,
-                detail,
-            },
-        }
-    }
 }
 
 impl UpstreamError {
@@ -237,21 +220,40 @@ async fn connect_inner(
             if !reply.is_empty() {
                 stream.write_all(reply).await.0.map_err(io_err)?;
             }
-        } else if hello.on_message(&f, &buf[..len])? {
-            buf.drain(..len);
-            if !buf.is_empty() {
-                return Err(UpstreamError::Protocol(
-                    "data after the first ReadyForQuery".into(),
-                ));
+        } else {
+            let step = hello
+                .on_message(&f, &buf[..len])
+                .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+            match step {
+                HelloStep::More => {}
+                HelloStep::Refused {
+                    code,
+                    message,
+                    detail,
+                } => {
+                    return Err(UpstreamError::Server {
+                        code,
+                        message,
+                        detail,
+                    });
+                }
+                HelloStep::Ready => {
+                    buf.drain(..len);
+                    if !buf.is_empty() {
+                        return Err(UpstreamError::Protocol(
+                            "data after the first ReadyForQuery".into(),
+                        ));
+                    }
+                    let (relay, backend_pid, backend_key) = hello.finish();
+                    return Ok(Upstream {
+                        stream,
+                        backend_pid,
+                        backend_key,
+                        relay,
+                        minor: negotiated_minor,
+                    });
+                }
             }
-            let (relay, backend_pid, backend_key) = hello.finish();
-            return Ok(Upstream {
-                stream,
-                backend_pid,
-                backend_key,
-                relay,
-                minor: negotiated_minor,
-            });
         }
         buf.drain(..len);
     }

@@ -14,13 +14,13 @@ pub struct UpstreamHello {
     backend: Option<(u32, Vec<u8>)>,
 }
 
-/// Why the upstream's startup did not end in ReadyForQuery.
-#[derive(Debug, thiserror::Error)]
-pub enum HelloError {
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
+/// Where the upstream's startup stands after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HelloStep {
+    More,
+    /// ReadyForQuery: the session is open.
+    Ready,
     /// The server refused the session (e.g. the database does not exist).
-    #[error("upstream refused the session: {message}")]
     Refused {
         code: String,
         message: String,
@@ -34,8 +34,8 @@ impl UpstreamHello {
         self.relay.extend_from_slice(msg);
     }
 
-    /// One whole message `msg` (framed as `f`) after AuthenticationOk. True at ReadyForQuery.
-    pub fn on_message(&mut self, f: &Frame<'_>, msg: &[u8]) -> Result<bool, HelloError> {
+    /// One whole message `msg` (framed as `f`) after AuthenticationOk.
+    pub fn on_message(&mut self, f: &Frame<'_>, msg: &[u8]) -> Result<HelloStep, ProtocolError> {
         match f.tag {
             b'K' => {
                 let (pid, key) = messages::parse_backend_key_data(f.body)?;
@@ -44,7 +44,7 @@ impl UpstreamHello {
             b'S' | b'N' => self.relay.extend_from_slice(msg),
             b'E' => {
                 let e = messages::parse_error_fields(f.body)?;
-                return Err(HelloError::Refused {
+                return Ok(HelloStep::Refused {
                     code: e.code.to_owned(),
                     message: e.message.to_owned(),
                     detail: e.detail.map(str::to_owned),
@@ -52,17 +52,16 @@ impl UpstreamHello {
             }
             b'Z' => {
                 self.relay.extend_from_slice(msg);
-                return Ok(true);
+                return Ok(HelloStep::Ready);
             }
             tag => {
                 return Err(ProtocolError::UnexpectedMessage {
                     tag,
                     state: "upstream startup",
-                }
-                .into());
+                });
             }
         }
-        Ok(false)
+        Ok(HelloStep::More)
     }
 
     /// What the client's startup answer is built from (see [`encode_client_hello`]), and the
@@ -152,15 +151,15 @@ mod tests {
     }
 
     /// Feeds whole messages to an [`UpstreamHello`]; the result of the last.
-    fn feed(hello: &mut UpstreamHello, msgs: &[u8]) -> Result<bool, HelloError> {
+    fn feed(hello: &mut UpstreamHello, msgs: &[u8]) -> Result<HelloStep, ProtocolError> {
         let mut rest = msgs;
-        let mut ready = false;
+        let mut step = HelloStep::More;
         while let Ok(Next::Frame(f)) = frame::next_frame(rest, rest.len()) {
             let (msg, next) = rest.split_at(f.wire_len());
-            ready = hello.on_message(&f, msg)?;
+            step = hello.on_message(&f, msg)?;
             rest = next;
         }
-        Ok(ready)
+        Ok(step)
     }
 
     #[test]
@@ -169,8 +168,8 @@ mod tests {
         messages::encode_parameter_status("server_version", "17", &mut msgs);
         messages::encode_backend_key_data(42, &[9; 4], &mut msgs);
         let mut hello = UpstreamHello::default();
-        assert!(!feed(&mut hello, &msgs).unwrap());
-        assert!(feed(&mut hello, &ready(b'T')).unwrap());
+        assert_eq!(feed(&mut hello, &msgs).unwrap(), HelloStep::More);
+        assert_eq!(feed(&mut hello, &ready(b'T')).unwrap(), HelloStep::Ready);
         let (relay, pid, key) = hello.finish();
         let mut want = Vec::new();
         messages::encode_parameter_status("server_version", "17", &mut want);
@@ -184,14 +183,11 @@ mod tests {
         messages::encode_error("FATAL", "3D000", "no such database", None, None, &mut err);
         assert!(matches!(
             feed(&mut UpstreamHello::default(), &err),
-            Err(HelloError::Refused { code, .. }) if code == "3D000"
+            Ok(HelloStep::Refused { code, .. }) if code == "3D000"
         ));
         let mut query = Vec::new();
         messages::encode_query("SELECT 1", &mut query);
-        assert!(matches!(
-            feed(&mut UpstreamHello::default(), &query),
-            Err(HelloError::Protocol(_))
-        ));
+        assert!(feed(&mut UpstreamHello::default(), &query).is_err());
         // A BackendKeyData with a 2-byte key.
         let short_key = [b'K', 0, 0, 0, 10, 0, 0, 0, 1, 7, 7];
         assert!(feed(&mut UpstreamHello::default(), &short_key).is_err());
