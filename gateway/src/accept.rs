@@ -12,6 +12,7 @@ use tracing::{error, warn};
 use crate::daemon::Shared;
 use crate::identify::Identity;
 
+/// A listening socket that every worker binds to the same address: the kernel spreads accepts.
 pub fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -36,6 +37,8 @@ pub enum Arrival {
     Redirected(Arc<crate::redirect::Redirector>),
 }
 
+/// One worker thread's accept loops, one per listener, until `stop`; each accepted connection is
+/// identified and becomes a session task on this runtime.
 pub async fn worker(
     listeners: Vec<(SocketAddr, std::net::TcpListener, Arrival)>,
     shared: Arc<Shared>,
