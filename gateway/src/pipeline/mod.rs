@@ -93,9 +93,10 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    // The upstream stays open until the client has been told how the session ended.
     let pump = session::pump(
         client.clone(),
-        server,
+        server.clone(),
         core.clone(),
         startup.pending,
         info.clone(),
