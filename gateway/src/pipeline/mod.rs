@@ -8,7 +8,6 @@
 pub mod gate;
 pub mod mask_filter;
 pub mod postgres;
-pub mod session;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -94,7 +93,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
     // The upstream stays open until the client has been told how the session ended.
-    let pump = session::pump(
+    let pump = postgres::pump(
         client.clone(),
         server.clone(),
         core.clone(),
