@@ -67,7 +67,9 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     let _active = ActiveSession::open(&target);
 
     // Forward: the upstream leg, then the client's startup answer.
-    let server = Rc::new(postgres::open_upstream(&client, &target, &startup, shared, &info).await?);
+    let (server, _cancel_key) =
+        postgres::open_upstream(&client, &target, &startup, shared, &info).await?;
+    let server = Rc::new(server);
     info.set_state(SessionState::Idle);
     info!(
         session = info.id,

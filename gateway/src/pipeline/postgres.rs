@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::gate::PolicyGate;
 use super::mask_filter::{CATALOG_SQL, Catalog, MaskFilter, catalog_from_rows};
 use crate::daemon::Shared;
-use crate::forward::cancel::CancelTarget;
+use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{self, Stream};
 use crate::forward::upstream;
 use crate::metrics::{SessionInfo, SessionState};
@@ -132,14 +132,15 @@ pub async fn client_startup(
 }
 
 /// Connects and authenticates upstream as the target's user, then answers the client's startup
-/// with the gateway's own cancel key and the server's parameters. Returns the upstream stream.
+/// with the gateway's own cancel key and the server's parameters. Returns the upstream stream and
+/// the cancel key, which serves cancel requests for as long as it is kept.
 pub async fn open_upstream(
     client: &Stream,
     target: &Arc<Target>,
     startup: &Startup,
     shared: &Shared,
     info: &SessionInfo,
-) -> anyhow::Result<Stream> {
+) -> anyhow::Result<(Stream, CancelKey)> {
     let params: Vec<(&str, &str)> = startup
         .params
         .iter()
@@ -177,7 +178,7 @@ pub async fn open_upstream(
         return Err(e).context("upstream startup");
     }
     client.write_all(out).await.0?;
-    Ok(up.stream)
+    Ok((up.stream, cancel_key))
 }
 
 /// Where result columns come from, read on the session's own upstream connection before the
