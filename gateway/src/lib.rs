@@ -16,3 +16,4 @@ pub mod record;
 pub mod redirect;
 pub mod route;
 pub mod secret;
+pub mod service;

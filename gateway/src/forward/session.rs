@@ -54,6 +54,7 @@ pub async fn handle(tcp: TcpStream, identity: Identity, shared: Arc<Shared>) {
 async fn fatal(client: &Stream, code: &str, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
     messages::encode_error("FATAL", code, message, None, None, &mut out);
+    crate::service::metrics::error_sent(code);
     let _ = client.write_all(out).await;
 }
 
@@ -151,9 +152,13 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    let connecting = std::time::Instant::now();
     let upstream = match upstream::connect(&target, &param_refs, minor, shared.max_message()).await
     {
-        Ok(u) => u,
+        Ok(u) => {
+            crate::service::metrics::connected(&target.config.name, connecting.elapsed());
+            u
+        }
         Err(e) => {
             target.counters.errors.fetch_add(1, Relaxed);
             warn!(session = info.id, target = %target.config.name, "upstream: {e}");
@@ -427,10 +432,12 @@ async fn client_to_server(
     let mut out = Output::default();
     loop {
         if !buf.is_empty() {
+            let started = std::time::Instant::now();
             let progress = core.borrow_mut().on_frontend(&buf, &mut gate, &mut out)?;
             let (r, b) = write_output(&server, buf, &mut out).await;
             buf = b;
             r?;
+            crate::service::metrics::statement_overhead(started.elapsed());
             {
                 let c = core.borrow();
                 info.messages_in.store(c.from_client.messages, Relaxed);
