@@ -91,16 +91,31 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
 
     // Install: the Debian way enables and starts the unit, as the `portcullis` user.
     sd.install_deb(&deb)?;
-    ensure!(sd.property(UNIT, "UnitFileState")? == "enabled", "not enabled on install");
-    sd.wait_for("the packaged default to be active", Duration::from_secs(20), || {
-        Ok(sd.property(UNIT, "ActiveState")? == "active")
-    })?;
+    ensure!(
+        sd.property(UNIT, "UnitFileState")? == "enabled",
+        "not enabled on install"
+    );
+    sd.wait_for(
+        "the packaged default to be active",
+        Duration::from_secs(20),
+        || Ok(sd.property(UNIT, "ActiveState")? == "active"),
+    )?;
     ensure!(sd.property(UNIT, "User")? == "portcullis");
     let owner = sd.ok(&["stat", "-c", "%U:%G %a", "/run/portcullis/admin.sock"])?;
-    ensure!(owner.trim() == "portcullis:portcullis 660", "admin socket: {owner}");
+    ensure!(
+        owner.trim() == "portcullis:portcullis 660",
+        "admin socket: {owner}"
+    );
     let conffiles = sd.ok(&["dpkg-query", "-W", "-f", "${Conffiles}", "portcullis"])?;
-    ensure!(conffiles.contains("/etc/portcullis/portcullis.toml"), "conffiles: {conffiles}");
-    let doc = sd.ok(&["sh", "-c", "ls /usr/share/man/man1/portcullis.1* /usr/share/bash-completion/completions/portcullis"])?;
+    ensure!(
+        conffiles.contains("/etc/portcullis/portcullis.toml"),
+        "conffiles: {conffiles}"
+    );
+    let doc = sd.ok(&[
+        "sh",
+        "-c",
+        "ls /usr/share/man/man1/portcullis.1* /usr/share/bash-completion/completions/portcullis",
+    ])?;
     ensure!(doc.lines().count() == 2, "man page and completion: {doc}");
 
     // Our own config and a short watchdog, plus the hook that can wedge a worker.
@@ -108,10 +123,20 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
         gateway: SocketAddr::from(([127, 0, 0, 1], free_port())),
         metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
     };
-    sd.write("/etc/portcullis/app.password", format!("{}\n", pg.password).as_bytes())?;
-    sd.ok(&["chown", "portcullis:portcullis", "/etc/portcullis/app.password"])?;
+    sd.write(
+        "/etc/portcullis/app.password",
+        format!("{}\n", pg.password).as_bytes(),
+    )?;
+    sd.ok(&[
+        "chown",
+        "portcullis:portcullis",
+        "/etc/portcullis/app.password",
+    ])?;
     sd.ok(&["chmod", "600", "/etc/portcullis/app.password"])?;
-    sd.write("/etc/portcullis/portcullis.toml", config(&ports, &pg, "20s").as_bytes())?;
+    sd.write(
+        "/etc/portcullis/portcullis.toml",
+        config(&ports, &pg, "20s").as_bytes(),
+    )?;
     sd.write(
         "/etc/systemd/system/portcullis.service.d/test.conf",
         b"[Service]\nWatchdogSec=2s\nEnvironment=PORTCULLIS_DANGER_TEST_WEDGE=/run/portcullis/wedge\n",
@@ -122,63 +147,113 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
     sd.ok(&["systemctl", "restart", UNIT])?;
     ensure!(sd.property(UNIT, "ActiveState")? == "active");
     let status = sd.property(UNIT, "StatusText")?;
-    ensure!(status.contains("serving") && status.contains("last reload"), "STATUS=: {status}");
+    ensure!(
+        status.contains("serving") && status.contains("last reload"),
+        "STATUS=: {status}"
+    );
     let ci = conninfo(&ports);
     let (out, err, ok) = psql(pg.bindir(), &ci, "SELECT email FROM customers")?;
     ensure!(ok, "SELECT through the service failed: {err}");
-    ensure!(!out.contains("alice@example.com") && out.contains("@example.com"), "not masked: {out}");
+    ensure!(
+        !out.contains("alice@example.com") && out.contains("@example.com"),
+        "not masked: {out}"
+    );
     let (_, err, ok) = psql(pg.bindir(), &ci, "DROP TABLE customers")?;
     ensure!(!ok && err.contains("no-ddl"), "DROP was not blocked: {err}");
 
     // journald has the fields, so operators can filter by them.
     let blocked = journal(&sd, &["RULE=no-ddl", "TARGET=app"])?;
-    ensure!(blocked.contains("statement blocked"), "journalctl RULE=no-ddl: {blocked}");
+    ensure!(
+        blocked.contains("statement blocked"),
+        "journalctl RULE=no-ddl: {blocked}"
+    );
     let started = journal(&sd, &["TARGET=app", "AGENT=-"])?;
-    ensure!(started.contains("session started"), "journalctl TARGET=app: {started}");
+    ensure!(
+        started.contains("session started"),
+        "journalctl TARGET=app: {started}"
+    );
 
     // /metrics: the blocked DROP and the session are counted, with bounded labels.
     let text = scrape(ports.metrics)?;
-    let drop_blocked = metric(&text, r#"portcullis_verdicts_total{rule="no-ddl",verdict="block"}"#);
+    let drop_blocked = metric(
+        &text,
+        r#"portcullis_verdicts_total{rule="no-ddl",verdict="block"}"#,
+    );
     ensure!(drop_blocked == Some(1.0), "verdict metric: {text}");
-    ensure!(metric(&text, r#"portcullis_sessions_total{target="app"}"#) >= Some(2.0), "{text}");
+    ensure!(
+        metric(&text, r#"portcullis_sessions_total{target="app"}"#) >= Some(2.0),
+        "{text}"
+    );
     ensure!(text.contains("portcullis_connect_seconds_bucket"), "{text}");
-    ensure!(!text.contains("customers") && !text.contains("DROP"), "SQL text in metrics: {text}");
+    ensure!(
+        !text.contains("customers") && !text.contains("DROP"),
+        "SQL text in metrics: {text}"
+    );
 
     // A good reload: `systemctl reload` waits for it and it shows in STATUS=.
-    sd.write("/etc/portcullis/portcullis.toml", config(&ports, &pg, "25s").as_bytes())?;
+    sd.write(
+        "/etc/portcullis/portcullis.toml",
+        config(&ports, &pg, "25s").as_bytes(),
+    )?;
     sd.ok(&["systemctl", "reload", UNIT])?;
     ensure!(sd.property(UNIT, "StatusText")?.contains("last reload: ok"));
 
     // A broken one fails `systemctl reload` visibly; the old config keeps serving.
-    sd.write("/etc/portcullis/portcullis.toml", b"[gateway]\npolicy = \"default\"\nbogus_key = 1\n")?;
+    sd.write(
+        "/etc/portcullis/portcullis.toml",
+        b"[gateway]\npolicy = \"default\"\nbogus_key = 1\n",
+    )?;
     let out = sd.run(&["systemctl", "reload", UNIT])?;
     ensure!(!out.status.success(), "a broken config reloaded");
     ensure!(sd.property(UNIT, "ActiveState")? == "active");
     let why = journal(&sd, &["-n", "20"])?;
-    ensure!(why.contains("bogus_key") && why.contains("portcullis.toml:3"), "reload error: {why}");
+    ensure!(
+        why.contains("bogus_key") && why.contains("portcullis.toml:3"),
+        "reload error: {why}"
+    );
     ensure!(sd.property(UNIT, "StatusText")?.contains("failed"));
     let (_, err, ok) = psql(pg.bindir(), &ci, "DROP TABLE customers")?;
-    ensure!(!ok && err.contains("no-ddl"), "old config no longer serving: {err}");
-    sd.write("/etc/portcullis/portcullis.toml", config(&ports, &pg, "25s").as_bytes())?;
+    ensure!(
+        !ok && err.contains("no-ddl"),
+        "old config no longer serving: {err}"
+    );
+    sd.write(
+        "/etc/portcullis/portcullis.toml",
+        config(&ports, &pg, "25s").as_bytes(),
+    )?;
     sd.ok(&["systemctl", "reload", UNIT])?;
 
     // The watchdog: a wedged worker stops the pings, and systemd restarts the service.
     let pid_before = sd.property(UNIT, "MainPID")?;
     let restarts: u32 = sd.property(UNIT, "NRestarts")?.parse()?;
     sd.ok(&["touch", "/run/portcullis/wedge"])?;
-    sd.wait_for("the watchdog to restart the service", Duration::from_secs(30), || {
-        Ok(sd.property(UNIT, "NRestarts")?.parse::<u32>()? > restarts
-            && sd.property(UNIT, "ActiveState")? == "active")
-    })?;
+    sd.wait_for(
+        "the watchdog to restart the service",
+        Duration::from_secs(30),
+        || {
+            Ok(sd.property(UNIT, "NRestarts")?.parse::<u32>()? > restarts
+                && sd.property(UNIT, "ActiveState")? == "active")
+        },
+    )?;
     ensure!(sd.property(UNIT, "MainPID")? != pid_before);
     let wd = journal(&sd, &["-n", "50"])?;
-    ensure!(wd.contains("wedging worker") && wd.to_lowercase().contains("watchdog"), "{wd}");
+    ensure!(
+        wd.contains("wedging worker") && wd.to_lowercase().contains("watchdog"),
+        "{wd}"
+    );
     let (_, err, ok) = psql(pg.bindir(), &ci, "SELECT 1")?;
     ensure!(ok, "not serving after the watchdog restart: {err}");
 
     // Stop drains: a statement in flight finishes before the service goes.
     let mut slow = std::process::Command::new(pg.bindir().join("psql"))
-        .args(["-X", "-At", "-d", &ci, "-c", "SELECT 'drained' FROM pg_sleep(2)"])
+        .args([
+            "-X",
+            "-At",
+            "-d",
+            &ci,
+            "-c",
+            "SELECT 'drained' FROM pg_sleep(2)",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -191,7 +266,10 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
         "the session was cut: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(stopping.elapsed() < Duration::from_secs(20), "stop waited out the drain timeout");
+    ensure!(
+        stopping.elapsed() < Duration::from_secs(20),
+        "stop waited out the drain timeout"
+    );
     ensure!(journal(&sd, &["-n", "20"])?.contains("draining"));
 
     // The exposure score.
@@ -203,6 +281,9 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
         .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no exposure level in: {text}"))?;
     eprintln!("systemd-analyze security {UNIT}: {score}\n{text}");
-    ensure!(score <= MAX_EXPOSURE, "exposure {score} above {MAX_EXPOSURE}:\n{text}");
+    ensure!(
+        score <= MAX_EXPOSURE,
+        "exposure {score} above {MAX_EXPOSURE}:\n{text}"
+    );
     Ok(())
 }

@@ -87,12 +87,25 @@ pub fn test_package() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root)
-        .args(["run", "-q", "-p", "xtask", "--", "deb", "--profile", "dev", "--no-build"])
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "xtask",
+            "--",
+            "deb",
+            "--profile",
+            "dev",
+            "--no-build",
+        ])
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo xtask deb")?;
     if !out.status.success() {
-        bail!("cargo xtask deb --profile dev --no-build failed: {}", out.status);
+        bail!(
+            "cargo xtask deb --profile dev --no-build failed: {}",
+            out.status
+        );
     }
     let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok(PathBuf::from(path))
@@ -102,7 +115,11 @@ impl Systemd {
     /// Boots systemd and waits until it reports `running` (or `degraded`).
     pub fn boot() -> Result<Systemd> {
         let mount = cgroup2_mount()?;
-        let name = format!("portcullis-sdtest-{}-{}", std::process::id(), crate::free_port());
+        let name = format!(
+            "portcullis-sdtest-{}-{}",
+            std::process::id(),
+            crate::free_port()
+        );
         let cgroup = mount.join(&name);
         fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
         let scratch = PathBuf::from("/run").join(&name);
@@ -201,7 +218,10 @@ impl Systemd {
 
     /// `dpkg -i` of a package from the host.
     pub fn install_deb(&self, deb: &Path) -> Result<String> {
-        let inside = format!("/root/{}", deb.file_name().context("package path")?.to_string_lossy());
+        let inside = format!(
+            "/root/{}",
+            deb.file_name().context("package path")?.to_string_lossy()
+        );
         let bytes = fs::read(deb).with_context(|| format!("reading {}", deb.display()))?;
         self.write(&inside, &bytes)?;
         self.ok(&["dpkg", "-i", &inside])
@@ -214,7 +234,12 @@ impl Systemd {
     }
 
     /// Waits until `f` holds, polling; the error names what was awaited.
-    pub fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    pub fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let deadline = Instant::now() + limit;
         while !f()? {
             if Instant::now() > deadline {
@@ -229,7 +254,9 @@ impl Systemd {
 impl Drop for Systemd {
     fn drop(&mut self) {
         if self.init_pid != 0 {
-            let _ = self.command(&["systemctl", "poweroff", "--no-block"]).output();
+            let _ = self
+                .command(&["systemctl", "poweroff", "--no-block"])
+                .output();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

@@ -65,15 +65,24 @@ pub fn build(args: &DebArgs) -> Result<PathBuf> {
     std::fs::create_dir_all(&output)
         .with_context(|| format!("cannot create {}", output.display()))?;
     let mut deb = cmd::cargo()?;
-    deb.args(["deb", "-p", "portcullis", "--no-build", "--profile", &args.profile])
-        .arg("--output")
-        .arg(&output);
+    deb.args([
+        "deb",
+        "-p",
+        "portcullis",
+        "--no-build",
+        "--profile",
+        &args.profile,
+    ])
+    .arg("--output")
+    .arg(&output);
     if args.profile != "release" {
         // A test package: quick to compress, nothing to strip for.
         deb.args(["--fast", "--no-strip"]);
     }
     eprintln!("xtask: running {deb:?}");
-    let out = deb.output().with_context(|| format!("cannot start {deb:?}"))?;
+    let out = deb
+        .output()
+        .with_context(|| format!("cannot start {deb:?}"))?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         bail!("{deb:?} failed: {}", out.status);
@@ -97,7 +106,13 @@ fn ensure_cargo_deb() -> Result<()> {
     eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (a few minutes, once)");
     cmd::run(
         Command::new("cargo")
-            .args(["install", "cargo-deb", "--locked", "--version", CARGO_DEB_VERSION])
+            .args([
+                "install",
+                "cargo-deb",
+                "--locked",
+                "--version",
+                CARGO_DEB_VERSION,
+            ])
             .env_remove("CARGO_TARGET_DIR"),
     )
 }

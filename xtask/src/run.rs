@@ -52,7 +52,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if !args.serve_args.is_empty() || listening(upstream) {
         return cmd::run(Command::new(bin).arg("serve").args(&args.serve_args));
     }
-    eprintln!("xtask: nothing listens on {upstream} and no upstream is configured: starting the demo");
+    eprintln!(
+        "xtask: nothing listens on {upstream} and no upstream is configured: starting the demo"
+    );
     demo(&bin)
 }
 
@@ -72,7 +74,9 @@ fn demo(bin: &Path) -> Result<()> {
     }
     let pg = testkit::Postgres::start().context("starting the demo PostgreSQL")?;
     pg.app_superuser_sql(DEMO_SCHEMA)?;
-    let dir = tempfile::Builder::new().prefix("portcullis-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("portcullis-demo-")
+        .tempdir()?;
     let password = pg.write_password_file(dir.path())?;
     let admin = dir.path().join("admin.sock");
     let config = dir.path().join("portcullis.toml");

@@ -42,7 +42,8 @@ fn stderr_is_journal() -> bool {
     let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
         return false;
     };
-    stream.to_str().and_then(|s| s.split_once(':')).is_some_and(|(dev, ino)| {
-        dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
-    })
+    stream
+        .to_str()
+        .and_then(|s| s.split_once(':'))
+        .is_some_and(|(dev, ino)| dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino()))
 }

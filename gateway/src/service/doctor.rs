@@ -12,11 +12,8 @@ use crate::redirect::kernel;
 
 /// Capabilities interception needs and the unit grants (see packaging/portcullis.service and
 /// docs/operations.md for how the set was found).
-pub const REDIRECT_CAPS: &[(u32, &str)] = &[
-    (39, "CAP_BPF"),
-    (12, "CAP_NET_ADMIN"),
-    (38, "CAP_PERFMON"),
-];
+pub const REDIRECT_CAPS: &[(u32, &str)] =
+    &[(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")];
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_NET_BIND_SERVICE: u32 = 10;
 
@@ -48,7 +45,12 @@ impl Check {
             fix: None,
         }
     }
-    fn bad(name: &'static str, fatal: bool, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    fn bad(
+        name: &'static str,
+        fatal: bool,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
         Check {
             name,
             outcome: if fatal { Outcome::Fail } else { Outcome::Warn },
@@ -92,7 +94,12 @@ pub fn examine(cfg: &Config) -> Report {
         check_caps(cfg, caps, redirect),
     ];
     checks.extend(cfg.targets.iter().map(|t| {
-        check_upstream(&t.name, &t.upstream.host, t.upstream.port, t.connect_timeout)
+        check_upstream(
+            &t.name,
+            &t.upstream.host,
+            t.upstream.port,
+            t.connect_timeout,
+        )
     }));
     checks.push(check_admin_group(cfg));
     Report {
@@ -194,15 +201,26 @@ fn check_io_uring() -> Check {
         .and_then(|s| s.trim().parse::<u8>().ok())
         .unwrap_or(0);
     match compio::runtime::Runtime::new() {
-        Ok(_) => Check::ok("io_uring", format!("a runtime starts (kernel.io_uring_disabled = {sysctl})")),
+        Ok(_) => Check::ok(
+            "io_uring",
+            format!("a runtime starts (kernel.io_uring_disabled = {sysctl})"),
+        ),
         Err(e) => Check::bad(
             "io_uring",
             true,
-            format!("cannot create an io_uring instance: {e} (kernel.io_uring_disabled = {sysctl})"),
+            format!(
+                "cannot create an io_uring instance: {e} (kernel.io_uring_disabled = {sysctl})"
+            ),
             match sysctl {
-                2 => "sysctl kernel.io_uring_disabled=0 (or 1 with the gateway's user in kernel.io_uring_group)",
-                1 => "add the gateway's user to the group in kernel.io_uring_group, or sysctl kernel.io_uring_disabled=0",
-                _ => "allow io_uring_setup/io_uring_enter/io_uring_register in the seccomp filter (SystemCallFilter=)",
+                2 => {
+                    "sysctl kernel.io_uring_disabled=0 (or 1 with the gateway's user in kernel.io_uring_group)"
+                }
+                1 => {
+                    "add the gateway's user to the group in kernel.io_uring_group, or sysctl kernel.io_uring_disabled=0"
+                }
+                _ => {
+                    "allow io_uring_setup/io_uring_enter/io_uring_register in the seccomp filter (SystemCallFilter=)"
+                }
             },
         ),
     }
@@ -223,7 +241,12 @@ fn check_caps(cfg: &Config, eff: u64, redirect: bool) -> Check {
     let has = |cap: u32| eff & (1u64 << cap) != 0;
     let mut missing: Vec<&str> = Vec::new();
     if redirect && !has(CAP_SYS_ADMIN) {
-        missing.extend(REDIRECT_CAPS.iter().filter(|(c, _)| !has(*c)).map(|(_, n)| *n));
+        missing.extend(
+            REDIRECT_CAPS
+                .iter()
+                .filter(|(c, _)| !has(*c))
+                .map(|(_, n)| *n),
+        );
     }
     let low_port = cfg
         .listeners
@@ -236,7 +259,11 @@ fn check_caps(cfg: &Config, eff: u64, redirect: bool) -> Check {
         missing.push("CAP_NET_BIND_SERVICE");
     }
     if missing.is_empty() {
-        let needed = if redirect { "interception's capabilities are held" } else { "no capability is needed without [redirect]" };
+        let needed = if redirect {
+            "interception's capabilities are held"
+        } else {
+            "no capability is needed without [redirect]"
+        };
         Check::ok("capabilities", needed)
     } else {
         Check::bad(
@@ -257,7 +284,12 @@ fn check_upstream(name: &str, host: &str, port: u16, timeout: Duration) -> Check
     let addrs = match (host, port).to_socket_addrs() {
         Ok(a) => a.collect::<Vec<_>>(),
         Err(e) => {
-            return Check::bad("upstream", true, format!("{label}: cannot resolve: {e}"), "fix `upstream` in the [[target]] or the host's DNS");
+            return Check::bad(
+                "upstream",
+                true,
+                format!("{label}: cannot resolve: {e}"),
+                "fix `upstream` in the [[target]] or the host's DNS",
+            );
         }
     };
     let mut last = None;
@@ -281,16 +313,27 @@ fn check_upstream(name: &str, host: &str, port: u16, timeout: Duration) -> Check
 fn check_admin_group(cfg: &Config) -> Check {
     let group = &cfg.admin_group;
     let exists = std::fs::read_to_string("/etc/group")
-        .map(|t| t.lines().any(|l| l.split(':').next() == Some(group.as_str())))
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split(':').next() == Some(group.as_str()))
+        })
         .unwrap_or(false);
     if exists {
-        Check::ok("admin group", format!("group {group} exists for {}", cfg.admin_socket.display()))
+        Check::ok(
+            "admin group",
+            format!("group {group} exists for {}", cfg.admin_socket.display()),
+        )
     } else {
         Check::bad(
             "admin group",
             false,
-            format!("no group {group}: only root and the gateway's user can use {}", cfg.admin_socket.display()),
-            format!("systemd-sysusers (the package's sysusers.d entry) or groupadd --system {group}"),
+            format!(
+                "no group {group}: only root and the gateway's user can use {}",
+                cfg.admin_socket.display()
+            ),
+            format!(
+                "systemd-sysusers (the package's sysusers.d entry) or groupadd --system {group}"
+            ),
         )
     }
 }

@@ -61,7 +61,10 @@ pub fn verdict(target: &str, rule: &str, action: Action) {
     let action = action_name(action);
     let f = &*FAMILIES;
     f.statements
-        .get_or_create(&vec![("target", target.to_owned()), ("verdict", action.into())])
+        .get_or_create(&vec![
+            ("target", target.to_owned()),
+            ("verdict", action.into()),
+        ])
         .inc();
     f.verdicts
         .get_or_create(&vec![("rule", rule.to_owned()), ("verdict", action.into())])
@@ -145,7 +148,8 @@ impl Collector for Live {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         for t in &targets {
-            ConstCounter::new(t.sessions_total).encode(m.encode_family(&[("target", &*t.target)])?)?;
+            ConstCounter::new(t.sessions_total)
+                .encode(m.encode_family(&[("target", &*t.target)])?)?;
         }
         let mut m = encoder.encode_descriptor(
             "portcullis_sessions_active",
@@ -167,7 +171,8 @@ impl Collector for Live {
         )?;
         for t in &targets {
             let live = sessions.iter().filter(|s| s.target == t.target);
-            let (live_in, live_out) = live.fold((0, 0), |(i, o), s| (i + s.bytes_in, o + s.bytes_out));
+            let (live_in, live_out) =
+                live.fold((0, 0), |(i, o), s| (i + s.bytes_in, o + s.bytes_out));
             for (direction, now) in [
                 ("client_to_server", t.bytes_in + live_in),
                 ("server_to_client", t.bytes_out + live_out),

@@ -126,15 +126,26 @@ fn one_line(s: &str) -> String {
 /// `portcullis reload`: what the unit's `ExecReload=` runs. Sends SIGHUP to the gateway and waits
 /// for the outcome, so a broken config fails `systemctl reload` with the gateway's own message
 /// while the running configuration keeps serving.
-pub fn reload_command(pid: i32, status_file: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
-    let generation = |text: &str| text.split_whitespace().next().and_then(|n| n.parse::<u64>().ok());
+pub fn reload_command(
+    pid: i32,
+    status_file: &std::path::Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let generation = |text: &str| {
+        text.split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+    };
     let before = std::fs::read_to_string(status_file)
         .ok()
         .and_then(|t| generation(&t))
         .unwrap_or(0);
     // SAFETY: kill with a pid and a signal number has no memory-safety preconditions.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-        anyhow::bail!("cannot signal the gateway (pid {pid}): {}", std::io::Error::last_os_error());
+        anyhow::bail!(
+            "cannot signal the gateway (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
     }
     let deadline = std::time::Instant::now() + timeout;
     loop {
