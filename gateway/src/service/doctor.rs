@@ -337,3 +337,55 @@ fn check_admin_group(cfg: &Config) -> Check {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_that_listens_passes_and_one_that_does_not_fails_with_a_fix() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap().port();
+        let ok = check_upstream("a", "127.0.0.1", open, Duration::from_secs(2));
+        assert_eq!(ok.outcome, Outcome::Ok, "{ok:?}");
+        drop(listener);
+        let bad = check_upstream("a", "127.0.0.1", open, Duration::from_secs(2));
+        assert_eq!(bad.outcome, Outcome::Fail, "{bad:?}");
+        assert!(bad.fix.is_some());
+    }
+
+    #[test]
+    fn the_embedded_default_is_examined_and_rendered() {
+        let cfg = Config::parse(crate::config::EMBEDDED_DEFAULT, "embedded default").unwrap();
+        let report = examine(&cfg);
+        let text = render(&report);
+        for name in [
+            "kernel",
+            "btf",
+            "bpffs",
+            "cgroup2",
+            "io_uring",
+            "capabilities",
+            "upstream",
+            "admin group",
+        ] {
+            assert!(
+                report.checks.iter().any(|c| c.name == name),
+                "{name} missing:\n{text}"
+            );
+        }
+        // Without [redirect], the eBPF prerequisites never fail the report.
+        for c in report
+            .checks
+            .iter()
+            .filter(|c| ["kernel", "btf", "bpffs", "cgroup2"].contains(&c.name))
+        {
+            assert_ne!(c.outcome, Outcome::Fail, "{text}");
+        }
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json["checks"].as_array().unwrap().len(),
+            report.checks.len()
+        );
+    }
+}

@@ -77,14 +77,19 @@ pub fn verdict(target: &str, rule: &str, action: Action) {
 
 /// An ErrorResponse the gateway itself sent a client, counted by SQLSTATE class.
 pub fn error_sent(sqlstate: &str) {
-    let class = match sqlstate.as_bytes() {
-        [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => &sqlstate[..2],
-        _ => "other",
-    };
     FAMILIES
         .errors
-        .get_or_create(&vec![("class", class.to_owned())])
+        .get_or_create(&vec![("class", sqlstate_class(sqlstate).to_owned())])
         .inc();
+}
+
+/// The two-character class of a SQLSTATE; anything malformed is `other`, so a bad code cannot
+/// grow the label set.
+fn sqlstate_class(sqlstate: &str) -> &str {
+    match sqlstate.as_bytes() {
+        [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => &sqlstate[..2],
+        _ => "other",
+    }
 }
 
 /// Time the gateway spent on a client's requests before they went upstream: framing, policy,
@@ -291,4 +296,18 @@ fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
     );
     conn.write_all(head.as_bytes())?;
     conn.write_all(body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlstate_class;
+
+    #[test]
+    fn sqlstate_classes_stay_a_small_set() {
+        assert_eq!(sqlstate_class("42501"), "42");
+        assert_eq!(sqlstate_class("08P01"), "08");
+        assert_eq!(sqlstate_class("é1"), "other");
+        assert_eq!(sqlstate_class("4"), "other");
+        assert_eq!(sqlstate_class(""), "other");
+    }
 }
