@@ -224,6 +224,9 @@ impl Systemd {
         );
         let bytes = fs::read(deb).with_context(|| format!("reading {}", deb.display()))?;
         self.write(&inside, &bytes)?;
+        // Container images ship a policy-rc.d that forbids starting services on install; a real
+        // host has none, and the package must start its unit there.
+        self.ok(&["rm", "-f", "/usr/sbin/policy-rc.d"])?;
         self.ok(&["dpkg", "-i", &inside])
     }
 
