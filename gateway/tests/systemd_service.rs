@@ -245,7 +245,7 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
     ensure!(ok, "not serving after the watchdog restart: {err}");
 
     // Stop drains: a statement in flight finishes before the service goes.
-    let mut slow = std::process::Command::new(pg.bindir().join("psql"))
+    let slow = std::process::Command::new(pg.bindir().join("psql"))
         .args([
             "-X",
             "-At",
