@@ -155,7 +155,7 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
     let (out, err, ok) = psql(pg.bindir(), &ci, "SELECT email FROM customers")?;
     ensure!(ok, "SELECT through the service failed: {err}");
     ensure!(
-        !out.contains("alice@example.com") && out.contains("@example.com"),
+        !out.contains("alice") && out.contains('@'),
         "not masked: {out}"
     );
     let (_, err, ok) = psql(pg.bindir(), &ci, "DROP TABLE customers")?;
