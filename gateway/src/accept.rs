@@ -45,6 +45,7 @@ pub async fn worker(
     stop: futures_channel::oneshot::Receiver<()>,
 ) {
     let stop = futures_util::future::FutureExt::shared(stop);
+    compio::runtime::spawn(crate::service::watchdog::heartbeat()).detach();
     let mut accepts = Vec::new();
     for (addr, std_listener, arrival) in listeners {
         let listener = match compio::net::TcpListener::from_std(std_listener) {

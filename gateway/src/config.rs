@@ -72,6 +72,8 @@ struct File {
     target: Vec<Spanned<TargetSection>>,
     #[serde(default)]
     redirect: Option<crate::redirect::RedirectConfig>,
+    #[serde(default)]
+    metrics: crate::service::MetricsConfig,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -129,6 +131,8 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// eBPF interception; off unless `[redirect] enabled = true`.
     pub redirect: crate::redirect::RedirectConfig,
+    /// Prometheus endpoint; off unless `[metrics] listen` is set.
+    pub metrics: crate::service::MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,6 +375,7 @@ impl Config {
             listeners,
             targets,
             redirect: file.redirect.unwrap_or_default(),
+            metrics: file.metrics,
         })
     }
 

@@ -21,3 +21,4 @@ pub mod redirect;
 pub mod request;
 pub mod route;
 pub mod secret;
+pub mod service;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -85,6 +85,47 @@ enum Command {
     Agents(portcullis::redirect::cli::AgentsArgs),
     /// Remove every pinned eBPF map and link: interception stops.
     Uninstall(portcullis::redirect::cli::UninstallArgs),
+    /// Check what this host offers against what the configuration needs, with a fix for each gap.
+    Doctor {
+        /// TOML configuration file [default: the embedded default].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload the running gateway (SIGHUP) and wait for the outcome: the unit's ExecReload.
+    Reload {
+        /// The gateway's pid (systemd passes $MAINPID).
+        #[arg(long)]
+        pid: i32,
+        /// How long to wait for the gateway to report.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Write man pages and shell completions into a directory (used to build the package).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `portcullis.1`, one `portcullis-<command>.1` per command, and bash, zsh and fish completions.
+fn generate_docs(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap_complete::Shell;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "portcullis", &completions)?;
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -126,6 +167,23 @@ fn main() -> ExitCode {
             )
         }
         Command::Uninstall(args) => portcullis::redirect::cli::uninstall(args),
+        Command::Doctor { config, json } => {
+            let args = portcullis::config::ServeArgs {
+                config,
+                ..Default::default()
+            };
+            portcullis::service::doctor::run(&args, json)
+        }
+        Command::Reload {
+            pid,
+            timeout,
+            admin,
+        } => portcullis::service::reload_command(
+            pid,
+            &portcullis::service::reload_status_path(&admin.admin_socket),
+            timeout,
+        ),
+        Command::GenerateDocs { out } => generate_docs(&out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod deb;
 mod ebpf;
 mod run;
 mod setup;
@@ -31,6 +32,8 @@ enum Task {
     Run(run::RunArgs),
     /// Build in release and run the latency harness: `cargo xtask bench [-- --quick]`.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (binary, hardened unit, default config, man pages, completions).
+    Deb(deb::DebArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Task::Test(args) => test::test(&args),
         Task::Run(args) => run::run(&args),
         Task::Bench(args) => bench::bench(&args),
+        Task::Deb(args) => deb::deb(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

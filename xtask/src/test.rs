@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::{cmd, ebpf, setup};
+use crate::{cmd, deb, ebpf, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -14,7 +14,21 @@ pub struct TestArgs {
 
 pub fn test(args: &TestArgs) -> Result<()> {
     setup::setup()?;
+    // The systemd tests install a package of the binary the tests run. Built as `cargo test
+    // --workspace` builds it (same features), so the test run reuses it.
+    cmd::run(
+        cmd::cargo()?
+            .args(["build", "--workspace", "--bins"])
+            .env(ebpf::REQUIRE_EBPF_ENV, "1")
+            .env_remove("AYA_BUILD_SKIP"),
+    )?;
+    let package = deb::build(&deb::DebArgs {
+        profile: "dev".into(),
+        no_build: true,
+        output: None,
+    })?;
     let mut cargo = cmd::cargo()?;
+    cargo.env(testkit::systemd::TEST_DEB_ENV, &package);
     cargo
         .args(["test", "--workspace"])
         .args(&args.cargo_args)

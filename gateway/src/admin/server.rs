@@ -44,7 +44,7 @@ pub fn start(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<AdminServer> {
     let group = group_id(&cfg.admin_group);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = group {
-        std::os::unix::fs::chown(&path, Some(0), Some(gid))
+        std::os::unix::fs::chown(&path, None, Some(gid))
             .with_context(|| format!("giving {} to group {}", path.display(), cfg.admin_group))?;
     }
     std::thread::Builder::new()

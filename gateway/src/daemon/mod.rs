@@ -173,17 +173,19 @@ pub fn serve<A>(
         admin = %cfg.admin_socket.display(),
         "portcullis serving"
     );
+    let service = crate::service::Service::start(&cfg, &shared)?;
 
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     for sig in signals.forever() {
         if sig == libc::SIGHUP {
-            reload(&args, &shared);
+            service.reload(|| reload(&args, &shared));
             continue;
         }
         break;
     }
     // Drain: stop accepting, let sessions finish up to the deadline, then close the rest.
+    service.stopping();
     shared.draining.store(true, Ordering::Relaxed);
     for s in stops {
         let _ = s.send(());
@@ -206,7 +208,7 @@ pub fn serve<A>(
 }
 
 /// SIGHUP: re-read the configuration and credentials; live sessions keep what they started with.
-fn reload(args: &ServeArgs, shared: &Shared) {
+fn reload(args: &ServeArgs, shared: &Shared) -> anyhow::Result<()> {
     let result = Config::from_args(args).and_then(|cfg| {
         let routes = Routes::build(&cfg, &shared.registry)
             .with_context(|| format!("loading {}", cfg.origin))?;
@@ -224,10 +226,11 @@ fn reload(args: &ServeArgs, shared: &Shared) {
         *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
         Ok(())
     });
-    match result {
+    match &result {
         Ok(()) => info!("configuration reloaded"),
         Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
     }
+    result
 }
 
 /// Loads a policy and compiles its `[mask]` table; any error names the policy and the key.

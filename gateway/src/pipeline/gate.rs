@@ -83,6 +83,7 @@ impl Gate for PolicyGate {
         };
         let policy = self.shared.policy();
         let verdict = CACHE.with(|c| policy.decide(&id, &target, request, &mut c.borrow_mut()));
+        crate::service::metrics::verdict(&self.target, &verdict.rule, verdict.action);
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
             let would = if shadow == Action::Block {
                 "would block"
@@ -107,7 +108,7 @@ impl Gate for PolicyGate {
         match verdict.action {
             Action::Allow => Disposition::Allow,
             Action::Block => {
-                warn!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "statement blocked");
+                warn!(session = self.session, agent = self.agent.as_deref().unwrap_or("-"), target = %self.target, rule = %verdict.rule, reason = %verdict.reason, "statement blocked");
                 Disposition::Block(Blocked {
                     rule: verdict.rule.to_string(),
                     reason: verdict.reason,
@@ -143,7 +144,7 @@ impl Gate for PolicyGate {
                     .request(new, policy.approval_timeout())
                 {
                     Ok((id, decision)) => {
-                        info!(session = self.session, approval = id, rule = %verdict.rule, "statement held for approval");
+                        info!(session = self.session, agent = self.agent.as_deref().unwrap_or("-"), target = %self.target, approval = id, rule = %verdict.rule, "statement held for approval");
                         self.held = Some(Held {
                             id,
                             rule: verdict.rule.to_string(),

@@ -54,6 +54,7 @@ pub struct Startup {
 pub async fn refuse(client: &Stream, code: &str, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
     messages::encode_error("FATAL", code, message, None, None, &mut out);
+    crate::service::metrics::error_sent(code);
     let _ = client.write_all(out).await;
 }
 
@@ -146,8 +147,12 @@ pub async fn open_upstream(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    let connecting = std::time::Instant::now();
     let up = match upstream::connect(target, &params, startup.minor, shared.max_message()).await {
-        Ok(u) => u,
+        Ok(u) => {
+            crate::service::metrics::connected(&target.config.name, connecting.elapsed());
+            u
+        }
         Err(e) => {
             target.counters.errors.fetch_add(1, Relaxed);
             let retryable = e.is_retryable();
@@ -348,10 +353,12 @@ async fn client_to_server(
     let mut out = Output::default();
     loop {
         if !buf.is_empty() {
+            let started = std::time::Instant::now();
             let progress = core.borrow_mut().on_client(&buf, &mut gate, &mut out)?;
             let (r, b) = write_output(&server, buf, &mut out).await;
             buf = b;
             r?;
+            crate::service::metrics::statement_overhead(started.elapsed());
             {
                 let c = core.borrow();
                 info.messages_in.store(c.from_client.messages, Relaxed);

@@ -14,7 +14,7 @@ use super::loader::EBPF_OBJECT;
 /// The oldest long-term kernel with every hook the programs use: cgroup/sock_release (5.9),
 /// getpeername hooks (5.8), cgroup links (5.7).
 pub const MIN_KERNEL: (u32, u32) = (5, 10);
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
@@ -103,7 +103,7 @@ pub fn preflight(loc: &Locations) -> Result<()> {
     )
 }
 
-fn kernel_release() -> Result<(u32, u32, String)> {
+pub(crate) fn kernel_release() -> Result<(u32, u32, String)> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("cannot read /proc/sys/kernel/osrelease")?;
     let release = release.trim().to_owned();
@@ -141,7 +141,7 @@ fn ensure_bpffs(pin_path: &Path) -> Result<()> {
     )
 }
 
-fn fs_type(path: &Path) -> Result<i64> {
+pub(crate) fn fs_type(path: &Path) -> Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

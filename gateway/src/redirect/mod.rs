@@ -11,7 +11,7 @@
 
 mod agents;
 pub mod cli;
-mod kernel;
+pub(crate) mod kernel;
 mod loader;
 mod targets;
 
