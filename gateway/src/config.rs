@@ -72,6 +72,8 @@ struct File {
     target: Vec<Spanned<TargetSection>>,
     #[serde(default)]
     redirect: Option<crate::redirect::RedirectConfig>,
+    #[serde(default)]
+    recording: crate::record::RecordingConfig,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -127,6 +129,8 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// eBPF interception; off unless `[redirect] enabled = true`.
     pub redirect: crate::redirect::RedirectConfig,
+    /// Session recording (`[recording]`); on by default, under `state_dir`.
+    pub recording: crate::record::RecordingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,6 +362,7 @@ impl Config {
             listeners,
             targets,
             redirect: file.redirect.unwrap_or_default(),
+            recording: file.recording,
         })
     }
 
