@@ -14,7 +14,7 @@
 //! accumulate in `<key file>.pub` so checkpoints signed before a rotation still verify.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -123,12 +123,7 @@ impl Signer {
         };
         let mut body = vec![ALG_ED25519];
         body.extend_from_slice(&seed);
-        let text = format!(
-            "PRIVATE+KEY+{}+{}+{}\n",
-            name,
-            hex(&id),
-            B64.encode(&body)
-        );
+        let text = format!("PRIVATE+KEY+{}+{}+{}\n", name, hex(&id), B64.encode(&body));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -263,7 +258,12 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn body(&self) -> String {
-        let mut s = format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root));
+        let mut s = format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        );
         for e in &self.extensions {
             s.push_str(e);
             s.push('\n');
@@ -301,9 +301,14 @@ pub fn open_note<'a>(note: &'a str, verifiers: &[Verifier]) -> Result<&'a str, N
             .decode(sig)
             .map_err(|_| NoteError::Malformed("signature is not base64".into()))?;
         if blob.len() != 68 {
-            return Err(NoteError::Malformed("signature has the wrong length".into()));
+            return Err(NoteError::Malformed(
+                "signature has the wrong length".into(),
+            ));
         }
-        for v in verifiers.iter().filter(|v| v.name == name && v.id == blob[..4]) {
+        for v in verifiers
+            .iter()
+            .filter(|v| v.name == name && v.id == blob[..4])
+        {
             known = true;
             let sig = ed25519_dalek::Signature::from_slice(&blob[4..])
                 .map_err(|_| NoteError::BadSignature)?;
@@ -370,7 +375,10 @@ mod tests {
         let verifiers = Verifier::read_file(&pub_path(&key_file)).unwrap();
         assert_eq!(open_checkpoint(&note, &verifiers), Ok(cp.clone()));
         let forged = note.replace("\n7\n", "\n8\n");
-        assert_eq!(open_checkpoint(&forged, &verifiers), Err(NoteError::BadSignature));
+        assert_eq!(
+            open_checkpoint(&forged, &verifiers),
+            Err(NoteError::BadSignature)
+        );
         assert_eq!(open_checkpoint(&note, &[]), Err(NoteError::UnknownKey));
 
         let rotated = Signer::rotate(&key_file, "host/portcullis").unwrap();

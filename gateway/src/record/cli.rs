@@ -238,7 +238,9 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
             t.duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as i64)
         })
-        .map_err(|e| format!("{s:?} is neither a time like 2026-11-30T14:00:00Z nor an age like 2h: {e}"))
+        .map_err(|e| {
+            format!("{s:?} is neither a time like 2026-11-30T14:00:00Z nor an age like 2h: {e}")
+        })
 }
 
 fn time(us: i64) -> String {
@@ -281,10 +283,18 @@ fn render_report(r: &super::verify::Report) -> String {
         r.records, r.segments, r.bytes, r.checkpoints
     );
     if r.pruned_before > 0 {
-        let _ = writeln!(out, "pruned: records before {} (signed tombstone)", r.pruned_before);
+        let _ = writeln!(
+            out,
+            "pruned: records before {} (signed tombstone)",
+            r.pruned_before
+        );
     }
     if r.unsigned_tail > 0 {
-        let _ = writeln!(out, "{} record(s) after the last checkpoint", r.unsigned_tail);
+        let _ = writeln!(
+            out,
+            "{} record(s) after the last checkpoint",
+            r.unsigned_tail
+        );
     }
     for rec in &r.recoveries {
         let _ = writeln!(out, "recovery: {rec}");
@@ -397,7 +407,10 @@ impl Transcript {
                     let p: Vec<String> = r
                         .params
                         .iter()
-                        .map(|v| v.as_ref().map_or("NULL".into(), |_| format!("'{}'", cell(v))))
+                        .map(|v| {
+                            v.as_ref()
+                                .map_or("NULL".into(), |_| format!("'{}'", cell(v)))
+                        })
                         .collect();
                     let _ = writeln!(out, "    params: {}", p.join(", "));
                 }
@@ -433,7 +446,11 @@ impl Transcript {
                 let _ = writeln!(out, "    {}: {} ({})", n.severity, n.message, n.code);
             }
             Record::Error(n) => {
-                let _ = writeln!(out, "    {}: {} (SQLSTATE {})", n.severity, n.message, n.code);
+                let _ = writeln!(
+                    out,
+                    "    {}: {} (SQLSTATE {})",
+                    n.severity, n.message, n.code
+                );
                 if let Some(d) = &n.detail {
                     let _ = writeln!(out, "    DETAIL: {d}");
                 }
@@ -495,7 +512,11 @@ impl Transcript {
         if self.columns.is_empty() {
             return String::new();
         }
-        let cells: Vec<Vec<String>> = self.rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+        let cells: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| r.iter().map(cell).collect())
+            .collect();
         let mut widths: Vec<usize> = self.columns.iter().map(|c| c.chars().count()).collect();
         for r in &cells {
             for (w, c) in widths.iter_mut().zip(r) {
@@ -583,14 +604,30 @@ impl Ocsf {
                 if matches!(v.action, Action::Block | Action::Denied) {
                     let (at, text, verdict) = self.statements.remove(&(e.session, e.stmt))?;
                     let (id, name) = activity(&text);
-                    return Some(self.event(e.session, at, id, name, Some(&text), verdict.as_ref(), None));
+                    return Some(self.event(
+                        e.session,
+                        at,
+                        id,
+                        name,
+                        Some(&text),
+                        verdict.as_ref(),
+                        None,
+                    ));
                 }
                 None
             }
             Record::Complete(c) => {
                 let (at, text, verdict) = self.statements.remove(&(e.session, e.stmt))?;
                 let (id, name) = activity(&text);
-                Some(self.event(e.session, at, id, name, Some(&text), verdict.as_ref(), Some(c)))
+                Some(self.event(
+                    e.session,
+                    at,
+                    id,
+                    name,
+                    Some(&text),
+                    verdict.as_ref(),
+                    Some(c),
+                ))
             }
             Record::SessionEnd { .. } => {
                 self.sessions.remove(&e.session);
@@ -698,7 +735,11 @@ pub fn prune(dir: &Path, key_file: &Path, before: i64) -> anyhow::Result<(usize,
     for (i, (_, path)) in segments.iter().enumerate() {
         let seg = Segment::open(path).map_err(|(e, _)| e)?;
         let (blocks, _) = seg.blocks();
-        let newest = blocks.iter().map(|b| b.last_at_us).max().unwrap_or(seg.header.created_us);
+        let newest = blocks
+            .iter()
+            .map(|b| b.last_at_us)
+            .max()
+            .unwrap_or(seg.header.created_us);
         if i + 1 < segments.len() && newest < before && keep.is_none() {
             doomed.push((path.clone(), newest));
         } else {
@@ -716,10 +757,20 @@ pub fn prune(dir: &Path, key_file: &Path, before: i64) -> anyhow::Result<(usize,
     let signer = Signer::load_or_create(key_file, &origin)?;
     let names: Vec<String> = doomed
         .iter()
-        .map(|(p, _)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .map(|(p, _)| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     let detail = format!("before {}\nsegments {}", time(before), names.join(" "));
-    let note = signer.sign(&tombstone_body(&origin, first.first_seq, &first.frontier, &detail));
+    let note = signer.sign(&tombstone_body(
+        &origin,
+        first.first_seq,
+        &first.frontier,
+        &detail,
+    ));
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -753,7 +804,11 @@ fn load(
     let recorder = super::Recorder::start(&cfg, dir.parent().unwrap_or(dir))?;
     let handle = recorder.handle();
     let row: Row = (0..16)
-        .map(|i| Some(super::Bytes(format!("value {i} {}", "x".repeat(40)).into_bytes())))
+        .map(|i| {
+            Some(super::Bytes(
+                format!("value {i} {}", "x".repeat(40)).into_bytes(),
+            ))
+        })
         .collect();
     let mut stdout = std::io::stdout();
     for n in 0..sessions {
@@ -781,7 +836,12 @@ fn load(
             }
             let _ = s.verdict(super::Verdict::allow(None));
             let _ = s.rows(vec![row.clone(); rows]);
-            let _ = s.complete(&format!("SELECT {rows}"), 40, 4000, Duration::from_micros(100));
+            let _ = s.complete(
+                &format!("SELECT {rows}"),
+                40,
+                4000,
+                Duration::from_micros(100),
+            );
         }
         s.end("load done")?;
         if n == 0 {

@@ -123,7 +123,11 @@ impl RecordingConfig {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_default();
-            let host = if host.is_empty() { "localhost".into() } else { host };
+            let host = if host.is_empty() {
+                "localhost".into()
+            } else {
+                host
+            };
             format!("{host}/portcullis")
         })
     }
@@ -210,7 +214,11 @@ mod tests {
             key_file: Some(state.join("recordings/k")),
             ..Default::default()
         };
-        assert!(c.validate(state).unwrap_err().contains("recording.key_file"));
+        assert!(
+            c.validate(state)
+                .unwrap_err()
+                .contains("recording.key_file")
+        );
         let c = RecordingConfig {
             enabled: false,
             ..Default::default()

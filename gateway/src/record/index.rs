@@ -75,9 +75,11 @@ impl Index {
     pub fn indexed_seq(&self) -> rusqlite::Result<u64> {
         let v: Option<i64> = self
             .db
-            .query_row("SELECT value FROM meta WHERE key = 'indexed_seq'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'indexed_seq'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         Ok(v.unwrap_or(0) as u64)
     }
@@ -213,7 +215,11 @@ impl Index {
             arg(&mut sql, " AND target = ?", v.clone().into());
         }
         if let Some(v) = f.since_us {
-            arg(&mut sql, " AND coalesce(ended_us, 9223372036854775807) >= ?", v.into());
+            arg(
+                &mut sql,
+                " AND coalesce(ended_us, 9223372036854775807) >= ?",
+                v.into(),
+            );
         }
         if let Some(v) = f.until_us {
             arg(&mut sql, " AND started_us <= ?", v.into());

@@ -39,7 +39,10 @@ pub fn for_each_entry(
                 return Ok(());
             }
             let records = b.records().map_err(|d| {
-                anyhow::anyhow!("{}: {d:?}; run `portcullis recordings verify`", seg.path.display())
+                anyhow::anyhow!(
+                    "{}: {d:?}; run `portcullis recordings verify`",
+                    seg.path.display()
+                )
             })?;
             for payload in records {
                 let entry: Entry = postcard::from_bytes(&payload)

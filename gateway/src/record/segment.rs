@@ -87,7 +87,14 @@ pub fn encode_block(
     let mut out = vec![0u8; BLOCK_HEADER];
     out.reserve(raw.len() / 2);
     zstd::stream::copy_encode(raw, &mut out, level)?;
-    finish_block(&mut out, BLOCK_MAGIC, raw.len() as u32, first_seq, count, last_at_us);
+    finish_block(
+        &mut out,
+        BLOCK_MAGIC,
+        raw.len() as u32,
+        first_seq,
+        count,
+        last_at_us,
+    );
     Ok(out)
 }
 

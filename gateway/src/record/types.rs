@@ -219,7 +219,11 @@ pub enum Record {
 impl Record {
     /// Rough heap size, for the queue's byte bound.
     pub(crate) fn approx_bytes(&self) -> usize {
-        let cells = |r: &Row| r.iter().map(|c| c.as_ref().map_or(1, |b| b.0.len() + 8)).sum::<usize>();
+        let cells = |r: &Row| {
+            r.iter()
+                .map(|c| c.as_ref().map_or(1, |b| b.0.len() + 8))
+                .sum::<usize>()
+        };
         64 + match self {
             Record::Request(r) => r.text.len() + r.params.len() * 8,
             Record::Rows(rows) => rows.iter().map(cells).sum(),

@@ -97,7 +97,11 @@ fn parse_tombstone(body: &str) -> Option<Frontier> {
     let hashes = lines.next()?.strip_prefix("frontier")?;
     let subtrees = hashes
         .split_whitespace()
-        .map(|h| B64.decode(h).ok().and_then(|v| Hash::try_from(v.as_slice()).ok()))
+        .map(|h| {
+            B64.decode(h)
+                .ok()
+                .and_then(|v| Hash::try_from(v.as_slice()).ok())
+        })
         .collect::<Option<Vec<_>>>()?;
     Frontier::from_parts(first_seq, subtrees)
 }
@@ -181,7 +185,11 @@ pub fn verify(
             Err((_, Some(d))) => {
                 return Ok(Err(problem(
                     Failure::Tampered,
-                    format!("{name}: {}; first bad record: seq {}", damage(&d), tree.size()),
+                    format!(
+                        "{name}: {}; first bad record: seq {}",
+                        damage(&d),
+                        tree.size()
+                    ),
                 )));
             }
             Err((e, None)) => return Err(e).with_context(|| format!("reading {name}")),
@@ -259,7 +267,11 @@ pub fn verify(
                 Err(d) => {
                     return Ok(Err(problem(
                         Failure::Tampered,
-                        format!("{name}: {}; first bad record: seq {}", damage(&d), b.first_seq),
+                        format!(
+                            "{name}: {}; first bad record: seq {}",
+                            damage(&d),
+                            b.first_seq
+                        ),
                     )));
                 }
             };
@@ -270,7 +282,9 @@ pub fn verify(
                     _ => {
                         return Ok(Err(problem(
                             Failure::Tampered,
-                            format!("{name}: record seq {seq} is not the record that belongs there"),
+                            format!(
+                                "{name}: record seq {seq} is not the record that belongs there"
+                            ),
                         )));
                     }
                 }
@@ -291,14 +305,20 @@ pub fn verify(
                 d => {
                     return Ok(Err(problem(
                         Failure::Tampered,
-                        format!("{name}: {}; first bad record: seq {}", damage(&d), tree.size()),
+                        format!(
+                            "{name}: {}; first bad record: seq {}",
+                            damage(&d),
+                            tree.size()
+                        ),
                     )));
                 }
             }
         }
     }
     report.records = tree.size() - report.pruned_before;
-    let signed = last_checkpoint.as_ref().map_or(report.pruned_before, |c| c.size);
+    let signed = last_checkpoint
+        .as_ref()
+        .map_or(report.pruned_before, |c| c.size);
     report.unsigned_tail = tree.size() - signed;
     if let Some(cp) = external {
         report.external_checkpoint = Some(cp.size);

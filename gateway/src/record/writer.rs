@@ -148,7 +148,10 @@ impl Writer {
         w.ship = spawn_shipper(&w.cfg.ship_command);
         w.commit(true);
         if let Some(Health::Failed(e)) = w.shared.health() {
-            bail!("the recording directory {} is not writable: {e}", dir.display());
+            bail!(
+                "the recording directory {} is not writable: {e}",
+                dir.display()
+            );
         }
         Ok((w, next_session))
     }
@@ -174,10 +177,8 @@ impl Writer {
                     offset: 0,
                     bytes_dropped: bytes,
                 };
-                self.pending_notes.push(format!(
-                    "recovered {} 0 {bytes}",
-                    file_name(&path)
-                ));
+                self.pending_notes
+                    .push(format!("recovered {} 0 {bytes}", file_name(&path)));
                 r.get_or_insert(note);
                 return Ok(r);
             }
@@ -384,7 +385,8 @@ impl Writer {
             || size >= self.last_checkpoint + self.cfg.checkpoint_records
             || (size > self.last_checkpoint
                 && self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval);
-        if due && (size > self.last_checkpoint || !self.pending_notes.is_empty() || force_checkpoint)
+        if due
+            && (size > self.last_checkpoint || !self.pending_notes.is_empty() || force_checkpoint)
         {
             let cp = Checkpoint {
                 origin: self.origin.clone(),
