@@ -141,8 +141,9 @@ impl Signer {
         let rest = text
             .strip_prefix("PRIVATE+KEY+")
             .context("not a signer key (PRIVATE+KEY+name+id+key)")?;
-        let mut parts = rest.rsplitn(3, '+');
-        let (Some(key), Some(_id), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        // Names hold no '+'; the base64 key may.
+        let mut parts = rest.splitn(3, '+');
+        let (Some(name), Some(_id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("malformed signer key");
         };
         let raw = B64.decode(key).context("signer key is not base64")?;
@@ -216,8 +217,8 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn parse(line: &str) -> anyhow::Result<Verifier> {
-        let mut parts = line.trim().rsplitn(3, '+');
-        let (Some(key), Some(id), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        let mut parts = line.trim().splitn(3, '+');
+        let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("malformed verifier key {line:?}");
         };
         let raw = B64.decode(key).context("verifier key is not base64")?;

@@ -752,7 +752,7 @@ pub fn prune(dir: &Path, key_file: &Path, before: i64) -> anyhow::Result<(usize,
     let origin = std::fs::read_to_string(key_file)?
         .trim()
         .strip_prefix("PRIVATE+KEY+")
-        .and_then(|r| r.rsplitn(3, '+').nth(2).map(str::to_owned))
+        .and_then(|r| r.split('+').next().map(str::to_owned))
         .context("the signing key is malformed")?;
     let signer = Signer::load_or_create(key_file, &origin)?;
     let names: Vec<String> = doomed
