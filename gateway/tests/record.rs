@@ -219,9 +219,17 @@ fn record_everything(handle: &RecorderHandle) -> (u64, Vec<Record>) {
         truncated: None,
     }));
     // COPY in.
-    send(&mut handed, &mut s, Record::Request(query("COPY items FROM STDIN")));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("COPY items FROM STDIN")),
+    );
     send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
-    send(&mut handed, &mut s, Record::CopyData(Bytes::from("1\tbolt\n2\tnut\n")));
+    send(
+        &mut handed,
+        &mut s,
+        Record::CopyData(Bytes::from("1\tbolt\n2\tnut\n")),
+    );
     s.complete("COPY 2", 40, 20, Duration::from_micros(900))
         .unwrap();
     handed.push(Record::Complete(Complete {
@@ -233,7 +241,11 @@ fn record_everything(handle: &RecorderHandle) -> (u64, Vec<Record>) {
         truncated: None,
     }));
     // An error.
-    send(&mut handed, &mut s, Record::Request(query("SELECT * FROM missing")));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("SELECT * FROM missing")),
+    );
     send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
     send(
         &mut handed,
@@ -255,7 +267,11 @@ fn record_everything(handle: &RecorderHandle) -> (u64, Vec<Record>) {
         truncated: None,
     }));
     // A blocked statement.
-    send(&mut handed, &mut s, Record::Request(query("DROP TABLE customers")));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("DROP TABLE customers")),
+    );
     send(
         &mut handed,
         &mut s,
@@ -313,7 +329,11 @@ fn record_everything(handle: &RecorderHandle) -> (u64, Vec<Record>) {
         truncated: None,
     }));
     // A result over the target's max_response_bytes (100): recorded in part, counted in full.
-    send(&mut handed, &mut s, Record::Request(query("SELECT payload FROM big")));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("SELECT payload FROM big")),
+    );
     send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
     let big: Vec<Row> = (0..10).map(|i| vec![b(&format!("{i:040}"))]).collect();
     s.rows(big.clone()).unwrap();
@@ -562,8 +582,14 @@ fn build_log(env: &Env, sessions: usize) {
             .unwrap();
         for q in 0..3 {
             s.request(query(&format!("SELECT {i}, {q}"))).unwrap();
-            s.rows(vec![vec![b(&format!("{:0200}", i * 10 + q))]; 8])
-                .unwrap();
+            use sha2::Digest as _;
+            let rows = (0..8)
+                .map(|r| {
+                    let h = format!("{:x}", sha2::Sha256::digest(format!("{i} {q} {r}")));
+                    vec![b(&h.repeat(3))]
+                })
+                .collect();
+            s.rows(rows).unwrap();
             s.complete("SELECT 8", 1, 2, Duration::ZERO).unwrap();
             handle.flush().wait().unwrap();
         }
@@ -737,7 +763,7 @@ fn verify_names_each_kind_of_tampering_with_its_exit_code() {
     );
 
     // No public key, or the wrong one.
-    let (code, text) = base.verify(&["--pubkey", "/nonexistent/recording.key.pub"]);
+    let (code, text) = cli_verify_with(&base, Path::new("/nonexistent/recording.key.pub"));
     assert_eq!(code, 4, "{text}");
     let (code, text) = cli_verify_with(&base, &other.pubkey());
     assert_eq!(code, 2, "{text}");
