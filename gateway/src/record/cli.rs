@@ -602,39 +602,36 @@ impl Ocsf {
                 let s = self.statements.get_mut(&(e.session, e.stmt))?;
                 s.2 = Some(v.clone());
                 if matches!(v.action, Action::Block | Action::Denied) {
-                    let (at, text, verdict) = self.statements.remove(&(e.session, e.stmt))?;
-                    let (id, name) = activity(&text);
-                    return Some(self.event(
-                        e.session,
-                        at,
-                        id,
-                        name,
-                        Some(&text),
-                        verdict.as_ref(),
-                        None,
-                    ));
+                    return self.statement_event(e, None);
                 }
                 None
             }
-            Record::Complete(c) => {
-                let (at, text, verdict) = self.statements.remove(&(e.session, e.stmt))?;
-                let (id, name) = activity(&text);
-                Some(self.event(
-                    e.session,
-                    at,
-                    id,
-                    name,
-                    Some(&text),
-                    verdict.as_ref(),
-                    Some(c),
-                ))
-            }
+            Record::Complete(c) => self.statement_event(e, Some(c)),
             Record::SessionEnd { .. } => {
                 self.sessions.remove(&e.session);
                 None
             }
             _ => None,
         }
+    }
+
+    /// The event of a statement that is over: blocked, or complete.
+    fn statement_event(
+        &mut self,
+        e: &Entry,
+        complete: Option<&super::Complete>,
+    ) -> Option<serde_json::Value> {
+        let (at, text, verdict) = self.statements.remove(&(e.session, e.stmt))?;
+        let (id, name) = activity(&text);
+        Some(self.event(
+            e.session,
+            at,
+            id,
+            name,
+            Some(&text),
+            verdict.as_ref(),
+            complete,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
