@@ -74,6 +74,7 @@ struct File {
     redirect: Option<crate::redirect::RedirectConfig>,
     #[serde(default)]
     metrics: crate::service::MetricsConfig,
+    recording: crate::record::RecordingConfig,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -133,6 +134,8 @@ pub struct Config {
     pub redirect: crate::redirect::RedirectConfig,
     /// Prometheus endpoint; off unless `[metrics] listen` is set.
     pub metrics: crate::service::MetricsConfig,
+    /// Session recording (`[recording]`); on by default, under `state_dir`.
+    pub recording: crate::record::RecordingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,6 +379,7 @@ impl Config {
             targets,
             redirect: file.redirect.unwrap_or_default(),
             metrics: file.metrics,
+            recording: file.recording,
         })
     }
 

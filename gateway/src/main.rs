@@ -83,6 +83,8 @@ enum Command {
     Run(portcullis::redirect::cli::RunArgs),
     /// List agents with their connections, or place a cgroup under interception (`attach`).
     Agents(portcullis::redirect::cli::AgentsArgs),
+    /// Recorded sessions: list, show, replay, verify, export, prune.
+    Recordings(portcullis::record::cli::RecordingsArgs),
     /// Remove every pinned eBPF map and link: interception stops.
     Uninstall(portcullis::redirect::cli::UninstallArgs),
     /// Check what this host offers against what the configuration needs, with a fix for each gap.
@@ -167,6 +169,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Uninstall(args) => portcullis::redirect::cli::uninstall(args),
+        Command::Recordings(args) => portcullis::record::cli::run(args),
         Command::Doctor { config, json } => {
             let args = portcullis::config::ServeArgs {
                 config,

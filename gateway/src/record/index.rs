@@ -1,0 +1,295 @@
+//! The SQLite index: sessions and statements, with FTS5 over statement text. It is derived from
+//! the segments: `indexed_seq` says how far it got, and the recorder catches up at start.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use super::types::{Entry, Record};
+
+pub const INDEX_FILE: &str = "index.sqlite";
+
+pub struct Index {
+    db: Connection,
+}
+
+/// One row of `portcullis recordings list`.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: u64,
+    pub started_us: i64,
+    pub ended_us: Option<i64>,
+    pub agent: Option<String>,
+    pub subject: Option<String>,
+    pub target: String,
+    pub database: String,
+    pub upstream_user: String,
+    pub end_reason: Option<String>,
+    pub statements: u64,
+    pub blocked: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// The filters of `recordings list`; `None` matches everything.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub agent: Option<String>,
+    pub subject: Option<String>,
+    pub target: Option<String>,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+    pub verdict: Option<String>,
+    pub rule: Option<String>,
+    pub grep: Option<String>,
+}
+
+impl Index {
+    pub fn open(dir: &Path) -> rusqlite::Result<Index> {
+        let db = Connection::open(dir.join(INDEX_FILE))?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL with NORMAL sync: a crash may lose the last batches, which the catch-up redoes.
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS sessions(
+                 id INTEGER PRIMARY KEY, started_us INTEGER NOT NULL, ended_us INTEGER,
+                 agent TEXT, subject TEXT, target TEXT NOT NULL, database TEXT NOT NULL,
+                 upstream_user TEXT NOT NULL, end_reason TEXT,
+                 statements INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0,
+                 first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS statements(
+                 session INTEGER NOT NULL, stmt INTEGER NOT NULL, at_us INTEGER NOT NULL,
+                 kind TEXT NOT NULL, text TEXT NOT NULL, verdict TEXT, rule TEXT, approver TEXT,
+                 seq INTEGER NOT NULL, PRIMARY KEY(session, stmt));
+             CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_us);
+             CREATE VIRTUAL TABLE IF NOT EXISTS statements_fts
+                 USING fts5(text, session UNINDEXED, stmt UNINDEXED);",
+        )?;
+        Ok(Index { db })
+    }
+
+    /// Records up to (not including) this seq are indexed.
+    pub fn indexed_seq(&self) -> rusqlite::Result<u64> {
+        let v: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'indexed_seq'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    pub fn max_session(&self) -> rusqlite::Result<u64> {
+        let v: Option<i64> = self
+            .db
+            .query_row("SELECT max(id) FROM sessions", [], |r| r.get(0))?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// Adds a batch of entries in one transaction. `entries` may skip records the index does not
+    /// need (rows, COPY data); `last_seq` maps every session in the batch to its newest seq and
+    /// `next_seq` is the first seq after the batch.
+    pub fn apply(
+        &mut self,
+        entries: &[Entry],
+        last_seq: &HashMap<u64, u64>,
+        next_seq: u64,
+    ) -> rusqlite::Result<()> {
+        let tx = self.db.transaction()?;
+        for e in entries {
+            match &e.record {
+                Record::SessionStart(s) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO sessions(id, started_us, agent, subject, target,
+                             database, upstream_user, first_seq, last_seq)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                        params![
+                            e.session as i64,
+                            e.at_us,
+                            s.agent,
+                            s.subject,
+                            s.target,
+                            s.database,
+                            s.upstream_user,
+                            e.seq as i64
+                        ],
+                    )?;
+                }
+                Record::Request(r) => {
+                    let kind = serde_json::to_value(r.kind).unwrap_or_default();
+                    tx.execute(
+                        "INSERT OR REPLACE INTO statements(session, stmt, at_us, kind, text, seq)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            e.session as i64,
+                            e.stmt,
+                            e.at_us,
+                            kind.as_str().unwrap_or(""),
+                            r.text,
+                            e.seq as i64
+                        ],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO statements_fts(text, session, stmt) VALUES (?1, ?2, ?3)",
+                        params![r.text, e.session as i64, e.stmt],
+                    )?;
+                    tx.execute(
+                        "UPDATE sessions SET statements = statements + 1 WHERE id = ?1",
+                        params![e.session as i64],
+                    )?;
+                }
+                Record::Verdict(v) => {
+                    tx.execute(
+                        "UPDATE statements SET verdict = ?3, rule = coalesce(?4, rule),
+                             approver = coalesce(?5, approver)
+                         WHERE session = ?1 AND stmt = ?2",
+                        params![
+                            e.session as i64,
+                            e.stmt,
+                            v.action.as_str(),
+                            v.rule,
+                            v.approver
+                        ],
+                    )?;
+                    if matches!(
+                        v.action,
+                        super::types::Action::Block | super::types::Action::Denied
+                    ) {
+                        tx.execute(
+                            "UPDATE sessions SET blocked = blocked + 1 WHERE id = ?1",
+                            params![e.session as i64],
+                        )?;
+                    }
+                }
+                Record::SessionEnd { reason } => {
+                    tx.execute(
+                        "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
+                        params![e.session as i64, e.at_us, reason],
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        for (session, seq) in last_seq {
+            tx.execute(
+                "UPDATE sessions SET last_seq = max(last_seq, ?2) WHERE id = ?1",
+                params![*session as i64, *seq as i64],
+            )?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)",
+            params![next_seq as i64],
+        )?;
+        tx.commit()
+    }
+
+    pub fn session(&self, id: u64) -> rusqlite::Result<Option<SessionRow>> {
+        self.db
+            .query_row(
+                &format!("{SELECT_SESSIONS} WHERE id = ?1"),
+                params![id as i64],
+                session_row,
+            )
+            .optional()
+    }
+
+    pub fn list(&self, f: &Filter) -> rusqlite::Result<Vec<SessionRow>> {
+        let mut sql = format!("{SELECT_SESSIONS} WHERE 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(v) = &f.agent {
+            arg(&mut sql, " AND agent = ?", v.clone().into());
+        }
+        if let Some(v) = &f.subject {
+            arg(&mut sql, " AND subject = ?", v.clone().into());
+        }
+        if let Some(v) = &f.target {
+            arg(&mut sql, " AND target = ?", v.clone().into());
+        }
+        if let Some(v) = f.since_us {
+            arg(
+                &mut sql,
+                " AND coalesce(ended_us, 9223372036854775807) >= ?",
+                v.into(),
+            );
+        }
+        if let Some(v) = f.until_us {
+            arg(&mut sql, " AND started_us <= ?", v.into());
+        }
+        if let Some(v) = &f.verdict {
+            arg(
+                &mut sql,
+                " AND id IN (SELECT session FROM statements WHERE verdict = ?)",
+                v.clone().into(),
+            );
+        }
+        if let Some(v) = &f.rule {
+            arg(
+                &mut sql,
+                " AND id IN (SELECT session FROM statements WHERE rule = ?)",
+                v.clone().into(),
+            );
+        }
+        if let Some(v) = &f.grep {
+            // A phrase query: the operator's text is matched, never parsed as FTS syntax.
+            let phrase = format!("\"{}\"", v.replace('"', "\"\""));
+            arg(
+                &mut sql,
+                " AND id IN (SELECT session FROM statements_fts WHERE statements_fts MATCH ?)",
+                phrase.into(),
+            );
+        }
+        sql.push_str(" ORDER BY id");
+        let mut stmt = self.db.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), session_row)?;
+        rows.collect()
+    }
+
+    /// Drops sessions that ended before a time (after `prune` removed their segments).
+    pub fn forget_before(&mut self, before_seq: u64) -> rusqlite::Result<usize> {
+        let tx = self.db.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM sessions WHERE last_seq < ?1",
+            params![before_seq as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM statements WHERE session NOT IN (SELECT id FROM sessions)",
+            [],
+        )?;
+        tx.execute(
+            "DELETE FROM statements_fts WHERE session NOT IN (SELECT id FROM sessions)",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+}
+
+const SELECT_SESSIONS: &str = "SELECT id, started_us, ended_us, agent, subject, target, database,
+    upstream_user, end_reason, statements, blocked, first_seq, last_seq FROM sessions";
+
+fn session_row(r: &rusqlite::Row) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id: r.get::<_, i64>(0)? as u64,
+        started_us: r.get(1)?,
+        ended_us: r.get(2)?,
+        agent: r.get(3)?,
+        subject: r.get(4)?,
+        target: r.get(5)?,
+        database: r.get(6)?,
+        upstream_user: r.get(7)?,
+        end_reason: r.get(8)?,
+        statements: r.get::<_, i64>(9)? as u64,
+        blocked: r.get::<_, i64>(10)? as u64,
+        first_seq: r.get::<_, i64>(11)? as u64,
+        last_seq: r.get::<_, i64>(12)? as u64,
+    })
+}

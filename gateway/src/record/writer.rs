@@ -1,0 +1,621 @@
+//! The recorder thread: encodes entries, group-commits them as zstd blocks, signs checkpoints,
+//! keeps the index, and rolls to a new segment whenever a write or sync fails (a failed fsync
+//! leaves the page cache in an unknown state, so that file is never synced again).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_channel::oneshot;
+
+use super::checkpoint::{Checkpoint, Signer};
+use super::config::RecordingConfig;
+use super::index::Index;
+use super::merkle::Frontier;
+use super::segment::{
+    Damage, Segment, SegmentHeader, encode_block, encode_checkpoint, encode_header, frame_record,
+    list_segments, segment_path,
+};
+use super::types::{Entry, Record};
+use super::{Health, RecordError, Shared, now_us};
+
+pub(super) enum Msg {
+    Entry {
+        entry: Entry,
+        bytes: usize,
+        durable: Option<oneshot::Sender<Result<(), RecordError>>>,
+    },
+    /// Commit what is queued, then answer.
+    Flush(oneshot::Sender<Result<(), RecordError>>),
+    /// Commit, sign a last checkpoint and stop.
+    Shutdown,
+}
+
+/// A block encoded and waiting to reach the disk.
+struct Sealed {
+    bytes: Vec<u8>,
+    /// Tree state after this block (data blocks only).
+    after: Option<Frontier>,
+    checkpoint: Option<String>,
+    waiters: Vec<oneshot::Sender<Result<(), RecordError>>>,
+    index: Vec<Entry>,
+    last_seq: HashMap<u64, u64>,
+}
+
+struct Open {
+    path: PathBuf,
+    file: File,
+    /// Where the header ends.
+    data_start: u64,
+    len: u64,
+    opened: Instant,
+}
+
+pub(super) struct Writer {
+    dir: PathBuf,
+    cfg: RecordingConfig,
+    origin: String,
+    signer: Signer,
+    shared: Arc<Shared>,
+    seg: Option<Open>,
+    next_segment: u32,
+    /// Tree over every record encoded so far.
+    frontier: Frontier,
+    /// Tree over every record on disk.
+    durable: Frontier,
+    last_checkpoint: u64,
+    last_checkpoint_at: Instant,
+    /// Extension lines for the next checkpoint (recovery notes); forces one.
+    pending_notes: Vec<String>,
+    session_ended: bool,
+    raw: Vec<u8>,
+    raw_first_seq: u64,
+    raw_count: u32,
+    raw_last_at: i64,
+    raw_since: Option<Instant>,
+    waiters: Vec<oneshot::Sender<Result<(), RecordError>>>,
+    index_entries: Vec<Entry>,
+    index_last_seq: HashMap<u64, u64>,
+    unwritten: VecDeque<Sealed>,
+    flushes: Vec<oneshot::Sender<Result<(), RecordError>>>,
+    index: Option<Index>,
+    ship: Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)>,
+    encoded: Vec<u8>,
+}
+
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Writer {
+    /// Opens the directory: recovers a torn tail, catches the index up, and returns the writer
+    /// with the next session id. Runs on the caller's thread, before any session exists.
+    pub(super) fn open(
+        dir: &Path,
+        key_file: &Path,
+        cfg: &RecordingConfig,
+        shared: Arc<Shared>,
+    ) -> anyhow::Result<(Writer, u64)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let origin = cfg.origin();
+        let signer = Signer::load_or_create(key_file, &origin)?;
+        let mut w = Writer {
+            dir: dir.to_owned(),
+            cfg: cfg.clone(),
+            origin,
+            signer,
+            shared,
+            seg: None,
+            next_segment: 1,
+            frontier: Frontier::default(),
+            durable: Frontier::default(),
+            last_checkpoint: 0,
+            last_checkpoint_at: Instant::now(),
+            pending_notes: Vec::new(),
+            session_ended: false,
+            raw: Vec::new(),
+            raw_first_seq: 0,
+            raw_count: 0,
+            raw_last_at: 0,
+            raw_since: None,
+            waiters: Vec::new(),
+            index_entries: Vec::new(),
+            index_last_seq: HashMap::new(),
+            unwritten: VecDeque::new(),
+            flushes: Vec::new(),
+            index: None,
+            ship: None,
+            encoded: Vec::new(),
+        };
+        let recovered = w.recover()?;
+        let mut index = Index::open(dir).context("opening the recording index")?;
+        let next_session = catch_up(dir, &mut index, w.frontier.size())? + 1;
+        w.index = Some(index);
+        if let Some(r) = recovered {
+            w.push(Entry {
+                seq: 0,
+                at_us: now_us(),
+                session: 0,
+                stmt: 0,
+                record: r,
+            });
+        }
+        w.ship = spawn_shipper(&w.cfg.ship_command);
+        w.commit(true);
+        if let Some(Health::Failed(e)) = w.shared.health() {
+            bail!(
+                "the recording directory {} is not writable: {e}",
+                dir.display()
+            );
+        }
+        Ok((w, next_session))
+    }
+
+    /// Finds where the log ends. A torn tail of the newest segment is cut off; anything else
+    /// damaged there stops the start, so nothing is written after a tampered record.
+    fn recover(&mut self) -> anyhow::Result<Option<Record>> {
+        let segments = list_segments(&self.dir)?;
+        let Some((number, path)) = segments.last().cloned() else {
+            return Ok(None);
+        };
+        self.next_segment = number + 1;
+        let seg = match Segment::open(&path) {
+            Ok(s) => s,
+            Err((_, Some(_))) if std::fs::metadata(&path)?.len() < 4096 => {
+                // A segment whose header never reached the disk: start over from the one before.
+                let bytes = std::fs::metadata(&path)?.len();
+                std::fs::remove_file(&path)?;
+                let mut r = self.recover()?;
+                self.next_segment = number + 1;
+                let note = Record::Recovery {
+                    segment: file_name(&path),
+                    offset: 0,
+                    bytes_dropped: bytes,
+                };
+                self.pending_notes
+                    .push(format!("recovered {} 0 {bytes}", file_name(&path)));
+                r.get_or_insert(note);
+                return Ok(r);
+            }
+            Err((e, _)) => {
+                return Err(e).with_context(|| format!("opening {}", path.display()));
+            }
+        };
+        let mut frontier = Frontier::from_parts(seg.header.first_seq, seg.header.frontier.clone())
+            .with_context(|| format!("{}: bad frontier in its header", path.display()))?;
+        let (blocks, damage) = seg.blocks();
+        let mut last_checkpoint = None;
+        let mut end = seg.data_start;
+        for b in &blocks {
+            if b.is_checkpoint {
+                last_checkpoint = Some(b.first_seq);
+            } else {
+                let records = b.records().map_err(|d| {
+                    anyhow::anyhow!(
+                        "{}: {d:?}; refusing to append after damage (run `portcullis recordings \
+                         verify`)",
+                        path.display()
+                    )
+                })?;
+                for r in &records {
+                    frontier.push_leaf(r);
+                }
+            }
+            end = b.end();
+        }
+        if let Some(cp) = last_checkpoint {
+            self.last_checkpoint = cp;
+        }
+        self.frontier = frontier.clone();
+        self.durable = frontier;
+        match damage {
+            None => Ok(None),
+            Some(Damage::Corrupt { offset, what }) => bail!(
+                "{} is damaged at offset {offset}: {what}; refusing to append after it (run \
+                 `portcullis recordings verify`)",
+                path.display()
+            ),
+            Some(Damage::Torn { offset }) => {
+                let dropped = seg.len() - offset;
+                debug_assert_eq!(offset, end);
+                let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                f.set_len(offset)?;
+                f.sync_all()?;
+                let name = file_name(&path);
+                tracing::warn!(
+                    segment = %name, offset, bytes_dropped = dropped,
+                    "recording: cut a torn tail left by a crash"
+                );
+                self.pending_notes
+                    .push(format!("recovered {name} {offset} {dropped}"));
+                Ok(Some(Record::Recovery {
+                    segment: name,
+                    offset,
+                    bytes_dropped: dropped,
+                }))
+            }
+        }
+    }
+
+    pub(super) fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let wait = match (self.raw_since, self.shared.health()) {
+                (_, Some(Health::Failed(_))) => RETRY_INTERVAL,
+                (Some(since), _) => self.cfg.commit_interval.saturating_sub(since.elapsed()),
+                (None, _) => self
+                    .cfg
+                    .checkpoint_interval
+                    .saturating_sub(self.last_checkpoint_at.elapsed())
+                    .max(Duration::from_millis(10)),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    let mut stop = self.handle(msg);
+                    // Take what else is queued, up to a batch, before committing.
+                    while !stop && self.raw.len() < self.cfg.commit_bytes {
+                        match rx.try_recv() {
+                            Ok(msg) => stop = self.handle(msg),
+                            Err(_) => break,
+                        }
+                    }
+                    if stop {
+                        self.commit(true);
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.commit(true);
+                    break;
+                }
+            }
+            let due = self.raw.len() >= self.cfg.commit_bytes
+                || !self.flushes.is_empty()
+                || self
+                    .raw_since
+                    .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+                || matches!(self.shared.health(), Some(Health::Failed(_)))
+                || (self.frontier.size() > self.last_checkpoint
+                    && self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval);
+            if due {
+                self.commit(false);
+            }
+        }
+        // The last checkpoints leave the host before the recorder is done.
+        if let Some((tx, thread)) = self.ship.take() {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+
+    /// Takes one message; true on `Shutdown`.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Entry {
+                entry,
+                bytes,
+                durable,
+            } => {
+                self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
+                if let Some(tx) = durable {
+                    self.waiters.push(tx);
+                }
+                self.push(entry);
+            }
+            Msg::Flush(tx) => self.flushes.push(tx),
+            Msg::Shutdown => return true,
+        }
+        false
+    }
+
+    fn push(&mut self, mut entry: Entry) {
+        entry.seq = self.frontier.size();
+        self.encoded.clear();
+        let payload = match postcard::to_extend(&entry, std::mem::take(&mut self.encoded)) {
+            Ok(p) => p,
+            Err(e) => {
+                // Only a bug gets here; the entry is dropped loudly rather than half-written.
+                tracing::error!("recording: an entry does not encode: {e}");
+                return;
+            }
+        };
+        self.frontier.push_leaf(&payload);
+        frame_record(&mut self.raw, &payload);
+        self.encoded = payload;
+        if self.raw_count == 0 {
+            self.raw_first_seq = entry.seq;
+            self.raw_since = Some(Instant::now());
+        }
+        self.raw_count += 1;
+        self.raw_last_at = entry.at_us;
+        self.shared.status.records.fetch_add(1, Relaxed);
+        self.index_last_seq.insert(entry.session, entry.seq);
+        match &entry.record {
+            Record::SessionEnd { .. } => {
+                self.session_ended = true;
+                self.index_entries.push(entry);
+            }
+            Record::SessionStart(_) | Record::Request(_) | Record::Verdict(_) => {
+                self.index_entries.push(entry)
+            }
+            _ => {}
+        }
+    }
+
+    /// Seals what is pending (and a checkpoint when one is due) and writes it all.
+    fn commit(&mut self, force_checkpoint: bool) {
+        if self.raw_count > 0 {
+            let level = self.cfg.zstd_level;
+            match encode_block(
+                &self.raw,
+                self.raw_first_seq,
+                self.raw_count,
+                self.raw_last_at,
+                level,
+            ) {
+                Ok(bytes) => {
+                    self.shared
+                        .status
+                        .bytes_recorded
+                        .fetch_add(self.raw.len() as u64, Relaxed);
+                    self.unwritten.push_back(Sealed {
+                        bytes,
+                        after: Some(self.frontier.clone()),
+                        checkpoint: None,
+                        waiters: std::mem::take(&mut self.waiters),
+                        index: std::mem::take(&mut self.index_entries),
+                        last_seq: std::mem::take(&mut self.index_last_seq),
+                    });
+                }
+                Err(e) => tracing::error!("recording: zstd failed: {e}"),
+            }
+            self.raw.clear();
+            self.raw_count = 0;
+            self.raw_since = None;
+        }
+        let size = self.frontier.size();
+        let due = force_checkpoint
+            || !self.pending_notes.is_empty()
+            || self.session_ended
+            || size >= self.last_checkpoint + self.cfg.checkpoint_records
+            || (size > self.last_checkpoint
+                && self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval);
+        if due
+            && (size > self.last_checkpoint || !self.pending_notes.is_empty() || force_checkpoint)
+        {
+            let cp = Checkpoint {
+                origin: self.origin.clone(),
+                size,
+                root: self.frontier.root(),
+                extensions: std::mem::take(&mut self.pending_notes),
+            };
+            let note = self.signer.sign(&cp.body());
+            self.unwritten.push_back(Sealed {
+                bytes: encode_checkpoint(&note, size, now_us()),
+                after: None,
+                checkpoint: Some(note),
+                waiters: Vec::new(),
+                index: Vec::new(),
+                last_seq: HashMap::new(),
+            });
+            self.last_checkpoint = size;
+            self.last_checkpoint_at = Instant::now();
+            self.session_ended = false;
+        }
+        self.write_out();
+    }
+
+    /// Appends every sealed block and syncs once. On failure the blocks stay queued for a new
+    /// segment, waiting callers hear of it, and the recorder refuses new work until a retry works.
+    fn write_out(&mut self) {
+        if self.unwritten.is_empty() {
+            let flushes = std::mem::take(&mut self.flushes);
+            for f in flushes {
+                let _ = f.send(self.shared.health_result());
+            }
+            return;
+        }
+        match self.try_write() {
+            Ok(()) => {
+                let mut notes = Vec::new();
+                let mut entries = Vec::new();
+                let mut last_seq = HashMap::new();
+                for s in self.unwritten.drain(..) {
+                    if let Some(after) = s.after {
+                        self.durable = after;
+                    }
+                    for w in s.waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                    notes.extend(s.checkpoint);
+                    entries.extend(s.index);
+                    last_seq.extend(s.last_seq);
+                }
+                if self.shared.set_health(None) {
+                    tracing::info!("recording: writes succeed again");
+                }
+                for note in notes {
+                    self.shared.status.checkpoints.fetch_add(1, Relaxed);
+                    tracing::info!(target: "portcullis::record::checkpoint", checkpoint = %note, "recording checkpoint");
+                    if let Some((tx, _)) = &self.ship {
+                        let _ = tx.send(note);
+                    }
+                }
+                self.index_batch(&entries, &last_seq);
+                for f in std::mem::take(&mut self.flushes) {
+                    let _ = f.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let err = if e.raw_os_error() == Some(libc::ENOSPC)
+                    || e.raw_os_error() == Some(libc::EDQUOT)
+                {
+                    RecordError::DiskFull(e.to_string())
+                } else {
+                    RecordError::Io(e.to_string())
+                };
+                self.shared.status.write_failures.fetch_add(1, Relaxed);
+                if self.shared.set_health(Some(err.clone())) {
+                    tracing::error!("recording: {err}; refusing new statements");
+                }
+                for s in &mut self.unwritten {
+                    for w in s.waiters.drain(..) {
+                        let _ = w.send(Err(err.clone()));
+                    }
+                }
+                for f in std::mem::take(&mut self.flushes) {
+                    let _ = f.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn try_write(&mut self) -> std::io::Result<()> {
+        let total: u64 = self.unwritten.iter().map(|s| s.bytes.len() as u64).sum();
+        let roll = self.seg.as_ref().is_some_and(|s| {
+            s.len + total > self.cfg.segment_bytes || s.opened.elapsed() >= self.cfg.segment_max_age
+        });
+        if roll {
+            self.seg = None;
+        }
+        if self.seg.is_none() {
+            self.seg = Some(self.new_segment()?);
+        }
+        let seg = self.seg.as_mut().expect("opened above");
+        let start = seg.len;
+        let mut result = Ok(());
+        for s in &self.unwritten {
+            result = seg.file.write_all_at(&s.bytes, seg.len);
+            if result.is_err() {
+                break;
+            }
+            seg.len += s.bytes.len() as u64;
+        }
+        let result = result.and_then(|()| seg.file.sync_data());
+        if result.is_err() {
+            // Cut what may have landed and never touch this file again; a segment left with
+            // nothing but its header is removed rather than left behind at every retry.
+            let _ = seg.file.set_len(start);
+            if start == seg.data_start {
+                let _ = std::fs::remove_file(&seg.path);
+            }
+            self.seg = None;
+        } else {
+            self.shared.status.bytes_written.fetch_add(total, Relaxed);
+        }
+        result
+    }
+
+    fn new_segment(&mut self) -> std::io::Result<Open> {
+        let number = self.next_segment;
+        self.next_segment += 1;
+        let path = segment_path(&self.dir, number);
+        let header = encode_header(&SegmentHeader {
+            number,
+            first_seq: self.durable.size(),
+            created_us: now_us(),
+            frontier: self.durable.subtrees().to_vec(),
+        });
+        let mut file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let made = file
+            .write_all(&header)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| File::open(&self.dir)?.sync_all());
+        if let Err(e) = made {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.shared.status.segments.fetch_add(1, Relaxed);
+        Ok(Open {
+            path,
+            file,
+            data_start: header.len() as u64,
+            len: header.len() as u64,
+            opened: Instant::now(),
+        })
+    }
+
+    fn index_batch(&mut self, entries: &[Entry], last_seq: &HashMap<u64, u64>) {
+        let Some(index) = &mut self.index else { return };
+        if let Err(e) = index.apply(entries, last_seq, self.durable.size()) {
+            // The index is derived data: the next start rebuilds what is missing.
+            self.shared.status.index_failures.fetch_add(1, Relaxed);
+            tracing::warn!("recording index: {e}");
+        }
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Indexes records the index has not seen; returns the largest session id.
+fn catch_up(dir: &Path, index: &mut Index, size: u64) -> anyhow::Result<u64> {
+    let from = index.indexed_seq()?;
+    if from < size {
+        let mut entries = Vec::new();
+        let mut last_seq = HashMap::new();
+        let mut max_session = 0;
+        super::read::for_each_entry(dir, from, size, |e| {
+            last_seq.insert(e.session, e.seq);
+            max_session = max_session.max(e.session);
+            if matches!(
+                e.record,
+                Record::SessionStart(_)
+                    | Record::Request(_)
+                    | Record::Verdict(_)
+                    | Record::SessionEnd { .. }
+            ) {
+                entries.push(e);
+            }
+            Ok(true)
+        })?;
+        index.apply(&entries, &last_seq, size)?;
+        return Ok(index.max_session()?.max(max_session));
+    }
+    Ok(index.max_session()?)
+}
+
+/// Pipes each checkpoint to the configured command, off the recorder thread.
+fn spawn_shipper(
+    argv: &[String],
+) -> Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)> {
+    let (program, args) = argv.split_first()?;
+    let (program, args) = (program.clone(), args.to_vec());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let thread = std::thread::Builder::new()
+        .name("recorder-ship".into())
+        .spawn(move || {
+            for note in rx {
+                let run = std::process::Command::new(&program)
+                    .args(&args)
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .and_then(|mut child| {
+                        if let Some(mut stdin) = child.stdin.take() {
+                            stdin.write_all(note.as_bytes())?;
+                        }
+                        child.wait()
+                    });
+                match run {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => tracing::warn!("recording: checkpoint ship command exited {s}"),
+                    Err(e) => tracing::warn!("recording: checkpoint ship command: {e}"),
+                }
+            }
+        })
+        .ok()?;
+    Some((tx, thread))
+}

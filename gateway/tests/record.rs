@@ -1,0 +1,1079 @@
+//! Session recording against real files and real processes: round trip through the CLI,
+//! tampering caught with the right exit code, SIGKILL mid-write, a full filesystem, and no
+//! secret in the recording directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis::record::segment::{self, Segment, list_segments};
+use portcullis::record::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    state: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().to_owned();
+        Env { _tmp: tmp, state }
+    }
+    fn dir(&self) -> PathBuf {
+        self.state.join("recordings")
+    }
+    fn key(&self) -> PathBuf {
+        self.state.join("keys/recording.key")
+    }
+    fn pubkey(&self) -> PathBuf {
+        self.state.join("keys/recording.key.pub")
+    }
+    fn config(&self) -> RecordingConfig {
+        RecordingConfig {
+            origin: Some("test/portcullis".into()),
+            commit_interval: Duration::from_millis(2),
+            ..Default::default()
+        }
+    }
+    fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.dir(), args)
+    }
+    fn verify(&self, extra: &[&str]) -> (i32, String) {
+        let pubkey = self.pubkey();
+        let mut args = vec!["verify", "--pubkey", pubkey.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("recordings")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run portcullis")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn b(s: &str) -> Option<Bytes> {
+    Some(Bytes::from(s))
+}
+
+fn query(text: &str) -> Request {
+    Request {
+        kind: RequestKind::Query,
+        statement: None,
+        text: text.into(),
+        params: vec![],
+    }
+}
+
+/// A session with every kind of record; returns its id and what was handed in, in order.
+fn record_everything(handle: &RecorderHandle) -> (u64, Vec<Record>) {
+    let start = SessionStart {
+        agent: Some("claude".into()),
+        pid: Some(4242),
+        exe: Some("/usr/bin/python3".into()),
+        cgroup: Some("/portcullis-agents/claude".into()),
+        subject: Some("alice@example.com".into()),
+        groups: vec!["analysts".into()],
+        actor: Some("planner".into()),
+        token_sha256: Some(
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        ),
+        client_addr: Some("127.0.0.1:50000".into()),
+        target: "local".into(),
+        database: "shop".into(),
+        upstream_user: "app".into(),
+    };
+    let mut handed = vec![Record::SessionStart(start.clone())];
+    let mut s = handle.begin(start).unwrap();
+    let send = |handed: &mut Vec<Record>, s: &mut SessionRecorder, r: Record| {
+        handed.push(r.clone());
+        match r {
+            Record::Request(q) => s.request(q).unwrap().wait().unwrap(),
+            Record::Verdict(v) => s.verdict(v).unwrap(),
+            Record::Columns(c) => s.columns(c).unwrap(),
+            Record::Rows(r) => s.rows(r).unwrap(),
+            Record::CopyData(d) => s.copy_data(d).unwrap(),
+            Record::Notice(n) => s.notice(n).unwrap(),
+            Record::Error(n) => s.error(n).unwrap(),
+            Record::Notification {
+                pid,
+                channel,
+                payload,
+            } => s.notification(pid, channel, payload).unwrap(),
+            other => panic!("not sent this way: {other:?}"),
+        }
+    };
+    // Simple query with masked values, a NULL, unicode and a binary value.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("SELECT id, email, note, raw FROM customers")),
+    );
+    send(
+        &mut handed,
+        &mut s,
+        Record::Verdict(Verdict::allow(Some("default/read".into()))),
+    );
+    send(
+        &mut handed,
+        &mut s,
+        Record::Columns(vec![
+            Column {
+                name: "id".into(),
+                type_oid: 23,
+                format: 0,
+            },
+            Column {
+                name: "email".into(),
+                type_oid: 25,
+                format: 0,
+            },
+            Column {
+                name: "note".into(),
+                type_oid: 25,
+                format: 0,
+            },
+            Column {
+                name: "raw".into(),
+                type_oid: 17,
+                format: 1,
+            },
+        ]),
+    );
+    send(
+        &mut handed,
+        &mut s,
+        Record::Rows(vec![
+            vec![
+                b("1"),
+                b("a***@example.com"),
+                b("héllo | wörld"),
+                Some(Bytes(vec![0, 159, 255])),
+            ],
+            vec![b("2"), b("b***@example.com"), None, Some(Bytes(vec![]))],
+        ]),
+    );
+    s.complete("SELECT 2", 48, 212, Duration::from_micros(1500))
+        .unwrap();
+    handed.push(Record::Complete(Complete {
+        tag: "SELECT 2".into(),
+        rows: 2,
+        bytes_in: 48,
+        bytes_out: 212,
+        latency_us: 1500,
+        truncated: None,
+    }));
+    // Extended protocol with a parameter.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(Request {
+            kind: RequestKind::Execute,
+            statement: Some("s1".into()),
+            text: "UPDATE orders SET state = $1 WHERE id = 7".into(),
+            params: vec![b("shipped")],
+        }),
+    );
+    send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Notice(Notice {
+            severity: "NOTICE".into(),
+            code: "00000".into(),
+            message: "trigger fired".into(),
+            detail: None,
+        }),
+    );
+    s.complete("UPDATE 1", 60, 30, Duration::from_micros(800))
+        .unwrap();
+    handed.push(Record::Complete(Complete {
+        tag: "UPDATE 1".into(),
+        rows: 0,
+        bytes_in: 60,
+        bytes_out: 30,
+        latency_us: 800,
+        truncated: None,
+    }));
+    // COPY in.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("COPY items FROM STDIN")),
+    );
+    send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
+    send(
+        &mut handed,
+        &mut s,
+        Record::CopyData(Bytes::from("1\tbolt\n2\tnut\n")),
+    );
+    s.complete("COPY 2", 40, 20, Duration::from_micros(900))
+        .unwrap();
+    handed.push(Record::Complete(Complete {
+        tag: "COPY 2".into(),
+        rows: 0,
+        bytes_in: 40,
+        bytes_out: 20,
+        latency_us: 900,
+        truncated: None,
+    }));
+    // An error.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("SELECT * FROM missing")),
+    );
+    send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Error(Notice {
+            severity: "ERROR".into(),
+            code: "42P01".into(),
+            message: "relation \"missing\" does not exist".into(),
+            detail: None,
+        }),
+    );
+    s.complete("", 30, 90, Duration::from_micros(300)).unwrap();
+    handed.push(Record::Complete(Complete {
+        tag: "".into(),
+        rows: 0,
+        bytes_in: 30,
+        bytes_out: 90,
+        latency_us: 300,
+        truncated: None,
+    }));
+    // A blocked statement.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("DROP TABLE customers")),
+    );
+    send(
+        &mut handed,
+        &mut s,
+        Record::Verdict(Verdict {
+            action: Action::Block,
+            rule: Some("default/no-ddl".into()),
+            reason: Some("DDL is not allowed".into()),
+            approval_id: None,
+            approver: None,
+            decided_at_us: None,
+        }),
+    );
+    // Held, then approved by a human.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("DELETE FROM orders WHERE id = 7")),
+    );
+    let hold = Verdict {
+        action: Action::Hold,
+        rule: Some("default/approve-delete".into()),
+        reason: None,
+        approval_id: Some(17),
+        approver: None,
+        decided_at_us: None,
+    };
+    send(&mut handed, &mut s, Record::Verdict(hold.clone()));
+    send(
+        &mut handed,
+        &mut s,
+        Record::Verdict(Verdict {
+            action: Action::Approved,
+            approver: Some("bob@example.com".into()),
+            decided_at_us: Some(1_764_500_000_000_000),
+            ..hold
+        }),
+    );
+    send(
+        &mut handed,
+        &mut s,
+        Record::Notification {
+            pid: 99,
+            channel: "orders".into(),
+            payload: "deleted 7".into(),
+        },
+    );
+    s.complete("DELETE 1", 40, 20, Duration::from_micros(700))
+        .unwrap();
+    handed.push(Record::Complete(Complete {
+        tag: "DELETE 1".into(),
+        rows: 0,
+        bytes_in: 40,
+        bytes_out: 20,
+        latency_us: 700,
+        truncated: None,
+    }));
+    // A result over the target's max_response_bytes (100): recorded in part, counted in full.
+    send(
+        &mut handed,
+        &mut s,
+        Record::Request(query("SELECT payload FROM big")),
+    );
+    send(&mut handed, &mut s, Record::Verdict(Verdict::allow(None)));
+    let big: Vec<Row> = (0..10).map(|i| vec![b(&format!("{i:040}"))]).collect();
+    s.rows(big.clone()).unwrap();
+    handed.push(Record::Rows(big[..2].to_vec()));
+    s.complete("SELECT 10", 30, 500, Duration::from_micros(400))
+        .unwrap();
+    handed.push(Record::Complete(Complete {
+        tag: "SELECT 10".into(),
+        rows: 10,
+        bytes_in: 30,
+        bytes_out: 500,
+        latency_us: 400,
+        truncated: Some(Truncation {
+            rows_recorded: 2,
+            bytes_recorded: 80,
+        }),
+    }));
+    let id = s.id();
+    s.end("client closed").unwrap();
+    handed.push(Record::SessionEnd {
+        reason: "client closed".into(),
+    });
+    (id, handed)
+}
+
+#[test]
+fn round_trip_show_export_list_replay_reproduce_what_was_handed_in() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    cfg.target.insert(
+        "local".into(),
+        config::TargetRecording {
+            max_response_bytes: Some(100),
+        },
+    );
+    cfg.strict = true;
+    let recorder = Recorder::start(&cfg, &env.state).unwrap();
+    let handle = recorder.handle();
+    let (id, handed) = record_everything(&handle);
+    let other = handle
+        .begin(SessionStart {
+            agent: Some("cron".into()),
+            target: "warehouse".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let other_id = other.id();
+    other.end("done").unwrap();
+    handle.flush().wait().unwrap();
+    let status = handle.status();
+    assert_eq!(status.state, "ok");
+    assert!(status.checkpoints >= 2, "{status:?}");
+    recorder.shutdown();
+
+    // JSON lines: each record exactly as handed in, in order.
+    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mine: Vec<&serde_json::Value> = lines.iter().filter(|l| l["session"] == id).collect();
+    assert_eq!(mine.len(), handed.len());
+    for (got, want) in mine.iter().zip(&handed) {
+        assert_eq!(got["record"], serde_json::to_value(want).unwrap());
+    }
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // Binary values survive byte for byte.
+    let rows = &mine[4]["record"]["rows"];
+    assert_eq!(rows[0][3]["base64"], "AJ//");
+    assert_eq!(rows[0][2], "héllo | wörld");
+    assert!(rows[1][2].is_null());
+
+    // The transcript reads like psql.
+    let show = stdout(&env.cli(&["show", &id.to_string()]));
+    for want in [
+        "SELECT id, email, note, raw FROM customers",
+        " id | email            | note          | raw",
+        " 1  | a***@example.com | héllo | wörld | \\x009fff",
+        "(2 rows)",
+        "SELECT 2 · 1.500 ms",
+        "params: 'shipped'",
+        "COPY data: 1\tbolt",
+        "ERROR: relation \"missing\" does not exist (SQLSTATE 42P01)",
+        "block (rule default/no-ddl): DDL is not allowed",
+        "approved (rule default/approve-delete) approval #17 by bob@example.com",
+        "Asynchronous notification \"orders\" with payload \"deleted 7\"",
+        "recording cut at 2 of 10 rows (80 bytes, max_response_bytes)",
+        "session ended: client closed",
+        "agent claude pid 4242 exe /usr/bin/python3",
+        "subject alice@example.com groups [analysts] actor planner",
+    ] {
+        assert!(show.contains(want), "missing {want:?} in:\n{show}");
+    }
+    let replay = stdout(&env.cli(&["replay", &id.to_string(), "--speed", "1000"]));
+    assert_eq!(replay, show);
+
+    // OCSF: a Connect per session and an event per statement; the blocked one says so.
+    let out = stdout(&env.cli(&["export", "--format", "ocsf"]));
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().all(|e| e["class_uid"] == 6005));
+    let mine: Vec<_> = events
+        .iter()
+        .filter(|e| e["actor"]["session"]["uid"] == id.to_string())
+        .collect();
+    assert_eq!(mine.len(), 8, "{mine:#?}");
+    assert_eq!(mine[0]["activity_name"], "Connect");
+    assert_eq!(mine[0]["type_uid"], 600503);
+    let drop = mine
+        .iter()
+        .find(|e| e["query_info"]["query_string"] == "DROP TABLE customers")
+        .unwrap();
+    assert_eq!(drop["disposition"], "Blocked");
+    assert_eq!(drop["policy"]["name"], "default/no-ddl");
+    let delete = mine
+        .iter()
+        .find(|e| e["query_info"]["query_string"] == "DELETE FROM orders WHERE id = 7")
+        .unwrap();
+    assert_eq!(delete["activity_name"], "Delete");
+    assert_eq!(delete["unmapped"]["approver"], "bob@example.com");
+    assert_eq!(mine[1]["actor"]["user"]["name"], "alice@example.com");
+    assert_eq!(mine[1]["count"], 2);
+
+    // The index answers each filter.
+    let ids = |args: &[&str]| -> Vec<u64> {
+        let mut a = vec!["list", "--json"];
+        a.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&env.cli(&a))).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&[]), vec![id, other_id]);
+    assert_eq!(ids(&["--agent", "claude"]), vec![id]);
+    assert_eq!(ids(&["--subject", "alice@example.com"]), vec![id]);
+    assert_eq!(ids(&["--target", "warehouse"]), vec![other_id]);
+    assert_eq!(ids(&["--verdict", "block"]), vec![id]);
+    assert_eq!(ids(&["--verdict", "approved"]), vec![id]);
+    assert_eq!(ids(&["--grep", "orders"]), vec![id]);
+    assert_eq!(ids(&["--grep", "\"nowhere"]), Vec::<u64>::new());
+    assert_eq!(ids(&["--since", "1h"]), vec![id, other_id]);
+    assert_eq!(ids(&["--until", "2000-01-01"]), Vec::<u64>::new());
+    let table = stdout(&env.cli(&["list"]));
+    assert!(
+        table.contains("claude") && table.contains("client closed"),
+        "{table}"
+    );
+
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+}
+
+/// Every file of a directory, and every zstd block in its segments decompressed.
+fn everything_stored(dir: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        out.push(std::fs::read(&path).unwrap());
+        if let Ok(seg) = Segment::open(&path) {
+            let (blocks, _) = seg.blocks();
+            for b in blocks.iter().filter(|b| !b.is_checkpoint) {
+                out.extend(b.records().unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn no_secret_reaches_the_recording_directory() {
+    let env = Env::new();
+    let password = "canary-Upstream-Pa55word-91b2";
+    let token = "eyJhbGciOiJSUzI1NiJ9.canary-agent-token.c2lnbmF0dXJl";
+    let unmasked = "4111-1111-1111-1111";
+    // The canary password sits in the target's password file under the state dir, as an operator
+    // would put it, and the gateway runs from a config naming it.
+    let pw_file = env.state.join("upstream.password");
+    std::fs::write(&pw_file, password).unwrap();
+    let text = format!(
+        "[gateway]\nstate_dir = \"{}\"\n[[target]]\nname = \"local\"\n\
+         upstream = \"postgres://app@127.0.0.1:5432/shop\"\npassword_file = \"{}\"\n\
+         [recording]\ncommit_interval = \"2ms\"\norigin = \"test/portcullis\"\n",
+        env.state.display(),
+        pw_file.display()
+    );
+    let config = portcullis::config::Config::parse(&text, "test").unwrap();
+    let recorder = Recorder::start(&config.recording, &config.state_dir).unwrap();
+    let handle = recorder.handle();
+    use sha2::Digest as _;
+    let mut s = handle
+        .begin(SessionStart {
+            token_sha256: Some(format!("{:x}", sha2::Sha256::digest(token))),
+            target: "local".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    s.request(query("SELECT card FROM payments")).unwrap();
+    s.rows(vec![vec![b("****-****-****-1111")]]).unwrap();
+    s.complete("SELECT 1", 10, 10, Duration::ZERO).unwrap();
+    s.end("done").unwrap();
+    handle.flush().wait().unwrap();
+    recorder.shutdown();
+    let key = std::fs::read_to_string(env.key()).unwrap();
+    let seed = key.trim().rsplit('+').next().unwrap().to_owned();
+    let stored = everything_stored(&env.dir());
+    assert!(stored.len() > 3);
+    for blob in &stored {
+        for canary in [password, token, unmasked, &seed, "PRIVATE+KEY"] {
+            assert!(
+                !contains(blob, canary.as_bytes()),
+                "{canary} is in the recording"
+            );
+        }
+    }
+    // What was handed in is there, so the scan looks at the right bytes.
+    assert!(stored.iter().any(|b| contains(b, b"****-****-****-1111")));
+}
+
+/// A recording of several segments with a checkpoint after each session.
+fn build_log(env: &Env, sessions: usize) {
+    let mut cfg = env.config();
+    cfg.segment_bytes = 4096;
+    cfg.ship_command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("cat > {}/shipped-$(date +%s%N)", env.state.display()),
+    ];
+    let recorder = Recorder::start(&cfg, &env.state).unwrap();
+    let handle = recorder.handle();
+    for i in 0..sessions {
+        let mut s = handle
+            .begin(SessionStart {
+                agent: Some(format!("agent{i}")),
+                target: "local".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        for q in 0..3 {
+            s.request(query(&format!("SELECT {i}, {q}"))).unwrap();
+            use sha2::Digest as _;
+            let rows = (0..8)
+                .map(|r| {
+                    let h = format!("{:x}", sha2::Sha256::digest(format!("{i} {q} {r}")));
+                    vec![b(&h.repeat(3))]
+                })
+                .collect();
+            s.rows(rows).unwrap();
+            s.complete("SELECT 8", 1, 2, Duration::ZERO).unwrap();
+            handle.flush().wait().unwrap();
+        }
+        s.end("done").unwrap();
+        handle.flush().wait().unwrap();
+    }
+    recorder.shutdown();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A fresh copy of a built environment, to damage.
+fn clone_env(env: &Env) -> Env {
+    let copy = Env::new();
+    copy_dir(&env.state, &copy.state);
+    copy
+}
+
+/// (offset, length, is_checkpoint) of each block of a segment.
+fn block_spans(path: &Path) -> Vec<(usize, usize, bool)> {
+    let seg = Segment::open(path).unwrap();
+    let (blocks, _) = seg.blocks();
+    blocks
+        .iter()
+        .map(|b| {
+            (
+                b.offset as usize,
+                (b.end() - b.offset) as usize,
+                b.is_checkpoint,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn verify_names_each_kind_of_tampering_with_its_exit_code() {
+    let base = Env::new();
+    build_log(&base, 6);
+    let (code, text) = base.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+    let segs = list_segments(&base.dir()).unwrap();
+    assert!(segs.len() >= 3, "want several segments, got {}", segs.len());
+
+    // A flipped byte in a record block.
+    let env = clone_env(&base);
+    let path = &list_segments(&env.dir()).unwrap()[1].1;
+    let (off, len, _) = block_spans(path).into_iter().find(|s| !s.2).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[off + len / 2] ^= 0x20;
+    std::fs::write(path, &bytes).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("TAMPERED") && text.contains("first bad record: seq"),
+        "{text}"
+    );
+
+    // A deleted record, with every CRC made to fit again.
+    let env = clone_env(&base);
+    let path = &list_segments(&env.dir()).unwrap()[1].1;
+    let seg = Segment::open(path).unwrap();
+    let (blocks, _) = seg.blocks();
+    let victim = blocks
+        .iter()
+        .find(|b| !b.is_checkpoint && b.count >= 2)
+        .unwrap();
+    let records = victim.records().unwrap();
+    let mut raw = Vec::new();
+    for r in records.iter().skip(1) {
+        segment::frame_record(&mut raw, r);
+    }
+    let forged = segment::encode_block(
+        &raw,
+        victim.first_seq,
+        victim.count - 1,
+        victim.last_at_us,
+        1,
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes.splice(victim.offset as usize..victim.end() as usize, forged);
+    let first = victim.first_seq;
+    drop(blocks);
+    drop(seg);
+    std::fs::write(path, &bytes).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains(&format!("seq {first}")), "{text}");
+
+    // Two record blocks swapped.
+    let env = clone_env(&base);
+    let (path, spans) = list_segments(&env.dir())
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| {
+            let spans: Vec<_> = block_spans(&p).into_iter().filter(|s| !s.2).collect();
+            (p, spans)
+        })
+        .find(|(_, s)| s.len() >= 2)
+        .expect("a segment with two record blocks");
+    let bytes = std::fs::read(&path).unwrap();
+    let (a, b) = (spans[0], spans[1]);
+    let mut swapped = bytes[..a.0].to_vec();
+    swapped.extend_from_slice(&bytes[b.0..b.0 + b.1]);
+    swapped.extend_from_slice(&bytes[a.0 + a.1..b.0]);
+    swapped.extend_from_slice(&bytes[a.0..a.0 + a.1]);
+    swapped.extend_from_slice(&bytes[b.0 + b.1..]);
+    std::fs::write(&path, &swapped).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("reordered"), "{text}");
+
+    // A segment replaced by the same-numbered segment of another recorder's log.
+    let env = clone_env(&base);
+    let other = Env::new();
+    build_log(&other, 6);
+    let name = list_segments(&env.dir()).unwrap()[1]
+        .1
+        .file_name()
+        .unwrap()
+        .to_owned();
+    std::fs::copy(other.dir().join(&name), env.dir().join(&name)).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains(name.to_str().unwrap()), "{text}");
+
+    // A deleted segment in the middle.
+    let env = clone_env(&base);
+    std::fs::remove_file(&list_segments(&env.dir()).unwrap()[1].1).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("missing"), "{text}");
+
+    // A truncated tail, caught by a checkpoint shipped off the host earlier.
+    let env = clone_env(&base);
+    let shipped = newest_shipped(&env.state);
+    let segs = list_segments(&env.dir()).unwrap();
+    std::fs::remove_file(&segs.last().unwrap().1).unwrap();
+    let before_last = &segs[segs.len() - 2].1;
+    let spans = block_spans(before_last);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(before_last)
+        .unwrap();
+    f.set_len(spans[0].0 as u64 + spans[0].1 as u64).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(
+        code, 0,
+        "without the outside checkpoint the cut is invisible: {text}"
+    );
+    let (code, text) = env.verify(&["--checkpoint", shipped.to_str().unwrap()]);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("TRUNCATED"), "{text}");
+
+    // The intact log is consistent with that checkpoint.
+    let (code, text) = base.verify(&["--checkpoint", shipped.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("consistent with the given checkpoint"),
+        "{text}"
+    );
+
+    // No public key, or the wrong one.
+    let (code, text) = cli_verify_with(&base, Path::new("/nonexistent/recording.key.pub"));
+    assert_eq!(code, 4, "{text}");
+    let (code, text) = cli_verify_with(&base, &other.pubkey());
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("not in the public key file"), "{text}");
+}
+
+fn cli_verify_with(env: &Env, pubkey: &Path) -> (i32, String) {
+    let out = env.cli(&["verify", "--pubkey", pubkey.to_str().unwrap()]);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The shipped checkpoint with the largest tree.
+fn newest_shipped(state: &Path) -> PathBuf {
+    let mut best = None;
+    for e in std::fs::read_dir(state).unwrap() {
+        let p = e.unwrap().path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("shipped-")
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+        if best.as_ref().is_none_or(|(s, _)| size > *s) {
+            best = Some((size, p));
+        }
+    }
+    best.expect("checkpoints were shipped").1
+}
+
+#[test]
+fn rotated_keys_keep_old_checkpoints_verifiable_and_prune_leaves_a_signed_tombstone() {
+    let env = Env::new();
+    build_log(&env, 3);
+    let out = env.cli(&[
+        "rotate-key",
+        "--key-file",
+        env.key().to_str().unwrap(),
+        "--origin",
+        "test/portcullis",
+    ]);
+    stdout(&out);
+    build_log(&env, 3);
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+    let before = list_segments(&env.dir()).unwrap().len();
+
+    let out = env.cli(&[
+        "prune",
+        "--before",
+        "0s",
+        "--key-file",
+        env.key().to_str().unwrap(),
+    ]);
+    let said = stdout(&out);
+    assert!(said.contains("removed"), "{said}");
+    let after = list_segments(&env.dir()).unwrap();
+    assert_eq!(after.len(), 1, "all but the newest segment go");
+    assert!(before > 1);
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("pruned: records before"), "{text}");
+    let list = stdout(&env.cli(&["list", "--json"]));
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    assert!(kept.len() < 6, "pruned sessions leave the index: {list}");
+
+    // A tombstone cannot be forged without the key.
+    let path = env.dir().join("tombstones.log");
+    let t = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, t.replacen("frontier ", "frontier AAAA", 1)).unwrap();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+}
+
+fn wait_for_line(child: &mut std::process::Child, want: &str) {
+    use std::io::BufRead as _;
+    let out = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    let line = lines.next().expect("a line").unwrap();
+    assert_eq!(line, want);
+    // Keep draining so the writer never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+}
+
+#[test]
+fn sigkill_mid_write_then_restart_verifies_and_records_the_cut() {
+    let env = Env::new();
+    let key = env.key();
+    for round in 0..3 {
+        let mut child = Command::new(BIN)
+            .args(["recordings", "--dir"])
+            .arg(env.dir())
+            .args(["load", "--key-file"])
+            .arg(&key)
+            .args(["--rows", "200", "--commit-bytes", "4000000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_line(&mut child, "ready");
+        std::thread::sleep(Duration::from_millis(150 + 100 * round));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let (code, text) = env.verify(&[]);
+        assert_eq!(code, 0, "after SIGKILL {round}: {text}");
+    }
+    // Make the tail torn for certain, as a write cut by the kill leaves it: half a block.
+    let segs = list_segments(&env.dir()).unwrap();
+    let first = &segs[0].1;
+    let (off, len, _) = *block_spans(first)
+        .iter()
+        .find(|s| !s.2)
+        .expect("a record block");
+    let half = std::fs::read(first).unwrap()[off..off + len / 2].to_vec();
+    let last = &segs.last().unwrap().1;
+    let mut f = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+    std::io::Write::write_all(&mut f, &half).unwrap();
+    drop(f);
+    let Some(segment::Damage::Torn { offset: torn_at }) = Segment::open(last).unwrap().blocks().1
+    else {
+        panic!("the tail should read as torn");
+    };
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("open tail"), "{text}");
+
+    // A restart cuts it, records the cut in a record and a signed checkpoint, and carries on.
+    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
+    let h = recorder.handle();
+    let s = h
+        .begin(SessionStart {
+            target: "local".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let id = s.id();
+    s.end("after restart").unwrap();
+    h.flush().wait().unwrap();
+    recorder.shutdown();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+    let name = last.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        text.contains(&format!("recovery: recovered {name} {torn_at}")),
+        "{text}"
+    );
+    let export = stdout(&env.cli(&["export"]));
+    assert!(export.contains("\"recovery\""), "the cut is a record too");
+    let list = stdout(&env.cli(&["list", "--json"]));
+    assert!(
+        list.contains(&format!("\"id\": {id}")),
+        "the index caught up: {list}"
+    );
+}
+
+#[test]
+fn a_full_disk_refuses_statements_then_resumes_when_space_returns() {
+    if !testkit::is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run this as root"
+        );
+        eprintln!(
+            "SKIPPED a_full_disk_refuses_statements_then_resumes_when_space_returns: needs root to mount a tmpfs"
+        );
+        return;
+    }
+    let env = Env::new();
+    let mnt = env.state.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![7u8; 1 << 20]).unwrap();
+    let mut cfg = env.config();
+    cfg.dir = Some(mnt.join("recordings"));
+    cfg.segment_bytes = 256 << 10;
+    cfg.zstd_level = -7;
+    let recorder = Recorder::start(&cfg, &env.state).unwrap();
+    let h = recorder.handle();
+    let row: Row = (0..8)
+        .map(|i| {
+            Some(Bytes(
+                (0..64)
+                    .map(|j| (i * 131 + j * 17) as u8 ^ rand::random::<u8>())
+                    .collect(),
+            ))
+        })
+        .collect();
+    // Fill the filesystem until the recorder refuses.
+    let mut refused = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    'fill: while Instant::now() < deadline {
+        let mut s = match h.begin(SessionStart {
+            target: "local".into(),
+            ..Default::default()
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        };
+        for _ in 0..10 {
+            let r = s
+                .request(query("SELECT * FROM wide"))
+                .and_then(|_| s.rows(vec![row.clone(); 50]));
+            if let Err(e) = r.and_then(|()| h.flush().wait()) {
+                refused = Some(e);
+                break 'fill;
+            }
+        }
+        let _ = s.end("done");
+    }
+    let err = refused.expect("the recorder refused once the disk was full");
+    assert_eq!(err.sqlstate(), "53100", "{err}");
+    assert!(err.to_string().contains("recording failed"), "{err}");
+    let status = h.status();
+    assert_eq!(status.state, "failing", "{status:?}");
+    assert!(status.error.unwrap().contains("disk full"));
+    // Nothing new is accepted while it fails.
+    let attempt = h.begin(SessionStart {
+        target: "local".into(),
+        ..Default::default()
+    });
+    assert_eq!(attempt.err().map(|e| e.sqlstate()), Some("53100"));
+    assert!(h.status().refused > 0);
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.status().state != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "recording never resumed: {:?}",
+            h.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut s = h
+        .begin(SessionStart {
+            target: "local".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    s.request(query("SELECT 'after'")).unwrap();
+    s.end("resumed").unwrap();
+    h.flush().wait().unwrap();
+    recorder.shutdown();
+    let (code, text) = {
+        let pubkey = env.pubkey();
+        let out = cli(
+            &mnt.join("recordings"),
+            &["verify", "--pubkey", pubkey.to_str().unwrap()],
+        );
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    assert_eq!(code, 0, "the log stays whole across the failure: {text}");
+    let export = stdout(&cli(&mnt.join("recordings"), &["export"]));
+    assert!(export.contains("SELECT 'after'"));
+}
+
+#[test]
+fn a_full_queue_refuses_without_blocking_the_caller() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    cfg.max_queue_bytes = 64 << 10;
+    let recorder = Recorder::start(&cfg, &env.state).unwrap();
+    let h = recorder.handle();
+    let mut s = h
+        .begin(SessionStart {
+            target: "local".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let row: Row = vec![Some(Bytes(vec![b'x'; 16 << 10]))];
+    let started = Instant::now();
+    let mut refused = None;
+    for _ in 0..10_000 {
+        if let Err(e) = s.rows(vec![row.clone(); 4]) {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(refused, Some(RecordError::Overloaded));
+    assert_eq!(RecordError::Overloaded.sqlstate(), "53100");
+    assert!(h.status().refused >= 1);
+    drop(s);
+    recorder.shutdown();
+}
