@@ -26,6 +26,8 @@ use super::segment::{
 use super::types::{Entry, Record};
 use super::{Health, RecordError, Shared, now_us};
 
+// Nearly every message is an `Entry`; boxing it would cost an allocation each for rare flushes.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Msg {
     Entry {
         entry: Entry,
