@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::cancel::CancelTarget;
 use super::conn::Stream;
-use super::gate::PolicyGate;
+use super::gate::{Held, PolicyGate};
 use super::mask_filter::{CATALOG_SQL, CopyStatements, MaskFilter};
 use super::upstream;
 use crate::identify::Identity;
@@ -58,7 +58,10 @@ async fn fatal(client: &Stream, code: &str, message: &str) {
 }
 
 async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> anyhow::Result<()> {
-    // Startup: answer SSL/GSS probes, serve cancels, wait for the StartupMessage.
+    // Startup: answer SSL/GSS probes, serve cancels, wait for the StartupMessage; all of it
+    // within the startup timeout, so a silent or trickling client cannot hold a slot forever.
+    let startup_timeout = shared.config().startup_timeout;
+    let startup_deadline = std::time::Instant::now() + startup_timeout;
     let mut buf = Vec::with_capacity(8192);
     let (params, minor) = loop {
         let parsed = match startup::parse_initial(&buf, MAX_STARTUP) {
@@ -70,7 +73,16 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         };
         match parsed {
             None => {
-                let BufResult(n, b) = client.read(buf).await;
+                let left = startup_deadline.saturating_duration_since(std::time::Instant::now());
+                let Ok(BufResult(n, b)) = compio::time::timeout(left, client.read(buf)).await
+                else {
+                    let message = format!(
+                        "the client did not complete startup within {}",
+                        humantime::format_duration(startup_timeout)
+                    );
+                    fatal(&client, "08P01", &message).await;
+                    anyhow::bail!("{}: {message}", identity.client_addr);
+                };
                 buf = b;
                 if n? == 0 {
                     return Ok(());
@@ -195,8 +207,10 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     let server = Rc::new(upstream.stream);
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    let generation = shared.policy_generation();
     let masker = shared.masker();
-    let copies: Option<CopyStatements> = (!masker.is_noop()).then(Default::default);
+    // Kept even when nothing is masked now: a reload may add rules mid-session.
+    let copies: Option<CopyStatements> = Some(Default::default());
     // `table` rules name columns by their table: read where result columns come from, on this
     // session's own upstream connection before the agent's first byte goes through.
     let catalog = if masker.needs_catalog() {
@@ -249,6 +263,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
             buf,
             info.clone(),
             gate,
+            shared.config().idle_timeout,
         )),
         Box::pin(server_to_client(
             server.clone(),
@@ -256,6 +271,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
             core.clone(),
             info.clone(),
             filter,
+            (shared.clone(), generation),
         )),
     )
     .await;
@@ -279,6 +295,13 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     target.counters.bytes_out.fetch_add(bytes_out, Relaxed);
     match &end {
         Ok(End::ClientClosed) | Ok(End::Terminated) => {}
+        Ok(End::Idle(after)) => {
+            let message = format!(
+                "terminating connection due to idle-session timeout ({})",
+                humantime::format_duration(*after)
+            );
+            fatal(&client, "57P05", &message).await;
+        }
         Ok(End::ServerClosed { fatal_seen }) => {
             if !fatal_seen {
                 fatal(
@@ -359,7 +382,11 @@ fn split_negotiate(relay: &[u8]) -> (&[u8], &[u8]) {
 enum End {
     ClientClosed,
     Terminated,
-    ServerClosed { fatal_seen: bool },
+    /// The client sent nothing for the idle timeout, with no reply pending.
+    Idle(std::time::Duration),
+    ServerClosed {
+        fatal_seen: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -423,6 +450,7 @@ async fn client_to_server(
     mut buf: Vec<u8>,
     info: Arc<SessionInfo>,
     mut gate: PolicyGate,
+    idle_timeout: Option<std::time::Duration>,
 ) -> Result<End, PumpError> {
     let mut out = Output::default();
     loop {
@@ -450,7 +478,17 @@ async fn client_to_server(
                 }
             }
         }
-        let BufResult(n, b) = client.read(buf).await;
+        let idle = {
+            let c = core.borrow();
+            c.pending_replies() == 0 && c.transaction_status() == b'I'
+        };
+        let BufResult(n, b) = match idle_timeout.filter(|_| idle && buf.is_empty()) {
+            Some(after) => match compio::time::timeout(after, client.read(buf)).await {
+                Ok(r) => r,
+                Err(_) => return Ok(End::Idle(after)),
+            },
+            None => client.read(buf).await,
+        };
         buf = b;
         if n? == 0 {
             return Ok(End::ClientClosed);
@@ -458,44 +496,102 @@ async fn client_to_server(
     }
 }
 
-/// Waits for an operator's decision on the statement the gate is holding. The client hears
-/// that it is held, with the request id; earlier results keep flowing meanwhile.
+/// Waits for what the gate is holding the statement for: its verdict from the classifier
+/// thread, then, if it needs one, an operator's decision. The client hears that it is held for
+/// approval, with the request id; earlier results keep flowing meanwhile.
 async fn hold(
     client: &Stream,
     info: &SessionInfo,
     gate: &mut PolicyGate,
 ) -> Result<Disposition, PumpError> {
-    let Some(held) = gate.held.take() else {
-        return Ok(Disposition::Block(Blocked {
-            rule: "internal".into(),
-            reason: "held without an approval request".into(),
-        }));
-    };
-    let mut notice = Vec::with_capacity(256);
-    messages::encode_notice(
-        "01000",
-        &format!(
-            "statement held for approval: request {} (rule \"{}\")",
-            held.id, held.rule
-        ),
-        Some(&format!(
-            "an operator decides with `portcullis approve {0}` or `portcullis deny {0}`",
-            held.id
-        )),
-        &mut notice,
-    );
-    client.write_all(notice).await.0?;
     let previous = info.state();
     info.set_state(SessionState::Holding);
-    let decision = held.decision.await;
+    let outcome = loop {
+        match gate.held.take() {
+            None => {
+                break Disposition::Block(Blocked {
+                    rule: "internal".into(),
+                    reason: "held without a reason to wait".into(),
+                });
+            }
+            Some(Held::Classifying { verdict, request }) => {
+                let d = match unless_client_leaves(client, verdict).await? {
+                    Ok(v) => gate.act(&request.as_request(), v),
+                    Err(_) => Disposition::Block(Blocked {
+                        rule: "classifier".into(),
+                        reason: "the classifier thread stopped before a verdict".into(),
+                    }),
+                };
+                if d != Disposition::Hold {
+                    break d;
+                }
+            }
+            Some(Held::Approval { id, rule, decision }) => {
+                let mut notice = Vec::with_capacity(256);
+                messages::encode_notice(
+                    "01000",
+                    &format!("statement held for approval: request {id} (rule \"{rule}\")"),
+                    Some(&format!(
+                        "an operator decides with `portcullis approve {id}` or `portcullis deny {id}`"
+                    )),
+                    &mut notice,
+                );
+                client.write_all(notice).await.0?;
+                // Dropping `decision` when the client leaves withdraws the request.
+                let decision = unless_client_leaves(client, decision).await?;
+                info!(
+                    session = info.id,
+                    approval = id,
+                    ?decision,
+                    "approval decided"
+                );
+                break PolicyGate::outcome(&rule, decision);
+            }
+        }
+    };
     info.set_state(previous);
-    info!(
-        session = info.id,
-        approval = held.id,
-        ?decision,
-        "approval decided"
-    );
-    Ok(PolicyGate::outcome(&held.rule, decision))
+    Ok(outcome)
+}
+
+/// How often a held session looks whether its client is still there.
+const HELD_CLIENT_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Awaits `f`, unless the client hangs up first: then the session ends, and with it the held
+/// statement's upstream connection, instead of lingering until a decision or timeout.
+async fn unless_client_leaves<F: std::future::Future>(
+    client: &Stream,
+    f: F,
+) -> Result<F::Output, PumpError> {
+    let mut f = std::pin::pin!(f);
+    loop {
+        match select(f.as_mut(), Box::pin(compio::time::sleep(HELD_CLIENT_CHECK))).await {
+            Either::Left((v, _)) => return Ok(v),
+            Either::Right(_) => {
+                if client_gone(client) {
+                    return Err(PumpError::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the client disconnected while its statement was held",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// True when the client's socket is at end of stream or broken. Peeks without consuming and
+/// without blocking, so pipelined bytes stay for the pump.
+fn client_gone(client: &Stream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(client.tcp())
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
 }
 
 async fn server_to_client(
@@ -504,6 +600,7 @@ async fn server_to_client(
     core: Rc<RefCell<Session>>,
     info: Arc<SessionInfo>,
     mut filter: MaskFilter,
+    (shared, mut generation): (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
     let mut buf = Vec::with_capacity(super::conn::READ_CHUNK);
     let mut out = Output::default();
@@ -513,6 +610,10 @@ async fn server_to_client(
         if n? == 0 {
             let fatal_seen = core.borrow().server_sent_fatal();
             return Ok(End::ServerClosed { fatal_seen });
+        }
+        // A reload reaches this session at its next result, not only new sessions.
+        if let Some(masker) = shared.masker_if_reloaded(&mut generation) {
+            filter.set_masker(masker);
         }
         let progress = core.borrow_mut().on_backend(&buf, &mut filter, &mut out)?;
         let (r, b) = write_output(&client, buf, &mut out).await;
