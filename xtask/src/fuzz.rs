@@ -100,9 +100,9 @@ fn campaign(dir: &Path, target: &str, minutes: u64) -> Result<Outcome> {
     }
     let executions = log
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
-        .filter_map(|v| v.trim().parse().ok())
-        .last()
+        .find_map(|v| v.trim().parse().ok())
         .unwrap_or(0);
     let crashed = !out.status.success();
     if !crashed {
