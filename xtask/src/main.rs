@@ -4,6 +4,7 @@
 mod bench;
 mod cmd;
 mod ebpf;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Task {
     Run(run::RunArgs),
     /// Build in release and run the latency harness: `cargo xtask bench [-- --quick]`.
     Bench(bench::BenchArgs),
+    /// Run every fuzz target for a while, minimize the corpora: `cargo xtask fuzz [--minutes N]`.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Task::Test(args) => test::test(&args),
         Task::Run(args) => run::run(&args),
         Task::Bench(args) => bench::bench(&args),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
