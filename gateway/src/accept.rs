@@ -84,20 +84,35 @@ async fn accept_loop<S>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let identity = match &arrival {
-                    Arrival::Explicit => Identity::explicit(peer, addr),
-                    Arrival::Redirected(r) => match r.lookup(peer) {
-                        Ok(origin) => Identity::redirected(peer, origin),
-                        Err(e) => {
-                            // No record of where it was going: refuse rather than guess.
-                            warn!(client = %peer, "refusing a redirected connection: {e}");
-                            drop(tcp);
-                            continue;
-                        }
-                    },
-                };
-                compio::runtime::spawn(crate::pipeline::handle(tcp, identity, shared.clone()))
-                    .detach();
+                let shared = shared.clone();
+                match &arrival {
+                    Arrival::Explicit => {
+                        let identity = Identity::explicit(peer, addr);
+                        compio::runtime::spawn(crate::pipeline::handle(tcp, identity, shared))
+                            .detach();
+                    }
+                    Arrival::Redirected(r) => {
+                        let r = r.clone();
+                        compio::runtime::spawn(async move {
+                            // Map lookups under a lock and /proc reads: on the blocking pool, so
+                            // a connect storm never stalls this worker's accept loop or sessions.
+                            match compio::runtime::spawn_blocking(move || r.lookup(peer)).await {
+                                Ok(Ok(origin)) => {
+                                    let identity = Identity::redirected(peer, origin);
+                                    crate::pipeline::handle(tcp, identity, shared).await;
+                                }
+                                // No record of where it was going: refuse rather than guess.
+                                Ok(Err(e)) => {
+                                    warn!(client = %peer, "refusing a redirected connection: {e}");
+                                }
+                                Err(_) => {
+                                    warn!(client = %peer, "refusing a redirected connection: the lookup failed");
+                                }
+                            }
+                        })
+                        .detach();
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -88,6 +88,9 @@ struct GatewaySection {
     workers: Option<usize>,
     drain_timeout: Option<Spanned<String>>,
     max_message_bytes: Option<usize>,
+    approval_retention: Option<Spanned<String>>,
+    startup_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +110,8 @@ struct TargetSection {
     password_file: Option<PathBuf>,
     password_env: Option<String>,
     connect_timeout: Option<Spanned<String>>,
+    /// Sends a cleartext or md5 password even where the server cannot be verified.
+    danger_password_over_unverified_channel: Option<bool>,
     /// Destinations agents dial that route here (redirect mode): "ADDR[/PREFIX]:PORT".
     #[serde(default)]
     protect: Vec<Spanned<String>>,
@@ -128,6 +133,15 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Largest message the gateway buffers whole (COPY data and rows stream regardless).
     pub max_message_bytes: usize,
+    /// Decided approval requests older than this are deleted from the store (default 30 days;
+    /// read at start).
+    pub approval_retention: Duration,
+    /// How long a client has from connecting to its StartupMessage (default 60s, as
+    /// PostgreSQL's authentication_timeout; reloads for new connections).
+    pub startup_timeout: Duration,
+    /// A session whose client sends nothing for this long, with no reply pending, is closed
+    /// with 57P05. Off unless set (reloads for new sessions).
+    pub idle_timeout: Option<Duration>,
     pub listeners: Vec<Listener>,
     pub targets: Vec<TargetConfig>,
     /// eBPF interception; off unless `[redirect] enabled = true`.
@@ -152,6 +166,10 @@ pub struct TargetConfig {
     pub upstream: Upstream,
     pub password: SecretSource,
     pub connect_timeout: Duration,
+    /// Default false. When true, a cleartext or md5 password goes to the upstream even over
+    /// plaintext or unverified TLS to a remote host, where an impostor can collect it. Logged as
+    /// a warning at every start and reload.
+    pub danger_password_over_unverified_channel: bool,
     /// Original destinations that route to this target when the redirect steers a connection
     /// here. Default: the upstream address itself when it is an IP literal or `localhost`.
     pub protect: Vec<crate::redirect::ProtectedTarget>,
@@ -232,6 +250,7 @@ impl Config {
                 upstream,
                 password,
                 connect_timeout: Duration::from_secs(10),
+                danger_password_over_unverified_channel: false,
                 protect,
             }];
             cfg.listeners = vec![Listener {
@@ -288,6 +307,18 @@ impl Config {
                 .map_err(|m| err(Some(s.span()), format!("key `gateway.drain_timeout`: {m}")))?,
             None => Duration::from_secs(30),
         };
+        let duration = |v: Option<Spanned<String>>, key: &str| {
+            v.map(|s| {
+                parse_duration(s.get_ref())
+                    .map_err(|m| err(Some(s.span()), format!("key `gateway.{key}`: {m}")))
+            })
+            .transpose()
+        };
+        let approval_retention = duration(g.approval_retention, "approval_retention")?
+            .unwrap_or(crate::policy::approval::DEFAULT_RETENTION);
+        let startup_timeout =
+            duration(g.startup_timeout, "startup_timeout")?.unwrap_or(Duration::from_secs(60));
+        let idle_timeout = duration(g.idle_timeout, "idle_timeout")?.filter(|d| !d.is_zero());
         let mut targets = Vec::new();
         for t in file.target {
             let span = t.span();
@@ -344,6 +375,9 @@ impl Config {
                 upstream,
                 password,
                 connect_timeout,
+                danger_password_over_unverified_channel: t
+                    .danger_password_over_unverified_channel
+                    .unwrap_or(false),
                 protect,
             });
         }
@@ -375,6 +409,9 @@ impl Config {
             workers: g.workers.unwrap_or_else(default_workers).max(1),
             drain_timeout,
             max_message_bytes: g.max_message_bytes.unwrap_or(64 << 20),
+            approval_retention,
+            startup_timeout,
+            idle_timeout,
             listeners,
             targets,
             redirect: file.redirect.unwrap_or_default(),
@@ -461,13 +498,13 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, String> {
             .map_err(|_| format!("port {p:?} is not a number"))?,
         None => 5432,
     };
-    let mut sslmode = SslMode::Prefer;
+    let mut sslmode = None;
     let mut sslrootcert = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "sslmode" => {
-                sslmode = match v {
+                sslmode = Some(match v {
                     "disable" => SslMode::Disable,
                     "prefer" => SslMode::Prefer,
                     "require" => SslMode::Require,
@@ -478,7 +515,7 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, String> {
                             "sslmode {v:?}: expected disable, prefer, require, verify-ca or verify-full"
                         ));
                     }
-                }
+                })
             }
             "sslrootcert" => sslrootcert = (v != "system").then(|| PathBuf::from(v)),
             _ => {
@@ -488,6 +525,13 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, String> {
             }
         }
     }
+    // libpq's `prefer` falls back to plaintext for anyone who answers 'N'; that is only safe
+    // where no one else is on the path. A remote host must prove who it is by default.
+    let sslmode = sslmode.unwrap_or(if is_loopback_host(&host) {
+        SslMode::Prefer
+    } else {
+        SslMode::VerifyFull
+    });
     let database = if database.is_empty() {
         user.to_owned()
     } else {
@@ -501,6 +545,14 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, String> {
         sslmode,
         sslrootcert,
     })
+}
+
+/// `localhost` or a loopback IP literal: the only hosts whose path no one else is on.
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// The upstream's own address, when it is one a connect() can name: an IP literal, or
@@ -571,6 +623,12 @@ mod tests {
         let c = Config::parse(EMBEDDED_DEFAULT, "embedded default").unwrap();
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.policy, "default");
+        assert_eq!(c.targets[0].upstream.sslmode, SslMode::Prefer);
+        assert!(!c.targets[0].danger_password_over_unverified_channel);
+        // Pointed at a remote host, the same default verifies the server.
+        let remote = EMBEDDED_DEFAULT.replace("@127.0.0.1:", "@10.20.30.40:");
+        let c = Config::parse(&remote, "embedded default, remote").unwrap();
+        assert_eq!(c.targets[0].upstream.sslmode, SslMode::VerifyFull);
     }
 
     #[test]
@@ -636,6 +694,16 @@ mod tests {
         let e = parse_upstream("postgres://me:hunter2@h/d").unwrap_err();
         assert!(!e.contains("hunter2"));
         assert!(parse_upstream("postgres://me@h/d?sslmode=bogus").is_err());
+        // Without sslmode: plaintext fallback only where no one else is on the path.
+        for (url, mode) in [
+            ("postgres://me@127.0.0.1/d", SslMode::Prefer),
+            ("postgres://me@[::1]/d", SslMode::Prefer),
+            ("postgres://me@localhost/d", SslMode::Prefer),
+            ("postgres://me@10.0.0.5/d", SslMode::VerifyFull),
+            ("postgres://me@db.example.com/d", SslMode::VerifyFull),
+        ] {
+            assert_eq!(parse_upstream(url).unwrap().sslmode, mode, "{url}");
+        }
         assert!(parse_upstream("mysql://me@h/d").is_err());
     }
 }

@@ -13,12 +13,24 @@ use crate::metrics::{Registry, TargetCounters};
 use crate::redirect::ProtectedTarget;
 use crate::secret::Secret;
 
-/// A target with its credential loaded.
-#[derive(Debug)]
+/// A target with its credential and TLS settings loaded.
 pub struct Target {
     pub config: TargetConfig,
     pub password: Option<Secret>,
+    /// Built once at load and reload, never per connection or cancel; `None` for
+    /// `sslmode=disable`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub counters: Arc<TargetCounters>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("config", &self.config)
+            .field("password", &self.password)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// An immutable routing table; a reload builds a new one and swaps it in.
@@ -31,8 +43,8 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Loads every target's credential now, so a missing or unsafe password file stops startup
-    /// (or a reload) instead of failing a client later.
+    /// Loads every target's credential and TLS roots now, so a missing or unsafe password file or
+    /// CA bundle stops startup (or a reload) instead of failing a client later.
     pub fn build(cfg: &Config, registry: &Registry) -> anyhow::Result<Routes> {
         let mut targets = HashMap::new();
         for t in &cfg.targets {
@@ -40,9 +52,21 @@ impl Routes {
                 .password
                 .load()
                 .with_context(|| format!("target {:?}", t.name))?;
+            let up = &t.upstream;
+            let tls = crate::forward::tls::client_config(up.sslmode, up.sslrootcert.as_deref())
+                .with_context(|| format!("target {:?}: TLS", t.name))?;
+            if t.danger_password_over_unverified_channel {
+                tracing::warn!(
+                    target = %t.name,
+                    "DANGER: danger_password_over_unverified_channel is set: a cleartext or md5 \
+                     password goes to {up} even when the server cannot be verified; anyone on \
+                     the path can collect it"
+                );
+            }
             let target = Arc::new(Target {
                 config: t.clone(),
                 password,
+                tls,
                 counters: registry.target(&t.name),
             });
             targets.insert(t.name.clone(), target);

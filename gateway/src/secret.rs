@@ -4,9 +4,20 @@ use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// A password. Debug and Display never show it.
+use zeroize::Zeroize;
+
+/// A password. Debug and Display never show it, and its bytes are wiped when it is dropped (a
+/// reload that replaces it, a session's copy going away), so they do not linger in freed memory.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Vec<u8>);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for Secret {}
 
 impl Secret {
     pub fn new(bytes: Vec<u8>) -> Self {
@@ -90,7 +101,7 @@ fn load_file(path: &Path) -> Result<Secret, SecretError> {
             mode,
         });
     }
-    let mut bytes = std::fs::read(path).map_err(read_err)?;
+    let mut bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(read_err)?);
     // One trailing newline is an editor's, not the password's.
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
@@ -104,7 +115,7 @@ fn load_file(path: &Path) -> Result<Secret, SecretError> {
             path.display()
         )));
     }
-    Ok(Secret(bytes))
+    Ok(Secret(std::mem::take(&mut *bytes)))
 }
 
 #[cfg(test)]
@@ -115,6 +126,14 @@ mod tests {
     fn debug_never_shows_the_password() {
         let s = Secret::new(b"hunter2".to_vec());
         assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn secrets_are_wiped_on_drop() {
+        // Reading freed memory to check would be undefined behaviour; the marker trait is the
+        // zeroize crate's promise, and the Drop above keeps it.
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<Secret>();
     }
 
     #[test]

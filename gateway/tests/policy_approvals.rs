@@ -186,6 +186,8 @@ fn a_crash_with_requests_pending_is_denied_on_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path());
     let (id, _pending) = a.request(req("DELETE FROM t", 1), LONG).unwrap();
+    // Requests are written by the store's thread; a round trip through it means this one is.
+    a.list(0).unwrap();
     // A second store on the same state dir is what a restarted process sees while the old one's
     // rows are still pending.
     let b = open(dir.path());
@@ -341,4 +343,103 @@ fn the_store_file_is_private() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "approvals.db mode {mode:o}");
+}
+
+#[test]
+fn a_request_never_waits_for_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    // Another writer holds the database: a held statement's session must not wait for it.
+    let other = rusqlite::Connection::open(dir.path().join("approvals.db")).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let (id, pending) = a
+        .request(req("DELETE FROM t", 1), LONG)
+        .expect("the request is queued, not written on the caller's thread");
+    other.execute_batch("COMMIT").unwrap();
+    drop(other);
+    a.approve(id, None, Scope::Statement, "alice").unwrap();
+    assert_eq!(block_on(pending), Decision::Approved);
+}
+
+#[test]
+fn decided_requests_past_the_retention_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    let (old, p) = a.request(req("DELETE FROM t", 1), LONG).unwrap();
+    a.deny(old, None, "bob").unwrap();
+    block_on(p);
+    let (granted, p) = a.request(req("DELETE FROM g", 2), LONG).unwrap();
+    a.approve(granted, Some(LONG), Scope::Fingerprint, "alice")
+        .unwrap();
+    block_on(p);
+    drop(a);
+    std::thread::sleep(Duration::from_millis(5));
+    let b = Approvals::open_with_retention(dir.path(), Duration::from_millis(1)).unwrap();
+    let ids: Vec<u64> = b.list(10).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(ids, [granted], "the denial is gone; the live grant stays");
+    assert!(b.granted(2, Some("claude"), "prod"));
+    // Ids never go back, even after the newest rows were pruned.
+    let (next, _p) = b.request(req("DELETE FROM t", 1), LONG).unwrap();
+    assert!(next > granted);
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_denies_what_needs_the_store_and_nothing_panics() {
+    if !testkit::is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "needs root to mount a tmpfs, and CI requires it"
+        );
+        eprintln!("SKIPPED a_full_disk_denies_what_needs_the_store: needs root to mount a tmpfs");
+        return;
+    }
+    let fs = Tmpfs::mount("2m");
+    let a = open(fs.0.path());
+    // Fill what is left.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(fs.0.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let big = format!("DELETE FROM t WHERE note = '{}'", "x".repeat(256 * 1024));
+    let (id, pending) = a.request(req(&big, 1), LONG).unwrap();
+    match block_on(pending) {
+        Decision::Denied { reason } => assert!(
+            reason.contains("could not record"),
+            "a clear reason: {reason}"
+        ),
+        Decision::Approved => panic!("approved without a record"),
+    }
+    // Nobody can approve what was never recorded; the store still answers.
+    assert!(a.approve(id, None, Scope::Statement, "alice").is_err());
+    // Space again: the store works again.
+    std::fs::remove_file(fs.0.path().join("filler")).unwrap();
+    let (id, pending) = a.request(req("DELETE FROM t", 1), LONG).unwrap();
+    a.approve(id, None, Scope::Statement, "alice").unwrap();
+    assert_eq!(block_on(pending), Decision::Approved);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis::protocol::postgres::auth::{
-    AuthError, AuthStep, ChannelBinding, UpstreamAuth, tls_server_end_point,
+    AuthError, AuthStep, ChannelBinding, PasswordChannel, UpstreamAuth, tls_server_end_point,
 };
 use portcullis::protocol::postgres::messages::{
     encode_query, encode_terminate, parse_error_fields,
@@ -59,7 +59,9 @@ fn login<S: Read + Write>(
     );
     stream.write_all(&out).unwrap();
 
-    let mut auth = UpstreamAuth::new(&pg.user, password.map(str::as_bytes), binding);
+    // Loopback: the driver would count it protected too.
+    let mut auth = UpstreamAuth::new(&pg.user, password.map(str::as_bytes), binding)
+        .on_channel(PasswordChannel::Protected);
     let mut negotiated_minor = None;
     loop {
         let (tag, body) = read_message(stream);

@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod deb;
 mod ebpf;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -34,6 +35,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Build the Debian package (binary, hardened unit, default config, man pages, completions).
     Deb(deb::DebArgs),
+    /// Run every fuzz target for a while, minimize the corpora: `cargo xtask fuzz [--minutes N]`.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Task::Run(args) => run::run(&args),
         Task::Bench(args) => bench::bench(&args),
         Task::Deb(args) => deb::deb(&args),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use anyhow::Context;
 use tracing::{debug, warn};
@@ -15,6 +17,12 @@ use tracing::{debug, warn};
 use super::{ListenerStatus, Request, Response, Status};
 use crate::config::Config;
 use crate::daemon::Shared;
+
+/// Admin connections served at once; more are told to retry.
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
+
+/// How long an admin connection may take to send its request, or to read the answer.
+pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Removes the socket file when the gateway stops.
 pub struct AdminServer {
@@ -50,14 +58,37 @@ pub fn start(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<AdminServer> {
     std::thread::Builder::new()
         .name("portcullis-admin".into())
         .spawn(move || {
+            let active = Arc::new(AtomicUsize::new(0));
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                let Ok(mut conn) = conn else { continue };
+                // A peer that connects and says nothing, or never reads, must not pin a thread.
+                let _ = conn.set_read_timeout(Some(ADMIN_IO_TIMEOUT));
+                let _ = conn.set_write_timeout(Some(ADMIN_IO_TIMEOUT));
+                if active.fetch_add(1, Relaxed) >= MAX_ADMIN_CONNECTIONS {
+                    active.fetch_sub(1, Relaxed);
+                    warn!("admin connection refused: {MAX_ADMIN_CONNECTIONS} already open");
+                    let _ = respond(
+                        &mut conn,
+                        Err(format!(
+                            "busy: {MAX_ADMIN_CONNECTIONS} admin connections are open; retry"
+                        )),
+                    );
+                    continue;
+                }
                 let shared = shared.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_one(conn, &shared, group) {
-                        debug!("admin connection: {e:#}");
-                    }
-                });
+                let mine = active.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("portcullis-admin-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_one(conn, &shared, group) {
+                            debug!("admin connection: {e:#}");
+                        }
+                        mine.fetch_sub(1, Relaxed);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Relaxed);
+                    warn!("admin connection dropped: cannot start a thread");
+                }
             }
         })?;
     Ok(AdminServer { path })

@@ -8,7 +8,7 @@
 pub mod logging;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ pub struct Shared {
     routes: RwLock<Arc<Routes>>,
     config: RwLock<Arc<Config>>,
     policy: RwLock<(Arc<Policy>, Masker)>,
+    /// Bumped by every reload that swaps the policy, so live sessions notice at no cost.
+    policy_generation: AtomicU64,
     pub approvals: Arc<Approvals>,
     pub redirector: Option<Arc<crate::redirect::Redirector>>,
     pub started: Instant,
@@ -65,13 +67,30 @@ impl Shared {
             .clone()
     }
 
-    /// The masking rules of the policy in force: a session takes them when it starts.
+    /// The masking rules of the policy in force: a session takes them when it starts, and again
+    /// when [`Shared::masker_if_reloaded`] says a reload changed them.
     pub fn masker(&self) -> Masker {
         self.policy
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .1
             .clone()
+    }
+
+    /// The policy generation now, for [`Shared::masker_if_reloaded`].
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation.load(Ordering::Acquire)
+    }
+
+    /// The masker in force, if a reload swapped the policy since generation `*seen` (which is
+    /// then brought up to date). One atomic load when nothing changed.
+    pub fn masker_if_reloaded(&self, seen: &mut u64) -> Option<Masker> {
+        let now = self.policy_generation();
+        if now == *seen {
+            return None;
+        }
+        *seen = now;
+        Some(self.masker())
     }
 
     pub fn routes(&self) -> Arc<Routes> {
@@ -102,7 +121,7 @@ pub fn serve<A>(
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
     let policy = load_policy(&cfg.policy)?;
-    let approvals = Approvals::open(&cfg.state_dir)?;
+    let approvals = Approvals::open_with_retention(&cfg.state_dir, cfg.approval_retention)?;
 
     // Bind everything before starting anything, so a busy port is one clear error.
     let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener, Arrival)>> =
@@ -135,6 +154,7 @@ pub fn serve<A>(
         routes: RwLock::new(Arc::new(routes)),
         config: RwLock::new(Arc::new(cfg.clone())),
         policy: RwLock::new(policy),
+        policy_generation: AtomicU64::new(0),
         approvals,
         redirector,
         started: Instant::now(),
@@ -207,7 +227,9 @@ pub fn serve<A>(
     Ok(())
 }
 
-/// SIGHUP: re-read the configuration and credentials; live sessions keep what they started with.
+/// SIGHUP: re-read the configuration, credentials and policy. Live sessions decide their next
+/// statement by the new policy and mask their next result by its rules; their upstream
+/// connection stays as it was opened.
 fn reload(args: &ServeArgs, shared: &Shared) -> anyhow::Result<()> {
     let result = Config::from_args(args).and_then(|cfg| {
         let routes = Routes::build(&cfg, &shared.registry)
@@ -223,6 +245,7 @@ fn reload(args: &ServeArgs, shared: &Shared) -> anyhow::Result<()> {
         }
         *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
         *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+        shared.policy_generation.fetch_add(1, Ordering::AcqRel);
         *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
         Ok(())
     });

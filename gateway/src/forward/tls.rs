@@ -20,7 +20,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The client config for `mode`, or `None` for `disable`.
+/// True when `client_config(mode, rootcert)` checks the server's certificate chain, so that
+/// whoever completes the handshake is the server the operator named (or one its CA vouches for).
+pub fn verifies_server(mode: SslMode, rootcert: Option<&Path>) -> bool {
+    match mode {
+        SslMode::Disable => false,
+        SslMode::Prefer | SslMode::Require => rootcert.is_some(),
+        SslMode::VerifyCa | SslMode::VerifyFull => true,
+    }
+}
+
+/// The client config for `mode`, or `None` for `disable`. It reads the CA file or the system
+/// store: build it when a target is loaded, not per connection.
 pub fn client_config(
     mode: SslMode,
     rootcert: Option<&Path>,

@@ -12,7 +12,7 @@ use super::conn::{Stream, TlsStream};
 use super::tls;
 use crate::config::SslMode;
 use crate::protocol::postgres::auth::{
-    AuthError, AuthStep, ChannelBinding, UpstreamAuth, tls_server_end_point,
+    AuthError, AuthStep, ChannelBinding, PasswordChannel, UpstreamAuth, tls_server_end_point,
 };
 use crate::protocol::postgres::frame::{self, Frame, Next};
 use crate::protocol::postgres::hello::{HelloStep, UpstreamHello};
@@ -88,13 +88,7 @@ async fn open(target: &Target) -> Result<Stream, UpstreamError> {
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let Some(config) = tls::client_config(up.sslmode, up.sslrootcert.as_deref()).map_err(|e| {
-        UpstreamError::Tls {
-            addr: addr.clone(),
-            reason: format!("{e:#}"),
-        }
-    })?
-    else {
+    let Some(config) = target.tls.clone() else {
         return Ok(Stream::tcp_stream(tcp));
     };
     let mut req = Vec::with_capacity(8);
@@ -143,6 +137,24 @@ async fn open(target: &Target) -> Result<Stream, UpstreamError> {
         _ => Err(UpstreamError::Protocol(format!(
             "unexpected answer to SSLRequest from {addr}"
         ))),
+    }
+}
+
+/// Whether a cleartext or md5 password may cross `stream`: only to a server whose certificate was
+/// verified, or over loopback (the gateway dials TCP only, so no Unix socket arises), unless the
+/// operator set the `danger_` override. The address checked is the one actually connected to, not
+/// the configured name.
+fn password_channel(target: &Target, stream: &Stream) -> PasswordChannel {
+    let up = &target.config.upstream;
+    let verified = stream.is_tls() && tls::verifies_server(up.sslmode, up.sslrootcert.as_deref());
+    let loopback = stream
+        .tcp()
+        .peer_addr()
+        .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+    if verified || loopback || target.config.danger_password_over_unverified_channel {
+        PasswordChannel::Protected
+    } else {
+        PasswordChannel::Unverified
     }
 }
 
@@ -195,7 +207,8 @@ async fn connect_inner(
         &up.user,
         target.password.as_ref().map(|s| s.expose()),
         binding,
-    );
+    )
+    .on_channel(password_channel(target, &stream));
     let mut buf = Vec::with_capacity(8192);
     let mut hello = UpstreamHello::default();
     let mut authenticated = false;
@@ -218,7 +231,10 @@ async fn connect_inner(
                 }
             }
             if !reply.is_empty() {
-                stream.write_all(reply).await.0.map_err(io_err)?;
+                // It may hold the password or its hash: wiped once sent.
+                let BufResult(sent, mut reply) = stream.write_all(reply).await;
+                zeroize::Zeroize::zeroize(&mut reply);
+                sent.map_err(io_err)?;
             }
         } else {
             let step = hello

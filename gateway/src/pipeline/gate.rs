@@ -2,14 +2,16 @@
 //! decision has (logging a shadow verdict, opening an approval request).
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
 
+use futures_channel::oneshot;
 use tracing::{info, warn};
 
 use super::mask_filter::{CopyStatements, copy_statement};
 use crate::daemon::Shared;
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
-use crate::policy::{Action, ClassifyCache, Identity, TargetRef};
+use crate::policy::{Action, ClassifyCache, Identity, Policy, TargetRef, Verdict};
 use crate::protocol::core::{Blocked, Disposition, Gate, Request};
 use crate::route::Target;
 
@@ -18,11 +20,97 @@ thread_local! {
     static CACHE: RefCell<ClassifyCache> = RefCell::new(ClassifyCache::new(4096));
 }
 
-/// A statement the gate is holding for an operator.
-pub struct Held {
-    pub id: u64,
-    pub rule: String,
-    pub decision: PendingDecision,
+/// Statements longer than this are not classified on the I/O worker, where parsing megabytes
+/// would stall every session on it: they wait for the classifier thread instead.
+pub const INLINE_CLASSIFY_MAX: usize = 256 * 1024;
+
+/// COPY statements prepared but not yet answered that a session may have.
+pub const MAX_PENDING_COPIES: usize = 64;
+
+/// Large statements queued for the classifier thread at most; past it they are refused.
+const CLASSIFY_QUEUE: usize = 64;
+
+/// What the gate is waiting for before it can answer.
+pub enum Held {
+    /// An operator's decision.
+    Approval {
+        id: u64,
+        rule: String,
+        decision: PendingDecision,
+    },
+    /// A large statement's verdict, from the classifier thread.
+    Classifying {
+        verdict: oneshot::Receiver<Verdict>,
+        request: OwnedRequest,
+    },
+}
+
+/// A Query or Parse kept whole while its verdict is computed elsewhere.
+pub struct OwnedRequest {
+    sql: Arc<str>,
+    /// The prepared statement's name, for a Parse.
+    statement: Option<String>,
+}
+
+impl OwnedRequest {
+    pub fn as_request(&self) -> Request<'_> {
+        match &self.statement {
+            Some(statement) => Request::Parse {
+                statement,
+                sql: &self.sql,
+            },
+            None => Request::Query(&self.sql),
+        }
+    }
+}
+
+/// One large statement for the classifier thread.
+struct ClassifyJob {
+    policy: Arc<Policy>,
+    agent: Option<String>,
+    target: String,
+    database: String,
+    sql: Arc<str>,
+    statement: Option<String>,
+    reply: oneshot::Sender<Verdict>,
+}
+
+/// The classifier thread's queue, started on first use.
+fn classifier() -> &'static SyncSender<ClassifyJob> {
+    static QUEUE: OnceLock<SyncSender<ClassifyJob>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = mpsc::sync_channel::<ClassifyJob>(CLASSIFY_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("portcullis-classify".into())
+            .spawn(move || {
+                // Texts this long are never cached; a tiny cache keeps the type happy.
+                let mut cache = ClassifyCache::new(1);
+                for job in rx {
+                    let request = match &job.statement {
+                        Some(statement) => Request::Parse {
+                            statement,
+                            sql: &job.sql,
+                        },
+                        None => Request::Query(&job.sql),
+                    };
+                    let id = Identity {
+                        agent: job.agent.as_deref(),
+                        groups: &[],
+                    };
+                    let target = TargetRef {
+                        name: &job.target,
+                        database: &job.database,
+                    };
+                    let verdict = job.policy.decide(&id, &target, &request, &mut cache);
+                    let _ = job.reply.send(verdict);
+                }
+            });
+        if let Err(e) = spawned {
+            // The queue's receiver is gone with the closure: every large statement is refused.
+            warn!("cannot start the classifier thread: {e}");
+        }
+        tx
+    })
 }
 
 pub struct PolicyGate {
@@ -71,18 +159,51 @@ impl PolicyGate {
     }
 }
 
-impl Gate for PolicyGate {
-    fn check(&mut self, request: &Request<'_>) -> Disposition {
-        let id = Identity {
-            agent: self.agent.as_deref(),
-            groups: &[],
+impl PolicyGate {
+    /// Sends a large statement to the classifier thread and holds it until the verdict is back.
+    /// A full queue or a stopped thread refuses it: never waved through unclassified.
+    fn classify_elsewhere(&mut self, policy: Arc<Policy>, request: &Request<'_>) -> Disposition {
+        let (sql, statement) = match *request {
+            Request::Query(sql) => (sql, None),
+            Request::Parse { statement, sql } => (sql, Some(statement.to_owned())),
+            Request::FunctionCall { .. } => unreachable!("only statements are large"),
         };
-        let target = TargetRef {
-            name: &self.target,
-            database: &self.database,
+        let sql: Arc<str> = Arc::from(sql);
+        let (reply, verdict) = oneshot::channel();
+        let job = ClassifyJob {
+            policy,
+            agent: self.agent.clone(),
+            target: self.target.clone(),
+            database: self.database.clone(),
+            sql: sql.clone(),
+            statement: statement.clone(),
+            reply,
         };
-        let policy = self.shared.policy();
-        let verdict = CACHE.with(|c| policy.decide(&id, &target, request, &mut c.borrow_mut()));
+        let refused = match classifier().try_send(job) {
+            Ok(()) => {
+                self.held = Some(Held::Classifying {
+                    verdict,
+                    request: OwnedRequest { sql, statement },
+                });
+                return Disposition::Hold;
+            }
+            Err(TrySendError::Full(_)) => "too many large statements are waiting to be classified",
+            Err(TrySendError::Disconnected(_)) => "the classifier thread is not running",
+        };
+        warn!(
+            session = self.session,
+            bytes = sql.len(),
+            "large statement refused: {refused}"
+        );
+        Disposition::Block(Blocked {
+            rule: "classifier".into(),
+            reason: format!("statement of {} bytes not classified: {refused}", sql.len()),
+        })
+    }
+
+    /// What a verdict means for this request: allow, block, or hold for an operator (then
+    /// [`PolicyGate::held`] says what to wait for).
+    pub fn act(&mut self, request: &Request<'_>, verdict: Verdict) -> Disposition {
         crate::service::metrics::verdict(&self.target, &verdict.rule, verdict.action);
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
             let would = if shadow == Action::Block {
@@ -100,7 +221,20 @@ impl Gate for PolicyGate {
                 .iter()
                 .any(|s| s.command.eq_ignore_ascii_case("COPY"))
         {
-            // The filter needs what the statement says about its output (format, columns).
+            // The filter needs what the statement says about its output (format, columns). A
+            // client that prepares COPY after COPY and never runs them must not grow the queue.
+            if copies.borrow().len() >= MAX_PENDING_COPIES {
+                warn!(
+                    session = self.session,
+                    "COPY refused: {MAX_PENDING_COPIES} are pending"
+                );
+                return Disposition::Block(Blocked {
+                    rule: "limits".into(),
+                    reason: format!(
+                        "{MAX_PENDING_COPIES} COPY statements are already waiting to run on this session"
+                    ),
+                });
+            }
             if let Some(c) = copy_statement(sql) {
                 copies.borrow_mut().push_back(c);
             }
@@ -141,11 +275,11 @@ impl Gate for PolicyGate {
                 match self
                     .shared
                     .approvals
-                    .request(new, policy.approval_timeout())
+                    .request(new, self.shared.policy().approval_timeout())
                 {
                     Ok((id, decision)) => {
                         info!(session = self.session, agent = self.agent.as_deref().unwrap_or("-"), target = %self.target, approval = id, rule = %verdict.rule, "statement held for approval");
-                        self.held = Some(Held {
+                        self.held = Some(Held::Approval {
                             id,
                             rule: verdict.rule.to_string(),
                             decision,
@@ -157,11 +291,34 @@ impl Gate for PolicyGate {
                         warn!(session = self.session, "approval store unavailable: {e:#}");
                         Disposition::Block(Blocked {
                             rule: verdict.rule.to_string(),
-                            reason: "needs approval, but the approval store is unavailable".into(),
+                            reason: format!(
+                                "needs approval, but the approval store is unavailable: {e:#}"
+                            ),
                         })
                     }
                 }
             }
         }
+    }
+}
+
+impl Gate for PolicyGate {
+    fn check(&mut self, request: &Request<'_>) -> Disposition {
+        let policy = self.shared.policy();
+        if let Some(sql) = request.sql()
+            && sql.len() > INLINE_CLASSIFY_MAX
+        {
+            return self.classify_elsewhere(policy, request);
+        }
+        let id = Identity {
+            agent: self.agent.as_deref(),
+            groups: &[],
+        };
+        let target = TargetRef {
+            name: &self.target,
+            database: &self.database,
+        };
+        let verdict = CACHE.with(|c| policy.decide(&id, &target, request, &mut c.borrow_mut()));
+        self.act(request, verdict)
     }
 }

@@ -77,6 +77,11 @@ impl MaskFilter {
             copies,
         }
     }
+
+    /// Rules from a reload: the result in flight keeps its plan, the next one uses these.
+    pub fn set_masker(&mut self, masker: Masker) {
+        self.masker = masker;
+    }
 }
 
 impl ResultFilter for MaskFilter {

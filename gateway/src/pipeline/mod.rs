@@ -82,13 +82,15 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     );
 
     // Decide and mask: the gate the core asks per request, the filter it runs per result.
+    let generation = shared.policy_generation();
     let masker = shared.masker();
     let catalog = if masker.needs_catalog() {
         postgres::catalog(&server, shared, &info).await
     } else {
         Default::default()
     };
-    let copies: Option<CopyStatements> = (!masker.is_noop()).then(Default::default);
+    // Kept even when nothing is masked now: a reload may add rules mid-session.
+    let copies: Option<CopyStatements> = Some(Default::default());
     let filter = MaskFilter::new(masker, catalog, copies.clone().unwrap_or_default());
     let gate = PolicyGate::new(shared, info.id, &identity, &target, copies);
 
@@ -103,6 +105,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         info.clone(),
         gate,
         filter,
+        (shared.clone(), generation),
     );
     let end = pump.await;
 

@@ -17,7 +17,7 @@ use compio::buf::IoBuf;
 use futures_util::future::{Either, select};
 use tracing::{info, warn};
 
-use super::gate::PolicyGate;
+use super::gate::{Held, PolicyGate};
 use super::mask_filter::{CATALOG_SQL, Catalog, MaskFilter, catalog_from_rows};
 use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
@@ -65,6 +65,10 @@ pub async fn client_startup(
     shared: &Shared,
     client_addr: std::net::SocketAddr,
 ) -> anyhow::Result<Option<Startup>> {
+    // All of it within the startup timeout, so a silent or trickling client cannot hold a slot
+    // forever.
+    let startup_timeout = shared.config().startup_timeout;
+    let startup_deadline = std::time::Instant::now() + startup_timeout;
     let mut buf = Vec::with_capacity(8192);
     loop {
         let parsed = match startup::parse_initial(&buf, MAX_STARTUP_PACKET_LEN) {
@@ -76,7 +80,16 @@ pub async fn client_startup(
         };
         match parsed {
             None => {
-                let BufResult(n, b) = client.read(buf).await;
+                let left = startup_deadline.saturating_duration_since(std::time::Instant::now());
+                let Ok(BufResult(n, b)) = compio::time::timeout(left, client.read(buf)).await
+                else {
+                    let message = format!(
+                        "the client did not complete startup within {}",
+                        humantime::format_duration(startup_timeout)
+                    );
+                    refuse(client, "08P01", &message).await;
+                    anyhow::bail!("{client_addr}: {message}");
+                };
                 buf = b;
                 if n? == 0 {
                     return Ok(None);
@@ -208,6 +221,13 @@ pub async fn report_end(
 ) {
     match end {
         Ok(End::ClientClosed) | Ok(End::Terminated) => {}
+        Ok(End::Idle(after)) => {
+            let message = format!(
+                "terminating connection due to idle-session timeout ({})",
+                humantime::format_duration(*after)
+            );
+            refuse(client, "57P05", &message).await;
+        }
         Ok(End::ServerClosed { fatal_seen }) => {
             if !fatal_seen {
                 refuse(
@@ -264,7 +284,9 @@ pub async fn pump(
     info: Arc<SessionInfo>,
     gate: PolicyGate,
     filter: MaskFilter,
+    reloads: (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
+    let idle_timeout = reloads.0.config().idle_timeout;
     let ends = select(
         Box::pin(client_to_server(
             client.clone(),
@@ -273,8 +295,11 @@ pub async fn pump(
             pending,
             info.clone(),
             gate,
+            idle_timeout,
         )),
-        Box::pin(server_to_client(server, client, core, info, filter)),
+        Box::pin(server_to_client(
+            server, client, core, info, filter, reloads,
+        )),
     )
     .await;
     match ends {
@@ -285,7 +310,11 @@ pub async fn pump(
 pub enum End {
     ClientClosed,
     Terminated,
-    ServerClosed { fatal_seen: bool },
+    /// The client sent nothing for the idle timeout, with no reply pending.
+    Idle(std::time::Duration),
+    ServerClosed {
+        fatal_seen: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +378,7 @@ async fn client_to_server(
     mut buf: Vec<u8>,
     info: Arc<SessionInfo>,
     mut gate: PolicyGate,
+    idle_timeout: Option<std::time::Duration>,
 ) -> Result<End, PumpError> {
     let mut out = Output::default();
     loop {
@@ -378,7 +408,17 @@ async fn client_to_server(
                 }
             }
         }
-        let BufResult(n, b) = client.read(buf).await;
+        let idle = {
+            let c = core.borrow();
+            c.pending_replies() == 0 && c.transaction_status() == b'I'
+        };
+        let BufResult(n, b) = match idle_timeout.filter(|_| idle && buf.is_empty()) {
+            Some(after) => match compio::time::timeout(after, client.read(buf)).await {
+                Ok(r) => r,
+                Err(_) => return Ok(End::Idle(after)),
+            },
+            None => client.read(buf).await,
+        };
         buf = b;
         if n? == 0 {
             return Ok(End::ClientClosed);
@@ -386,44 +426,102 @@ async fn client_to_server(
     }
 }
 
-/// Waits for an operator's decision on the statement the gate is holding. The client hears
-/// that it is held, with the request id; earlier results keep flowing meanwhile.
+/// Waits for what the gate is holding the statement for: its verdict from the classifier
+/// thread, then, if it needs one, an operator's decision. The client hears that it is held for
+/// approval, with the request id; earlier results keep flowing meanwhile.
 async fn hold(
     client: &Stream,
     info: &SessionInfo,
     gate: &mut PolicyGate,
 ) -> Result<Disposition, PumpError> {
-    let Some(held) = gate.held.take() else {
-        return Ok(Disposition::Block(Blocked {
-            rule: "internal".into(),
-            reason: "held without an approval request".into(),
-        }));
-    };
-    let mut notice = Vec::with_capacity(256);
-    messages::encode_notice(
-        "01000",
-        &format!(
-            "statement held for approval: request {} (rule \"{}\")",
-            held.id, held.rule
-        ),
-        Some(&format!(
-            "an operator decides with `portcullis approve {0}` or `portcullis deny {0}`",
-            held.id
-        )),
-        &mut notice,
-    );
-    client.write_all(notice).await.0?;
     let previous = info.state();
     info.set_state(SessionState::Holding);
-    let decision = held.decision.await;
+    let outcome = loop {
+        match gate.held.take() {
+            None => {
+                break Disposition::Block(Blocked {
+                    rule: "internal".into(),
+                    reason: "held without a reason to wait".into(),
+                });
+            }
+            Some(Held::Classifying { verdict, request }) => {
+                let d = match unless_client_leaves(client, verdict).await? {
+                    Ok(v) => gate.act(&request.as_request(), v),
+                    Err(_) => Disposition::Block(Blocked {
+                        rule: "classifier".into(),
+                        reason: "the classifier thread stopped before a verdict".into(),
+                    }),
+                };
+                if d != Disposition::Hold {
+                    break d;
+                }
+            }
+            Some(Held::Approval { id, rule, decision }) => {
+                let mut notice = Vec::with_capacity(256);
+                messages::encode_notice(
+                    "01000",
+                    &format!("statement held for approval: request {id} (rule \"{rule}\")"),
+                    Some(&format!(
+                        "an operator decides with `portcullis approve {id}` or `portcullis deny {id}`"
+                    )),
+                    &mut notice,
+                );
+                client.write_all(notice).await.0?;
+                // Dropping `decision` when the client leaves withdraws the request.
+                let decision = unless_client_leaves(client, decision).await?;
+                info!(
+                    session = info.id,
+                    approval = id,
+                    ?decision,
+                    "approval decided"
+                );
+                break PolicyGate::outcome(&rule, decision);
+            }
+        }
+    };
     info.set_state(previous);
-    info!(
-        session = info.id,
-        approval = held.id,
-        ?decision,
-        "approval decided"
-    );
-    Ok(PolicyGate::outcome(&held.rule, decision))
+    Ok(outcome)
+}
+
+/// How often a held session looks whether its client is still there.
+const HELD_CLIENT_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Awaits `f`, unless the client hangs up first: then the session ends, and with it the held
+/// statement's upstream connection, instead of lingering until a decision or timeout.
+async fn unless_client_leaves<F: std::future::Future>(
+    client: &Stream,
+    f: F,
+) -> Result<F::Output, PumpError> {
+    let mut f = std::pin::pin!(f);
+    loop {
+        match select(f.as_mut(), Box::pin(compio::time::sleep(HELD_CLIENT_CHECK))).await {
+            Either::Left((v, _)) => return Ok(v),
+            Either::Right(_) => {
+                if client_gone(client) {
+                    return Err(PumpError::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the client disconnected while its statement was held",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// True when the client's socket is at end of stream or broken. Peeks without consuming and
+/// without blocking, so pipelined bytes stay for the pump.
+fn client_gone(client: &Stream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(client.tcp())
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
 }
 
 async fn server_to_client(
@@ -432,6 +530,7 @@ async fn server_to_client(
     core: Rc<RefCell<Session>>,
     info: Arc<SessionInfo>,
     mut filter: MaskFilter,
+    (shared, mut generation): (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
     let mut buf = Vec::with_capacity(conn::READ_CHUNK);
     let mut out = Output::default();
@@ -441,6 +540,10 @@ async fn server_to_client(
         if n? == 0 {
             let fatal_seen = core.borrow().server_sent_fatal();
             return Ok(End::ServerClosed { fatal_seen });
+        }
+        // A reload reaches this session at its next result, not only new sessions.
+        if let Some(masker) = shared.masker_if_reloaded(&mut generation) {
+            filter.set_masker(masker);
         }
         let progress = core.borrow_mut().on_server(&buf, &mut filter, &mut out)?;
         let (r, b) = write_output(&client, buf, &mut out).await;

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -102,22 +103,52 @@ pub struct ApprovalRecord {
 }
 
 /// The approval store, shared (`Arc`) by worker threads and the admin API.
+///
+/// SQLite lives on its own thread, which owns the connection and every waiter: an I/O worker
+/// that holds a statement only sends a message and gets its [`PendingDecision`] at once, and
+/// never waits on a lock held across a disk write. The admin API's calls are answered by the same
+/// thread, in order, so an `approve` always sees the request it names.
 pub struct Approvals {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
+struct Inner {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    /// Live fingerprint grants, read on the I/O thread for every statement that needs approval.
+    grants: Mutex<Vec<Grant>>,
+    next_id: AtomicU64,
+    /// Requests recorded but not yet decided, across all sessions.
+    pending: AtomicUsize,
 }
 
-struct State {
-    db: Connection,
-    waiters: HashMap<u64, Waiter>,
-    grants: Vec<Grant>,
-    /// Requests whose session stopped waiting, to be closed by the reaper.
-    abandoned: Vec<u64>,
-    shutdown: bool,
+/// Work for the store thread.
+enum Job {
+    Insert {
+        id: u64,
+        created_ms: i64,
+        req: NewApproval,
+        waiter: Waiter,
+    },
+    /// The session stopped waiting.
+    Abandon(u64),
+    Approve {
+        id: u64,
+        grant_for: Option<Duration>,
+        scope: Scope,
+        by: String,
+        reply: mpsc::Sender<anyhow::Result<()>>,
+    },
+    Deny {
+        id: u64,
+        reason: String,
+        by: String,
+        reply: mpsc::Sender<anyhow::Result<()>>,
+    },
+    List {
+        recent: usize,
+        reply: mpsc::Sender<anyhow::Result<Vec<ApprovalRecord>>>,
+    },
 }
 
 struct Waiter {
@@ -132,6 +163,16 @@ struct Grant {
     target: String,
     until_ms: i64,
 }
+
+/// How many requests may wait for a decision at once, across all sessions; past it a statement
+/// that needs approval is refused. Each session holds at most one.
+pub const MAX_PENDING: usize = 10_000;
+
+/// How long decided requests are kept when the configuration does not say.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often the store thread prunes decided requests older than the retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS approvals (
@@ -169,10 +210,24 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a plain in-memory update: a panic cannot leave it half done.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Approvals {
-    /// Opens (or creates) `STATE_DIR/approvals.db`. Requests left pending by a previous run are
-    /// denied ("gateway restarted"); fingerprint grants still live are kept.
+    /// [`Approvals::open_with_retention`] with [`DEFAULT_RETENTION`].
     pub fn open(state_dir: &Path) -> anyhow::Result<Arc<Approvals>> {
+        Self::open_with_retention(state_dir, DEFAULT_RETENTION)
+    }
+
+    /// Opens (or creates) `STATE_DIR/approvals.db`. Requests left pending by a previous run are
+    /// denied ("gateway restarted"); fingerprint grants still live are kept. Decided requests
+    /// older than `retention` (and grants expired that long ago) are deleted now and hourly.
+    pub fn open_with_retention(
+        state_dir: &Path,
+        retention: Duration,
+    ) -> anyhow::Result<Arc<Approvals>> {
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating state dir {}", state_dir.display()))?;
         let path = state_dir.join("approvals.db");
@@ -189,6 +244,7 @@ impl Approvals {
                  reason = 'gateway restarted' WHERE status = 'pending'",
             params![now, SYSTEM],
         )?;
+        prune(&db, retention).with_context(|| format!("pruning {}", path.display()))?;
         let grants = {
             let mut stmt = db.prepare(
                 "SELECT fingerprint, agent, target, grant_until FROM approvals
@@ -204,67 +260,75 @@ impl Approvals {
             })?
             .collect::<Result<Vec<_>, _>>()?
         };
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                db,
-                waiters: HashMap::new(),
-                grants,
-                abandoned: Vec::new(),
-                shutdown: false,
-            }),
-            wake: Condvar::new(),
+        // Ids are handed out here, so a request needs no round trip; they keep growing across
+        // restarts and pruning (AUTOINCREMENT's own counter included).
+        let last: i64 = db.query_row(
+            "SELECT max(coalesce((SELECT max(id) FROM approvals), 0),
+                        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'approvals'), 0))",
+            [],
+            |r| r.get(0),
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            jobs: Mutex::new(tx),
+            grants: Mutex::new(grants),
+            next_id: AtomicU64::new(last as u64 + 1),
+            pending: AtomicUsize::new(0),
         });
-        let reaper = shared.clone();
-        std::thread::Builder::new()
+        let store = Store {
+            db,
+            waiters: HashMap::new(),
+            inner: Arc::downgrade(&inner),
+            retention,
+        };
+        let thread = std::thread::Builder::new()
             .name("portcullis-approvals".into())
-            .spawn(move || reap(&reaper))
-            .context("starting the approval timeout thread")?;
-        Ok(Arc::new(Approvals { shared }))
+            .spawn(move || store.run(rx))
+            .context("starting the approval store thread")?;
+        Ok(Arc::new(Approvals {
+            inner,
+            thread: Some(thread),
+        }))
     }
 
-    /// Records a pending request. The returned future resolves when an operator decides, when
-    /// `timeout` passes (denied, "timed out after 5m"), or as denied if the store shuts down. It is
+    /// Records a pending request, without waiting for the disk. The returned future resolves
+    /// when an operator decides, when `timeout` passes (denied, "timed out after 5m"), as denied
+    /// if the request cannot be recorded (a full disk, say) or the store shuts down. It is
     /// runtime-agnostic and needs no timer from the caller. Dropping it before it resolves denies
-    /// the request ("session closed before a decision").
+    /// the request ("session closed before a decision"). Fails at once when [`MAX_PENDING`]
+    /// requests are already waiting.
     pub fn request(
         &self,
         req: NewApproval,
         timeout: Duration,
     ) -> anyhow::Result<(u64, PendingDecision)> {
-        let mut st = self.shared.lock();
-        st.db.execute(
-            "INSERT INTO approvals (created_at, agent, pid, target, database, sql, rule, fingerprint, status)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending')",
-            params![
-                now_ms(),
-                req.agent,
-                req.pid,
-                req.target,
-                req.database,
-                req.sql,
-                req.rule,
-                req.fingerprint as i64
-            ],
-        )
-        .context("recording the approval request")?;
-        let id = st.db.last_insert_rowid() as u64;
+        let inner = &self.inner;
+        if inner.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+            inner.pending.fetch_sub(1, Ordering::Relaxed);
+            bail!("{MAX_PENDING} approval requests are already waiting");
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        st.waiters.insert(
+        let job = Job::Insert {
             id,
-            Waiter {
+            created_ms: now_ms(),
+            req,
+            waiter: Waiter {
                 tx,
                 deadline: Instant::now() + timeout,
                 timeout,
             },
-        );
-        drop(st);
-        self.shared.wake.notify_all();
+        };
+        if !inner.send(job) {
+            inner.pending.fetch_sub(1, Ordering::Relaxed);
+            bail!("the approval store has stopped");
+        }
         Ok((
             id,
             PendingDecision {
                 id,
                 rx,
-                shared: Arc::downgrade(&self.shared),
+                inner: Arc::downgrade(inner),
                 done: false,
             },
         ))
@@ -272,16 +336,17 @@ impl Approvals {
 
     /// True when a live fingerprint grant covers this statement for this agent and target.
     pub fn granted(&self, fingerprint: u64, agent: Option<&str>, target: &str) -> bool {
-        let mut st = self.shared.lock();
+        let mut grants = lock(&self.inner.grants);
         let now = now_ms();
-        st.grants.retain(|g| g.until_ms > now);
-        st.grants.iter().any(|g| {
+        grants.retain(|g| g.until_ms > now);
+        grants.iter().any(|g| {
             g.fingerprint == fingerprint && g.agent.as_deref() == agent && g.target == target
         })
     }
 
     /// Approves a pending request. `Scope::Fingerprint` needs `for_` (how long the grant lasts);
-    /// `Scope::Statement` takes none.
+    /// `Scope::Statement` takes none. Waits for the store thread: for the admin API, never for an
+    /// I/O worker.
     pub fn approve(
         &self,
         id: u64,
@@ -301,11 +366,202 @@ impl Approvals {
             (Scope::Fingerprint, Some(d)) if d.is_zero() => bail!("--for must be longer than zero"),
             (_, d) => d,
         };
-        let mut st = self.shared.lock();
-        let row = st.check_pending(id)?;
+        self.call(|reply| Job::Approve {
+            id,
+            grant_for,
+            scope,
+            by: by.to_owned(),
+            reply,
+        })
+    }
+
+    /// Denies a pending request.
+    pub fn deny(&self, id: u64, reason: Option<&str>, by: &str) -> anyhow::Result<()> {
+        let reason = match reason {
+            Some(r) if !r.trim().is_empty() => format!("denied by {by}: {}", r.trim()),
+            _ => format!("denied by {by}"),
+        };
+        self.call(|reply| Job::Deny {
+            id,
+            reason,
+            by: by.to_owned(),
+            reply,
+        })
+    }
+
+    /// Every pending request (oldest first), then the `recent` most recently created decided ones.
+    pub fn list(&self, recent: usize) -> anyhow::Result<Vec<ApprovalRecord>> {
+        self.call(|reply| Job::List { recent, reply })
+    }
+
+    /// Sends a job that answers, and waits for the answer.
+    fn call<T>(
+        &self,
+        job: impl FnOnce(mpsc::Sender<anyhow::Result<T>>) -> Job,
+    ) -> anyhow::Result<T> {
+        let (reply, answer) = mpsc::channel();
+        if !self.inner.send(job(reply)) {
+            bail!("the approval store has stopped");
+        }
+        answer
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the approval store has stopped"))?
+    }
+}
+
+impl Inner {
+    /// False when the store thread has stopped.
+    fn send(&self, job: Job) -> bool {
+        lock(&self.jobs).send(job).is_ok()
+    }
+}
+
+impl Drop for Approvals {
+    fn drop(&mut self) {
+        // The store thread ends when the last sender goes: it finishes what was queued, then
+        // every waiter left hears "shutting down".
+        let (dead, _) = mpsc::channel();
+        *lock(&self.inner.jobs) = dead;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The store thread's state: the only owner of the database connection and of the waiters.
+struct Store {
+    db: Connection,
+    waiters: HashMap<u64, Waiter>,
+    inner: Weak<Inner>,
+    retention: Duration,
+}
+
+struct PendingRow {
+    fingerprint: u64,
+    agent: Option<String>,
+    target: String,
+}
+
+impl Store {
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        let mut next_prune = Instant::now() + PRUNE_EVERY;
+        loop {
+            let next = self
+                .waiters
+                .values()
+                .map(|w| w.deadline)
+                .min()
+                .map_or(next_prune, |d| d.min(next_prune));
+            match jobs.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(job) => self.handle(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.expire();
+            if Instant::now() >= next_prune {
+                if let Err(e) = prune(&self.db, self.retention) {
+                    tracing::warn!("approval store: pruning: {e:#}");
+                }
+                next_prune = Instant::now() + PRUNE_EVERY;
+            }
+        }
+        // Dropping the senders tells each waiter "shutting down".
+        for _ in std::mem::take(&mut self.waiters) {
+            self.settled();
+        }
+    }
+
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Insert {
+                id,
+                created_ms,
+                req,
+                waiter,
+            } => {
+                let result = self.db.execute(
+                    "INSERT INTO approvals (id, created_at, agent, pid, target, database, sql, rule,
+                         fingerprint, status)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending')",
+                    params![
+                        id as i64,
+                        created_ms,
+                        req.agent,
+                        req.pid,
+                        req.target,
+                        req.database,
+                        req.sql,
+                        req.rule,
+                        req.fingerprint as i64
+                    ],
+                );
+                match result {
+                    Ok(_) => {
+                        self.waiters.insert(id, waiter);
+                    }
+                    Err(e) => {
+                        // Not recorded, so no operator can see it: refuse, never wave through.
+                        tracing::warn!(id, "approval store: recording request: {e}");
+                        self.settled();
+                        let _ = waiter.tx.send(Decision::Denied {
+                            reason: format!(
+                                "needs approval, but the approval store could not record the request ({e})"
+                            ),
+                        });
+                    }
+                }
+            }
+            Job::Abandon(id) => {
+                if self.waiters.contains_key(&id)
+                    && let Err(e) = self.close(id, "session closed before a decision", SYSTEM)
+                {
+                    tracing::warn!(id, "approval store: {e:#}");
+                }
+            }
+            Job::Approve {
+                id,
+                grant_for,
+                scope,
+                by,
+                reply,
+            } => {
+                let _ = reply.send(self.approve(id, grant_for, scope, &by));
+            }
+            Job::Deny {
+                id,
+                reason,
+                by,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.check_pending(id)
+                        .and_then(|_| self.close(id, &reason, &by)),
+                );
+            }
+            Job::List { recent, reply } => {
+                let _ = reply.send(self.list(recent));
+            }
+        }
+    }
+
+    /// One fewer request waiting.
+    fn settled(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn approve(
+        &mut self,
+        id: u64,
+        grant_for: Option<Duration>,
+        scope: Scope,
+        by: &str,
+    ) -> anyhow::Result<()> {
+        let row = self.check_pending(id)?;
         let now = now_ms();
         let until = grant_for.map(|d| now.saturating_add(d.as_millis() as i64));
-        st.db
+        self.db
             .execute(
                 "UPDATE approvals SET status = 'approved', decided_at = ?2, decided_by = ?3,
                      scope = ?4, grant_until = ?5 WHERE id = ?1 AND status = 'pending'",
@@ -321,67 +577,50 @@ impl Approvals {
                 ],
             )
             .context("recording the approval")?;
-        if let Some(until_ms) = until {
-            st.grants.push(Grant {
+        if let (Some(until_ms), Some(inner)) = (until, self.inner.upgrade()) {
+            lock(&inner.grants).push(Grant {
                 fingerprint: row.fingerprint,
                 agent: row.agent,
                 target: row.target,
                 until_ms,
             });
         }
-        if let Some(w) = st.waiters.remove(&id) {
+        if let Some(w) = self.waiters.remove(&id) {
+            self.settled();
             let _ = w.tx.send(Decision::Approved);
         }
         Ok(())
     }
 
-    /// Denies a pending request.
-    pub fn deny(&self, id: u64, reason: Option<&str>, by: &str) -> anyhow::Result<()> {
-        let reason = match reason {
-            Some(r) if !r.trim().is_empty() => format!("denied by {by}: {}", r.trim()),
-            _ => format!("denied by {by}"),
-        };
-        let mut st = self.shared.lock();
-        st.check_pending(id)?;
-        st.close(id, &reason, by)
-    }
-
-    /// Every pending request (oldest first), then the `recent` most recently created decided ones.
-    pub fn list(&self, recent: usize) -> anyhow::Result<Vec<ApprovalRecord>> {
-        let st = self.shared.lock();
-        let mut out = st.query_records(
+    fn list(&self, recent: usize) -> anyhow::Result<Vec<ApprovalRecord>> {
+        let mut out = self.query_records(
             "SELECT * FROM approvals WHERE status = 'pending' ORDER BY id",
             params![],
         )?;
-        out.extend(st.query_records(
+        out.extend(self.query_records(
             "SELECT * FROM approvals WHERE status != 'pending' ORDER BY id DESC LIMIT ?1",
             params![recent as i64],
         )?);
         Ok(out)
     }
-}
 
-impl Drop for Approvals {
-    fn drop(&mut self) {
-        self.shared.lock().shutdown = true;
-        self.shared.wake.notify_all();
+    /// Denies requests past their deadline.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<(u64, Duration)> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(id, w)| (*id, w.timeout))
+            .collect();
+        for (id, timeout) in expired {
+            let reason = format!("timed out after {}", humantime::format_duration(timeout));
+            if let Err(e) = self.close(id, &reason, SYSTEM) {
+                tracing::warn!(id, "approval store: {e:#}");
+            }
+        }
     }
-}
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent data (each change is one SQL statement).
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-struct PendingRow {
-    fingerprint: u64,
-    agent: Option<String>,
-    target: String,
-}
-
-impl State {
     fn check_pending(&self, id: u64) -> anyhow::Result<PendingRow> {
         let row = self
             .db
@@ -406,9 +645,6 @@ impl State {
         let Some((status, by, reason, pending)) = row else {
             bail!("no approval request with id {id}");
         };
-        if self.abandoned.contains(&id) {
-            bail!("approval request {id} is no longer waiting: its session closed");
-        }
         if status != "pending" {
             let mut msg = format!("approval request {id} was already {status}");
             if let Some(by) = by {
@@ -418,6 +654,9 @@ impl State {
                 msg.push_str(&format!(" ({reason})"));
             }
             bail!(msg);
+        }
+        if !self.waiters.contains_key(&id) {
+            bail!("approval request {id} is no longer waiting: its session closed");
         }
         Ok(pending)
     }
@@ -431,6 +670,7 @@ impl State {
             params![id as i64, now_ms(), by, reason],
         );
         if let Some(w) = self.waiters.remove(&id) {
+            self.settled();
             let _ = w.tx.send(Decision::Denied {
                 reason: reason.to_owned(),
             });
@@ -476,44 +716,15 @@ impl State {
     }
 }
 
-/// The timeout thread: denies requests past their deadline and those whose session went away.
-fn reap(shared: &Shared) {
-    let mut st = shared.lock();
-    loop {
-        if st.shutdown {
-            return;
-        }
-        for id in std::mem::take(&mut st.abandoned) {
-            if let Err(e) = st.close(id, "session closed before a decision", SYSTEM) {
-                tracing::warn!(id, "approval store: {e:#}");
-            }
-        }
-        let now = Instant::now();
-        let expired: Vec<(u64, Duration)> = st
-            .waiters
-            .iter()
-            .filter(|(_, w)| w.deadline <= now)
-            .map(|(id, w)| (*id, w.timeout))
-            .collect();
-        for (id, timeout) in expired {
-            let reason = format!("timed out after {}", humantime::format_duration(timeout));
-            if let Err(e) = st.close(id, &reason, SYSTEM) {
-                tracing::warn!(id, "approval store: {e:#}");
-            }
-        }
-        let next = st.waiters.values().map(|w| w.deadline).min();
-        st = match next {
-            Some(deadline) => {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                shared
-                    .wake
-                    .wait_timeout(st, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
-            }
-            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
-        };
-    }
+/// Deletes decided requests created more than `retention` ago, unless they carry a grant that
+/// expired less than `retention` ago (or not at all). Pending rows are never pruned.
+fn prune(db: &Connection, retention: Duration) -> rusqlite::Result<usize> {
+    let cutoff = now_ms().saturating_sub(retention.as_millis().min(i64::MAX as u128) as i64);
+    db.execute(
+        "DELETE FROM approvals WHERE status != 'pending' AND created_at < ?1
+             AND (grant_until IS NULL OR grant_until < ?1)",
+        params![cutoff],
+    )
 }
 
 #[cfg(unix)]
@@ -528,7 +739,7 @@ fn restrict_permissions(path: &Path) -> anyhow::Result<()> {
 pub struct PendingDecision {
     id: u64,
     rx: oneshot::Receiver<Decision>,
-    shared: Weak<Shared>,
+    inner: Weak<Inner>,
     done: bool,
 }
 
@@ -559,14 +770,9 @@ impl Drop for PendingDecision {
         if self.done {
             return;
         }
-        // Hand the bookkeeping to the reaper: no database write on the caller's thread.
-        if let Some(shared) = self.shared.upgrade() {
-            let mut st = shared.lock();
-            if st.waiters.remove(&self.id).is_some() {
-                st.abandoned.push(self.id);
-            }
-            drop(st);
-            shared.wake.notify_all();
+        // The store thread records the withdrawal: no database write on the caller's thread.
+        if let Some(inner) = self.inner.upgrade() {
+            inner.send(Job::Abandon(self.id));
         }
     }
 }

@@ -30,6 +30,19 @@ pub enum ChannelBinding {
     TlsServerEndPoint(Vec<u8>),
 }
 
+/// Whether the channel to the server keeps a cleartext or md5 password from anyone but the
+/// server. The driver knows; the core refuses to send either unless told the channel is
+/// [`PasswordChannel::Protected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordChannel {
+    /// TLS whose certificate was verified (verify-ca, verify-full), a Unix socket, loopback, or
+    /// an operator's explicit `danger_` override.
+    Protected,
+    /// Plaintext to another host, or TLS that encrypts without checking who answers: whoever
+    /// answers may be an impostor asking for the password.
+    Unverified,
+}
+
 /// What the driver does next after [`UpstreamAuth::on_message`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthStep {
@@ -70,6 +83,12 @@ pub enum AuthError {
         "upstream server offers only SCRAM-SHA-256-PLUS, which needs TLS channel binding, but the upstream connection has none"
     )]
     ChannelBindingUnavailable,
+    /// The server asked for the password itself (cleartext) or its md5 over a channel that does
+    /// not prove who the server is: an impostor would get the credential.
+    #[error(
+        "upstream server asked for {method} authentication over a channel that is neither verified TLS, a Unix socket nor loopback; the gateway does not send the password there (use sslmode=verify-full or verify-ca, or SCRAM on the server)"
+    )]
+    UnverifiedChannel { method: &'static str },
     /// The server asked for a password and the target has no credential configured.
     #[error(
         "upstream server requested {method} authentication, but no upstream password is configured"
@@ -129,8 +148,10 @@ impl State {
 /// The client side of one upstream authentication exchange.
 pub struct UpstreamAuth {
     user: String,
-    password: Option<Vec<u8>>,
+    /// The gateway's copy, wiped when the exchange is dropped.
+    password: Option<zeroize::Zeroizing<Vec<u8>>>,
     channel_binding: ChannelBinding,
+    channel: PasswordChannel,
     state: State,
     method: Option<&'static str>,
 }
@@ -141,6 +162,7 @@ impl fmt::Debug for UpstreamAuth {
         f.debug_struct("UpstreamAuth")
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("channel", &self.channel)
             .field("state", &self.state.waiting_for())
             .field("method", &self.method)
             .finish()
@@ -148,15 +170,24 @@ impl fmt::Debug for UpstreamAuth {
 }
 
 impl UpstreamAuth {
-    /// `user` must be the `user` of the StartupMessage sent upstream (md5 hashes it in).
+    /// `user` must be the `user` of the StartupMessage sent upstream (md5 hashes it in). The
+    /// channel counts as [`PasswordChannel::Unverified`] until [`UpstreamAuth::on_channel`] says
+    /// otherwise.
     pub fn new(user: &str, password: Option<&[u8]>, channel_binding: ChannelBinding) -> Self {
         Self {
             user: user.to_owned(),
-            password: password.map(<[u8]>::to_vec),
+            password: password.map(|p| zeroize::Zeroizing::new(p.to_vec())),
             channel_binding,
+            channel: PasswordChannel::Unverified,
             state: State::Start,
             method: None,
         }
+    }
+
+    /// What the channel to the server protects; see [`PasswordChannel`].
+    pub fn on_channel(mut self, channel: PasswordChannel) -> Self {
+        self.channel = channel;
+        self
     }
 
     /// The method the server chose, once it asked: `trust`, `password`, `md5`, `SCRAM-SHA-256`
@@ -213,9 +244,18 @@ impl UpstreamAuth {
         })
     }
 
+    /// The password, for a method that sends it (or its md5) as is: only on a protected channel.
+    fn plain_password(&self, method: &'static str) -> Result<&[u8], AuthError> {
+        if self.channel != PasswordChannel::Protected {
+            return Err(AuthError::UnverifiedChannel { method });
+        }
+        self.password(method)
+    }
+
     fn password(&self, method: &'static str) -> Result<&[u8], AuthError> {
         self.password
             .as_deref()
+            .map(Vec::as_slice)
             .ok_or(AuthError::NoPassword { method })
     }
 
@@ -237,13 +277,13 @@ impl UpstreamAuth {
             }
             (State::Start, AuthRequest::CleartextPassword) => {
                 self.method = Some("password");
-                encode_password(self.password("password")?, out);
+                encode_password(self.plain_password("password")?, out);
                 self.state = State::PasswordSent;
                 Ok(AuthStep::Continue)
             }
             (State::Start, AuthRequest::Md5Password { salt }) => {
                 self.method = Some("md5");
-                let hash = md5_hash(self.user.as_bytes(), self.password("md5")?, salt);
+                let hash = md5_hash(self.user.as_bytes(), self.plain_password("md5")?, salt);
                 encode_password(hash.as_bytes(), out);
                 self.state = State::PasswordSent;
                 Ok(AuthStep::Continue)
@@ -446,7 +486,8 @@ mod tests {
 
     #[test]
     fn cleartext_and_md5_send_the_password_message() {
-        let mut a = UpstreamAuth::new("md5_user", Some(b"password"), ChannelBinding::None);
+        let mut a = UpstreamAuth::new("md5_user", Some(b"password"), ChannelBinding::None)
+            .on_channel(PasswordChannel::Protected);
         let mut out = Vec::new();
         a.on_message(b'R', &auth_request(5, &[0x2a, 0x3d, 0x8f, 0xe0]), &mut out)
             .unwrap();
@@ -461,11 +502,35 @@ mod tests {
             Ok(AuthStep::Authenticated)
         );
 
-        let mut a = UpstreamAuth::new("u", Some(b"s3cret"), ChannelBinding::None);
+        let mut a = UpstreamAuth::new("u", Some(b"s3cret"), ChannelBinding::None)
+            .on_channel(PasswordChannel::Protected);
         out.clear();
         a.on_message(b'R', &auth_request(3, &[]), &mut out).unwrap();
         assert_eq!(sent(&out), (b'p', &b"s3cret\0"[..]));
         assert_eq!(a.method(), Some("password"));
+    }
+
+    #[test]
+    fn cleartext_and_md5_are_refused_on_an_unverified_channel() {
+        for (code, extra, method) in [(3, &[][..], "password"), (5, &[1, 2, 3, 4][..], "md5")] {
+            let mut a = UpstreamAuth::new("u", Some(b"hunter2"), ChannelBinding::None);
+            let mut out = Vec::new();
+            let err = a
+                .on_message(b'R', &auth_request(code, extra), &mut out)
+                .unwrap_err();
+            assert_eq!(err, AuthError::UnverifiedChannel { method });
+            assert!(
+                out.is_empty(),
+                "nothing is sent to a server we cannot verify"
+            );
+            assert!(!format!("{err} {a:?}").contains("hunter2"));
+        }
+        // SCRAM never reveals the password and proves the server knows it: allowed.
+        let mut a = UpstreamAuth::new("u", Some(b"pw"), ChannelBinding::None);
+        let mut out = Vec::new();
+        a.on_message(b'R', &auth_request(10, b"SCRAM-SHA-256\0\0"), &mut out)
+            .unwrap();
+        assert_eq!(out[0], b'p');
     }
 
     #[test]
@@ -475,7 +540,8 @@ mod tests {
             (5, &[1, 2, 3, 4][..], "md5"),
             (10, &b"SCRAM-SHA-256\0\0"[..], "SCRAM-SHA-256"),
         ] {
-            let mut a = UpstreamAuth::new("u", None, ChannelBinding::None);
+            let mut a = UpstreamAuth::new("u", None, ChannelBinding::None)
+                .on_channel(PasswordChannel::Protected);
             let err = a
                 .on_message(b'R', &auth_request(code, extra), &mut Vec::new())
                 .unwrap_err();
@@ -563,7 +629,8 @@ mod tests {
 
     #[test]
     fn server_error_carries_sqlstate_and_never_the_password() {
-        let mut a = UpstreamAuth::new("app", Some(b"hunter2-secret"), ChannelBinding::None);
+        let mut a = UpstreamAuth::new("app", Some(b"hunter2-secret"), ChannelBinding::None)
+            .on_channel(PasswordChannel::Protected);
         let mut out = Vec::new();
         a.on_message(b'R', &auth_request(3, &[]), &mut out).unwrap();
         let mut e = Vec::new();
@@ -596,7 +663,8 @@ mod tests {
 
     #[test]
     fn negotiate_protocol_version_only_before_auth() {
-        let mut a = UpstreamAuth::new("u", Some(b"pw"), ChannelBinding::None);
+        let mut a = UpstreamAuth::new("u", Some(b"pw"), ChannelBinding::None)
+            .on_channel(PasswordChannel::Protected);
         let mut out = Vec::new();
         let mut v = Vec::new();
         crate::protocol::postgres::messages::encode_negotiate_protocol_version(

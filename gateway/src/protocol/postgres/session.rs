@@ -97,9 +97,16 @@ enum Expect {
     Execute {
         portal: NameId,
     },
-    Close,
+    Close {
+        portal: bool,
+        name: NameId,
+    },
     Sync,
 }
+
+/// Named prepared statements, and named portals, a session may keep open at once. Past it the
+/// client gets a protocol error (08P01) instead of growing the gateway's maps without end.
+pub const MAX_NAMED: usize = 10_000;
 
 /// Inspects (and may rewrite) result rows on their way to the client: the masking hook.
 /// `begin*` return whether the result's rows must be inspected; when they return false, rows
@@ -256,6 +263,26 @@ impl Session {
         self.server_fatal
     }
 
+    /// Statements and portals the session remembers: bounded by what the server holds.
+    pub fn remembered(&self) -> usize {
+        self.statement_rows.len() + self.portal_rows.len() + self.portals.len()
+    }
+
+    /// Refuses a new name once [`MAX_NAMED`] of its kind are open.
+    fn check_room<V>(
+        &self,
+        map: &HashMap<NameId, V>,
+        name: &str,
+        what: &str,
+    ) -> Result<(), SessionError> {
+        if map.len() >= MAX_NAMED && !map.contains_key(&self.names.hash_one(name)) {
+            return Err(SessionError::client(format!(
+                "{MAX_NAMED} named {what} are open; close some (Close message) before making more"
+            )));
+        }
+        Ok(())
+    }
+
     /// Replies the server still owes (for tests and the admin view).
     pub fn pending_replies(&self) -> usize {
         self.expect.len()
@@ -341,6 +368,9 @@ impl Session {
                 let mut r = Reader::new(frame.body, "Parse");
                 let statement = r.cstr().map_err(client)?;
                 let sql = r.cstr().map_err(client)?;
+                if !statement.is_empty() {
+                    self.check_room(&self.statement_rows, statement, "prepared statements")?;
+                }
                 return Ok(self.gated(gate, Request::Parse { statement, sql }, range, out));
             }
             b'F' => {
@@ -351,6 +381,9 @@ impl Session {
             }
             b'B' => {
                 let (portal, statement, result_formats) = parse_bind(frame.body)?;
+                if !portal.is_empty() {
+                    self.check_room(&self.portals, portal, "portals")?;
+                }
                 out.pass(range);
                 let (portal, statement) =
                     (self.names.hash_one(portal), self.names.hash_one(statement));
@@ -379,8 +412,14 @@ impl Session {
                 self.expect.push_back(Expect::Execute { portal });
             }
             b'C' => {
+                let mut r = Reader::new(frame.body, "Close");
+                let kind = r.u8().map_err(client)?;
+                let name = self.names.hash_one(r.cstr().map_err(client)?);
                 out.pass(range);
-                self.expect.push_back(Expect::Close);
+                self.expect.push_back(Expect::Close {
+                    portal: kind == b'P',
+                    name,
+                });
             }
             b'S' => {
                 out.pass(range);
@@ -550,6 +589,16 @@ impl Session {
                 self.tx_status = status;
                 self.result = ResultState::None;
                 self.copy_inspect = false;
+                // Portals live until their transaction ends, the unnamed one until the next
+                // Bind; past here the server has neither, so neither does the gateway.
+                if status == b'I' {
+                    self.portals.clear();
+                    self.portal_rows.clear();
+                } else {
+                    let unnamed = self.names.hash_one("");
+                    self.portals.remove(&unnamed);
+                    self.portal_rows.remove(&unnamed);
+                }
                 if matches!(
                     self.expect.front(),
                     Some(Expect::Query { .. } | Expect::Sync)
@@ -579,7 +628,8 @@ impl Session {
             }
             b'1' => {
                 if let Some(Expect::Parse { statement, .. }) = self.expect.pop_front() {
-                    forget(&mut self.statement_rows, statement);
+                    // Known from now on (undescribed), so the cap counts it.
+                    self.statement_rows.entry(statement).or_default().clear();
                 }
             }
             b'2' => {
@@ -593,7 +643,18 @@ impl Session {
                     self.portals.insert(portal, (statement, result_formats));
                 }
             }
-            b'3' | b's' => {
+            b'3' => {
+                if let Some(Expect::Close { portal, name }) = self.expect.pop_front() {
+                    if portal {
+                        self.portals.remove(&name);
+                        self.portal_rows.remove(&name);
+                    } else {
+                        self.statement_rows.remove(&name);
+                    }
+                }
+                self.result = ResultState::None;
+            }
+            b's' => {
                 self.expect.pop_front();
                 self.result = ResultState::None;
             }
@@ -866,6 +927,92 @@ mod tests {
                 Disposition::Allow
             }
         }
+    }
+
+    fn close(kind: u8, name: &str) -> Vec<u8> {
+        let mut b = vec![kind];
+        b.extend_from_slice(format!("{name}\0").as_bytes());
+        msg(b'C', &b)
+    }
+
+    /// Feeds client bytes, then the server's answers, through a fresh core's two sides.
+    fn exchange(s: &mut Session, client: &[u8], server: &[u8]) -> Result<(), SessionError> {
+        s.on_frontend(client, &mut AllowAll, &mut Output::default())?;
+        s.on_backend(server, &mut NoFilter, &mut Output::default())?;
+        Ok(())
+    }
+
+    #[test]
+    fn closed_statements_and_finished_portals_are_forgotten() {
+        let mut s = Session::new(1 << 20);
+        let row_description = msg(b'T', &0i16.to_be_bytes());
+        exchange(
+            &mut s,
+            &[
+                parse("s1", "SELECT 1"),
+                msg(b'D', b"Ss1\0"),
+                bind("p1", "s1", &[]),
+                sync(),
+            ]
+            .concat(),
+            &[
+                msg(b'1', b""),
+                msg(b't', &0i16.to_be_bytes()),
+                row_description.clone(),
+                msg(b'2', b""),
+                ready(b'T'),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(s.remembered(), 2, "s1 and p1, in a transaction");
+        // The transaction ends: its portals are gone on the server, and here.
+        exchange(
+            &mut s,
+            &query("COMMIT"),
+            &[msg(b'C', b"COMMIT\0"), ready(b'I')].concat(),
+        )
+        .unwrap();
+        assert_eq!(s.remembered(), 1);
+        exchange(
+            &mut s,
+            &[close(b'S', "s1"), sync()].concat(),
+            &[msg(b'3', b""), ready(b'I')].concat(),
+        )
+        .unwrap();
+        assert_eq!(s.remembered(), 0, "Close forgets the statement");
+    }
+
+    #[test]
+    fn named_statements_past_the_cap_are_a_protocol_error() {
+        let mut s = Session::new(1 << 20);
+        let mut client = Vec::new();
+        let mut server = Vec::new();
+        for i in 0..MAX_NAMED {
+            client.extend_from_slice(&parse(&format!("s{i}"), "SELECT 1"));
+            server.extend_from_slice(&msg(b'1', b""));
+        }
+        client.extend_from_slice(&sync());
+        server.extend_from_slice(&ready(b'I'));
+        exchange(&mut s, &client, &server).unwrap();
+        assert_eq!(s.remembered(), MAX_NAMED);
+        // Reusing a name is fine; a new one is not.
+        exchange(
+            &mut s,
+            &[parse("s7", "SELECT 2"), sync()].concat(),
+            &[msg(b'1', b""), ready(b'I')].concat(),
+        )
+        .unwrap();
+        let err = s
+            .on_frontend(
+                &parse("one-too-many", "SELECT 1"),
+                &mut AllowAll,
+                &mut Output::default(),
+            )
+            .unwrap_err();
+        assert_eq!(err.side, Side::Client);
+        assert!(err.reason.contains("close some"), "{err}");
+        assert_eq!(s.remembered(), MAX_NAMED);
     }
 
     #[test]
