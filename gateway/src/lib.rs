@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod forward;
 pub mod identify;
+pub mod idp;
 pub mod mask;
 pub mod metrics;
 pub mod policy;
