@@ -72,6 +72,8 @@ struct File {
     target: Vec<Spanned<TargetSection>>,
     #[serde(default)]
     redirect: Option<crate::redirect::RedirectConfig>,
+    #[serde(default)]
+    agent: Vec<crate::idp::config::AgentConfig>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -105,6 +107,9 @@ struct TargetSection {
     /// Destinations agents dial that route here (redirect mode): "ADDR[/PREFIX]:PORT".
     #[serde(default)]
     protect: Vec<Spanned<String>>,
+    identity: Option<crate::idp::config::TargetIdentity>,
+    #[serde(default)]
+    role: Vec<crate::idp::config::RoleMapping>,
 }
 
 /// The gateway's settings after merging file, flags and defaults.
@@ -127,6 +132,8 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// eBPF interception; off unless `[redirect] enabled = true`.
     pub redirect: crate::redirect::RedirectConfig,
+    /// `[[agent]]`: agents' token files.
+    pub agents: Vec<crate::idp::config::AgentConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +151,8 @@ pub struct TargetConfig {
     /// Original destinations that route to this target when the redirect steers a connection
     /// here. Default: the upstream address itself when it is an IP literal or `localhost`.
     pub protect: Vec<crate::redirect::ProtectedTarget>,
+    /// `[target.identity]` with its `[[target.role]]`s; `None`: no identity required.
+    pub identity: Option<crate::idp::config::TargetIdentity>,
 }
 
 /// How the gateway reaches and authenticates to one PostgreSQL.
@@ -221,6 +230,7 @@ impl Config {
                 password,
                 connect_timeout: Duration::from_secs(10),
                 protect,
+                identity: None,
             }];
             cfg.listeners = vec![Listener {
                 listen,
@@ -319,14 +329,18 @@ impl Config {
             if protect.is_empty() {
                 protect = default_protect(&upstream);
             }
+            let identity = crate::idp::config::TargetIdentity::resolve(t.identity, t.role)
+                .map_err(|m| err(Some(span.clone()), format!("target {:?}: {m}", t.name)))?;
             targets.push(TargetConfig {
                 name: t.name,
                 upstream,
                 password,
                 connect_timeout,
                 protect,
+                identity,
             });
         }
+        crate::idp::config::check_agents(&file.agent).map_err(|m| err(None, m))?;
         let mut listeners = Vec::new();
         for l in file.listener {
             if !targets.iter().any(|t| t.name == *l.target.get_ref()) {
@@ -358,6 +372,7 @@ impl Config {
             listeners,
             targets,
             redirect: file.redirect.unwrap_or_default(),
+            agents: file.agent,
         })
     }
 
