@@ -61,6 +61,7 @@ impl Gate for PolicyGate {
         let id = Identity {
             agent: self.agent.as_deref(),
             groups: &[],
+            ..Identity::default()
         };
         let target = TargetRef {
             name: &self.target,
