@@ -47,7 +47,10 @@ async fn exchange_yields_subject_groups_and_a_short_token_bound_to_the_target() 
     // The IdP's exchange issues two-minute tokens: the session is bounded by that, not by the
     // five-minute subject token.
     let left = id.expires_at.duration_since(SystemTime::now()).unwrap();
-    assert!(left <= Duration::from_secs(121) && left > Duration::from_secs(100), "{left:?}");
+    assert!(
+        left <= Duration::from_secs(121) && left > Duration::from_secs(100),
+        "{left:?}"
+    );
     assert_eq!(exchanges(&idp), 1);
 }
 
@@ -75,7 +78,10 @@ async fn a_wrong_client_secret_is_the_gateway_s_fault_not_the_agent_s() {
         Some(testkit::write_secret(dir.path(), "secret", "not-the-secret").unwrap());
     let service = IdentityService::start(cfg).unwrap();
     let subject = idp.mint("alice", &[], "portcullis").unwrap();
-    let e = service.identify(presented(&subject), None).await.unwrap_err();
+    let e = service
+        .identify(presented(&subject), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, IdentityError::ExchangeRefused { error, .. } if error == "invalid_client"),
         "{e}"
@@ -90,7 +96,10 @@ async fn the_idp_refuses_a_bad_subject_token_and_the_error_says_why() {
     let expired = idp
         .mint_with(serde_json::json!({"claims": {"sub": "alice", "exp": 1_000_000}}))
         .unwrap();
-    let e = service.identify(presented(&expired), None).await.unwrap_err();
+    let e = service
+        .identify(presented(&expired), None)
+        .await
+        .unwrap_err();
     assert_eq!(e.sqlstate(), "28P01", "{e}");
     assert!(e.to_string().contains("invalid_grant"), "{e}");
     assert!(e.to_string().contains("subject_token"), "{e}");
@@ -110,7 +119,11 @@ async fn delegation_records_the_actor_chain() {
         .await
         .unwrap();
     assert_eq!(id.subject, "alice");
-    assert_eq!(id.groups, ["analysts"], "groups are the person's, not the agent's");
+    assert_eq!(
+        id.groups,
+        ["analysts"],
+        "groups are the person's, not the agent's"
+    );
     assert_eq!(id.actors, ["agent-7"]);
 
     // A subject token that is itself delegated: the new actor goes first.
@@ -172,15 +185,31 @@ async fn an_agent_token_file_is_read_at_every_connect() {
     assert_eq!(e.sqlstate(), "28000");
     assert!(e.to_string().contains("agent.token"), "{e}");
 
-    std::fs::write(&file, idp.mint("agent-a", &["agents"], "portcullis").unwrap() + "\n").unwrap();
+    std::fs::write(
+        &file,
+        idp.mint("agent-a", &["agents"], "portcullis").unwrap() + "\n",
+    )
+    .unwrap();
     assert_eq!(
-        service.identify(source.clone(), None).await.unwrap().subject,
+        service
+            .identify(source.clone(), None)
+            .await
+            .unwrap()
+            .subject,
         "agent-a"
     );
     // A workload-identity helper rotated the file: the next connect sees the new token.
-    std::fs::write(&file, idp.mint("agent-b", &["agents"], "portcullis").unwrap()).unwrap();
+    std::fs::write(
+        &file,
+        idp.mint("agent-b", &["agents"], "portcullis").unwrap(),
+    )
+    .unwrap();
     assert_eq!(
-        service.identify(source.clone(), None).await.unwrap().subject,
+        service
+            .identify(source.clone(), None)
+            .await
+            .unwrap()
+            .subject,
         "agent-b"
     );
     // Removed: refused, even though an identity for the old content is cached.
@@ -196,12 +225,9 @@ async fn concurrent_connects_all_get_an_answer() {
     let tokens: Vec<String> = (0..12)
         .map(|i| idp.mint(&format!("user-{i}"), &[], "portcullis").unwrap())
         .collect();
-    let answers = futures_util::future::join_all(
-        tokens
-            .iter()
-            .map(|t| service.identify(presented(t), None)),
-    )
-    .await;
+    let answers =
+        futures_util::future::join_all(tokens.iter().map(|t| service.identify(presented(t), None)))
+            .await;
     for (i, a) in answers.into_iter().enumerate() {
         assert_eq!(a.unwrap().subject, format!("user-{i}"));
     }

@@ -54,7 +54,11 @@ async fn a_rotated_signing_key_is_picked_up_by_its_new_kid() {
     let bob = idp.mint("bob", &[], "portcullis").unwrap();
     let id = s.identify(presented(&bob), None).await.unwrap();
     assert_eq!(id.subject, "bob");
-    assert_eq!(jwks_fetches(&idp), 2, "one refresh for the new kid {kids:?}");
+    assert_eq!(
+        jwks_fetches(&idp),
+        2,
+        "one refresh for the new kid {kids:?}"
+    );
 }
 
 #[tokio::test]
@@ -85,11 +89,17 @@ async fn unknown_kids_refresh_the_jwks_at_most_once_per_interval() {
         .mint_with(json!({"claims": {"sub": "bob", "aud": AUDIENCE}}))
         .unwrap();
     assert_eq!(
-        s.identify(presented(&fresh), None).await.unwrap_err().check(),
+        s.identify(presented(&fresh), None)
+            .await
+            .unwrap_err()
+            .check(),
         "unknown_kid"
     );
     s.forget_all();
-    assert_eq!(s.identify(presented(&good), None).await.unwrap().subject, "alice");
+    assert_eq!(
+        s.identify(presented(&good), None).await.unwrap().subject,
+        "alice"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +124,10 @@ async fn when_the_idp_dies_cached_identities_last_new_ones_are_refused_and_it_re
     );
 
     idp.restart().unwrap();
-    assert_eq!(s.identify(presented(&bob), None).await.unwrap().subject, "bob");
+    assert_eq!(
+        s.identify(presented(&bob), None).await.unwrap().subject,
+        "bob"
+    );
 }
 
 #[tokio::test]
@@ -130,7 +143,10 @@ async fn with_no_jwks_ever_loaded_every_token_is_refused() {
     assert_eq!(e.sqlstate(), "28000");
     assert!(e.to_string().contains("discovery"), "{e}");
     idp.restart().unwrap();
-    assert_eq!(s.identify(presented(&t), None).await.unwrap().subject, "alice");
+    assert_eq!(
+        s.identify(presented(&t), None).await.unwrap().subject,
+        "alice"
+    );
 }
 
 #[tokio::test]
@@ -138,13 +154,13 @@ async fn a_gateway_started_while_the_idp_is_down_refuses_then_works() {
     let idp = Idp::start().unwrap();
     idp.kill();
     let s = service(&idp, &exchange_lines(&idp));
-    let e = s
-        .identify(presented("a.b.c"), None)
-        .await
-        .unwrap_err();
+    let e = s.identify(presented("a.b.c"), None).await.unwrap_err();
     assert_eq!(e.check(), "idp_unreachable", "{e}");
     assert!(e.to_string().contains("discovery"), "{e}");
     idp.restart().unwrap();
     let alice = idp.mint("alice", &[], "portcullis").unwrap();
-    assert_eq!(s.identify(presented(&alice), None).await.unwrap().subject, "alice");
+    assert_eq!(
+        s.identify(presented(&alice), None).await.unwrap().subject,
+        "alice"
+    );
 }

@@ -60,21 +60,28 @@ async fn no_token_or_secret_in_any_log_error_or_debug_output() {
         Err(e) => shown.push(format!("{e} / {e:?}")),
     };
     run(service.identify(presented(&canary), None).await);
-    run(service.identify(presented(&canary), Some(presented(&agent))).await);
+    run(service
+        .identify(presented(&canary), Some(presented(&agent)))
+        .await);
     run(service.identify(presented(&expired), None).await);
-    run(service.identify(presented(&format!("{canary}x")), None).await);
+    run(service
+        .identify(presented(&format!("{canary}x")), None)
+        .await);
     idp.set_behaviour(json!({"aud": "elsewhere"})).unwrap();
     run(service.identify(presented(&agent), None).await);
     idp.set_behaviour(json!({"aud": null})).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
     std::fs::write(&file, &canary).unwrap();
-    run(service.identify(TokenSource::File(file.clone()), None).await);
+    run(service
+        .identify(TokenSource::File(file.clone()), None)
+        .await);
     std::fs::write(&file, format!("{canary}\0garbage")).unwrap();
     run(service.identify(TokenSource::File(file), None).await);
     // A wrong secret, then the IdP gone.
     let mut wrong = cfg.clone();
-    wrong.client_secret_file = Some(testkit::write_secret(dir.path(), "s", "CANARY-secret-2").unwrap());
+    wrong.client_secret_file =
+        Some(testkit::write_secret(dir.path(), "s", "CANARY-secret-2").unwrap());
     let wrong = IdentityService::start(wrong).unwrap();
     run(wrong.identify(presented(&canary), None).await);
     idp.kill();
@@ -86,7 +93,10 @@ async fn no_token_or_secret_in_any_log_error_or_debug_output() {
 
     let mut all = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     all.push_str(&shown.join("\n"));
-    assert!(all.contains("identity refused"), "the failures were logged:\n{all}");
+    assert!(
+        all.contains("identity refused"),
+        "the failures were logged:\n{all}"
+    );
     assert!(all.contains("alice"), "subjects may be shown:\n{all}");
     for secret in [
         canary.as_str(),

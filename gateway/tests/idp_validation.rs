@@ -70,8 +70,10 @@ async fn alg_none_and_hs256_keyed_with_the_public_key_are_refused() {
     }
     // HS256 with an RSA kid but the header claiming RS256 in the JWK: still refused, by family.
     let t = idp
-        .mint_with(json!({"alg": "HS256-public-key", "header": {"alg": "RS256"},
-                          "claims": claims(json!({}))}))
+        .mint_with(
+            json!({"alg": "HS256-public-key", "header": {"alg": "RS256"},
+                          "claims": claims(json!({}))}),
+        )
         .unwrap();
     assert_eq!(check(&service, &t).await.unwrap_err().check(), "signature");
 }
@@ -113,7 +115,10 @@ async fn wrong_audience_or_issuer_is_refused() {
     assert_eq!(e.check(), "audience", "{e}");
     idp.set_behaviour(json!({"aud": null, "iss": "https://evil.example"}))
         .unwrap();
-    assert_eq!(check(&service, &subject).await.unwrap_err().check(), "issuer");
+    assert_eq!(
+        check(&service, &subject).await.unwrap_err().check(),
+        "issuer"
+    );
     idp.set_behaviour(json!({"iss": null})).unwrap();
     assert_eq!(check(&service, &subject).await.unwrap(), "alice");
 }
@@ -193,5 +198,8 @@ async fn validate_mode_delegation_takes_the_actor_from_the_actor_token() {
         )
         .await
         .unwrap();
-    assert_eq!((id.subject.as_str(), id.actors.as_slice()), ("alice", &["agent-7".to_string()][..]));
+    assert_eq!(
+        (id.subject.as_str(), id.actors.as_slice()),
+        ("alice", &["agent-7".to_string()][..])
+    );
 }

@@ -52,7 +52,12 @@ fn decide(subject: Option<&str>, groups: &[&str], actors: &[&str], sql: &str) ->
         name: "prod",
         database: "app",
     };
-    let v = who().decide(&id, &target, &Request::Query(sql), &mut ClassifyCache::new(8));
+    let v = who().decide(
+        &id,
+        &target,
+        &Request::Query(sql),
+        &mut ClassifyCache::new(8),
+    );
     (v.action, v.rule.to_string())
 }
 
@@ -92,7 +97,12 @@ fn subjects_and_actors_select_rules() {
         r(Allow, "people-write")
     );
     assert_eq!(
-        decide(Some("carol@elsewhere.example"), &["dba"], &[], "DROP TABLE t"),
+        decide(
+            Some("carol@elsewhere.example"),
+            &["dba"],
+            &[],
+            "DROP TABLE t"
+        ),
         r(Allow, "dba-anything")
     );
 }
@@ -141,13 +151,18 @@ fn policy_explain_takes_subject_group_and_actor() {
     std::fs::write(&file, WHO).unwrap();
     let file = file.to_str().unwrap();
     let explain = |extra: &[&str]| {
-        let mut args = vec!["policy", "explain", "--target", "prod", "--policy", file, "--json"];
+        let mut args = vec![
+            "policy", "explain", "--target", "prod", "--policy", file, "--json",
+        ];
         args.extend_from_slice(extra);
         args.push(WRITE);
         let (ok, out, err) = portcullis(&args);
         assert!(ok, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-        (v["action"].as_str().unwrap().to_owned(), v["rule"].as_str().unwrap().to_owned())
+        (
+            v["action"].as_str().unwrap().to_owned(),
+            v["rule"].as_str().unwrap().to_owned(),
+        )
     };
     assert_eq!(
         explain(&["--subject", "alice@example.com", "--actor", "agent-7"]),

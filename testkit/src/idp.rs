@@ -52,7 +52,9 @@ pub fn oidc_provider_dir() -> Result<PathBuf> {
 impl Idp {
     pub fn start() -> Result<Idp> {
         let modules = oidc_provider_dir()?.join("node_modules");
-        let dir = tempfile::Builder::new().prefix("portcullis-idp-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-idp-")
+            .tempdir()?;
         fs::write(dir.path().join("server.mjs"), SERVER_JS)?;
         std::os::unix::fs::symlink(&modules, dir.path().join("node_modules"))?;
         fs::create_dir(dir.path().join("state"))?;

@@ -39,7 +39,10 @@ fn ensure_oidc_provider() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    eprintln!("xtask: installing oidc-provider {OIDC_PROVIDER_VERSION} into {}", dir.display());
+    eprintln!(
+        "xtask: installing oidc-provider {OIDC_PROVIDER_VERSION} into {}",
+        dir.display()
+    );
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     fs::write(
         dir.join("package.json"),
@@ -48,7 +51,13 @@ fn ensure_oidc_provider() -> Result<()> {
     cmd::run(
         Command::new("npm")
             .current_dir(&dir)
-            .args(["install", "--no-audit", "--no-fund", "--omit=dev", "--save-exact"])
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--omit=dev",
+                "--save-exact",
+            ])
             .arg(format!("oidc-provider@{OIDC_PROVIDER_VERSION}")),
     )
 }

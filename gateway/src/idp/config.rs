@@ -232,14 +232,18 @@ impl TargetIdentity {
             }
             match self.client_auth {
                 ClientAuthMethod::ClientSecretBasic if self.client_secret_file.is_none() => {
-                    return Err("key `identity.client_secret_file`: client_secret_basic needs \
+                    return Err(
+                        "key `identity.client_secret_file`: client_secret_basic needs \
                                 a secret file"
-                        .into());
+                            .into(),
+                    );
                 }
                 ClientAuthMethod::PrivateKeyJwt if self.private_key_file.is_none() => {
-                    return Err("key `identity.private_key_file`: private_key_jwt needs a key \
+                    return Err(
+                        "key `identity.private_key_file`: private_key_jwt needs a key \
                                 file"
-                        .into());
+                            .into(),
+                    );
                 }
                 _ => {}
             }
@@ -275,7 +279,10 @@ pub fn check_agents(agents: &[AgentConfig]) -> Result<(), String> {
             return Err(format!("key `agent[{i}].name`: empty"));
         }
         if agents[..i].iter().any(|b| b.name == a.name) {
-            return Err(format!("key `agent[{i}].name`: duplicate agent {:?}", a.name));
+            return Err(format!(
+                "key `agent[{i}].name`: duplicate agent {:?}",
+                a.name
+            ));
         }
         if !a.token_file.is_absolute() {
             return Err(format!(
@@ -290,7 +297,9 @@ pub fn check_agents(agents: &[AgentConfig]) -> Result<(), String> {
 /// Role names are SQL identifiers the gateway quotes; refuse what cannot be one.
 fn check_role_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 || name.contains('\0') {
-        return Err(format!("{name:?} is not a role name (1 to 63 bytes, no NUL)"));
+        return Err(format!(
+            "{name:?} is not a role name (1 to 63 bytes, no NUL)"
+        ));
     }
     Ok(())
 }
@@ -335,8 +344,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("not a duration"), "{e}");
-        let mut t = parse("issuer = \"https://idp\"\naudience = \"pg\"\nmode = \"validate\"\n")
-            .unwrap();
+        let mut t =
+            parse("issuer = \"https://idp\"\naudience = \"pg\"\nmode = \"validate\"\n").unwrap();
         t.roles = vec![RoleMapping {
             groups: vec!["dba".into()],
             user: Some("admin".into()),

@@ -50,7 +50,10 @@ pub enum IdentityError {
     #[error("identity: gateway identity settings: {0}")]
     Config(String),
     #[error("identity: no upstream role is mapped for subject {subject:?} (groups {groups:?})")]
-    NoRoleMapping { subject: String, groups: Vec<String> },
+    NoRoleMapping {
+        subject: String,
+        groups: Vec<String>,
+    },
     #[error("identity: the identity service has stopped")]
     Stopped,
 }
@@ -61,17 +64,30 @@ impl IdentityError {
     pub fn sqlstate(&self) -> &'static str {
         use IdentityError::*;
         match self {
-            Malformed(_) | AlgorithmRefused(_) | UnknownCrit(_) | UnknownKey { .. }
-            | KeyMismatch { .. } | BadSignature | Expired | NotYetValid | IssuedInFuture
-            | WrongIssuer { .. } | WrongAudience { .. } | MissingClaim(_) => SQLSTATE_BAD_TOKEN,
+            Malformed(_)
+            | AlgorithmRefused(_)
+            | UnknownCrit(_)
+            | UnknownKey { .. }
+            | KeyMismatch { .. }
+            | BadSignature
+            | Expired
+            | NotYetValid
+            | IssuedInFuture
+            | WrongIssuer { .. }
+            | WrongAudience { .. }
+            | MissingClaim(_) => SQLSTATE_BAD_TOKEN,
             // invalid_grant: the IdP judged the presented token; anything else (invalid_client,
             // invalid_target, ...) is the gateway's setup.
             ExchangeRefused { error, .. } if error == "invalid_grant" => SQLSTATE_BAD_TOKEN,
             ExchangeRefused { .. }
-            | TokenMissing(_) | TokenUnreadable { .. } | IdpUnreachable { .. }
-            | IdpProtocol { .. } | NoJwks(_) | Config(_) | NoRoleMapping { .. } | Stopped => {
-                SQLSTATE_REFUSED
-            }
+            | TokenMissing(_)
+            | TokenUnreadable { .. }
+            | IdpUnreachable { .. }
+            | IdpProtocol { .. }
+            | NoJwks(_)
+            | Config(_)
+            | NoRoleMapping { .. }
+            | Stopped => SQLSTATE_REFUSED,
         }
     }
 

@@ -54,7 +54,10 @@ impl std::fmt::Debug for ClientCredentials {
                 write!(f, "Basic {{ client_id: {client_id:?}, secret: *** }}")
             }
             ClientCredentials::PrivateKeyJwt { client_id, alg, .. } => {
-                write!(f, "PrivateKeyJwt {{ client_id: {client_id:?}, alg: {alg:?} }}")
+                write!(
+                    f,
+                    "PrivateKeyJwt {{ client_id: {client_id:?}, alg: {alg:?} }}"
+                )
             }
         }
     }
@@ -67,14 +70,16 @@ impl ClientCredentials {
             return Ok(ClientCredentials::None);
         };
         let read = |path: &Path| -> Result<Zeroizing<Vec<u8>>, IdentityError> {
-            std::fs::read(path).map(Zeroizing::new).map_err(|e| {
-                IdentityError::Config(format!("reading {}: {e}", path.display()))
-            })
+            std::fs::read(path)
+                .map(Zeroizing::new)
+                .map_err(|e| IdentityError::Config(format!("reading {}: {e}", path.display())))
         };
         match cfg.client_auth {
             ClientAuthMethod::ClientSecretBasic => {
                 let Some(path) = &cfg.client_secret_file else {
-                    return Err(IdentityError::Config("client_secret_file is not set".into()));
+                    return Err(IdentityError::Config(
+                        "client_secret_file is not set".into(),
+                    ));
                 };
                 let bytes = read(path)?;
                 let text = std::str::from_utf8(&bytes).map_err(|_| {
@@ -82,7 +87,10 @@ impl ClientCredentials {
                 })?;
                 let secret = Zeroizing::new(text.trim().to_owned());
                 if secret.is_empty() {
-                    return Err(IdentityError::Config(format!("{} is empty", path.display())));
+                    return Err(IdentityError::Config(format!(
+                        "{} is empty",
+                        path.display()
+                    )));
                 }
                 Ok(ClientCredentials::Basic { client_id, secret })
             }
@@ -139,19 +147,15 @@ impl IdpHttp {
             issuer.trim_end_matches('/')
         );
         let body = self.get(&url, "discovery")?;
-        let doc: Endpoints = serde_json::from_slice(&body).map_err(|e| {
-            IdentityError::IdpProtocol {
+        let doc: Endpoints =
+            serde_json::from_slice(&body).map_err(|e| IdentityError::IdpProtocol {
                 what: "discovery",
                 reason: format!("not a discovery document: {e}"),
-            }
-        })?;
+            })?;
         if doc.issuer != issuer {
             return Err(IdentityError::IdpProtocol {
                 what: "discovery",
-                reason: format!(
-                    "the document names issuer {:?}, not {issuer:?}",
-                    doc.issuer
-                ),
+                reason: format!("the document names issuer {:?}, not {issuer:?}", doc.issuer),
             });
         }
         Ok(doc)
@@ -183,19 +187,19 @@ impl IdpHttp {
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", GRANT_TOKEN_EXCHANGE),
             ("subject_token", subject.expose()),
-            ("subject_token_type", &cfg.subject_token_type),
-            ("audience", &cfg.audience),
+            ("subject_token_type", cfg.subject_token_type.as_str()),
+            ("audience", cfg.audience.as_str()),
             ("requested_token_type", TOKEN_TYPE_ACCESS_TOKEN),
         ];
         if let Some(actor) = actor {
             form.push(("actor_token", actor.expose()));
-            form.push(("actor_token_type", &cfg.subject_token_type));
+            form.push(("actor_token_type", cfg.subject_token_type.as_str()));
         }
         if let Some(r) = &cfg.resource {
-            form.push(("resource", r));
+            form.push(("resource", r.as_str()));
         }
         if let Some(s) = &cfg.scope {
-            form.push(("scope", s));
+            form.push(("scope", s.as_str()));
         }
         let mut request = self.agent.post(url);
         let assertion;
@@ -227,15 +231,15 @@ impl IdpHttp {
                     *alg,
                     kid.clone(),
                 )?);
-                form.push(("client_id", client_id));
+                form.push(("client_id", client_id.as_str()));
                 form.push(("client_assertion_type", ASSERTION_TYPE_JWT_BEARER));
-                form.push(("client_assertion", &assertion));
+                form.push(("client_assertion", assertion.as_str()));
             }
         }
         let response = request.send_form(&form);
         let scrub = |text: &str| scrub(text, &[subject, actor.unwrap_or(subject)]);
         let body = match response {
-            Ok(r) => read_body(r, "token endpoint")?,
+            Ok(r) => Zeroizing::new(read_body(r, "token endpoint")?),
             Err(ureq::Error::Status(code, r)) => {
                 let body = read_body(r, "token endpoint").unwrap_or_default();
                 let (error, description) = match serde_json::from_slice::<OAuthError>(&body) {
@@ -254,12 +258,11 @@ impl IdpHttp {
                 });
             }
         };
-        let answer: ExchangeResponse = serde_json::from_slice(&body).map_err(|e| {
-            IdentityError::IdpProtocol {
+        let answer: ExchangeResponse =
+            serde_json::from_slice(&body).map_err(|e| IdentityError::IdpProtocol {
                 what: "token endpoint",
                 reason: format!("not a token response: {e}"),
-            }
-        })?;
+            })?;
         if let Some(t) = &answer.issued_token_type
             && t != TOKEN_TYPE_ACCESS_TOKEN
             && t != "urn:ietf:params:oauth:token-type:jwt"
@@ -269,7 +272,7 @@ impl IdpHttp {
                 reason: format!("issued_token_type {t:?} is not an access token"),
             });
         }
-        Ok(Token::new(answer.access_token.to_string()))
+        Ok(Token::new(answer.access_token))
     }
 
     fn get(&self, url: &str, what: &'static str) -> Result<Vec<u8>, IdentityError> {
@@ -295,7 +298,7 @@ struct OAuthError {
 
 #[derive(Deserialize)]
 struct ExchangeResponse {
-    access_token: Zeroizing<String>,
+    access_token: String,
     issued_token_type: Option<String>,
 }
 
@@ -325,10 +328,7 @@ fn scrub(text: &str, tokens: &[&Token]) -> String {
             out = out.replace(t.expose(), "[token]");
         }
     }
-    out.chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect()
+    out.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
@@ -382,8 +382,7 @@ fn tls_with_ca(path: &Path) -> Result<Arc<rustls::ClientConfig>, IdentityError> 
         .map_err(|e| IdentityError::Config(format!("reading {}: {e}", path.display())))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert
-            .map_err(|e| IdentityError::Config(format!("{}: {e}", path.display())))?;
+        let cert = cert.map_err(|e| IdentityError::Config(format!("{}: {e}", path.display())))?;
         roots
             .add(cert)
             .map_err(|e| IdentityError::Config(format!("{}: {e}", path.display())))?;

@@ -148,7 +148,9 @@ mod tests {
         assert_eq!(kid(&k), "a");
         // A current set is not refetched for `Current`.
         let k = store
-            .keys(Need::Current, t0 + Duration::from_secs(30), || panic!("refetched"))
+            .keys(Need::Current, t0 + Duration::from_secs(30), || {
+                panic!("refetched")
+            })
             .unwrap();
         assert_eq!(kid(&k), "a");
         // A failed refresh keeps the old set.
@@ -157,16 +159,22 @@ mod tests {
             .unwrap();
         assert_eq!(kid(&k), "a");
         let k = store
-            .keys(Need::UnknownKid, t0 + Duration::from_secs(45), || Ok(set("b")))
+            .keys(Need::UnknownKid, t0 + Duration::from_secs(45), || {
+                Ok(set("b"))
+            })
             .unwrap();
         assert_eq!(kid(&k), "a", "refresh within 10 s of the last attempt");
         let k = store
-            .keys(Need::UnknownKid, t0 + Duration::from_secs(50), || Ok(set("b")))
+            .keys(Need::UnknownKid, t0 + Duration::from_secs(50), || {
+                Ok(set("b"))
+            })
             .unwrap();
         assert_eq!(kid(&k), "b");
         // max_age forces a refresh of a set nobody complained about.
         let k = store
-            .keys(Need::Current, t0 + Duration::from_secs(3650), || Ok(set("c")))
+            .keys(Need::Current, t0 + Duration::from_secs(3650), || {
+                Ok(set("c"))
+            })
             .unwrap();
         assert_eq!(kid(&k), "c");
     }

@@ -255,6 +255,7 @@ fn plausible_host(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::client::danger::ServerCertVerifier as _;
     use rustls::pki_types::ServerName;
 
     /// A full in-memory handshake: client verifying against the CA, server resolving by SNI.
@@ -273,18 +274,21 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let server_name = ServerName::try_from(name.to_owned()).unwrap();
-        let mut client =
-            rustls::ClientConnection::new(Arc::new(client_cfg), server_name).unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client_cfg), server_name).unwrap();
         let mut server = rustls::ServerConnection::new(server_cfg).unwrap();
         for _ in 0..10 {
             let mut buf = Vec::new();
             client.write_tls(&mut buf).unwrap();
             server.read_tls(&mut &buf[..]).unwrap();
-            server.process_new_packets().map_err(|e| format!("server: {e}"))?;
+            server
+                .process_new_packets()
+                .map_err(|e| format!("server: {e}"))?;
             let mut buf = Vec::new();
             server.write_tls(&mut buf).unwrap();
             client.read_tls(&mut &buf[..]).unwrap();
-            client.process_new_packets().map_err(|e| format!("client: {e}"))?;
+            client
+                .process_new_packets()
+                .map_err(|e| format!("client: {e}"))?;
             if !client.is_handshaking() && !server.is_handshaking() {
                 return Ok(());
             }

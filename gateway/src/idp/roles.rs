@@ -11,7 +11,10 @@ pub enum UpstreamRole {
     /// No `[[target.role]]` is configured: the target's own login, unchanged.
     TargetLogin,
     /// Log in as this user with the password in this file.
-    Login { user: String, password_file: PathBuf },
+    Login {
+        user: String,
+        password_file: PathBuf,
+    },
     /// Keep the target's login and issue [`set_role_sql`] after connect.
     SetRole(String),
 }
@@ -33,14 +36,16 @@ pub fn map_role(
         .iter()
         .find(|r| r.groups.iter().any(|g| identity.groups.contains(g)));
     match mapped {
-        Some(r) => Ok(match (&r.user, &r.password_file, &r.set_role) {
-            (Some(user), Some(file), _) => UpstreamRole::Login {
+        Some(r) => match (&r.user, &r.password_file, &r.set_role) {
+            (Some(user), Some(file), None) => Ok(UpstreamRole::Login {
                 user: user.clone(),
                 password_file: file.clone(),
-            },
-            (_, _, Some(role)) => UpstreamRole::SetRole(role.clone()),
-            _ => unreachable!("TargetIdentity::check allows only these two shapes"),
-        }),
+            }),
+            (None, None, Some(role)) => Ok(UpstreamRole::SetRole(role.clone())),
+            _ => Err(IdentityError::Config(
+                "a [[target.role]] needs either user and password_file, or set_role".into(),
+            )),
+        },
         None => match &cfg.default_role {
             Some(r) => Ok(UpstreamRole::SetRole(r.clone())),
             None => Err(IdentityError::NoRoleMapping {
@@ -79,10 +84,9 @@ mod tests {
 
     #[test]
     fn first_matching_group_wins_and_unmapped_is_refused() {
-        let mut cfg: TargetIdentity = toml::from_str(
-            "issuer = \"https://idp\"\naudience = \"pg\"\nmode = \"validate\"\n",
-        )
-        .unwrap();
+        let mut cfg: TargetIdentity =
+            toml::from_str("issuer = \"https://idp\"\naudience = \"pg\"\nmode = \"validate\"\n")
+                .unwrap();
         assert_eq!(
             map_role(&cfg, &identity(&[])).unwrap(),
             UpstreamRole::TargetLogin

@@ -273,11 +273,10 @@ impl Inner {
                 .keys
                 .keys(Need::UnknownKid, Instant::now(), || self.fetch_jwks())?;
         }
-        let key = validate::select_key(&keys, &header)?.ok_or_else(|| {
-            IdentityError::UnknownKey {
+        let key =
+            validate::select_key(&keys, &header)?.ok_or_else(|| IdentityError::UnknownKey {
                 kid: header.kid.clone().unwrap_or_default(),
-            }
-        })?;
+            })?;
         let expect = Expectations {
             issuer: &self.cfg.issuer,
             audience: &self.cfg.audience,

@@ -67,9 +67,9 @@ impl TokenSource {
     /// service does).
     pub fn load(&self) -> Result<Token, IdentityError> {
         match self {
-            TokenSource::Presented(t) if t.expose().is_empty() => Err(
-                IdentityError::TokenMissing("the presented token is empty".into()),
-            ),
+            TokenSource::Presented(t) if t.expose().is_empty() => Err(IdentityError::TokenMissing(
+                "the presented token is empty".into(),
+            )),
             TokenSource::Presented(t) => Ok(t.clone()),
             TokenSource::File(path) => read_token_file(path),
         }
@@ -183,17 +183,27 @@ mod tests {
             token_file: "/run/claude.jwt".into(),
         }];
         let p = || Some(Token::new("person.token.x".into()));
-        let t = connect_tokens(&agents, Some("claude"), p(), true).unwrap().unwrap();
+        let t = connect_tokens(&agents, Some("claude"), p(), true)
+            .unwrap()
+            .unwrap();
         assert!(matches!(t.subject, TokenSource::Presented(_)));
         assert!(matches!(t.actor, Some(TokenSource::File(f)) if f.ends_with("claude.jwt")));
-        let t = connect_tokens(&agents, Some("other"), p(), true).unwrap().unwrap();
+        let t = connect_tokens(&agents, Some("other"), p(), true)
+            .unwrap()
+            .unwrap();
         assert!(t.actor.is_none());
-        let t = connect_tokens(&agents, Some("claude"), None, true).unwrap().unwrap();
+        let t = connect_tokens(&agents, Some("claude"), None, true)
+            .unwrap()
+            .unwrap();
         assert!(matches!(t.subject, TokenSource::File(_)));
         let e = connect_tokens(&agents, Some("other"), None, true).unwrap_err();
         assert_eq!(e.sqlstate(), "28000");
         assert!(e.to_string().contains("\"other\""), "{e}");
-        assert!(connect_tokens(&agents, None, None, false).unwrap().is_none());
+        assert!(
+            connect_tokens(&agents, None, None, false)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -212,7 +222,10 @@ mod tests {
         assert_eq!(e.check(), "token_unreadable");
 
         std::fs::write(&path, "first.token.value\n").unwrap();
-        assert_eq!(read_token_file(&path).unwrap().expose(), "first.token.value");
+        assert_eq!(
+            read_token_file(&path).unwrap().expose(),
+            "first.token.value"
+        );
         std::fs::write(&path, "second.token.value").unwrap();
         let source = TokenSource::File(path);
         assert_eq!(source.load().unwrap().expose(), "second.token.value");

@@ -147,8 +147,8 @@ pub fn verify(
     expect: &Expectations,
     now: SystemTime,
 ) -> Result<VerifiedIdentity, IdentityError> {
-    let decoding = jsonwebtoken::DecodingKey::from_jwk(key)
-        .map_err(|e| IdentityError::IdpProtocol {
+    let decoding =
+        jsonwebtoken::DecodingKey::from_jwk(key).map_err(|e| IdentityError::IdpProtocol {
             what: "JWKS",
             reason: format!("unusable key: {e}"),
         })?;
@@ -175,7 +175,10 @@ fn check_claims(
     now: SystemTime,
     token: &str,
 ) -> Result<VerifiedIdentity, IdentityError> {
-    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
     let leeway = expect.leeway.as_secs_f64();
     match claims.get("iss") {
         Some(Value::String(iss)) if iss == expect.issuer => {}
