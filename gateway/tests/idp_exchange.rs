@@ -46,9 +46,11 @@ async fn exchange_yields_subject_groups_and_a_short_token_bound_to_the_target() 
     assert_eq!(id.client_id.as_deref(), Some("portcullis"));
     // The IdP's exchange issues two-minute tokens: the session is bounded by that, not by the
     // five-minute subject token.
+    // (The lower bound only says the token is not already spent; a loaded machine may take a
+    // while between the IdP's answer and this line.)
     let left = id.expires_at.duration_since(SystemTime::now()).unwrap();
     assert!(
-        left <= Duration::from_secs(121) && left > Duration::from_secs(100),
+        left <= Duration::from_secs(121) && left > Duration::from_secs(30),
         "{left:?}"
     );
     assert_eq!(exchanges(&idp), 1);
@@ -147,9 +149,8 @@ async fn delegation_records_the_actor_chain() {
 #[tokio::test]
 async fn exchanged_identities_are_cached_until_shortly_before_they_expire() {
     let idp = Idp::start().unwrap();
-    // Four-second tokens: cached for three (a quarter of the lifetime is kept as margin).
-    idp.set_behaviour(serde_json::json!({"ttl": 4})).unwrap();
     let service = IdentityService::start(settings(&idp)).unwrap();
+    // Two-minute tokens: cached for at least a minute and a half, far longer than this takes.
     let subject = idp.mint("alice", &[], "portcullis").unwrap();
     let first = service.identify(presented(&subject), None).await.unwrap();
     for _ in 0..5 {
@@ -166,10 +167,16 @@ async fn exchanged_identities_are_cached_until_shortly_before_they_expire() {
         .unwrap();
     assert_eq!(exchanges(&idp), 2);
 
-    std::thread::sleep(Duration::from_millis(3100));
-    let renewed = service.identify(presented(&subject), None).await.unwrap();
-    assert_ne!(renewed.jti, first.jti, "exchanged again before expiry");
+    // Four-second tokens are kept three (a quarter of the lifetime is the margin): once three
+    // seconds have certainly passed, the next connect exchanges again.
+    idp.set_behaviour(serde_json::json!({"ttl": 4})).unwrap();
+    let short = idp.mint("carol", &[], "portcullis").unwrap();
+    let first = service.identify(presented(&short), None).await.unwrap();
     assert_eq!(exchanges(&idp), 3);
+    std::thread::sleep(Duration::from_millis(3100));
+    let renewed = service.identify(presented(&short), None).await.unwrap();
+    assert_ne!(renewed.jti, first.jti, "exchanged again, not served stale");
+    assert_eq!(exchanges(&idp), 4);
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ async fn no_token_or_secret_in_any_log_error_or_debug_output() {
     let idp = Idp::start().unwrap();
     let cfg: TargetIdentity = toml::from_str(&format!(
         "issuer = {:?}\naudience = \"pg-orders\"\nclient_id = \"portcullis\"\n\
-         client_secret_file = {:?}\njwks_min_refresh = \"0s\"\ntimeout = \"2s\"\n",
+         client_secret_file = {:?}\njwks_min_refresh = \"0s\"\ntimeout = \"10s\"\n",
         idp.issuer(),
         idp.client_secret_file()
     ))
