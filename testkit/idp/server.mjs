@@ -103,6 +103,14 @@ function claimsWith(defaults, overrides = {}) {
   return c;
 }
 
+// oidc-provider keeps an error's detail out of the response (error_description is fixed per
+// class); a real IdP says why it refused, and the tests check that the gateway passes that on.
+function invalidGrant(description) {
+  const e = new errors.InvalidGrant(description);
+  e.error_description = description;
+  return e;
+}
+
 async function verifyOwn(token, what) {
   try {
     const set = createLocalJWKSet({ keys: keys.map(publicOf) });
@@ -110,7 +118,7 @@ async function verifyOwn(token, what) {
     if (!payload.sub) throw new Error('no sub');
     return payload;
   } catch (e) {
-    throw new errors.InvalidGrant(`${what} is invalid (${e.code || e.message})`);
+    throw invalidGrant(`${what} is invalid (${e.code || e.message})`);
   }
 }
 
@@ -118,7 +126,7 @@ async function verifyOwn(token, what) {
 // token for the requested audience, record delegation in `act`.
 async function tokenExchange(ctx) {
   const p = ctx.oidc.params;
-  if (behaviour.refuse) throw new errors.InvalidGrant(behaviour.refuse);
+  if (behaviour.refuse) throw invalidGrant(behaviour.refuse);
   if (p.requested_token_type && p.requested_token_type !== ACCESS_TOKEN) {
     throw new errors.InvalidRequest('requested_token_type must be an access token');
   }
