@@ -75,6 +75,7 @@ struct File {
     #[serde(default)]
     metrics: crate::service::MetricsConfig,
     recording: crate::record::RecordingConfig,
+    agent: Vec<crate::idp::config::AgentConfig>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -115,6 +116,9 @@ struct TargetSection {
     /// Destinations agents dial that route here (redirect mode): "ADDR[/PREFIX]:PORT".
     #[serde(default)]
     protect: Vec<Spanned<String>>,
+    identity: Option<crate::idp::config::TargetIdentity>,
+    #[serde(default)]
+    role: Vec<crate::idp::config::RoleMapping>,
 }
 
 /// The gateway's settings after merging file, flags and defaults.
@@ -150,6 +154,8 @@ pub struct Config {
     pub metrics: crate::service::MetricsConfig,
     /// Session recording (`[recording]`); on by default, under `state_dir`.
     pub recording: crate::record::RecordingConfig,
+    /// `[[agent]]`: agents' token files.
+    pub agents: Vec<crate::idp::config::AgentConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +179,8 @@ pub struct TargetConfig {
     /// Original destinations that route to this target when the redirect steers a connection
     /// here. Default: the upstream address itself when it is an IP literal or `localhost`.
     pub protect: Vec<crate::redirect::ProtectedTarget>,
+    /// `[target.identity]` with its `[[target.role]]`s; `None`: no identity required.
+    pub identity: Option<crate::idp::config::TargetIdentity>,
 }
 
 /// How the gateway reaches and authenticates to one PostgreSQL.
@@ -252,6 +260,7 @@ impl Config {
                 connect_timeout: Duration::from_secs(10),
                 danger_password_over_unverified_channel: false,
                 protect,
+                identity: None,
             }];
             cfg.listeners = vec![Listener {
                 listen,
@@ -369,6 +378,8 @@ impl Config {
             if protect.is_empty() {
                 protect = default_protect(&upstream);
             }
+            let identity = crate::idp::config::TargetIdentity::resolve(t.identity, t.role)
+                .map_err(|m| err(Some(span.clone()), format!("target {:?}: {m}", t.name)))?;
             targets.push(TargetConfig {
                 name: t.name,
                 protocol,
@@ -379,8 +390,10 @@ impl Config {
                     .danger_password_over_unverified_channel
                     .unwrap_or(false),
                 protect,
+                identity,
             });
         }
+        crate::idp::config::check_agents(&file.agent).map_err(|m| err(None, m))?;
         let mut listeners = Vec::new();
         for l in file.listener {
             if !targets.iter().any(|t| t.name == *l.target.get_ref()) {
@@ -417,6 +430,7 @@ impl Config {
             redirect: file.redirect.unwrap_or_default(),
             metrics: file.metrics,
             recording: file.recording,
+            agents: file.agent,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod forward;
 pub mod identify;
+pub mod idp;
 pub mod mask;
 pub mod metrics;
 pub mod pipeline;

@@ -17,6 +17,7 @@ fn decide_with(p: &Policy, sql: &str) -> Verdict {
     let id = Identity {
         agent: Some("claude"),
         groups: &groups,
+        ..Identity::default()
     };
     let target = TargetRef {
         name: "prod",
@@ -735,6 +736,7 @@ fn parse_messages_are_classified_like_queries() {
     let id = Identity {
         agent: Some("claude"),
         groups: &groups,
+        ..Identity::default()
     };
     let target = TargetRef {
         name: "prod",
@@ -766,6 +768,7 @@ fn function_call_messages_are_blocked_unless_listed() {
     let id = Identity {
         agent: Some("claude"),
         groups: &groups,
+        ..Identity::default()
     };
     let target = TargetRef {
         name: "prod",

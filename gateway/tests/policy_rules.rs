@@ -81,6 +81,7 @@ fn decide(
     let id = Identity {
         agent,
         groups: &groups,
+        ..Identity::default()
     };
     let target = TargetRef {
         name: target,
@@ -209,6 +210,7 @@ fn first_matching_rule_wins() {
         &Identity {
             agent: Some("claude"),
             groups: &[],
+            ..Identity::default()
         },
         &TargetRef {
             name: "prod",

@@ -27,6 +27,7 @@ use rand::Rng;
 use rand::distributions::Alphanumeric;
 
 mod endpoint;
+pub mod idp;
 pub mod systemd;
 pub mod tls;
 pub mod wire;

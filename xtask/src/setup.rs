@@ -13,9 +13,53 @@ use crate::cmd;
 pub const EBPF_TOOLCHAIN: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13";
 
+/// The OpenID provider the identity tests start (testkit::idp looks for this version).
+const OIDC_PROVIDER_VERSION: &str = "9.13.3";
+
 pub fn setup() -> Result<()> {
     ensure_postgres()?;
+    ensure_oidc_provider()?;
     ensure_ebpf_toolchain()
+}
+
+/// npm's `oidc-provider`, the real IdP of the identity tests, installed from the npm registry
+/// into `~/.cache/portcullis/oidc-provider-<version>` (never into the repository).
+fn ensure_oidc_provider() -> Result<()> {
+    let dir = cmd::home()?
+        .join(".cache/portcullis")
+        .join(format!("oidc-provider-{OIDC_PROVIDER_VERSION}"));
+    if dir.join("node_modules/oidc-provider/package.json").exists() {
+        return Ok(());
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        eprintln!("xtask: installing nodejs and npm");
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "nodejs", "npm"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    eprintln!(
+        "xtask: installing oidc-provider {OIDC_PROVIDER_VERSION} into {}",
+        dir.display()
+    );
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::write(
+        dir.join("package.json"),
+        "{\"private\": true, \"type\": \"module\"}\n",
+    )?;
+    cmd::run(
+        Command::new("npm")
+            .current_dir(&dir)
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--omit=dev",
+                "--save-exact",
+            ])
+            .arg(format!("oidc-provider@{OIDC_PROVIDER_VERSION}")),
+    )
 }
 
 /// The tests start a throwaway PostgreSQL 15 and drive it with psql and pgbench.

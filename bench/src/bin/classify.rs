@@ -93,6 +93,7 @@ fn main() {
     let id = Identity {
         agent: Some("claude-code"),
         groups: &[],
+        ..Identity::default()
     };
     let target = TargetRef {
         name: "prod",

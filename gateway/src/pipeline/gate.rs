@@ -96,6 +96,7 @@ fn classifier() -> &'static SyncSender<ClassifyJob> {
                     let id = Identity {
                         agent: job.agent.as_deref(),
                         groups: &[],
+                        ..Identity::default()
                     };
                     let target = TargetRef {
                         name: &job.target,
@@ -313,6 +314,7 @@ impl Gate for PolicyGate {
         let id = Identity {
             agent: self.agent.as_deref(),
             groups: &[],
+            ..Identity::default()
         };
         let target = TargetRef {
             name: &self.target,

@@ -27,6 +27,12 @@ pub enum PolicyCommand {
         /// Identity groups of the connection (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// The token subject (`sub`) of the connection.
+        #[arg(long)]
+        subject: Option<String>,
+        /// An actor of the delegation chain, current actor first (repeatable).
+        #[arg(long = "actor")]
+        actors: Vec<String>,
         /// The policy: a built-in name or a TOML file.
         #[arg(long, default_value = "default")]
         policy: String,
@@ -50,6 +56,8 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             target,
             database,
             groups,
+            subject,
+            actors,
             policy,
             json,
             sql,
@@ -58,6 +66,8 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             let id = Identity {
                 agent: agent.as_deref(),
                 groups: &groups,
+                subject: subject.as_deref(),
+                actors: &actors,
             };
             let target = TargetRef {
                 name: &target,

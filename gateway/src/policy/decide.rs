@@ -73,6 +73,10 @@ pub struct Rule {
     pub agents: Option<Vec<Glob>>,
     /// Matches when the identity has any of these groups.
     pub groups: Option<Vec<String>>,
+    /// Matches when the token's subject (`sub`) matches.
+    pub subjects: Option<Vec<Glob>>,
+    /// Matches when any actor of the `act` chain matches (delegated sessions only).
+    pub actors: Option<Vec<Glob>>,
     pub targets: Option<Vec<Glob>>,
     pub databases: Option<Vec<Glob>>,
     pub kinds: Option<Vec<Kind>>,
@@ -101,6 +105,16 @@ impl Rule {
         }
         if let Some(g) = &self.groups
             && !id.groups.iter().any(|x| g.contains(x))
+        {
+            return false;
+        }
+        if let Some(s) = &self.subjects
+            && !id.subject.is_some_and(|sub| any_match(s, sub))
+        {
+            return false;
+        }
+        if let Some(a) = &self.actors
+            && !id.actors.iter().any(|x| any_match(a, x))
         {
             return false;
         }
@@ -141,6 +155,8 @@ impl Rule {
     pub fn is_catch_all(&self) -> bool {
         self.agents.is_none()
             && self.groups.is_none()
+            && self.subjects.is_none()
+            && self.actors.is_none()
             && self.targets.is_none()
             && self.databases.is_none()
             && self.kinds.is_none()

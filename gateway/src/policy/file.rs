@@ -16,6 +16,8 @@
 //! name = "no-ddl"              # default: rules[N]
 //! agents = ["claude-*"]        # patterns (`*`, `?`) on the agent name; string or list
 //! groups = ["oncall"]          # identity groups, any of
+//! subjects = ["alice@*"]       # patterns on the token's subject (`sub`)
+//! actors = ["agent-*"]         # patterns on the delegation chain (`act`), any actor
 //! targets = ["prod-*"]         # patterns on the target name
 //! databases = ["app"]          # patterns on the database name
 //! kinds = ["ddl"]              # read|session|write|ddl|dcl|admin, any of
@@ -166,6 +168,10 @@ struct RuleFile {
     #[serde(default, deserialize_with = "de_opt_strings")]
     groups: Option<Vec<String>>,
     #[serde(default, deserialize_with = "de_opt_globs")]
+    subjects: Option<Vec<Glob>>,
+    #[serde(default, deserialize_with = "de_opt_globs")]
+    actors: Option<Vec<Glob>>,
+    #[serde(default, deserialize_with = "de_opt_globs")]
     targets: Option<Vec<Glob>>,
     #[serde(default, deserialize_with = "de_opt_globs")]
     databases: Option<Vec<Glob>>,
@@ -278,6 +284,8 @@ impl PolicyFile {
                 name,
                 agents: r.agents,
                 groups: r.groups,
+                subjects: r.subjects,
+                actors: r.actors,
                 targets: r.targets,
                 databases: r.databases,
                 kinds: r.kinds,

@@ -49,6 +49,10 @@ pub struct Identity<'a> {
     /// The agent's name, when the connection could be attributed to one.
     pub agent: Option<&'a str>,
     pub groups: &'a [String],
+    /// The verified token's subject, when the target checks identity.
+    pub subject: Option<&'a str>,
+    /// The `act` chain of a delegated token, current actor first.
+    pub actors: &'a [String],
 }
 
 /// Where the request goes.
