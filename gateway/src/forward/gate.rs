@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::Shared;
-use super::mask_filter::{CopyStatements, copy_statement};
+use super::lineage::{self, Lineage};
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
 use crate::policy::{Action, ClassifyCache, Identity, Request as PolicyRequest, TargetRef};
 use crate::protocol::postgres::session::{Blocked, Disposition, Gate, Request};
@@ -33,9 +33,9 @@ pub struct PolicyGate {
     pub database: String,
     /// Set when `check` returned Hold; the driver takes it and waits.
     pub held: Option<Held>,
-    /// COPY ... TO STDOUT statements on their way upstream, for the masking filter; `None` when
-    /// the session masks nothing.
-    pub copies: Option<CopyStatements>,
+    /// The session's column lineage, shared with its result filter; `None` when the session
+    /// masks nothing.
+    pub lineage: Option<Lineage>,
 }
 
 impl PolicyGate {
@@ -77,17 +77,20 @@ impl Gate for PolicyGate {
             info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
         }
         if verdict.action == Action::Allow
-            && let (Some(copies), Request::Query(sql) | Request::Parse { sql, .. }) =
-                (&self.copies, request)
-            && verdict
-                .class
-                .statements
-                .iter()
-                .any(|s| s.command.eq_ignore_ascii_case("COPY"))
+            && let (Some(state), Request::Query(sql) | Request::Parse { sql, .. }) =
+                (&self.lineage, request)
         {
-            // The filter needs what the statement says about its output (format, columns).
-            if let Some(c) = copy_statement(sql) {
-                copies.borrow_mut().push_back(c);
+            if verdict.class.kind() == crate::policy::Kind::Ddl {
+                // What `*`, views and masked tables mean may have changed for every session.
+                self.shared.catalogs.invalidate(&self.target, &self.database);
+            }
+            if let Some(path) = lineage::search_path_set(sql) {
+                state.borrow_mut().set_search_path(path);
+            }
+            let masker = self.shared.masker();
+            if let Some(b) = lineage::refusal(&masker, &mut state.borrow_mut(), sql) {
+                warn!(session = self.session, rule = %b.rule, reason = %b.reason, "statement blocked by masking");
+                return Disposition::Block(b);
             }
         }
         match verdict.action {

@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod conn;
 pub mod gate;
+pub mod lineage;
 pub mod mask_filter;
 pub mod session;
 pub mod tls;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub redirector: Option<Arc<crate::redirect::Redirector>>,
     pub started: Instant,
     pub draining: AtomicBool,
+    /// Catalog snapshots for column lineage, shared by sessions.
+    pub catalogs: crate::mask::lineage::CatalogCache,
 }
 
 impl Shared {
@@ -140,6 +143,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         approvals,
         redirector,
         started: Instant::now(),
+        catalogs: Default::default(),
         draining: AtomicBool::new(false),
     });
     let admin = crate::admin::server::start(&cfg, shared.clone())?;
@@ -233,7 +237,7 @@ fn reload(args: &ServeArgs, shared: &Shared) {
 }
 
 /// Loads a policy and compiles its `[mask]` table; any error names the policy and the key.
-fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
+pub(crate) fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
     use serde::Deserialize;
     let policy = crate::policy::load(name_or_path).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
     let rules = MaskRules::deserialize(toml::Value::Table(policy.mask_table().clone()))

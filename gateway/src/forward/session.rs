@@ -16,10 +16,9 @@ use super::Shared;
 use super::cancel::CancelTarget;
 use super::conn::Stream;
 use super::gate::PolicyGate;
-use super::mask_filter::{CATALOG_SQL, CopyStatements, MaskFilter};
+use super::mask_filter::MaskFilter;
 use super::upstream;
 use crate::identify::Identity;
-use crate::mask::ColumnOrigin;
 use crate::metrics::{NewSession, SessionInfo, SessionState};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{
@@ -196,43 +195,24 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     let server = Rc::new(upstream.stream);
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
     let masker = shared.masker();
-    let copies: Option<CopyStatements> = (!masker.is_noop()).then(Default::default);
-    // `table` rules name columns by their table: read where result columns come from, on this
-    // session's own upstream connection before the agent's first byte goes through.
-    let catalog = if masker.needs_catalog() {
-        match upstream::side_query(&server, CATALOG_SQL, shared.max_message()).await {
-            Ok(rows) => rows
-                .into_iter()
-                .filter_map(|r| match &r[..] {
-                    [
-                        Some(oid),
-                        Some(att),
-                        Some(schema),
-                        Some(table),
-                        Some(column),
-                    ] => Some((
-                        (oid.parse().ok()?, att.parse().ok()?),
-                        ColumnOrigin {
-                            schema: schema.clone(),
-                            table: table.clone(),
-                            column: column.clone(),
-                        },
-                    )),
-                    _ => None,
-                })
-                .collect(),
-            Err(e) => {
-                // Without it, table-rule columns are redacted: masking fails closed.
-                warn!(session = info.id, "catalog lookup for masking failed: {e}");
-                Default::default()
-            }
-        }
-    } else {
-        Default::default()
-    };
-    let filter = MaskFilter::new(masker, catalog, copies.clone().unwrap_or_default());
+    // Lineage needs the catalog: read it (or take a fresh shared snapshot) on this session's own
+    // upstream connection before the agent's first byte goes through.
+    let lineage = super::lineage::session_lineage(
+        &shared,
+        &server,
+        &masker,
+        &target.config.name,
+        &up.database,
+        &up.user,
+        info.id,
+    )
+    .await;
+    if lineage.is_some() {
+        core.borrow_mut().keep_statements();
+    }
+    let filter = MaskFilter::new(masker, lineage.clone());
     let gate = PolicyGate {
-        copies,
+        lineage,
         shared: shared.clone(),
         session: info.id,
         agent: identity.peer.agent.clone(),
