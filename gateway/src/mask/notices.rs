@@ -20,6 +20,10 @@ const TEXT_FIELDS: &[u8] = b"MDHWq";
 /// SQLSTATE class of errors raised by user code (`RAISE`), whose text may hold any value unquoted.
 const RAISED_CLASS: &[u8] = b"P0";
 
+/// SQLSTATE class of data exceptions, whose detail and context may quote the input unquoted
+/// (`JSON data, line 1: ...`).
+const DATA_CLASS: &[u8] = b"22";
+
 impl Masker {
     /// Masks an ErrorResponse or NoticeResponse body (`tag` E or N). `touched` says the statement
     /// referenced a masked column: quoted values are then redacted too, and text raised by user
@@ -47,15 +51,15 @@ impl Masker {
             fields.push((kind, &after[..end]));
             rest = &after[end + 1..];
         }
-        let raised = fields
-            .iter()
-            .any(|(k, v)| *k == b'C' && v.starts_with(RAISED_CLASS));
+        let class = |c: &[u8]| fields.iter().any(|(k, v)| *k == b'C' && v.starts_with(c));
+        let raised = class(RAISED_CLASS);
+        let data = class(DATA_CLASS);
         let mut changed = false;
         let mut rewritten: Vec<(u8, Vec<u8>)> = Vec::with_capacity(fields.len());
         for (kind, value) in &fields {
             let mut v = value.to_vec();
             if TEXT_FIELDS.contains(kind) {
-                if touched && raised {
+                if touched && (raised || (data && *kind != b'M')) {
                     v = REDACTED.to_vec();
                 } else if touched {
                     v = redact_quoted(&v);
@@ -210,6 +214,11 @@ mod tests {
         assert_eq!(f.code, "22P02");
         assert_eq!(f.severity, "ERROR");
         assert_eq!(f.message, "invalid input syntax for type integer: \"****\"");
+        assert_eq!(f.detail, Some("****"), "a data exception's detail may quote input bare");
+        let body = error("23505", "duplicate key", Some("Key (ssn)=(secretvalue) already exists."));
+        out.clear();
+        assert!(m.mask_error(b'E', &body, true, &mut out).unwrap());
+        let f = messages::parse_error_fields(&out[5..]).unwrap();
         assert_eq!(f.detail, Some("Key (****)=(****) already exists."));
     }
 

@@ -1036,12 +1036,15 @@ impl Visitor for Collector<'_, '_, '_, '_> {
                     &v.value
                 {
                     let mut words = Lineage::default();
-                    words.keys = s
+                    if s.contains(['*', '$']) {
+                        words.keys.push(Arc::from("*"));
+                    }
+                    words.keys.extend(s
                         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
                         .filter(|w| !w.is_empty())
                         .take(8)
-                        .map(Arc::from)
-                        .collect();
+                        .map(Arc::from),
+                    );
                     self.out.absorb(&words);
                 }
             }
@@ -1060,6 +1063,16 @@ impl Visitor for Collector<'_, '_, '_, '_> {
                     }
                 }
                 let name = parts.last().map(String::as_str).unwrap_or("");
+                // Functions that lift values out of their keys.
+                if (name.starts_with("json") || name.starts_with("to_json"))
+                    && ["each", "path", "elements", "populate", "to_record", "keys", "array"]
+                        .iter()
+                        .any(|w| name.contains(w))
+                {
+                    let mut marker = Lineage::default();
+                    marker.keys.push(Arc::from("*"));
+                    self.out.absorb(&marker);
+                }
                 if name == "pg_notify" {
                     let mut given = Lineage::default();
                     if let FunctionArguments::List(list) = &f.args {
