@@ -183,7 +183,10 @@ fn base64(b: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for chunk in b.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &x)| n | (x as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &x)| n | (x as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
@@ -327,7 +330,10 @@ async fn adversarial_corpus_leaks_nothing_in_text_or_binary() {
     for sql in &corpus {
         s.relay.take();
         let text = client.simple_query(sql).await;
-        let _ = client.simple_query("SELECT 1").await.expect("session survives");
+        let _ = client
+            .simple_query("SELECT 1")
+            .await
+            .expect("session survives");
         let seen = s.relay.take();
         let l = leaks(&seen);
         if !l.is_empty() {
@@ -336,7 +342,10 @@ async fn adversarial_corpus_leaks_nothing_in_text_or_binary() {
         drop(text);
         // Binary: extended protocol, every result column in binary format.
         let binary = client.query(sql.as_str(), &[]).await;
-        let _ = client.simple_query("SELECT 1").await.expect("session survives");
+        let _ = client
+            .simple_query("SELECT 1")
+            .await
+            .expect("session survives");
         let seen = s.relay.take();
         let l = leaks(&seen);
         if !l.is_empty() {
@@ -344,7 +353,12 @@ async fn adversarial_corpus_leaks_nothing_in_text_or_binary() {
         }
         drop(binary);
     }
-    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} leaks:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn texts(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
@@ -366,15 +380,36 @@ async fn unmasked_columns_come_back_exactly_as_direct() {
     let direct = connect_direct(&s).await;
     // (query, clean columns)
     let cases: &[(&str, &[usize])] = &[
-        ("SELECT id, name, score, upper(name), ssn FROM users ORDER BY id", &[0, 1, 2, 3]),
-        ("SELECT u.id, o.note, o.amount, u.password_hash FROM users u JOIN orders o ON o.user_id = u.id ORDER BY o.id", &[0, 1, 2]),
-        ("WITH c AS (SELECT id, name AS n, ssn FROM users) SELECT n, id, ssn FROM c ORDER BY id", &[0, 1]),
-        ("SELECT name FROM users UNION ALL SELECT note FROM orders ORDER BY 1", &[0]),
-        ("SELECT json_build_object('n', name, 'id', id)::text FROM users ORDER BY id", &[0]),
-        ("SELECT id, profile->>'nick' FROM users ORDER BY id", &[0, 1]),
+        (
+            "SELECT id, name, score, upper(name), ssn FROM users ORDER BY id",
+            &[0, 1, 2, 3],
+        ),
+        (
+            "SELECT u.id, o.note, o.amount, u.password_hash FROM users u JOIN orders o ON o.user_id = u.id ORDER BY o.id",
+            &[0, 1, 2],
+        ),
+        (
+            "WITH c AS (SELECT id, name AS n, ssn FROM users) SELECT n, id, ssn FROM c ORDER BY id",
+            &[0, 1],
+        ),
+        (
+            "SELECT name FROM users UNION ALL SELECT note FROM orders ORDER BY 1",
+            &[0],
+        ),
+        (
+            "SELECT json_build_object('n', name, 'id', id)::text FROM users ORDER BY id",
+            &[0],
+        ),
+        (
+            "SELECT id, profile->>'nick' FROM users ORDER BY id",
+            &[0, 1],
+        ),
         ("SELECT * FROM orders ORDER BY id", &[0, 1, 2, 3]),
         ("SELECT count(*), sum(score) FROM users", &[0, 1]),
-        ("SELECT name, row_number() OVER (ORDER BY id) FROM users", &[0, 1]),
+        (
+            "SELECT name, row_number() OVER (ORDER BY id) FROM users",
+            &[0, 1],
+        ),
         ("SELECT id, name FROM v_users ORDER BY id", &[0, 1]),
     ];
     for (sql, clean) in cases {
@@ -398,7 +433,11 @@ async fn unmasked_columns_come_back_exactly_as_direct() {
         }
     }
     // row_to_json keeps the clean keys and hides the masked ones.
-    let g = texts(&via.simple_query("SELECT row_to_json(u) FROM users u ORDER BY id").await.unwrap());
+    let g = texts(
+        &via.simple_query("SELECT row_to_json(u) FROM users u ORDER BY id")
+            .await
+            .unwrap(),
+    );
     let doc: serde_json::Value = serde_json::from_str(g[0][0].as_deref().unwrap()).unwrap();
     assert_eq!(doc["name"], "alice");
     assert_eq!(doc["score"], 10);
@@ -442,7 +481,14 @@ impl Rng {
 fn random_expr(rng: &mut Rng, depth: u32) -> String {
     if depth == 0 || rng.below(3) == 0 {
         return rng
-            .pick(&["u.ssn", "u.password_hash", "u.email", "u.name", "o.note", "u.id::text"])
+            .pick(&[
+                "u.ssn",
+                "u.password_hash",
+                "u.email",
+                "u.name",
+                "o.note",
+                "u.id::text",
+            ])
             .to_owned();
     }
     let e = random_expr(rng, depth - 1);
@@ -489,7 +535,10 @@ async fn leaking_queries(s: &Setup, seed: u64, n: usize) -> Vec<String> {
         s.relay.take();
         let _ = client.simple_query(&sql).await;
         let _ = client.query(sql.as_str(), &[]).await;
-        client.simple_query("SELECT 1").await.expect("session survives");
+        client
+            .simple_query("SELECT 1")
+            .await
+            .expect("session survives");
         if !leaks(&s.relay.take()).is_empty() {
             leaked.push(sql);
         }
@@ -501,7 +550,11 @@ async fn leaking_queries(s: &Setup, seed: u64, n: usize) -> Vec<String> {
 async fn randomized_differential_finds_leaks_only_without_lineage() {
     let on = start(|_| "default".to_owned()).await;
     let leaked = leaking_queries(&on, 0x5eed_1234_abcd_0001, 80).await;
-    assert!(leaked.is_empty(), "with lineage, leaks:\n{}", leaked.join("\n"));
+    assert!(
+        leaked.is_empty(),
+        "with lineage, leaks:\n{}",
+        leaked.join("\n")
+    );
     let off = start(|dir| default_policy_with(dir, "danger_disable_lineage = true")).await;
     let leaked = leaking_queries(&off, 0x5eed_1234_abcd_0001, 80).await;
     assert!(
@@ -535,7 +588,9 @@ async fn copy_checks(s: &Setup) {
         "COPY (SELECT id, note, amount FROM orders) TO STDOUT (FORMAT binary)",
         "COPY (SELECT id, name FROM users ORDER BY id) TO STDOUT",
     ] {
-        let g = copy_bytes(&via, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let g = copy_bytes(&via, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let d = copy_bytes(&direct, sql).await.unwrap();
         assert_eq!(g, d, "{sql}: byte for byte");
     }
@@ -550,14 +605,21 @@ async fn copy_checks(s: &Setup) {
         "COPY (SELECT id, password_hash AS x FROM users) TO STDOUT (FORMAT binary)",
     ] {
         s.relay.take();
-        let g = copy_bytes(&via, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-        assert!(leaks(&g).is_empty() && leaks(&s.relay.take()).is_empty(), "{sql}");
+        let g = copy_bytes(&via, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(
+            leaks(&g).is_empty() && leaks(&s.relay.take()).is_empty(),
+            "{sql}"
+        );
         if sql == "COPY users TO STDOUT" {
             let text = String::from_utf8(g).unwrap();
             assert!(text.starts_with("1\talice\t"), "clean columns stay: {text}");
         }
     }
-    via.simple_query("SELECT 1").await.expect("session survives COPY");
+    via.simple_query("SELECT 1")
+        .await
+        .expect("session survives COPY");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -618,7 +680,12 @@ async fn errors_notices_and_notifications_are_masked() {
     assert!(!text.contains("4111 1111 1111 1111"), "{text}");
 
     // json keys named like a masked column are masked inside documents.
-    let got = texts(&client.simple_query("SELECT profile FROM users WHERE id = 2").await.unwrap());
+    let got = texts(
+        &client
+            .simple_query("SELECT profile FROM users WHERE id = 2")
+            .await
+            .unwrap(),
+    );
     let doc: serde_json::Value = serde_json::from_str(got[0][0].as_deref().unwrap()).unwrap();
     assert_eq!(doc["nick"], "bo");
     assert_ne!(doc["ssn"], "Jt5jsonssn9");
@@ -630,29 +697,52 @@ async fn sessions_survive_refusals_in_and_out_of_transactions() {
     let client = connect_relay(&s).await;
     for (refused, rule) in [
         // Refused by the policy's own rules before masking looks at it; a refusal all the same.
-        ("SELECT query_to_xml('select ssn from users', true, true, '')", ""),
-        ("SELECT most_common_vals::text FROM pg_stats", "mask.unknown_lineage"),
+        (
+            "SELECT query_to_xml('select ssn from users', true, true, '')",
+            "",
+        ),
+        (
+            "SELECT most_common_vals::text FROM pg_stats",
+            "mask.unknown_lineage",
+        ),
         ("SELECT leak(1) FROM users", ""),
-        ("SELECT pg_notify('c', password_hash) FROM users", "mask.columns["),
+        (
+            "SELECT pg_notify('c', password_hash) FROM users",
+            "mask.columns[",
+        ),
     ] {
         let err = client.simple_query(refused).await.expect_err(refused);
-        let db = err.as_db_error().unwrap_or_else(|| panic!("{refused}: {err}"));
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{refused}: {err}"));
         assert_eq!(db.code().code(), "42501", "{refused}");
         assert!(db.message().contains(rule), "{refused}: {}", db.message());
-        client.simple_query("SELECT 1").await.expect("usable after a refusal");
+        client
+            .simple_query("SELECT 1")
+            .await
+            .expect("usable after a refusal");
         let err = client.query(refused, &[]).await.expect_err(refused);
         assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
-        client.query("SELECT 1", &[]).await.expect("usable after an extended refusal");
+        client
+            .query("SELECT 1", &[])
+            .await
+            .expect("usable after an extended refusal");
     }
     client.simple_query("BEGIN").await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
     assert!(client.simple_query("SELECT leak(2)").await.is_err());
-    let err = client.simple_query("SELECT 1").await.expect_err("aborted transaction");
+    let err = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("aborted transaction");
     assert_eq!(err.as_db_error().unwrap().code().code(), "25P02");
     client.simple_query("ROLLBACK").await.unwrap();
     let got = texts(&client.simple_query("SELECT 41 + 1").await.unwrap());
     assert_eq!(got[0][0].as_deref(), Some("42"));
     // COPY and a clean query still work after all that.
     let out = copy_bytes(&client, "COPY orders TO STDOUT").await.unwrap();
-    assert_eq!(out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(), 3);
+    assert_eq!(
+        out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(),
+        3
+    );
 }

@@ -20,7 +20,10 @@ const MIX: &[(&str, &str)] = &[
         "wide rows",
         "SELECT id, customer, email, card_number, city, note FROM bench_wide WHERE id BETWEEN $1 AND $1 + 99",
     ),
-    ("point select", "SELECT id, email, name FROM users WHERE id = $1"),
+    (
+        "point select",
+        "SELECT id, email, name FROM users WHERE id = $1",
+    ),
     ("star", "SELECT * FROM users WHERE id = $1"),
     (
         "join + group",
@@ -33,9 +36,15 @@ const MIX: &[(&str, &str)] = &[
          big AS (SELECT user_id, sum(total) s FROM recent GROUP BY user_id) \
          SELECT u.email, b.s FROM big b JOIN users u ON u.id = b.user_id ORDER BY b.s DESC",
     ),
-    ("json", "SELECT row_to_json(u), json_agg(o) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.*"),
+    (
+        "json",
+        "SELECT row_to_json(u), json_agg(o) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.*",
+    ),
     ("view", "SELECT * FROM active_users"),
-    ("derived", "SELECT upper(password_hash) AS x, substr(ssn, 1, 3) FROM users"),
+    (
+        "derived",
+        "SELECT upper(password_hash) AS x, substr(ssn, 1, 3) FROM users",
+    ),
 ];
 
 fn catalog(masker: &Masker) -> Catalog {
@@ -43,13 +52,35 @@ fn catalog(masker: &Masker) -> Catalog {
     let tables: &[(&str, &[(&str, u32)])] = &[
         (
             "bench_wide",
-            &[("id", 23), ("customer", 25), ("email", 25), ("card_number", 25), ("city", 25), ("note", 25)],
+            &[
+                ("id", 23),
+                ("customer", 25),
+                ("email", 25),
+                ("card_number", 25),
+                ("city", 25),
+                ("note", 25),
+            ],
         ),
         (
             "users",
-            &[("id", 23), ("name", 25), ("email", 25), ("ssn", 25), ("password_hash", 25), ("created_at", 1184)],
+            &[
+                ("id", 23),
+                ("name", 25),
+                ("email", 25),
+                ("ssn", 25),
+                ("password_hash", 25),
+                ("created_at", 1184),
+            ],
         ),
-        ("orders", &[("id", 23), ("user_id", 23), ("total", 1700), ("created_at", 1184)]),
+        (
+            "orders",
+            &[
+                ("id", 23),
+                ("user_id", 23),
+                ("total", 1700),
+                ("created_at", 1184),
+            ],
+        ),
         ("active_users", &[("id", 23), ("email", 25)]),
     ];
     for (oid, (table, cols)) in tables.iter().enumerate() {
@@ -64,7 +95,11 @@ fn catalog(masker: &Masker) -> Catalog {
             });
         }
     }
-    c.set_view("public", "active_users", "SELECT id, email FROM users WHERE created_at > now() - interval '1 day'");
+    c.set_view(
+        "public",
+        "active_users",
+        "SELECT id, email FROM users WHERE created_at > now() - interval '1 day'",
+    );
     c.set_search_path(vec!["public".into()]);
     masker.mark_catalog(&mut c);
     c
@@ -93,7 +128,12 @@ fn measure(batches: usize, per_batch: usize, mut f: impl FnMut()) -> f64 {
 
 /// 100 wide rows as DataRow bodies, 10% with an email and a card, as bench/src/runner.rs seeds them.
 fn wide_rows() -> Vec<Vec<u8>> {
-    let cards = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"];
+    let cards = [
+        "4111111111111111",
+        "5555555555554444",
+        "378282246310005",
+        "6011111111111117",
+    ];
     let cities = ["Lisbon", "Osaka", "Denver", "Nairobi", "Oslo", "Quito"];
     (1..=100u32)
         .map(|g| {
@@ -105,7 +145,10 @@ fn wide_rows() -> Vec<Vec<u8>> {
                 pii.then_some(email),
                 pii.then(|| cards[g as usize % 4].to_owned()),
                 Some(cities[g as usize % 6].to_owned()),
-                Some(format!("{:048x}", u64::from(g).wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+                Some(format!(
+                    "{:048x}",
+                    u64::from(g).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                )),
             ];
             let mut body = 6u16.to_be_bytes().to_vec();
             for v in values {
@@ -137,14 +180,22 @@ fn main() {
     let mut cold_all = Vec::new();
     for (name, sql) in MIX {
         let cold = measure(20, scale.max(10), || {
-            black_box(lineage::analyze(black_box(sql), &catalog, catalog.search_path()));
+            black_box(lineage::analyze(
+                black_box(sql),
+                &catalog,
+                catalog.search_path(),
+            ));
         });
         let mut session = SessionLineage::new(catalog.clone());
         let cached = measure(50, scale * 100, || {
             session.set_current(Some(black_box(sql)), 0);
             black_box(session.current_output().columns.len());
         });
-        println!("{name:<14} {:>10.2} {:>12.3}", cold / 1000.0, cached / 1000.0);
+        println!(
+            "{name:<14} {:>10.2} {:>12.3}",
+            cold / 1000.0,
+            cached / 1000.0
+        );
         cold_all.push(cold);
         cached_all.push(cached);
     }

@@ -82,7 +82,9 @@ impl Gate for PolicyGate {
         {
             if verdict.class.kind() == crate::policy::Kind::Ddl {
                 // What `*`, views and masked tables mean may have changed for every session.
-                self.shared.catalogs.invalidate(&self.target, &self.database);
+                self.shared
+                    .catalogs
+                    .invalidate(&self.target, &self.database);
             }
             if let Some(path) = lineage::search_path_set(sql) {
                 state.borrow_mut().set_search_path(path);

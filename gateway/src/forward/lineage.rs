@@ -90,7 +90,8 @@ pub fn refusal(masker: &Masker, lineage: &mut SessionLineage, sql: &str) -> Opti
 pub fn search_path_set(sql: &str) -> Option<Vec<String>> {
     use sqlparser::ast::{Expr, Set, Statement, Value};
     let statements =
-        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql).ok()?;
+        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+            .ok()?;
     statements.iter().rev().find_map(|s| match s {
         Statement::Set(Set::SingleAssignment {
             variable, values, ..

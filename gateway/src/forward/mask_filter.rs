@@ -109,8 +109,13 @@ impl ResultFilter for MaskFilter {
         let plan = if self.masker.lineage_enabled() {
             let lineage = lineage.borrow();
             let out = lineage.current_output();
-            self.masker
-                .copy_plan_lineage(format, &column_formats, &out, lineage.catalog(), &options)
+            self.masker.copy_plan_lineage(
+                format,
+                &column_formats,
+                &out,
+                lineage.catalog(),
+                &options,
+            )
         } else {
             self.masker
                 .copy_plan(format, &column_formats, names.as_deref(), &options)

@@ -27,7 +27,10 @@ pub enum Verdict {
     /// Computed from a column `mask.columns[rule]` matches: redacted whole.
     Derived { rule: usize },
     /// Json built from masked columns: the values under these keys are masked.
-    JsonKeys { rule: usize, keys: Vec<(String, Style)> },
+    JsonKeys {
+        rule: usize,
+        keys: Vec<(String, Style)>,
+    },
     /// The sources cannot be known: redacted whole.
     Unknown(Arc<str>),
     /// Computed from a json column in a way that may lift a masked key's value out of its key:
@@ -42,7 +45,9 @@ impl std::fmt::Display for Verdict {
             Verdict::Rule { rule, style } => {
                 write!(f, "mask.columns[{rule}], style {style:?}")
             }
-            Verdict::Derived { rule } => write!(f, "mask.columns[{rule}] on a derived value: redacted whole"),
+            Verdict::Derived { rule } => {
+                write!(f, "mask.columns[{rule}] on a derived value: redacted whole")
+            }
             Verdict::JsonKeys { rule, keys } => {
                 write!(f, "mask.columns[{rule}] inside json: keys ")?;
                 for (i, (k, s)) in keys.iter().enumerate() {
@@ -51,7 +56,9 @@ impl std::fmt::Display for Verdict {
                 Ok(())
             }
             Verdict::Unknown(why) => write!(f, "mask.unknown_lineage: {why}"),
-            Verdict::FromJson => f.write_str("computed from a json column: json key rules, else redacted"),
+            Verdict::FromJson => {
+                f.write_str("computed from a json column: json key rules, else redacted")
+            }
         }
     }
 }
@@ -153,7 +160,9 @@ impl Masker {
         catalog: &Catalog,
     ) -> ResultPlan {
         let mut plan = self.plan_with_origin(cols, &|oid, attnum| {
-            catalog.by_attnum(oid, attnum).map(|id| origin(catalog.column(id)))
+            catalog
+                .by_attnum(oid, attnum)
+                .map(|id| origin(catalog.column(id)))
         });
         let Some(out) = lineage.filter(|_| self.lineage_enabled()) else {
             return plan;
@@ -201,7 +210,8 @@ impl Masker {
             .iter()
             .zip(names)
             .map(|(l, name)| {
-                let source = (l.direct && l.sources.len() == 1).then(|| catalog.column(l.sources[0]));
+                let source =
+                    (l.direct && l.sources.len() == 1).then(|| catalog.column(l.sources[0]));
                 let type_oid = source.map_or(0, |s| s.type_oid);
                 let kind = types::value_kind(type_oid, binary);
                 let origin = source.map(origin);
@@ -241,7 +251,9 @@ fn apply(col: &mut ColPlan, verdict: Verdict, kind: ValueKind) {
     *col = match verdict {
         Verdict::Clean => return,
         Verdict::Rule { style, .. } => ColPlan::Whole { style, kind },
-        Verdict::JsonKeys { keys, .. } if matches!(kind, ValueKind::Json | ValueKind::JsonbBinary) => {
+        Verdict::JsonKeys { keys, .. }
+            if matches!(kind, ValueKind::Json | ValueKind::JsonbBinary) =>
+        {
             let keys: Vec<JsonKey> = keys.into_iter().map(|(k, s)| (k.into(), s)).collect();
             ColPlan::JsonKeys(kind, keys.into())
         }
@@ -284,7 +296,9 @@ fn json_keys(shape: &JsonShape, catalog: &Catalog, out: &mut Vec<(String, Style)
         }
         JsonShape::Array(elem) => match &elem.json {
             Some(inner) => json_keys(inner, catalog, out),
-            None => elem.unknown.is_none() && !elem.sources.iter().any(|s| catalog.rule(*s).is_some()),
+            None => {
+                elem.unknown.is_none() && !elem.sources.iter().any(|s| catalog.rule(*s).is_some())
+            }
         },
     }
 }
@@ -312,9 +326,15 @@ mod tests {
         .unwrap();
         let masker = Masker::new(&rules).unwrap();
         let mut c = Catalog::default();
-        for (i, (col, ty)) in [("id", 23), ("email", 25), ("ssn", 25), ("ip", 869), ("name", 25)]
-            .into_iter()
-            .enumerate()
+        for (i, (col, ty)) in [
+            ("id", 23),
+            ("email", 25),
+            ("ssn", 25),
+            ("ip", 869),
+            ("name", 25),
+        ]
+        .into_iter()
+        .enumerate()
         {
             c.add_column(SourceColumn {
                 schema: "public".into(),
@@ -343,10 +363,32 @@ mod tests {
     #[test]
     fn rules_match_the_source_not_the_name() {
         let v = verdicts("SELECT ssn AS a, email AS b, ip AS c, name AS ssn_like, id FROM users");
-        assert_eq!(v[0], Verdict::Rule { rule: 0, style: Style::Partial });
-        assert_eq!(v[1], Verdict::Rule { rule: 1, style: Style::KeyedHash });
-        assert_eq!(v[2], Verdict::Rule { rule: 2, style: Style::Redact });
-        assert_eq!(v[3], Verdict::Clean, "the name rule on the output name is the plan's business");
+        assert_eq!(
+            v[0],
+            Verdict::Rule {
+                rule: 0,
+                style: Style::Partial
+            }
+        );
+        assert_eq!(
+            v[1],
+            Verdict::Rule {
+                rule: 1,
+                style: Style::KeyedHash
+            }
+        );
+        assert_eq!(
+            v[2],
+            Verdict::Rule {
+                rule: 2,
+                style: Style::Redact
+            }
+        );
+        assert_eq!(
+            v[3],
+            Verdict::Clean,
+            "the name rule on the output name is the plan's business"
+        );
         assert_eq!(v[4], Verdict::Clean);
         let v = verdicts("SELECT upper(email), host(ip), id + 1 FROM users");
         assert_eq!(v[0], Verdict::Derived { rule: 1 });
@@ -364,24 +406,60 @@ mod tests {
             Verdict::JsonKeys { keys, .. } => {
                 let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
                 assert_eq!(names, ["email", "ssn", "ip"]);
-                assert_eq!(keys[1].1, Style::Partial, "a plain reference keeps its style");
+                assert_eq!(
+                    keys[1].1,
+                    Style::Partial,
+                    "a plain reference keeps its style"
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&v[1], Verdict::JsonKeys { keys, .. } if keys.len() == 1 && keys[0].0 == "x"));
+        assert!(
+            matches!(&v[1], Verdict::JsonKeys { keys, .. } if keys.len() == 1 && keys[0].0 == "x")
+        );
         assert!(matches!(&v[2], Verdict::JsonKeys { keys, .. } if keys.len() == 3));
-        assert_eq!(v[3], Verdict::Derived { rule: 0 }, "an array of masked scalars");
-        assert_eq!(v[4], Verdict::Derived { rule: 1 }, "json cast to text is a derivation");
+        assert_eq!(
+            v[3],
+            Verdict::Derived { rule: 0 },
+            "an array of masked scalars"
+        );
+        assert_eq!(
+            v[4],
+            Verdict::Derived { rule: 1 },
+            "json cast to text is a derivation"
+        );
     }
 
     #[test]
     fn plans_tighten_and_never_loosen() {
         let (m, c) = setup();
-        let a = lineage::analyze("SELECT ssn AS a, upper(name), row_to_json(u) FROM users u", &c, c.search_path());
+        let a = lineage::analyze(
+            "SELECT ssn AS a, upper(name), row_to_json(u) FROM users u",
+            &c,
+            c.search_path(),
+        );
         let cols = [
-            Column { name: b"a", table_oid: 10, attnum: 3, type_oid: 25, format: 0 },
-            Column { name: b"upper", table_oid: 0, attnum: 0, type_oid: 25, format: 0 },
-            Column { name: b"row_to_json", table_oid: 0, attnum: 0, type_oid: 114, format: 0 },
+            Column {
+                name: b"a",
+                table_oid: 10,
+                attnum: 3,
+                type_oid: 25,
+                format: 0,
+            },
+            Column {
+                name: b"upper",
+                table_oid: 0,
+                attnum: 0,
+                type_oid: 25,
+                format: 0,
+            },
+            Column {
+                name: b"row_to_json",
+                table_oid: 0,
+                attnum: 0,
+                type_oid: 114,
+                format: 0,
+            },
         ];
         let plan = m.plan_lineage(&cols, Some(&a.statements[0]), &c);
         let mut out = Vec::new();
@@ -393,12 +471,19 @@ mod tests {
         }
         assert!(plan.mask_data_row(&body, &mut out).unwrap());
         let text = String::from_utf8_lossy(&out);
-        assert!(!text.contains("123-45-6789") && !text.contains("a@b.c") && !text.contains("1.2.3.4"), "{text}");
+        assert!(
+            !text.contains("123-45-6789") && !text.contains("a@b.c") && !text.contains("1.2.3.4"),
+            "{text}"
+        );
         assert!(text.contains("***-**-6789"), "partial style kept: {text}");
-        assert!(text.contains(r#""name":"al""#), "the rest of the document stays: {text}");
+        assert!(
+            text.contains(r#""name":"al""#),
+            "the rest of the document stays: {text}"
+        );
         assert!(text.contains("AL"), "upper(name) is clean: {text}");
         // Lineage off: the alias evades the name rule (what the differential test relies on).
-        let off: MaskRules = toml::from_str("danger_disable_lineage = true\n[[columns]]\nname = \"*ssn*\"").unwrap();
+        let off: MaskRules =
+            toml::from_str("danger_disable_lineage = true\n[[columns]]\nname = \"*ssn*\"").unwrap();
         let m = Masker::new(&off).unwrap();
         let plan = m.plan_lineage(&cols[..1], Some(&a.statements[0]), &Catalog::default());
         assert!(plan.is_passthrough());
@@ -410,11 +495,21 @@ mod tests {
         let a = lineage::analyze("COPY users TO STDOUT", &c, c.search_path());
         let plan = m.copy_plan_lineage(0, &[0; 5], &a.statements[0], &c, &CopyOptions::text());
         let mut out = Vec::new();
-        assert!(plan.mask_copy_data(b"1\ta@b.c\t123-45-6789\t1.2.3.4\tal\n", &mut out).unwrap());
+        assert!(
+            plan.mask_copy_data(b"1\ta@b.c\t123-45-6789\t1.2.3.4\tal\n", &mut out)
+                .unwrap()
+        );
         let text = String::from_utf8_lossy(&out);
-        assert!(!text.contains("a@b.c") && !text.contains("123-45-6789") && !text.contains("1.2.3.4"), "{text}");
+        assert!(
+            !text.contains("a@b.c") && !text.contains("123-45-6789") && !text.contains("1.2.3.4"),
+            "{text}"
+        );
         assert!(text.contains("\tal\n"), "{text}");
-        let a = lineage::analyze("COPY (SELECT id, name FROM users) TO STDOUT", &c, c.search_path());
+        let a = lineage::analyze(
+            "COPY (SELECT id, name FROM users) TO STDOUT",
+            &c,
+            c.search_path(),
+        );
         let plan = m.copy_plan_lineage(0, &[0; 2], &a.statements[0], &c, &CopyOptions::text());
         assert!(plan.is_passthrough());
     }

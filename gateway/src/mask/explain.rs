@@ -30,9 +30,9 @@ impl Masker {
                 } else {
                     super::Verdict::Clean
                 };
-                let by_name = self.engine.columns.iter().position(|r| {
-                    matches!(&r.selector, Selector::Name(g) if g.matches(col.name.as_bytes()))
-                });
+                let by_name = self.engine.columns.iter().position(
+                    |r| matches!(&r.selector, Selector::Name(g) if g.matches(col.name.as_bytes())),
+                );
                 let mask = match (&verdict, by_name) {
                     (super::Verdict::Clean, Some(rule)) => {
                         format!("mask.columns[{rule}] (by the output column's name)")
@@ -160,7 +160,11 @@ mod tests {
         assert!(ex[3].lineage.contains("public.users.ssn"), "{ex:?}");
         assert!(ex[3].mask.contains("mask.columns[3]"), "{ex:?}");
         assert!(catalog_from_specs(&m, &["bad".into()], &[]).is_err());
-        assert!(catalog_from_specs(&m, &["t(a inett)".into()], &[]).unwrap_err().contains("inett"));
+        assert!(
+            catalog_from_specs(&m, &["t(a inett)".into()], &[])
+                .unwrap_err()
+                .contains("inett")
+        );
     }
 }
 
@@ -200,8 +204,8 @@ pub fn explain(
     let (_, masker) = crate::forward::load_policy(policy)?;
     let catalog = catalog_from_specs(&masker, tables, views).map_err(|e| anyhow::anyhow!(e))?;
     let mut session = lineage::SessionLineage::new(std::sync::Arc::new(catalog.clone()));
-    let refused = crate::forward::lineage::refusal(&masker, &mut session, sql)
-        .map(|b| (b.rule, b.reason));
+    let refused =
+        crate::forward::lineage::refusal(&masker, &mut session, sql).map(|b| (b.rule, b.reason));
     Ok(MaskingExplanation {
         columns: masker.explain_columns(&catalog, sql),
         refused,

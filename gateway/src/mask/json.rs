@@ -11,8 +11,8 @@ use simd_json::{Node, StaticNode};
 
 use super::config::{MaskRules, Style};
 use super::detectors::Hit;
-use super::styles::{self, REDACTED};
 use super::rows::JsonKey;
+use super::styles::{self, REDACTED};
 use super::{Engine, MaskError};
 
 /// Deeper documents are redacted whole rather than walked.

@@ -20,11 +20,11 @@
 mod config;
 mod copy;
 mod derived;
-pub mod explain;
 mod detectors;
+pub mod explain;
 mod json;
-mod notices;
 pub mod lineage;
+mod notices;
 mod prefilter;
 mod rows;
 mod styles;
@@ -139,8 +139,10 @@ fn contains_ignore_case(text: &[u8], needle: &[u8]) -> bool {
     let Some(&first) = needle.first() else {
         return true;
     };
-    memchr::memchr2_iter(first.to_ascii_lowercase(), first.to_ascii_uppercase(), text)
-        .any(|at| text.get(at..at + needle.len()).is_some_and(|w| w.eq_ignore_ascii_case(needle)))
+    memchr::memchr2_iter(first.to_ascii_lowercase(), first.to_ascii_uppercase(), text).any(|at| {
+        text.get(at..at + needle.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    })
 }
 
 /// The shortest key accepted for the keyed hash.

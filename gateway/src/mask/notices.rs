@@ -11,7 +11,7 @@
 use super::rows::Outcome;
 use super::styles::REDACTED;
 use super::types::ValueKind;
-use super::{Masker, MaskError};
+use super::{MaskError, Masker};
 use crate::protocol::postgres::frame::write_message;
 
 /// Fields that carry free text that may quote data.
@@ -156,18 +156,23 @@ fn redact_quoted(v: &[u8]) -> Vec<u8> {
     let mut i = 0;
     while i < v.len() {
         let close = match v[i] {
-            b'"' => v[i + 1..].iter().position(|&b| b == b'"').map(|p| i + 1 + p),
+            b'"' => v[i + 1..]
+                .iter()
+                .position(|&b| b == b'"')
+                .map(|p| i + 1 + p),
             b'(' => {
                 let mut depth = 0usize;
-                v[i..].iter().position(|&b| {
-                    match b {
-                        b'(' => depth += 1,
-                        b')' => depth -= 1,
-                        _ => {}
-                    }
-                    depth == 0
-                })
-                .map(|p| i + p)
+                v[i..]
+                    .iter()
+                    .position(|&b| {
+                        match b {
+                            b'(' => depth += 1,
+                            b')' => depth -= 1,
+                            _ => {}
+                        }
+                        depth == 0
+                    })
+                    .map(|p| i + p)
             }
             _ => None,
         };
@@ -208,14 +213,25 @@ mod tests {
             Some("Key (ssn)=(secretvalue) already exists."),
         );
         let mut out = Vec::new();
-        assert!(!m.mask_error(b'E', &body, false, &mut out).unwrap(), "no data, not touched");
+        assert!(
+            !m.mask_error(b'E', &body, false, &mut out).unwrap(),
+            "no data, not touched"
+        );
         assert!(m.mask_error(b'E', &body, true, &mut out).unwrap());
         let f = messages::parse_error_fields(&out[5..]).unwrap();
         assert_eq!(f.code, "22P02");
         assert_eq!(f.severity, "ERROR");
         assert_eq!(f.message, "invalid input syntax for type integer: \"****\"");
-        assert_eq!(f.detail, Some("****"), "a data exception's detail may quote input bare");
-        let body = error("23505", "duplicate key", Some("Key (ssn)=(secretvalue) already exists."));
+        assert_eq!(
+            f.detail,
+            Some("****"),
+            "a data exception's detail may quote input bare"
+        );
+        let body = error(
+            "23505",
+            "duplicate key",
+            Some("Key (ssn)=(secretvalue) already exists."),
+        );
         out.clear();
         assert!(m.mask_error(b'E', &body, true, &mut out).unwrap());
         let f = messages::parse_error_fields(&out[5..]).unwrap();
@@ -253,6 +269,10 @@ mod tests {
         js.extend_from_slice(b"chan\0{\"ssn\": \"078-05-1120x\", \"a\": 1}\0");
         out.clear();
         assert!(m.mask_notification(&js, &mut out).unwrap());
-        assert!(!String::from_utf8_lossy(&out).contains("078-05-1120x"), "{}", String::from_utf8_lossy(&out));
+        assert!(
+            !String::from_utf8_lossy(&out).contains("078-05-1120x"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
     }
 }

@@ -131,10 +131,7 @@ impl Catalog {
                 _ => {}
             }
         }
-        cols.sort_by(|a, b| {
-            (a.1.table_oid, a.0)
-                .cmp(&(b.1.table_oid, b.0))
-        });
+        cols.sort_by(|a, b| (a.1.table_oid, a.0).cmp(&(b.1.table_oid, b.0)));
         for (_, col) in cols {
             cat.add_column(col);
         }
@@ -228,7 +225,11 @@ impl Catalog {
     }
 
     /// An unqualified relation name through `search_path` (first schema that has it).
-    pub fn resolve<'a>(&'a self, path: &'a [String], name: &str) -> Option<(&'a str, &'a Relation)> {
+    pub fn resolve<'a>(
+        &'a self,
+        path: &'a [String],
+        name: &str,
+    ) -> Option<(&'a str, &'a Relation)> {
         path.iter().find_map(|schema| {
             self.relations
                 .get(&(schema.clone(), name.to_owned()))

@@ -184,10 +184,12 @@ impl Analysis {
     /// of unknown lineage, or a derived one of a masked source that passed through an unknown
     /// function.
     pub fn first_unknown(&self) -> Option<(usize, &OutColumn)> {
-        self.statements
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.columns.iter().find(|c| c.lineage.unknown.is_some()).map(|c| (i, c)))
+        self.statements.iter().enumerate().find_map(|(i, s)| {
+            s.columns
+                .iter()
+                .find(|c| c.lineage.unknown.is_some())
+                .map(|c| (i, c))
+        })
     }
 }
 
@@ -218,7 +220,11 @@ pub fn describe(lineage: &Lineage, catalog: &Catalog) -> String {
     if lineage.sources.is_empty() {
         return "no source column".into();
     }
-    s.push_str(if lineage.direct { "direct " } else { "derived from " });
+    s.push_str(if lineage.direct {
+        "direct "
+    } else {
+        "derived from "
+    });
     for (i, id) in lineage.sources.iter().enumerate() {
         if i > 0 {
             s.push_str(", ");

@@ -94,16 +94,32 @@ impl CatalogCache {
         }
     }
 
-    pub fn get(&self, target: &str, database: &str, user: &str, now: Instant) -> Option<Arc<Catalog>> {
+    pub fn get(
+        &self,
+        target: &str,
+        database: &str,
+        user: &str,
+        now: Instant,
+    ) -> Option<Arc<Catalog>> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let (at, catalog) = entries.get(&(target.into(), database.into(), user.into()))?;
         (now.saturating_duration_since(*at) < self.ttl).then(|| catalog.clone())
     }
 
-    pub fn put(&self, target: &str, database: &str, user: &str, now: Instant, catalog: Arc<Catalog>) {
+    pub fn put(
+        &self,
+        target: &str,
+        database: &str,
+        user: &str,
+        now: Instant,
+        catalog: Arc<Catalog>,
+    ) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|_, (at, _)| now.saturating_duration_since(*at) < self.ttl);
-        entries.insert((target.into(), database.into(), user.into()), (now, catalog));
+        entries.insert(
+            (target.into(), database.into(), user.into()),
+            (now, catalog),
+        );
     }
 
     /// DDL ran on `target`/`database`: every user's snapshot of it is stale.
@@ -122,8 +138,16 @@ mod tests {
         let cache = CatalogCache::new(Duration::from_secs(10));
         let t0 = Instant::now();
         cache.put("t", "db", "u", t0, Arc::new(Catalog::default()));
-        assert!(cache.get("t", "db", "u", t0 + Duration::from_secs(9)).is_some());
-        assert!(cache.get("t", "db", "u", t0 + Duration::from_secs(10)).is_none());
+        assert!(
+            cache
+                .get("t", "db", "u", t0 + Duration::from_secs(9))
+                .is_some()
+        );
+        assert!(
+            cache
+                .get("t", "db", "u", t0 + Duration::from_secs(10))
+                .is_none()
+        );
         assert!(cache.get("t", "db", "other", t0).is_none());
         cache.invalidate("t", "db");
         assert!(cache.get("t", "db", "u", t0).is_none());

@@ -4,8 +4,18 @@ use crate::mask::Style;
 fn catalog() -> Catalog {
     let mut c = Catalog::default();
     let tables: &[(&str, &str, u32, &[&str])] = &[
-        ("public", "users", 100, &["id", "name", "email", "ssn", "password_hash"]),
-        ("public", "orders", 101, &["id", "user_id", "amount", "note"]),
+        (
+            "public",
+            "users",
+            100,
+            &["id", "name", "email", "ssn", "password_hash"],
+        ),
+        (
+            "public",
+            "orders",
+            101,
+            &["id", "user_id", "amount", "note"],
+        ),
         ("app", "users", 102, &["id", "nick"]),
         ("public", "v_users", 103, &["id", "s"]),
         ("public", "v_broken", 104, &["x"]),
@@ -23,7 +33,11 @@ fn catalog() -> Catalog {
             });
         }
     }
-    c.set_view("public", "v_users", " SELECT users.id,\n    users.ssn AS s\n   FROM users;");
+    c.set_view(
+        "public",
+        "v_users",
+        " SELECT users.id,\n    users.ssn AS s\n   FROM users;",
+    );
     c.set_view("public", "v_broken", "SELECT FROM WHERE nonsense(");
     c.set_view("public", "v_nested", "SELECT upper(s) AS s2 FROM v_users");
     c.add_user_function("leak");
@@ -73,7 +87,8 @@ fn masked(sql: &str) -> Vec<bool> {
         .columns
         .iter()
         .map(|col| {
-            col.lineage.unknown.is_some() || col.lineage.sources.iter().any(|s| c.rule(*s).is_some())
+            col.lineage.unknown.is_some()
+                || col.lineage.sources.iter().any(|s| c.rule(*s).is_some())
         })
         .collect()
 }
@@ -89,9 +104,19 @@ fn aliases_and_plain_references_stay_direct() {
             ("name".into(), vec!["public.users.name".into()], true, false),
         ]
     );
-    assert_eq!(cols("SELECT \"SSN\" FROM users")[0].3, true, "quoted names are exact");
-    assert_eq!(cols("SELECT public.users.ssn FROM public.users")[0].1, vec![SSN]);
-    assert_eq!(cols("SELECT nick FROM app.users")[0].1, vec!["app.users.nick"]);
+    assert_eq!(
+        cols("SELECT \"SSN\" FROM users")[0].3,
+        true,
+        "quoted names are exact"
+    );
+    assert_eq!(
+        cols("SELECT public.users.ssn FROM public.users")[0].1,
+        vec![SSN]
+    );
+    assert_eq!(
+        cols("SELECT nick FROM app.users")[0].1,
+        vec!["app.users.nick"]
+    );
 }
 
 #[test]
@@ -143,7 +168,10 @@ fn subqueries_ctes_and_derived_tables_carry_sources() {
         let c = cols(sql);
         let col = c.iter().find(|c| c.1.contains(&SSN.to_owned()));
         assert!(col.is_some(), "{sql}: {c:?}");
-        assert!(col.unwrap().2, "{sql}: a renamed plain reference stays direct: {c:?}");
+        assert!(
+            col.unwrap().2,
+            "{sql}: a renamed plain reference stays direct: {c:?}"
+        );
     }
     assert!(!cols("SELECT s2 FROM v_nested")[0].2);
     assert!(masked("SELECT s2 FROM v_nested")[0]);
@@ -201,9 +229,18 @@ fn json_constructors_keep_their_keys() {
     assert!(matches!(&*shape(2), JsonShape::Array(l) if l.json.is_some()));
     assert!(matches!(&*shape(3), JsonShape::Object(_)));
     // Every source is still listed, so a consumer that ignores the structure masks everything.
-    assert!(a.statements[0].columns[0].lineage.sources.contains(&id(&c, SSN)));
+    assert!(
+        a.statements[0].columns[0]
+            .lineage
+            .sources
+            .contains(&id(&c, SSN))
+    );
     // A computed key loses the structure.
-    let b = analyze("SELECT json_build_object(name, ssn) FROM users", &c, c.search_path());
+    let b = analyze(
+        "SELECT json_build_object(name, ssn) FROM users",
+        &c,
+        c.search_path(),
+    );
     assert!(b.statements[0].columns[0].lineage.json.is_none());
     assert!(masked("SELECT row_to_json(u)->>'ssn' FROM users u")[0]);
     assert!(masked("SELECT json_object_agg(id, ssn) FROM users")[0]);
@@ -244,10 +281,16 @@ fn clean_columns_stay_clean() {
         masked("SELECT id, name, upper(email), count(*) FROM users GROUP BY 1, 2, 3"),
         vec![false, false, false, false]
     );
-    assert_eq!(masked("SELECT pg_catalog.now(), relname FROM pg_class"), vec![false, false]);
+    assert_eq!(
+        masked("SELECT pg_catalog.now(), relname FROM pg_class"),
+        vec![false, false]
+    );
     assert_eq!(masked("SELECT id FROM users WHERE ssn = '1'"), vec![false]);
     assert_eq!(masked("SHOW search_path"), vec![false]);
-    assert_eq!(masked("SELECT EXISTS (SELECT 1 FROM users WHERE ssn LIKE '1%')"), vec![false]);
+    assert_eq!(
+        masked("SELECT EXISTS (SELECT 1 FROM users WHERE ssn LIKE '1%')"),
+        vec![false]
+    );
     assert_eq!(masked("SELECT current_user, 1"), vec![false, false]);
 }
 
@@ -255,7 +298,10 @@ fn clean_columns_stay_clean() {
 fn dml_returning_and_copy() {
     assert!(masked("INSERT INTO orders (note) SELECT ssn FROM users RETURNING note")[0]);
     assert!(masked("UPDATE orders SET note = u.ssn FROM users u RETURNING orders.note")[0]);
-    assert_eq!(masked("UPDATE orders SET amount = 1 RETURNING note, id"), vec![false, false]);
+    assert_eq!(
+        masked("UPDATE orders SET amount = 1 RETURNING note, id"),
+        vec![false, false]
+    );
     assert!(masked("DELETE FROM users RETURNING ssn")[0]);
     assert_eq!(masked("DELETE FROM users RETURNING id"), vec![false]);
     let c = cols("COPY users TO STDOUT");
@@ -270,7 +316,11 @@ fn dml_returning_and_copy() {
 #[test]
 fn multi_statement_texts_align_by_index() {
     let c = catalog();
-    let a = analyze("SELECT id FROM users; SELECT ssn FROM users", &c, c.search_path());
+    let a = analyze(
+        "SELECT id FROM users; SELECT ssn FROM users",
+        &c,
+        c.search_path(),
+    );
     assert_eq!(a.statements.len(), 2);
     assert!(a.statements[1].columns[0].lineage.direct);
     let past = a.statement(5, &c);
@@ -288,7 +338,10 @@ fn align_spreads_and_mismatches() {
         columns: vec![one(1), OutColumn::spread(Lineage::direct(2)), one(3)],
     };
     let al = out.align(4);
-    assert_eq!(al.iter().map(|l| l.sources[0]).collect::<Vec<_>>(), vec![1, 2, 2, 3]);
+    assert_eq!(
+        al.iter().map(|l| l.sources[0]).collect::<Vec<_>>(),
+        vec![1, 2, 2, 3]
+    );
     let out = StatementOut {
         columns: vec![one(1), one(2)],
     };
@@ -315,19 +368,93 @@ fn cache_returns_the_same_analysis() {
 fn catalog_rows_build_a_snapshot() {
     let row = |v: &[Option<&str>]| v.iter().map(|s| s.map(str::to_owned)).collect::<Vec<_>>();
     let rows = vec![
-        row(&[Some("c"), Some("7"), Some("2"), Some("s"), Some("t"), Some("b"), Some("25"), Some("r"), None]),
-        row(&[Some("c"), Some("7"), Some("1"), Some("s"), Some("t"), Some("a"), Some("23"), Some("r"), None]),
-        row(&[Some("c"), Some("8"), Some("1"), Some("s"), Some("v"), Some("a"), Some("23"), Some("v"), None]),
-        row(&[Some("v"), Some("8"), None, Some("s"), Some("v"), None, None, Some("v"), Some("SELECT a FROM t")]),
-        row(&[Some("f"), None, None, Some("s"), Some("leak"), None, None, None, None]),
-        row(&[Some("s"), Some("2"), None, Some("public"), None, None, None, None, None]),
-        row(&[Some("s"), Some("1"), None, Some("s"), None, None, None, None, None]),
+        row(&[
+            Some("c"),
+            Some("7"),
+            Some("2"),
+            Some("s"),
+            Some("t"),
+            Some("b"),
+            Some("25"),
+            Some("r"),
+            None,
+        ]),
+        row(&[
+            Some("c"),
+            Some("7"),
+            Some("1"),
+            Some("s"),
+            Some("t"),
+            Some("a"),
+            Some("23"),
+            Some("r"),
+            None,
+        ]),
+        row(&[
+            Some("c"),
+            Some("8"),
+            Some("1"),
+            Some("s"),
+            Some("v"),
+            Some("a"),
+            Some("23"),
+            Some("v"),
+            None,
+        ]),
+        row(&[
+            Some("v"),
+            Some("8"),
+            None,
+            Some("s"),
+            Some("v"),
+            None,
+            None,
+            Some("v"),
+            Some("SELECT a FROM t"),
+        ]),
+        row(&[
+            Some("f"),
+            None,
+            None,
+            Some("s"),
+            Some("leak"),
+            None,
+            None,
+            None,
+            None,
+        ]),
+        row(&[
+            Some("s"),
+            Some("2"),
+            None,
+            Some("public"),
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]),
+        row(&[
+            Some("s"),
+            Some("1"),
+            None,
+            Some("s"),
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]),
         row(&[Some("c"), Some("bad")]),
     ];
     let c = Catalog::from_rows(&rows);
     assert_eq!(c.search_path(), ["s", "public"]);
     let t = c.relation("s", "t").unwrap();
-    assert_eq!(c.column(t.columns[0]).column, "a", "columns in attnum order");
+    assert_eq!(
+        c.column(t.columns[0]).column,
+        "a",
+        "columns in attnum order"
+    );
     assert!(c.relation("s", "v").unwrap().view_sql.is_some());
     assert!(c.is_user_function("leak"));
     assert_eq!(c.by_attnum(7, 2), Some(t.columns[1]));

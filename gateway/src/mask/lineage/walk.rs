@@ -88,9 +88,9 @@ pub(super) fn analyze(sql: &str, catalog: &Catalog, path: &[String]) -> Analysis
                 Some(t) => Lineage::unknown(format!(
                     "the statement cannot be parsed and names {t}, which holds a masked column"
                 )),
-                None if catalog.is_unavailable() => {
-                    Lineage::unknown("the statement cannot be parsed and the catalog is unavailable")
-                }
+                None if catalog.is_unavailable() => Lineage::unknown(
+                    "the statement cannot be parsed and the catalog is unavailable",
+                ),
                 None => Lineage::default(),
             };
             let touched = touched.is_some() || catalog.is_unavailable();
@@ -652,7 +652,9 @@ impl Walker<'_> {
             } else if system {
                 Cols::Opaque(self.unknown(|| format!("{last} holds values of user columns")))
             } else {
-                Cols::Opaque(self.unknown(|| format!("relation {} is not in the catalog", parts.join("."))))
+                Cols::Opaque(
+                    self.unknown(|| format!("relation {} is not in the catalog", parts.join("."))),
+                )
             };
             return Rel {
                 name: last,
@@ -664,7 +666,12 @@ impl Walker<'_> {
         let mut cols: Vec<(String, Lineage)> = relation
             .columns
             .iter()
-            .map(|id| (self.catalog.column(*id).column.clone(), Lineage::direct(*id)))
+            .map(|id| {
+                (
+                    self.catalog.column(*id).column.clone(),
+                    Lineage::direct(*id),
+                )
+            })
             .collect();
         if let Some(def) = relation.view_sql.clone() {
             match self.view(&def) {
@@ -739,7 +746,9 @@ impl Walker<'_> {
     }
 
     fn arg(&mut self, a: &FunctionArg, scope: &Scope<'_>) -> Lineage {
-        let (FunctionArg::Unnamed(arg) | FunctionArg::Named { arg, .. } | FunctionArg::ExprNamed { arg, .. }) = a;
+        let (FunctionArg::Unnamed(arg)
+        | FunctionArg::Named { arg, .. }
+        | FunctionArg::ExprNamed { arg, .. }) = a;
         match arg {
             FunctionArgExpr::Expr(e) => self.expr(e, scope),
             FunctionArgExpr::QualifiedWildcard(name) => match find_rel(scope, &name_parts(name)) {
@@ -819,12 +828,14 @@ impl Walker<'_> {
                 let mut all = Lineage::default();
                 for pair in args.chunks(2) {
                     let key = match &pair[0] {
-                        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => match &v.value {
-                            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
-                                Some(s.clone())
+                        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => {
+                            match &v.value {
+                                Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
+                                    Some(s.clone())
+                                }
+                                _ => None,
                             }
-                            _ => None,
-                        },
+                        }
                         _ => None,
                     };
                     let v = self.arg(&pair[1], scope);
@@ -855,7 +866,9 @@ impl Walker<'_> {
                 }
                 Some(all)
             }
-            "json_agg" | "jsonb_agg" if f.over.is_none() && f.filter.is_none() && args.len() == 1 => {
+            "json_agg" | "jsonb_agg"
+                if f.over.is_none() && f.filter.is_none() && args.len() == 1 =>
+            {
                 let elem = self.arg(&args[0], scope);
                 let mut l = Lineage::default();
                 l.absorb(&elem);
@@ -1032,18 +1045,20 @@ impl Visitor for Collector<'_, '_, '_, '_> {
             Expr::Value(v) => {
                 if let Value::SingleQuotedString(s)
                 | Value::EscapedStringLiteral(s)
-                | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) =
-                    &v.value
+                | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString {
+                    value: s,
+                    ..
+                }) = &v.value
                 {
                     let mut words = Lineage::default();
                     if s.contains(['*', '$']) {
                         words.keys.push(Arc::from("*"));
                     }
-                    words.keys.extend(s
-                        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-                        .filter(|w| !w.is_empty())
-                        .take(8)
-                        .map(Arc::from),
+                    words.keys.extend(
+                        s.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                            .filter(|w| !w.is_empty())
+                            .take(8)
+                            .map(Arc::from),
                     );
                     self.out.absorb(&words);
                 }
@@ -1065,9 +1080,17 @@ impl Visitor for Collector<'_, '_, '_, '_> {
                 let name = parts.last().map(String::as_str).unwrap_or("");
                 // Functions that lift values out of their keys.
                 if (name.starts_with("json") || name.starts_with("to_json"))
-                    && ["each", "path", "elements", "populate", "to_record", "keys", "array"]
-                        .iter()
-                        .any(|w| name.contains(w))
+                    && [
+                        "each",
+                        "path",
+                        "elements",
+                        "populate",
+                        "to_record",
+                        "keys",
+                        "array",
+                    ]
+                    .iter()
+                    .any(|w| name.contains(w))
                 {
                     let mut marker = Lineage::default();
                     marker.keys.push(Arc::from("*"));
@@ -1108,7 +1131,8 @@ impl Visitor for CteNames<'_> {
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
         if let Some(with) = &q.with {
-            self.0.extend(with.cte_tables.iter().map(|c| fold(&c.alias.name)));
+            self.0
+                .extend(with.cte_tables.iter().map(|c| fold(&c.alias.name)));
         }
         ControlFlow::Continue(())
     }
@@ -1131,9 +1155,9 @@ fn find_rel_here<'a>(sc: &'a Scope<'_>, qual: &[String]) -> Option<&'a Rel> {
         [.., s, t] => (t, Some(s)),
         [] => return None,
     };
-    sc.rels.iter().find(|r| {
-        r.name == *name && schema.is_none_or(|s| r.schema.as_deref() == Some(s.as_str()))
-    })
+    sc.rels
+        .iter()
+        .find(|r| r.name == *name && schema.is_none_or(|s| r.schema.as_deref() == Some(s.as_str())))
 }
 
 fn aliased(mut rel: Rel, alias: Option<&TableAlias>) -> Rel {
