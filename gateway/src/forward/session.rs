@@ -198,7 +198,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     // Lineage needs the catalog: read it (or take a fresh shared snapshot) on this session's own
     // upstream connection before the agent's first byte goes through.
     let lineage = super::lineage::session_lineage(
-        &shared,
+        shared,
         &server,
         &masker,
         &target.config.name,

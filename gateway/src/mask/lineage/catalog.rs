@@ -131,7 +131,7 @@ impl Catalog {
                 _ => {}
             }
         }
-        cols.sort_by(|a, b| (a.1.table_oid, a.0).cmp(&(b.1.table_oid, b.0)));
+        cols.sort_by_key(|c| (c.1.table_oid, c.0));
         for (_, col) in cols {
             cat.add_column(col);
         }

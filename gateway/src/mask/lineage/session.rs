@@ -72,12 +72,15 @@ impl SessionLineage {
     }
 }
 
+/// (target, database, user).
+type SnapshotKey = (String, String, String);
+
 /// Catalog snapshots shared by sessions of one (target, database, user), for `ttl`, dropped when a
 /// session runs DDL through the gateway.
 #[derive(Debug)]
 pub struct CatalogCache {
     ttl: Duration,
-    entries: Mutex<HashMap<(String, String, String), (Instant, Arc<Catalog>)>>,
+    entries: Mutex<HashMap<SnapshotKey, (Instant, Arc<Catalog>)>>,
 }
 
 impl Default for CatalogCache {

@@ -272,12 +272,12 @@ impl Walker<'_> {
                 ..
             } => {
                 let mut scope = Scope::default();
-                self.from_item(table, &mut scope);
+                self.add_from_item(table, &mut scope);
                 if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) =
                     from
                 {
                     for t in f {
-                        self.from_item(t, &mut scope);
+                        self.add_from_item(t, &mut scope);
                     }
                 }
                 // The new values flow into the updated columns that RETURNING reads.
@@ -307,7 +307,7 @@ impl Walker<'_> {
                     let mut scope = Scope::default();
                     let (FromTable::WithFromKeyword(f) | FromTable::WithoutKeyword(f)) = &del.from;
                     for t in f.iter().chain(del.using.iter().flatten()) {
-                        self.from_item(t, &mut scope);
+                        self.add_from_item(t, &mut scope);
                     }
                     self.projection(items, &scope)
                 }
@@ -414,7 +414,7 @@ impl Walker<'_> {
                     ..Scope::default()
                 };
                 for t in &s.from {
-                    self.from_item(t, &mut scope);
+                    self.add_from_item(t, &mut scope);
                 }
                 // Filters produce no output, but may call pg_notify or dynamic SQL.
                 for e in s.selection.iter().chain(&s.having) {
@@ -519,7 +519,7 @@ impl Walker<'_> {
 
     /// Adds a FROM item (and its joins) to `scope`. Later items see earlier ones (LATERAL, and
     /// functions in FROM, which PostgreSQL treats as lateral).
-    fn from_item(&mut self, t: &TableWithJoins, scope: &mut Scope<'_>) {
+    fn add_from_item(&mut self, t: &TableWithJoins, scope: &mut Scope<'_>) {
         self.factor(&t.relation, scope);
         for j in &t.joins {
             let constraint = match &j.join_operator {
@@ -609,7 +609,7 @@ impl Walker<'_> {
             TableFactor::NestedJoin {
                 table_with_joins, ..
             } => {
-                self.from_item(table_with_joins, scope);
+                self.add_from_item(table_with_joins, scope);
                 return;
             }
             other => Rel {
@@ -823,7 +823,7 @@ impl Walker<'_> {
                 }
                 Some(first)
             }
-            "json_build_object" | "jsonb_build_object" if plain && args.len() % 2 == 0 => {
+            "json_build_object" | "jsonb_build_object" if plain && args.len().is_multiple_of(2) => {
                 let mut keys = Vec::new();
                 let mut all = Lineage::default();
                 for pair in args.chunks(2) {
