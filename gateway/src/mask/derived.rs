@@ -35,7 +35,8 @@ pub enum Verdict {
     Unknown(Arc<str>),
     /// Computed from a json column in a way that may lift a masked key's value out of its key:
     /// json output is walked with the key rules, anything else is redacted whole.
-    FromJson,
+    /// `lifted`: a function that takes values out of their keys (`jsonb_each_text`).
+    FromJson { lifted: bool },
 }
 
 impl std::fmt::Display for Verdict {
@@ -56,7 +57,7 @@ impl std::fmt::Display for Verdict {
                 Ok(())
             }
             Verdict::Unknown(why) => write!(f, "mask.unknown_lineage: {why}"),
-            Verdict::FromJson => {
+            Verdict::FromJson { .. } => {
                 f.write_str("computed from a json column: json key rules, else redacted")
             }
         }
@@ -125,8 +126,9 @@ impl Masker {
                 && l.sources
                     .iter()
                     .any(|s| matches!(catalog.column(*s).type_oid, types::JSON | types::JSONB));
-            if from_json && (l.keys.is_empty() || l.keys.iter().any(|k| &**k == "*")) {
-                return Verdict::FromJson;
+            let lifted = l.keys.iter().any(|k| &**k == "*");
+            if from_json && (l.keys.is_empty() || lifted) {
+                return Verdict::FromJson { lifted };
             }
             return Verdict::Clean;
         };
@@ -257,13 +259,24 @@ fn apply(col: &mut ColPlan, verdict: Verdict, kind: ValueKind) {
             let keys: Vec<JsonKey> = keys.into_iter().map(|(k, s)| (k.into(), s)).collect();
             ColPlan::JsonKeys(kind, keys.into())
         }
-        Verdict::FromJson if matches!(kind, ValueKind::Json | ValueKind::JsonbBinary) => {
+        // Json, or json cast to text: walked with the key rules (text that is not json is redacted).
+        Verdict::FromJson { lifted: false }
+            if matches!(
+                kind,
+                ValueKind::Json | ValueKind::JsonbBinary | ValueKind::Text
+            ) =>
+        {
+            let kind = if kind == ValueKind::Text {
+                ValueKind::Json
+            } else {
+                kind
+            };
             ColPlan::JsonKeys(kind, Arc::from(Vec::new()))
         }
         Verdict::JsonKeys { .. }
         | Verdict::Derived { .. }
         | Verdict::Unknown(_)
-        | Verdict::FromJson => ColPlan::Whole {
+        | Verdict::FromJson { .. } => ColPlan::Whole {
             style: Style::Redact,
             kind,
         },

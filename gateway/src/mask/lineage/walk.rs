@@ -735,6 +735,9 @@ impl Walker<'_> {
     /// Dynamic SQL is unknown; a user-defined function may read any table, so one that takes a
     /// masked column or holds no trace of where its result comes from is unknown too.
     fn check_function(&self, name: &str, l: &mut Lineage) {
+        if lifts_json(name) && !l.keys.iter().any(|k| &**k == "*") {
+            l.keys.push(Arc::from("*"));
+        }
         if l.unknown.is_some() || !self.catalog.any_masked() {
             return;
         }
@@ -988,6 +991,14 @@ impl Walker<'_> {
     }
 }
 
+/// json functions that take values out of their keys (`jsonb_each_text`, `jsonb_path_query`).
+fn lifts_json(name: &str) -> bool {
+    name.starts_with("json")
+        && ["each", "path", "elements", "populate", "to_record", "keys"]
+            .iter()
+            .any(|w| name.contains(w))
+}
+
 /// Identifiers the parser may hand back for SQL keywords that are values.
 fn is_keyword_value(name: &str) -> bool {
     matches!(
@@ -1079,19 +1090,7 @@ impl Visitor for Collector<'_, '_, '_, '_> {
                 }
                 let name = parts.last().map(String::as_str).unwrap_or("");
                 // Functions that lift values out of their keys.
-                if (name.starts_with("json") || name.starts_with("to_json"))
-                    && [
-                        "each",
-                        "path",
-                        "elements",
-                        "populate",
-                        "to_record",
-                        "keys",
-                        "array",
-                    ]
-                    .iter()
-                    .any(|w| name.contains(w))
-                {
+                if lifts_json(name) {
                     let mut marker = Lineage::default();
                     marker.keys.push(Arc::from("*"));
                     self.out.absorb(&marker);
