@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::mask_filter::{CopyStatements, copy_statement};
+use super::lineage::{self, Lineage};
 use crate::daemon::Shared;
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
 use crate::policy::{Action, ClassifyCache, Identity, TargetRef};
@@ -34,9 +34,9 @@ pub struct PolicyGate {
     pub database: String,
     /// Set when `check` returned Hold; the driver takes it and waits.
     pub held: Option<Held>,
-    /// COPY ... TO STDOUT statements on their way upstream, for the masking filter; `None` when
-    /// the session masks nothing.
-    pub copies: Option<CopyStatements>,
+    /// The session's column lineage, shared with its result filter; `None` when the session
+    /// masks nothing.
+    pub lineage: Option<Lineage>,
 }
 
 impl PolicyGate {
@@ -45,10 +45,10 @@ impl PolicyGate {
         session: u64,
         identity: &crate::identify::Identity,
         target: &Target,
-        copies: Option<CopyStatements>,
+        lineage: Option<Lineage>,
     ) -> Self {
         PolicyGate {
-            copies,
+            lineage,
             shared: shared.clone(),
             session,
             agent: identity.peer.agent.clone(),
@@ -93,16 +93,21 @@ impl Gate for PolicyGate {
             info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
         }
         if verdict.action == Action::Allow
-            && let (Some(copies), Some(sql)) = (&self.copies, request.sql())
-            && verdict
-                .class
-                .statements
-                .iter()
-                .any(|s| s.command.eq_ignore_ascii_case("COPY"))
+            && let (Some(state), Some(sql)) = (&self.lineage, request.sql())
         {
-            // The filter needs what the statement says about its output (format, columns).
-            if let Some(c) = copy_statement(sql) {
-                copies.borrow_mut().push_back(c);
+            if verdict.class.kind() == crate::policy::Kind::Ddl {
+                // What `*`, views and masked tables mean may have changed for every session.
+                self.shared
+                    .catalogs
+                    .invalidate(&self.target, &self.database);
+            }
+            if let Some(path) = lineage::search_path_set(sql) {
+                state.borrow_mut().set_search_path(path);
+            }
+            let masker = self.shared.masker();
+            if let Some(b) = lineage::refusal(&masker, &mut state.borrow_mut(), sql) {
+                warn!(session = self.session, rule = %b.rule, reason = %b.reason, "statement blocked by masking");
+                return Disposition::Block(b);
             }
         }
         match verdict.action {
