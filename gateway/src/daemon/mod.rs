@@ -36,6 +36,8 @@ pub struct Shared {
     pub redirector: Option<Arc<crate::redirect::Redirector>>,
     pub started: Instant,
     pub draining: AtomicBool,
+    /// Catalog snapshots for column lineage, shared by sessions.
+    pub catalogs: crate::mask::lineage::CatalogCache,
 }
 
 impl Shared {
@@ -158,6 +160,7 @@ pub fn serve<A>(
         approvals,
         redirector,
         started: Instant::now(),
+        catalogs: Default::default(),
         draining: AtomicBool::new(false),
     });
     let admin = admin(&cfg, shared.clone())?;
@@ -257,7 +260,7 @@ fn reload(args: &ServeArgs, shared: &Shared) -> anyhow::Result<()> {
 }
 
 /// Loads a policy and compiles its `[mask]` table; any error names the policy and the key.
-fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
+pub(crate) fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
     use serde::Deserialize;
     let policy = crate::policy::load(name_or_path).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
     let rules = MaskRules::deserialize(toml::Value::Table(policy.mask_table().clone()))

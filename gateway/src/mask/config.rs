@@ -32,7 +32,7 @@ use super::types;
 /// The keyed-hash key comes from `hash_key_env` (the variable's value) or `hash_key_file` (the file's
 /// bytes, one trailing newline trimmed), at least 16 bytes. With neither, each process draws a random
 /// key: hashes are then stable within one gateway run only. The key is never logged.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskRules {
     /// Content detectors run over text-like columns (and json string values) that no column rule matched.
@@ -47,6 +47,43 @@ pub struct MaskRules {
     pub hash_key_env: Option<String>,
     /// File holding the keyed-hash key.
     pub hash_key_file: Option<PathBuf>,
+    /// What to do with a result column whose lineage cannot be decided (dynamic SQL, a view that
+    /// cannot be expanded, a user-defined function, an unparsable statement naming a relation that
+    /// holds a masked column). Default: `redact`.
+    pub unknown_lineage: UnknownLineage,
+    /// Name-glob column rules also mask the values under matching keys inside json and jsonb
+    /// values (`{"ssn": ...}`). Default: true.
+    pub json_keys: bool,
+    /// Turns column lineage off: rules then match only the output column's name and origin, and an
+    /// alias or an expression evades them. For differential tests only. Default: false.
+    pub danger_disable_lineage: bool,
+}
+
+impl Default for MaskRules {
+    fn default() -> Self {
+        MaskRules {
+            detectors: Vec::new(),
+            default_style: Style::default(),
+            columns: Vec::new(),
+            json: Vec::new(),
+            hash_key_env: None,
+            hash_key_file: None,
+            unknown_lineage: UnknownLineage::default(),
+            json_keys: true,
+            danger_disable_lineage: false,
+        }
+    }
+}
+
+/// `mask.unknown_lineage`: the fail-closed action when lineage cannot be decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownLineage {
+    /// Every output column of unknown lineage is redacted.
+    #[default]
+    Redact,
+    /// The statement is refused with SQLSTATE 42501, naming `mask.unknown_lineage`.
+    Block,
 }
 
 /// How a masked value or span is replaced.
@@ -166,9 +203,7 @@ impl MaskRules {
             .into_iter()
             .map(by_name)
             .collect(),
-            json: Vec::new(),
-            hash_key_env: None,
-            hash_key_file: None,
+            ..MaskRules::default()
         }
     }
 }
@@ -253,6 +288,14 @@ pub(crate) struct Glob(Vec<u8>);
 impl Glob {
     pub fn new(pattern: &str) -> Glob {
         Glob(pattern.as_bytes().to_ascii_lowercase())
+    }
+
+    /// The longest run without wildcards (lower case): text without it cannot match.
+    pub fn longest_literal(&self) -> &[u8] {
+        self.0
+            .split(|&b| b == b'*' || b == b'?')
+            .max_by_key(|run| run.len())
+            .unwrap_or(&[])
     }
 
     pub fn matches(&self, name: &[u8]) -> bool {

@@ -151,14 +151,30 @@ impl Masker {
                 )
             })
             .collect();
-        let mode = if cols.iter().all(|c| *c == ColPlan::Pass) {
+        self.copy_plan_from(binary, cols, options)
+    }
+
+    /// A COPY plan from per-column plans.
+    pub(crate) fn copy_plan_from(
+        &self,
+        binary: bool,
+        cols: Vec<ColPlan>,
+        options: &CopyOptions,
+    ) -> CopyPlan {
+        let mode = if self.is_noop() || cols.iter().all(|c| *c == ColPlan::Pass) {
             Mode::Passthrough
         } else if binary {
             Mode::Binary
         } else {
             Mode::Text
         };
-        plan(mode, cols)
+        CopyPlan {
+            engine: Arc::clone(&self.engine),
+            mode,
+            cols,
+            options: options.clone(),
+            header_pending: AtomicBool::new(options.header),
+        }
     }
 }
 
@@ -199,9 +215,9 @@ impl CopyPlan {
         // Pass 1: the first field that changes.
         let mut pos = 0;
         let mut first = None;
-        for (i, &col) in self.cols.iter().enumerate() {
+        for (i, col) in self.cols.iter().enumerate() {
             let end = self.field_end(line, pos)?;
-            if col != ColPlan::Pass {
+            if *col != ColPlan::Pass {
                 let outcome =
                     self.mask_field(engine, col, &line[pos..end], &mut scratch, &mut hits);
                 if !matches!(outcome, Outcome::Keep) {
@@ -228,14 +244,14 @@ impl CopyPlan {
         let mut pos = self
             .next_field(line, first_end, first + 1 == self.cols.len())
             .inspect_err(|_| out.truncate(msg_start))?;
-        for (i, &col) in self.cols.iter().enumerate().skip(first + 1) {
+        for (i, col) in self.cols.iter().enumerate().skip(first + 1) {
             out.push(self.options.delimiter);
             let end = self
                 .field_end(line, pos)
                 .inspect_err(|_| out.truncate(msg_start))?;
             let raw = &line[pos..end];
             scratch.clear();
-            let outcome = if col == ColPlan::Pass {
+            let outcome = if *col == ColPlan::Pass {
                 Outcome::Keep
             } else {
                 self.mask_field(engine, col, raw, &mut scratch, &mut hits)
@@ -312,7 +328,7 @@ impl CopyPlan {
     fn mask_field(
         &self,
         engine: &Engine,
-        col: ColPlan,
+        col: &ColPlan,
         raw: &[u8],
         scratch: &mut Vec<u8>,
         hits: &mut Vec<super::detectors::Hit>,
@@ -397,10 +413,10 @@ impl CopyPlan {
             if usize::try_from(count).ok() != Some(self.cols.len()) {
                 return Err(bad("tuple column count differs from CopyOutResponse"));
             }
-            for &col in &self.cols {
+            for col in &self.cols {
                 let (value, next) = rows::read_field(data, pos, bad)?;
                 match value {
-                    Some((a, b)) if col != ColPlan::Pass => {
+                    Some((a, b)) if *col != ColPlan::Pass => {
                         scratch.clear();
                         let outcome = engine.mask_value(col, &data[a..b], &mut scratch, &mut hits);
                         changed |= !matches!(outcome, Outcome::Keep);

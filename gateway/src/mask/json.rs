@@ -11,6 +11,7 @@ use simd_json::{Node, StaticNode};
 
 use super::config::{MaskRules, Style};
 use super::detectors::Hit;
+use super::rows::JsonKey;
 use super::styles::{self, REDACTED};
 use super::{Engine, MaskError};
 
@@ -164,9 +165,10 @@ pub(crate) struct Unparsable;
 pub(crate) fn mask_json(
     engine: &Engine,
     text: &[u8],
+    keys: &[JsonKey],
     out: &mut Vec<u8>,
 ) -> Result<bool, Unparsable> {
-    if !needs_walk(engine, text) {
+    if keys.is_empty() && !needs_walk(engine, text) {
         return Ok(false);
     }
     // simd-json rejects numbers beyond 64 bits (`1e400`, 30-digit integers), which json and jsonb
@@ -189,6 +191,7 @@ pub(crate) fn mask_json(
     };
     let mut walker = Walker {
         engine,
+        keys,
         raw: text,
         base,
         nodes: &tape.0,
@@ -221,6 +224,9 @@ pub(crate) fn mask_json(
 /// means escapes could hide a key or a value from a raw scan, so such documents are always parsed.
 fn needs_walk(engine: &Engine, text: &[u8]) -> bool {
     let escaped = memchr::memchr(b'\\', text).is_some();
+    if engine.json_keys_may_match(text) {
+        return true;
+    }
     let path_may_match = engine.json.iter().any(|r| {
         escaped
             || r.required_key
@@ -307,6 +313,8 @@ struct Edit {
 
 struct Walker<'t> {
     engine: &'t Engine,
+    /// Keys masked at any depth for this value (from its lineage).
+    keys: &'t [JsonKey],
     raw: &'t [u8],
     /// Address of the buffer simd-json decoded in place; string positions are relative to it.
     base: usize,
@@ -402,11 +410,22 @@ impl<'t> Walker<'t> {
     }
 
     fn rule_for_path(&self) -> Option<Style> {
-        self.engine
+        let by_path = self
+            .engine
             .json
             .iter()
             .find(|r| path_matches(&r.steps, &self.path))
-            .map(|r| r.style)
+            .map(|r| r.style);
+        by_path.or_else(|| {
+            let Some(Step::Key(key)) = self.path.last() else {
+                return None;
+            };
+            self.keys
+                .iter()
+                .find(|(k, _)| **k == **key)
+                .map(|(_, style)| *style)
+                .or_else(|| self.engine.json_key_rule(key.as_bytes()))
+        })
     }
 
     /// Skips whitespace and the `,` / `:` between values.
@@ -556,7 +575,7 @@ mod tests {
 
     fn masked(e: &Engine, doc: &str) -> Option<String> {
         let mut out = Vec::new();
-        match mask_json(e, doc.as_bytes(), &mut out) {
+        match mask_json(e, doc.as_bytes(), &[], &mut out) {
             Ok(true) => Some(String::from_utf8(out).unwrap()),
             Ok(false) => None,
             Err(Unparsable) => Some("<unparsable>".into()),

@@ -19,8 +19,12 @@
 
 mod config;
 mod copy;
+mod derived;
 mod detectors;
+pub mod explain;
 mod json;
+pub mod lineage;
+mod notices;
 mod prefilter;
 mod rows;
 mod styles;
@@ -28,8 +32,10 @@ mod types;
 
 use std::sync::Arc;
 
-pub use config::{ColumnRule, DetectorKind, JsonRule, MaskRules, Style};
+pub use config::{ColumnRule, DetectorKind, JsonRule, MaskRules, Style, UnknownLineage};
 pub use copy::{CopyOptions, CopyPlan};
+pub use derived::Verdict;
+pub use explain::{ColumnExplanation, catalog_from_specs};
 pub use rows::{Column, ColumnOrigin, ResultPlan};
 
 use config::CompiledColumnRule;
@@ -72,6 +78,10 @@ pub(crate) struct Engine {
     hasher: Hasher,
     columns: Vec<CompiledColumnRule>,
     json: Vec<PathRule>,
+    /// `mask.json_keys`: the literal part of each name glob, a cheap test before walking json.
+    json_key_literals: Option<Vec<Vec<u8>>>,
+    lineage: bool,
+    unknown_lineage: UnknownLineage,
 }
 
 impl Engine {
@@ -85,14 +95,54 @@ impl Engine {
                 Hasher::new(&key)
             }
         };
+        let json_key_literals = rules.json_keys.then(|| {
+            columns
+                .iter()
+                .filter_map(|r| match &r.selector {
+                    config::Selector::Name(glob) => Some(glob.longest_literal().to_vec()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        });
         Ok(Engine {
             scanner: Scanner::new(&rules.detectors),
             detector_style: rules.default_style,
             hasher,
             columns,
             json,
+            json_key_literals: json_key_literals.filter(|l| !l.is_empty()),
+            lineage: !rules.danger_disable_lineage,
+            unknown_lineage: rules.unknown_lineage,
         })
     }
+
+    /// The style of the first name-glob rule matching a json object key (`mask.json_keys`).
+    pub(crate) fn json_key_rule(&self, key: &[u8]) -> Option<Style> {
+        self.json_key_literals.as_ref()?;
+        self.columns.iter().find_map(|r| match &r.selector {
+            config::Selector::Name(glob) if glob.matches(key) => Some(r.style),
+            _ => None,
+        })
+    }
+
+    /// Whether a json document may hold a key a name-glob rule matches (escapes could hide one).
+    pub(crate) fn json_keys_may_match(&self, text: &[u8]) -> bool {
+        let Some(literals) = &self.json_key_literals else {
+            return false;
+        };
+        memchr::memchr(b'\\', text).is_some()
+            || literals.iter().any(|l| contains_ignore_case(text, l))
+    }
+}
+
+fn contains_ignore_case(text: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    memchr::memchr2_iter(first.to_ascii_lowercase(), first.to_ascii_uppercase(), text).any(|at| {
+        text.get(at..at + needle.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    })
 }
 
 /// The shortest key accepted for the keyed hash.
@@ -148,6 +198,16 @@ impl Masker {
     pub fn is_noop(&self) -> bool {
         let e = &self.engine;
         e.scanner.is_empty() && e.columns.is_empty() && e.json.is_empty()
+    }
+
+    /// Whether column lineage decides masking (`mask.danger_disable_lineage` turns it off).
+    pub fn lineage_enabled(&self) -> bool {
+        self.engine.lineage && !self.engine.columns.is_empty()
+    }
+
+    /// `mask.unknown_lineage`.
+    pub fn unknown_lineage(&self) -> UnknownLineage {
+        self.engine.unknown_lineage
     }
 
     /// True when `table` + `column` rules exist: the driver must resolve (table OID, attnum).
@@ -382,7 +442,7 @@ mod tests {
             out.clear();
             let _ = binary_copy.mask_copy_data(&body, &mut out);
             let mut scratch = Vec::new();
-            let _ = json::mask_json(&masker.engine, &rng.text(80), &mut scratch);
+            let _ = json::mask_json(&masker.engine, &rng.text(80), &[], &mut scratch);
         }
     }
 }

@@ -33,7 +33,7 @@ pub struct ColumnOrigin {
 }
 
 /// What happens to one column's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ColPlan {
     /// Forwarded as is.
     Pass,
@@ -41,7 +41,13 @@ pub(crate) enum ColPlan {
     Whole { style: Style, kind: ValueKind },
     /// Detectors (and json paths for json kinds) decide per value.
     Scan(ValueKind),
+    /// A json value built from masked columns: the values under these keys (at any depth) are
+    /// masked in their style, and detectors and path rules run over the rest.
+    JsonKeys(ValueKind, Arc<[JsonKey]>),
 }
+
+/// A json key whose values are masked, and how.
+pub(crate) type JsonKey = (Box<str>, Style);
 
 /// The masking decision for one result set. Cheap to build; holds an `Arc` to the compiled rules.
 #[derive(Debug, Clone)]
@@ -215,6 +221,14 @@ pub(crate) fn write_field(
 }
 
 impl ResultPlan {
+    /// Lets `f` change each column's plan, then recomputes whether the result passes through.
+    pub(crate) fn refine(&mut self, mut f: impl FnMut(usize, &mut ColPlan)) {
+        for (i, c) in self.cols.iter_mut().enumerate() {
+            f(i, c);
+        }
+        self.passthrough = self.cols.iter().all(|c| *c == ColPlan::Pass);
+    }
+
     /// Nothing in this result can ever change: forward DataRows untouched and unparsed.
     pub fn is_passthrough(&self) -> bool {
         self.passthrough
@@ -237,9 +251,9 @@ impl ResultPlan {
         // Pass 1: find the first field that changes, without copying anything.
         let mut pos = 2;
         let mut first = None;
-        for (i, &col) in self.cols.iter().enumerate() {
+        for (i, col) in self.cols.iter().enumerate() {
             let (value, next) = read_field(body, pos, bad)?;
-            if col != ColPlan::Pass
+            if *col != ColPlan::Pass
                 && let Some((a, b)) = value
             {
                 let outcome = engine.mask_value(col, &body[a..b], &mut scratch, &mut hits);
@@ -264,10 +278,10 @@ impl ResultPlan {
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&body[..first_pos]);
         write_field(out, &outcome, &[], &scratch)?;
-        for &col in &self.cols[first + 1..] {
+        for col in &self.cols[first + 1..] {
             let (value, next) = read_field(body, pos, bad)?;
             match value {
-                Some((a, b)) if col != ColPlan::Pass => {
+                Some((a, b)) if *col != ColPlan::Pass => {
                     scratch.clear();
                     let outcome = engine.mask_value(col, &body[a..b], &mut scratch, &mut hits);
                     write_field(out, &outcome, &body[a..b], &scratch)?;
@@ -293,15 +307,16 @@ impl Engine {
     /// Masks one non-NULL value under `col`. A replacement is appended to `scratch`.
     pub(crate) fn mask_value(
         &self,
-        col: ColPlan,
+        col: &ColPlan,
         v: &[u8],
         scratch: &mut Vec<u8>,
         hits: &mut Vec<Hit>,
     ) -> Outcome {
         match col {
             ColPlan::Pass => Outcome::Keep,
-            ColPlan::Whole { style, kind } => self.whole_value(style, kind, v, scratch),
-            ColPlan::Scan(kind) => self.scan_value(kind, v, scratch, hits),
+            ColPlan::Whole { style, kind } => self.whole_value(*style, *kind, v, scratch),
+            ColPlan::Scan(kind) => self.scan_value(*kind, v, scratch, hits, &[]),
+            ColPlan::JsonKeys(kind, keys) => self.scan_value(*kind, v, scratch, hits, keys),
         }
     }
 
@@ -311,6 +326,7 @@ impl Engine {
         v: &[u8],
         scratch: &mut Vec<u8>,
         hits: &mut Vec<Hit>,
+        keys: &[JsonKey],
     ) -> Outcome {
         match kind {
             ValueKind::Text => {
@@ -347,7 +363,7 @@ impl Engine {
                     self.rewrite_hits(v, hits, scratch)
                 }
             }
-            ValueKind::Json => match json::mask_json(self, v, scratch) {
+            ValueKind::Json => match json::mask_json(self, v, keys, scratch) {
                 Ok(false) => Outcome::Keep,
                 Ok(true) => Outcome::Replace,
                 Err(Unparsable) => {
@@ -359,7 +375,7 @@ impl Engine {
             ValueKind::JsonbBinary => {
                 scratch.push(1);
                 let result = match v.split_first() {
-                    Some((1, text)) => json::mask_json(self, text, scratch),
+                    Some((1, text)) => json::mask_json(self, text, keys, scratch),
                     _ => Err(Unparsable),
                 };
                 match result {

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use futures_channel::oneshot;
 use tracing::{info, warn};
 
-use super::mask_filter::{CopyStatements, copy_statement};
+use super::lineage::{self, Lineage};
 use crate::daemon::Shared;
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
 use crate::policy::{Action, ClassifyCache, Identity, Policy, TargetRef, Verdict};
@@ -23,9 +23,6 @@ thread_local! {
 /// Statements longer than this are not classified on the I/O worker, where parsing megabytes
 /// would stall every session on it: they wait for the classifier thread instead.
 pub const INLINE_CLASSIFY_MAX: usize = 256 * 1024;
-
-/// COPY statements prepared but not yet answered that a session may have.
-pub const MAX_PENDING_COPIES: usize = 64;
 
 /// Large statements queued for the classifier thread at most; past it they are refused.
 const CLASSIFY_QUEUE: usize = 64;
@@ -123,9 +120,9 @@ pub struct PolicyGate {
     pub database: String,
     /// Set when `check` returned Hold; the driver takes it and waits.
     pub held: Option<Held>,
-    /// COPY ... TO STDOUT statements on their way upstream, for the masking filter; `None` when
-    /// the session masks nothing.
-    pub copies: Option<CopyStatements>,
+    /// The session's column lineage, shared with its result filter; `None` when the session
+    /// masks nothing.
+    pub lineage: Option<Lineage>,
 }
 
 impl PolicyGate {
@@ -134,10 +131,10 @@ impl PolicyGate {
         session: u64,
         identity: &crate::identify::Identity,
         target: &Target,
-        copies: Option<CopyStatements>,
+        lineage: Option<Lineage>,
     ) -> Self {
         PolicyGate {
-            copies,
+            lineage,
             shared: shared.clone(),
             session,
             agent: identity.peer.agent.clone(),
@@ -215,29 +212,21 @@ impl PolicyGate {
             info!(session = self.session, rule = %verdict.rule, reason = %verdict.reason, "observe: {would}");
         }
         if verdict.action == Action::Allow
-            && let (Some(copies), Some(sql)) = (&self.copies, request.sql())
-            && verdict
-                .class
-                .statements
-                .iter()
-                .any(|s| s.command.eq_ignore_ascii_case("COPY"))
+            && let (Some(state), Some(sql)) = (&self.lineage, request.sql())
         {
-            // The filter needs what the statement says about its output (format, columns). A
-            // client that prepares COPY after COPY and never runs them must not grow the queue.
-            if copies.borrow().len() >= MAX_PENDING_COPIES {
-                warn!(
-                    session = self.session,
-                    "COPY refused: {MAX_PENDING_COPIES} are pending"
-                );
-                return Disposition::Block(Blocked {
-                    rule: "limits".into(),
-                    reason: format!(
-                        "{MAX_PENDING_COPIES} COPY statements are already waiting to run on this session"
-                    ),
-                });
+            if verdict.class.kind() == crate::policy::Kind::Ddl {
+                // What `*`, views and masked tables mean may have changed for every session.
+                self.shared
+                    .catalogs
+                    .invalidate(&self.target, &self.database);
             }
-            if let Some(c) = copy_statement(sql) {
-                copies.borrow_mut().push_back(c);
+            if let Some(path) = lineage::search_path_set(sql) {
+                state.borrow_mut().set_search_path(path);
+            }
+            let masker = self.shared.masker();
+            if let Some(b) = lineage::refusal(&masker, &mut state.borrow_mut(), sql) {
+                warn!(session = self.session, rule = %b.rule, reason = %b.reason, "statement blocked by masking");
+                return Disposition::Block(b);
             }
         }
         match verdict.action {

@@ -1,80 +1,43 @@
 //! The session core's result filter, backed by the masking engine: a plan per result set from its
 //! RowDescription, and a plan per `COPY ... TO STDOUT` from what the statement said.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
-use std::rc::Rc;
-
 use sqlparser::ast::{
     CopyLegacyOption, CopyOption, CopySource, CopyTarget, SelectItem, SetExpr, Statement,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 
-use crate::mask::{Column, ColumnOrigin, CopyOptions, CopyPlan, Masker, ResultPlan};
+use super::lineage::Lineage;
+use crate::mask::{Column, CopyOptions, CopyPlan, Masker, ResultPlan};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{ResultFilter, ResultFormats};
 
-/// What the gate saw of each `COPY ... TO STDOUT` on its way upstream, for the filter to use when
-/// the server answers with CopyOutResponse. Shared by the session's two pumps, on one thread.
-pub type CopyStatements = Rc<RefCell<VecDeque<CopyStatement>>>;
-
+/// What a `COPY ... TO STDOUT` statement says about its output format.
 #[derive(Debug, Clone)]
 pub struct CopyStatement {
     pub options: CopyOptions,
     pub column_names: Option<Vec<String>>,
 }
 
-/// Where each table column comes from, by (table OID, attribute number), read from the upstream
-/// catalog on the session's connection when `table` rules need it.
-pub type Catalog = std::collections::HashMap<(u32, i16), ColumnOrigin>;
-
-/// The catalog query: every user table column's schema, table and name.
-pub const CATALOG_SQL: &str = "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname \
-    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-    WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
-    AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
-
-/// The catalog from the rows of [`CATALOG_SQL`]; a row that does not parse is left out, so its
-/// columns are redacted by `table` rules.
-pub fn catalog_from_rows(rows: Vec<Vec<Option<String>>>) -> Catalog {
-    rows.into_iter()
-        .filter_map(|r| match &r[..] {
-            [
-                Some(oid),
-                Some(att),
-                Some(schema),
-                Some(table),
-                Some(column),
-            ] => Some((
-                (oid.parse().ok()?, att.parse().ok()?),
-                ColumnOrigin {
-                    schema: schema.clone(),
-                    table: table.clone(),
-                    column: column.clone(),
-                },
-            )),
-            _ => None,
-        })
-        .collect()
-}
-
 pub struct MaskFilter {
     masker: Masker,
-    catalog: Catalog,
+    /// `None` when the policy masks nothing.
+    lineage: Option<Lineage>,
     plan: Option<ResultPlan>,
     copy: Option<CopyPlan>,
-    copies: CopyStatements,
+    /// The statement being answered (text and index in its Query), for COPY options.
+    sql: String,
+    index: usize,
 }
 
 impl MaskFilter {
-    pub fn new(masker: Masker, catalog: Catalog, copies: CopyStatements) -> Self {
+    pub fn new(masker: Masker, lineage: Option<Lineage>) -> Self {
         MaskFilter {
             masker,
-            catalog,
+            lineage,
             plan: None,
             copy: None,
-            copies,
+            sql: String::new(),
+            index: 0,
         }
     }
 
@@ -105,12 +68,16 @@ impl ResultFilter for MaskFilter {
                 format: formats.of(i, f.format),
             })
             .collect();
-        // A column from a table the catalog did not list (created since) is redacted when
-        // `table` rules exist: the engine fails closed.
-        let catalog = &self.catalog;
+        // Each column's rule follows its source columns; a column from a table the catalog did
+        // not list (created since) is redacted when `table` rules exist: the engine fails closed.
+        let Some(lineage) = &self.lineage else {
+            return false;
+        };
+        let lineage = lineage.borrow();
+        let out = lineage.current_output();
         let plan = self
             .masker
-            .plan_with_origin(&cols, &|oid, attnum| catalog.get(&(oid, attnum)).cloned());
+            .plan_lineage(&cols, Some(&*out), lineage.catalog());
         let inspect = !plan.is_passthrough();
         self.plan = Some(plan);
         inspect
@@ -129,10 +96,10 @@ impl ResultFilter for MaskFilter {
     }
 
     fn copy_out(&mut self, body: &[u8]) -> bool {
-        let statement = self.copies.borrow_mut().pop_front();
-        if self.masker.is_noop() {
+        let Some(lineage) = &self.lineage else {
             return false;
-        }
+        };
+        let statement = copy_statement(&self.sql, self.index);
         let (format, column_formats) = match parse_copy_out(body) {
             Some(v) => v,
             None => {
@@ -144,9 +111,20 @@ impl ResultFilter for MaskFilter {
             Some(s) => (s.options, s.column_names),
             None => (CopyOptions::text(), None),
         };
-        let plan = self
-            .masker
-            .copy_plan(format, &column_formats, names.as_deref(), &options);
+        let plan = if self.masker.lineage_enabled() {
+            let lineage = lineage.borrow();
+            let out = lineage.current_output();
+            self.masker.copy_plan_lineage(
+                format,
+                &column_formats,
+                &out,
+                lineage.catalog(),
+                &options,
+            )
+        } else {
+            self.masker
+                .copy_plan(format, &column_formats, names.as_deref(), &options)
+        };
         let inspect = !plan.is_passthrough();
         self.copy = Some(plan);
         inspect
@@ -157,6 +135,29 @@ impl ResultFilter for MaskFilter {
             Some(plan) => plan.mask_copy_data(body, out).map_err(|e| e.to_string()),
             None => Err("COPY output whose shape the gateway cannot read".into()),
         }
+    }
+
+    fn statement(&mut self, sql: Option<&str>, index: usize) {
+        let Some(lineage) = &self.lineage else {
+            return;
+        };
+        self.sql.clear();
+        self.sql.push_str(sql.unwrap_or(""));
+        self.index = index;
+        lineage.borrow_mut().set_current(sql, index);
+    }
+
+    fn notice(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+        let Some(lineage) = &self.lineage else {
+            return Ok(false);
+        };
+        let masked = if tag == b'A' {
+            self.masker.mask_notification(body, out)
+        } else {
+            let touched = lineage.borrow().current_touches_masked();
+            self.masker.mask_error(tag, body, touched, out)
+        };
+        masked.map_err(|e| e.to_string())
     }
 }
 
@@ -186,10 +187,11 @@ fn parse_copy_out(body: &[u8]) -> Option<(u8, Vec<i16>)> {
     Some((format, formats))
 }
 
-/// Reads what a `COPY ... TO STDOUT` statement says about its output, when the SQL is one.
-pub fn copy_statement(sql: &str) -> Option<CopyStatement> {
+/// Reads what the `index`th statement of `sql` says about its output, when it is a
+/// `COPY ... TO STDOUT`.
+pub fn copy_statement(sql: &str, index: usize) -> Option<CopyStatement> {
     let statements = sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    statements.iter().find_map(|s| match s {
+    statements.get(index).and_then(|s| match s {
         Statement::Copy {
             source,
             to: true,

@@ -6,6 +6,7 @@
 //! `postgres.rs` and a sans-IO core under `protocol/`.
 
 pub mod gate;
+pub mod lineage;
 pub mod mask_filter;
 pub mod postgres;
 
@@ -25,7 +26,7 @@ use crate::protocol::Protocol;
 use crate::protocol::postgres::session::Session;
 use crate::route::Target;
 use gate::PolicyGate;
-use mask_filter::{CopyStatements, MaskFilter};
+use mask_filter::MaskFilter;
 
 pub async fn handle(tcp: TcpStream, identity: Identity, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
@@ -83,19 +84,28 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     // Decide and mask: the gate the core asks per request, the filter it runs per result.
     let generation = shared.policy_generation();
+    // Lineage needs the catalog: read it (or take a fresh shared snapshot) on this session's own
+    // upstream connection before the agent's first byte goes through.
     let masker = shared.masker();
-    let catalog = if masker.needs_catalog() {
-        postgres::catalog(&server, shared, &info).await
-    } else {
-        Default::default()
-    };
-    // Kept even when nothing is masked now: a reload may add rules mid-session.
-    let copies: Option<CopyStatements> = Some(Default::default());
-    let filter = MaskFilter::new(masker, catalog, copies.clone().unwrap_or_default());
-    let gate = PolicyGate::new(shared, info.id, &identity, &target, copies);
+    let up = &target.config.upstream;
+    let lineage = lineage::session_lineage(
+        shared,
+        &server,
+        &masker,
+        &target.config.name,
+        &up.database,
+        &up.user,
+        info.id,
+    )
+    .await;
+    let filter = MaskFilter::new(masker, lineage.clone());
+    let gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
 
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
+    if lineage.is_some() {
+        core.borrow_mut().keep_statements();
+    }
     // The upstream stays open until the client has been told how the session ended.
     let pump = postgres::pump(
         client.clone(),

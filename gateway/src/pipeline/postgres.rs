@@ -18,7 +18,7 @@ use futures_util::future::{Either, select};
 use tracing::{info, warn};
 
 use super::gate::{Held, PolicyGate};
-use super::mask_filter::{CATALOG_SQL, Catalog, MaskFilter, catalog_from_rows};
+use super::mask_filter::MaskFilter;
 use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{self, Stream};
@@ -197,19 +197,6 @@ pub async fn open_upstream(
     }
     client.write_all(out).await.0?;
     Ok((up.stream, cancel_key))
-}
-
-/// Where result columns come from, read on the session's own upstream connection before the
-/// agent's first byte goes through: `table` masking rules name columns by their table.
-pub async fn catalog(server: &Stream, shared: &Shared, info: &SessionInfo) -> Catalog {
-    match upstream::side_query(server, CATALOG_SQL, shared.max_message()).await {
-        Ok(rows) => catalog_from_rows(rows),
-        Err(e) => {
-            // Without it, table-rule columns are redacted: masking fails closed.
-            warn!(session = info.id, "catalog lookup for masking failed: {e}");
-            Catalog::default()
-        }
-    }
 }
 
 /// Tells the client why the session ended, when it ended on the gateway's or the server's side.

@@ -39,6 +39,13 @@ pub enum PolicyCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// A table for column lineage, `schema.table(col type, ...)` (repeatable; schema
+        /// defaults to `public`, type to `text`).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// A view for column lineage, `schema.view=SELECT ...` (repeatable).
+        #[arg(long = "view")]
+        views: Vec<String>,
         /// The SQL, as the client would send it in a Query message.
         sql: String,
     },
@@ -60,8 +67,11 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             actors,
             policy,
             json,
+            tables,
+            views,
             sql,
         } => {
+            let masking = crate::mask::explain::explain(&policy, &tables, &views, &sql)?;
             let policy = super::load(&policy)?;
             let id = Identity {
                 agent: agent.as_deref(),
@@ -80,13 +90,14 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                 &mut ClassifyCache::new(1),
             );
             if json {
+                let mut v = explain_json(&policy, &ex);
+                v["masking"] = serde_json::to_value(&masking).context("encoding JSON")?;
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&explain_json(&policy, &ex))
-                        .context("encoding JSON")?
+                    serde_json::to_string_pretty(&v).context("encoding JSON")?
                 );
             } else {
-                print!("{}", explain_text(&policy, &ex));
+                print!("{}{}", explain_text(&policy, &ex), masking.text());
             }
             Ok(())
         }

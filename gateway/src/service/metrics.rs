@@ -22,7 +22,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::{debug, info};
 
-use crate::forward::Shared;
+use crate::daemon::Shared;
 use crate::metrics::SessionState;
 use crate::policy::Action;
 

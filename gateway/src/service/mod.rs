@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use crate::config::Config;
-use crate::forward::Shared;
+use crate::daemon::Shared;
 
 /// `[metrics]`: the Prometheus endpoint. Off unless `listen` is set; reloads need a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

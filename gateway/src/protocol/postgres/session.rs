@@ -80,10 +80,12 @@ enum Expect {
     /// sent a failing stand-in whose ErrorResponse it rewrites.
     Query {
         probe: Option<Blocked>,
+        sql: Option<Box<str>>,
     },
     Parse {
         statement: NameId,
         probe: Option<Blocked>,
+        sql: Option<Box<str>>,
     },
     Bind {
         portal: NameId,
@@ -122,6 +124,16 @@ pub trait ResultFilter {
     fn copy_out(&mut self, body: &[u8]) -> bool;
     /// Ok(true) when a replacement CopyData message was appended to `out`.
     fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String>;
+    /// The statement what follows belongs to: its text as the client sent it (Query or Parse;
+    /// `None` when unknown) and its index among a Query's statements. Called, when the session
+    /// [keeps statements](Session::keep_statements), before `begin`, `begin_unknown`, `copy_out`
+    /// and `notice`.
+    fn statement(&mut self, _sql: Option<&str>, _index: usize) {}
+    /// An ErrorResponse, NoticeResponse or NotificationResponse body (`tag` E, N or A). Ok(true)
+    /// when a replacement message was appended to `out`.
+    fn notice(&mut self, _tag: u8, _body: &[u8], _out: &mut Vec<u8>) -> Result<bool, String> {
+        Ok(false)
+    }
 }
 
 /// The formats rows of a result come in.
@@ -221,6 +233,12 @@ pub struct Session {
     names: std::hash::RandomState,
     tx_status: u8,
     server_fatal: bool,
+    /// Whether statement texts are kept for the filter (masking pairs each result with its own
+    /// statement), and what is kept: the text of each parsed statement name.
+    keep_sql: bool,
+    statement_sql: HashMap<NameId, Box<str>>,
+    /// Statements of the current simple Query that have completed.
+    query_index: usize,
     pub from_client: Counters,
     pub from_server: Counters,
     pub blocked: u64,
@@ -246,11 +264,19 @@ impl Session {
             names: std::hash::RandomState::new(),
             tx_status: b'I',
             server_fatal: false,
+            keep_sql: false,
+            statement_sql: HashMap::new(),
+            query_index: 0,
             from_client: Counters::default(),
             from_server: Counters::default(),
             blocked: 0,
             queries: 0,
         }
+    }
+
+    /// Keep each statement's text so the filter learns which statement a result belongs to.
+    pub fn keep_statements(&mut self) {
+        self.keep_sql = true;
     }
 
     /// The transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -467,6 +493,12 @@ impl Session {
             }
         };
         let blocked = probe.is_some();
+        let sql = match request {
+            Request::Query(sql) | Request::Parse { sql, .. } if self.keep_sql && !blocked => {
+                Some(sql.into())
+            }
+            _ => None,
+        };
         let expect = match request {
             Request::Parse { statement, .. } => {
                 if blocked {
@@ -476,6 +508,7 @@ impl Session {
                 Expect::Parse {
                     statement: self.names.hash_one(statement),
                     probe,
+                    sql,
                 }
             }
             // A FunctionCall is answered like a simple query: result, then ReadyForQuery.
@@ -483,7 +516,7 @@ impl Session {
                 if blocked {
                     out.emit(|o| messages::encode_query(PROBE_SQL, o));
                 }
-                Expect::Query { probe }
+                Expect::Query { probe, sql }
             }
         };
         self.expect.push_back(expect);
@@ -580,13 +613,23 @@ impl Session {
                     return Ok(());
                 }
             }
-            b'H' => self.copy_inspect = filter.copy_out(frame.body),
+            b'H' => {
+                self.announce(filter);
+                self.copy_inspect = filter.copy_out(frame.body);
+            }
+            b'N' | b'A' => {
+                self.announce(filter);
+                if filtered(out, |o| filter.notice(frame.tag, frame.body, o))? {
+                    return Ok(());
+                }
+            }
             b'c' => self.copy_inspect = false,
             b'Z' => {
                 let status = Reader::new(frame.body, "ReadyForQuery")
                     .u8()
                     .map_err(|e| SessionError::server(e.to_string()))?;
                 self.tx_status = status;
+                self.query_index = 0;
                 self.result = ResultState::None;
                 self.copy_inspect = false;
                 // Portals live until their transaction ends, the unnamed one until the next
@@ -612,6 +655,7 @@ impl Session {
                 if messages::parse_error_fields(frame.body).is_ok_and(|e| e.is_fatal()) {
                     self.server_fatal = true;
                 }
+                self.announce(filter);
                 if let Some(blocked) = self.take_probe_on_error() {
                     out.emit(|o| {
                         messages::encode_error(
@@ -625,11 +669,18 @@ impl Session {
                     });
                     return Ok(());
                 }
+                if filtered(out, |o| filter.notice(frame.tag, frame.body, o))? {
+                    return Ok(());
+                }
             }
             b'1' => {
-                if let Some(Expect::Parse { statement, .. }) = self.expect.pop_front() {
+                if let Some(Expect::Parse { statement, sql, .. }) = self.expect.pop_front() {
                     // Known from now on (undescribed), so the cap counts it.
                     self.statement_rows.entry(statement).or_default().clear();
+                    match sql {
+                        Some(sql) => self.statement_sql.insert(statement, sql),
+                        None => self.statement_sql.remove(&statement),
+                    };
                 }
             }
             b'2' => {
@@ -685,6 +736,7 @@ impl Session {
                 }
                 _ => {
                     // A simple query's next result set.
+                    self.announce(filter);
                     self.result = if filter.begin(frame.body, &ResultFormats::Described) {
                         ResultState::Inspect
                     } else {
@@ -694,6 +746,9 @@ impl Session {
             },
             b'C' | b'I' => {
                 self.result = ResultState::None;
+                if matches!(self.expect.front(), Some(Expect::Query { .. })) {
+                    self.query_index += 1;
+                }
                 if matches!(self.expect.front(), Some(Expect::Execute { .. })) {
                     self.expect.pop_front();
                 }
@@ -707,6 +762,7 @@ impl Session {
     /// The first row of an Execute: find its columns from the portal's or the statement's
     /// description, in the server's order of events.
     fn begin_execute_rows(&mut self, filter: &mut dyn ResultFilter) -> ResultState {
+        self.announce(filter);
         let inspect = match self.expect.front() {
             Some(Expect::Execute { portal }) => {
                 if let Some(rows) = described(&self.portal_rows, portal) {
@@ -730,12 +786,43 @@ impl Session {
         }
     }
 
+    /// Tells the filter which statement the server is answering now, in the server's order: the
+    /// current Query (and how many of its statements completed), or the statement behind the
+    /// portal being executed, or the statement being parsed or bound.
+    fn announce(&self, filter: &mut dyn ResultFilter) {
+        if !self.keep_sql {
+            return;
+        }
+        let named = |name: &NameId| self.statement_sql.get(name).map(|s| &**s);
+        let (sql, index) = match self.expect.front() {
+            Some(Expect::Query { sql, .. }) => (sql.as_deref(), self.query_index),
+            Some(Expect::Parse { sql, .. }) => (sql.as_deref(), 0),
+            Some(Expect::Bind { statement, .. }) => (named(statement), 0),
+            Some(Expect::Execute { portal }) => (
+                self.portals
+                    .get(portal)
+                    .and_then(|(statement, _)| named(statement)),
+                0,
+            ),
+            Some(Expect::Describe { portal, name }) => (
+                if *portal {
+                    self.portals.get(name).and_then(|(s, _)| named(s))
+                } else {
+                    named(name)
+                },
+                0,
+            ),
+            _ => (None, 0),
+        };
+        filter.statement(sql, index);
+    }
+
     /// On an ErrorResponse: settles the queue the way the server does, and returns the blocked
     /// statement when this error is the answer to the gateway's stand-in.
     fn take_probe_on_error(&mut self) -> Option<Blocked> {
         match self.expect.front_mut()? {
             // Simple query: ReadyForQuery follows and pops the entry.
-            Expect::Query { probe } => probe.take(),
+            Expect::Query { probe, .. } => probe.take(),
             Expect::Sync => None,
             _ => {
                 // Extended protocol: the server skips everything up to Sync.

@@ -1,0 +1,165 @@
+//! A session's lineage state, and the catalog snapshots sessions share.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Analysis, Catalog, LineageCache, StatementOut};
+
+/// What one session knows for lineage: its catalog snapshot, its analyses by statement text, and
+/// the statement the server is answering now. Shared by the session's gate and result filter (one
+/// thread).
+#[derive(Debug)]
+pub struct SessionLineage {
+    catalog: Arc<Catalog>,
+    path: Vec<String>,
+    cache: LineageCache,
+    current: Option<(Arc<Analysis>, usize)>,
+}
+
+/// Analyses kept per session.
+const SESSION_CACHE: usize = 1024;
+
+impl SessionLineage {
+    pub fn new(catalog: Arc<Catalog>) -> SessionLineage {
+        SessionLineage {
+            path: catalog.search_path().to_vec(),
+            catalog,
+            cache: LineageCache::new(SESSION_CACHE),
+            current: None,
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The analysis of `sql` (cached by its text).
+    pub fn analysis(&mut self, sql: &str) -> Arc<Analysis> {
+        self.cache.analysis(sql, &self.catalog, &self.path)
+    }
+
+    /// `SET search_path` changes how unqualified names resolve from now on.
+    pub fn set_search_path(&mut self, path: Vec<String>) {
+        if path != self.path {
+            self.path = path;
+            self.cache.clear();
+        }
+    }
+
+    /// The statement the server answers now (`None`: not known).
+    pub fn set_current(&mut self, sql: Option<&str>, index: usize) {
+        self.current = sql.map(|sql| (self.analysis(sql), index));
+    }
+
+    /// The current statement's text was seen: its output columns. Unknown statement: everything
+    /// is unknown when anything is masked.
+    pub fn current_output(&self) -> Cow<'_, StatementOut> {
+        match &self.current {
+            Some((a, i)) => a.statement(*i, &self.catalog),
+            None => Cow::Owned(super::unknown_statement(&self.catalog)),
+        }
+    }
+
+    /// Whether the current statement touches a relation holding a masked column (or one whose
+    /// columns are unknown).
+    pub fn current_touches_masked(&self) -> bool {
+        match &self.current {
+            Some((a, _)) => a.touches_masked,
+            None => self.catalog.any_masked(),
+        }
+    }
+}
+
+/// (target, database, user).
+type SnapshotKey = (String, String, String);
+
+/// Catalog snapshots shared by sessions of one (target, database, user), for `ttl`, dropped when a
+/// session runs DDL through the gateway.
+#[derive(Debug)]
+pub struct CatalogCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<SnapshotKey, (Instant, Arc<Catalog>)>>,
+}
+
+impl Default for CatalogCache {
+    fn default() -> Self {
+        CatalogCache::new(Duration::from_secs(60))
+    }
+}
+
+impl CatalogCache {
+    pub fn new(ttl: Duration) -> CatalogCache {
+        CatalogCache {
+            ttl,
+            entries: Mutex::default(),
+        }
+    }
+
+    pub fn get(
+        &self,
+        target: &str,
+        database: &str,
+        user: &str,
+        now: Instant,
+    ) -> Option<Arc<Catalog>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, catalog) = entries.get(&(target.into(), database.into(), user.into()))?;
+        (now.saturating_duration_since(*at) < self.ttl).then(|| catalog.clone())
+    }
+
+    pub fn put(
+        &self,
+        target: &str,
+        database: &str,
+        user: &str,
+        now: Instant,
+        catalog: Arc<Catalog>,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, (at, _)| now.saturating_duration_since(*at) < self.ttl);
+        entries.insert(
+            (target.into(), database.into(), user.into()),
+            (now, catalog),
+        );
+    }
+
+    /// DDL ran on `target`/`database`: every user's snapshot of it is stale.
+    pub fn invalidate(&self, target: &str, database: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(t, d, _), _| !(t == target && d == database));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_expire_and_ddl_drops_them() {
+        let cache = CatalogCache::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        cache.put("t", "db", "u", t0, Arc::new(Catalog::default()));
+        assert!(
+            cache
+                .get("t", "db", "u", t0 + Duration::from_secs(9))
+                .is_some()
+        );
+        assert!(
+            cache
+                .get("t", "db", "u", t0 + Duration::from_secs(10))
+                .is_none()
+        );
+        assert!(cache.get("t", "db", "other", t0).is_none());
+        cache.invalidate("t", "db");
+        assert!(cache.get("t", "db", "u", t0).is_none());
+    }
+
+    #[test]
+    fn an_unknown_statement_is_unknown_only_when_something_is_masked() {
+        let s = SessionLineage::new(Arc::new(Catalog::default()));
+        assert!(s.current_output().columns[0].lineage.unknown.is_none());
+        assert!(!s.current_touches_masked());
+    }
+}
