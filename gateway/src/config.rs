@@ -74,7 +74,9 @@ struct File {
     redirect: Option<crate::redirect::RedirectConfig>,
     #[serde(default)]
     metrics: crate::service::MetricsConfig,
+    #[serde(default)]
     recording: crate::record::RecordingConfig,
+    #[serde(default)]
     agent: Vec<crate::idp::config::AgentConfig>,
 }
 

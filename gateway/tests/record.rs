@@ -438,9 +438,10 @@ fn round_trip_show_export_list_replay_reproduce_what_was_handed_in() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(events.iter().all(|e| e["class_uid"] == 6005));
+    let uid = id.to_string();
     let mine: Vec<_> = events
         .iter()
-        .filter(|e| e["actor"]["session"]["uid"] == id.to_string())
+        .filter(|e| e["actor"]["session"]["uid"] == uid)
         .collect();
     assert_eq!(mine.len(), 8, "{mine:#?}");
     assert_eq!(mine[0]["activity_name"], "Connect");

@@ -275,12 +275,11 @@ fn main() -> anyhow::Result<()> {
         median(verify_mbs)
     );
     println!(
-        "simple queries       {:8.0} bytes on disk per 1,000 queries ({queries} queries, index excluded: {})",
+        "simple queries       {:8.0} bytes on disk per 1,000 queries ({queries} queries, segments + checkpoints, index excluded)",
         (simple
             - std::fs::metadata(tmp.path().join("recordings/index.sqlite")).map_or(0, |m| m.len()))
             as f64
-            / (queries as f64 / 1000.0),
-        "segments + checkpoints"
+            / (queries as f64 / 1000.0)
     );
     println!(
         "  with the index     {:8.0} bytes per 1,000 queries",

@@ -263,6 +263,10 @@ async fn drain_client(client: &Stream) {
 }
 
 /// Runs both pumps until one side ends the session.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the session's parts, each handed to the pump that owns it"
+)]
 pub async fn pump(
     client: Rc<Stream>,
     server: Rc<Stream>,

@@ -7,6 +7,10 @@ use anyhow::Context as _;
 use super::{ClassifyCache, Explanation, Identity, Mode, Policy, Request, TargetRef};
 
 #[derive(clap::Subcommand, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per CLI run; boxing would only obscure the clap definition"
+)]
 pub enum PolicyCommand {
     /// Validate a policy file (or built-in name); errors name file, line, column and key.
     Check {
