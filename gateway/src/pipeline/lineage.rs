@@ -31,7 +31,10 @@ pub async fn session_lineage(
     session: u64,
 ) -> Option<Lineage> {
     if masker.is_noop() {
-        return None;
+        // Nothing to mask now, so no catalog read. Should a reload add rules, every column of
+        // this session is of unknown lineage and so redacted: masking fails closed.
+        let unknown = Arc::new(Catalog::unavailable());
+        return Some(Rc::new(RefCell::new(SessionLineage::new(unknown))));
     }
     let catalog = if !masker.lineage_enabled() && !masker.needs_catalog() {
         Arc::new(Catalog::default())
@@ -61,7 +64,7 @@ pub async fn session_lineage(
 /// Why the gate refuses a statement on lineage grounds: a `pg_notify` of a masked value, or
 /// (under `mask.unknown_lineage = "block"`) an output column whose lineage cannot be decided.
 pub fn refusal(masker: &Masker, lineage: &mut SessionLineage, sql: &str) -> Option<Blocked> {
-    if !masker.lineage_enabled() {
+    if masker.is_noop() || !masker.lineage_enabled() {
         return None;
     }
     let analysis = lineage.analysis(sql);
