@@ -30,7 +30,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
     let mut cargo = cmd::cargo()?;
     cargo.env(testkit::systemd::TEST_DEB_ENV, &package);
     cargo
-        .args(["test", "--workspace"])
+        // Every failing test binary is reported, not only the first: one CI run shows them all.
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(&args.cargo_args)
         .env(ebpf::REQUIRE_EBPF_ENV, "1")
         .env_remove("AYA_BUILD_SKIP");
