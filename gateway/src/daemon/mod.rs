@@ -103,6 +103,19 @@ impl Shared {
     }
 }
 
+/// Every session holds two descriptors, and the usual soft limit (1024) would cap the gateway
+/// near 500 sessions: the soft limit goes up to the hard one. Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
+            warn!("cannot raise the open-file limit above {soft}: {e}");
+            soft
+        }
+    }
+}
+
 /// `portcullis serve`. `admin` starts the admin API over the shared state; what it returns lives
 /// until the daemon stops.
 pub fn serve<A>(
@@ -111,6 +124,7 @@ pub fn serve<A>(
 ) -> anyhow::Result<()> {
     let cfg = Config::from_args(&args)?;
     logging::init(cfg.log_format);
+    let open_files = raise_open_file_limit();
     let registry = Arc::new(Registry::default());
     let routes =
         Routes::build(&cfg, &registry).with_context(|| format!("loading {}", cfg.origin))?;
@@ -194,6 +208,7 @@ pub fn serve<A>(
         listeners = %addrs.join(","),
         policy = %shared.policy().source(),
         admin = %cfg.admin_socket.display(),
+        open_files,
         "portcullis serving"
     );
     let service = crate::service::Service::start(&cfg, &shared)?;
