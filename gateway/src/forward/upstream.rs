@@ -16,6 +16,7 @@ use crate::protocol::postgres::auth::{
 };
 use crate::protocol::postgres::frame::{self, Frame, Next};
 use crate::protocol::postgres::hello::{HelloStep, UpstreamHello};
+use crate::protocol::postgres::side_query::{SideQuery, SideStep};
 use crate::protocol::postgres::{messages, startup};
 use crate::route::Target;
 
@@ -350,32 +351,23 @@ pub async fn side_query(
     let mut out = Vec::new();
     messages::encode_query(sql, &mut out);
     stream.write_all(out).await.0.map_err(io)?;
-    let mut rows = Vec::new();
+    let mut answer = SideQuery::default();
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let len = read_message(stream, &mut buf, max_message, "a side query").await?;
-        let f = Frame {
-            tag: buf[0],
-            body: &buf[frame::HEADER_LEN..len],
-        };
-        match f.tag {
-            b'D' => {
-                let values = messages::parse_data_row(f.body)
-                    .map_err(|e| UpstreamError::Protocol(format!("side query: {e}")))?;
-                let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-                rows.push(values.into_iter().map(|v| v.map(text)).collect());
-            }
-            b'E' => {
-                let e = messages::parse_error_fields(f.body)
-                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let step = answer
+            .on_message(buf[0], &buf[frame::HEADER_LEN..len])
+            .map_err(|e| UpstreamError::Protocol(format!("side query: {e}")))?;
+        match step {
+            SideStep::More => {}
+            SideStep::Done(rows) => return Ok(rows),
+            SideStep::Failed { code, message } => {
                 return Err(UpstreamError::Server {
-                    code: e.code.to_owned(),
-                    message: e.message.to_owned(),
+                    code,
+                    message,
                     detail: None,
                 });
             }
-            b'Z' => return Ok(rows),
-            _ => {}
         }
         buf.drain(..len);
     }

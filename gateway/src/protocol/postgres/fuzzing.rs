@@ -137,6 +137,62 @@ pub fn session(data: &[u8]) {
     }
 }
 
+/// Frames arbitrary bytes as backend messages (a real frame header each, as the upstream sends
+/// them) and yields each whole one; stops at the first incomplete or out-of-range frame.
+fn backend_frames(data: &[u8]) -> impl Iterator<Item = (u8, &[u8], &[u8])> {
+    use super::frame::{Next, next_frame};
+    let mut rest = data;
+    std::iter::from_fn(move || match next_frame(rest, 1 << 20) {
+        Ok(Next::Frame(f)) => {
+            let (msg, next) = rest.split_at(f.wire_len());
+            rest = next;
+            Some((f.tag, f.body, msg))
+        }
+        _ => None,
+    })
+}
+
+/// The upstream's startup after AuthenticationOk, on arbitrary bytes: whatever the hello accepts
+/// must give the client a well-formed answer or a clean error, never a panic.
+pub fn upstream_hello(data: &[u8]) {
+    use super::frame::Frame;
+    use super::hello::{HelloStep, UpstreamHello, encode_client_hello};
+    let mut hello = UpstreamHello::default();
+    for (tag, body, msg) in backend_frames(data) {
+        match hello.on_message(&Frame { tag, body }, msg) {
+            Ok(HelloStep::More) => continue,
+            Ok(HelloStep::Ready) => {
+                let (relay, pid, key) = hello.finish();
+                let mut out = Vec::new();
+                if encode_client_hello(&relay, pid, &key, &mut out).is_ok() {
+                    // The answer is whole messages, ReadyForQuery last.
+                    let ends = backend_frames(&out).map(|(_, _, m)| m.len()).sum::<usize>();
+                    assert_eq!(ends, out.len(), "client hello is not whole messages");
+                    assert_eq!(
+                        out[out.len() - 6],
+                        b'Z',
+                        "client hello must end in ReadyForQuery"
+                    );
+                }
+                return;
+            }
+            Ok(HelloStep::Refused { .. }) | Err(_) => return,
+        }
+    }
+}
+
+/// A side query's answer (the catalog read) on arbitrary backend messages.
+pub fn side_query(data: &[u8]) {
+    use super::side_query::{SideQuery, SideStep};
+    let mut query = SideQuery::default();
+    for (tag, body, _) in backend_frames(data) {
+        match query.on_message(tag, body) {
+            Ok(SideStep::More) => {}
+            Ok(SideStep::Done(_) | SideStep::Failed { .. }) | Err(_) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +255,34 @@ mod tests {
             ],
         );
         backend_messages(&seed);
+    }
+
+    #[test]
+    fn upstream_targets_take_a_real_startup_and_garbage() {
+        // ParameterStatus, BackendKeyData, ReadyForQuery: a server's usual hello.
+        let mut hello = Vec::new();
+        hello.extend_from_slice(b"S\0\0\0\x19client_encoding\0UTF8\0");
+        hello.extend_from_slice(b"K\0\0\0\x0c\0\0\0\x07\0\0\0\x2a");
+        hello.extend_from_slice(b"Z\0\0\0\x05I");
+        upstream_hello(&hello);
+        let mut core = crate::protocol::postgres::hello::UpstreamHello::default();
+        let steps: Vec<_> = backend_frames(&hello)
+            .map(|(tag, body, msg)| {
+                core.on_message(&crate::protocol::postgres::frame::Frame { tag, body }, msg)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps.len(), 3, "the seed is three whole messages");
+        assert_eq!(steps[2], crate::protocol::postgres::hello::HelloStep::Ready);
+        // Short ReadyForQuery, unknown tags, truncation: errors, not panics.
+        upstream_hello(b"Z\0\0\0\x04");
+        upstream_hello(b"X\0\0\0\x05IZ\0\0\0\x05I");
+        upstream_hello(&hello[..hello.len() - 2]);
+        let mut rows = Vec::new();
+        rows.extend_from_slice(b"D\0\0\0\x0b\0\x01\0\0\0\x01x");
+        rows.extend_from_slice(b"D\0\0\0\x06\0\x05");
+        rows.extend_from_slice(b"Z\0\0\0\x05I");
+        side_query(&rows);
+        side_query(b"E\0\0\0\x05\0Z\0\0\0\x05I");
     }
 }

@@ -8,6 +8,7 @@ pub mod fuzzing;
 pub mod hello;
 pub mod messages;
 pub mod session;
+pub mod side_query;
 pub mod startup;
 
 pub use error::ProtocolError;
