@@ -657,6 +657,13 @@ mod tests {
         assert_eq!(c.policy, "default");
         assert_eq!(c.targets[0].upstream.sslmode, SslMode::Prefer);
         assert!(!c.targets[0].danger_password_over_unverified_channel);
+        // Agents' drivers with any sslmode connect; plaintext ones too.
+        let local_tls = c.targets[0].local_tls.as_ref().unwrap();
+        assert_eq!(
+            local_tls.mode,
+            crate::forward::local_tls::LocalTlsMode::LocalCa
+        );
+        assert!(!local_tls.require_tls);
         // Pointed at a remote host, the same default verifies the server.
         let remote = EMBEDDED_DEFAULT.replace("@127.0.0.1:", "@10.20.30.40:");
         let c = Config::parse(&remote, "embedded default, remote").unwrap();

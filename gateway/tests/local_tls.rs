@@ -436,3 +436,62 @@ fn attempts_to_get_around_the_handshake_fail_clearly_and_the_gateway_keeps_servi
     assert!(!log.contains("panicked"), "{log}");
     s.still_serves();
 }
+
+#[test]
+fn a_configured_certificate_is_served_and_a_readable_key_stops_the_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pg.write_password_file(dir.path()).unwrap();
+    let ca = testkit::tls::TestCa::new("Operator CA").unwrap();
+    let (cert_pem, key_pem) = ca.server_cert(&["orders.db.example"]).unwrap();
+    let (cert, key, ca_file) = (
+        dir.path().join("server.pem"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, &key_pem).unwrap();
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let body = format!(
+        "{}[target.local_tls]\nmode = \"files\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        single_target_toml(listen, &pg.url(), &pw),
+        cert.display(),
+        key.display()
+    );
+    let options = || {
+        GatewayOptions::with_config(listen, body.clone())
+            .arg("--policy")
+            .arg("default")
+    };
+    let e = Gateway::start(options())
+        .err()
+        .expect("started with a key file others can read")
+        .to_string();
+    assert!(e.contains("chmod 600"), "{e}");
+    let body_line = key_pem.lines().nth(1).unwrap();
+    assert!(!e.contains(body_line), "the key reached the log");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let gw = Gateway::start(options()).expect("start gateway");
+    let run = |host: &str| {
+        testkit::psql(
+            pg.bindir(),
+            &format!(
+                "host={host} hostaddr=127.0.0.1 port={} user=agent dbname=app \
+                 sslmode=verify-full sslrootcert={}",
+                listen.port(),
+                ca_file.display()
+            ),
+            "\\conninfo",
+        )
+        .unwrap()
+    };
+    let (out, err, ok) = run("orders.db.example");
+    assert!(ok && conninfo_says_tls(&out), "{err}\n{}", gw.log());
+    let (_, err, ok) = run("other.db.example");
+    assert!(!ok && err.contains("does not match host name"), "{err}");
+    assert!(!gw.log().contains(body_line), "the key reached the log");
+}
