@@ -121,6 +121,8 @@ struct TargetSection {
     identity: Option<crate::idp::config::TargetIdentity>,
     #[serde(default)]
     role: Vec<crate::idp::config::RoleMapping>,
+    /// TLS between the agent and the gateway; off unless set.
+    local_tls: Option<Spanned<crate::forward::local_tls::LocalTlsConfig>>,
 }
 
 /// The gateway's settings after merging file, flags and defaults.
@@ -183,6 +185,9 @@ pub struct TargetConfig {
     pub protect: Vec<crate::redirect::ProtectedTarget>,
     /// `[target.identity]` with its `[[target.role]]`s; `None`: no identity required.
     pub identity: Option<crate::idp::config::TargetIdentity>,
+    /// `[target.local_tls]`: the agent's leg answers SSLRequest and direct TLS; `None`: off,
+    /// SSLRequest is answered 'N' (reloads for new connections).
+    pub local_tls: Option<crate::forward::local_tls::LocalTlsConfig>,
 }
 
 /// How the gateway reaches and authenticates to one PostgreSQL.
@@ -263,6 +268,7 @@ impl Config {
                 danger_password_over_unverified_channel: false,
                 protect,
                 identity: None,
+                local_tls: None,
             }];
             cfg.listeners = vec![Listener {
                 listen,
@@ -380,6 +386,15 @@ impl Config {
             if protect.is_empty() {
                 protect = default_protect(&upstream);
             }
+            let local_tls = match t.local_tls {
+                Some(l) => {
+                    let span = l.span();
+                    l.into_inner()
+                        .resolve(&upstream.host)
+                        .map_err(|m| err(Some(span), format!("key `target.local_tls`: {m}")))?
+                }
+                None => None,
+            };
             let identity = crate::idp::config::TargetIdentity::resolve(t.identity, t.role)
                 .map_err(|m| err(Some(span.clone()), format!("target {:?}: {m}", t.name)))?;
             targets.push(TargetConfig {
@@ -393,6 +408,7 @@ impl Config {
                     .unwrap_or(false),
                 protect,
                 identity,
+                local_tls,
             });
         }
         crate::idp::config::check_agents(&file.agent).map_err(|m| err(None, m))?;
@@ -641,10 +657,50 @@ mod tests {
         assert_eq!(c.policy, "default");
         assert_eq!(c.targets[0].upstream.sslmode, SslMode::Prefer);
         assert!(!c.targets[0].danger_password_over_unverified_channel);
+        // Agents' drivers with any sslmode connect; plaintext ones too.
+        let local_tls = c.targets[0].local_tls.as_ref().unwrap();
+        assert_eq!(
+            local_tls.mode,
+            crate::forward::local_tls::LocalTlsMode::LocalCa
+        );
+        assert!(!local_tls.require_tls);
         // Pointed at a remote host, the same default verifies the server.
         let remote = EMBEDDED_DEFAULT.replace("@127.0.0.1:", "@10.20.30.40:");
         let c = Config::parse(&remote, "embedded default, remote").unwrap();
         assert_eq!(c.targets[0].upstream.sslmode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn local_tls_errors_name_their_line() {
+        let target = "[[target]]\nname = \"a\"\nupstream = \"postgres://u@db.example.com/d\"\n";
+        let c = Config::parse(
+            &format!("{target}[target.local_tls]\nmode = \"local-ca\"\nrequire_tls = true\n"),
+            "f.toml",
+        )
+        .unwrap();
+        let l = c.targets[0].local_tls.as_ref().unwrap();
+        assert!(l.require_tls);
+        assert_eq!(l.hosts, ["localhost", "db.example.com"]);
+        let e = Config::parse(
+            &format!("{target}[target.local_tls]\nmode = \"files\"\n"),
+            "f.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(
+            e.message.contains("target.local_tls") && e.message.contains("cert_file"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{target}[target.local_tls]\nmode = \"local-ca\"\nrequire = true\n"),
+            "f.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("require"), "{e}");
+        assert_eq!(
+            Config::parse(target, "f.toml").unwrap().targets[0].local_tls,
+            None
+        );
     }
 
     #[test]

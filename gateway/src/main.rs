@@ -96,6 +96,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the path of the local CA certificate that agents trust for the local TLS leg
+    /// (`sslrootcert`), or with --pem the certificate itself.
+    LocalCa {
+        /// TOML configuration file [default: the embedded default].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory, overriding the configuration's.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print the PEM certificate instead of its path.
+        #[arg(long)]
+        pem: bool,
+    },
     /// Reload the running gateway (SIGHUP) and wait for the outcome: the unit's ExecReload.
     Reload {
         /// The gateway's pid (systemd passes $MAINPID).
@@ -176,6 +189,18 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             portcullis::service::doctor::run(&args, json)
+        }
+        Command::LocalCa {
+            config,
+            state_dir,
+            pem,
+        } => {
+            let args = portcullis::config::ServeArgs {
+                config,
+                state_dir,
+                ..Default::default()
+            };
+            portcullis::forward::local_tls::ca_command(&args, pem)
         }
         Command::Reload {
             pid,

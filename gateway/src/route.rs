@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::{Config, TargetConfig};
+use crate::forward::local_tls::LocalTls;
 use crate::metrics::{Registry, TargetCounters};
 use crate::redirect::ProtectedTarget;
 use crate::secret::Secret;
@@ -20,6 +21,8 @@ pub struct Target {
     /// Built once at load and reload, never per connection or cancel; `None` for
     /// `sslmode=disable`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The agent's leg; `None`: SSLRequest is answered 'N'.
+    pub local_tls: Option<LocalTls>,
     pub counters: Arc<TargetCounters>,
 }
 
@@ -29,6 +32,7 @@ impl std::fmt::Debug for Target {
             .field("config", &self.config)
             .field("password", &self.password)
             .field("tls", &self.tls.is_some())
+            .field("local_tls", &self.local_tls)
             .finish_non_exhaustive()
     }
 }
@@ -47,6 +51,7 @@ impl Routes {
     /// CA bundle stops startup (or a reload) instead of failing a client later.
     pub fn build(cfg: &Config, registry: &Registry) -> anyhow::Result<Routes> {
         let mut targets = HashMap::new();
+        let mut local_ca = None;
         for t in &cfg.targets {
             let password = t
                 .password
@@ -55,6 +60,12 @@ impl Routes {
             let up = &t.upstream;
             let tls = crate::forward::tls::client_config(up.sslmode, up.sslrootcert.as_deref())
                 .with_context(|| format!("target {:?}: TLS", t.name))?;
+            let local_tls = t
+                .local_tls
+                .as_ref()
+                .map(|l| LocalTls::load(l, &cfg.state_dir, &mut local_ca))
+                .transpose()
+                .with_context(|| format!("target {:?}: local_tls", t.name))?;
             if t.danger_password_over_unverified_channel {
                 tracing::warn!(
                     target = %t.name,
@@ -67,6 +78,7 @@ impl Routes {
                 config: t.clone(),
                 password,
                 tls,
+                local_tls,
                 counters: registry.target(&t.name),
             });
             targets.insert(t.name.clone(), target);

@@ -84,8 +84,18 @@ impl Stream {
         }
     }
 
+    /// True when this leg is TLS: for the client leg, the agent negotiated TLS with the gateway
+    /// (SSLRequest or direct TLS), so what it sends cannot be read on the way.
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
+    }
+
+    /// The ALPN protocol the TLS peer and the gateway agreed on, if any.
+    pub fn alpn_protocol(&self) -> Option<Vec<u8>> {
+        match self {
+            Stream::Tcp(..) => None,
+            Stream::Tls(t) => t.tls.borrow().alpn_protocol().map(<[u8]>::to_vec),
+        }
     }
 }
 
@@ -96,9 +106,18 @@ impl TlsStream {
         tcp: TcpStream,
         conn: impl Into<rustls::Connection>,
     ) -> io::Result<TlsStream> {
+        Self::handshake_after(tcp, conn, Vec::with_capacity(READ_CHUNK)).await
+    }
+
+    /// The handshake, starting with `raw`: bytes of it already read from `tcp` (a client's
+    /// direct-TLS ClientHello, read while telling it from a PostgreSQL startup packet).
+    pub async fn handshake_after(
+        tcp: TcpStream,
+        conn: impl Into<rustls::Connection>,
+        mut raw: Vec<u8>,
+    ) -> io::Result<TlsStream> {
         let mut conn = conn.into();
         conn.set_buffer_limit(None);
-        let mut raw = Vec::with_capacity(READ_CHUNK);
         let mut pos = 0;
         loop {
             if conn.wants_write() {
@@ -120,6 +139,7 @@ impl TlsStream {
             }
             if pos == raw.len() {
                 raw.clear();
+                raw.reserve(READ_CHUNK);
                 pos = 0;
                 let mut r = &tcp;
                 let BufResult(n, back) = r.append(raw).await;

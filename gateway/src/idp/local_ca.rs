@@ -1,6 +1,7 @@
 //! A local CA for the agent-facing TLS leg: created once in the state dir, it mints a
-//! certificate per host name the agent dials (by SNI), so `sslmode=verify-full` works when the
-//! operator adds `local-ca/ca.pem` to the agent's trust (`sslrootcert`).
+//! certificate per host name the agent dials (by SNI, among the target's names), so
+//! `sslmode=verify-full` works when the operator adds `local-ca/ca.pem` to the agent's trust
+//! (`sslrootcert`).
 //!
 //! Files: `<state_dir>/local-ca/ca.pem` (the certificate to distribute) and `ca.key` (mode 0600,
 //! never readable by group or others). Minted leaf certificates live in memory only.
@@ -105,6 +106,11 @@ impl LocalCa {
         self.dir.join("ca.pem")
     }
 
+    /// Where `open(state_dir)` keeps the CA certificate, without opening (or creating) it.
+    pub fn ca_cert_path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("local-ca").join("ca.pem")
+    }
+
     pub fn ca_der(&self) -> &CertificateDer<'static> {
         &self.ca_der
     }
@@ -154,37 +160,39 @@ impl LocalCa {
     }
 }
 
-/// Picks the minted certificate for the SNI name, or for `fallback_host` when the client sends
-/// none (a DSN with an IP address sends no SNI: pass the address the agent dialled).
+/// Picks the minted certificate for the SNI name when it is one of `hosts` (the names agents dial
+/// for this target), else for `fallback_host`: the address the agent dialled. A DSN with an IP
+/// address sends no SNI, and a name the target does not answer to gets the address's certificate,
+/// which `verify-full` then refuses, as it should: the CA never vouches for arbitrary names.
 #[derive(Debug)]
 pub struct SniResolver {
-    pub ca: Arc<LocalCa>,
-    pub fallback_host: String,
+    ca: Arc<LocalCa>,
+    hosts: Arc<[String]>,
+    fallback_host: String,
 }
 
-impl LocalCa {
-    /// A rustls server config for one accepted connection: TLS 1.2 and 1.3, certificates minted
-    /// by SNI, `fallback_host` for clients without SNI.
-    pub fn server_config(
-        self: &Arc<Self>,
-        fallback_host: &str,
-    ) -> Result<Arc<rustls::ServerConfig>, CaError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| CaError::Mint(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(SniResolver {
-                ca: self.clone(),
-                fallback_host: fallback_host.to_owned(),
-            }));
-        Ok(Arc::new(config))
+impl SniResolver {
+    /// `hosts` are matched case-insensitively, without a trailing dot.
+    pub fn new(ca: Arc<LocalCa>, hosts: Arc<[String]>, fallback_host: &str) -> SniResolver {
+        SniResolver {
+            ca,
+            hosts,
+            fallback_host: fallback_host.to_owned(),
+        }
+    }
+
+    fn pick<'a>(&'a self, sni: Option<&'a str>) -> &'a str {
+        sni.filter(|name| {
+            let name = name.trim_end_matches('.');
+            self.hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
+        })
+        .unwrap_or(&self.fallback_host)
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let host = hello.server_name().unwrap_or(&self.fallback_host);
+        let host = self.pick(hello.server_name());
         match self.ca.certified_key(host) {
             Ok(ck) => Some(ck),
             Err(e) => {
@@ -265,7 +273,13 @@ mod tests {
         name: &str,
     ) -> Result<(), String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server_cfg = ca.server_config(name).unwrap();
+        let hosts: Arc<[String]> = Arc::from(vec![name.to_owned()]);
+        let server_cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SniResolver::new(ca, hosts, name)));
+        let server_cfg = Arc::new(server_cfg);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(trust.clone()).unwrap();
         let client_cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -348,6 +362,18 @@ mod tests {
         assert!(verify("db.internal").is_ok());
         assert!(verify("evil.internal").is_err());
         assert!(ca.certified_key("bad host!").is_err());
+    }
+
+    #[test]
+    fn sni_picks_only_the_targets_names_and_falls_back_to_the_dialled_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(LocalCa::open(dir.path()).unwrap());
+        let hosts: Arc<[String]> = Arc::from(vec!["db.internal".to_owned()]);
+        let r = SniResolver::new(ca, hosts, "10.0.0.7");
+        assert_eq!(r.pick(Some("db.internal")), "db.internal");
+        assert_eq!(r.pick(Some("DB.Internal.")), "DB.Internal.");
+        assert_eq!(r.pick(Some("evil.example")), "10.0.0.7");
+        assert_eq!(r.pick(None), "10.0.0.7");
     }
 
     #[test]

@@ -47,8 +47,16 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         .map_or_else(Protocol::default, |t| t.config.protocol);
 
     // Frame: the client's startup, in its protocol.
-    let Some(startup) = postgres::client_startup(&client, shared, identity.client_addr).await?
-    else {
+    let local_tls = target.as_ref().and_then(|t| t.local_tls.as_ref());
+    let (client, startup) = postgres::client_startup(
+        client,
+        local_tls,
+        shared,
+        identity.client_addr,
+        identity.original_dst,
+    )
+    .await?;
+    let Some(startup) = startup else {
         return Ok(());
     };
     let Some(target) = target else {
@@ -78,6 +86,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         original_dst = %identity.original_dst,
         target = %target.config.name,
         agent = identity.peer.agent.as_deref().unwrap_or("-"),
+        client_tls = client.is_tls(),
         tls = server.is_tls(),
         "session started"
     );

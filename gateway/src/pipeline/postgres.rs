@@ -21,7 +21,8 @@ use super::gate::{Held, PolicyGate};
 use super::mask_filter::MaskFilter;
 use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
-use crate::forward::conn::{self, Stream};
+use crate::forward::conn::{self, Stream, TlsStream};
+use crate::forward::local_tls::{ALPN_POSTGRESQL, LocalTls};
 use crate::forward::upstream;
 use crate::metrics::{SessionInfo, SessionState};
 use crate::protocol::postgres::session::{
@@ -58,63 +59,110 @@ pub async fn refuse(client: &Stream, code: &str, message: &str) {
     let _ = client.write_all(out).await;
 }
 
-/// Answers SSL/GSS probes and serves cancel requests until the StartupMessage arrives. `None`
-/// when the connection ended without one (closed, or it was a cancel request).
+/// Answers SSL/GSS probes and serves cancel requests until the StartupMessage arrives. Where the
+/// target has local TLS, an SSLRequest is answered 'S' and the startup goes on over TLS, as does a
+/// PostgreSQL 17 direct-TLS connection; the client stream returned is then the TLS one. `None`
+/// when the connection ended without a startup (closed, or it was a cancel request).
 pub async fn client_startup(
-    client: &Stream,
+    mut client: Rc<Stream>,
+    local_tls: Option<&LocalTls>,
     shared: &Shared,
     client_addr: std::net::SocketAddr,
-) -> anyhow::Result<Option<Startup>> {
+    dialled: std::net::SocketAddr,
+) -> anyhow::Result<(Rc<Stream>, Option<Startup>)> {
     // All of it within the startup timeout, so a silent or trickling client cannot hold a slot
     // forever.
     let startup_timeout = shared.config().startup_timeout;
     let startup_deadline = std::time::Instant::now() + startup_timeout;
+    let left = || startup_deadline.saturating_duration_since(std::time::Instant::now());
     let mut buf = Vec::with_capacity(8192);
+    // Each probe is answered once, as PostgreSQL does; a repeat is a protocol violation.
+    let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
         let parsed = match startup::parse_initial(&buf, MAX_STARTUP_PACKET_LEN) {
             Ok(p) => p,
             Err(e) => {
-                refuse(client, e.sqlstate(), &e.to_string()).await;
+                refuse(&client, e.sqlstate(), &e.to_string()).await;
                 anyhow::bail!("bad startup from {client_addr}: {e}");
             }
         };
         match parsed {
             None => {
-                let left = startup_deadline.saturating_duration_since(std::time::Instant::now());
-                let Ok(BufResult(n, b)) = compio::time::timeout(left, client.read(buf)).await
+                let Ok(BufResult(n, b)) = compio::time::timeout(left(), client.read(buf)).await
                 else {
                     let message = format!(
                         "the client did not complete startup within {}",
                         humantime::format_duration(startup_timeout)
                     );
-                    refuse(client, "08P01", &message).await;
+                    refuse(&client, "08P01", &message).await;
                     anyhow::bail!("{client_addr}: {message}");
                 };
                 buf = b;
                 if n? == 0 {
-                    return Ok(None);
+                    return Ok((client, None));
                 }
             }
-            Some((Initial::SslRequest | Initial::GssEncRequest, used)) => {
+            Some((probe @ (Initial::SslRequest | Initial::GssEncRequest), used)) => {
+                let ssl = matches!(probe, Initial::SslRequest);
                 buf.drain(..used);
-                // TLS on the loopback leg is refused; the client continues in plaintext.
+                let asked = if ssl { &mut ssl_asked } else { &mut gss_asked };
+                if std::mem::replace(asked, true) || client.is_tls() {
+                    let message = format!(
+                        "{} sent again during startup",
+                        if ssl { "SSLRequest" } else { "GSSENCRequest" }
+                    );
+                    refuse(&client, "08P01", &message).await;
+                    anyhow::bail!("{client_addr}: {message}");
+                }
+                let tls = local_tls.filter(|_| ssl);
+                // Bytes behind the SSLRequest were sent before any TLS: taking them as if they
+                // came over it would let someone on the path inject them (CVE-2021-23214).
+                if tls.is_some() && !buf.is_empty() {
+                    let message = "received unencrypted data after SSL request";
+                    refuse(&client, "08P01", message).await;
+                    anyhow::bail!("{client_addr}: {message}");
+                }
                 let mut out = Vec::with_capacity(1);
-                messages::encode_ssl_response(false, &mut out);
+                messages::encode_ssl_response(tls.is_some(), &mut out);
                 client.write_all(out).await.0?;
+                if let Some(tls) = tls {
+                    client =
+                        accept_tls(client, tls, Vec::new(), client_addr, dialled, left()).await?;
+                }
             }
             Some((Initial::DirectTls, _)) => {
-                anyhow::bail!(
-                    "{client_addr} tried direct TLS, which this listener does not terminate"
-                );
+                let Some(tls) = local_tls.filter(|_| !(ssl_asked || gss_asked || client.is_tls()))
+                else {
+                    // Nothing to answer in: the client is speaking TLS records, or TLS is up.
+                    warn!(client = %client_addr, "refused a direct TLS connection: this target has no local_tls, or it came after a probe");
+                    anyhow::bail!("{client_addr}: unexpected direct TLS");
+                };
+                let hello = std::mem::take(&mut buf);
+                client = accept_tls(client, tls, hello, client_addr, dialled, left()).await?;
+                // PostgreSQL 17 requires ALPN on direct TLS, so that a TLS connection meant for
+                // another protocol cannot be taken for a PostgreSQL one.
+                if client.alpn_protocol().as_deref() != Some(ALPN_POSTGRESQL) {
+                    let message = "direct TLS connections must negotiate ALPN \"postgresql\"";
+                    refuse(&client, "08P01", message).await;
+                    drain_client(&client).await;
+                    warn!(client = %client_addr, "{message}");
+                    anyhow::bail!("{client_addr}: {message}");
+                }
             }
             Some((Initial::Cancel { pid, key }, _)) => {
                 if let Some(to) = shared.cancel.lookup(pid, key) {
                     info!(client = %client_addr, target = %to.target.config.name, "forwarding cancel request");
                     upstream::cancel(&to.target, to.backend_pid, &to.backend_key).await?;
                 }
-                return Ok(None);
+                return Ok((client, None));
             }
             Some((Initial::Startup(msg), used)) => {
+                if local_tls.is_some_and(|t| t.require_tls) && !client.is_tls() {
+                    let message = "this target requires TLS between the client and the gateway: \
+                                   connect with sslmode=require, verify-ca or verify-full";
+                    refuse(&client, "28000", message).await;
+                    anyhow::bail!("{client_addr}: refused a plaintext startup (require_tls)");
+                }
                 let params: Vec<(String, String)> = msg
                     .params
                     .iter()
@@ -126,7 +174,7 @@ pub async fn client_startup(
                     .is_some_and(|v| v != "false" && v != "0")
                 {
                     refuse(
-                        client,
+                        &client,
                         "42501",
                         "replication connections are not allowed through the gateway",
                     )
@@ -135,12 +183,44 @@ pub async fn client_startup(
                 }
                 let minor = msg.negotiated_minor();
                 buf.drain(..used);
-                return Ok(Some(Startup {
-                    params,
-                    minor,
-                    pending: buf,
-                }));
+                return Ok((
+                    client,
+                    Some(Startup {
+                        params,
+                        minor,
+                        pending: buf,
+                    }),
+                ));
             }
+        }
+    }
+}
+
+/// Runs the TLS server handshake on the client leg, within what is `left` of the startup timeout.
+/// `hello`: handshake bytes already read (a direct-TLS ClientHello). A failure is logged with its
+/// cause (never key material: rustls's errors carry none) and ends the connection.
+async fn accept_tls(
+    client: Rc<Stream>,
+    tls: &LocalTls,
+    hello: Vec<u8>,
+    client_addr: std::net::SocketAddr,
+    dialled: std::net::SocketAddr,
+    left: std::time::Duration,
+) -> anyhow::Result<Rc<Stream>> {
+    let config = tls.server_config(dialled.ip())?;
+    let Ok(Stream::Tcp(tcp, _)) = Rc::try_unwrap(client) else {
+        anyhow::bail!("{client_addr}: TLS asked for on a leg that is not plain TCP");
+    };
+    let conn = rustls::ServerConnection::new(config)?;
+    match compio::time::timeout(left, TlsStream::handshake_after(tcp, conn, hello)).await {
+        Ok(Ok(stream)) => Ok(Rc::new(Stream::Tls(Box::new(stream)))),
+        Ok(Err(e)) => {
+            warn!(client = %client_addr, "local TLS handshake failed: {e}");
+            anyhow::bail!("{client_addr}: local TLS handshake failed: {e}")
+        }
+        Err(_) => {
+            warn!(client = %client_addr, "local TLS handshake not completed within the startup timeout");
+            anyhow::bail!("{client_addr}: local TLS handshake timed out")
         }
     }
 }
