@@ -16,6 +16,9 @@ use futures_util::lock::Mutex;
 /// How much a single read asks the kernel for.
 pub const READ_CHUNK: usize = 64 * 1024;
 
+/// How much a startup-phase read grows a full buffer by: startup packets are small.
+const SMALL_READ: usize = 1024;
+
 pub enum Stream {
     Tcp(TcpStream, WriteLock),
     Tls(Box<TlsStream>),
@@ -46,6 +49,22 @@ impl Stream {
         match self {
             Stream::Tcp(tcp, _) => {
                 buf.reserve(READ_CHUNK);
+                let mut r = tcp;
+                r.append(buf).await
+            }
+            Stream::Tls(t) => t.read(buf).await,
+        }
+    }
+
+    /// As [`Stream::read`], into the room `buf` already has, growing it by a little only when it
+    /// is full: for the startup phase, where thousands of waiting connections would otherwise
+    /// each pin a full read chunk.
+    pub async fn read_small(&self, mut buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
+        match self {
+            Stream::Tcp(tcp, _) => {
+                if buf.len() == buf.capacity() {
+                    buf.reserve(SMALL_READ);
+                }
                 let mut r = tcp;
                 r.append(buf).await
             }

@@ -75,7 +75,8 @@ pub async fn client_startup(
     let startup_timeout = shared.config().startup_timeout;
     let startup_deadline = std::time::Instant::now() + startup_timeout;
     let left = || startup_deadline.saturating_duration_since(std::time::Instant::now());
-    let mut buf = Vec::with_capacity(8192);
+    // Startup messages are small: a small buffer keeps a flood of half-open connections cheap.
+    let mut buf = Vec::with_capacity(1024);
     // Each probe is answered once, as PostgreSQL does; a repeat is a protocol violation.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
@@ -88,7 +89,8 @@ pub async fn client_startup(
         };
         match parsed {
             None => {
-                let Ok(BufResult(n, b)) = compio::time::timeout(left(), client.read(buf)).await
+                let Ok(BufResult(n, b)) =
+                    compio::time::timeout(left(), client.read_small(buf)).await
                 else {
                     let message = format!(
                         "the client did not complete startup within {}",
