@@ -38,6 +38,9 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Catalog snapshots for column lineage, shared by sessions.
     pub catalogs: crate::mask::lineage::CatalogCache,
+    /// The recorder sessions record through (`[recording]`); a handle that records nothing when
+    /// recording is turned off with `danger_disable`.
+    pub recorder: crate::record::RecorderHandle,
 }
 
 impl Shared {
@@ -124,6 +127,10 @@ pub fn serve<A>(
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
     let policy = load_policy(&cfg.policy)?;
     let approvals = Approvals::open_with_retention(&cfg.state_dir, cfg.approval_retention)?;
+    // Recording starts before anything is served: no session runs unrecorded. Changes to
+    // `[recording]` take effect at the next restart.
+    let recorder = crate::record::Recorder::start(&cfg.recording, &cfg.state_dir)
+        .with_context(|| format!("{}: [recording]", cfg.origin))?;
 
     // Bind everything before starting anything, so a busy port is one clear error.
     let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener, Arrival)>> =
@@ -162,6 +169,7 @@ pub fn serve<A>(
         started: Instant::now(),
         catalogs: Default::default(),
         draining: AtomicBool::new(false),
+        recorder: recorder.handle(),
     });
     let admin = admin(&cfg, shared.clone())?;
 
@@ -226,6 +234,8 @@ pub fn serve<A>(
         );
     }
     drop(admin);
+    // Commits what is queued and signs a last checkpoint.
+    recorder.shutdown();
     info!("portcullis stopped");
     Ok(())
 }
