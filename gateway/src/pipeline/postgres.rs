@@ -593,5 +593,6 @@ async fn server_to_client(
         if let Progress::Continue { consumed } = progress {
             buf.drain(..consumed);
         }
+        tap.keep_pace().await;
     }
 }

@@ -407,6 +407,26 @@ impl ResponseTap {
     }
 }
 
+impl ResponseTap {
+    /// Waits, without blocking the worker, while the recorder is behind (see
+    /// [`SessionRecorder::congested`]), so results flow no faster than they are recorded.
+    pub async fn keep_pace(&self) {
+        let congested = || {
+            self.record
+                .borrow()
+                .rec
+                .as_ref()
+                .is_some_and(SessionRecorder::congested)
+        };
+        while congested() {
+            compio::time::sleep(PACE).await;
+        }
+    }
+}
+
+/// How long a session waits for a congested recorder before it looks again.
+const PACE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// The server-to-client stream, framed again after masking, and the statement it answers.
 struct Responses {
     /// A message split across writes, kept until it is whole.
