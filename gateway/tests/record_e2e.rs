@@ -518,3 +518,80 @@ async fn a_full_disk_refuses_statements_with_53100_then_service_resumes() {
     let status = text(&gw.cli(&["status"]).unwrap());
     assert!(status.contains("recording: ok"), "{status}");
 }
+
+fn approvals_pending(gw: &Gateway, needle: &str) -> Option<u64> {
+    let out = gw.cli(&["approvals", "--json"]).unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    list.iter()
+        .find(|r| r["status"] == "pending" && r["sql"].as_str().is_some_and(|s| s.contains(needle)))
+        .and_then(|r| r["id"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_mode_records_an_approved_statement_with_its_approver() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let body = format!(
+        "{}\n[recording]\nstrict = true\n",
+        testkit::single_target_toml(listen, &pg.url(), &pw_file),
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen, body)
+            .arg("--policy")
+            .arg("default"),
+    )
+    .expect("start gateway");
+    let client = std::sync::Arc::new(connect(&gw).await);
+    // Strict: allowed statements run once their request is on disk, simple and extended.
+    client.simple_query("SELECT 1").await.expect("simple");
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let insert = "INSERT INTO people (id, note) VALUES (3, 'approved')";
+    let held = {
+        let c = client.clone();
+        tokio::spawn(async move { c.simple_query(insert).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        if let Some(id) = approvals_pending(&gw, "INSERT INTO people") {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no approval request: {}", gw.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = gw.cli(&["approve", &id.to_string()]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    held.await.unwrap().expect("the approved INSERT runs");
+    drop(client);
+
+    let entries = wait_for_end(&gw.state_dir.join("recordings"));
+    let s = stmt_of(&entries, RequestKind::Query, insert);
+    let verdicts: Vec<_> = of_statement(&entries, s)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Verdict(v) => Some(v.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert_eq!(verdicts[0].action, Action::Hold);
+    assert_eq!(verdicts[0].approval_id, Some(id));
+    assert_eq!(verdicts[0].rule.as_deref(), Some("writes"));
+    assert_eq!(verdicts[1].action, Action::Approved);
+    assert_eq!(verdicts[1].approval_id, Some(id));
+    assert!(
+        verdicts[1].approver.as_deref().is_some_and(|a| !a.is_empty()),
+        "{verdicts:?}"
+    );
+    assert!(verdicts[1].decided_at_us.is_some());
+    assert!(of_statement(&entries, s).iter().any(
+        |r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1")
+    ));
+    let (code, out) = verify(&gw.state_dir);
+    assert_eq!(code, 0, "verify: {out}");
+}

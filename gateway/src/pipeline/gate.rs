@@ -151,7 +151,7 @@ impl PolicyGate {
     /// What the operator's decision means for the held statement.
     pub fn outcome(rule: &str, decision: Decision) -> Disposition {
         match decision {
-            Decision::Approved => Disposition::Allow,
+            Decision::Approved { .. } => Disposition::Allow,
             Decision::Denied { reason } => Disposition::Block(Blocked {
                 rule: rule.to_owned(),
                 reason,

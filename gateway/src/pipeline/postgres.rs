@@ -25,6 +25,7 @@ use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{self, Stream};
 use crate::forward::upstream;
 use crate::metrics::{SessionInfo, SessionState};
+use crate::policy::approval::Decision;
 use crate::protocol::postgres::session::{
     Blocked, Core, Disposition, Output, Progress, Seg, Session, SessionError, Side,
 };
@@ -449,20 +450,22 @@ async fn settle(
             return Ok(Disposition::Allow);
         }
     }
-    let outcome = hold(client, info, &mut gate.policy).await?;
-    Ok(gate.settled(outcome))
+    let (outcome, approver) = hold(client, info, &mut gate.policy).await?;
+    Ok(gate.settled(outcome, approver))
 }
 
 /// Waits for what the gate is holding the statement for: its verdict from the classifier
 /// thread, then, if it needs one, an operator's decision. The client hears that it is held for
-/// approval, with the request id; earlier results keep flowing meanwhile.
+/// approval, with the request id; earlier results keep flowing meanwhile. Returns the outcome,
+/// and who approved it.
 async fn hold(
     client: &Stream,
     info: &SessionInfo,
     gate: &mut PolicyGate,
-) -> Result<Disposition, PumpError> {
+) -> Result<(Disposition, Option<String>), PumpError> {
     let previous = info.state();
     info.set_state(SessionState::Holding);
+    let mut approver = None;
     let outcome = loop {
         match gate.held.take() {
             None => {
@@ -504,12 +507,15 @@ async fn hold(
                     ?decision,
                     "approval decided"
                 );
+                if let Decision::Approved { by } = &decision {
+                    approver = Some(by.clone());
+                }
                 break PolicyGate::outcome(&rule, decision);
             }
         }
     };
     info.set_state(previous);
-    Ok(outcome)
+    Ok((outcome, approver))
 }
 
 /// How often a held session looks whether its client is still there.

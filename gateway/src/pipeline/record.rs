@@ -184,7 +184,7 @@ impl RecordGate {
 
     /// Records how a held statement was settled (an operator's decision, or the classifier's
     /// verdict); an outcome that cannot be recorded does not run.
-    pub fn settled(&mut self, outcome: Disposition) -> Disposition {
+    pub fn settled(&mut self, outcome: Disposition, approver: Option<String>) -> Disposition {
         let mut r = self.record.borrow_mut();
         let approval = r.approval.take();
         let mut v = verdict_of(&outcome, self.policy.last_rule.as_deref());
@@ -195,6 +195,7 @@ impl RecordGate {
             };
             v.rule = Some(rule);
             v.approval_id = Some(id);
+            v.approver = approver;
             v.decided_at_us = Some(record::now_us());
         }
         match r.verdict(v) {
