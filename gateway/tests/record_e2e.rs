@@ -561,7 +561,11 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
         if let Some(id) = approvals_pending(&gw, "INSERT INTO people") {
             break id;
         }
-        assert!(Instant::now() < deadline, "no approval request: {}", gw.log_tail(20));
+        assert!(
+            Instant::now() < deadline,
+            "no approval request: {}",
+            gw.log_tail(20)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let out = gw.cli(&["approve", &id.to_string()]).unwrap();
@@ -585,13 +589,114 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
     assert_eq!(verdicts[1].action, Action::Approved);
     assert_eq!(verdicts[1].approval_id, Some(id));
     assert!(
-        verdicts[1].approver.as_deref().is_some_and(|a| !a.is_empty()),
+        verdicts[1]
+            .approver
+            .as_deref()
+            .is_some_and(|a| !a.is_empty()),
         "{verdicts:?}"
     );
     assert!(verdicts[1].decided_at_us.is_some());
-    assert!(of_statement(&entries, s).iter().any(
-        |r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1")
-    ));
+    assert!(
+        of_statement(&entries, s)
+            .iter()
+            .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
+    );
     let (code, out) = verify(&gw.state_dir);
     assert_eq!(code, 0, "verify: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_killed_mid_session_leaves_a_log_that_verifies_after_restart() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let shared = dir.path().join("kept");
+    let config = |listen| {
+        format!(
+            "{}\n[recording]\ndir = \"{}\"\nkey_file = \"{}\"\n",
+            testkit::single_target_toml(listen, &pg.url(), &pw_file),
+            shared.join("recordings").display(),
+            shared.join("keys/recording.key").display()
+        )
+    };
+    let start = |listen: std::net::SocketAddr| {
+        Gateway::start(
+            GatewayOptions::with_config(listen, config(listen))
+                .arg("--policy")
+                .arg("default"),
+        )
+        .expect("start gateway")
+    };
+    let listen = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let gw = start(listen);
+    let client = connect(&gw).await;
+    let streaming = tokio::spawn(async move {
+        loop {
+            let r = client
+                .simple_query(
+                    "SELECT repeat(md5(random()::text), 20) FROM generate_series(1, 5000)",
+                )
+                .await;
+            if r.is_err() {
+                return;
+            }
+        }
+    });
+    // Kill it while results stream and the recorder writes.
+    let rec_dir = shared.join("recordings");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let on_disk = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    while on_disk(&rec_dir) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing recorded: {}",
+            gw.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.signal(9);
+    let _ = tokio::time::timeout(Duration::from_secs(10), streaming).await;
+    drop(gw);
+
+    let gw = start(listen);
+    let client = connect(&gw).await;
+    client
+        .simple_query("SELECT 'after the crash'")
+        .await
+        .expect("query after restart");
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let entries = export(&rec_dir);
+        if entries.iter().any(
+            |e| matches!(&e.record, Record::Request(r) if r.text == "SELECT 'after the crash'"),
+        ) && entries
+            .iter()
+            .any(|e| matches!(e.record, Record::SessionEnd { .. }))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted gateway records");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pubkey = shared.join("keys/recording.key.pub");
+    let out = recordings(&rec_dir, &["verify", "--pubkey", pubkey.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify after a crash: {}",
+        text(&out)
+    );
 }

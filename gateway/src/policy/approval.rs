@@ -27,9 +27,7 @@ pub enum Decision {
     /// `by`: the operator who approved, for the recording.
     Approved { by: String },
     /// Denied by an operator, timed out, or abandoned; `reason` goes into the ErrorResponse.
-    Denied {
-        reason: String,
-    },
+    Denied { reason: String },
 }
 
 /// What an approval covers.
