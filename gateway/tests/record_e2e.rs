@@ -9,10 +9,13 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use portcullis::record::segment::Segment;
 use portcullis::record::{Action, Entry, Record, RequestKind};
 use testkit::{Gateway, GatewayOptions, Postgres};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+#[path = "support/stored.rs"]
+mod stored;
+use stored::{contains, everything_stored};
 
 const EMAIL: &str = "alice.smith@example.com";
 const TOKEN: &str = "tok-canary-7f3a9c";
@@ -91,33 +94,6 @@ fn verify(state: &Path) -> (i32, String) {
         &["verify", "--pubkey", pubkey.to_str().unwrap()],
     );
     (out.status.code().unwrap_or(-1), text(&out))
-}
-
-/// Every file under `dir`, and every zstd block of its segments decompressed.
-fn everything_stored(dir: &Path) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            out.push(std::fs::read(&path).unwrap());
-            if let Ok(seg) = Segment::open(&path) {
-                let (blocks, _) = seg.blocks();
-                for b in blocks.iter().filter(|b| !b.is_checkpoint) {
-                    out.extend(b.records().unwrap());
-                }
-            }
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The statements' records, in order: (statement number, record).
