@@ -86,6 +86,7 @@ struct Bound {
     bytes: u64,
 }
 
+/// One session's recording, shared by its two pumps (which run on the same thread).
 pub struct SessionRecord {
     /// `None` once the session's end is recorded.
     rec: Option<SessionRecorder>,
@@ -204,12 +205,18 @@ impl RecordGate {
         }
     }
 
-    /// Holds an allowed statement until its record is durable, in strict mode.
+    /// Holds an allowed statement until its record is durable, in strict mode; a blocked one
+    /// waits for nothing.
     fn strict(&self, d: Disposition) -> Disposition {
-        if d == Disposition::Allow && self.record.borrow().durable.is_some() {
-            return Disposition::Hold;
+        let mut r = self.record.borrow_mut();
+        match d {
+            Disposition::Allow if r.durable.is_some() => Disposition::Hold,
+            Disposition::Block(_) => {
+                r.durable = None;
+                d
+            }
+            _ => d,
         }
-        d
     }
 }
 
@@ -663,4 +670,106 @@ fn notice(body: &[u8]) -> Notice {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::postgres::frame::write_message;
+    use crate::record::{Record, Recorder, RecordingConfig};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_message(&mut v, tag, |o| o.extend_from_slice(body));
+        v
+    }
+
+    /// A result as the client receives it: description, two rows (one NULL), tag, ready.
+    fn result() -> Vec<u8> {
+        let mut t = 1i16.to_be_bytes().to_vec();
+        t.extend_from_slice(b"v\0");
+        t.extend_from_slice(&[0; 6]);
+        t.extend_from_slice(&25i32.to_be_bytes());
+        t.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+        let row = |v: Option<&[u8]>| {
+            let mut d = 1i16.to_be_bytes().to_vec();
+            match v {
+                Some(v) => {
+                    d.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    d.extend_from_slice(v);
+                }
+                None => d.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+            d
+        };
+        [
+            msg(b'T', &t),
+            msg(b'D', &row(Some(b"a\0b\xff"))),
+            msg(b'D', &row(None)),
+            msg(b'C', b"SELECT 2\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn results_split_anywhere_are_recorded_whole_and_oversized_ones_skipped() {
+        let state = tempfile::tempdir().unwrap();
+        let recorder = Recorder::start(&RecordingConfig::default(), state.path()).unwrap();
+        let wire = result();
+        let mut rec = recorder.handle().begin(SessionStart::default()).unwrap();
+        // Every split point, and one byte at a time.
+        for cut in 0..=wire.len() {
+            let mut r = Responses::new(1 << 20);
+            r.feed(&wire[..cut], &mut rec);
+            r.feed(&wire[cut..], &mut rec);
+        }
+        let mut r = Responses::new(1 << 20);
+        for b in &wire {
+            r.feed(std::slice::from_ref(b), &mut rec);
+        }
+        // Past max_message a row is dropped from the recording, and what follows still frames.
+        let mut r = Responses::new(16);
+        let big = [msg(b'D', &[0u8; 64]), msg(b'C', b"SELECT 1\0")].concat();
+        r.feed(&big[..10], &mut rec);
+        r.feed(&big[10..], &mut rec);
+        rec.end("done").unwrap();
+        recorder.handle().flush().wait().unwrap();
+        drop(recorder);
+
+        let mut records = Vec::new();
+        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
+            records.push(e.record);
+            Ok(true)
+        })
+        .unwrap();
+        let tags: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Complete(c) => Some((c.tag.clone(), c.rows)),
+                _ => None,
+            })
+            .collect();
+        let whole = wire.len() + 2;
+        assert_eq!(tags.len(), whole + 1, "{tags:?}");
+        assert!(tags[..whole].iter().all(|t| *t == ("SELECT 2".into(), 2)));
+        assert_eq!(tags[whole], ("SELECT 1".into(), 0));
+        let rows: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Rows(rows) => Some(rows.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(rows.len(), 2 * whole);
+        assert!(rows.chunks(2).all(
+            |pair| pair[0] == vec![Some(Bytes(b"a\0b\xff".to_vec()))] && pair[1] == vec![None]
+        ));
+        let columns = records
+            .iter()
+            .filter(|r| matches!(r, Record::Columns(c) if c.len() == 1 && c[0].name == "v" && c[0].type_oid == 25))
+            .count();
+        assert_eq!(columns, whole);
+    }
 }
