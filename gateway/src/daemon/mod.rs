@@ -171,6 +171,10 @@ pub fn serve<A>(
         draining: AtomicBool::new(false),
         recorder: recorder.handle(),
     });
+    // Signals are caught before the admin socket says the daemon is up, so a SIGTERM that
+    // follows readiness at once still drains instead of killing the process.
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let admin = admin(&cfg, shared.clone())?;
 
     let mut stops = Vec::new();
@@ -206,8 +210,6 @@ pub fn serve<A>(
     );
     let service = crate::service::Service::start(&cfg, &shared)?;
 
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     for sig in signals.forever() {
         if sig == libc::SIGHUP {
             service.reload(|| reload(&args, &shared));
