@@ -31,6 +31,9 @@ pub enum TargetKind {
     GatewayObserve,
     /// The gateway with `--policy default`: policy enforced and results masked.
     GatewayPolicy,
+    /// `GatewayPolicy` with session recording on, as shipped: what recording costs. The other
+    /// gateway targets run with recording off (`danger_disable`), so they measure the rest.
+    GatewayRecord,
     /// eBPF redirect: clients dial PostgreSQL's own address under `portcullis run`.
     GatewayRedirect,
     /// HAProxy in TCP mode: a plain forwarder, the cost of one hop.
@@ -40,11 +43,12 @@ pub enum TargetKind {
 }
 
 impl TargetKind {
-    pub const ALL: [TargetKind; 7] = [
+    pub const ALL: [TargetKind; 8] = [
         TargetKind::Direct,
         TargetKind::Gateway,
         TargetKind::GatewayObserve,
         TargetKind::GatewayPolicy,
+        TargetKind::GatewayRecord,
         TargetKind::GatewayRedirect,
         TargetKind::Haproxy,
         TargetKind::Pgbouncer,
@@ -56,6 +60,7 @@ impl TargetKind {
             TargetKind::Gateway => "gateway",
             TargetKind::GatewayObserve => "gateway-observe",
             TargetKind::GatewayPolicy => "gateway-policy",
+            TargetKind::GatewayRecord => "gateway-record",
             TargetKind::GatewayRedirect => "gateway-redirect",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Pgbouncer => "pgbouncer",
@@ -70,6 +75,9 @@ impl TargetKind {
             }
             TargetKind::GatewayObserve => "portcullis --policy observe",
             TargetKind::GatewayPolicy => "portcullis --policy default (policy and masking on)",
+            TargetKind::GatewayRecord => {
+                "portcullis --policy default with session recording (policy, masking, recording)"
+            }
             TargetKind::GatewayRedirect => {
                 "portcullis, eBPF redirect, clients under `portcullis run`"
             }
@@ -163,6 +171,7 @@ pub fn start(kind: TargetKind, lab: &Lab) -> Start {
         TargetKind::Gateway
         | TargetKind::GatewayObserve
         | TargetKind::GatewayPolicy
+        | TargetKind::GatewayRecord
         | TargetKind::GatewayRedirect => {
             if let Some(why) = gateway_unavailable(kind, lab.gateway_bin) {
                 return Start::Skipped(why);
@@ -315,7 +324,7 @@ fn gateway_unavailable(kind: TargetKind, bin: &Path) -> Option<String> {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     };
     match kind {
-        TargetKind::GatewayObserve | TargetKind::GatewayPolicy => {
+        TargetKind::GatewayObserve | TargetKind::GatewayPolicy | TargetKind::GatewayRecord => {
             match help(&["serve", "--help"]) {
                 Some(h) if h.contains("--policy") => None,
                 _ => Some(format!("{} has no `serve --policy` flag", bin.display())),
@@ -354,12 +363,18 @@ fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
     let mut cmd = Command::new(bin);
     cmd.arg("serve");
     let port = testkit::free_port();
+    // The redirect listener is the gateway's own business; agents dial PostgreSQL. Recording
+    // is measured by its own target; elsewhere it is off, so it does not blur the others.
+    let mut config = String::new();
     if kind == TargetKind::GatewayRedirect {
-        // The redirect listener is the gateway's own business; agents dial PostgreSQL.
-        let cfg = dir.path().join("portcullis.toml");
-        fs::write(&cfg, "[redirect]\nenabled = true\n")?;
-        cmd.arg("--config").arg(&cfg);
+        config.push_str("[redirect]\nenabled = true\n");
     }
+    if kind != TargetKind::GatewayRecord {
+        config.push_str("[recording]\nenabled = false\ndanger_disable = true\n");
+    }
+    let cfg = dir.path().join("portcullis.toml");
+    fs::write(&cfg, config)?;
+    cmd.arg("--config").arg(&cfg);
     // An explicit listener too: --target needs one, and it tells when the gateway is up.
     cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
     cmd.arg("--target")
@@ -374,7 +389,7 @@ fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
         TargetKind::GatewayObserve => {
             cmd.args(["--policy", "observe"]);
         }
-        TargetKind::GatewayPolicy => {
+        TargetKind::GatewayPolicy | TargetKind::GatewayRecord => {
             cmd.args(["--policy", "default"]);
         }
         _ => {}

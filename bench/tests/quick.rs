@@ -16,11 +16,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_portcullis-bench");
-const TARGETS: [&str; 7] = [
+const TARGETS: [&str; 8] = [
     "direct",
     "gateway",
     "gateway-observe",
     "gateway-policy",
+    "gateway-record",
     "gateway-redirect",
     "haproxy",
     "pgbouncer",

@@ -71,7 +71,7 @@ fn approve_resolves_the_waiting_session() {
         let a = a.clone();
         std::thread::spawn(move || a.approve(id, None, Scope::Statement, "alice"))
     };
-    assert_eq!(block_on(pending), Decision::Approved);
+    assert!(matches!(block_on(pending), Decision::Approved { .. }));
     approver.join().unwrap().unwrap();
     let rec = &a.list(10).unwrap()[0];
     assert_eq!((rec.id, rec.status), (id, Status::Approved));
@@ -210,7 +210,7 @@ fn fingerprint_grants_cover_the_same_statement_shape_until_they_expire() {
         .unwrap();
     a.approve(id, Some(LONG), Scope::Fingerprint, "alice")
         .unwrap();
-    assert_eq!(block_on(pending), Decision::Approved);
+    assert!(matches!(block_on(pending), Decision::Approved { .. }));
     assert!(a.granted(99, Some("claude"), "prod"));
     assert!(!a.granted(98, Some("claude"), "prod"));
     assert!(!a.granted(99, Some("other-agent"), "prod"));
@@ -235,7 +235,7 @@ fn fingerprint_grants_cover_the_same_statement_shape_until_they_expire() {
         "alice",
     )
     .unwrap();
-    assert_eq!(block_on(pending), Decision::Approved);
+    assert!(matches!(block_on(pending), Decision::Approved { .. }));
     std::thread::sleep(Duration::from_millis(20));
     assert!(!b.granted(5, Some("claude"), "prod"));
 }
@@ -358,7 +358,7 @@ fn a_request_never_waits_for_the_database() {
     other.execute_batch("COMMIT").unwrap();
     drop(other);
     a.approve(id, None, Scope::Statement, "alice").unwrap();
-    assert_eq!(block_on(pending), Decision::Approved);
+    assert!(matches!(block_on(pending), Decision::Approved { .. }));
 }
 
 #[test]
@@ -433,7 +433,7 @@ fn a_full_disk_denies_what_needs_the_store_and_nothing_panics() {
             reason.contains("could not record"),
             "a clear reason: {reason}"
         ),
-        Decision::Approved => panic!("approved without a record"),
+        Decision::Approved { .. } => panic!("approved without a record"),
     }
     // Nobody can approve what was never recorded; the store still answers.
     assert!(a.approve(id, None, Scope::Statement, "alice").is_err());
@@ -441,5 +441,5 @@ fn a_full_disk_denies_what_needs_the_store_and_nothing_panics() {
     std::fs::remove_file(fs.0.path().join("filler")).unwrap();
     let (id, pending) = a.request(req("DELETE FROM t", 1), LONG).unwrap();
     a.approve(id, None, Scope::Statement, "alice").unwrap();
-    assert_eq!(block_on(pending), Decision::Approved);
+    assert!(matches!(block_on(pending), Decision::Approved { .. }));
 }

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use portcullis::record::segment::{self, Segment, list_segments};
 use portcullis::record::*;
 
+#[path = "support/stored.rs"]
+mod stored;
+use stored::{contains, everything_stored};
+
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 struct Env {
@@ -490,26 +494,6 @@ fn round_trip_show_export_list_replay_reproduce_what_was_handed_in() {
 
     let (code, text) = env.verify(&[]);
     assert_eq!(code, 0, "{text}");
-}
-
-/// Every file of a directory, and every zstd block in its segments decompressed.
-fn everything_stored(dir: &Path) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        out.push(std::fs::read(&path).unwrap());
-        if let Ok(seg) = Segment::open(&path) {
-            let (blocks, _) = seg.blocks();
-            for b in blocks.iter().filter(|b| !b.is_checkpoint) {
-                out.extend(b.records().unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]

@@ -64,6 +64,17 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         if s.draining { "draining" } else { "serving" }
     );
     println!("sessions:  {} active", s.sessions_active);
+    if let Some(r) = &s.recording {
+        let why = r
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        println!(
+            "recording: {}{why} ({} records, {} bytes written, {} refused, {} write failures)",
+            r.state, r.records, r.bytes_written, r.refused, r.write_failures
+        );
+    }
     println!("listeners:");
     for l in &s.listeners {
         println!("  {} -> {}", l.listen, l.target);

@@ -49,6 +49,9 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     pub sessions_active: usize,
     pub targets: Vec<crate::metrics::TargetSnapshot>,
+    /// The recorder: "ok" or "failing" (and why), with its counters.
+    #[serde(default)]
+    pub recording: Option<crate::record::RecorderStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -145,6 +145,7 @@ fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::V
                     .collect(),
                 sessions_active: shared.registry.live(),
                 targets: shared.registry.target_snapshots(),
+                recording: Some(shared.recorder.status()),
             })
         }
         Request::Sessions => to_json(shared.registry.sessions()),

@@ -38,6 +38,9 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Catalog snapshots for column lineage, shared by sessions.
     pub catalogs: crate::mask::lineage::CatalogCache,
+    /// The recorder sessions record through (`[recording]`); a handle that records nothing when
+    /// recording is turned off with `danger_disable`.
+    pub recorder: crate::record::RecorderHandle,
 }
 
 impl Shared {
@@ -138,6 +141,10 @@ pub fn serve<A>(
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
     let policy = load_policy(&cfg.policy)?;
     let approvals = Approvals::open_with_retention(&cfg.state_dir, cfg.approval_retention)?;
+    // Recording starts before anything is served: no session runs unrecorded. Changes to
+    // `[recording]` take effect at the next restart.
+    let recorder = crate::record::Recorder::start(&cfg.recording, &cfg.state_dir)
+        .with_context(|| format!("{}: [recording]", cfg.origin))?;
 
     // Bind everything before starting anything, so a busy port is one clear error.
     let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener, Arrival)>> =
@@ -176,7 +183,12 @@ pub fn serve<A>(
         started: Instant::now(),
         catalogs: Default::default(),
         draining: AtomicBool::new(false),
+        recorder: recorder.handle(),
     });
+    // Signals are caught before the admin socket says the daemon is up, so a SIGTERM that
+    // follows readiness at once still drains instead of killing the process.
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let admin = admin(&cfg, shared.clone())?;
 
     let mut stops = Vec::new();
@@ -213,8 +225,6 @@ pub fn serve<A>(
     );
     let service = crate::service::Service::start(&cfg, &shared)?;
 
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     for sig in signals.forever() {
         if sig == libc::SIGHUP {
             service.reload(|| reload(&args, &shared));
@@ -241,6 +251,8 @@ pub fn serve<A>(
         );
     }
     drop(admin);
+    // Commits what is queued and signs a last checkpoint.
+    recorder.shutdown();
     info!("portcullis stopped");
     Ok(())
 }

@@ -217,6 +217,26 @@ impl Masker {
             .iter()
             .any(|r| matches!(r.selector, config::Selector::TableColumn { .. }))
     }
+
+    /// `text` with every detector hit redacted, or `None` when the detectors find nothing: what
+    /// a recording keeps of a request's text and bind parameters.
+    pub fn redact_detected(&self, text: &[u8]) -> Option<Vec<u8>> {
+        let e = &self.engine;
+        let mut hits = Vec::new();
+        e.scanner.scan(text, &mut hits);
+        if hits.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(text.len());
+        styles::rewrite_spans(
+            text,
+            hits.iter().map(|h| (h.start, h.end)),
+            Style::Redact,
+            &e.hasher,
+            &mut out,
+        );
+        Some(out)
+    }
 }
 
 #[cfg(test)]

@@ -120,6 +120,8 @@ pub struct PolicyGate {
     pub database: String,
     /// Set when `check` returned Hold; the driver takes it and waits.
     pub held: Option<Held>,
+    /// The rule behind the last verdict, for the recording.
+    pub last_rule: Option<Arc<str>>,
     /// The session's column lineage, shared with its result filter; `None` when the session
     /// masks nothing.
     pub lineage: Option<Lineage>,
@@ -142,16 +144,18 @@ impl PolicyGate {
             target: target.config.name.clone(),
             database: target.config.upstream.database.clone(),
             held: None,
+            last_rule: None,
         }
     }
 
     /// What the operator's decision means for the held statement.
     pub fn outcome(rule: &str, decision: Decision) -> Disposition {
         match decision {
-            Decision::Approved => Disposition::Allow,
+            Decision::Approved { .. } => Disposition::Allow,
             Decision::Denied { reason } => Disposition::Block(Blocked {
                 rule: rule.to_owned(),
                 reason,
+                sqlstate: None,
             }),
         }
     }
@@ -196,6 +200,7 @@ impl PolicyGate {
         Disposition::Block(Blocked {
             rule: "classifier".into(),
             reason: format!("statement of {} bytes not classified: {refused}", sql.len()),
+            sqlstate: None,
         })
     }
 
@@ -203,6 +208,7 @@ impl PolicyGate {
     /// [`PolicyGate::held`] says what to wait for).
     pub fn act(&mut self, request: &Request<'_>, verdict: Verdict) -> Disposition {
         crate::service::metrics::verdict(&self.target, &verdict.rule, verdict.action);
+        self.last_rule = Some(verdict.rule.clone());
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
             let would = if shadow == Action::Block {
                 "would block"
@@ -236,6 +242,7 @@ impl PolicyGate {
                 Disposition::Block(Blocked {
                     rule: verdict.rule.to_string(),
                     reason: verdict.reason,
+                    sqlstate: None,
                 })
             }
             Action::Approve => {
@@ -284,6 +291,7 @@ impl PolicyGate {
                             reason: format!(
                                 "needs approval, but the approval store is unavailable: {e:#}"
                             ),
+                            sqlstate: None,
                         })
                     }
                 }

@@ -72,6 +72,7 @@ pub fn refusal(masker: &Masker, lineage: &mut SessionLineage, sql: &str) -> Opti
         return Some(Blocked {
             rule: rule.clone(),
             reason: "pg_notify would deliver a value derived from a masked column".into(),
+            sqlstate: None,
         });
     }
     if masker.unknown_lineage() == UnknownLineage::Block
@@ -84,6 +85,7 @@ pub fn refusal(masker: &Masker, lineage: &mut SessionLineage, sql: &str) -> Opti
                 "masking cannot tell which columns output column \"{}\" derives from: {why}",
                 col.name
             ),
+            sqlstate: None,
         });
     }
     None

@@ -2,13 +2,14 @@
 //!
 //! accept (`accept.rs`) → identify (`identify.rs`) → frame (`protocol/`, driven by the protocol's
 //! driver here, `postgres.rs`) → decide (`gate.rs` over `policy/`) → mask (`mask_filter.rs` over
-//! `mask/`) → record (`record/`) → forward (`forward/`). A new protocol adds its driver beside
+//! `mask/`) → record (`record.rs` over `record/`) → forward (`forward/`). A new protocol adds its driver beside
 //! `postgres.rs` and a sans-IO core under `protocol/`.
 
 pub mod gate;
 pub mod lineage;
 pub mod mask_filter;
 pub mod postgres;
+pub mod record;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -75,9 +76,25 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     let info = guard.info.clone();
     let _active = ActiveSession::open(&target);
 
+    // Record: the session's recording begins before anything reaches the server, and a
+    // session that cannot be recorded does not start.
+    let recording = match record::begin(shared, &identity, &target) {
+        Ok(r) => r,
+        Err(e) => {
+            postgres::refuse(&client, e.sqlstate(), &e.to_string()).await;
+            anyhow::bail!("session refused: {e}");
+        }
+    };
+
     // Forward: the upstream leg, then the client's startup answer.
     let (server, _cancel_key) =
-        postgres::open_upstream(&client, &target, &startup, shared, &info).await?;
+        match postgres::open_upstream(&client, &target, &startup, shared, &info).await {
+            Ok(up) => up,
+            Err(e) => {
+                recording.borrow_mut().end("upstream connection failed");
+                return Err(e);
+            }
+        };
     let server = Rc::new(server);
     info.set_state(SessionState::Idle);
     info!(
@@ -88,6 +105,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         agent = identity.peer.agent.as_deref().unwrap_or("-"),
         client_tls = client.is_tls(),
         tls = server.is_tls(),
+        recording = recording.borrow().id().unwrap_or(0),
         "session started"
     );
 
@@ -109,6 +127,8 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     .await;
     let filter = MaskFilter::new(masker, lineage.clone());
     let gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
+    let gate = record::RecordGate::new(gate, recording.clone());
+    let tap = record::ResponseTap::new(recording.clone());
 
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
@@ -123,10 +143,11 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         startup.pending,
         info.clone(),
         gate,
-        filter,
+        (filter, tap),
         (shared.clone(), generation),
     );
     let end = pump.await;
+    recording.borrow_mut().end(&postgres::end_reason(&end));
 
     // The ending: counted, and told to the client in its protocol.
     info.set_state(SessionState::Closing);

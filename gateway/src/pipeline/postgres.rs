@@ -19,12 +19,14 @@ use tracing::{info, warn};
 
 use super::gate::{Held, PolicyGate};
 use super::mask_filter::MaskFilter;
+use super::record::{RecordGate, ResponseTap};
 use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{self, Stream, TlsStream};
 use crate::forward::local_tls::{ALPN_POSTGRESQL, LocalTls};
 use crate::forward::upstream;
 use crate::metrics::{SessionInfo, SessionState};
+use crate::policy::approval::Decision;
 use crate::protocol::postgres::session::{
     Blocked, Core, Disposition, Output, Progress, Seg, Session, SessionError, Side,
 };
@@ -355,8 +357,8 @@ pub async fn pump(
     core: Rc<RefCell<Session>>,
     pending: Vec<u8>,
     info: Arc<SessionInfo>,
-    gate: PolicyGate,
-    filter: MaskFilter,
+    gate: RecordGate,
+    results: (MaskFilter, ResponseTap),
     reloads: (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
     let idle_timeout = reloads.0.config().idle_timeout;
@@ -371,7 +373,7 @@ pub async fn pump(
             idle_timeout,
         )),
         Box::pin(server_to_client(
-            server, client, core, info, filter, reloads,
+            server, client, core, info, results, reloads,
         )),
     )
     .await;
@@ -388,6 +390,21 @@ pub enum End {
     ServerClosed {
         fatal_seen: bool,
     },
+}
+
+/// How a session ended, as its recording says.
+pub fn end_reason(end: &Result<End, PumpError>) -> String {
+    match end {
+        Ok(End::ClientClosed) => "client closed the connection".into(),
+        Ok(End::Terminated) => "client terminated".into(),
+        Ok(End::Idle(after)) => format!(
+            "idle-session timeout ({})",
+            humantime::format_duration(*after)
+        ),
+        Ok(End::ServerClosed { .. }) => "server closed the connection".into(),
+        Err(PumpError::Protocol(e)) => format!("protocol error: {e}"),
+        Err(PumpError::Io(e)) => format!("I/O error: {e}"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -450,7 +467,7 @@ async fn client_to_server(
     core: Rc<RefCell<Session>>,
     mut buf: Vec<u8>,
     info: Arc<SessionInfo>,
-    mut gate: PolicyGate,
+    mut gate: RecordGate,
     idle_timeout: Option<std::time::Duration>,
 ) -> Result<End, PumpError> {
     let mut out = Output::default();
@@ -474,7 +491,7 @@ async fn client_to_server(
                 Progress::Terminate { .. } => return Ok(End::Terminated),
                 Progress::Hold { consumed } => {
                     buf.drain(..consumed);
-                    let outcome = hold(&client, &info, &mut gate).await?;
+                    let outcome = settle(&client, &info, &mut gate).await?;
                     core.borrow_mut().resolve_hold(outcome);
                     // Process the held message again, now with its final answer.
                     continue;
@@ -499,22 +516,45 @@ async fn client_to_server(
     }
 }
 
+/// Waits for what a held statement needs before it runs: its request record on disk (strict
+/// recording), then whatever policy holds it for; the outcome is recorded.
+async fn settle(
+    client: &Stream,
+    info: &SessionInfo,
+    gate: &mut RecordGate,
+) -> Result<Disposition, PumpError> {
+    if let Some(durable) = gate.take_durable() {
+        if let Err(e) = unless_client_leaves(client, durable).await? {
+            gate.policy.held = None;
+            return Ok(super::record::refusal(&e));
+        }
+        if gate.policy.held.is_none() {
+            return Ok(Disposition::Allow);
+        }
+    }
+    let (outcome, approver) = hold(client, info, &mut gate.policy).await?;
+    Ok(gate.settled(outcome, approver))
+}
+
 /// Waits for what the gate is holding the statement for: its verdict from the classifier
 /// thread, then, if it needs one, an operator's decision. The client hears that it is held for
-/// approval, with the request id; earlier results keep flowing meanwhile.
+/// approval, with the request id; earlier results keep flowing meanwhile. Returns the outcome,
+/// and who approved it.
 async fn hold(
     client: &Stream,
     info: &SessionInfo,
     gate: &mut PolicyGate,
-) -> Result<Disposition, PumpError> {
+) -> Result<(Disposition, Option<String>), PumpError> {
     let previous = info.state();
     info.set_state(SessionState::Holding);
+    let mut approver = None;
     let outcome = loop {
         match gate.held.take() {
             None => {
                 break Disposition::Block(Blocked {
                     rule: "internal".into(),
                     reason: "held without a reason to wait".into(),
+                    sqlstate: None,
                 });
             }
             Some(Held::Classifying { verdict, request }) => {
@@ -523,6 +563,7 @@ async fn hold(
                     Err(_) => Disposition::Block(Blocked {
                         rule: "classifier".into(),
                         reason: "the classifier thread stopped before a verdict".into(),
+                        sqlstate: None,
                     }),
                 };
                 if d != Disposition::Hold {
@@ -548,12 +589,15 @@ async fn hold(
                     ?decision,
                     "approval decided"
                 );
+                if let Decision::Approved { by } = &decision {
+                    approver = Some(by.clone());
+                }
                 break PolicyGate::outcome(&rule, decision);
             }
         }
     };
     info.set_state(previous);
-    Ok(outcome)
+    Ok((outcome, approver))
 }
 
 /// How often a held session looks whether its client is still there.
@@ -602,7 +646,7 @@ async fn server_to_client(
     client: Rc<Stream>,
     core: Rc<RefCell<Session>>,
     info: Arc<SessionInfo>,
-    mut filter: MaskFilter,
+    (mut filter, mut tap): (MaskFilter, ResponseTap),
     (shared, mut generation): (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
     let mut buf = Vec::with_capacity(conn::READ_CHUNK);
@@ -619,6 +663,8 @@ async fn server_to_client(
             filter.set_masker(masker);
         }
         let progress = core.borrow_mut().on_server(&buf, &mut filter, &mut out)?;
+        // Record: exactly what goes to the client, after masking.
+        tap.written(&buf, &out);
         let (r, b) = write_output(&client, buf, &mut out).await;
         buf = b;
         r?;
@@ -635,5 +681,6 @@ async fn server_to_client(
         if let Progress::Continue { consumed } = progress {
             buf.drain(..consumed);
         }
+        tap.keep_pace().await;
     }
 }

@@ -24,11 +24,10 @@ use serde::{Deserialize, Serialize};
 /// The outcome a held statement waits for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Approved,
+    /// `by`: the operator who approved, for the recording.
+    Approved { by: String },
     /// Denied by an operator, timed out, or abandoned; `reason` goes into the ErrorResponse.
-    Denied {
-        reason: String,
-    },
+    Denied { reason: String },
 }
 
 /// What an approval covers.
@@ -587,7 +586,7 @@ impl Store {
         }
         if let Some(w) = self.waiters.remove(&id) {
             self.settled();
-            let _ = w.tx.send(Decision::Approved);
+            let _ = w.tx.send(Decision::Approved { by: by.to_owned() });
         }
         Ok(())
     }

@@ -43,6 +43,10 @@ pub trait Core {
 pub struct Blocked {
     pub rule: String,
     pub reason: String,
+    /// Set when the gateway refused the statement for a failure of its own rather than a rule
+    /// (recording failed: 53100, 58030): the client's error carries this SQLSTATE and `reason`
+    /// as its message. `None`: 42501, "statement blocked by rule".
+    pub sqlstate: Option<&'static str>,
 }
 
 /// What the gate decided for one request.
@@ -57,6 +61,16 @@ pub enum Disposition {
 /// Decides requests. Called synchronously on the data path, so it must not block.
 pub trait Gate {
     fn check(&mut self, request: &Request<'_>) -> Disposition;
+
+    /// A Bind (its whole body): which statement the portal runs, with what parameters. Policy
+    /// decided the statement at its Parse; the record stage keeps the parameters for the Execute.
+    fn bind(&mut self, _portal: &str, _statement: &str, _body: &[u8]) {}
+
+    /// An Execute of a bound portal: the moment a prepared statement runs. Allowed unless the
+    /// gateway cannot let it run (recording failed), or held while its record becomes durable.
+    fn execute(&mut self, _portal: &str) -> Disposition {
+        Disposition::Allow
+    }
 }
 
 /// Lets everything through.

@@ -370,6 +370,14 @@ impl SessionRecorder {
         self.id
     }
 
+    /// True while the recorder's queue is over a quarter of its bound: a session streaming
+    /// results should wait before reading more, so a recorder that falls behind slows the
+    /// stream instead of filling memory or refusing its records.
+    pub fn congested(&self) -> bool {
+        let shared = &self.handle.shared;
+        shared.queued_bytes.load(Relaxed) > shared.max_queue_bytes / 4
+    }
+
     fn send(&mut self, record: Record, strict: bool) -> Result<Durable, RecordError> {
         let entry = Entry {
             seq: 0, // the recorder numbers entries

@@ -167,6 +167,40 @@ impl Collector for Live {
                 .encode(m.encode_family(&[("target", &*t.target)])?)?;
         }
 
+        let rec = self.shared.recorder.status();
+        for (name, help, value) in [
+            (
+                "portcullis_recording_records",
+                "Records the recorder has written.",
+                rec.records,
+            ),
+            (
+                "portcullis_recording_bytes_written",
+                "Bytes the recorder appended to segments (compressed).",
+                rec.bytes_written,
+            ),
+            (
+                "portcullis_recording_refused",
+                "Statements and records refused because recording failed or its queue was full.",
+                rec.refused,
+            ),
+            (
+                "portcullis_recording_write_failures",
+                "Failed segment writes or syncs.",
+                rec.write_failures,
+            ),
+        ] {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let g = ConstGauge::new(i64::from(rec.state != "ok"));
+        g.encode(encoder.encode_descriptor(
+            "portcullis_recording_failing",
+            "1 while recording fails and new statements are refused.",
+            None,
+            g.metric_type(),
+        )?)?;
+
         let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
         let mut m = encoder.encode_descriptor(
             "portcullis_bytes",

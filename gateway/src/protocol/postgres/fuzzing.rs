@@ -93,6 +93,7 @@ pub fn session(data: &[u8]) {
                 Disposition::Block(Blocked {
                     rule: "fuzz".into(),
                     reason: "every other".into(),
+                    sqlstate: None,
                 })
             }
         }

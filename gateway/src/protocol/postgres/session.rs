@@ -198,6 +198,9 @@ enum ResultState {
 /// reports the resulting transaction state itself.
 const PROBE_SQL: &str = "portcullis_blocked_statement";
 
+/// The statement name of the probe that stands in for a refused Execute.
+const PROBE_STATEMENT: &str = "portcullis_blocked";
+
 /// The SQLSTATE for a statement policy refused or an operator denied (insufficient_privilege).
 pub const SQLSTATE_BLOCKED: &str = "42501";
 
@@ -410,6 +413,7 @@ impl Session {
                 if !portal.is_empty() {
                     self.check_room(&self.portals, portal, "portals")?;
                 }
+                gate.bind(portal, statement, frame.body);
                 out.pass(range);
                 let (portal, statement) =
                     (self.names.hash_one(portal), self.names.hash_one(statement));
@@ -430,12 +434,33 @@ impl Session {
                 });
             }
             b'E' => {
-                let portal = self
-                    .names
-                    .hash_one(Reader::new(frame.body, "Execute").cstr().map_err(client)?);
-                out.pass(range);
-                self.queries += 1;
-                self.expect.push_back(Expect::Execute { portal });
+                let name = Reader::new(frame.body, "Execute").cstr().map_err(client)?;
+                let d = self.resolved.take().unwrap_or_else(|| gate.execute(name));
+                match d {
+                    Disposition::Allow => {
+                        out.pass(range);
+                        self.queries += 1;
+                        let portal = self.names.hash_one(name);
+                        self.expect.push_back(Expect::Execute { portal });
+                    }
+                    // A failing named Parse stands in: it has no side effect, and the server
+                    // then skips to Sync as for any error in a batch.
+                    Disposition::Block(b) => {
+                        self.blocked += 1;
+                        out.emit(|o| messages::encode_parse(PROBE_STATEMENT, PROBE_SQL, o));
+                        self.fe_discard_to_sync = true;
+                        self.expect.push_back(Expect::Parse {
+                            statement: self.names.hash_one(PROBE_STATEMENT),
+                            probe: Some(b),
+                            sql: None,
+                        });
+                    }
+                    Disposition::Hold => {
+                        return Ok(Some(Progress::Hold {
+                            consumed: range.start,
+                        }));
+                    }
+                }
             }
             b'C' => {
                 let mut r = Reader::new(frame.body, "Close");
@@ -657,15 +682,18 @@ impl Session {
                 }
                 self.announce(filter);
                 if let Some(blocked) = self.take_probe_on_error() {
-                    out.emit(|o| {
-                        messages::encode_error(
+                    out.emit(|o| match blocked.sqlstate {
+                        Some(code) => {
+                            messages::encode_error("ERROR", code, &blocked.reason, None, None, o)
+                        }
+                        None => messages::encode_error(
                             "ERROR",
                             SQLSTATE_BLOCKED,
                             &format!("statement blocked by rule \"{}\"", blocked.rule),
                             Some(&blocked.reason),
                             None,
                             o,
-                        )
+                        ),
                     });
                     return Ok(());
                 }
@@ -1009,6 +1037,7 @@ mod tests {
                 Disposition::Block(Blocked {
                     rule: "no-ddl".into(),
                     reason: "DROP is DDL".into(),
+                    sqlstate: None,
                 })
             } else {
                 Disposition::Allow

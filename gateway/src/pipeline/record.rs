@@ -1,0 +1,775 @@
+//! The record stage: what the client asked, what was decided, and what the client received, handed
+//! to the recorder (`record/`).
+//!
+//! Requests and verdicts come through [`RecordGate`], which wraps the decide stage's gate: a
+//! statement is recorded before policy sees it, and its verdict right after. Responses come
+//! through [`ResponseTap`], which frames exactly the bytes written to the client, so what is
+//! recorded is what the client saw, after masking. Nothing here does I/O: the recorder's thread
+//! compresses and writes. When the recorder cannot take a record, the statement is refused with
+//! the recorder's SQLSTATE (53100 or 58030); it never runs unrecorded.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::warn;
+
+use super::gate::{Held, PolicyGate};
+use crate::daemon::Shared;
+use crate::identify::Identity;
+use crate::mask::Masker;
+use crate::protocol::core::{Blocked, Disposition, Gate, Output, Request, Seg};
+use crate::protocol::postgres::session::MAX_NAMED;
+use crate::record::{
+    self, Action, Bytes, Column, Durable, Notice, RecordError, RequestKind, Row, SessionRecorder,
+    SessionStart, Verdict,
+};
+use crate::route::Target;
+
+/// Rows and COPY data are handed to the recorder in batches of about this many bytes (and at
+/// the end of every read from the server), not one record per row.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// The rule name a refusal for recording reports in logs.
+const RULE: &str = "recording";
+
+/// A statement the recorder could not take: refused with its SQLSTATE and a message that says
+/// recording failed.
+pub fn refusal(e: &RecordError) -> Disposition {
+    Disposition::Block(Blocked {
+        rule: RULE.into(),
+        reason: e.to_string(),
+        sqlstate: Some(e.sqlstate()),
+    })
+}
+
+/// Begins a session's recording: who (identify's peer), where (target, database, upstream user).
+pub fn begin(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    target: &Target,
+) -> Result<Rc<RefCell<SessionRecord>>, RecordError> {
+    let up = &target.config.upstream;
+    let peer = &identity.peer;
+    let rec = shared.recorder.begin(SessionStart {
+        agent: peer.agent.clone(),
+        pid: peer.pid,
+        exe: peer.exe.clone(),
+        cgroup: peer.cgroup.clone(),
+        client_addr: Some(identity.client_addr.to_string()),
+        target: target.config.name.clone(),
+        database: up.database.clone(),
+        upstream_user: up.user.clone(),
+        ..SessionStart::default()
+    })?;
+    let cfg = shared.config();
+    Ok(Rc::new(RefCell::new(SessionRecord {
+        rec: Some(rec),
+        shared: shared.clone(),
+        generation: shared.policy_generation(),
+        masker: shared.masker(),
+        strict: cfg.recording.strict,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        durable: None,
+        approval: None,
+        response: Responses::new(cfg.max_message_bytes),
+    })))
+}
+
+/// A Bind's parameters, waiting for the Execute that runs them.
+struct Bound {
+    statement: String,
+    params: Vec<Option<Bytes>>,
+    bytes: u64,
+}
+
+/// One session's recording, shared by its two pumps (which run on the same thread).
+pub struct SessionRecord {
+    /// `None` once the session's end is recorded.
+    rec: Option<SessionRecorder>,
+    shared: Arc<Shared>,
+    generation: u64,
+    /// The detectors requests pass through before they are recorded.
+    masker: Masker,
+    strict: bool,
+    /// Prepared statements' recorded texts by name, for their Executes.
+    statements: HashMap<String, String>,
+    portals: HashMap<String, Bound>,
+    /// Strict mode: the request record the held statement waits for.
+    durable: Option<Durable>,
+    /// The approval a held statement waits for: id and rule.
+    approval: Option<(u64, String)>,
+    response: Responses,
+}
+
+impl SessionRecord {
+    /// The recording's id (`portcullis recordings show ID`).
+    pub fn id(&self) -> Option<u64> {
+        self.rec.as_ref().map(SessionRecorder::id)
+    }
+
+    /// Records the session's end; later calls do nothing.
+    pub fn end(&mut self, reason: &str) {
+        if let Some(rec) = self.rec.take() {
+            let _ = rec.end(reason);
+        }
+    }
+
+    fn rec(&mut self) -> Result<&mut SessionRecorder, RecordError> {
+        self.rec.as_mut().ok_or(RecordError::Stopped)
+    }
+
+    /// Text as it is recorded: what the detectors find redacted.
+    fn redacted(&mut self, text: &[u8]) -> Vec<u8> {
+        if let Some(m) = self.shared.masker_if_reloaded(&mut self.generation) {
+            self.masker = m;
+        }
+        self.masker
+            .redact_detected(text)
+            .unwrap_or_else(|| text.to_vec())
+    }
+
+    /// Records a statement and starts timing its response; strict mode keeps its `Durable`.
+    fn request(
+        &mut self,
+        kind: RequestKind,
+        statement: Option<String>,
+        text: String,
+        params: Vec<Option<Bytes>>,
+        bytes_in: u64,
+    ) -> Result<(), RecordError> {
+        let durable = self.rec()?.request(record::Request {
+            kind,
+            statement,
+            text,
+            params,
+        })?;
+        if self.strict {
+            self.durable = Some(durable);
+        }
+        self.response.begin(bytes_in);
+        Ok(())
+    }
+
+    fn verdict(&mut self, verdict: Verdict) -> Result<(), RecordError> {
+        self.rec()?.verdict(verdict)
+    }
+
+    /// Bounds a per-session name map the way the core bounds the server's: past the cap the
+    /// stale names go (their Executes are then recorded by name only).
+    fn room<V>(map: &mut HashMap<String, V>, name: &str) {
+        if map.len() >= MAX_NAMED && !map.contains_key(name) {
+            map.clear();
+        }
+    }
+}
+
+/// The decide stage's gate with the record stage around it.
+pub struct RecordGate {
+    pub policy: PolicyGate,
+    record: Rc<RefCell<SessionRecord>>,
+}
+
+impl RecordGate {
+    pub fn new(policy: PolicyGate, record: Rc<RefCell<SessionRecord>>) -> Self {
+        RecordGate { policy, record }
+    }
+
+    /// Strict mode: the record a held statement waits for before it may run.
+    pub fn take_durable(&mut self) -> Option<Durable> {
+        self.record.borrow_mut().durable.take()
+    }
+
+    /// Records how a held statement was settled (an operator's decision, or the classifier's
+    /// verdict); an outcome that cannot be recorded does not run.
+    pub fn settled(&mut self, outcome: Disposition, approver: Option<String>) -> Disposition {
+        let mut r = self.record.borrow_mut();
+        let approval = r.approval.take();
+        let mut v = verdict_of(&outcome, self.policy.last_rule.as_deref());
+        if let Some((id, rule)) = approval {
+            v.action = match v.action {
+                Action::Allow => Action::Approved,
+                _ => Action::Denied,
+            };
+            v.rule = Some(rule);
+            v.approval_id = Some(id);
+            v.approver = approver;
+            v.decided_at_us = Some(record::now_us());
+        }
+        match r.verdict(v) {
+            Err(e) if outcome == Disposition::Allow => refusal(&e),
+            _ => outcome,
+        }
+    }
+
+    /// Holds an allowed statement until its record is durable, in strict mode; a blocked one
+    /// waits for nothing.
+    fn strict(&self, d: Disposition) -> Disposition {
+        let mut r = self.record.borrow_mut();
+        match d {
+            Disposition::Allow if r.durable.is_some() => Disposition::Hold,
+            Disposition::Block(_) => {
+                r.durable = None;
+                d
+            }
+            _ => d,
+        }
+    }
+}
+
+fn verdict_of(d: &Disposition, allow_rule: Option<&str>) -> Verdict {
+    match d {
+        Disposition::Block(b) => Verdict {
+            action: Action::Block,
+            rule: Some(b.rule.clone()),
+            reason: Some(b.reason.clone()),
+            ..Verdict::allow(None)
+        },
+        Disposition::Allow | Disposition::Hold => Verdict::allow(allow_rule.map(str::to_owned)),
+    }
+}
+
+impl Gate for RecordGate {
+    fn check(&mut self, request: &Request<'_>) -> Disposition {
+        let mut r = self.record.borrow_mut();
+        let (kind, statement, text, bytes_in) = match *request {
+            Request::Query(sql) => (RequestKind::Query, None, r.redacted(sql.as_bytes()), 6),
+            Request::Parse { statement, sql } => (
+                RequestKind::Prepare,
+                Some(statement.to_owned()),
+                r.redacted(sql.as_bytes()),
+                statement.len() as u64 + 11,
+            ),
+            Request::FunctionCall { oid } => (
+                RequestKind::FunctionCall,
+                None,
+                format!("-- fast-path FunctionCall of function OID {oid}").into_bytes(),
+                13,
+            ),
+        };
+        let text = String::from_utf8(text)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        if let Some(name) = &statement {
+            SessionRecord::room(&mut r.statements, name);
+            r.statements.insert(name.clone(), text.clone());
+        }
+        let bytes_in = bytes_in + text.len() as u64;
+        // Recorded before policy sees it: an unrecordable statement opens no approval.
+        if let Err(e) = r.request(kind, statement, text, Vec::new(), bytes_in) {
+            return refusal(&e);
+        }
+        drop(r);
+        self.policy.last_rule = None;
+        let d = self.policy.check(request);
+        let mut r = self.record.borrow_mut();
+        let verdict = match (&d, &self.policy.held) {
+            (Disposition::Hold, Some(Held::Approval { id, rule, .. })) => {
+                r.approval = Some((*id, rule.clone()));
+                Some(Verdict {
+                    action: Action::Hold,
+                    rule: Some(rule.clone()),
+                    approval_id: Some(*id),
+                    ..Verdict::allow(None)
+                })
+            }
+            // The classifier thread's verdict is recorded when it arrives.
+            (Disposition::Hold, _) => None,
+            (d, _) => Some(verdict_of(d, self.policy.last_rule.as_deref())),
+        };
+        if let Some(v) = verdict
+            && let Err(e) = r.verdict(v)
+        {
+            // An approval requested for it is withdrawn with its pending decision.
+            self.policy.held = None;
+            r.approval = None;
+            r.durable = None;
+            return refusal(&e);
+        }
+        drop(r);
+        self.strict(d)
+    }
+
+    fn bind(&mut self, portal: &str, statement: &str, body: &[u8]) {
+        let mut r = self.record.borrow_mut();
+        let params = bind_params(body)
+            .into_iter()
+            .map(|p| p.map(|v| Bytes(r.redacted(v))))
+            .collect();
+        SessionRecord::room(&mut r.portals, portal);
+        let bound = Bound {
+            statement: statement.to_owned(),
+            params,
+            bytes: body.len() as u64 + 5,
+        };
+        r.portals.insert(portal.to_owned(), bound);
+    }
+
+    fn execute(&mut self, portal: &str) -> Disposition {
+        let mut r = self.record.borrow_mut();
+        let (statement, params, bound_bytes) = match r.portals.get_mut(portal) {
+            // A portal executed again (after PortalSuspended) runs the same parameters.
+            Some(b) => (b.statement.clone(), std::mem::take(&mut b.params), b.bytes),
+            None => (String::new(), Vec::new(), 0),
+        };
+        let text = r.statements.get(&statement).cloned().unwrap_or_default();
+        let bytes_in = bound_bytes + portal.len() as u64 + 10;
+        if let Err(e) = r.request(
+            RequestKind::Execute,
+            Some(statement),
+            text,
+            params,
+            bytes_in,
+        ) {
+            return refusal(&e);
+        }
+        drop(r);
+        self.strict(Disposition::Allow)
+    }
+}
+
+/// A Bind body's parameter values (the core has checked its framing).
+fn bind_params(body: &[u8]) -> Vec<Option<&[u8]>> {
+    let mut r = Cursor(body);
+    let mut params = Vec::new();
+    let parsed = (|| {
+        r.cstr()?;
+        r.cstr()?;
+        let nformats = r.i16()?;
+        r.take(2 * usize::try_from(nformats).ok()?)?;
+        let n = r.i16()?;
+        for _ in 0..n {
+            let len = r.i32()?;
+            params.push(if len < 0 {
+                None
+            } else {
+                Some(r.take(len as usize)?)
+            });
+        }
+        Some(())
+    })();
+    if parsed.is_none() {
+        params.clear();
+    }
+    params
+}
+
+/// A bounds-checked reader over a message body.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn i16(&mut self) -> Option<i16> {
+        self.take(2).map(|b| i16::from_be_bytes([b[0], b[1]]))
+    }
+    fn i32(&mut self) -> Option<i32> {
+        self.take(4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn cstr(&mut self) -> Option<&'a [u8]> {
+        let end = memchr::memchr(0, self.0)?;
+        let s = &self.0[..end];
+        self.0 = &self.0[end + 1..];
+        Some(s)
+    }
+    fn string(&mut self) -> Option<String> {
+        self.cstr().map(|s| String::from_utf8_lossy(s).into_owned())
+    }
+}
+
+/// Reads what is written to the client and records its results.
+pub struct ResponseTap {
+    record: Rc<RefCell<SessionRecord>>,
+}
+
+impl ResponseTap {
+    pub fn new(record: Rc<RefCell<SessionRecord>>) -> Self {
+        ResponseTap { record }
+    }
+
+    /// One write to the client, as the core's output over `input`. Failures to record a
+    /// response are the recorder's to count; the next statement is refused.
+    pub fn written(&mut self, input: &[u8], out: &Output) {
+        let mut guard = self.record.borrow_mut();
+        let r = &mut *guard;
+        let Some(rec) = r.rec.as_mut() else {
+            return;
+        };
+        for seg in out.segments() {
+            let bytes = match seg {
+                Seg::Input(range) => &input[range.clone()],
+                Seg::Scratch(range) => &out.scratch()[range.clone()],
+            };
+            r.response.feed(bytes, rec);
+        }
+        r.response.flush(rec);
+    }
+}
+
+impl ResponseTap {
+    /// Waits, without blocking the worker, while the recorder is behind (see
+    /// [`SessionRecorder::congested`]), so results flow no faster than they are recorded.
+    pub async fn keep_pace(&self) {
+        let congested = || {
+            self.record
+                .borrow()
+                .rec
+                .as_ref()
+                .is_some_and(SessionRecorder::congested)
+        };
+        while congested() {
+            compio::time::sleep(PACE).await;
+        }
+    }
+}
+
+/// How long a session waits for a congested recorder before it looks again.
+const PACE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The server-to-client stream, framed again after masking, and the statement it answers.
+struct Responses {
+    /// A message split across writes, kept until it is whole.
+    partial: Vec<u8>,
+    /// Bytes still to drop of a message larger than `max_message`, not recorded.
+    skip: usize,
+    max_message: usize,
+    started: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    rows: Vec<Row>,
+    rows_bytes: usize,
+    copy: Vec<u8>,
+    /// Messages too large to record, for the log.
+    skipped: u64,
+}
+
+impl Responses {
+    fn new(max_message: usize) -> Self {
+        Responses {
+            partial: Vec::new(),
+            skip: 0,
+            max_message,
+            started: Instant::now(),
+            bytes_in: 0,
+            bytes_out: 0,
+            rows: Vec::new(),
+            rows_bytes: 0,
+            copy: Vec::new(),
+            skipped: 0,
+        }
+    }
+
+    fn begin(&mut self, bytes_in: u64) {
+        self.started = Instant::now();
+        self.bytes_in = bytes_in;
+        self.bytes_out = 0;
+    }
+
+    fn feed(&mut self, mut data: &[u8], rec: &mut SessionRecorder) {
+        self.bytes_out += data.len() as u64;
+        loop {
+            let n = self.skip.min(data.len());
+            self.skip -= n;
+            data = &data[n..];
+            if self.partial.is_empty() {
+                return self.frames(data, rec);
+            }
+            // A message split across writes: its header first, then its body.
+            if self.partial.len() < 5 {
+                let n = (5 - self.partial.len()).min(data.len());
+                self.partial.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                if self.partial.len() < 5 {
+                    return;
+                }
+                let total = message_len(&self.partial);
+                if total > self.max_message {
+                    self.partial.clear();
+                    self.skipped += 1;
+                    self.skip = total - 5;
+                    continue;
+                }
+            }
+            let total = message_len(&self.partial);
+            let n = (total - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.partial.len() < total {
+                return;
+            }
+            let msg = std::mem::take(&mut self.partial);
+            self.message(msg[0], &msg[5..], rec);
+            self.partial = msg;
+            self.partial.clear();
+        }
+    }
+
+    /// Whole messages straight from `data`; a trailing piece is kept for the next write.
+    fn frames(&mut self, mut data: &[u8], rec: &mut SessionRecorder) {
+        while data.len() >= 5 {
+            let total = message_len(data);
+            if total > self.max_message {
+                self.skipped += 1;
+                let n = (total - 5).min(data.len() - 5);
+                self.skip = total - 5 - n;
+                data = &data[5 + n..];
+                continue;
+            }
+            if data.len() < total {
+                break;
+            }
+            self.message(data[0], &data[5..total], rec);
+            data = &data[total..];
+        }
+        self.partial.extend_from_slice(data);
+    }
+
+    fn message(&mut self, tag: u8, body: &[u8], rec: &mut SessionRecorder) {
+        let mut c = Cursor(body);
+        match tag {
+            b'T' => {
+                self.flush(rec);
+                let _ = rec.columns(columns(body).unwrap_or_default());
+            }
+            b'D' => {
+                if let Some(row) = data_row(body) {
+                    self.rows_bytes += body.len();
+                    self.rows.push(row);
+                    if self.rows_bytes >= BATCH_BYTES {
+                        self.flush(rec);
+                    }
+                }
+            }
+            b'd' => {
+                self.copy.extend_from_slice(body);
+                if self.copy.len() >= BATCH_BYTES {
+                    self.flush(rec);
+                }
+            }
+            b'c' => self.flush(rec),
+            b'C' => {
+                self.flush(rec);
+                let tag = c.string().unwrap_or_default();
+                self.complete(&tag, rec);
+            }
+            b'I' => self.complete("", rec),
+            b'E' => {
+                self.flush(rec);
+                let _ = rec.error(notice(body));
+                self.complete("", rec);
+            }
+            b'N' => {
+                let _ = rec.notice(notice(body));
+            }
+            b'A' => {
+                let pid = c.i32().unwrap_or(0) as u32;
+                let channel = c.string().unwrap_or_default();
+                let payload = c.string().unwrap_or_default();
+                let _ = rec.notification(pid, channel, payload);
+            }
+            b'Z' | b's' => self.flush(rec),
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, tag: &str, rec: &mut SessionRecorder) {
+        self.flush(rec);
+        let _ = rec.complete(tag, self.bytes_in, self.bytes_out, self.started.elapsed());
+        if self.skipped > 0 {
+            warn!(
+                recording = rec.id(),
+                messages = self.skipped,
+                "results larger than max_message_bytes were sent but not recorded"
+            );
+            self.skipped = 0;
+        }
+        self.bytes_in = 0;
+        self.bytes_out = 0;
+    }
+
+    /// Hands the batched rows and COPY data to the recorder.
+    fn flush(&mut self, rec: &mut SessionRecorder) {
+        if !self.rows.is_empty() {
+            let rows = std::mem::take(&mut self.rows);
+            self.rows_bytes = 0;
+            let _ = rec.rows(rows);
+        }
+        if !self.copy.is_empty() {
+            let _ = rec.copy_data(Bytes(std::mem::take(&mut self.copy)));
+        }
+    }
+}
+
+/// The wire length (tag included) a message header declares.
+fn message_len(header: &[u8]) -> usize {
+    // The core framed this output already; a length under 4 cannot occur, but never slice on it.
+    1 + (u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize).max(4)
+}
+
+fn columns(body: &[u8]) -> Option<Vec<Column>> {
+    let mut c = Cursor(body);
+    let n = c.i16()?;
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let name = c.string()?;
+        c.take(6)?;
+        let type_oid = c.i32()? as u32;
+        c.take(6)?;
+        let format = c.i16()?;
+        cols.push(Column {
+            name,
+            type_oid,
+            format,
+        });
+    }
+    Some(cols)
+}
+
+fn data_row(body: &[u8]) -> Option<Row> {
+    let mut c = Cursor(body);
+    let n = c.i16()?;
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = c.i32()?;
+        row.push(if len < 0 {
+            None
+        } else {
+            Some(Bytes(c.take(len as usize)?.to_vec()))
+        });
+    }
+    Some(row)
+}
+
+/// An ErrorResponse or NoticeResponse body, as it reached the client.
+fn notice(body: &[u8]) -> Notice {
+    let mut n = Notice {
+        severity: String::new(),
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+    };
+    let mut c = Cursor(body);
+    while let Some(kind) = c.take(1) {
+        let Some(value) = c.string() else { break };
+        match kind[0] {
+            b'V' => n.severity = value,
+            b'S' if n.severity.is_empty() => n.severity = value,
+            b'C' => n.code = value,
+            b'M' => n.message = value,
+            b'D' => n.detail = Some(value),
+            _ => {}
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::postgres::frame::write_message;
+    use crate::record::{Record, Recorder, RecordingConfig};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_message(&mut v, tag, |o| o.extend_from_slice(body));
+        v
+    }
+
+    /// A result as the client receives it: description, two rows (one NULL), tag, ready.
+    fn result() -> Vec<u8> {
+        let mut t = 1i16.to_be_bytes().to_vec();
+        t.extend_from_slice(b"v\0");
+        t.extend_from_slice(&[0; 6]);
+        t.extend_from_slice(&25i32.to_be_bytes());
+        t.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+        let row = |v: Option<&[u8]>| {
+            let mut d = 1i16.to_be_bytes().to_vec();
+            match v {
+                Some(v) => {
+                    d.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    d.extend_from_slice(v);
+                }
+                None => d.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+            d
+        };
+        [
+            msg(b'T', &t),
+            msg(b'D', &row(Some(b"a\0b\xff"))),
+            msg(b'D', &row(None)),
+            msg(b'C', b"SELECT 2\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn results_split_anywhere_are_recorded_whole_and_oversized_ones_skipped() {
+        let state = tempfile::tempdir().unwrap();
+        let recorder = Recorder::start(&RecordingConfig::default(), state.path()).unwrap();
+        let wire = result();
+        let mut rec = recorder.handle().begin(SessionStart::default()).unwrap();
+        // Every split point, and one byte at a time.
+        for cut in 0..=wire.len() {
+            let mut r = Responses::new(1 << 20);
+            r.feed(&wire[..cut], &mut rec);
+            r.feed(&wire[cut..], &mut rec);
+        }
+        let mut r = Responses::new(1 << 20);
+        for b in &wire {
+            r.feed(std::slice::from_ref(b), &mut rec);
+        }
+        // Past max_message a row is dropped from the recording, and what follows still frames.
+        let mut r = Responses::new(16);
+        let big = [msg(b'D', &[0u8; 64]), msg(b'C', b"SELECT 1\0")].concat();
+        r.feed(&big[..10], &mut rec);
+        r.feed(&big[10..], &mut rec);
+        rec.end("done").unwrap();
+        recorder.handle().flush().wait().unwrap();
+        drop(recorder);
+
+        let mut records = Vec::new();
+        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
+            records.push(e.record);
+            Ok(true)
+        })
+        .unwrap();
+        let tags: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Complete(c) => Some((c.tag.clone(), c.rows)),
+                _ => None,
+            })
+            .collect();
+        let whole = wire.len() + 2;
+        assert_eq!(tags.len(), whole + 1, "{tags:?}");
+        assert!(tags[..whole].iter().all(|t| *t == ("SELECT 2".into(), 2)));
+        assert_eq!(tags[whole], ("SELECT 1".into(), 0));
+        let rows: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Rows(rows) => Some(rows.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(rows.len(), 2 * whole);
+        assert!(rows.chunks(2).all(
+            |pair| pair[0] == vec![Some(Bytes(b"a\0b\xff".to_vec()))] && pair[1] == vec![None]
+        ));
+        let columns = records
+            .iter()
+            .filter(|r| matches!(r, Record::Columns(c) if c.len() == 1 && c[0].name == "v" && c[0].type_oid == 25))
+            .count();
+        assert_eq!(columns, whole);
+    }
+}

@@ -1,0 +1,678 @@
+//! Recording through the real gateway: a session with real clients (tokio-postgres, psql) against
+//! a real PostgreSQL, the shipped `default` policy and its masking on; then the recordings CLI
+//! reproduces what the clients saw, `verify` passes, and no secret reached the recording
+//! directory. Also: a full disk refuses statements with 53100 and service resumes when space
+//! returns, and a SIGKILLed gateway's log still verifies after a restart.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use portcullis::record::{Action, Entry, Record, RequestKind};
+use testkit::{Gateway, GatewayOptions, Postgres};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+#[path = "support/stored.rs"]
+mod stored;
+use stored::{contains, everything_stored};
+
+const EMAIL: &str = "alice.smith@example.com";
+const TOKEN: &str = "tok-canary-7f3a9c";
+
+fn seed(pg: &Postgres) {
+    pg.app_superuser_sql(&format!(
+        "CREATE TABLE people (id int, contact text, secret_token text, note text);
+         INSERT INTO people VALUES (1, '{EMAIL}', '{TOKEN}', 'first'), (2, 'nobody', NULL, 'second');
+         GRANT ALL ON people TO app;"
+    ))
+    .expect("seed table");
+}
+
+async fn connect(gw: &Gateway) -> Client {
+    let (client, conn) = tokio_postgres::connect(&gw.conninfo("app"), NoTls)
+        .await
+        .expect("connect through the gateway");
+    tokio::spawn(conn);
+    client
+}
+
+fn recordings(dir: &Path, args: &[&str]) -> Output {
+    Command::new(testkit::portcullis_bin())
+        .arg("recordings")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run portcullis recordings")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every entry of the recording directory, through `export --format jsonl`.
+fn export(dir: &Path) -> Vec<Entry> {
+    let out = recordings(dir, &["export", "--format", "jsonl"]);
+    assert!(out.status.success(), "export: {}", text(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Waits until the session's end is on disk (the recorder group-commits on an interval).
+fn wait_for_end(dir: &Path) -> Vec<Entry> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if dir.exists() {
+            let entries = export(dir);
+            if entries
+                .iter()
+                .any(|e| matches!(e.record, Record::SessionEnd { .. }))
+            {
+                return entries;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session's end was never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn verify(state: &Path) -> (i32, String) {
+    let pubkey = state.join("keys/recording.key.pub");
+    let out = recordings(
+        &state.join("recordings"),
+        &["verify", "--pubkey", pubkey.to_str().unwrap()],
+    );
+    (out.status.code().unwrap_or(-1), text(&out))
+}
+
+/// The statements' records, in order: (statement number, record).
+fn of_statement(entries: &[Entry], stmt: u32) -> Vec<&Record> {
+    entries
+        .iter()
+        .filter(|e| e.stmt == stmt)
+        .map(|e| &e.record)
+        .collect()
+}
+
+fn rows_of(records: &[&Record]) -> Vec<Vec<Option<Vec<u8>>>> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Rows(rows) => Some(rows),
+            _ => None,
+        })
+        .flatten()
+        .map(|row| {
+            row.iter()
+                .map(|v| v.as_ref().map(|b| b.0.clone()))
+                .collect()
+        })
+        .collect()
+}
+
+/// The statement whose request text is `text`.
+fn stmt_of(entries: &[Entry], kind: RequestKind, text: &str) -> u32 {
+    entries
+        .iter()
+        .find_map(|e| match &e.record {
+            Record::Request(r) if r.kind == kind && r.text == text => Some(e.stmt),
+            _ => None,
+        })
+        .unwrap_or_else(|| {
+            let recorded: Vec<&str> = entries
+                .iter()
+                .filter_map(|e| match &e.record {
+                    Record::Request(r) => Some(r.text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            panic!("no {kind:?} request {text:?} recorded; recorded: {recorded:#?}")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_round_trips_through_show_and_export_masked_and_verifies() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let password = std::fs::read_to_string(&pw_file).unwrap();
+    let password = password.trim();
+    let gw = Gateway::start(
+        GatewayOptions::for_target(&pg, pw_file.clone())
+            .arg("--policy")
+            .arg("default"),
+    )
+    .expect("start gateway");
+    let state = gw.state_dir.clone();
+    let rec_dir = state.join("recordings");
+
+    let client = connect(&gw).await;
+    // Simple query, with a masked column and a literal the detectors find.
+    let simple = format!(
+        "SELECT id, contact, secret_token, note FROM people WHERE contact <> '{EMAIL}' OR id = 1 ORDER BY id"
+    );
+    let got = client.simple_query(&simple).await.expect("simple query");
+    let simple_rows: Vec<Vec<Option<Vec<u8>>>> = got
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).map(|v| v.as_bytes().to_vec()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(simple_rows.len(), 2);
+    let seen = format!("{simple_rows:?}");
+    assert!(!seen.contains(TOKEN), "the client saw the token: {seen}");
+
+    // Extended query, with parameters (one of them a value the detectors find).
+    let extended = "SELECT contact, note FROM people WHERE id = $1 OR contact = $2";
+    let ext = client
+        .query(extended, &[&2i32, &EMAIL])
+        .await
+        .expect("extended query");
+    let ext_rows: Vec<Vec<Option<Vec<u8>>>> = ext
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<&str>>(i).map(|v| v.as_bytes().to_vec()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(ext_rows.len(), 2);
+
+    // COPY out.
+    let copy_sql = "COPY (SELECT id, contact, note FROM people ORDER BY id) TO STDOUT";
+    let stream = client.copy_out(copy_sql).await.expect("COPY out");
+    let chunks: Vec<_> = stream.collect().await;
+    let mut copied = Vec::new();
+    for c in chunks {
+        copied.extend_from_slice(&c.expect("copy data"));
+    }
+    assert!(!contains(&copied, EMAIL.as_bytes()), "COPY was masked");
+
+    // An error, and a blocked statement.
+    let err = client.simple_query("SELECT 1/0").await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22012");
+    let blocked = client.simple_query("DROP TABLE people").await.unwrap_err();
+    assert_eq!(blocked.code().unwrap().code(), "42501", "{blocked:?}");
+    drop(client);
+
+    // psql, in a session of its own.
+    let (out, errs, ok) = testkit::psql(
+        pg.bindir(),
+        &gw.conninfo("app"),
+        "SELECT note FROM people WHERE id = 2",
+    )
+    .unwrap();
+    assert!(ok, "psql: {errs}");
+    assert!(out.contains("second"), "{out}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let entries = loop {
+        let entries = wait_for_end(&rec_dir);
+        let ends = entries
+            .iter()
+            .filter(|e| matches!(e.record, Record::SessionEnd { .. }))
+            .count();
+        if ends >= 2 {
+            break entries;
+        }
+        assert!(Instant::now() < deadline, "both sessions' ends recorded");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let session = entries[0].session;
+    let Record::SessionStart(start) = &entries[0].record else {
+        panic!("a recording starts with its session: {:?}", entries[0]);
+    };
+    assert_eq!(start.target, "default", "the quick-start target");
+    assert_eq!(start.upstream_user, "app");
+    assert!(start.client_addr.is_some());
+    let ours: Vec<Entry> = entries
+        .iter()
+        .filter(|e| e.session == session)
+        .cloned()
+        .collect();
+
+    // The simple query: its text with the literal redacted, allowed by a rule, its columns, the
+    // rows byte for byte as the client got them, and the command tag.
+    let redacted = simple.replace(EMAIL, "****");
+    let mut texts = ours.iter().filter_map(|e| match &e.record {
+        Record::Request(r) => Some(r.text.clone()),
+        _ => None,
+    });
+    assert!(
+        texts.any(|t| t.contains("SELECT id, contact") && !t.contains(EMAIL)),
+        "the literal was redacted"
+    );
+    let s = stmt_of(&ours, RequestKind::Query, &redacted);
+    let recs = of_statement(&ours, s);
+    let verdict = recs.iter().find_map(|r| match r {
+        Record::Verdict(v) => Some(v),
+        _ => None,
+    });
+    let verdict = verdict.expect("a verdict");
+    assert_eq!(verdict.action, Action::Allow);
+    assert!(verdict.rule.is_some(), "{verdict:?}");
+    let columns = recs
+        .iter()
+        .find_map(|r| match r {
+            Record::Columns(c) => Some(c),
+            _ => None,
+        })
+        .expect("columns");
+    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["id", "contact", "secret_token", "note"]);
+    assert_eq!(
+        rows_of(&recs),
+        simple_rows,
+        "recorded rows are what the client saw"
+    );
+    let complete = recs.iter().find_map(|r| match r {
+        Record::Complete(c) => Some(c),
+        _ => None,
+    });
+    let complete = complete.expect("a complete");
+    assert_eq!(complete.tag, "SELECT 2");
+    assert_eq!(complete.rows, 2);
+    assert!(complete.bytes_out > 0);
+
+    // The extended query: prepared, then executed with its parameters (the email redacted).
+    stmt_of(&ours, RequestKind::Prepare, extended);
+    let x = stmt_of(&ours, RequestKind::Execute, extended);
+    let recs = of_statement(&ours, x);
+    let Record::Request(req) = recs[0] else {
+        panic!("{:?}", recs[0]);
+    };
+    assert_eq!(req.params.len(), 2);
+    assert_eq!(
+        req.params[0].as_ref().map(|b| b.0.clone()),
+        Some(2i32.to_be_bytes().to_vec())
+    );
+    assert_eq!(
+        req.params[1].as_ref().map(|b| b.0.clone()),
+        Some(b"****".to_vec())
+    );
+    assert_eq!(rows_of(&recs), ext_rows, "binary rows byte for byte");
+
+    // COPY: the data as the client got it.
+    let c = stmt_of(&ours, RequestKind::Execute, copy_sql);
+    let recorded_copy: Vec<u8> = of_statement(&ours, c)
+        .iter()
+        .filter_map(|r| match r {
+            Record::CopyData(b) => Some(b.0.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(recorded_copy, copied);
+
+    // The error, and the blocked statement with its rule.
+    let e = stmt_of(&ours, RequestKind::Query, "SELECT 1/0");
+    assert!(of_statement(&ours, e).iter().any(
+        |r| matches!(r, Record::Error(n) if n.code == "22012" && n.message.contains("division"))
+    ));
+    let b = stmt_of(&ours, RequestKind::Query, "DROP TABLE people");
+    let recs = of_statement(&ours, b);
+    assert!(
+        recs.iter().any(|r| matches!(r, Record::Verdict(v)
+            if v.action == Action::Block && v.rule.as_deref().is_some_and(|r| !r.is_empty()))),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| matches!(r, Record::Error(n) if n.code == "42501"))
+    );
+    assert!(
+        ours.iter().any(
+            |e| matches!(&e.record, Record::SessionEnd { reason } if reason.contains("client"))
+        )
+    );
+
+    // `show` reads like the session: statements, the masked values, the block.
+    let out = recordings(&rec_dir, &["show", &session.to_string()]);
+    assert!(out.status.success(), "show: {}", text(&out));
+    let shown = text(&out);
+    assert!(shown.contains("DROP TABLE people"), "{shown}");
+    assert!(shown.contains("nobody"), "{shown}");
+    assert!(shown.contains("22012"), "{shown}");
+    assert!(!shown.contains(TOKEN) && !shown.contains(EMAIL), "{shown}");
+    let list = text(&recordings(&rec_dir, &["list", "--json"]));
+    assert!(list.contains("default"), "{list}");
+
+    let (code, out) = verify(&state);
+    assert_eq!(code, 0, "verify: {out}");
+
+    // Nothing secret anywhere in the recording directory, compressed or not.
+    assert!(password.len() >= 8);
+    for blob in everything_stored(&rec_dir) {
+        for secret in [password, TOKEN, EMAIL] {
+            assert!(
+                !contains(&blob, secret.as_bytes()),
+                "{secret:?} reached the recording directory"
+            );
+        }
+    }
+}
+
+/// A small tmpfs the test mounts, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount a tmpfs at {}", at.display());
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn root_or_skip(test: &str) -> bool {
+    if testkit::is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI must run {test} as root"
+    );
+    eprintln!("SKIPPED {test}: needs root to mount a tmpfs");
+    false
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_statements_with_53100_then_service_resumes() {
+    if !root_or_skip("a_full_disk_refuses_statements_with_53100_then_service_resumes") {
+        return;
+    }
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let mnt = dir.path().join("small");
+    let _mount = Mount::tmpfs(&mnt, "4m");
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![7u8; 3 << 20]).unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let body = format!(
+        "{}\n[recording]\ndir = \"{}\"\nsegment_bytes = 262144\nzstd_level = -7\n",
+        testkit::single_target_toml(listen, &pg.url(), &pw_file),
+        mnt.join("recordings").display()
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen, body)
+            .arg("--policy")
+            .arg("default"),
+    )
+    .expect("start gateway");
+    let client = connect(&gw).await;
+    // Incompressible results until the recorder runs out of room.
+    let wide = "SELECT md5(random()::text) || md5(random()::text) || md5(random()::text) \
+                FROM generate_series(1, 2000)";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        assert!(
+            Instant::now() < deadline,
+            "never refused: {}",
+            gw.log_tail(20)
+        );
+        match client.simple_query(wide).await {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(sqlstate(&refused), "53100", "{refused:?}");
+    let message = refused.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("recording failed"), "{message}");
+
+    // While it fails: refused, visibly, and the refused statement never ran.
+    let e = client
+        .simple_query("SELECT set_config('portcullis.ran', 'yes', false)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "53100", "{e:?}");
+    let status = gw.cli(&["status"]).unwrap();
+    let status = text(&status);
+    assert!(status.contains("recording: failing"), "{status}");
+    let metrics_refused = status.contains("refused");
+    assert!(metrics_refused, "{status}");
+
+    // Space returns: service resumes, on the same session.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ran = loop {
+        match client
+            .simple_query("SELECT current_setting('portcullis.ran', true)")
+            .await
+        {
+            Ok(m) => break m,
+            Err(e) => {
+                assert_eq!(sqlstate(&e), "53100", "{e:?}");
+                assert!(Instant::now() < deadline, "service never resumed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let value = ran.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+        _ => None,
+    });
+    assert_ne!(
+        value.flatten().as_deref(),
+        Some("yes"),
+        "a refused statement ran"
+    );
+    let status = text(&gw.cli(&["status"]).unwrap());
+    assert!(status.contains("recording: ok"), "{status}");
+}
+
+fn approvals_pending(gw: &Gateway, needle: &str) -> Option<u64> {
+    let out = gw.cli(&["approvals", "--json"]).unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    list.iter()
+        .find(|r| r["status"] == "pending" && r["sql"].as_str().is_some_and(|s| s.contains(needle)))
+        .and_then(|r| r["id"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_mode_records_an_approved_statement_with_its_approver() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let body = format!(
+        "{}\n[recording]\nstrict = true\n",
+        testkit::single_target_toml(listen, &pg.url(), &pw_file),
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen, body)
+            .arg("--policy")
+            .arg("default"),
+    )
+    .expect("start gateway");
+    let client = std::sync::Arc::new(connect(&gw).await);
+    // Strict: allowed statements run once their request is on disk, simple and extended.
+    client.simple_query("SELECT 1").await.expect("simple");
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let insert = "INSERT INTO people (id, note) VALUES (3, 'approved')";
+    let held = {
+        let c = client.clone();
+        tokio::spawn(async move { c.simple_query(insert).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        if let Some(id) = approvals_pending(&gw, "INSERT INTO people") {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval request: {}",
+            gw.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = gw.cli(&["approve", &id.to_string()]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    held.await.unwrap().expect("the approved INSERT runs");
+    drop(client);
+
+    let entries = wait_for_end(&gw.state_dir.join("recordings"));
+    let s = stmt_of(&entries, RequestKind::Query, insert);
+    let verdicts: Vec<_> = of_statement(&entries, s)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Verdict(v) => Some(v.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert_eq!(verdicts[0].action, Action::Hold);
+    assert_eq!(verdicts[0].approval_id, Some(id));
+    assert_eq!(verdicts[0].rule.as_deref(), Some("writes"));
+    assert_eq!(verdicts[1].action, Action::Approved);
+    assert_eq!(verdicts[1].approval_id, Some(id));
+    assert!(
+        verdicts[1]
+            .approver
+            .as_deref()
+            .is_some_and(|a| !a.is_empty()),
+        "{verdicts:?}"
+    );
+    assert!(verdicts[1].decided_at_us.is_some());
+    assert!(
+        of_statement(&entries, s)
+            .iter()
+            .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
+    );
+    let (code, out) = verify(&gw.state_dir);
+    assert_eq!(code, 0, "verify: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_killed_mid_session_leaves_a_log_that_verifies_after_restart() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let shared = dir.path().join("kept");
+    let config = |listen| {
+        format!(
+            "{}\n[recording]\ndir = \"{}\"\nkey_file = \"{}\"\n",
+            testkit::single_target_toml(listen, &pg.url(), &pw_file),
+            shared.join("recordings").display(),
+            shared.join("keys/recording.key").display()
+        )
+    };
+    let start = |listen: std::net::SocketAddr| {
+        Gateway::start(
+            GatewayOptions::with_config(listen, config(listen))
+                .arg("--policy")
+                .arg("default"),
+        )
+        .expect("start gateway")
+    };
+    let listen = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let gw = start(listen);
+    let client = connect(&gw).await;
+    let streaming = tokio::spawn(async move {
+        loop {
+            let r = client
+                .simple_query(
+                    "SELECT repeat(md5(random()::text), 20) FROM generate_series(1, 5000)",
+                )
+                .await;
+            if r.is_err() {
+                return;
+            }
+        }
+    });
+    // Kill it while results stream and the recorder writes.
+    let rec_dir = shared.join("recordings");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let on_disk = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    while on_disk(&rec_dir) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing recorded: {}",
+            gw.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.signal(9);
+    let _ = tokio::time::timeout(Duration::from_secs(10), streaming).await;
+    drop(gw);
+
+    let gw = start(listen);
+    let client = connect(&gw).await;
+    client
+        .simple_query("SELECT 'after the crash'")
+        .await
+        .expect("query after restart");
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let entries = export(&rec_dir);
+        if entries.iter().any(
+            |e| matches!(&e.record, Record::Request(r) if r.text == "SELECT 'after the crash'"),
+        ) && entries
+            .iter()
+            .any(|e| matches!(e.record, Record::SessionEnd { .. }))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted gateway records");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pubkey = shared.join("keys/recording.key.pub");
+    let out = recordings(&rec_dir, &["verify", "--pubkey", pubkey.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify after a crash: {}",
+        text(&out)
+    );
+}
