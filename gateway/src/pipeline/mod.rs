@@ -16,11 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use compio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::daemon::Shared;
 use crate::forward::conn::Stream;
-use crate::identify::Identity;
+use crate::forward::upstream::Login;
+use crate::identify::{self, Identity, SessionIdentity};
+use crate::idp::UpstreamRole;
 use crate::metrics::{NewSession, SessionState};
 use crate::protocol::Protocol;
 use crate::protocol::postgres::session::Session;
@@ -47,7 +49,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         .map_or_else(Protocol::default, |t| t.config.protocol);
 
     // Frame: the client's startup, in its protocol.
-    let Some(startup) = postgres::client_startup(&client, shared, identity.client_addr).await?
+    let Some(mut startup) = postgres::client_startup(&client, shared, identity.client_addr).await?
     else {
         return Ok(());
     };
@@ -56,20 +58,40 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         postgres::refuse(&client, "08004", &why).await;
         anyhow::bail!("no route for {}", identity.original_dst);
     };
+
+    // Identify: who the IdP says the session is, where the target asks, and so the upstream
+    // login or role it gets.
+    let who = match &target.identity {
+        Some(idp) => {
+            match identify_session(&client, &mut startup, &identity, &idp.service, shared).await {
+                Ok(who) => who,
+                Err(e) => {
+                    warn!(client = %identity.client_addr, target = %target.config.name, check = e.check(), "identity refused: {e}");
+                    postgres::refuse(&client, e.sqlstate(), &e.to_string()).await;
+                    anyhow::bail!("identity refused: {e}");
+                }
+            }
+        }
+        None => None,
+    };
+    let login = upstream_login(&target, who.as_ref());
     let guard = shared.registry.open(NewSession {
         client_addr: identity.client_addr,
         original_dst: identity.original_dst,
         target: target.config.name.clone(),
-        upstream_user: target.config.upstream.user.clone(),
+        upstream_user: login.user.to_owned(),
         database: target.config.upstream.database.clone(),
         peer: identity.peer.clone(),
     });
     let info = guard.info.clone();
+    if let Some(who) = &who {
+        info.set_identity(who.verified.clone());
+    }
     let _active = ActiveSession::open(&target);
 
     // Forward: the upstream leg, then the client's startup answer.
     let (server, _cancel_key) =
-        postgres::open_upstream(&client, &target, &startup, shared, &info).await?;
+        postgres::open_upstream(&client, &target, login, &startup, shared, &info).await?;
     let server = Rc::new(server);
     info.set_state(SessionState::Idle);
     info!(
@@ -78,6 +100,8 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         original_dst = %identity.original_dst,
         target = %target.config.name,
         agent = identity.peer.agent.as_deref().unwrap_or("-"),
+        subject = who.as_ref().map_or("-", |w| w.verified.subject.as_str()),
+        upstream_user = login.user,
         tls = server.is_tls(),
         "session started"
     );
@@ -94,12 +118,15 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         &masker,
         &target.config.name,
         &up.database,
-        &up.user,
+        login.set_role.unwrap_or(login.user),
         info.id,
     )
     .await;
     let filter = MaskFilter::new(masker, lineage.clone());
-    let gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
+    let mut gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
+    if let Some(who) = who.clone() {
+        gate = gate.with_identity(who, info.clone());
+    }
 
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
@@ -124,6 +151,45 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     count_session(&target, &core.borrow(), info.id);
     postgres::report_end(&client, &end, &target, &info).await;
     Ok(())
+}
+
+/// The session's identity, from its agent's token file or the token it sends as its password
+/// (asked for only where the client leg may carry one).
+async fn identify_session(
+    client: &Stream,
+    startup: &mut postgres::Startup,
+    identity: &Identity,
+    service: &crate::idp::IdentityService,
+    shared: &Shared,
+) -> Result<Option<SessionIdentity>, crate::idp::IdentityError> {
+    let config = shared.config();
+    let agent = identity.peer.agent.as_deref();
+    let leg_ok = identify::leg_may_carry_password(identity.client_addr, client.is_tls());
+    let presented = if identify::token_file(&config.agents, agent).is_none() && leg_ok {
+        let pending = &mut startup.pending;
+        Some(postgres::ask_password(client, pending, config.startup_timeout).await?)
+    } else {
+        None
+    };
+    identify::at_connect(service, &config.agents, agent, presented, leg_ok).await
+}
+
+/// Who the gateway logs in as upstream: the target's own login, or the identity's mapped role.
+fn upstream_login<'a>(target: &'a Target, who: Option<&'a SessionIdentity>) -> Login<'a> {
+    let mut login = Login::of(target);
+    match who.map(|w| &w.role) {
+        None | Some(UpstreamRole::TargetLogin) => {}
+        Some(UpstreamRole::SetRole(role)) => login.set_role = Some(role),
+        Some(UpstreamRole::Login { user, .. }) => {
+            login.user = user;
+            login.password = target
+                .identity
+                .as_ref()
+                .and_then(|i| i.role_passwords.get(user))
+                .map(|s| s.expose());
+        }
+    }
+    login
 }
 
 /// Adds a finished session's traffic to its target's counters and logs it.

@@ -213,6 +213,22 @@ pub fn encode_auth_ok(out: &mut Vec<u8>) {
     finish(at, out);
 }
 
+/// Appends AuthenticationCleartextPassword ('R', code 3): the gateway asks for a token as the
+/// password.
+pub fn encode_auth_cleartext_password(out: &mut Vec<u8>) {
+    let at = begin(b'R', out);
+    out.extend_from_slice(&3i32.to_be_bytes());
+    finish(at, out);
+}
+
+/// Parses a cleartext PasswordMessage ('p') body into the password, without its NUL.
+pub fn parse_password(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    let mut r = Reader::new(body, "password message");
+    let password = r.cstr_bytes()?;
+    r.finish()?;
+    Ok(password)
+}
+
 /// Appends ParameterStatus ('S').
 pub fn encode_parameter_status(name: &str, value: &str, out: &mut Vec<u8>) {
     let at = begin(b'S', out);
