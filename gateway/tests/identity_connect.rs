@@ -149,7 +149,11 @@ leeway = "1s"
 
     fn sessions(&self) -> (Vec<Value>, String) {
         let out = self.gw.cli(&["sessions", "--json"]).expect("sessions");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         (serde_json::from_str(&text).expect("sessions --json"), text)
     }
@@ -181,7 +185,10 @@ fn psql_at(bindir: &Path, listen: &str, token: &str, sql: &str) -> (String, Stri
     )
 }
 
-async fn connect(listen: &str, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn connect(
+    listen: &str,
+    token: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (host, port) = listen.split_once(':').unwrap();
     let (client, conn) = tokio_postgres::Config::new()
         .host(host)
@@ -229,11 +236,19 @@ async fn a_token_as_the_password_binds_the_session_to_its_subject() {
         .unwrap_or_else(|| panic!("no session for alice: {text}"));
     assert_eq!(s["groups"], json!(["analysts"]));
     assert_eq!(s["target"], "main");
-    assert!(s["token_expires_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{s}");
+    assert!(
+        s["token_expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{s}"
+    );
     assert!(s["token_jti"].as_str().is_some(), "{s}");
     let table = env.gw.cli(&["sessions"]).unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.contains("alice") && table.contains("SUBJECT"), "{table}");
+    assert!(
+        table.contains("alice") && table.contains("SUBJECT"),
+        "{table}"
+    );
     for (what, out) in [("sessions --json", &text), ("sessions", &table)] {
         assert!(!out.contains(&alice), "{what} shows the token");
     }
@@ -243,14 +258,20 @@ async fn a_token_as_the_password_binds_the_session_to_its_subject() {
     let log = env.gw.log();
     assert!(log.contains("alice"), "the log names the subject");
     assert!(!log.contains(&alice), "the gateway log holds the token");
-    assert!(!log.contains(env.idp.client_secret()), "the gateway log holds the client secret");
+    assert!(
+        !log.contains(env.idp.client_secret()),
+        "the gateway log holds the client secret"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_and_subjects_decide_and_map_the_upstream_role() {
     let env = Env::start(None);
     let dba = env.idp.mint("dora", &["dba"], "portcullis").unwrap();
-    let contractor = env.idp.mint("carl", &["contractors"], "portcullis").unwrap();
+    let contractor = env
+        .idp
+        .mint("carl", &["contractors"], "portcullis")
+        .unwrap();
     let mallory = env.idp.mint("mallory", &["dba"], "portcullis").unwrap();
     let nobody = env.idp.mint("nina", &["sales"], "portcullis").unwrap();
     let write = "INSERT INTO orders VALUES (2, 'paid')";
@@ -271,14 +292,27 @@ async fn groups_and_subjects_decide_and_map_the_upstream_role() {
     assert!(err.contains("contractors-read-only"), "{err}");
 
     // The agent cannot leave the role the gateway set.
-    for escape in ["SET ROLE app", "RESET ROLE", "SET SESSION AUTHORIZATION app"] {
-        let (out, err, ok) = env.psql(
+    for escape in [
+        "SET ROLE app",
+        "SET LOCAL ROLE app",
+        "RESET ROLE",
+        "reset  role",
+        "SET SESSION AUTHORIZATION app",
+        "RESET SESSION AUTHORIZATION",
+        "SELECT set_config('role', 'app', false)",
+        "DISCARD ALL",
+        "RESET ALL",
+    ] {
+        let (out, _, ok) = env.psql(
             &env.main,
             &contractor,
             &format!("{escape}; SELECT current_user"),
         );
-        assert!(!ok, "{escape} went through: {out}");
-        assert!(err.contains("42501") || err.contains("blocked"), "{escape}: {err}");
+        // Refused, or harmless: the session is still the mapped role.
+        assert!(
+            !ok || out.lines().last() == Some("reader"),
+            "{escape} left the role: {out}"
+        );
     }
 
     // A subject rule fires whatever the groups.
@@ -289,7 +323,10 @@ async fn groups_and_subjects_decide_and_map_the_upstream_role() {
     // No mapping for the identity's groups, and no default role: refused at connect.
     let (_, err, ok) = env.psql(&env.main, &nobody, "SELECT 1");
     assert!(!ok);
-    assert!(err.contains("no upstream role is mapped") && err.contains("nina"), "{err}");
+    assert!(
+        err.contains("no upstream role is mapped") && err.contains("nina"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +341,10 @@ async fn bad_tokens_and_missing_tokens_are_refused_saying_which_check_failed() {
     let (_, err, ok) = env.psql(&env.direct, &alice("pg-main"), "SELECT 1");
     assert!(!ok);
     assert!(err.contains("28P01") || err.contains("audience"), "{err}");
-    assert!(err.contains("audience does not contain \"pg-direct\""), "{err}");
+    assert!(
+        err.contains("audience does not contain \"pg-direct\""),
+        "{err}"
+    );
 
     let none = env
         .idp
@@ -315,7 +355,9 @@ async fn bad_tokens_and_missing_tokens_are_refused_saying_which_check_failed() {
     assert!(err.contains("algorithm"), "{err}");
     let hs = env
         .idp
-        .mint_with(json!({"alg": "HS256-public-key", "claims": {"sub": "alice", "aud": "pg-direct"}}))
+        .mint_with(
+            json!({"alg": "HS256-public-key", "claims": {"sub": "alice", "aud": "pg-direct"}}),
+        )
         .unwrap();
     let (_, err, ok) = env.psql(&env.direct, &hs, "SELECT 1");
     assert!(!ok);
@@ -363,7 +405,10 @@ async fn the_token_s_expiry_bounds_the_session() {
     tokio::time::sleep(Duration::from_millis(4500)).await;
     let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "reader");
-    assert!(exchanges(&env.idp) > before, "the expired identity was renewed at the IdP");
+    assert!(
+        exchanges(&env.idp) > before,
+        "the expired identity was renewed at the IdP"
+    );
     let renewed = env.sessions().0[0]["token_jti"].clone();
     assert_ne!(first, renewed, "sessions shows the renewed token");
 
@@ -375,8 +420,14 @@ async fn the_token_s_expiry_bounds_the_session() {
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     let (code, message) = db_error(&e);
     assert_eq!(code, "28000", "{message}");
-    assert!(message.contains("expired") && message.contains("revoked"), "{message}");
-    assert!(c.simple_query("SELECT 1").await.is_err(), "the session ended");
+    assert!(
+        message.contains("expired") && message.contains("revoked"),
+        "{message}"
+    );
+    assert!(
+        c.simple_query("SELECT 1").await.is_err(),
+        "the session ended"
+    );
     assert!(env.sessions().0.is_empty(), "no session left");
 }
 
