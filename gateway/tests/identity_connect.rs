@@ -4,7 +4,7 @@
 //! loopback; the session is bound to who it names: policy by group and subject, the upstream
 //! role it maps to, its expiry, and what operators see.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -43,7 +43,9 @@ struct Env {
     main: String,
     /// Listener of target `direct` (validate mode, no roles).
     direct: String,
-    _dir: tempfile::TempDir,
+    /// `[redirect]` pin path and agent root, when started with [`Env::redirected`].
+    redirect: Option<(PathBuf, PathBuf)>,
+    dir: tempfile::TempDir,
 }
 
 fn policy_with_who_rules() -> String {
@@ -56,6 +58,25 @@ fn policy_with_who_rules() -> String {
 
 impl Env {
     fn start(exchange_ttl: Option<u64>) -> Env {
+        Env::start_with(exchange_ttl, |_, _| String::new(), None)
+    }
+
+    /// With the eBPF redirect on (root), and `[[agent]]` tables from `agents(dir, idp)`.
+    fn redirected(tag: &str, agents: impl FnOnce(&Path, &Idp) -> String) -> Env {
+        let mount = portcullis::redirect::find_cgroup2_mount().expect("cgroup2 mount");
+        let unique = format!("portcullis-identity-{tag}-{}", std::process::id());
+        let redirect = (
+            PathBuf::from("/sys/fs/bpf").join(&unique),
+            mount.join(&unique),
+        );
+        Env::start_with(None, agents, Some(redirect))
+    }
+
+    fn start_with(
+        exchange_ttl: Option<u64>,
+        agents: impl FnOnce(&Path, &Idp) -> String,
+        redirect: Option<(PathBuf, PathBuf)>,
+    ) -> Env {
         let pg = Postgres::start().expect("start PostgreSQL");
         pg.superuser_sql(
             "CREATE ROLE reader NOLOGIN; GRANT reader TO app; \
@@ -78,8 +99,19 @@ impl Env {
         std::fs::write(&policy, policy_with_who_rules()).unwrap();
         let main = format!("127.0.0.1:{}", free_port());
         let direct = format!("127.0.0.1:{}", free_port());
+        let mut extra = agents(dir.path(), &idp);
+        if let Some((pin, root)) = &redirect {
+            extra.push_str(&format!(
+                "\n[redirect]\nenabled = true\nlisten = \"127.0.0.1:{}\"\npin_path = \"{}\"\n\
+                 agent_cgroup_root = \"{}\"\n",
+                free_port(),
+                pin.display(),
+                root.display()
+            ));
+        }
         let config = format!(
-            r#"[[listener]]
+            r#"{extra}
+[[listener]]
 listen = "{main}"
 target = "main"
 
@@ -113,6 +145,7 @@ set_role = "reader"
 name = "direct"
 upstream = "{url}"
 password_file = "{pw}"
+protect = ["192.0.2.1:5432"]
 
 [target.identity]
 issuer = "{issuer}"
@@ -138,8 +171,36 @@ leeway = "1s"
             gw,
             main,
             direct,
-            _dir: dir,
+            redirect,
+            dir,
         }
+    }
+
+    /// `portcullis run --agent AGENT -- psql ... -c SQL` against PostgreSQL's own address, with
+    /// `password` in PGPASSWORD: (stdout, stderr, success).
+    fn agent_psql(&self, agent: &str, password: &str, sql: &str) -> (String, String, bool) {
+        let (pin, root) = self.redirect.as_ref().expect("started with the redirect");
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=agent dbname=app sslmode=disable",
+            self.pg.port
+        );
+        let out = Command::new(testkit::portcullis_bin())
+            .args(["run", "--agent", agent, "--pin-path"])
+            .arg(pin)
+            .arg("--agent-root")
+            .arg(root)
+            .arg("--")
+            .arg(self.pg.bindir().join("psql"))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &dsn, "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "30")
+            .output()
+            .expect("portcullis run");
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        )
     }
 
     /// psql through `listen` with `token` as its password: (stdout, stderr, success).
@@ -164,6 +225,23 @@ leeway = "1s"
             self.gw.log_tail(40),
             self.idp.log()
         )
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some((pin, root)) = &self.redirect {
+            let _ = Command::new(testkit::portcullis_bin())
+                .arg("uninstall")
+                .arg("--pin-path")
+                .arg(pin)
+                .arg("--agent-root")
+                .arg(root)
+                .output();
+            let _ = std::fs::remove_dir_all(pin);
+            let _ = std::fs::write(root.join("cgroup.kill"), "1");
+            let _ = std::fs::remove_dir(root);
+        }
     }
 }
 
@@ -449,4 +527,69 @@ async fn with_the_idp_down_cached_identities_continue_and_new_ones_are_refused()
     env.idp.restart().unwrap();
     let (_, err, ok) = env.psql(&env.main, &bob, "SELECT 1");
     assert!(ok, "the gateway recovers with the IdP: {err}");
+}
+
+#[test]
+fn an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect() {
+    if testkit::skip_unless_root(
+        "an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect",
+    ) {
+        return;
+    }
+    let env = Env::redirected("file", |dir, idp| {
+        let claude = idp
+            .mint("claude-agent", &["analysts"], "portcullis")
+            .unwrap();
+        let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
+        format!(
+            "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
+            file.display()
+        )
+    });
+    let file = env.dir.path().join("claude.jwt");
+    let first = std::fs::read_to_string(&file).unwrap();
+    let codex = env.idp.mint("codex-agent", &["dba"], "portcullis").unwrap();
+
+    // The agent's driver is unchanged: it dials PostgreSQL, and its token file says who it is.
+    // The password it carries (another agent's token) is never asked for.
+    let (out, err, ok) = env.agent_psql("claude", &codex, "SELECT current_user");
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(
+        out, "reader",
+        "claude's own identity (analysts), not codex's (dba)"
+    );
+    assert!(
+        env.gw.log().contains("subject=\"claude-agent\""),
+        "{}",
+        env.context()
+    );
+
+    // Rotated by its workload-identity helper: the next connect reads the new token.
+    let rotated = env
+        .idp
+        .mint("claude-agent", &["dba"], "portcullis")
+        .unwrap();
+    testkit::write_secret(env.dir.path(), "claude.jwt", &rotated).unwrap();
+    let (out, err, ok) = env.agent_psql("claude", "", "SELECT current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "dba_login");
+
+    // An agent without a token file presents its token as the password, over loopback.
+    let (out, err, ok) = env.agent_psql("codex", &codex, "SELECT current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "dba_login");
+
+    // The file removed: refused, naming the file, never waved through as the target's login.
+    std::fs::remove_file(&file).unwrap();
+    let (out, err, ok) = env.agent_psql("claude", &codex, "SELECT current_user");
+    assert!(!ok, "connected without a token file: {out}");
+    assert!(
+        err.contains("claude.jwt") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let log = env.gw.log();
+    for t in [&first, &rotated, &codex] {
+        assert!(!log.contains(t.trim()), "a token is in the gateway log");
+    }
 }
