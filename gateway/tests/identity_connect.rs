@@ -45,6 +45,7 @@ struct Env {
     direct: String,
     /// `[redirect]` pin path and agent root, when started with [`Env::redirected`].
     redirect: Option<(PathBuf, PathBuf)>,
+    metrics: String,
     dir: tempfile::TempDir,
 }
 
@@ -109,8 +110,12 @@ impl Env {
                 root.display()
             ));
         }
+        let metrics = format!("127.0.0.1:{}", free_port());
         let config = format!(
             r#"{extra}
+[metrics]
+listen = "{metrics}"
+
 [[listener]]
 listen = "{main}"
 target = "main"
@@ -172,8 +177,21 @@ leeway = "1s"
             main,
             direct,
             redirect,
+            metrics,
             dir,
         }
+    }
+
+    /// The value of one series on /metrics, e.g. `portcullis_identity_exchanges_total{target="main"}`.
+    fn metric(&self, series: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", self.metrics).unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     }
 
     /// `portcullis run --agent AGENT -- psql ... -c SQL` against PostgreSQL's own address, with
@@ -527,6 +545,18 @@ async fn with_the_idp_down_cached_identities_continue_and_new_ones_are_refused()
     env.idp.restart().unwrap();
     let (_, err, ok) = env.psql(&env.main, &bob, "SELECT 1");
     assert!(ok, "the gateway recovers with the IdP: {err}");
+
+    // Counted: two exchanges, alice's cached reconnect, bob's refusal by reason.
+    let m = |series: &str| env.metric(series).unwrap_or(0.0);
+    assert_eq!(
+        m("portcullis_identity_exchanges_total{target=\"main\"}"),
+        2.0
+    );
+    assert!(m("portcullis_identity_cache_hits_total{target=\"main\"}") >= 1.0);
+    assert_eq!(
+        m("portcullis_identity_failures_total{target=\"main\",reason=\"idp_unreachable\"}"),
+        1.0
+    );
 }
 
 #[test]
