@@ -623,3 +623,41 @@ fn an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect() {
         assert!(!log.contains(t.trim()), "a token is in the gateway log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_s_write_waits_for_a_human_and_then_runs_as_the_mapped_role() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let c = connect(&env.main, &alice)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", env.context()));
+    let write = tokio::spawn(async move {
+        c.simple_query("UPDATE orders SET state = 'held' WHERE id = 1")
+            .await
+    });
+    let mut id = None;
+    for _ in 0..300 {
+        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(r) = list
+            .iter()
+            .find(|r| r["status"] == "pending" && r["rule"] == "writes")
+        {
+            id = r["id"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = id.unwrap_or_else(|| panic!("no pending approval\n{}", env.context()));
+    let out = env.gw.cli(&["approve", &id.to_string()]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Approved by a human, the write still runs as `reader`, which may only read.
+    let e = write.await.unwrap().unwrap_err();
+    let (code, message) = db_error(&e);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("orders"), "{message}");
+}
