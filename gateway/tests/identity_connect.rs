@@ -390,6 +390,7 @@ async fn groups_and_subjects_decide_and_map_the_upstream_role() {
     // The agent cannot leave the role the gateway set.
     for escape in [
         "SET ROLE app",
+        "SET ROLE NONE",
         "SET LOCAL ROLE app",
         "RESET ROLE",
         "reset  role",
@@ -410,6 +411,16 @@ async fn groups_and_subjects_decide_and_map_the_upstream_role() {
             "{escape} left the role: {out}"
         );
     }
+    // Alone (DISCARD ALL cannot run in the implicit transaction of a multi-statement query), and
+    // under a policy that allows it: the gateway refuses it by itself.
+    let c = connect(&env.main, &contractor).await.unwrap();
+    for reset in ["DISCARD ALL", "RESET ROLE", "SET ROLE NONE"] {
+        let e = c.simple_query(reset).await.unwrap_err();
+        let (_, message) = db_error(&e);
+        assert!(message.contains("identity-role"), "{reset}: {message}");
+    }
+    let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "reader");
 
     // A subject rule fires whatever the groups.
     let (_, err, ok) = env.psql(&env.main, &mallory, "SELECT 1");

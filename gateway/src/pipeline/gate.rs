@@ -15,7 +15,7 @@ use crate::identify::{PendingIdentity, SessionIdentity};
 use crate::idp::{IdentityError, VerifiedIdentity};
 use crate::metrics::SessionInfo;
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
-use crate::policy::{Action, ClassifyCache, Identity, Policy, TargetRef, Verdict};
+use crate::policy::{Action, ClassifyCache, Identity, Policy, Risk, TargetRef, Verdict};
 use crate::protocol::core::{Blocked, Disposition, Gate, Request};
 use crate::route::Target;
 
@@ -203,6 +203,31 @@ impl PolicyGate {
         Ok(())
     }
 
+    /// Where the gateway chose the upstream role for the session's identity, the agent may not
+    /// change or undo it, whatever the policy says.
+    fn role_escape(&self, verdict: &Verdict) -> Option<Disposition> {
+        let identity = self.identity.as_ref()?;
+        if identity.role == crate::idp::UpstreamRole::TargetLogin {
+            return None;
+        }
+        let changes_role = [
+            Risk::SetRole,
+            Risk::SetSessionAuthorization,
+            Risk::ResetRole,
+        ];
+        let risks = verdict.class.risks();
+        if !changes_role.iter().any(|r| risks.contains(*r)) {
+            return None;
+        }
+        warn!(session = self.session, subject = %identity.verified.subject, "statement blocked: it changes the role mapped for the identity");
+        Some(Disposition::Block(Blocked {
+            rule: "identity-role".into(),
+            reason: "the session's upstream role is mapped from its identity and cannot be \
+                     changed or reset"
+                .into(),
+        }))
+    }
+
     /// Holds the request while the session's identity is renewed, once its token has expired:
     /// the next statement after expiry re-reads the token source.
     fn renewal_due(&mut self, request: &Request<'_>) -> Option<Disposition> {
@@ -279,6 +304,9 @@ impl PolicyGate {
     /// What a verdict means for this request: allow, block, or hold for an operator (then
     /// [`PolicyGate::held`] says what to wait for).
     pub fn act(&mut self, request: &Request<'_>, verdict: Verdict) -> Disposition {
+        if let Some(blocked) = self.role_escape(&verdict) {
+            return blocked;
+        }
         crate::service::metrics::verdict(&self.target, &verdict.rule, verdict.action);
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
             let would = if shadow == Action::Block {
