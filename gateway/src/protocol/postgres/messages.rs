@@ -534,6 +534,18 @@ mod tests {
     }
 
     #[test]
+    fn the_password_request_and_its_answer() {
+        let mut out = Vec::new();
+        encode_auth_cleartext_password(&mut out);
+        assert_eq!(out, [b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+        let mut msg = Vec::new();
+        encode_password(b"eyJ.token.sig", &mut msg);
+        assert_eq!(parse_password(&msg[5..]).unwrap(), b"eyJ.token.sig");
+        assert!(parse_password(b"no-nul").is_err());
+        assert!(parse_password(b"a\0trailing").is_err());
+    }
+
+    #[test]
     fn data_row_values_and_nulls_with_every_length_checked() {
         let mut body = 3i16.to_be_bytes().to_vec();
         body.extend_from_slice(&2i32.to_be_bytes());
