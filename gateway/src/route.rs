@@ -59,8 +59,8 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("config", &self.config)
             .field("password", &self.password)
-            .field("tls", &self.tls.is_some())
             .field("identity", &self.identity.is_some())
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -49,7 +49,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         .map_or_else(Protocol::default, |t| t.config.protocol);
 
     // Frame: the client's startup, in its protocol.
-    let Some(mut startup) = postgres::client_startup(&client, shared, identity.client_addr).await?
+    let Some(startup) = postgres::client_startup(&client, shared, identity.client_addr).await?
     else {
         return Ok(());
     };
@@ -61,6 +61,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     // Identify: who the IdP says the session is, where the target asks, and so the upstream
     // login or role it gets.
+    let mut startup = startup;
     let who = match &target.identity {
         Some(idp) => {
             match identify_session(&client, &mut startup, &identity, &idp.service, shared).await {
@@ -98,10 +99,10 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         session = info.id,
         client = %identity.client_addr,
         original_dst = %identity.original_dst,
-        target = %target.config.name,
-        agent = identity.peer.agent.as_deref().unwrap_or("-"),
         subject = who.as_ref().map_or("-", |w| w.verified.subject.as_str()),
         upstream_user = login.user,
+        target = %target.config.name,
+        agent = identity.peer.agent.as_deref().unwrap_or("-"),
         tls = server.is_tls(),
         "session started"
     );
