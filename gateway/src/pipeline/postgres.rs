@@ -60,64 +60,6 @@ pub async fn refuse(client: &Stream, code: &str, message: &str) {
     let _ = client.write_all(out).await;
 }
 
-/// Asks the client for its token as a cleartext password (AuthenticationCleartextPassword) and
-/// reads its PasswordMessage within `limit`. The caller decides the leg may carry one. Bytes the
-/// client sent after it stay in `pending`; the password's own bytes are wiped.
-pub async fn ask_password(
-    client: &Stream,
-    pending: &mut Vec<u8>,
-    limit: std::time::Duration,
-) -> Result<Token, IdentityError> {
-    use crate::protocol::postgres::frame::{Next, next_frame};
-    let missing = |why: String| IdentityError::TokenMissing(why);
-    let mut out = Vec::with_capacity(9);
-    messages::encode_auth_cleartext_password(&mut out);
-    if client.write_all(out).await.0.is_err() {
-        return Err(missing("the client left before sending a token".into()));
-    }
-    let deadline = std::time::Instant::now() + limit;
-    let mut buf = zeroize::Zeroizing::new(std::mem::take(pending));
-    loop {
-        let len = match next_frame(&buf, MAX_TOKEN_BYTES + 64) {
-            Ok(Next::Frame(f)) if f.tag == b'p' => f.wire_len(),
-            Ok(Next::Frame(f)) => {
-                return Err(missing(format!(
-                    "the client answered the password request with message {:?}",
-                    f.tag as char
-                )));
-            }
-            Err(e) => return Err(missing(format!("the client's password message: {e}"))),
-            Ok(Next::NeedHeader | Next::Partial { .. }) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                let read = compio::time::timeout(left, client.read(std::mem::take(&mut *buf)));
-                let Ok(BufResult(n, b)) = read.await else {
-                    return Err(missing(format!(
-                        "the client sent no password within {}",
-                        humantime::format_duration(limit)
-                    )));
-                };
-                *buf = b;
-                if !matches!(n, Ok(n) if n > 0) {
-                    return Err(missing(
-                        "the client closed the connection instead of sending a token as its \
-                         password"
-                            .into(),
-                    ));
-                }
-                continue;
-            }
-        };
-        let body = &buf[crate::protocol::postgres::frame::HEADER_LEN..len];
-        let token = match messages::parse_password(body).map(std::str::from_utf8) {
-            Ok(Ok(text)) => Ok(Token::new(text.to_owned())),
-            Ok(Err(_)) => Err(IdentityError::Malformed("the password is not UTF-8".into())),
-            Err(e) => Err(missing(format!("the client's password message: {e}"))),
-        };
-        *pending = buf[len..].to_vec();
-        return token;
-    }
-}
-
 /// Answers SSL/GSS probes and serves cancel requests until the StartupMessage arrives. `None`
 /// when the connection ended without one (closed, or it was a cancel request).
 pub async fn client_startup(
@@ -259,6 +201,64 @@ pub async fn open_upstream(
     }
     client.write_all(out).await.0?;
     Ok((up.stream, cancel_key))
+}
+
+/// Asks the client for its token as a cleartext password (AuthenticationCleartextPassword) and
+/// reads its PasswordMessage within `limit`. The caller decides the leg may carry one. Bytes the
+/// client sent after it stay in `pending`; the password's own bytes are wiped.
+pub async fn ask_password(
+    client: &Stream,
+    pending: &mut Vec<u8>,
+    limit: std::time::Duration,
+) -> Result<Token, IdentityError> {
+    use crate::protocol::postgres::frame::{Next, next_frame};
+    let missing = |why: String| IdentityError::TokenMissing(why);
+    let mut out = Vec::with_capacity(9);
+    messages::encode_auth_cleartext_password(&mut out);
+    if client.write_all(out).await.0.is_err() {
+        return Err(missing("the client left before sending a token".into()));
+    }
+    let deadline = std::time::Instant::now() + limit;
+    let mut buf = zeroize::Zeroizing::new(std::mem::take(pending));
+    loop {
+        let len = match next_frame(&buf, MAX_TOKEN_BYTES + 64) {
+            Ok(Next::Frame(f)) if f.tag == b'p' => f.wire_len(),
+            Ok(Next::Frame(f)) => {
+                return Err(missing(format!(
+                    "the client answered the password request with message {:?}",
+                    f.tag as char
+                )));
+            }
+            Err(e) => return Err(missing(format!("the client's password message: {e}"))),
+            Ok(Next::NeedHeader | Next::Partial { .. }) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let read = compio::time::timeout(left, client.read(std::mem::take(&mut *buf)));
+                let Ok(BufResult(n, b)) = read.await else {
+                    return Err(missing(format!(
+                        "the client sent no password within {}",
+                        humantime::format_duration(limit)
+                    )));
+                };
+                *buf = b;
+                if !matches!(n, Ok(n) if n > 0) {
+                    return Err(missing(
+                        "the client closed the connection instead of sending a token as its \
+                         password"
+                            .into(),
+                    ));
+                }
+                continue;
+            }
+        };
+        let body = &buf[crate::protocol::postgres::frame::HEADER_LEN..len];
+        let token = match messages::parse_password(body).map(std::str::from_utf8) {
+            Ok(Ok(text)) => Ok(Token::new(text.to_owned())),
+            Ok(Err(_)) => Err(IdentityError::Malformed("the password is not UTF-8".into())),
+            Err(e) => Err(missing(format!("the client's password message: {e}"))),
+        };
+        *pending = buf[len..].to_vec();
+        return token;
+    }
 }
 
 /// Tells the client why the session ended, when it ended on the gateway's or the server's side.
