@@ -147,9 +147,10 @@ pub async fn client_startup(
     }
 }
 
-/// Connects and authenticates upstream as `login`, then answers the client's startup
+/// Connects and authenticates upstream as the target's user, then answers the client's startup
 /// with the gateway's own cancel key and the server's parameters. Returns the upstream stream and
-/// the cancel key, which serves cancel requests for as long as it is kept.
+/// the cancel key, which serves cancel requests for as long as it is kept. The user is `login`'s:
+/// the target's own, or the one mapped from the session's identity.
 pub async fn open_upstream(
     client: &Stream,
     target: &Arc<Target>,
