@@ -165,3 +165,48 @@ impl SessionIdentity {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_may_come_as_a_password_only_over_loopback_or_tls() {
+        let addr = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(leg_may_carry_password(addr("127.0.0.1:5000"), false));
+        assert!(leg_may_carry_password(addr("[::1]:5000"), false));
+        assert!(leg_may_carry_password(
+            addr("[::ffff:127.0.0.1]:5000"),
+            false
+        ));
+        assert!(!leg_may_carry_password(addr("192.0.2.7:5000"), false));
+        assert!(leg_may_carry_password(addr("192.0.2.7:5000"), true));
+    }
+
+    #[test]
+    fn no_token_file_and_a_leg_that_may_not_carry_one_is_refused_without_asking() {
+        let cfg = toml::from_str(
+            "issuer = \"http://127.0.0.1:9\"\naudience = \"pg\"\nmode = \"validate\"\n",
+        )
+        .unwrap();
+        let service = IdentityService::start(cfg).unwrap();
+        let agents = [AgentConfig {
+            name: "claude".into(),
+            token_file: "/run/claude.jwt".into(),
+        }];
+        let refused = at_connect(&service, &agents, Some("codex"), None, false);
+        let e = poll_once(refused).err().unwrap();
+        assert_eq!(e.sqlstate(), "28000");
+        assert!(e.to_string().contains("neither loopback nor TLS"), "{e}");
+    }
+
+    /// Polls once: the refusal comes before anything that would need a runtime.
+    fn poll_once<F: Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        let waker = std::task::Waker::noop();
+        match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("at_connect waited instead of refusing"),
+        }
+    }
+}
