@@ -77,9 +77,20 @@ pub struct SessionInfo {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     state: AtomicU8,
+    /// Who the IdP says the session is (targets with `[target.identity]`); replaced on renewal.
+    identity: Mutex<Option<Arc<crate::idp::VerifiedIdentity>>>,
 }
 
 impl SessionInfo {
+    pub fn set_identity(&self, id: Arc<crate::idp::VerifiedIdentity>) {
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+    }
+    pub fn identity(&self) -> Option<Arc<crate::idp::VerifiedIdentity>> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
     pub fn set_state(&self, s: SessionState) {
         self.state.store(s as u8, Relaxed);
     }
@@ -108,6 +119,18 @@ pub struct SessionSnapshot {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub state: SessionState,
+    /// The verified token's subject, groups, actor chain and expiry (RFC 3339, UTC); never the
+    /// token.
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub actors: Vec<String>,
+    #[serde(default)]
+    pub token_expires_at: Option<String>,
+    #[serde(default)]
+    pub token_jti: Option<String>,
 }
 
 /// New-session details the accept path knows.
@@ -159,6 +182,7 @@ impl Registry {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             state: AtomicU8::new(SessionState::Startup as u8),
+            identity: Mutex::new(None),
         });
         self.sessions
             .lock()
@@ -181,7 +205,8 @@ impl Registry {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = map
             .values()
-            .map(|s| SessionSnapshot {
+            .map(|s| (s, s.identity()))
+            .map(|(s, who)| SessionSnapshot {
                 id: s.id,
                 client_addr: s.client_addr.to_string(),
                 original_dst: s.original_dst.to_string(),
@@ -199,6 +224,13 @@ impl Registry {
                 bytes_in: s.bytes_in.load(Relaxed),
                 bytes_out: s.bytes_out.load(Relaxed),
                 state: s.state(),
+                subject: who.as_ref().map(|w| w.subject.clone()),
+                groups: who.as_ref().map(|w| w.groups.clone()).unwrap_or_default(),
+                actors: who.as_ref().map(|w| w.actors.clone()).unwrap_or_default(),
+                token_expires_at: who
+                    .as_ref()
+                    .map(|w| humantime::format_rfc3339_seconds(w.expires_at).to_string()),
+                token_jti: who.as_ref().and_then(|w| w.jti.clone()),
             })
             .collect();
         v.sort_by_key(|s| s.id);

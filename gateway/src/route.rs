@@ -24,6 +24,37 @@ pub struct Target {
     /// The agent's leg; `None`: SSLRequest is answered 'N'.
     pub local_tls: Option<LocalTls>,
     pub counters: Arc<TargetCounters>,
+    /// `[target.identity]`: the IdP this target checks sessions against; `None`: no identity.
+    pub identity: Option<TargetIdp>,
+}
+
+/// A target's identity service and the passwords of its `[[target.role]]` logins, loaded with
+/// the target's own credential (never read on the data path).
+pub struct TargetIdp {
+    pub service: crate::idp::IdentityService,
+    pub role_passwords: HashMap<String, Secret>,
+}
+
+impl TargetIdp {
+    fn start(t: &TargetConfig) -> anyhow::Result<Option<TargetIdp>> {
+        let Some(cfg) = &t.identity else {
+            return Ok(None);
+        };
+        let mut role_passwords = HashMap::new();
+        for role in &cfg.roles {
+            if let (Some(user), Some(file)) = (&role.user, &role.password_file) {
+                let secret = crate::secret::SecretSource::File(file.clone())
+                    .load()?
+                    .context("a role login needs a password")?;
+                role_passwords.insert(user.clone(), secret);
+            }
+        }
+        let service = crate::idp::IdentityService::start(cfg.clone())?;
+        Ok(Some(TargetIdp {
+            service,
+            role_passwords,
+        }))
+    }
 }
 
 impl std::fmt::Debug for Target {
@@ -31,6 +62,7 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("config", &self.config)
             .field("password", &self.password)
+            .field("identity", &self.identity.is_some())
             .field("tls", &self.tls.is_some())
             .field("local_tls", &self.local_tls)
             .finish_non_exhaustive()
@@ -74,12 +106,15 @@ impl Routes {
                      the path can collect it"
                 );
             }
+            let identity =
+                TargetIdp::start(t).with_context(|| format!("target {:?}: identity", t.name))?;
             let target = Arc::new(Target {
                 config: t.clone(),
                 password,
                 tls,
                 local_tls,
                 counters: registry.target(&t.name),
+                identity,
             });
             targets.insert(t.name.clone(), target);
         }

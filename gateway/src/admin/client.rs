@@ -123,6 +123,13 @@ pub fn sessions(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     let sessions: Vec<SessionSnapshot> = serde_json::from_value(data)?;
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(",")
+        }
+    };
     let rows: Vec<Vec<String>> = sessions
         .iter()
         .map(|s| {
@@ -133,6 +140,10 @@ pub fn sessions(socket: &Path, json: bool) -> anyhow::Result<()> {
                 s.target.clone(),
                 s.upstream_user.clone(),
                 opt(&s.agent),
+                opt(&s.subject),
+                list(&s.groups),
+                list(&s.actors),
+                opt(&s.token_expires_at),
                 s.pid.map_or("-".into(), |p| p.to_string()),
                 s.started_at.clone(),
                 format!("{}/{}", s.messages_in, s.messages_out),
@@ -154,6 +165,10 @@ pub fn sessions(socket: &Path, json: bool) -> anyhow::Result<()> {
                 "TARGET",
                 "USER",
                 "AGENT",
+                "SUBJECT",
+                "GROUPS",
+                "ACTOR",
+                "TOKEN EXPIRES",
                 "PID",
                 "STARTED",
                 "MSGS IN/OUT",

@@ -159,10 +159,32 @@ fn password_channel(target: &Target, stream: &Stream) -> PasswordChannel {
     }
 }
 
-/// Connects and authenticates. `params` are the client's session parameters worth passing on
+/// Who the gateway logs in as upstream: the target's own user and credential, or what the
+/// session's identity maps to (`[[target.role]]`), and the role it then sets.
+#[derive(Clone, Copy)]
+pub struct Login<'a> {
+    pub user: &'a str,
+    pub password: Option<&'a [u8]>,
+    /// `SET ROLE` to this after authenticating, before the client sees the session.
+    pub set_role: Option<&'a str>,
+}
+
+impl<'a> Login<'a> {
+    /// The target's configured user and credential.
+    pub fn of(target: &'a Target) -> Login<'a> {
+        Login {
+            user: &target.config.upstream.user,
+            password: target.password.as_ref().map(|s| s.expose()),
+            set_role: None,
+        }
+    }
+}
+
+/// Connects and authenticates as `login`. `params` are the client's session parameters worth passing on
 /// (application_name, client_encoding, ...); `minor` is the protocol minor version to ask for.
 pub async fn connect(
     target: &Target,
+    login: Login<'_>,
     params: &[(&str, &str)],
     minor: u16,
     max_message: usize,
@@ -170,7 +192,8 @@ pub async fn connect(
     let timeout = target.config.connect_timeout;
     let up = &target.config.upstream;
     let addr = format!("{}:{}", up.host, up.port);
-    match compio::time::timeout(timeout, connect_inner(target, params, minor, max_message)).await {
+    let connecting = connect_inner(target, login, params, minor, max_message);
+    match compio::time::timeout(timeout, connecting).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Timeout { addr, timeout }),
     }
@@ -178,6 +201,7 @@ pub async fn connect(
 
 async fn connect_inner(
     target: &Target,
+    login: Login<'_>,
     params: &[(&str, &str)],
     minor: u16,
     max_message: usize,
@@ -190,7 +214,7 @@ async fn connect_inner(
     };
     let stream = open(target).await?;
 
-    let mut all: Vec<(&str, &str)> = vec![("user", &up.user), ("database", &up.database)];
+    let mut all: Vec<(&str, &str)> = vec![("user", login.user), ("database", &up.database)];
     // The policy classifier reads SQL as UTF-8 with standard-conforming strings; the session must
     // too, whatever the agent asked for.
     all.push(("client_encoding", "UTF8"));
@@ -204,12 +228,8 @@ async fn connect_inner(
             .map_or(ChannelBinding::None, ChannelBinding::TlsServerEndPoint),
         None => ChannelBinding::None,
     };
-    let mut auth = UpstreamAuth::new(
-        &up.user,
-        target.password.as_ref().map(|s| s.expose()),
-        binding,
-    )
-    .on_channel(password_channel(target, &stream));
+    let mut auth = UpstreamAuth::new(login.user, login.password, binding)
+        .on_channel(password_channel(target, &stream));
     let mut buf = Vec::with_capacity(8192);
     let mut hello = UpstreamHello::default();
     let mut authenticated = false;
@@ -260,6 +280,10 @@ async fn connect_inner(
                         return Err(UpstreamError::Protocol(
                             "data after the first ReadyForQuery".into(),
                         ));
+                    }
+                    if let Some(role) = login.set_role {
+                        let sql = crate::idp::set_role_sql(role);
+                        side_query(&stream, &sql, max_message).await?;
                     }
                     let (relay, backend_pid, backend_key) = hello.finish();
                     return Ok(Upstream {

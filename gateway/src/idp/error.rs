@@ -56,6 +56,9 @@ pub enum IdentityError {
     },
     #[error("identity: the identity service has stopped")]
     Stopped,
+    /// A renewal in the middle of a session named someone else or another upstream role.
+    #[error("identity: {0}")]
+    Changed(String),
 }
 
 impl IdentityError {
@@ -87,7 +90,8 @@ impl IdentityError {
             | NoJwks(_)
             | Config(_)
             | NoRoleMapping { .. }
-            | Stopped => SQLSTATE_REFUSED,
+            | Stopped
+            | Changed(_) => SQLSTATE_REFUSED,
         }
     }
 
@@ -116,6 +120,7 @@ impl IdentityError {
             Config(_) => "config",
             NoRoleMapping { .. } => "no_role",
             Stopped => "stopped",
+            Changed(_) => "identity_changed",
         }
     }
 }

@@ -4,14 +4,18 @@
 use std::cell::RefCell;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use futures_channel::oneshot;
 use tracing::{info, warn};
 
 use super::lineage::{self, Lineage};
 use crate::daemon::Shared;
+use crate::identify::{PendingIdentity, SessionIdentity};
+use crate::idp::{IdentityError, VerifiedIdentity};
+use crate::metrics::SessionInfo;
 use crate::policy::approval::{Decision, NewApproval, PendingDecision};
-use crate::policy::{Action, ClassifyCache, Identity, Policy, TargetRef, Verdict};
+use crate::policy::{Action, ClassifyCache, Identity, Policy, Risk, TargetRef, Verdict};
 use crate::protocol::core::{Blocked, Disposition, Gate, Request};
 use crate::route::Target;
 
@@ -40,23 +44,45 @@ pub enum Held {
         verdict: oneshot::Receiver<Verdict>,
         request: OwnedRequest,
     },
+    /// The session's token expired: a fresh identity from its token source, before the request
+    /// is decided (then with [`PolicyGate::renewed`] and [`Gate::check`] again).
+    Renewing {
+        identity: PendingIdentity,
+        request: OwnedRequest,
+    },
 }
 
-/// A Query or Parse kept whole while its verdict is computed elsewhere.
+/// A request kept whole while something is computed elsewhere.
 pub struct OwnedRequest {
     sql: Arc<str>,
     /// The prepared statement's name, for a Parse.
     statement: Option<String>,
+    /// The function's OID, for a fast-path FunctionCall.
+    function: Option<u32>,
 }
 
 impl OwnedRequest {
+    fn of(request: &Request<'_>) -> OwnedRequest {
+        let (sql, statement, function) = match *request {
+            Request::Query(sql) => (sql, None, None),
+            Request::Parse { statement, sql } => (sql, Some(statement.to_owned()), None),
+            Request::FunctionCall { oid } => ("", None, Some(oid)),
+        };
+        OwnedRequest {
+            sql: Arc::from(sql),
+            statement,
+            function,
+        }
+    }
+
     pub fn as_request(&self) -> Request<'_> {
-        match &self.statement {
-            Some(statement) => Request::Parse {
+        match (&self.statement, self.function) {
+            (_, Some(oid)) => Request::FunctionCall { oid },
+            (Some(statement), None) => Request::Parse {
                 statement,
                 sql: &self.sql,
             },
-            None => Request::Query(&self.sql),
+            (None, None) => Request::Query(&self.sql),
         }
     }
 }
@@ -65,6 +91,7 @@ impl OwnedRequest {
 struct ClassifyJob {
     policy: Arc<Policy>,
     agent: Option<String>,
+    who: Option<Arc<VerifiedIdentity>>,
     target: String,
     database: String,
     sql: Arc<str>,
@@ -90,11 +117,7 @@ fn classifier() -> &'static SyncSender<ClassifyJob> {
                         },
                         None => Request::Query(&job.sql),
                     };
-                    let id = Identity {
-                        agent: job.agent.as_deref(),
-                        groups: &[],
-                        ..Identity::default()
-                    };
+                    let id = policy_identity(job.agent.as_deref(), job.who.as_deref());
                     let target = TargetRef {
                         name: &job.target,
                         database: &job.database,
@@ -125,6 +148,19 @@ pub struct PolicyGate {
     /// The session's column lineage, shared with its result filter; `None` when the session
     /// masks nothing.
     pub lineage: Option<Lineage>,
+    /// Who the IdP says the session is; rules select on its subject, groups and actors.
+    pub identity: Option<SessionIdentity>,
+    pub info: Option<Arc<SessionInfo>>,
+}
+
+/// The policy's view of a session: its agent and, when verified, its subject, groups and actors.
+fn policy_identity<'a>(agent: Option<&'a str>, who: Option<&'a VerifiedIdentity>) -> Identity<'a> {
+    Identity {
+        agent,
+        groups: who.map_or(&[], |w| &w.groups),
+        subject: who.map(|w| w.subject.as_str()),
+        actors: who.map_or(&[], |w| &w.actors),
+    }
 }
 
 impl PolicyGate {
@@ -145,7 +181,69 @@ impl PolicyGate {
             database: target.config.upstream.database.clone(),
             held: None,
             last_rule: None,
+            identity: None,
+            info: None,
         }
+    }
+
+    /// Decides by the session's verified identity, and renews it in `info` when it expires.
+    pub fn with_identity(mut self, identity: SessionIdentity, info: Arc<SessionInfo>) -> Self {
+        self.identity = Some(identity);
+        self.info = Some(info);
+        self
+    }
+
+    /// Takes the identity renewed after its token expired; an error ends the session.
+    pub fn renewed(&mut self, fresh: Arc<VerifiedIdentity>) -> Result<(), IdentityError> {
+        let Some(identity) = &mut self.identity else {
+            return Ok(());
+        };
+        identity.renewed(fresh.clone())?;
+        info!(session = self.session, subject = %fresh.subject, token_sha256 = %fresh.token_hash, "identity renewed");
+        if let Some(info) = &self.info {
+            info.set_identity(fresh);
+        }
+        Ok(())
+    }
+
+    /// Where the gateway chose the upstream role for the session's identity, the agent may not
+    /// change or undo it, whatever the policy says.
+    fn role_escape(&self, verdict: &Verdict) -> Option<Disposition> {
+        let identity = self.identity.as_ref()?;
+        if identity.role == crate::idp::UpstreamRole::TargetLogin {
+            return None;
+        }
+        let changes_role = [
+            Risk::SetRole,
+            Risk::SetSessionAuthorization,
+            Risk::ResetRole,
+        ];
+        let risks = verdict.class.risks();
+        if !changes_role.iter().any(|r| risks.contains(*r)) {
+            return None;
+        }
+        warn!(session = self.session, subject = %identity.verified.subject, "statement blocked: it changes the role mapped for the identity");
+        Some(Disposition::Block(Blocked {
+            rule: "identity-role".into(),
+            reason: "the session's upstream role is mapped from its identity and cannot be \
+                     changed or reset"
+                .into(),
+            sqlstate: None,
+        }))
+    }
+
+    /// Holds the request while the session's identity is renewed, once its token has expired:
+    /// the next statement after expiry re-reads the token source.
+    fn renewal_due(&mut self, request: &Request<'_>) -> Option<Disposition> {
+        let identity = self.identity.as_ref()?;
+        if SystemTime::now() < identity.verified.expires_at {
+            return None;
+        }
+        self.held = Some(Held::Renewing {
+            identity: crate::identify::verify(&identity.service, &identity.tokens),
+            request: OwnedRequest::of(request),
+        });
+        Some(Disposition::Hold)
     }
 
     /// What the operator's decision means for the held statement.
@@ -175,6 +273,7 @@ impl PolicyGate {
         let job = ClassifyJob {
             policy,
             agent: self.agent.clone(),
+            who: self.identity.as_ref().map(|i| i.verified.clone()),
             target: self.target.clone(),
             database: self.database.clone(),
             sql: sql.clone(),
@@ -185,7 +284,11 @@ impl PolicyGate {
             Ok(()) => {
                 self.held = Some(Held::Classifying {
                     verdict,
-                    request: OwnedRequest { sql, statement },
+                    request: OwnedRequest {
+                        sql,
+                        statement,
+                        function: None,
+                    },
                 });
                 return Disposition::Hold;
             }
@@ -207,6 +310,9 @@ impl PolicyGate {
     /// What a verdict means for this request: allow, block, or hold for an operator (then
     /// [`PolicyGate::held`] says what to wait for).
     pub fn act(&mut self, request: &Request<'_>, verdict: Verdict) -> Disposition {
+        if let Some(blocked) = self.role_escape(&verdict) {
+            return blocked;
+        }
         crate::service::metrics::verdict(&self.target, &verdict.rule, verdict.action);
         self.last_rule = Some(verdict.rule.clone());
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
@@ -302,17 +408,17 @@ impl PolicyGate {
 
 impl Gate for PolicyGate {
     fn check(&mut self, request: &Request<'_>) -> Disposition {
+        if let Some(renewing) = self.renewal_due(request) {
+            return renewing;
+        }
         let policy = self.shared.policy();
         if let Some(sql) = request.sql()
             && sql.len() > INLINE_CLASSIFY_MAX
         {
             return self.classify_elsewhere(policy, request);
         }
-        let id = Identity {
-            agent: self.agent.as_deref(),
-            groups: &[],
-            ..Identity::default()
-        };
+        let who = self.identity.as_ref().map(|i| &*i.verified);
+        let id = policy_identity(self.agent.as_deref(), who);
         let target = TargetRef {
             name: &self.target,
             database: &self.database,

@@ -17,11 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use compio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::daemon::Shared;
 use crate::forward::conn::Stream;
-use crate::identify::Identity;
+use crate::forward::upstream::Login;
+use crate::identify::{self, Identity, SessionIdentity};
+use crate::idp::UpstreamRole;
 use crate::metrics::{NewSession, SessionState};
 use crate::protocol::Protocol;
 use crate::protocol::postgres::session::Session;
@@ -65,20 +67,47 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         postgres::refuse(&client, "08004", &why).await;
         anyhow::bail!("no route for {}", identity.original_dst);
     };
+
+    // Identify: who the IdP says the session is, where the target asks, and so the upstream
+    // login or role it gets.
+    let mut startup = startup;
+    let who = match &target.identity {
+        Some(idp) => {
+            match identify_session(&client, &mut startup, &identity, &idp.service, shared).await {
+                Ok(who) => who,
+                Err(e) => {
+                    warn!(client = %identity.client_addr, target = %target.config.name, check = e.check(), "identity refused: {e}");
+                    postgres::refuse(&client, e.sqlstate(), &e.to_string()).await;
+                    anyhow::bail!("identity refused: {e}");
+                }
+            }
+        }
+        None => None,
+    };
+    let login = upstream_login(&target, who.as_ref());
     let guard = shared.registry.open(NewSession {
         client_addr: identity.client_addr,
         original_dst: identity.original_dst,
         target: target.config.name.clone(),
-        upstream_user: target.config.upstream.user.clone(),
+        upstream_user: login.user.to_owned(),
         database: target.config.upstream.database.clone(),
         peer: identity.peer.clone(),
     });
     let info = guard.info.clone();
+    if let Some(who) = &who {
+        info.set_identity(who.verified.clone());
+    }
     let _active = ActiveSession::open(&target);
 
     // Record: the session's recording begins before anything reaches the server, and a
     // session that cannot be recorded does not start.
-    let recording = match record::begin(shared, &identity, &target) {
+    let recording = match record::begin(
+        shared,
+        &identity,
+        who.as_ref().map(|w| &*w.verified),
+        &target,
+        login.set_role.unwrap_or(login.user),
+    ) {
         Ok(r) => r,
         Err(e) => {
             postgres::refuse(&client, e.sqlstate(), &e.to_string()).await;
@@ -88,7 +117,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     // Forward: the upstream leg, then the client's startup answer.
     let (server, _cancel_key) =
-        match postgres::open_upstream(&client, &target, &startup, shared, &info).await {
+        match postgres::open_upstream(&client, &target, login, &startup, shared, &info).await {
             Ok(up) => up,
             Err(e) => {
                 recording.borrow_mut().end("upstream connection failed");
@@ -101,6 +130,8 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         session = info.id,
         client = %identity.client_addr,
         original_dst = %identity.original_dst,
+        subject = who.as_ref().map_or("-", |w| w.verified.subject.as_str()),
+        upstream_user = login.user,
         target = %target.config.name,
         agent = identity.peer.agent.as_deref().unwrap_or("-"),
         client_tls = client.is_tls(),
@@ -121,12 +152,15 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         &masker,
         &target.config.name,
         &up.database,
-        &up.user,
+        login.set_role.unwrap_or(login.user),
         info.id,
     )
     .await;
     let filter = MaskFilter::new(masker, lineage.clone());
-    let gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
+    let mut gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
+    if let Some(who) = who.clone() {
+        gate = gate.with_identity(who, info.clone());
+    }
     let gate = record::RecordGate::new(gate, recording.clone());
     let tap = record::ResponseTap::new(recording.clone());
 
@@ -154,6 +188,45 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     count_session(&target, &core.borrow(), info.id);
     postgres::report_end(&client, &end, &target, &info).await;
     Ok(())
+}
+
+/// The session's identity, from its agent's token file or the token it sends as its password
+/// (asked for only where the client leg may carry one).
+async fn identify_session(
+    client: &Stream,
+    startup: &mut postgres::Startup,
+    identity: &Identity,
+    service: &crate::idp::IdentityService,
+    shared: &Shared,
+) -> Result<Option<SessionIdentity>, crate::idp::IdentityError> {
+    let config = shared.config();
+    let agent = identity.peer.agent.as_deref();
+    let leg_ok = identify::leg_may_carry_password(identity.client_addr, client.is_tls());
+    let presented = if identify::token_file(&config.agents, agent).is_none() && leg_ok {
+        let pending = &mut startup.pending;
+        Some(postgres::ask_password(client, pending, config.startup_timeout).await?)
+    } else {
+        None
+    };
+    identify::at_connect(service, &config.agents, agent, presented, leg_ok).await
+}
+
+/// Who the gateway logs in as upstream: the target's own login, or the identity's mapped role.
+fn upstream_login<'a>(target: &'a Target, who: Option<&'a SessionIdentity>) -> Login<'a> {
+    let mut login = Login::of(target);
+    match who.map(|w| &w.role) {
+        None | Some(UpstreamRole::TargetLogin) => {}
+        Some(UpstreamRole::SetRole(role)) => login.set_role = Some(role),
+        Some(UpstreamRole::Login { user, .. }) => {
+            login.user = user;
+            login.password = target
+                .identity
+                .as_ref()
+                .and_then(|i| i.role_passwords.get(user))
+                .map(|s| s.expose());
+        }
+    }
+    login
 }
 
 /// Adds a finished session's traffic to its target's counters and logs it.

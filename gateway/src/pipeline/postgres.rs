@@ -25,6 +25,8 @@ use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{self, Stream, TlsStream};
 use crate::forward::local_tls::{ALPN_POSTGRESQL, LocalTls};
 use crate::forward::upstream;
+use crate::idp::token::MAX_TOKEN_BYTES;
+use crate::idp::{IdentityError, Token};
 use crate::metrics::{SessionInfo, SessionState};
 use crate::policy::approval::Decision;
 use crate::protocol::postgres::session::{
@@ -231,10 +233,12 @@ async fn accept_tls(
 
 /// Connects and authenticates upstream as the target's user, then answers the client's startup
 /// with the gateway's own cancel key and the server's parameters. Returns the upstream stream and
-/// the cancel key, which serves cancel requests for as long as it is kept.
+/// the cancel key, which serves cancel requests for as long as it is kept. The user is `login`'s:
+/// the target's own, or the one mapped from the session's identity.
 pub async fn open_upstream(
     client: &Stream,
     target: &Arc<Target>,
+    login: upstream::Login<'_>,
     startup: &Startup,
     shared: &Shared,
     info: &SessionInfo,
@@ -245,7 +249,8 @@ pub async fn open_upstream(
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let connecting = std::time::Instant::now();
-    let up = match upstream::connect(target, &params, startup.minor, shared.max_message()).await {
+    let connected = upstream::connect(target, login, &params, startup.minor, shared.max_message());
+    let up = match connected.await {
         Ok(u) => {
             crate::service::metrics::connected(&target.config.name, connecting.elapsed());
             u
@@ -281,6 +286,64 @@ pub async fn open_upstream(
     }
     client.write_all(out).await.0?;
     Ok((up.stream, cancel_key))
+}
+
+/// Asks the client for its token as a cleartext password (AuthenticationCleartextPassword) and
+/// reads its PasswordMessage within `limit`. The caller decides the leg may carry one. Bytes the
+/// client sent after it stay in `pending`; the password's own bytes are wiped.
+pub async fn ask_password(
+    client: &Stream,
+    pending: &mut Vec<u8>,
+    limit: std::time::Duration,
+) -> Result<Token, IdentityError> {
+    use crate::protocol::postgres::frame::{Next, next_frame};
+    let missing = |why: String| IdentityError::TokenMissing(why);
+    let mut out = Vec::with_capacity(9);
+    messages::encode_auth_cleartext_password(&mut out);
+    if client.write_all(out).await.0.is_err() {
+        return Err(missing("the client left before sending a token".into()));
+    }
+    let deadline = std::time::Instant::now() + limit;
+    let mut buf = zeroize::Zeroizing::new(std::mem::take(pending));
+    loop {
+        let len = match next_frame(&buf, MAX_TOKEN_BYTES + 64) {
+            Ok(Next::Frame(f)) if f.tag == b'p' => f.wire_len(),
+            Ok(Next::Frame(f)) => {
+                return Err(missing(format!(
+                    "the client answered the password request with message {:?}",
+                    f.tag as char
+                )));
+            }
+            Err(e) => return Err(missing(format!("the client's password message: {e}"))),
+            Ok(Next::NeedHeader | Next::Partial { .. }) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let read = compio::time::timeout(left, client.read(std::mem::take(&mut *buf)));
+                let Ok(BufResult(n, b)) = read.await else {
+                    return Err(missing(format!(
+                        "the client sent no password within {}",
+                        humantime::format_duration(limit)
+                    )));
+                };
+                *buf = b;
+                if !matches!(n, Ok(n) if n > 0) {
+                    return Err(missing(
+                        "the client closed the connection instead of sending a token as its \
+                         password"
+                            .into(),
+                    ));
+                }
+                continue;
+            }
+        };
+        let body = &buf[crate::protocol::postgres::frame::HEADER_LEN..len];
+        let token = match messages::parse_password(body).map(std::str::from_utf8) {
+            Ok(Ok(text)) => Ok(Token::new(text.to_owned())),
+            Ok(Err(_)) => Err(IdentityError::Malformed("the password is not UTF-8".into())),
+            Err(e) => Err(missing(format!("the client's password message: {e}"))),
+        };
+        *pending = buf[len..].to_vec();
+        return token;
+    }
 }
 
 /// Tells the client why the session ended, when it ended on the gateway's or the server's side.
@@ -320,6 +383,11 @@ pub async fn report_end(
         Err(PumpError::Io(e)) => {
             target.counters.errors.fetch_add(1, Relaxed);
             tracing::debug!(session = info.id, "I/O: {e}");
+        }
+        Err(PumpError::Identity(e)) => {
+            warn!(session = info.id, check = e.check(), "session ended: {e}");
+            let message = format!("the session's token expired and was not renewed: {e}");
+            refuse(client, crate::idp::SQLSTATE_REFUSED, &message).await;
         }
     }
 }
@@ -404,6 +472,7 @@ pub fn end_reason(end: &Result<End, PumpError>) -> String {
         Ok(End::ServerClosed { .. }) => "server closed the connection".into(),
         Err(PumpError::Protocol(e)) => format!("protocol error: {e}"),
         Err(PumpError::Io(e)) => format!("I/O error: {e}"),
+        Err(PumpError::Identity(e)) => format!("identity: {e}"),
     }
 }
 
@@ -413,6 +482,9 @@ pub enum PumpError {
     Protocol(#[from] SessionError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The session's token expired and no fresh identity could be had: the session ends.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// Writes one call's output: input ranges straight from the read buffer, the rest from scratch.
@@ -566,6 +638,14 @@ async fn hold(
                         sqlstate: None,
                     }),
                 };
+                if d != Disposition::Hold {
+                    break d;
+                }
+            }
+            Some(Held::Renewing { identity, request }) => {
+                let fresh = unless_client_leaves(client, identity).await??;
+                gate.renewed(fresh)?;
+                let d = crate::protocol::core::Gate::check(gate, &request.as_request());
                 if d != Disposition::Hold {
                     break d;
                 }

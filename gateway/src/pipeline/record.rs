@@ -19,6 +19,7 @@ use tracing::warn;
 use super::gate::{Held, PolicyGate};
 use crate::daemon::Shared;
 use crate::identify::Identity;
+use crate::idp::VerifiedIdentity;
 use crate::mask::Masker;
 use crate::protocol::core::{Blocked, Disposition, Gate, Output, Request, Seg};
 use crate::protocol::postgres::session::MAX_NAMED;
@@ -49,20 +50,25 @@ pub fn refusal(e: &RecordError) -> Disposition {
 pub fn begin(
     shared: &Arc<Shared>,
     identity: &Identity,
+    who: Option<&VerifiedIdentity>,
     target: &Target,
+    upstream_user: &str,
 ) -> Result<Rc<RefCell<SessionRecord>>, RecordError> {
-    let up = &target.config.upstream;
     let peer = &identity.peer;
+    // The IdP's claims and a hash of the token, never the token itself.
     let rec = shared.recorder.begin(SessionStart {
         agent: peer.agent.clone(),
         pid: peer.pid,
         exe: peer.exe.clone(),
         cgroup: peer.cgroup.clone(),
+        subject: who.map(|w| w.subject.clone()),
+        groups: who.map(|w| w.groups.clone()).unwrap_or_default(),
+        actor: who.and_then(|w| w.actors.first().cloned()),
+        token_sha256: who.map(|w| w.token_hash.clone()),
         client_addr: Some(identity.client_addr.to_string()),
         target: target.config.name.clone(),
-        database: up.database.clone(),
-        upstream_user: up.user.clone(),
-        ..SessionStart::default()
+        database: target.config.upstream.database.clone(),
+        upstream_user: upstream_user.to_owned(),
     })?;
     let cfg = shared.config();
     Ok(Rc::new(RefCell::new(SessionRecord {

@@ -223,8 +223,69 @@ impl Collector for Live {
                 )?;
             }
         }
-        Ok(())
+        drop(shown);
+        encode_identity(&self.shared, &mut encoder)
     }
+}
+
+/// The identity services' counters, per target with `[target.identity]` (they restart from zero
+/// when a reload rebuilds the service).
+fn encode_identity(
+    shared: &Shared,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let routes = shared.routes();
+    let stats: Vec<_> = routes
+        .targets()
+        .iter()
+        .filter_map(|t| Some((t.config.name.as_str(), t.identity.as_ref()?.service.stats())))
+        .collect();
+    if stats.is_empty() {
+        return Ok(());
+    }
+    type Pick = fn(&crate::idp::Stats) -> u64;
+    let families: [(&str, &str, Pick); 3] = [
+        (
+            "portcullis_identity_exchanges",
+            "RFC 8693 exchanges the IdP answered with a token, per target.",
+            |s| s.exchanges,
+        ),
+        (
+            "portcullis_identity_cache_hits",
+            "Connections and renewals answered from the identity cache, per target.",
+            |s| s.cache_hits,
+        ),
+        (
+            "portcullis_identity_jwks_fetches",
+            "JWKS fetches from the IdP, per target.",
+            |s| s.jwks_fetches,
+        ),
+    ];
+    for (name, help, pick) in families {
+        let mut m = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (target, s) in &stats {
+            ConstCounter::new(pick(s)).encode(m.encode_family(&[("target", *target)])?)?;
+        }
+    }
+    let mut m = encoder.encode_descriptor(
+        "portcullis_identity_failures",
+        "Identities refused, per target and failed check (token_missing, expired, audience, \
+         idp_unreachable, ...).",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (target, s) in &stats {
+        for (reason, n) in &s.failures {
+            ConstCounter::new(*n)
+                .encode(m.encode_family(&[("target", *target), ("reason", *reason)])?)?;
+        }
+    }
+    Ok(())
 }
 
 fn registry(shared: Arc<Shared>) -> Registry {

@@ -42,7 +42,11 @@ pub(super) fn classify_by_keywords(frag: &[TokenWithSpan]) -> Option<StatementCl
         "SET" if w(1) == "ROLE" || (matches!(w(1), "SESSION" | "LOCAL") && w(2) == "ROLE") => {
             c("SET ROLE", Kind::Session, Some(Risk::SetRole))
         }
-        // RESET returns a setting to its session default: it cannot raise privileges.
+        // Back to the login's own role: refused where the gateway set one for the identity.
+        "RESET" if w(1) == "ROLE" || (w(1) == "SESSION" && w(2) == "AUTHORIZATION") => {
+            c("RESET ROLE", Kind::Session, Some(Risk::ResetRole))
+        }
+        // Any other RESET returns a setting to its session default: it cannot raise privileges.
         "RESET" => c("RESET", Kind::Session, None),
         "ALTER" if w(1) == "SYSTEM" => c("ALTER SYSTEM", Kind::Admin, Some(Risk::Alter)),
         "ALTER" if role_word(w(1)) || w(1) == "DEFAULT" => {

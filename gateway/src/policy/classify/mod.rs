@@ -126,10 +126,14 @@ pub enum Risk {
     Call,
     /// A FunctionCall protocol message (fast-path call by OID).
     FunctionCall,
+    /// `SET ROLE NONE`, `RESET ROLE`, `RESET SESSION AUTHORIZATION`, `DISCARD ALL`: back to the
+    /// login's own role. Harmless by itself; the gateway refuses it in sessions where it set a
+    /// role for the session's identity (`[[target.role]]`).
+    ResetRole,
 }
 
 impl Risk {
-    pub const ALL: [Risk; 17] = [
+    pub const ALL: [Risk; 18] = [
         Risk::Unparsable,
         Risk::DeleteWithoutWhere,
         Risk::UpdateWithoutWhere,
@@ -147,6 +151,7 @@ impl Risk {
         Risk::DoBlock,
         Risk::Call,
         Risk::FunctionCall,
+        Risk::ResetRole,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -168,6 +173,7 @@ impl Risk {
             Risk::DoBlock => "do_block",
             Risk::Call => "call",
             Risk::FunctionCall => "function_call",
+            Risk::ResetRole => "reset_role",
         }
     }
 }

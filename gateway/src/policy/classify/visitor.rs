@@ -224,9 +224,11 @@ impl StatementVisitor {
                 }
             }
             Set::SetRole { role_name, .. } => {
-                if role_name.is_some() {
-                    self.risk(Risk::SetRole);
-                }
+                self.risk(if role_name.is_some() {
+                    Risk::SetRole
+                } else {
+                    Risk::ResetRole
+                });
             }
             Set::SetNames { charset_name, .. } => {
                 if let Some(r) = setting_risk("client_encoding", Some(&charset_name.value)) {
@@ -323,7 +325,12 @@ impl StatementVisitor {
             S::Rollback { .. } => ("ROLLBACK", Kind::Session),
             S::Savepoint { .. } => ("SAVEPOINT", Kind::Session),
             S::ReleaseSavepoint { .. } => ("RELEASE", Kind::Session),
-            S::Discard { .. } => ("DISCARD", Kind::Session),
+            S::Discard { object_type } => {
+                if matches!(object_type, sqlparser::ast::DiscardObject::ALL) {
+                    self.risk(Risk::ResetRole);
+                }
+                ("DISCARD", Kind::Session)
+            }
             S::Deallocate { .. } => ("DEALLOCATE", Kind::Session),
             S::LISTEN { .. } => ("LISTEN", Kind::Session),
             S::UNLISTEN { .. } => ("UNLISTEN", Kind::Session),

@@ -213,6 +213,22 @@ pub fn encode_auth_ok(out: &mut Vec<u8>) {
     finish(at, out);
 }
 
+/// Appends AuthenticationCleartextPassword ('R', code 3): the gateway asks for a token as the
+/// password.
+pub fn encode_auth_cleartext_password(out: &mut Vec<u8>) {
+    let at = begin(b'R', out);
+    out.extend_from_slice(&3i32.to_be_bytes());
+    finish(at, out);
+}
+
+/// Parses a cleartext PasswordMessage ('p') body into the password, without its NUL.
+pub fn parse_password(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    let mut r = Reader::new(body, "password message");
+    let password = r.cstr_bytes()?;
+    r.finish()?;
+    Ok(password)
+}
+
 /// Appends ParameterStatus ('S').
 pub fn encode_parameter_status(name: &str, value: &str, out: &mut Vec<u8>) {
     let at = begin(b'S', out);
@@ -515,6 +531,18 @@ mod tests {
             "length field covers the rest of the message"
         );
         (msg[0], &msg[5..])
+    }
+
+    #[test]
+    fn the_password_request_and_its_answer() {
+        let mut out = Vec::new();
+        encode_auth_cleartext_password(&mut out);
+        assert_eq!(out, [b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+        let mut msg = Vec::new();
+        encode_password(b"eyJ.token.sig", &mut msg);
+        assert_eq!(parse_password(&msg[5..]).unwrap(), b"eyJ.token.sig");
+        assert!(parse_password(b"no-nul").is_err());
+        assert!(parse_password(b"a\0trailing").is_err());
     }
 
     #[test]

@@ -1,0 +1,674 @@
+//! Identity at connect, end to end: a real IdP (npm's oidc-provider, see testkit::idp), a real
+//! PostgreSQL, the real gateway with the shipped default policy (plus rules by group and
+//! subject), and real clients (psql, tokio-postgres). The token comes as the password over
+//! loopback; the session is bound to who it names: policy by group and subject, the upstream
+//! role it maps to, its expiry, and what operators see.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use testkit::idp::Idp;
+use testkit::{Gateway, GatewayOptions, Postgres, free_port};
+
+/// Rules by who the session is, ahead of the shipped default policy's own.
+const WHO_RULES: &str = r#"
+[[rules]]
+name = "no-mallory"
+subjects = ["mallory"]
+action = "block"
+reason = "mallory is suspended"
+
+[[rules]]
+name = "contractors-read-only"
+groups = ["contractors"]
+kinds = ["write"]
+action = "block"
+reason = "contractors may not write"
+
+[[rules]]
+name = "dba-writes"
+groups = ["dba"]
+kinds = ["write"]
+action = "allow"
+
+"#;
+
+struct Env {
+    pg: Postgres,
+    idp: Idp,
+    gw: Gateway,
+    /// Listener of target `main` (exchange mode, roles by group).
+    main: String,
+    /// Listener of target `direct` (validate mode, no roles).
+    direct: String,
+    /// `[redirect]` pin path and agent root, when started with [`Env::redirected`].
+    redirect: Option<(PathBuf, PathBuf)>,
+    metrics: String,
+    dir: tempfile::TempDir,
+}
+
+fn policy_with_who_rules() -> String {
+    let default = include_str!("../src/policy/builtin/default.toml");
+    let at = default
+        .find("[[rules]]\nname = \"no-ddl\"")
+        .expect("the default policy has its no-ddl rule");
+    format!("{}{WHO_RULES}{}", &default[..at], &default[at..])
+}
+
+impl Env {
+    fn start(exchange_ttl: Option<u64>) -> Env {
+        Env::start_with(exchange_ttl, |_, _| String::new(), None)
+    }
+
+    /// With the eBPF redirect on (root), and `[[agent]]` tables from `agents(dir, idp)`.
+    fn redirected(tag: &str, agents: impl FnOnce(&Path, &Idp) -> String) -> Env {
+        let mount = portcullis::redirect::find_cgroup2_mount().expect("cgroup2 mount");
+        let unique = format!("portcullis-identity-{tag}-{}", std::process::id());
+        let redirect = (
+            PathBuf::from("/sys/fs/bpf").join(&unique),
+            mount.join(&unique),
+        );
+        Env::start_with(None, agents, Some(redirect))
+    }
+
+    fn start_with(
+        exchange_ttl: Option<u64>,
+        agents: impl FnOnce(&Path, &Idp) -> String,
+        redirect: Option<(PathBuf, PathBuf)>,
+    ) -> Env {
+        let pg = Postgres::start().expect("start PostgreSQL");
+        pg.superuser_sql(
+            "CREATE ROLE reader NOLOGIN; GRANT reader TO app; \
+             CREATE ROLE dba_login LOGIN PASSWORD 'dba-login-pw'",
+        )
+        .unwrap();
+        pg.app_superuser_sql(
+            "CREATE TABLE orders (id int, state text); INSERT INTO orders VALUES (1, 'new'); \
+             GRANT SELECT ON orders TO reader; GRANT ALL ON orders TO dba_login",
+        )
+        .unwrap();
+        let idp = Idp::start().expect("start the test IdP (cargo xtask setup installs it)");
+        if let Some(ttl) = exchange_ttl {
+            idp.set_behaviour(json!({ "ttl": ttl })).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pw = pg.write_password_file(dir.path()).unwrap();
+        let dba_pw = testkit::write_secret(dir.path(), "dba.pw", "dba-login-pw").unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, policy_with_who_rules()).unwrap();
+        let main = format!("127.0.0.1:{}", free_port());
+        let direct = format!("127.0.0.1:{}", free_port());
+        let mut extra = agents(dir.path(), &idp);
+        if let Some((pin, root)) = &redirect {
+            extra.push_str(&format!(
+                "\n[redirect]\nenabled = true\nlisten = \"127.0.0.1:{}\"\npin_path = \"{}\"\n\
+                 agent_cgroup_root = \"{}\"\n",
+                free_port(),
+                pin.display(),
+                root.display()
+            ));
+        }
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let config = format!(
+            r#"{extra}
+[metrics]
+listen = "{metrics}"
+
+[[listener]]
+listen = "{main}"
+target = "main"
+
+[[listener]]
+listen = "{direct}"
+target = "direct"
+
+[[target]]
+name = "main"
+upstream = "{url}"
+password_file = "{pw}"
+
+[target.identity]
+issuer = "{issuer}"
+audience = "pg-main"
+client_id = "portcullis"
+client_secret_file = "{secret}"
+jwks_min_refresh = "0s"
+leeway = "1s"
+
+[[target.role]]
+groups = ["dba"]
+user = "dba_login"
+password_file = "{dba_pw}"
+
+[[target.role]]
+groups = ["analysts", "contractors"]
+set_role = "reader"
+
+[[target]]
+name = "direct"
+upstream = "{url}"
+password_file = "{pw}"
+protect = ["192.0.2.1:5432"]
+
+[target.identity]
+issuer = "{issuer}"
+audience = "pg-direct"
+mode = "validate"
+leeway = "1s"
+"#,
+            url = pg.url(),
+            pw = pw.display(),
+            issuer = idp.issuer(),
+            secret = idp.client_secret_file().display(),
+            dba_pw = dba_pw.display(),
+        );
+        let gw = Gateway::start(
+            GatewayOptions::with_config(main.parse().unwrap(), config)
+                .arg("--policy")
+                .arg(policy.display().to_string()),
+        )
+        .expect("start the gateway");
+        Env {
+            pg,
+            idp,
+            gw,
+            main,
+            direct,
+            redirect,
+            metrics,
+            dir,
+        }
+    }
+
+    /// The value of one series on /metrics, e.g. `portcullis_identity_exchanges_total{target="main"}`.
+    fn metric(&self, series: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", self.metrics).unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// `portcullis run --agent AGENT -- psql ... -c SQL` against PostgreSQL's own address, with
+    /// `password` in PGPASSWORD: (stdout, stderr, success).
+    fn agent_psql(&self, agent: &str, password: &str, sql: &str) -> (String, String, bool) {
+        let (pin, root) = self.redirect.as_ref().expect("started with the redirect");
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=agent dbname=app sslmode=disable",
+            self.pg.port
+        );
+        let out = Command::new(testkit::portcullis_bin())
+            .args(["run", "--agent", agent, "--pin-path"])
+            .arg(pin)
+            .arg("--agent-root")
+            .arg(root)
+            .arg("--")
+            .arg(self.pg.bindir().join("psql"))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &dsn, "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "30")
+            .output()
+            .expect("portcullis run");
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        )
+    }
+
+    /// psql through `listen` with `token` as its password: (stdout, stderr, success).
+    fn psql(&self, listen: &str, token: &str, sql: &str) -> (String, String, bool) {
+        psql_at(self.pg.bindir(), listen, token, sql)
+    }
+
+    fn sessions(&self) -> (Vec<Value>, String) {
+        let out = self.gw.cli(&["sessions", "--json"]).expect("sessions");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (serde_json::from_str(&text).expect("sessions --json"), text)
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "--- gateway log ---\n{}\n--- idp log ---\n{}",
+            self.gw.log_tail(40),
+            self.idp.log()
+        )
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some((pin, root)) = &self.redirect {
+            let _ = Command::new(testkit::portcullis_bin())
+                .arg("uninstall")
+                .arg("--pin-path")
+                .arg(pin)
+                .arg("--agent-root")
+                .arg(root)
+                .output();
+            let _ = std::fs::remove_dir_all(pin);
+            let _ = std::fs::write(root.join("cgroup.kill"), "1");
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+}
+
+fn psql_at(bindir: &Path, listen: &str, token: &str, sql: &str) -> (String, String, bool) {
+    let (host, port) = listen.split_once(':').unwrap();
+    let out = Command::new(bindir.join("psql"))
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .arg(format!(
+            "host={host} port={port} user=agent dbname=app sslmode=disable"
+        ))
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", "30")
+        .output()
+        .expect("run psql");
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+async fn connect(
+    listen: &str,
+    token: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (host, port) = listen.split_once(':').unwrap();
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port.parse().unwrap())
+        .user("agent")
+        .dbname("app")
+        .password(token)
+        .connect_timeout(Duration::from_secs(30))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// SQLSTATE and message of a refused connection or statement.
+fn db_error(e: &tokio_postgres::Error) -> (String, String) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    (db.code().code().to_owned(), db.message().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_as_the_password_binds_the_session_to_its_subject() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let c = connect(&env.main, &alice)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", env.context()));
+    let row = c
+        .query_one("SELECT current_user::text, session_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("reader".to_owned(), "app".to_owned()),
+        "analysts map to SET ROLE reader on the target's login"
+    );
+
+    // Operators see who, and never the token.
+    let (sessions, text) = env.sessions();
+    let s = sessions
+        .iter()
+        .find(|s| s["subject"] == "alice")
+        .unwrap_or_else(|| panic!("no session for alice: {text}"));
+    assert_eq!(s["groups"], json!(["analysts"]));
+    assert_eq!(s["target"], "main");
+    assert!(
+        s["token_expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{s}"
+    );
+    assert!(s["token_jti"].as_str().is_some(), "{s}");
+    let table = env.gw.cli(&["sessions"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("alice") && table.contains("SUBJECT"),
+        "{table}"
+    );
+    for (what, out) in [("sessions --json", &text), ("sessions", &table)] {
+        assert!(!out.contains(&alice), "{what} shows the token");
+    }
+    drop(c);
+    // The canary: neither the presented token nor the client secret in anything the gateway
+    // printed (at debug, where identities are logged by hash).
+    let log = env.gw.log();
+    assert!(log.contains("alice"), "the log names the subject");
+    assert!(!log.contains(&alice), "the gateway log holds the token");
+    assert!(
+        !log.contains(env.idp.client_secret()),
+        "the gateway log holds the client secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_subjects_decide_and_map_the_upstream_role() {
+    let env = Env::start(None);
+    let dba = env.idp.mint("dora", &["dba"], "portcullis").unwrap();
+    let contractor = env
+        .idp
+        .mint("carl", &["contractors"], "portcullis")
+        .unwrap();
+    let mallory = env.idp.mint("mallory", &["dba"], "portcullis").unwrap();
+    let nobody = env.idp.mint("nina", &["sales"], "portcullis").unwrap();
+    let write = "INSERT INTO orders VALUES (2, 'paid')";
+
+    // dba: its own upstream login, and writes allowed by group.
+    let (out, err, ok) = env.psql(&env.main, &dba, "SELECT current_user, session_user");
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(out, "dba_login|dba_login");
+    let (_, err, ok) = env.psql(&env.main, &dba, write);
+    assert!(ok, "dba writes: {err}");
+
+    // contractors: reads through SET ROLE reader; writes blocked by the group rule.
+    let (out, err, ok) = env.psql(&env.main, &contractor, "SELECT count(*) FROM orders");
+    assert!(ok, "{err}");
+    assert_eq!(out, "2");
+    let (_, err, ok) = env.psql(&env.main, &contractor, write);
+    assert!(!ok);
+    assert!(err.contains("contractors-read-only"), "{err}");
+
+    // The agent cannot leave the role the gateway set.
+    for escape in [
+        "SET ROLE app",
+        "SET ROLE NONE",
+        "SET LOCAL ROLE app",
+        "RESET ROLE",
+        "reset  role",
+        "SET SESSION AUTHORIZATION app",
+        "RESET SESSION AUTHORIZATION",
+        "SELECT set_config('role', 'app', false)",
+        "DISCARD ALL",
+        "RESET ALL",
+    ] {
+        let (out, _, ok) = env.psql(
+            &env.main,
+            &contractor,
+            &format!("{escape}; SELECT current_user"),
+        );
+        // Refused, or harmless: the session is still the mapped role.
+        assert!(
+            !ok || out.lines().last() == Some("reader"),
+            "{escape} left the role: {out}"
+        );
+    }
+    // Alone (DISCARD ALL cannot run in the implicit transaction of a multi-statement query), and
+    // under a policy that allows it: the gateway refuses it by itself.
+    let c = connect(&env.main, &contractor).await.unwrap();
+    for reset in ["DISCARD ALL", "RESET ROLE", "SET ROLE NONE"] {
+        let e = c.simple_query(reset).await.unwrap_err();
+        let (_, message) = db_error(&e);
+        assert!(message.contains("identity-role"), "{reset}: {message}");
+    }
+    let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "reader");
+
+    // A subject rule fires whatever the groups.
+    let (_, err, ok) = env.psql(&env.main, &mallory, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("no-mallory"), "{err}");
+
+    // No mapping for the identity's groups, and no default role: refused at connect.
+    let (_, err, ok) = env.psql(&env.main, &nobody, "SELECT 1");
+    assert!(!ok);
+    assert!(
+        err.contains("no upstream role is mapped") && err.contains("nina"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_missing_tokens_are_refused_saying_which_check_failed() {
+    let env = Env::start(None);
+    let alice = |aud: &str| env.idp.mint("alice", &["analysts"], aud).unwrap();
+
+    // Validate mode: the presented token itself must be for the target.
+    let (out, err, ok) = env.psql(&env.direct, &alice("pg-direct"), "SELECT current_user");
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(out, "app");
+    let (_, err, ok) = env.psql(&env.direct, &alice("pg-main"), "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("28P01") || err.contains("audience"), "{err}");
+    assert!(
+        err.contains("audience does not contain \"pg-direct\""),
+        "{err}"
+    );
+
+    let none = env
+        .idp
+        .mint_with(json!({"alg": "none", "claims": {"sub": "alice", "aud": "pg-direct"}}))
+        .unwrap();
+    let (_, err, ok) = env.psql(&env.direct, &none, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("algorithm"), "{err}");
+    let hs = env
+        .idp
+        .mint_with(
+            json!({"alg": "HS256-public-key", "claims": {"sub": "alice", "aud": "pg-direct"}}),
+        )
+        .unwrap();
+    let (_, err, ok) = env.psql(&env.direct, &hs, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("algorithm"), "{err}");
+
+    // Exchange mode: the IdP judges the subject token and says why.
+    let expired = env
+        .idp
+        .mint_with(json!({"claims": {"sub": "alice", "exp": 1_000_000}}))
+        .unwrap();
+    let (_, err, ok) = env.psql(&env.main, &expired, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("subject_token"), "{err}");
+    let (_, err, ok) = env.psql(&env.main, "not-a-token", "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("IdP refused the token exchange"), "{err}");
+
+    // tokio-postgres sees the SQLSTATEs: a bad token is 28P01, no token at all 28000.
+    let e = connect(&env.direct, &none).await.unwrap_err();
+    assert_eq!(db_error(&e).0, "28P01");
+    let e = connect(&env.main, "").await.unwrap_err();
+    let (code, message) = db_error(&e);
+    assert_eq!(code, "28000", "{message}");
+    assert!(message.contains("no token"), "{message}");
+
+    // Nothing got through upstream as anyone.
+    let log = env.gw.log();
+    for t in [&none, &hs, &expired] {
+        assert!(!log.contains(t.as_str()), "a refused token is in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_s_expiry_bounds_the_session() {
+    // Exchanged tokens live 4s: each statement after that renews the identity first.
+    let env = Env::start(Some(4));
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let c = connect(&env.main, &alice)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", env.context()));
+    c.simple_query("SELECT 1").await.unwrap();
+    let first = env.sessions().0[0]["token_jti"].clone();
+    let exchanges = |idp: &Idp| idp.stats().unwrap()["exchanges"].as_u64().unwrap();
+    let before = exchanges(&env.idp);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "reader");
+    assert!(
+        exchanges(&env.idp) > before,
+        "the expired identity was renewed at the IdP"
+    );
+    let renewed = env.sessions().0[0]["token_jti"].clone();
+    assert_ne!(first, renewed, "sessions shows the renewed token");
+
+    // Now the IdP refuses: the next statement after expiry ends the session, with the reason.
+    env.idp
+        .set_behaviour(json!({"refuse": "alice's access was revoked"}))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    let (code, message) = db_error(&e);
+    assert_eq!(code, "28000", "{message}");
+    assert!(
+        message.contains("expired") && message.contains("revoked"),
+        "{message}"
+    );
+    assert!(
+        c.simple_query("SELECT 1").await.is_err(),
+        "the session ended"
+    );
+    assert!(env.sessions().0.is_empty(), "no session left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_idp_down_cached_identities_continue_and_new_ones_are_refused() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let bob = env.idp.mint("bob", &["analysts"], "portcullis").unwrap();
+    let (_, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(ok, "{err}\n{}", env.context());
+
+    env.idp.kill();
+    let (_, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(ok, "alice's exchanged token is cached: {err}");
+    let (_, err, ok) = env.psql(&env.main, &bob, "SELECT 1");
+    assert!(!ok, "bob has nothing cached");
+    assert!(err.contains("IdP unreachable"), "{err}");
+
+    env.idp.restart().unwrap();
+    let (_, err, ok) = env.psql(&env.main, &bob, "SELECT 1");
+    assert!(ok, "the gateway recovers with the IdP: {err}");
+
+    // Counted: two exchanges, alice's cached reconnect, bob's refusal by reason.
+    let m = |series: &str| env.metric(series).unwrap_or(0.0);
+    assert_eq!(
+        m("portcullis_identity_exchanges_total{target=\"main\"}"),
+        2.0
+    );
+    assert!(m("portcullis_identity_cache_hits_total{target=\"main\"}") >= 1.0);
+    assert_eq!(
+        m("portcullis_identity_failures_total{target=\"main\",reason=\"idp_unreachable\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect() {
+    if testkit::skip_unless_root(
+        "an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect",
+    ) {
+        return;
+    }
+    let env = Env::redirected("file", |dir, idp| {
+        let claude = idp
+            .mint("claude-agent", &["analysts"], "portcullis")
+            .unwrap();
+        let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
+        format!(
+            "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
+            file.display()
+        )
+    });
+    let file = env.dir.path().join("claude.jwt");
+    let first = std::fs::read_to_string(&file).unwrap();
+    let codex = env.idp.mint("codex-agent", &["dba"], "portcullis").unwrap();
+
+    // The agent's driver is unchanged: it dials PostgreSQL, and its token file says who it is.
+    // The password it carries (another agent's token) is never asked for.
+    let (out, err, ok) = env.agent_psql("claude", &codex, "SELECT current_user");
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(
+        out, "reader",
+        "claude's own identity (analysts), not codex's (dba)"
+    );
+    assert!(
+        env.gw.log().contains("subject=\"claude-agent\""),
+        "{}",
+        env.context()
+    );
+
+    // Rotated by its workload-identity helper: the next connect reads the new token.
+    let rotated = env
+        .idp
+        .mint("claude-agent", &["dba"], "portcullis")
+        .unwrap();
+    testkit::write_secret(env.dir.path(), "claude.jwt", &rotated).unwrap();
+    let (out, err, ok) = env.agent_psql("claude", "", "SELECT current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "dba_login");
+
+    // An agent without a token file presents its token as the password, over loopback.
+    let (out, err, ok) = env.agent_psql("codex", &codex, "SELECT current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "dba_login");
+
+    // The file removed: refused, naming the file, never waved through as the target's login.
+    std::fs::remove_file(&file).unwrap();
+    let (out, err, ok) = env.agent_psql("claude", &codex, "SELECT current_user");
+    assert!(!ok, "connected without a token file: {out}");
+    assert!(
+        err.contains("claude.jwt") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let log = env.gw.log();
+    for t in [&first, &rotated, &codex] {
+        assert!(!log.contains(t.trim()), "a token is in the gateway log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_s_write_waits_for_a_human_and_then_runs_as_the_mapped_role() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let c = connect(&env.main, &alice)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", env.context()));
+    let write = tokio::spawn(async move {
+        c.simple_query("UPDATE orders SET state = 'held' WHERE id = 1")
+            .await
+    });
+    let mut id = None;
+    for _ in 0..300 {
+        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(r) = list
+            .iter()
+            .find(|r| r["status"] == "pending" && r["rule"] == "writes")
+        {
+            id = r["id"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = id.unwrap_or_else(|| panic!("no pending approval\n{}", env.context()));
+    let out = env.gw.cli(&["approve", &id.to_string()]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Approved by a human, the write still runs as `reader`, which may only read.
+    let e = write.await.unwrap().unwrap_err();
+    let (code, message) = db_error(&e);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("orders"), "{message}");
+}
