@@ -104,87 +104,83 @@ impl Index {
         for e in entries {
             match &e.record {
                 Record::SessionStart(s) => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT OR REPLACE INTO sessions(id, started_us, agent, subject, target,
                              database, upstream_user, first_seq, last_seq)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                        params![
-                            e.session as i64,
-                            e.at_us,
-                            s.agent,
-                            s.subject,
-                            s.target,
-                            s.database,
-                            s.upstream_user,
-                            e.seq as i64
-                        ],
-                    )?;
+                    )?
+                    .execute(params![
+                        e.session as i64,
+                        e.at_us,
+                        s.agent,
+                        s.subject,
+                        s.target,
+                        s.database,
+                        s.upstream_user,
+                        e.seq as i64
+                    ])?;
                 }
                 Record::Request(r) => {
                     let kind = serde_json::to_value(r.kind).unwrap_or_default();
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT OR REPLACE INTO statements(session, stmt, at_us, kind, text, seq)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            e.session as i64,
-                            e.stmt,
-                            e.at_us,
-                            kind.as_str().unwrap_or(""),
-                            r.text,
-                            e.seq as i64
-                        ],
-                    )?;
-                    tx.execute(
+                    )?
+                    .execute(params![
+                        e.session as i64,
+                        e.stmt,
+                        e.at_us,
+                        kind.as_str().unwrap_or(""),
+                        r.text,
+                        e.seq as i64
+                    ])?;
+                    tx.prepare_cached(
                         "INSERT INTO statements_fts(text, session, stmt) VALUES (?1, ?2, ?3)",
-                        params![r.text, e.session as i64, e.stmt],
-                    )?;
-                    tx.execute(
+                    )?
+                    .execute(params![r.text, e.session as i64, e.stmt])?;
+                    tx.prepare_cached(
                         "UPDATE sessions SET statements = statements + 1 WHERE id = ?1",
-                        params![e.session as i64],
-                    )?;
+                    )?
+                    .execute(params![e.session as i64])?;
                 }
                 Record::Verdict(v) => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE statements SET verdict = ?3, rule = coalesce(?4, rule),
                              approver = coalesce(?5, approver)
                          WHERE session = ?1 AND stmt = ?2",
-                        params![
-                            e.session as i64,
-                            e.stmt,
-                            v.action.as_str(),
-                            v.rule,
-                            v.approver
-                        ],
-                    )?;
+                    )?
+                    .execute(params![
+                        e.session as i64,
+                        e.stmt,
+                        v.action.as_str(),
+                        v.rule,
+                        v.approver
+                    ])?;
                     if matches!(
                         v.action,
                         super::types::Action::Block | super::types::Action::Denied
                     ) {
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE sessions SET blocked = blocked + 1 WHERE id = ?1",
-                            params![e.session as i64],
-                        )?;
+                        )?
+                        .execute(params![e.session as i64])?;
                     }
                 }
                 Record::SessionEnd { reason } => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
-                        params![e.session as i64, e.at_us, reason],
-                    )?;
+                    )?
+                    .execute(params![e.session as i64, e.at_us, reason])?;
                 }
                 _ => {}
             }
         }
         for (session, seq) in last_seq {
-            tx.execute(
-                "UPDATE sessions SET last_seq = max(last_seq, ?2) WHERE id = ?1",
-                params![*session as i64, *seq as i64],
-            )?;
+            tx.prepare_cached("UPDATE sessions SET last_seq = max(last_seq, ?2) WHERE id = ?1")?
+                .execute(params![*session as i64, *seq as i64])?;
         }
-        tx.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)",
-            params![next_seq as i64],
-        )?;
+        tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)")?
+            .execute(params![next_seq as i64])?;
         tx.commit()
     }
 
