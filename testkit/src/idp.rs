@@ -24,6 +24,9 @@ use serde_json::{Value, json};
 pub const OIDC_PROVIDER_VERSION: &str = "9.13.3";
 const SERVER_JS: &str = include_str!("../idp/server.mjs");
 
+/// How long the IdP may take to answer its discovery document after it is started.
+const START_LIMIT: Duration = Duration::from_secs(90);
+
 pub struct Idp {
     dir: tempfile::TempDir,
     port: u16,
@@ -160,7 +163,9 @@ impl Idp {
             .spawn()
             .context("starting node (Node 20 is needed for the test IdP)")?;
         *self.child.lock().unwrap() = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Node loads oidc-provider in a second or two, but tests start several IdPs at once
+        // beside PostgreSQL servers; on a loaded 2-core machine 20 s was not always enough.
+        let deadline = Instant::now() + START_LIMIT;
         loop {
             if http(self.port, "GET", "/.well-known/openid-configuration", "").is_ok() {
                 return Ok(());
@@ -169,7 +174,10 @@ impl Idp {
                 bail!("the test IdP exited ({status}):\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("the test IdP did not answer within 20s:\n{}", self.log());
+                bail!(
+                    "the test IdP did not answer within {START_LIMIT:?}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

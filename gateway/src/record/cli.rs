@@ -16,6 +16,17 @@ use super::verify::{TOMBSTONES, Tombstone, tombstone_body, verify};
 const DEFAULT_DIR: &str = "/var/lib/portcullis/recordings";
 const DEFAULT_KEY: &str = "/var/lib/portcullis/keys/recording.key";
 
+/// The public keys where the gateway keeps them for a recording directory `dir`: the state dir
+/// holds both `recordings/` and `keys/`.
+fn default_pubkey(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(state) if !state.as_os_str().is_empty() => {
+            pub_path(&state.join("keys").join("recording.key"))
+        }
+        _ => pub_path(Path::new(DEFAULT_KEY)),
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RecordingsArgs {
     /// The recording directory (`[recording] dir`).
@@ -67,9 +78,10 @@ pub enum RecordingsCommand {
         /// A checkpoint kept elsewhere (e.g. shipped off the host) the log must still contain.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
-        /// The recorder's public keys (`<key_file>.pub`).
-        #[arg(long, default_value_os_t = pub_path(Path::new(DEFAULT_KEY)))]
-        pubkey: PathBuf,
+        /// The recorder's public keys (`<key_file>.pub`) [default: `keys/recording.key.pub`
+        /// beside the recording directory, as `[recording] key_file` defaults].
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -156,6 +168,7 @@ pub fn run(args: RecordingsArgs) -> anyhow::Result<()> {
             pubkey,
             json,
         } => {
+            let pubkey = pubkey.unwrap_or_else(|| default_pubkey(dir));
             let verifiers = match Verifier::read_file(&pubkey) {
                 Ok(v) => v,
                 Err(e) => {
@@ -848,4 +861,25 @@ fn load(
     }
     recorder.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod default_key_tests {
+    use super::*;
+
+    #[test]
+    fn verify_finds_the_key_beside_the_recording_directory() {
+        assert_eq!(
+            default_pubkey(Path::new("/tmp/demo/state/recordings")),
+            PathBuf::from("/tmp/demo/state/keys/recording.key.pub")
+        );
+        assert_eq!(
+            default_pubkey(Path::new(DEFAULT_DIR)),
+            pub_path(Path::new(DEFAULT_KEY))
+        );
+        assert_eq!(
+            default_pubkey(Path::new("recordings")),
+            pub_path(Path::new(DEFAULT_KEY))
+        );
+    }
 }
