@@ -63,13 +63,20 @@ impl Idp {
         fs::create_dir(dir.path().join("state"))?;
         let client_secret = format!("idp-secret-{}", crate::random_password());
         crate::write_secret(dir.path(), "client-secret", &client_secret)?;
-        let idp = Idp {
+        let mut idp = Idp {
             dir,
             port: crate::free_port(),
             child: Mutex::new(None),
             client_secret,
         };
-        idp.restart()?;
+        // One CI run saw a node that printed its runtime warning and then did not listen for
+        // 90 s. Say where it was stuck, and try once more on a fresh port before failing.
+        if let Err(first) = idp.restart() {
+            eprintln!("testkit: the test IdP did not start, trying once more: {first:#}");
+            idp.port = crate::free_port();
+            idp.restart()
+                .with_context(|| format!("and before that: {first:#}"))?;
+        }
         Ok(idp)
     }
 
@@ -152,6 +159,8 @@ impl Idp {
             .append(true)
             .open(self.dir.path().join("idp.log"))?;
         let child = Command::new("node")
+            .arg("--report-on-signal")
+            .arg("--report-directory=report")
             .arg("server.mjs")
             .current_dir(self.dir.path())
             .env("PORT", self.port.to_string())
@@ -174,13 +183,53 @@ impl Idp {
                 bail!("the test IdP exited ({status}):\n{}", self.log());
             }
             if Instant::now() > deadline {
+                let stuck_at = self.where_stuck();
+                self.kill();
                 bail!(
-                    "the test IdP did not answer within {START_LIMIT:?}:\n{}",
+                    "the test IdP on port {} did not answer within {START_LIMIT:?}:\n{}\n{stuck_at}",
+                    self.port,
                     self.log()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What a node that does not answer is doing: the kernel's view of the process and, from a
+    /// diagnostic report (SIGUSR2 under `--report-on-signal`), its JavaScript stack.
+    fn where_stuck(&self) -> String {
+        let Some(pid) = self.child.lock().unwrap().as_ref().map(Child::id) else {
+            return "node is not running".into();
+        };
+        let proc_file =
+            |name: &str| fs::read_to_string(format!("/proc/{pid}/{name}")).unwrap_or_default();
+        let mut out = format!(
+            "node {pid}: stat {} wchan {}\n",
+            proc_file("stat").trim(),
+            proc_file("wchan")
+        );
+        let _ = Command::new("kill")
+            .args(["-USR2", &pid.to_string()])
+            .status();
+        let reports = self.dir.path().join("report");
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(report) = fs::read_dir(&reports)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok())
+                .and_then(|e| fs::read_to_string(e.path()).ok())
+                .filter(|r| r.trim_end().ends_with('}'))
+            {
+                let stack = serde_json::from_str::<Value>(&report)
+                    .map(|r| r["javascriptStack"].to_string())
+                    .unwrap_or(report);
+                out.push_str(&format!("javascript stack: {stack}"));
+                return out;
+            }
+        }
+        out.push_str("no diagnostic report within 2 s: its event loop is busy");
+        out
     }
 
     /// Everything the IdP printed.
