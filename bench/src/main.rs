@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// The portcullis binary [default: next to this one, or $PORTCULLIS_BIN].
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
+    /// An older portcullis build, run as `baseline-gateway` and `baseline-gateway-policy` beside
+    /// this one's targets: a before and after measured in the same run.
+    #[arg(long)]
+    pub baseline_gateway_bin: Option<PathBuf>,
     /// Targets to run, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub targets: Vec<TargetKind>,

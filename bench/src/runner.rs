@@ -100,7 +100,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let out_dir = args.out.clone().unwrap_or_else(default_out_dir);
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let kinds: Vec<TargetKind> = if args.targets.is_empty() {
-        TargetKind::ALL.to_vec()
+        let baseline = args
+            .baseline_gateway_bin
+            .iter()
+            .flat_map(|_| TargetKind::BASELINE);
+        TargetKind::ALL.into_iter().chain(baseline).collect()
     } else {
         let mut k = args.targets.clone();
         k.sort();
@@ -136,6 +140,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let lab = Lab {
         pg: &pg,
         gateway_bin: &gateway_bin,
+        baseline_bin: args.baseline_gateway_bin.as_deref(),
         tools: &tools,
     };
     let mut ctx = RunCtx {

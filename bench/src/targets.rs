@@ -40,9 +40,14 @@ pub enum TargetKind {
     Haproxy,
     /// PgBouncer in session pooling mode.
     Pgbouncer,
+    /// `Gateway` run by the `--baseline-gateway-bin` build: before and after in one run.
+    BaselineGateway,
+    /// `GatewayPolicy` run by the `--baseline-gateway-bin` build.
+    BaselineGatewayPolicy,
 }
 
 impl TargetKind {
+    /// Every target but the baseline ones, which run when a baseline binary is given.
     pub const ALL: [TargetKind; 8] = [
         TargetKind::Direct,
         TargetKind::Gateway,
@@ -53,6 +58,23 @@ impl TargetKind {
         TargetKind::Haproxy,
         TargetKind::Pgbouncer,
     ];
+    pub const BASELINE: [TargetKind; 2] = [
+        TargetKind::BaselineGateway,
+        TargetKind::BaselineGatewayPolicy,
+    ];
+
+    /// The gateway mode a baseline target runs: the same as its current counterpart.
+    fn mode(self) -> TargetKind {
+        match self {
+            TargetKind::BaselineGateway => TargetKind::Gateway,
+            TargetKind::BaselineGatewayPolicy => TargetKind::GatewayPolicy,
+            other => other,
+        }
+    }
+
+    fn is_baseline(self) -> bool {
+        self.mode() != self
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -64,6 +86,8 @@ impl TargetKind {
             TargetKind::GatewayRedirect => "gateway-redirect",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Pgbouncer => "pgbouncer",
+            TargetKind::BaselineGateway => "baseline-gateway",
+            TargetKind::BaselineGatewayPolicy => "baseline-gateway-policy",
         }
     }
 
@@ -83,6 +107,8 @@ impl TargetKind {
             }
             TargetKind::Haproxy => "HAProxy, TCP mode (plain forwarder)",
             TargetKind::Pgbouncer => "PgBouncer, session pooling, SCRAM",
+            TargetKind::BaselineGateway => "the baseline build, as `gateway`",
+            TargetKind::BaselineGatewayPolicy => "the baseline build, as `gateway-policy`",
         }
     }
 }
@@ -154,6 +180,8 @@ pub enum Start {
 pub struct Lab<'a> {
     pub pg: &'a Postgres,
     pub gateway_bin: &'a Path,
+    /// An older build to compare against in the same run (`--baseline-gateway-bin`).
+    pub baseline_bin: Option<&'a Path>,
     pub tools: &'a Tools,
 }
 
@@ -176,7 +204,19 @@ pub fn start(kind: TargetKind, lab: &Lab) -> Start {
             if let Some(why) = gateway_unavailable(kind, lab.gateway_bin) {
                 return Start::Skipped(why);
             }
-            gateway(kind, lab)
+            gateway(kind, lab.gateway_bin, lab)
+        }
+        TargetKind::BaselineGateway | TargetKind::BaselineGatewayPolicy => {
+            let Some(bin) = lab.baseline_bin else {
+                return Start::Skipped("no --baseline-gateway-bin given".into());
+            };
+            if !bin.exists() {
+                return Start::Failed(format!("no baseline gateway binary at {}", bin.display()));
+            }
+            if let Some(why) = gateway_unavailable(kind.mode(), bin) {
+                return Start::Skipped(why);
+            }
+            gateway(kind, bin, lab)
         }
     };
     match started {
@@ -311,6 +351,14 @@ fn forwarder(
     }
 }
 
+fn serve_help(bin: &Path) -> String {
+    Command::new(bin)
+        .args(["serve", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Why this gateway mode cannot run here, if it cannot.
 fn gateway_unavailable(kind: TargetKind, bin: &Path) -> Option<String> {
     if !bin.exists() {
@@ -346,8 +394,8 @@ fn gateway_unavailable(kind: TargetKind, bin: &Path) -> Option<String> {
     }
 }
 
-fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
-    let bin = lab.gateway_bin;
+fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
+    let kind = target.mode();
     if !bin.exists() {
         bail!(
             "no gateway binary at {} (cargo build --release -p portcullis, or pass --gateway-bin)",
@@ -365,11 +413,13 @@ fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
     let port = testkit::free_port();
     // The redirect listener is the gateway's own business; agents dial PostgreSQL. Recording
     // is measured by its own target; elsewhere it is off, so it does not blur the others.
+    // A baseline build from before recording knows neither `--state-dir` nor `[recording]`.
+    let records = !target.is_baseline() || serve_help(bin).contains("--state-dir");
     let mut config = String::new();
     if kind == TargetKind::GatewayRedirect {
         config.push_str("[redirect]\nenabled = true\n");
     }
-    if kind != TargetKind::GatewayRecord {
+    if kind != TargetKind::GatewayRecord && records {
         config.push_str("[recording]\nenabled = false\ndanger_disable = true\n");
     }
     let cfg = dir.path().join("portcullis.toml");
@@ -382,9 +432,10 @@ fn gateway(kind: TargetKind, lab: &Lab) -> Result<Running> {
         .arg("--password-file")
         .arg(&password_file)
         .arg("--admin-socket")
-        .arg(&admin_socket)
-        .arg("--state-dir")
-        .arg(&state_dir);
+        .arg(&admin_socket);
+    if records {
+        cmd.arg("--state-dir").arg(&state_dir);
+    }
     match kind {
         TargetKind::GatewayObserve => {
             cmd.args(["--policy", "observe"]);
