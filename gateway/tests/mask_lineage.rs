@@ -746,3 +746,77 @@ async fn sessions_survive_refusals_in_and_out_of_transactions() {
         3
     );
 }
+
+/// The default policy with DDL allowed and a short catalog TTL.
+fn ddl_policy(dir: &std::path::Path) -> String {
+    let path = default_policy_with(dir, "catalog_ttl = \"2s\"");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "kinds = [\"ddl\"]\naction = \"block\"",
+        "kinds = [\"ddl\"]\naction = \"allow\"",
+    );
+    assert!(text.contains("kinds = [\"ddl\"]\naction = \"allow\""));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `SELECT name, x FROM <view> ORDER BY id`, by simple query (text) and prepared (binary).
+async fn view_rows(client: &Client, view: &str) -> Vec<(String, String)> {
+    let sql = format!("SELECT name, x FROM {view} ORDER BY id");
+    let simple = texts(&client.simple_query(&sql).await.expect(&sql));
+    let prepared = client.query(&sql, &[]).await.expect(&sql);
+    let rows: Vec<(String, String)> = simple
+        .iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect();
+    let binary: Vec<(String, String)> = prepared.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, binary, "text and binary agree");
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_sessions_read_the_catalog_again_after_ddl_and_after_its_ttl() {
+    let s = start(ddl_policy).await;
+    let a = connect_relay(&s).await;
+    let b = connect_relay(&s).await;
+    a.simple_query("SELECT name FROM users").await.unwrap();
+    b.simple_query("SELECT name FROM users").await.unwrap();
+
+    // DDL through the gateway: this session and the other one see the new view at once. With
+    // the catalog read at connect, `name` would be of unknown lineage and redacted.
+    a.simple_query("CREATE VIEW v_new AS SELECT id, name, ssn AS x FROM users")
+        .await
+        .unwrap();
+    for (who, client) in [("the session that ran the DDL", &a), ("another", &b)] {
+        let rows = view_rows(client, "v_new").await;
+        assert_eq!(
+            rows[0].0, "alice",
+            "{who}: an unmasked column of the new view"
+        );
+        assert_ne!(
+            rows[0].1, "Zk4ssncanary1",
+            "{who}: the renamed ssn stays masked"
+        );
+    }
+
+    // DDL outside the gateway: until the TTL the view is unknown and fails closed; after it,
+    // the session reads the catalog again at its next statement.
+    s.pg.app_superuser_sql(
+        "CREATE VIEW v_out AS SELECT id, name, password_hash AS x FROM users;
+         GRANT SELECT ON v_out TO app;",
+    )
+    .unwrap();
+    let before = view_rows(&a, "v_out").await;
+    assert_ne!(before[0].0, "alice", "unknown to the session yet: redacted");
+    assert_ne!(before[0].1, "Hx2pwcanary1");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for client in [&a, &b] {
+        let rows = view_rows(client, "v_out").await;
+        assert_eq!(rows[0].0, "alice", "known after the TTL");
+        assert_ne!(
+            rows[0].1, "Hx2pwcanary1",
+            "password_hash under another name"
+        );
+    }
+    let leaked = leaks(&s.relay.take());
+    assert!(leaked.is_empty(), "leaked: {leaked:?}");
+}

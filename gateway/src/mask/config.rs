@@ -1,6 +1,7 @@
 //! The `[mask]` table of a policy file, and its validation into compiled rules.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -54,6 +55,11 @@ pub struct MaskRules {
     /// Name-glob column rules also mask the values under matching keys inside json and jsonb
     /// values (`{"ssn": ...}`). Default: true.
     pub json_keys: bool,
+    /// How long a catalog snapshot (columns, views, search path) serves before it is read again,
+    /// by live sessions too, at their next statement. DDL seen through the gateway and a reload
+    /// refresh it at once. Default: 60 s.
+    #[serde(deserialize_with = "crate::policy::de_duration")]
+    pub catalog_ttl: Duration,
     /// Turns column lineage off: rules then match only the output column's name and origin, and an
     /// alias or an expression evades them. For differential tests only. Default: false.
     pub danger_disable_lineage: bool,
@@ -70,6 +76,7 @@ impl Default for MaskRules {
             hash_key_file: None,
             unknown_lineage: UnknownLineage::default(),
             json_keys: true,
+            catalog_ttl: Duration::from_secs(60),
             danger_disable_lineage: false,
         }
     }

@@ -82,6 +82,7 @@ pub(crate) struct Engine {
     json_key_literals: Option<Vec<Vec<u8>>>,
     lineage: bool,
     unknown_lineage: UnknownLineage,
+    catalog_ttl: std::time::Duration,
 }
 
 impl Engine {
@@ -113,6 +114,7 @@ impl Engine {
             json_key_literals: json_key_literals.filter(|l| !l.is_empty()),
             lineage: !rules.danger_disable_lineage,
             unknown_lineage: rules.unknown_lineage,
+            catalog_ttl: rules.catalog_ttl,
         })
     }
 
@@ -203,6 +205,11 @@ impl Masker {
     /// Whether column lineage decides masking (`mask.danger_disable_lineage` turns it off).
     pub fn lineage_enabled(&self) -> bool {
         self.engine.lineage && !self.engine.columns.is_empty()
+    }
+
+    /// `mask.catalog_ttl`.
+    pub fn catalog_ttl(&self) -> std::time::Duration {
+        self.engine.catalog_ttl
     }
 
     /// `mask.unknown_lineage`.

@@ -4,12 +4,12 @@
 use std::cell::RefCell;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use futures_channel::oneshot;
 use tracing::{info, warn};
 
-use super::lineage::{self, Lineage};
+use super::lineage::{self, Freshness, Lineage, PendingCatalog};
 use crate::daemon::Shared;
 use crate::identify::{PendingIdentity, SessionIdentity};
 use crate::idp::{IdentityError, VerifiedIdentity};
@@ -48,6 +48,14 @@ pub enum Held {
     /// is decided (then with [`PolicyGate::renewed`] and [`Gate::check`] again).
     Renewing {
         identity: PendingIdentity,
+        request: OwnedRequest,
+    },
+    /// The session's catalog is stale: it is read again before the request is analysed (then
+    /// with [`PolicyGate::catalog_read`] and [`Gate::check`] again).
+    Catalog {
+        read: PendingCatalog,
+        /// The cache and policy generations when the read began.
+        generations: (u64, u64),
         request: OwnedRequest,
     },
 }
@@ -151,6 +159,8 @@ pub struct PolicyGate {
     /// Who the IdP says the session is; rules select on its subject, groups and actors.
     pub identity: Option<SessionIdentity>,
     pub info: Option<Arc<SessionInfo>>,
+    /// Where the session's catalog is read again from, and how fresh it is.
+    pub catalog: Option<(Arc<Target>, Freshness)>,
 }
 
 /// The policy's view of a session: its agent and, when verified, its subject, groups and actors.
@@ -183,7 +193,73 @@ impl PolicyGate {
             last_rule: None,
             identity: None,
             info: None,
+            catalog: None,
         }
+    }
+
+    /// Reads the session's catalog again when it goes stale (see [`Freshness`]).
+    pub fn with_catalog(mut self, target: Arc<Target>, freshness: Freshness) -> Self {
+        self.catalog = Some((target, freshness));
+        self
+    }
+
+    /// Holds the request while the session's catalog is read again, once it is stale; a fresher
+    /// snapshot another session read is taken without waiting.
+    fn catalog_due(&mut self, request: &Request<'_>) -> Option<Disposition> {
+        let lineage = self.lineage.as_ref()?;
+        let (target, freshness) = self.catalog.as_mut()?;
+        let masker = self.shared.masker();
+        if masker.is_noop() || !(masker.lineage_enabled() || masker.needs_catalog()) {
+            return None;
+        }
+        let now = Instant::now();
+        let ttl = masker.catalog_ttl();
+        let generations = (
+            self.shared.catalogs.generation(),
+            self.shared.policy_generation(),
+        );
+        if !freshness.is_stale(now, ttl, generations.0, generations.1) {
+            return None;
+        }
+        if let Some((at, catalog)) = freshness.adoptable(&self.shared, now, ttl) {
+            let catalog = lineage::remarked(&masker, &catalog);
+            lineage.borrow_mut().replace_catalog(catalog);
+            freshness.refreshed(at, generations.0, generations.1);
+            return None;
+        }
+        let read = lineage::read_catalog(
+            self.shared.clone(),
+            target.clone(),
+            self.identity.clone(),
+            freshness.key.clone(),
+        );
+        self.held = Some(Held::Catalog {
+            read,
+            generations,
+            request: OwnedRequest::of(request),
+        });
+        Some(Disposition::Hold)
+    }
+
+    /// The catalog read again. One that could not be read leaves every column of unknown
+    /// lineage until the next try, a TTL later: masking fails closed.
+    pub fn catalog_read(
+        &mut self,
+        read: Result<Arc<crate::mask::lineage::Catalog>, crate::forward::upstream::UpstreamError>,
+        (cache, policy): (u64, u64),
+    ) {
+        let (Some(lineage), Some((_, freshness))) = (&self.lineage, &mut self.catalog) else {
+            return;
+        };
+        let catalog = read.unwrap_or_else(|e| {
+            warn!(
+                session = self.session,
+                "catalog lookup for masking failed: {e}"
+            );
+            Arc::new(crate::mask::lineage::Catalog::unavailable())
+        });
+        lineage.borrow_mut().replace_catalog(catalog);
+        freshness.refreshed(Instant::now(), cache, policy);
     }
 
     /// Decides by the session's verified identity, and renews it in `info` when it expires.
@@ -331,6 +407,9 @@ impl PolicyGate {
                 self.shared
                     .catalogs
                     .invalidate(&self.target, &self.database);
+                if let Some((_, freshness)) = &mut self.catalog {
+                    freshness.ddl_seen();
+                }
             }
             if let Some(path) = lineage::search_path_set(sql) {
                 state.borrow_mut().set_search_path(path);
@@ -410,6 +489,9 @@ impl Gate for PolicyGate {
     fn check(&mut self, request: &Request<'_>) -> Disposition {
         if let Some(renewing) = self.renewal_due(request) {
             return renewing;
+        }
+        if let Some(reading) = self.catalog_due(request) {
+            return reading;
         }
         let policy = self.shared.policy();
         if let Some(sql) = request.sql()

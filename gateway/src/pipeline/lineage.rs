@@ -3,54 +3,121 @@
 //! gate's lineage checks.
 
 use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
 use crate::daemon::Shared;
 use crate::forward::conn::Stream;
-use crate::forward::upstream;
+use crate::forward::upstream::{self, UpstreamError};
+use crate::identify::SessionIdentity;
 use crate::mask::lineage::{CATALOG_SQL, Catalog, SessionLineage};
 use crate::mask::{Masker, UnknownLineage};
 use crate::protocol::core::Blocked;
+use crate::route::Target;
 
 /// The session's lineage state, shared by its gate and its result filter.
 pub type Lineage = Rc<RefCell<SessionLineage>>;
 
-/// The lineage state for a new session; `None` when the policy masks nothing. Runs before the
-/// agent's first byte goes upstream.
+/// A catalog being read on a connection of its own, while the statement that needs it waits.
+pub type PendingCatalog = Pin<Box<dyn Future<Output = Result<Arc<Catalog>, UpstreamError>>>>;
+
+/// The shared cache's key for a session's snapshot: target, database, effective upstream user.
+pub type CatalogKey = (String, String, String);
+
+/// How fresh a session's catalog is: it is read again at the session's next statement after DDL
+/// went through it, after `mask.catalog_ttl`, after another session's DDL, or after a reload.
+#[derive(Debug)]
+pub struct Freshness {
+    pub key: CatalogKey,
+    read_at: Instant,
+    cache_generation: u64,
+    policy_generation: u64,
+    ddl_seen: bool,
+}
+
+impl Freshness {
+    pub fn new(key: CatalogKey, shared: &Shared, policy_generation: u64) -> Freshness {
+        Freshness {
+            key,
+            read_at: Instant::now(),
+            cache_generation: shared.catalogs.generation(),
+            policy_generation,
+            ddl_seen: false,
+        }
+    }
+
+    /// DDL went through this session: what `*`, views and tables mean may have changed.
+    pub fn ddl_seen(&mut self) {
+        self.ddl_seen = true;
+    }
+
+    pub fn is_stale(&self, now: Instant, ttl: Duration, cache: u64, policy: u64) -> bool {
+        self.ddl_seen
+            || now.saturating_duration_since(self.read_at) >= ttl
+            || cache != self.cache_generation
+            || policy != self.policy_generation
+    }
+
+    /// A catalog read (or taken from another session) at `read_at`, when the generations were these.
+    pub fn refreshed(&mut self, read_at: Instant, cache: u64, policy: u64) {
+        *self = Freshness {
+            key: std::mem::take(&mut self.key),
+            read_at,
+            cache_generation: cache,
+            policy_generation: policy,
+            ddl_seen: false,
+        };
+    }
+
+    /// A snapshot another session read after ours, when no DDL of our own is pending.
+    pub fn adoptable(
+        &self,
+        shared: &Shared,
+        now: Instant,
+        ttl: Duration,
+    ) -> Option<(Instant, Arc<Catalog>)> {
+        if self.ddl_seen {
+            return None;
+        }
+        let (target, database, user) = &self.key;
+        shared
+            .catalogs
+            .get(target, database, user, now, ttl)
+            .filter(|(at, _)| *at > self.read_at)
+    }
+}
+
+/// The lineage state for a new session. Runs before the agent's first byte goes upstream.
 pub async fn session_lineage(
     shared: &Shared,
     server: &Stream,
     masker: &Masker,
-    target: &str,
-    database: &str,
-    user: &str,
+    key: &CatalogKey,
     session: u64,
-) -> Option<Lineage> {
+) -> Lineage {
     if masker.is_noop() {
-        // Nothing to mask now, so no catalog read. Should a reload add rules, every column of
-        // this session is of unknown lineage and so redacted: masking fails closed.
+        // Nothing to mask now, so no catalog read. Should a reload add rules, the session reads
+        // the catalog at its next statement; until then every column is of unknown lineage.
         let unknown = Arc::new(Catalog::unavailable());
-        return Some(Rc::new(RefCell::new(SessionLineage::new(unknown))));
+        return Rc::new(RefCell::new(SessionLineage::new(unknown)));
     }
+    let (target, database, user) = key;
+    let ttl = masker.catalog_ttl();
     let catalog = if !masker.lineage_enabled() && !masker.needs_catalog() {
         Arc::new(Catalog::default())
-    } else if let Some(c) = shared.catalogs.get(target, database, user, Instant::now()) {
+    } else if let Some((_, c)) = shared
+        .catalogs
+        .get(target, database, user, Instant::now(), ttl)
+    {
         c
     } else {
         match upstream::side_query(server, CATALOG_SQL, shared.max_message()).await {
-            Ok(rows) => {
-                let mut c = Catalog::from_rows(&rows);
-                masker.mark_catalog(&mut c);
-                let c = Arc::new(c);
-                shared
-                    .catalogs
-                    .put(target, database, user, Instant::now(), c.clone());
-                c
-            }
+            Ok(rows) => marked(shared, masker, key, &rows),
             Err(e) => {
                 // Without it every column's lineage is unknown: masking fails closed.
                 warn!(session, "catalog lookup for masking failed: {e}");
@@ -58,7 +125,56 @@ pub async fn session_lineage(
             }
         }
     };
-    Some(Rc::new(RefCell::new(SessionLineage::new(catalog))))
+    Rc::new(RefCell::new(SessionLineage::new(catalog)))
+}
+
+/// The catalog from its rows, each column marked with the rule it matches, and shared.
+fn marked(
+    shared: &Shared,
+    masker: &Masker,
+    key: &CatalogKey,
+    rows: &[Vec<Option<String>>],
+) -> Arc<Catalog> {
+    let mut c = Catalog::from_rows(rows);
+    masker.mark_catalog(&mut c);
+    let c = Arc::new(c);
+    let (target, database, user) = key;
+    shared.catalogs.put(
+        (target, database, user),
+        Instant::now(),
+        masker.catalog_ttl(),
+        c.clone(),
+    );
+    c
+}
+
+/// Reads the catalog again on a connection of its own, logged in as the session is: the
+/// session's upstream may be busy answering earlier statements.
+pub fn read_catalog(
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    who: Option<SessionIdentity>,
+    key: CatalogKey,
+) -> PendingCatalog {
+    Box::pin(async move {
+        let max = shared.max_message();
+        let login = super::upstream_login(&target, who.as_ref());
+        let params = [("application_name", "portcullis catalog")];
+        let up = upstream::connect(&target, login, &params, 0, max).await?;
+        let rows = upstream::side_query(&up.stream, CATALOG_SQL, max).await;
+        let mut terminate = Vec::new();
+        crate::protocol::postgres::messages::encode_terminate(&mut terminate);
+        let _ = up.stream.write_all(terminate).await;
+        Ok(marked(&shared, &shared.masker(), &key, &rows?))
+    })
+}
+
+/// A catalog that is a copy of `shared`'s, marked by the rules in force now (a reload may have
+/// changed them since it was read).
+pub fn remarked(masker: &Masker, catalog: &Catalog) -> Arc<Catalog> {
+    let mut c = catalog.clone();
+    masker.mark_catalog(&mut c);
+    Arc::new(c)
 }
 
 /// Why the gate refuses a statement on lineage grounds: a `pg_notify` of a masked value, or

@@ -145,19 +145,16 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     // Lineage needs the catalog: read it (or take a fresh shared snapshot) on this session's own
     // upstream connection before the agent's first byte goes through.
     let masker = shared.masker();
-    let up = &target.config.upstream;
-    let lineage = lineage::session_lineage(
-        shared,
-        &server,
-        &masker,
-        &target.config.name,
-        &up.database,
-        login.set_role.unwrap_or(login.user),
-        info.id,
-    )
-    .await;
-    let filter = MaskFilter::new(masker, lineage.clone());
-    let mut gate = PolicyGate::new(shared, info.id, &identity, &target, lineage.clone());
+    let key = (
+        target.config.name.clone(),
+        target.config.upstream.database.clone(),
+        login.set_role.unwrap_or(login.user).to_owned(),
+    );
+    let freshness = lineage::Freshness::new(key.clone(), shared, generation);
+    let lineage = lineage::session_lineage(shared, &server, &masker, &key, info.id).await;
+    let filter = MaskFilter::new(masker, Some(lineage.clone()));
+    let mut gate = PolicyGate::new(shared, info.id, &identity, &target, Some(lineage.clone()))
+        .with_catalog(target.clone(), freshness);
     if let Some(who) = who.clone() {
         gate = gate.with_identity(who, info.clone());
     }
@@ -166,9 +163,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
-    if lineage.is_some() {
-        core.borrow_mut().keep_statements();
-    }
+    core.borrow_mut().keep_statements();
     // The upstream stays open until the client has been told how the session ended.
     let pump = postgres::pump(
         client.clone(),
@@ -212,7 +207,10 @@ async fn identify_session(
 }
 
 /// Who the gateway logs in as upstream: the target's own login, or the identity's mapped role.
-fn upstream_login<'a>(target: &'a Target, who: Option<&'a SessionIdentity>) -> Login<'a> {
+pub(crate) fn upstream_login<'a>(
+    target: &'a Target,
+    who: Option<&'a SessionIdentity>,
+) -> Login<'a> {
     let mut login = Login::of(target);
     match who.map(|w| &w.role) {
         None | Some(UpstreamRole::TargetLogin) => {}

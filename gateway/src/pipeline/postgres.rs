@@ -642,6 +642,18 @@ async fn hold(
                     break d;
                 }
             }
+            Some(Held::Catalog {
+                read,
+                generations,
+                request,
+            }) => {
+                let read = unless_client_leaves(client, read).await?;
+                gate.catalog_read(read, generations);
+                let d = crate::protocol::core::Gate::check(gate, &request.as_request());
+                if d != Disposition::Hold {
+                    break d;
+                }
+            }
             Some(Held::Renewing { identity, request }) => {
                 let fresh = unless_client_leaves(client, identity).await??;
                 gate.renewed(fresh)?;

@@ -195,7 +195,7 @@ fn five_minutes() -> Duration {
     Duration::from_secs(300)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     let v = humantime::parse_duration(&s).map_err(|e| {
         de::Error::custom(format!(

@@ -29,6 +29,7 @@ pub mod classify;
 pub mod cli;
 mod decide;
 mod file;
+pub(crate) use file::de_duration;
 
 use std::sync::Arc;
 use std::time::Duration;

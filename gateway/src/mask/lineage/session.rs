@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,9 @@ pub struct SessionLineage {
     catalog: Arc<Catalog>,
     path: Vec<String>,
     cache: LineageCache,
-    current: Option<(Arc<Analysis>, usize)>,
+    /// The statement being answered, with the catalog it was analysed against: a catalog read
+    /// again meanwhile must not reinterpret its column ids.
+    current: Option<(Arc<Analysis>, usize, Arc<Catalog>)>,
 }
 
 /// Analyses kept per session.
@@ -31,8 +34,16 @@ impl SessionLineage {
         }
     }
 
+    /// The catalog of the statement being answered (the session's, when none is).
     pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+        self.current.as_ref().map_or(&self.catalog, |(_, _, c)| c)
+    }
+
+    /// A catalog read again (after DDL, its TTL, or a reload): later statements are analysed
+    /// against it. The search path the session set stays.
+    pub fn replace_catalog(&mut self, catalog: Arc<Catalog>) {
+        self.catalog = catalog;
+        self.cache.clear();
     }
 
     /// The analysis of `sql` (cached by its text).
@@ -50,14 +61,14 @@ impl SessionLineage {
 
     /// The statement the server answers now (`None`: not known).
     pub fn set_current(&mut self, sql: Option<&str>, index: usize) {
-        self.current = sql.map(|sql| (self.analysis(sql), index));
+        self.current = sql.map(|sql| (self.analysis(sql), index, self.catalog.clone()));
     }
 
     /// The current statement's text was seen: its output columns. Unknown statement: everything
     /// is unknown when anything is masked.
     pub fn current_output(&self) -> Cow<'_, StatementOut> {
         match &self.current {
-            Some((a, i)) => a.statement(*i, &self.catalog),
+            Some((a, i, catalog)) => a.statement(*i, catalog),
             None => Cow::Owned(super::unknown_statement(&self.catalog)),
         }
     }
@@ -66,7 +77,7 @@ impl SessionLineage {
     /// columns are unknown).
     pub fn current_touches_masked(&self) -> bool {
         match &self.current {
-            Some((a, _)) => a.touches_masked,
+            Some((a, _, _)) => a.touches_masked,
             None => self.catalog.any_masked(),
         }
     }
@@ -75,50 +86,39 @@ impl SessionLineage {
 /// (target, database, user).
 type SnapshotKey = (String, String, String);
 
-/// Catalog snapshots shared by sessions of one (target, database, user), for `ttl`, dropped when a
-/// session runs DDL through the gateway.
-#[derive(Debug)]
+/// Catalog snapshots shared by sessions of one (target, database, user), for a TTL (the policy's
+/// `mask.catalog_ttl`), dropped when a session runs DDL through the gateway.
+#[derive(Debug, Default)]
 pub struct CatalogCache {
-    ttl: Duration,
     entries: Mutex<HashMap<SnapshotKey, (Instant, Arc<Catalog>)>>,
-}
-
-impl Default for CatalogCache {
-    fn default() -> Self {
-        CatalogCache::new(Duration::from_secs(60))
-    }
+    /// Bumped by every invalidation, so that live sessions know their snapshot may be stale.
+    generation: AtomicU64,
 }
 
 impl CatalogCache {
-    pub fn new(ttl: Duration) -> CatalogCache {
-        CatalogCache {
-            ttl,
-            entries: Mutex::default(),
-        }
-    }
-
+    /// The snapshot read at most `ttl` ago, with the time it was read.
     pub fn get(
         &self,
         target: &str,
         database: &str,
         user: &str,
         now: Instant,
-    ) -> Option<Arc<Catalog>> {
+        ttl: Duration,
+    ) -> Option<(Instant, Arc<Catalog>)> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let (at, catalog) = entries.get(&(target.into(), database.into(), user.into()))?;
-        (now.saturating_duration_since(*at) < self.ttl).then(|| catalog.clone())
+        (now.saturating_duration_since(*at) < ttl).then(|| (*at, catalog.clone()))
     }
 
     pub fn put(
         &self,
-        target: &str,
-        database: &str,
-        user: &str,
+        (target, database, user): (&str, &str, &str),
         now: Instant,
+        ttl: Duration,
         catalog: Arc<Catalog>,
     ) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|_, (at, _)| now.saturating_duration_since(*at) < self.ttl);
+        entries.retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
         entries.insert(
             (target.into(), database.into(), user.into()),
             (now, catalog),
@@ -129,6 +129,12 @@ impl CatalogCache {
     pub fn invalidate(&self, target: &str, database: &str) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(t, d, _), _| !(t == target && d == database));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes whenever a snapshot is invalidated.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -138,22 +144,22 @@ mod tests {
 
     #[test]
     fn snapshots_expire_and_ddl_drops_them() {
-        let cache = CatalogCache::new(Duration::from_secs(10));
+        let cache = CatalogCache::default();
+        let ttl = Duration::from_secs(10);
         let t0 = Instant::now();
-        cache.put("t", "db", "u", t0, Arc::new(Catalog::default()));
-        assert!(
-            cache
-                .get("t", "db", "u", t0 + Duration::from_secs(9))
-                .is_some()
+        cache.put(("t", "db", "u"), t0, ttl, Arc::new(Catalog::default()));
+        let nine = t0 + Duration::from_secs(9);
+        assert_eq!(
+            cache.get("t", "db", "u", nine, ttl).map(|(at, _)| at),
+            Some(t0)
         );
-        assert!(
-            cache
-                .get("t", "db", "u", t0 + Duration::from_secs(10))
-                .is_none()
-        );
-        assert!(cache.get("t", "db", "other", t0).is_none());
+        let ten = t0 + Duration::from_secs(10);
+        assert!(cache.get("t", "db", "u", ten, ttl).is_none());
+        assert!(cache.get("t", "db", "other", t0, ttl).is_none());
+        let before = cache.generation();
         cache.invalidate("t", "db");
-        assert!(cache.get("t", "db", "u", t0).is_none());
+        assert!(cache.get("t", "db", "u", t0, ttl).is_none());
+        assert_ne!(cache.generation(), before, "live sessions can tell");
     }
 
     #[test]
