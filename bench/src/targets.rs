@@ -351,6 +351,13 @@ fn forwarder(
     }
 }
 
+fn succeeds(bin: &Path, args: &[&str]) -> bool {
+    Command::new(bin)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn serve_help(bin: &Path) -> String {
     Command::new(bin)
         .args(["serve", "--help"])
@@ -413,8 +420,9 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
     let port = testkit::free_port();
     // The redirect listener is the gateway's own business; agents dial PostgreSQL. Recording
     // is measured by its own target; elsewhere it is off, so it does not blur the others.
-    // A baseline build from before recording knows neither `--state-dir` nor `[recording]`.
-    let records = !target.is_baseline() || serve_help(bin).contains("--state-dir");
+    // A baseline build may predate `[recording]` (no `recordings` command) or `--state-dir`.
+    let records = !target.is_baseline() || succeeds(bin, &["recordings", "--help"]);
+    let state_dir_flag = !target.is_baseline() || serve_help(bin).contains("--state-dir");
     let mut config = String::new();
     if kind == TargetKind::GatewayRedirect {
         config.push_str("[redirect]\nenabled = true\n");
@@ -433,7 +441,7 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
         .arg(&password_file)
         .arg("--admin-socket")
         .arg(&admin_socket);
-    if records {
+    if state_dir_flag {
         cmd.arg("--state-dir").arg(&state_dir);
     }
     match kind {
