@@ -171,13 +171,22 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
     if !required_or_skip("agents_are_redirected_to_the_unit_and_refused_while_it_is_down")? {
         return Ok(());
     }
-    let _one = ONE_SANDBOX_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_SANDBOX_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let pg = Postgres::start()?;
     pg.app_superuser_sql("CREATE TABLE customers (id int, email text); INSERT INTO customers VALUES (1, 'alice@example.com'); ALTER TABLE customers OWNER TO app")?;
     let sd = Systemd::boot()?;
     install_and_configure(&sd, &pg, "redirect test")?;
     // An operator: a member of the admin socket's group, not root.
-    sd.ok(&["useradd", "--no-create-home", "-N", "-G", "portcullis", "pcl-operator"])?;
+    sd.ok(&[
+        "useradd",
+        "--no-create-home",
+        "-N",
+        "-G",
+        "portcullis",
+        "pcl-operator",
+    ])?;
 
     // A real agent dials PostgreSQL's own address and lands in the gateway: its wrong password
     // does not matter, the gateway logs in with the target's credential.
@@ -267,9 +276,11 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
     let pid_before = sd.property(UNIT, "MainPID")?;
     sd.ok(&["systemctl", "kill", "--signal=SIGKILL", UNIT])?;
     // Down once systemd has reaped it (the restart follows RestartSec=1s later).
-    sd.wait_for("the killed gateway to be reaped", Duration::from_secs(10), || {
-        Ok(sd.property(UNIT, "ActiveState")? != "active")
-    })?;
+    sd.wait_for(
+        "the killed gateway to be reaped",
+        Duration::from_secs(10),
+        || Ok(sd.property(UNIT, "ActiveState")? != "active"),
+    )?;
     let mut outcomes = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -340,7 +351,13 @@ fn state_sums(sd: &Systemd) -> Result<String> {
 
 fn package_status(sd: &Systemd) -> Result<String> {
     Ok(sd
-        .ok(&["dpkg-query", "-W", "-f", "${Status} ${Version}", "portcullis"])?
+        .ok(&[
+            "dpkg-query",
+            "-W",
+            "-f",
+            "${Status} ${Version}",
+            "portcullis",
+        ])?
         .trim()
         .to_owned())
 }
@@ -352,7 +369,9 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
     )? {
         return Ok(());
     }
-    let _one = ONE_SANDBOX_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_SANDBOX_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let pg = Postgres::start()?;
     let scratch = tempfile::tempdir()?;
     let (upgrade, new_version) = repack_upgrade(&test_package()?, "upgrade1", scratch.path())?;
@@ -361,12 +380,25 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
 
     // State: pins, an agent registered in the pinned registry (a long-running agent), a session
     // recorded, the local CA and the recording key.
-    let keeper = sd.command(&["portcullis", "run", "--agent", "keeper", "--", "sleep", "600"])
+    let keeper = sd
+        .command(&[
+            "portcullis",
+            "run",
+            "--agent",
+            "keeper",
+            "--",
+            "sleep",
+            "600",
+        ])
         .spawn()?;
     sd.wait_for(
         "agent keeper to be registered",
         Duration::from_secs(10),
-        || Ok(sd.ok(&["portcullis", "agents", "--json"])?.contains("keeper")),
+        || {
+            Ok(sd
+                .ok(&["portcullis", "agents", "--json"])?
+                .contains("keeper"))
+        },
     )?;
     let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
     ensure!(
@@ -391,6 +423,7 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
 
     // Upgrade: the new version is configured and the unit restarted, with nothing lost.
     let log = sd.install_deb(&upgrade)?;
+    eprintln!("dpkg -i (upgrade):\n{log}");
     ensure!(
         package_status(&sd)? == format!("install ok installed {new_version}"),
         "after the upgrade from {old_status}: {}\n{log}",
@@ -420,7 +453,8 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
     let strays = sd.ok(&["find", "/etc/portcullis", "-name", "*.dpkg-*"])?;
     ensure!(strays.trim().is_empty(), "conffile prompts left: {strays}");
     ensure!(
-        sd.ok(&["portcullis", "agents", "--json"])?.contains("keeper"),
+        sd.ok(&["portcullis", "agents", "--json"])?
+            .contains("keeper"),
         "the agent registry did not survive"
     );
     let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
@@ -432,7 +466,10 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
 
     // Remove: the unit stops; state, config and pins stay, so agents stay fenced in. With the
     // binary gone, the agent is a plain shell moved into the keeper cgroup.
-    sd.ok(&["dpkg", "--remove", "portcullis"])?;
+    eprintln!(
+        "dpkg --remove:\n{}",
+        sd.ok(&["dpkg", "--remove", "portcullis"])?
+    );
     ensure!(package_status(&sd)?.starts_with("deinstall ok config-files"));
     ensure!(sd.property(UNIT, "ActiveState")? != "active");
     ensure!(!sd.path("/usr/bin/portcullis").exists());
@@ -460,7 +497,10 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
 
     // Purge: state, config and pins go; interception with them, so the same agent now reaches
     // PostgreSQL itself (and fails its login with the wrong password).
-    sd.ok(&["dpkg", "--purge", "portcullis"])?;
+    let purge = sd.run(&["dpkg", "--purge", "portcullis"])?;
+    let (said, warned) = text(&purge);
+    eprintln!("dpkg --purge:\n{said}{warned}");
+    ensure!(purge.status.success(), "purge failed: {said}{warned}");
     let gone = sd.run(&["dpkg-query", "-W", "portcullis"])?;
     ensure!(!gone.status.success(), "still known to dpkg after purge");
     for path in ["/var/lib/portcullis", CONFIG, PINS] {
