@@ -118,7 +118,11 @@ pub fn test_package() -> Result<PathBuf> {
 /// files under a version dpkg takes as an upgrade. Returns its path and the new version.
 pub fn repack_upgrade(deb: &Path, suffix: &str, dir: &Path) -> Result<(PathBuf, String)> {
     let tree = dir.join("tree");
-    let status = Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree).status()?;
+    let status = Command::new("dpkg-deb")
+        .arg("-R")
+        .arg(deb)
+        .arg(&tree)
+        .status()?;
     if !status.success() {
         bail!("dpkg-deb -R {} failed: {status}", deb.display());
     }
@@ -131,7 +135,10 @@ pub fn repack_upgrade(deb: &Path, suffix: &str, dir: &Path) -> Result<(PathBuf, 
     let version = format!("{old}+{suffix}");
     fs::write(
         &control_path,
-        control.replace(&format!("Version: {old}\n"), &format!("Version: {version}\n")),
+        control.replace(
+            &format!("Version: {old}\n"),
+            &format!("Version: {version}\n"),
+        ),
     )?;
     let out = dir.join(format!("portcullis_{version}.deb"));
     // gzip -1: this package is read once, by the test.
