@@ -271,6 +271,45 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
         "AGENT= does not filter"
     );
 
+    // The admin group drives the gateway, not interception: its members can neither start an
+    // agent (the command would run unintercepted) nor unpin the programs.
+    let out = sd.run(&[
+        "runuser",
+        "-u",
+        "pcl-operator",
+        "--",
+        "portcullis",
+        "run",
+        "--agent",
+        "mine",
+        "--",
+        "true",
+    ])?;
+    ensure!(
+        !out.status.success() && text(&out).1.contains("cannot create"),
+        "portcullis run as a non-root operator: {:?}",
+        text(&out)
+    );
+    let out = sd.run(&[
+        "runuser",
+        "-u",
+        "pcl-operator",
+        "--",
+        "portcullis",
+        "uninstall",
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "a non-root operator unpinned the programs: {:?}",
+        text(&out)
+    );
+    let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
+    ensure!(
+        classify(&out)? == Outcome::Gateway,
+        "after the operator's attempts: {:?}",
+        text(&out)
+    );
+
     // A crash: until systemd has restarted the gateway, agents are refused, never let through
     // to PostgreSQL directly (which would answer "password authentication failed").
     let pid_before = sd.property(UNIT, "MainPID")?;
