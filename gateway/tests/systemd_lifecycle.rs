@@ -71,16 +71,11 @@ listen = "{redirect}"
 /// restarted unit is active (READY=1 comes only after the programs are attached).
 fn install_and_configure(sd: &Systemd, pg: &Postgres, marker: &str) -> Result<()> {
     sd.install_deb(&test_package()?)?;
-    sd.write(
+    sd.write_secret(
         "/etc/portcullis/app.password",
         format!("{}\n", pg.password).as_bytes(),
+        "portcullis",
     )?;
-    sd.ok(&[
-        "chown",
-        "portcullis:portcullis",
-        "/etc/portcullis/app.password",
-    ])?;
-    sd.ok(&["chmod", "600", "/etc/portcullis/app.password"])?;
     let listener = SocketAddr::from(([127, 0, 0, 1], free_port()));
     sd.write(CONFIG, config(listener, free_port(), pg, marker).as_bytes())?;
     sd.ok(&["systemctl", "restart", UNIT])?;
@@ -154,6 +149,19 @@ fn classify(out: &Output) -> Result<Outcome> {
     )
 }
 
+/// `portcullis ARGS` as `pcl-operator`: a member of the admin socket's group, not root.
+fn as_operator(sd: &Systemd, args: &[&str]) -> Result<Output> {
+    let mut argv = vec!["runuser", "-u", "pcl-operator", "--", "portcullis"];
+    argv.extend_from_slice(args);
+    sd.run(&argv)
+}
+
+/// One `SELECT current_user` from agent `claude`: what became of it (any other answer fails).
+fn connect_as_agent(sd: &Systemd, pg: &Postgres) -> Result<Outcome> {
+    let out = agent_psql(sd, pg, "claude", "SELECT current_user").output()?;
+    classify(&out)
+}
+
 fn journal(sd: &Systemd, filter: &[&str]) -> Result<String> {
     let mut argv = vec!["journalctl", "-u", UNIT, "--no-pager", "-o", "cat"];
     argv.extend_from_slice(filter);
@@ -190,12 +198,8 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
 
     // A real agent dials PostgreSQL's own address and lands in the gateway: its wrong password
     // does not matter, the gateway logs in with the target's credential.
-    let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
-    ensure!(
-        classify(&out)? == Outcome::Gateway,
-        "agent not redirected: {:?}",
-        text(&out)
-    );
+    let got = connect_as_agent(&sd, &pg)?;
+    ensure!(got == Outcome::Gateway, "agent not redirected: {got:?}");
     // The default policy answers a DROP with 42501 naming the rule.
     let out = agent_psql(&sd, &pg, "claude", "DROP TABLE customers").output()?;
     let (_, err) = text(&out);
@@ -222,15 +226,7 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
         "the held session in `portcullis sessions`",
         Duration::from_secs(15),
         || {
-            let out = sd.run(&[
-                "runuser",
-                "-u",
-                "pcl-operator",
-                "--",
-                "portcullis",
-                "sessions",
-                "--json",
-            ])?;
+            let out = as_operator(&sd, &["sessions", "--json"])?;
             ensure!(
                 out.status.success(),
                 "portcullis sessions as operator: {:?}",
@@ -273,41 +269,22 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
 
     // The admin group drives the gateway, not interception: its members can neither start an
     // agent (the command would run unintercepted) nor unpin the programs.
-    let out = sd.run(&[
-        "runuser",
-        "-u",
-        "pcl-operator",
-        "--",
-        "portcullis",
-        "run",
-        "--agent",
-        "mine",
-        "--",
-        "true",
-    ])?;
+    let out = as_operator(&sd, &["run", "--agent", "mine", "--", "true"])?;
     ensure!(
         !out.status.success() && text(&out).1.contains("cannot create"),
         "portcullis run as a non-root operator: {:?}",
         text(&out)
     );
-    let out = sd.run(&[
-        "runuser",
-        "-u",
-        "pcl-operator",
-        "--",
-        "portcullis",
-        "uninstall",
-    ])?;
+    let out = as_operator(&sd, &["uninstall"])?;
     ensure!(
         !out.status.success(),
         "a non-root operator unpinned the programs: {:?}",
         text(&out)
     );
-    let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
+    let got = connect_as_agent(&sd, &pg)?;
     ensure!(
-        classify(&out)? == Outcome::Gateway,
-        "after the operator's attempts: {:?}",
-        text(&out)
+        got == Outcome::Gateway,
+        "after the operator's attempts: {got:?}"
     );
 
     // A crash: until systemd has restarted the gateway, agents are refused, never let through
@@ -323,8 +300,7 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
     let mut outcomes = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
-        let outcome = classify(&out)?;
+        let outcome = connect_as_agent(&sd, &pg)?;
         let back = outcome == Outcome::Gateway;
         outcomes.push(outcome);
         if back || Instant::now() > deadline {
@@ -346,12 +322,8 @@ fn agents_are_redirected_to_the_unit_and_refused_while_it_is_down() -> Result<()
     sd.ok(&["systemctl", "stop", UNIT])?;
     for _ in 0..3 {
         let started = Instant::now();
-        let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
-        ensure!(
-            classify(&out)? == Outcome::Refused,
-            "with the unit stopped: {:?}",
-            text(&out)
-        );
+        let got = connect_as_agent(&sd, &pg)?;
+        ensure!(got == Outcome::Refused, "with the unit stopped: {got:?}");
         ensure!(
             started.elapsed() < Duration::from_secs(5),
             "refused, not hung"
@@ -439,12 +411,8 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
                 .contains("keeper"))
         },
     )?;
-    let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
-    ensure!(
-        classify(&out)? == Outcome::Gateway,
-        "before the upgrade: {:?}",
-        text(&out)
-    );
+    let got = connect_as_agent(&sd, &pg)?;
+    ensure!(got == Outcome::Gateway, "before the upgrade: {got:?}");
     let maps = pinned_maps(&sd)?;
     ensure!(maps.contains("PC_AGENTS"), "pinned maps: {maps}");
     let links = sd.ok(&["ls", &format!("{PINS}/links")])?;
@@ -496,12 +464,8 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
             .contains("keeper"),
         "the agent registry did not survive"
     );
-    let out = agent_psql(&sd, &pg, "claude", "SELECT current_user").output()?;
-    ensure!(
-        classify(&out)? == Outcome::Gateway,
-        "after the upgrade: {:?}",
-        text(&out)
-    );
+    let got = connect_as_agent(&sd, &pg)?;
+    ensure!(got == Outcome::Gateway, "after the upgrade: {got:?}");
 
     // Remove: the unit stops; state, config and pins stay, so agents stay fenced in. With the
     // binary gone, the agent is a plain shell moved into the keeper cgroup.

@@ -259,6 +259,14 @@ impl Systemd {
         fs::write(&p, contents).with_context(|| format!("writing {inside} in the sandbox"))
     }
 
+    /// A file only `owner` may read (mode 0600), e.g. an upstream password for the service.
+    pub fn write_secret(&self, inside: &str, contents: &[u8], owner: &str) -> Result<()> {
+        self.write(inside, contents)?;
+        self.ok(&["chown", &format!("{owner}:{owner}"), inside])?;
+        self.ok(&["chmod", "600", inside])?;
+        Ok(())
+    }
+
     /// `dpkg -i` of a package from the host.
     pub fn install_deb(&self, deb: &Path) -> Result<String> {
         let inside = format!(
