@@ -123,16 +123,11 @@ fn portcullis_runs_as_a_hardened_systemd_service() -> Result<()> {
         gateway: SocketAddr::from(([127, 0, 0, 1], free_port())),
         metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
     };
-    sd.write(
+    sd.write_secret(
         "/etc/portcullis/app.password",
         format!("{}\n", pg.password).as_bytes(),
+        "portcullis",
     )?;
-    sd.ok(&[
-        "chown",
-        "portcullis:portcullis",
-        "/etc/portcullis/app.password",
-    ])?;
-    sd.ok(&["chmod", "600", "/etc/portcullis/app.password"])?;
     sd.write(
         "/etc/portcullis/portcullis.toml",
         config(&ports, &pg, "20s").as_bytes(),

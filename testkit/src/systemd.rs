@@ -3,6 +3,7 @@
 //! there exactly as on a production host, while nothing it writes reaches the host.
 //!
 //! The network namespace is the host's, so a test talks to the sandboxed service over loopback.
+//! The sandbox has its own bpffs at /sys/fs/bpf, so pinned programs never touch the host's.
 //! The overlay is not optional: without it (and the tmpfs mounts over /run, /tmp and /var/tmp),
 //! systemd-tmpfiles at boot would empty the host's /tmp and start the host's installed services.
 
@@ -44,6 +45,8 @@ mount --rbind /dev "$root/dev"
 # A cgroup2 of this cgroup namespace, where systemd is the root.
 umount -l "$root/sys/fs/cgroup"
 mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
+# A bpffs of its own: the service's pins (and a purge removing them) stay in the sandbox.
+mount -t bpf bpf "$root/sys/fs/bpf"
 # Fresh /run, /tmp and /var/tmp: systemd-tmpfiles cleans these at boot.
 for d in run tmp var/tmp; do mount -t tmpfs tmpfs "$root/$d"; done
 for unit in "$@"; do ln -sf /dev/null "$root/etc/systemd/system/$unit"; done
@@ -109,6 +112,46 @@ pub fn test_package() -> Result<PathBuf> {
     }
     let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok(PathBuf::from(path))
+}
+
+/// A copy of `deb` with a higher version (`<version>+<suffix>`), written into `dir`: the same
+/// files under a version dpkg takes as an upgrade. Returns its path and the new version.
+pub fn repack_upgrade(deb: &Path, suffix: &str, dir: &Path) -> Result<(PathBuf, String)> {
+    let tree = dir.join("tree");
+    let status = Command::new("dpkg-deb")
+        .arg("-R")
+        .arg(deb)
+        .arg(&tree)
+        .status()?;
+    if !status.success() {
+        bail!("dpkg-deb -R {} failed: {status}", deb.display());
+    }
+    let control_path = tree.join("DEBIAN/control");
+    let control = fs::read_to_string(&control_path)?;
+    let old = control
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .context("the package's control file has no Version")?;
+    let version = format!("{old}+{suffix}");
+    fs::write(
+        &control_path,
+        control.replace(
+            &format!("Version: {old}\n"),
+            &format!("Version: {version}\n"),
+        ),
+    )?;
+    let out = dir.join(format!("portcullis_{version}.deb"));
+    // gzip -1: this package is read once, by the test.
+    let status = Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "-z1", "-b"])
+        .arg(&tree)
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("dpkg-deb -b {} failed: {status}", tree.display());
+    }
+    Ok((out, version))
 }
 
 impl Systemd {
@@ -214,6 +257,14 @@ impl Systemd {
             fs::create_dir_all(dir)?;
         }
         fs::write(&p, contents).with_context(|| format!("writing {inside} in the sandbox"))
+    }
+
+    /// A file only `owner` may read (mode 0600), e.g. an upstream password for the service.
+    pub fn write_secret(&self, inside: &str, contents: &[u8], owner: &str) -> Result<()> {
+        self.write(inside, contents)?;
+        self.ok(&["chown", &format!("{owner}:{owner}"), inside])?;
+        self.ok(&["chmod", "600", inside])?;
+        Ok(())
     }
 
     /// `dpkg -i` of a package from the host.

@@ -207,6 +207,12 @@ fn sync_dir(file: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A signed note as one log line: newlines become `\n` (and `\` becomes `\\`), so a log
+/// viewer shows one line per checkpoint and the exact note can still be recovered from it.
+pub fn log_line(note: &str) -> String {
+    note.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
 /// A public key that checks signatures.
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -392,5 +398,30 @@ mod tests {
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = Signer::load_or_create(&key_file, "host/portcullis").unwrap_err();
         assert!(err.to_string().contains("0600"), "{err}");
+    }
+
+    #[test]
+    fn a_note_logs_as_one_line_that_gives_the_note_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("recording.key");
+        let signer = Signer::load_or_create(&key_file, "host/portcullis").unwrap();
+        let cp = Checkpoint {
+            origin: "host/portcullis".into(),
+            size: 3,
+            root: [1; 32],
+            extensions: vec![r"truncated a\b.seg 4096 812".into()],
+        };
+        let note = signer.sign(&cp.body());
+        let line = log_line(&note);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("host/portcullis\\n3\\n"), "{line}");
+        let back = line
+            .split("\\\\")
+            .map(|part| part.replace("\\n", "\n"))
+            .collect::<Vec<_>>()
+            .join("\\");
+        assert_eq!(back, note);
+        let verifiers = Verifier::read_file(&pub_path(&key_file)).unwrap();
+        assert_eq!(open_checkpoint(&back, &verifiers), Ok(cp));
     }
 }

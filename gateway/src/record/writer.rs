@@ -443,7 +443,7 @@ impl Writer {
                 }
                 for note in notes {
                     self.shared.status.checkpoints.fetch_add(1, Relaxed);
-                    tracing::info!(target: "portcullis::record::checkpoint", checkpoint = %note, "recording checkpoint");
+                    tracing::info!(target: "portcullis::record::checkpoint", checkpoint = %super::checkpoint::log_line(&note), "recording checkpoint");
                     if let Some((tx, _)) = &self.ship {
                         let _ = tx.send(note);
                     }
