@@ -21,6 +21,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use crate::policy::classify::numeric_shape_key;
+
 pub use catalog::{CATALOG_SQL, Catalog, Relation, SourceColumn, SourceRule};
 pub use session::{CatalogCache, SessionLineage};
 
@@ -242,8 +244,10 @@ pub fn describe(lineage: &Lineage, catalog: &Catalog) -> String {
 /// depend on literals (`json_build_object('ssn', ...)` keys).
 #[derive(Debug, Default)]
 pub struct LineageCache {
+    /// By statement shape where numbers can be told apart from the rest, else by text.
     map: HashMap<Arc<str>, Arc<Analysis>>,
     capacity: usize,
+    key: String,
 }
 
 /// Texts longer than this are analysed every time instead of filling the cache.
@@ -254,20 +258,30 @@ impl LineageCache {
         LineageCache {
             map: HashMap::with_capacity(capacity.min(1024)),
             capacity: capacity.max(1),
+            key: String::new(),
         }
     }
 
+    /// The analysis of `sql`. Texts that differ only in numeric literals share one: a number
+    /// decides no column's sources. Except as a json or array subscript (`-> 0`, `[1]`), where it
+    /// picks a path, so such texts are keyed whole.
     pub fn analysis(&mut self, sql: &str, catalog: &Catalog, path: &[String]) -> Arc<Analysis> {
-        if let Some(a) = self.map.get(sql) {
+        let subscripted = sql.contains("->") || sql.contains("#>") || sql.contains('[');
+        let key = if !subscripted && numeric_shape_key(sql, &mut self.key) {
+            self.key.as_str()
+        } else {
+            sql
+        };
+        if let Some(a) = self.map.get(key) {
             return a.clone();
         }
         let a = Arc::new(analyze(sql, catalog, path));
-        if sql.len() <= MAX_CACHED_TEXT {
+        if key.len() <= MAX_CACHED_TEXT {
             if self.map.len() >= self.capacity {
                 // Statement shapes of one session are few; when they are not, start over.
                 self.map.clear();
             }
-            self.map.insert(sql.into(), a.clone());
+            self.map.insert(key.into(), a.clone());
         }
         a
     }

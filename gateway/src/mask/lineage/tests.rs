@@ -356,11 +356,46 @@ fn cache_returns_the_same_analysis() {
     let b = cache.analysis("SELECT ssn FROM users", &c, c.search_path());
     assert!(Arc::ptr_eq(&a, &b));
     cache.analysis("SELECT 1", &c, c.search_path());
-    cache.analysis("SELECT 2", &c, c.search_path());
+    cache.analysis("SELECT name FROM users", &c, c.search_path());
     assert!(!Arc::ptr_eq(
         &a,
         &cache.analysis("SELECT ssn FROM users", &c, c.search_path())
     ));
+}
+
+#[test]
+fn texts_differing_only_in_numbers_share_an_analysis_but_json_keys_and_subscripts_do_not() {
+    let c = catalog();
+    let p = c.search_path();
+    let mut cache = LineageCache::new(16);
+    let a = cache.analysis("SELECT name FROM users WHERE id = 1", &c, p);
+    let b = cache.analysis("SELECT name FROM users WHERE id = 20.5e3", &c, p);
+    assert!(Arc::ptr_eq(&a, &b), "one shape, one analysis");
+    let other = cache.analysis("SELECT ssn FROM users WHERE id = 1", &c, p);
+    assert!(!Arc::ptr_eq(&a, &other));
+    // A string's content can name a masked json key: never shared.
+    let nick = cache.analysis("SELECT name ->> 'nick' FROM users", &c, p);
+    let ssn = cache.analysis("SELECT name ->> 'ssn' FROM users", &c, p);
+    assert!(!Arc::ptr_eq(&nick, &ssn));
+    for (x, y) in [
+        ("SELECT name -> 0 FROM users", "SELECT name -> 1 FROM users"),
+        (
+            "SELECT (ARRAY[ssn])[1] FROM users",
+            "SELECT (ARRAY[ssn])[2] FROM users",
+        ),
+        (
+            "SELECT name #> '{0}' FROM users WHERE id = 1",
+            "SELECT name #> '{0}' FROM users WHERE id = 2",
+        ),
+    ] {
+        assert!(
+            !Arc::ptr_eq(&cache.analysis(x, &c, p), &cache.analysis(y, &c, p)),
+            "{x}"
+        );
+    }
+    // The analysis of a shared shape is that of the first text: the same columns.
+    assert_eq!(b.statements[0].columns.len(), 1);
+    assert_eq!(b.statements[0].columns[0].name, "name");
 }
 
 #[test]

@@ -35,6 +35,7 @@ mod cache;
 mod fingerprint;
 mod keywords;
 mod shape;
+pub(crate) use shape::numeric_shape_key;
 mod split;
 mod visitor;
 

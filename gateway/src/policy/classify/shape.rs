@@ -9,6 +9,16 @@
 /// PostgreSQL or sqlparser: backslashes (escape strings, `standard_conforming_strings = off`),
 /// `$` (dollar quotes, parameters), `U&` literals, nested or unterminated comments and quotes.
 pub(super) fn shape_key(sql: &str, out: &mut String) -> bool {
+    shape_key_with(sql, out, true)
+}
+
+/// [`shape_key`] that blanks numeric literals only, keeping string literals byte for byte: for
+/// analyses a string's content can change (a json key: `->> 'ssn'`) but a number's cannot.
+pub(crate) fn numeric_shape_key(sql: &str, out: &mut String) -> bool {
+    shape_key_with(sql, out, false)
+}
+
+fn shape_key_with(sql: &str, out: &mut String, blank_strings: bool) -> bool {
     let b = sql.as_bytes();
     let is_word_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
     if b.iter().any(|&c| c == b'\\' || c == b'$') || has_unicode_literal(b) {
@@ -25,10 +35,12 @@ pub(super) fn shape_key(sql: &str, out: &mut String) -> bool {
                 let Some(end) = closing_quote(b, i + 1, b'\'') else {
                     return false;
                 };
-                out.push_str(&sql[copied..=i]);
-                out.push_str("?'");
+                if blank_strings {
+                    out.push_str(&sql[copied..=i]);
+                    out.push_str("?'");
+                    copied = end + 1;
+                }
                 i = end + 1;
-                copied = i;
             }
             b'"' => match closing_quote(b, i + 1, b'"') {
                 Some(end) => i = end + 1,
