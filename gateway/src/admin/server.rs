@@ -112,7 +112,11 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
     }
     let mut line = String::new();
     BufReader::new(conn).take(1 << 20).read_line(&mut line)?;
-    let operator = user_name(uid).unwrap_or_else(|| format!("uid {uid}"));
+    // Who decided or killed, as approvals and sessions record it: the peer's user and uid.
+    let operator = match user_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => handle(req, shared, &operator),
         Err(e) => Err(format!("bad request: {e}")),
@@ -176,7 +180,53 @@ fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::V
             tracing::info!(approval = id, by = operator, "denied");
             to_json(serde_json::json!({ "id": id, "status": "denied" }))
         }
+        Request::KillSessions { subject, session } => {
+            to_json(kill_sessions(shared, subject, session, operator)?)
+        }
     }
+}
+
+/// Ends the live sessions of one subject, or one session by id; each client gets FATAL 57P01
+/// naming `operator`. Matching nothing is an error, so a mistyped subject is not taken for done.
+fn kill_sessions(
+    shared: &Shared,
+    subject: Option<String>,
+    session: Option<u64>,
+    operator: &str,
+) -> Result<Vec<super::Killed>, String> {
+    let matches = |s: &crate::metrics::SessionInfo| match (&subject, session) {
+        (Some(sub), None) => s.identity().is_some_and(|who| &who.subject == sub),
+        (None, Some(id)) => s.id == id,
+        _ => false,
+    };
+    let what = match (&subject, session) {
+        (Some(sub), None) => format!("subject {sub:?}"),
+        (None, Some(id)) => format!("session {id}"),
+        _ => return Err("name exactly one of --subject and --session".into()),
+    };
+    let mut killed = Vec::new();
+    for s in shared.registry.live_sessions() {
+        if matches(&s) && s.kill.pull(operator) {
+            let subject = s.identity().map(|who| who.subject.clone());
+            tracing::warn!(
+                session = s.id,
+                subject = subject.as_deref().unwrap_or("-"),
+                by = operator,
+                "session killed"
+            );
+            killed.push(super::Killed {
+                id: s.id,
+                subject,
+                agent: s.peer.agent.clone(),
+                target: s.target.clone(),
+            });
+        }
+    }
+    if killed.is_empty() {
+        return Err(format!("no live session of {what}"));
+    }
+    killed.sort_by_key(|k| k.id);
+    Ok(killed)
 }
 
 fn respond(w: &mut UnixStream, reply: Result<serde_json::Value, String>) -> anyhow::Result<()> {
