@@ -112,7 +112,9 @@ pub fn verify(service: &IdentityService, tokens: &ConnectTokens) -> PendingIdent
 /// The identity of a new connection to a target with `[target.identity]`.
 ///
 /// `presented` is the token the client sent as its password, `None` when it was not asked for
-/// one (its agent has a token file, or its leg may not carry a password: `leg_ok` is false).
+/// one (its agent has a token file and the target takes no delegation, or its leg may not carry
+/// a password: `leg_ok` is false). With a token file and `delegation`, a presented token is the
+/// subject and the file the actor.
 /// `Ok(None)`: no token, and the target does not require identity.
 pub async fn at_connect(
     service: &IdentityService,
@@ -122,10 +124,13 @@ pub async fn at_connect(
     leg_ok: bool,
 ) -> Result<Option<SessionIdentity>, IdentityError> {
     let cfg = service.settings();
-    // An empty password is no token: what a client without one sends where identity is optional.
-    let presented = presented.filter(|t| cfg.require_identity || !t.expose().is_empty());
-    if presented.is_none() && !leg_ok && token_file(agents, agent).is_none() && cfg.require_identity
-    {
+    // An empty password is no token: what a client without one sends where identity is optional,
+    // and what an agent with a token file sends when it delegates nobody's identity.
+    let own_file = token_file(agents, agent).is_some();
+    let presented = presented
+        .filter(|t| (cfg.require_identity && !own_file) || !t.expose().is_empty())
+        .filter(|_| !own_file || cfg.delegation);
+    if presented.is_none() && !leg_ok && !own_file && cfg.require_identity {
         return Err(IdentityError::TokenMissing(
             "the connection's agent has no [[agent]] token_file, and the client leg is neither \
              loopback nor TLS, so it may not carry a token as its password"

@@ -28,6 +28,13 @@ action = "block"
 reason = "contractors may not write"
 
 [[rules]]
+name = "no-writes-through-claude"
+actors = ["claude-agent"]
+kinds = ["write"]
+action = "block"
+reason = "claude may not write on anyone's behalf"
+
+[[rules]]
 name = "dba-writes"
 groups = ["dba"]
 kinds = ["write"]
@@ -59,24 +66,34 @@ fn policy_with_who_rules() -> String {
 
 impl Env {
     fn start(exchange_ttl: Option<u64>) -> Env {
-        Env::start_with(exchange_ttl, |_, _| String::new(), None)
+        Env::start_with(exchange_ttl, |_, _| String::new(), None, "")
     }
 
     /// With the eBPF redirect on (root), and `[[agent]]` tables from `agents(dir, idp)`.
     fn redirected(tag: &str, agents: impl FnOnce(&Path, &Idp) -> String) -> Env {
+        Env::redirected_with(tag, agents, "")
+    }
+
+    /// [`Env::redirected`], with `main_identity` added to target `main`'s `[target.identity]`.
+    fn redirected_with(
+        tag: &str,
+        agents: impl FnOnce(&Path, &Idp) -> String,
+        main_identity: &str,
+    ) -> Env {
         let mount = portcullis::redirect::find_cgroup2_mount().expect("cgroup2 mount");
         let unique = format!("portcullis-identity-{tag}-{}", std::process::id());
         let redirect = (
             PathBuf::from("/sys/fs/bpf").join(&unique),
             mount.join(&unique),
         );
-        Env::start_with(None, agents, Some(redirect))
+        Env::start_with(None, agents, Some(redirect), main_identity)
     }
 
     fn start_with(
         exchange_ttl: Option<u64>,
         agents: impl FnOnce(&Path, &Idp) -> String,
         redirect: Option<(PathBuf, PathBuf)>,
+        main_identity: &str,
     ) -> Env {
         let pg = Postgres::start().expect("start PostgreSQL");
         pg.superuser_sql(
@@ -136,6 +153,7 @@ client_id = "portcullis"
 client_secret_file = "{secret}"
 jwks_min_refresh = "0s"
 leeway = "1s"
+{main_identity}
 
 [[target.role]]
 groups = ["dba"]
@@ -995,6 +1013,7 @@ async fn off_loopback_a_token_as_the_password_travels_only_over_the_local_tls_le
         None,
         |_, _| format!("[[listener]]\nlisten = \"{ip}:{port}\"\ntarget = \"main\"\n"),
         None,
+        "",
     );
     let ca = env.gw.state_dir.join("local-ca/ca.pem");
     let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
@@ -1036,4 +1055,107 @@ async fn off_loopback_a_token_as_the_password_travels_only_over_the_local_tls_le
         !env.gw.log().contains(&alice),
         "the token is in the gateway log"
     );
+}
+
+#[test]
+fn an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject() {
+    if testkit::skip_unless_root(
+        "an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject",
+    ) {
+        return;
+    }
+    // Target `main` takes delegation: claude's token file is the actor, and a person's token in
+    // the password is the subject.
+    let env = Env::redirected_with(
+        "delegate",
+        |dir, idp| {
+            let claude = idp
+                .mint("claude-agent", &["analysts"], "portcullis")
+                .unwrap();
+            let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
+            format!(
+                "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
+                file.display()
+            )
+        },
+        "delegation = true",
+    );
+    let dora = env.idp.mint("dora", &["dba"], "portcullis").unwrap();
+    let write = "INSERT INTO orders VALUES (3, 'via-agent')";
+
+    // For dora: her role (dba_login), her subject, claude as the actor, seen while it runs.
+    let session = {
+        let (pin, root) = env.redirect.clone().unwrap();
+        let (port, bindir, dora) = (env.pg.port, env.pg.bindir().to_owned(), dora.clone());
+        std::thread::spawn(move || {
+            Command::new(testkit::portcullis_bin())
+                .args(["run", "--agent", "claude", "--pin-path"])
+                .arg(pin)
+                .arg("--agent-root")
+                .arg(root)
+                .arg("--")
+                .arg(bindir.join("psql"))
+                .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg("SELECT current_user, pg_sleep(3)")
+                .arg(format!(
+                    "host=127.0.0.1 port={port} user=agent dbname=app sslmode=disable"
+                ))
+                .env("PGPASSWORD", dora)
+                .output()
+                .unwrap()
+        })
+    };
+    let mut seen = None;
+    for _ in 0..100 {
+        if let Some(s) = env.sessions().0.into_iter().find(|s| s["subject"] == "dora") {
+            seen = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = seen.unwrap_or_else(|| panic!("no session for dora\n{}", env.context()));
+    assert_eq!(seen["actors"], json!(["claude-agent"]), "{seen}");
+    assert_eq!(seen["agent"], "claude", "{seen}");
+    assert_eq!(seen["groups"], json!(["dba"]), "{seen}");
+    let out = session.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("dba_login|"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Policy by actor: dora may write, but not through claude.
+    let (_, err, ok) = env.agent_psql("claude", &dora, write);
+    assert!(!ok);
+    assert!(err.contains("no-writes-through-claude"), "{err}");
+    // dora herself, from an agent without a token file: no actor, and her write goes through.
+    let (_, err, ok) = env.agent_psql("codex", &dora, write);
+    assert!(ok, "{err}");
+
+    // libpq sends no empty password: asked for one, psql without a person's token gives up at
+    // the client, and nothing reaches upstream as claude alone.
+    let (out, err, ok) = env.agent_psql("claude", "", "SELECT current_user");
+    assert!(!ok && err.contains("no password supplied"), "{out}{err}");
+
+    // What an agent would try: a made-up or expired person's token is refused, never taken for
+    // claude acting alone.
+    let expired = env
+        .idp
+        .mint_with(json!({"claims": {"sub": "dora", "groups": ["dba"], "exp": 1_000_000}}))
+        .unwrap();
+    for (what, token) in [("garbage", "not-a-token"), ("expired", expired.as_str())] {
+        let (out, err, ok) = env.agent_psql("claude", token, "SELECT current_user");
+        assert!(!ok, "{what}: connected as {out}");
+        assert!(err.contains("subject_token") || err.contains("IdP refused"), "{what}: {err}");
+    }
+    // Claude cannot claim the actor role for another agent's file, nor escape it: the actor is
+    // whatever its own file says, whoever it names as the subject.
+    let codex = env.idp.mint("codex-agent", &["dba"], "portcullis").unwrap();
+    let (_, err, ok) = env.agent_psql("claude", &codex, write);
+    assert!(!ok && err.contains("no-writes-through-claude"), "{err}");
+    let log = env.gw.log();
+    for t in [&dora, &codex, &expired] {
+        assert!(!log.contains(t.as_str()), "a token is in the gateway log");
+    }
 }
