@@ -219,6 +219,18 @@ leeway = "1s"
     /// `portcullis run --agent AGENT -- psql ... -c SQL` against PostgreSQL's own address, with
     /// `password` in PGPASSWORD: (stdout, stderr, success).
     fn agent_psql(&self, agent: &str, password: &str, sql: &str) -> (String, String, bool) {
+        self.agent_psql_with(agent, &[], password, sql)
+    }
+
+    /// [`Env::agent_psql`] with more `portcullis run` options (`--admin-socket` is this
+    /// gateway's unless `run_args` name one).
+    fn agent_psql_with(
+        &self,
+        agent: &str,
+        run_args: &[&str],
+        password: &str,
+        sql: &str,
+    ) -> (String, String, bool) {
         let (pin, root) = self.redirect.as_ref().expect("started with the redirect");
         let dsn = format!(
             "host=127.0.0.1 port={} user=agent dbname=app sslmode=disable",
@@ -229,6 +241,8 @@ leeway = "1s"
             .arg(pin)
             .arg("--agent-root")
             .arg(root)
+            .args(run_args)
+            .env("PORTCULLIS_ADMIN_SOCKET", &self.gw.admin_socket)
             .arg("--")
             .arg(self.pg.bindir().join("psql"))
             .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &dsn, "-c", sql])
@@ -1107,7 +1121,12 @@ fn an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject() {
     };
     let mut seen = None;
     for _ in 0..100 {
-        if let Some(s) = env.sessions().0.into_iter().find(|s| s["subject"] == "dora") {
+        if let Some(s) = env
+            .sessions()
+            .0
+            .into_iter()
+            .find(|s| s["subject"] == "dora")
+        {
             seen = Some(s);
             break;
         }
@@ -1147,7 +1166,10 @@ fn an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject() {
     for (what, token) in [("garbage", "not-a-token"), ("expired", expired.as_str())] {
         let (out, err, ok) = env.agent_psql("claude", token, "SELECT current_user");
         assert!(!ok, "{what}: connected as {out}");
-        assert!(err.contains("subject_token") || err.contains("IdP refused"), "{what}: {err}");
+        assert!(
+            err.contains("subject_token") || err.contains("IdP refused"),
+            "{what}: {err}"
+        );
     }
     // Claude cannot claim the actor role for another agent's file, nor escape it: the actor is
     // whatever its own file says, whoever it names as the subject.
@@ -1158,4 +1180,144 @@ fn an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject() {
     for t in [&dora, &codex, &expired] {
         assert!(!log.contains(t.as_str()), "a token is in the gateway log");
     }
+}
+
+#[test]
+fn run_and_attach_give_an_agent_its_token_file_at_runtime() {
+    if testkit::skip_unless_root("run_and_attach_give_an_agent_its_token_file_at_runtime") {
+        return;
+    }
+    let env = Env::redirected("runtime", |dir, idp| {
+        let claude = idp
+            .mint("claude-agent", &["analysts"], "portcullis")
+            .unwrap();
+        let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
+        format!(
+            "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
+            file.display()
+        )
+    });
+    let gemini = env
+        .idp
+        .mint("gemini-agent", &["dba"], "portcullis")
+        .unwrap();
+    let file = testkit::write_secret(env.dir.path(), "gemini.jwt", &gemini).unwrap();
+    let file_arg = file.display().to_string();
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+
+    // `run --token-file`: gemini is who its file says (dba), not the password it carries (alice).
+    let (out, err, ok) = env.agent_psql_with(
+        "gemini",
+        &["--token-file", &file_arg],
+        &alice,
+        "SELECT current_user",
+    );
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(out, "dba_login");
+    // Gone with the run: the next gemini without --token-file is asked for its token again.
+    let (out, err, ok) = env.agent_psql("gemini", &alice, "SELECT current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "reader");
+
+    // What an agent's operator would try. A runtime file cannot replace a configured one, and
+    // the command does not start when the gateway refuses.
+    let (out, err, ok) = env.agent_psql_with(
+        "claude",
+        &["--token-file", &file_arg],
+        &alice,
+        "SELECT 'started'",
+    );
+    assert!(!ok && !out.contains("started"), "{out}");
+    assert!(err.contains("in the configuration"), "{err}");
+    // Nor without a gateway to take it: never an agent run without the identity it was given.
+    let (out, err, ok) = env.agent_psql_with(
+        "gemini",
+        &[
+            "--token-file",
+            &file_arg,
+            "--admin-socket",
+            "/nonexistent/admin.sock",
+        ],
+        &alice,
+        "SELECT 'started'",
+    );
+    assert!(!ok && !out.contains("started"), "{out}");
+    assert!(err.contains("no gateway is running"), "{err}");
+    // A relative path, written straight to the admin socket, is refused.
+    let relative = portcullis::admin::client::call(
+        &env.gw.admin_socket,
+        &portcullis::admin::Request::SetTokenFile {
+            agent: "gemini".into(),
+            token_file: Some("gemini.jwt".into()),
+        },
+    )
+    .unwrap_err();
+    assert!(relative.to_string().contains("absolute"), "{relative}");
+    // A user outside the admin group cannot set one at all.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(testkit::portcullis_bin())
+        .args([
+            "agents",
+            "attach",
+            "/nonexistent",
+            "--token-file",
+            &file_arg,
+        ])
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // `agents attach --token-file`: a cgroup made elsewhere, placed under interception by name.
+    let mount = portcullis::redirect::find_cgroup2_mount().unwrap();
+    let cgroup = mount.join(format!("portcullis-attach-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let (pin, root) = env.redirect.clone().unwrap();
+    let attach = Command::new(testkit::portcullis_bin())
+        .args(["agents", "attach"])
+        .arg(&cgroup)
+        .args(["--name", "hermes", "--token-file", &file_arg, "--pin-path"])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        attach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} -X -At -v ON_ERROR_STOP=1 -c 'SELECT current_user' \
+         'host=127.0.0.1 port={} user=agent dbname=app sslmode=disable'",
+        cgroup.display(),
+        env.pg.bindir().join("psql").display(),
+        env.pg.port
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .env("PGPASSWORD", &alice)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&cgroup);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "dba_login",
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.context()
+    );
+    assert!(
+        env.gw.log().contains("agent token file set"),
+        "{}",
+        env.context()
+    );
+    assert!(
+        !env.gw.log().contains(gemini.as_str()),
+        "the token is in the log"
+    );
 }

@@ -27,6 +27,12 @@ pub enum Request {
         id: u64,
         reason: Option<String>,
     },
+    /// `--token-file` of `portcullis run` and `agents attach`: the agent's token file, as
+    /// `[[agent]] token_file` would set it; `None` clears it.
+    SetTokenFile {
+        agent: String,
+        token_file: Option<std::path::PathBuf>,
+    },
     /// `portcullis sessions kill`: exactly one of `subject` and `session`.
     KillSessions {
         subject: Option<String>,

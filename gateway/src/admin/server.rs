@@ -118,7 +118,7 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
         None => format!("uid {uid}"),
     };
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(req, shared, &operator),
+        Ok(req) => handle(req, shared, &operator, (uid, gid)),
         Err(e) => Err(format!("bad request: {e}")),
     };
     respond(&mut writer, reply)
@@ -128,8 +128,16 @@ fn to_json(v: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
 }
 
-fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::Value, String> {
+fn handle(
+    req: Request,
+    shared: &Shared,
+    operator: &str,
+    peer: (u32, u32),
+) -> Result<serde_json::Value, String> {
     match req {
+        Request::SetTokenFile { agent, token_file } => {
+            set_token_file(shared, &agent, token_file, peer, operator)
+        }
         Request::Status => {
             let cfg = shared.config();
             to_json(Status {
@@ -184,6 +192,38 @@ fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::V
             to_json(kill_sessions(shared, subject, session, operator)?)
         }
     }
+}
+
+/// Sets an agent's token file at runtime. The gateway reads it as itself at every connect, so
+/// the peer must be able to read it too: an admin group member cannot have the gateway send a
+/// file only root may read to the IdP as some agent's token.
+fn set_token_file(
+    shared: &Shared,
+    agent: &str,
+    file: Option<PathBuf>,
+    (uid, gid): (u32, u32),
+    operator: &str,
+) -> Result<serde_json::Value, String> {
+    if let Some(f) = &file
+        && uid != 0
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(f).map_err(|e| format!("token file {}: {e}", f.display()))?;
+        let readable = (m.uid() == uid && m.mode() & 0o400 != 0)
+            || (m.gid() == gid && m.mode() & 0o040 != 0)
+            || m.mode() & 0o004 != 0;
+        if !readable {
+            return Err(format!(
+                "token file {}: uid {uid} may not read it, so it may not give it to an agent",
+                f.display()
+            ));
+        }
+    }
+    shared
+        .token_files
+        .set(&shared.config().agents, agent, file.clone())?;
+    tracing::info!(agent, token_file = ?file, by = operator, "agent token file set");
+    to_json(serde_json::json!({ "agent": agent, "token_file": file }))
 }
 
 /// Ends the live sessions of one subject, or one session by id; each client gets FATAL 57P01
