@@ -299,6 +299,18 @@ impl Drop for Env {
     }
 }
 
+/// `[[agent]] claude` with a token file for `claude-agent` (analysts), written into `dir`.
+fn claude_token_file(dir: &Path, idp: &Idp) -> String {
+    let claude = idp
+        .mint("claude-agent", &["analysts"], "portcullis")
+        .unwrap();
+    let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
+    format!(
+        "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
+        file.display()
+    )
+}
+
 fn psql_at(bindir: &Path, listen: &str, token: &str, sql: &str) -> (String, String, bool) {
     let (host, port) = listen.split_once(':').unwrap();
     let dsn = format!("host={host} port={port} user=agent dbname=app sslmode=disable");
@@ -321,18 +333,24 @@ fn psql_dsn(bindir: &Path, dsn: &str, token: &str, sql: &str) -> (String, String
     )
 }
 
-async fn connect(
-    listen: &str,
-    token: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+/// tokio-postgres settings to connect through `listen` with `token` as the password.
+fn pg_config(listen: &str, token: &str) -> tokio_postgres::Config {
     let (host, port) = listen.split_once(':').unwrap();
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(host)
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
         .port(port.parse().unwrap())
         .user("agent")
         .dbname("app")
         .password(token)
-        .connect_timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(30));
+    c
+}
+
+async fn connect(
+    listen: &str,
+    token: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = pg_config(listen, token)
         .connect(tokio_postgres::NoTls)
         .await?;
     tokio::spawn(conn);
@@ -347,14 +365,7 @@ async fn connect_watched(
     tokio_postgres::Client,
     tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 ) {
-    let (host, port) = listen.split_once(':').unwrap();
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(host)
-        .port(port.parse().unwrap())
-        .user("agent")
-        .dbname("app")
-        .password(token)
-        .connect_timeout(Duration::from_secs(30))
+    let (client, conn) = pg_config(listen, token)
         .connect(tokio_postgres::NoTls)
         .await
         .expect("connect through the gateway");
@@ -639,16 +650,7 @@ fn an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect() {
     ) {
         return;
     }
-    let env = Env::redirected("file", |dir, idp| {
-        let claude = idp
-            .mint("claude-agent", &["analysts"], "portcullis")
-            .unwrap();
-        let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
-        format!(
-            "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
-            file.display()
-        )
-    });
+    let env = Env::redirected("file", claude_token_file);
     let file = env.dir.path().join("claude.jwt");
     let first = std::fs::read_to_string(&file).unwrap();
     let codex = env.idp.mint("codex-agent", &["dba"], "portcullis").unwrap();
@@ -708,20 +710,7 @@ async fn an_analyst_s_write_waits_for_a_human_and_then_runs_as_the_mapped_role()
         c.simple_query("UPDATE orders SET state = 'held' WHERE id = 1")
             .await
     });
-    let mut id = None;
-    for _ in 0..300 {
-        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
-        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        if let Some(r) = list
-            .iter()
-            .find(|r| r["status"] == "pending" && r["rule"] == "writes")
-        {
-            id = r["id"].as_u64();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let id = id.unwrap_or_else(|| panic!("no pending approval\n{}", env.context()));
+    let id = pending_approval(&env).await;
     // Operators see who asked: the subject the token names, not only the process.
     let pending = approval(&env, id);
     assert_eq!(pending["subject"], "alice", "{pending}");
@@ -753,6 +742,22 @@ async fn an_analyst_s_write_waits_for_a_human_and_then_runs_as_the_mapped_role()
             .is_some_and(|by| by.ends_with(&format!("(uid {me})"))),
         "{decided}"
     );
+}
+
+/// The id of the first request pending approval under rule `writes`, once there is one.
+async fn pending_approval(env: &Env) -> u64 {
+    for _ in 0..300 {
+        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(r) = list
+            .iter()
+            .find(|r| r["status"] == "pending" && r["rule"] == "writes")
+        {
+            return r["id"].as_u64().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no pending approval\n{}", env.context());
 }
 
 /// One approval request as `portcullis approvals --json` shows it.
@@ -916,17 +921,7 @@ async fn psql_hears_who_killed_its_session_even_while_a_statement_waits_for_appr
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut id = None;
-    for _ in 0..300 {
-        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
-        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        if let Some(r) = list.iter().find(|r| r["status"] == "pending") {
-            id = r["id"].as_u64();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let id = id.unwrap_or_else(|| panic!("no pending approval\n{}", env.context()));
+    let id = pending_approval(&env).await;
     let (_, err, ok) = cli(&env, &["sessions", "kill", "--subject", "alice"]);
     assert!(ok, "{err}");
     let out = psql.wait_with_output().unwrap();
@@ -1080,20 +1075,7 @@ fn an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject() {
     }
     // Target `main` takes delegation: claude's token file is the actor, and a person's token in
     // the password is the subject.
-    let env = Env::redirected_with(
-        "delegate",
-        |dir, idp| {
-            let claude = idp
-                .mint("claude-agent", &["analysts"], "portcullis")
-                .unwrap();
-            let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
-            format!(
-                "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
-                file.display()
-            )
-        },
-        "delegation = true",
-    );
+    let env = Env::redirected_with("delegate", claude_token_file, "delegation = true");
     let dora = env.idp.mint("dora", &["dba"], "portcullis").unwrap();
     let write = "INSERT INTO orders VALUES (3, 'via-agent')";
 
@@ -1187,16 +1169,7 @@ fn run_and_attach_give_an_agent_its_token_file_at_runtime() {
     if testkit::skip_unless_root("run_and_attach_give_an_agent_its_token_file_at_runtime") {
         return;
     }
-    let env = Env::redirected("runtime", |dir, idp| {
-        let claude = idp
-            .mint("claude-agent", &["analysts"], "portcullis")
-            .unwrap();
-        let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
-        format!(
-            "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
-            file.display()
-        )
-    });
+    let env = Env::redirected("runtime", claude_token_file);
     let gemini = env
         .idp
         .mint("gemini-agent", &["dba"], "portcullis")
