@@ -73,6 +73,63 @@ pub fn leg_may_carry_password(client_addr: SocketAddr, tls: bool) -> bool {
     tls || client_addr.ip().to_canonical().is_loopback()
 }
 
+/// Token files set at runtime (`portcullis run --token-file`, `agents attach --token-file`),
+/// beside the configuration's `[[agent]]` tables. A configured agent keeps its configured file:
+/// a runtime one cannot replace it. They last until the gateway stops.
+#[derive(Debug, Default)]
+pub struct RuntimeTokenFiles(std::sync::RwLock<Vec<AgentConfig>>);
+
+impl RuntimeTokenFiles {
+    /// Sets (or with `None` clears) `name`'s token file. `configured`: the `[[agent]]` tables.
+    pub fn set(
+        &self,
+        configured: &[AgentConfig],
+        name: &str,
+        file: Option<std::path::PathBuf>,
+    ) -> Result<(), String> {
+        if name.is_empty() {
+            return Err("an agent's token file needs the agent's name".into());
+        }
+        if configured.iter().any(|a| a.name == name) {
+            return Err(format!(
+                "agent {name:?} has an [[agent]] token_file in the configuration; change it there"
+            ));
+        }
+        if let Some(f) = &file
+            && !f.is_absolute()
+        {
+            return Err(format!(
+                "token file {} is not an absolute path",
+                f.display()
+            ));
+        }
+        let mut all = self.0.write().unwrap_or_else(|e| e.into_inner());
+        all.retain(|a| a.name != name);
+        if let Some(token_file) = file {
+            all.push(AgentConfig {
+                name: name.to_owned(),
+                token_file,
+            });
+        }
+        Ok(())
+    }
+
+    /// The configured agents, and the runtime ones they do not name.
+    pub fn with_configured<'a>(
+        &self,
+        configured: &'a [AgentConfig],
+    ) -> std::borrow::Cow<'a, [AgentConfig]> {
+        let runtime = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if runtime.is_empty() {
+            return std::borrow::Cow::Borrowed(configured);
+        }
+        let extra = runtime
+            .iter()
+            .filter(|r| !configured.iter().any(|c| c.name == r.name));
+        std::borrow::Cow::Owned(configured.iter().chain(extra).cloned().collect())
+    }
+}
+
 /// The `[[agent]]` token file of the agent a connection is attributed to, if it has one.
 pub fn token_file<'a>(agents: &'a [AgentConfig], agent: Option<&str>) -> Option<&'a AgentConfig> {
     agent.and_then(|name| agents.iter().find(|a| a.name == name))
@@ -112,7 +169,9 @@ pub fn verify(service: &IdentityService, tokens: &ConnectTokens) -> PendingIdent
 /// The identity of a new connection to a target with `[target.identity]`.
 ///
 /// `presented` is the token the client sent as its password, `None` when it was not asked for
-/// one (its agent has a token file, or its leg may not carry a password: `leg_ok` is false).
+/// one (its agent has a token file and the target takes no delegation, or its leg may not carry
+/// a password: `leg_ok` is false). With a token file and `delegation`, a presented token is the
+/// subject and the file the actor.
 /// `Ok(None)`: no token, and the target does not require identity.
 pub async fn at_connect(
     service: &IdentityService,
@@ -122,10 +181,13 @@ pub async fn at_connect(
     leg_ok: bool,
 ) -> Result<Option<SessionIdentity>, IdentityError> {
     let cfg = service.settings();
-    // An empty password is no token: what a client without one sends where identity is optional.
-    let presented = presented.filter(|t| cfg.require_identity || !t.expose().is_empty());
-    if presented.is_none() && !leg_ok && token_file(agents, agent).is_none() && cfg.require_identity
-    {
+    // An empty password is no token: what a client without one sends where identity is optional,
+    // and what an agent with a token file sends when it delegates nobody's identity.
+    let own_file = token_file(agents, agent).is_some();
+    let presented = presented
+        .filter(|t| (cfg.require_identity && !own_file) || !t.expose().is_empty())
+        .filter(|_| !own_file || cfg.delegation);
+    if presented.is_none() && !leg_ok && !own_file && cfg.require_identity {
         return Err(IdentityError::TokenMissing(
             "the connection's agent has no [[agent]] token_file, and the client leg is neither \
              loopback nor TLS, so it may not carry a token as its password"

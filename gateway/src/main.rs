@@ -36,13 +36,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Live sessions of the running gateway.
+    /// Live sessions of the running gateway; `kill` ends some.
     Sessions {
         #[command(flatten)]
         admin: AdminArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        command: Option<SessionsCommand>,
     },
     /// Pending and recent just-in-time approval requests.
     Approvals {
@@ -128,6 +130,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// End live sessions: each client gets FATAL 57P01 naming the operator who killed it.
+    Kill {
+        /// Every live session of this subject (the verified token's `sub`).
+        #[arg(long, required_unless_present = "session", conflicts_with = "session")]
+        subject: Option<String>,
+        /// One session, by the id `portcullis sessions` shows.
+        #[arg(long)]
+        session: Option<u64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
 /// `portcullis.1`, one `portcullis-<command>.1` per command, and bash, zsh and fish completions.
 fn generate_docs(out: &std::path::Path) -> anyhow::Result<()> {
     use clap_complete::Shell;
@@ -154,9 +174,21 @@ fn main() -> ExitCode {
         Command::Status { admin, json } => {
             portcullis::admin::client::status(&admin.admin_socket, json)
         }
-        Command::Sessions { admin, json } => {
-            portcullis::admin::client::sessions(&admin.admin_socket, json)
-        }
+        Command::Sessions {
+            admin,
+            json,
+            command: None,
+        } => portcullis::admin::client::sessions(&admin.admin_socket, json),
+        Command::Sessions {
+            command:
+                Some(SessionsCommand::Kill {
+                    subject,
+                    session,
+                    json,
+                    admin,
+                }),
+            ..
+        } => portcullis::admin::client::kill_sessions(&admin.admin_socket, subject, session, json),
         Command::Approvals { admin, json } => {
             portcullis::admin::client::approvals(&admin.admin_socket, json)
         }

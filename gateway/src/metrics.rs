@@ -79,6 +79,8 @@ pub struct SessionInfo {
     state: AtomicU8,
     /// Who the IdP says the session is (targets with `[target.identity]`); replaced on renewal.
     identity: Mutex<Option<Arc<crate::idp::VerifiedIdentity>>>,
+    /// `portcullis sessions kill`.
+    pub kill: crate::admin::KillSwitch,
 }
 
 impl SessionInfo {
@@ -183,6 +185,7 @@ impl Registry {
             bytes_out: AtomicU64::new(0),
             state: AtomicU8::new(SessionState::Startup as u8),
             identity: Mutex::new(None),
+            kill: Default::default(),
         });
         self.sessions
             .lock()
@@ -199,6 +202,12 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// The live sessions themselves, for `portcullis sessions kill`.
+    pub fn live_sessions(&self) -> Vec<Arc<SessionInfo>> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
     }
 
     pub fn sessions(&self) -> Vec<SessionSnapshot> {

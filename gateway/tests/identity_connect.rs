@@ -28,6 +28,13 @@ action = "block"
 reason = "contractors may not write"
 
 [[rules]]
+name = "no-writes-through-claude"
+actors = ["claude-agent"]
+kinds = ["write"]
+action = "block"
+reason = "claude may not write on anyone's behalf"
+
+[[rules]]
 name = "dba-writes"
 groups = ["dba"]
 kinds = ["write"]
@@ -59,24 +66,34 @@ fn policy_with_who_rules() -> String {
 
 impl Env {
     fn start(exchange_ttl: Option<u64>) -> Env {
-        Env::start_with(exchange_ttl, |_, _| String::new(), None)
+        Env::start_with(exchange_ttl, |_, _| String::new(), None, "")
     }
 
     /// With the eBPF redirect on (root), and `[[agent]]` tables from `agents(dir, idp)`.
     fn redirected(tag: &str, agents: impl FnOnce(&Path, &Idp) -> String) -> Env {
+        Env::redirected_with(tag, agents, "")
+    }
+
+    /// [`Env::redirected`], with `main_identity` added to target `main`'s `[target.identity]`.
+    fn redirected_with(
+        tag: &str,
+        agents: impl FnOnce(&Path, &Idp) -> String,
+        main_identity: &str,
+    ) -> Env {
         let mount = portcullis::redirect::find_cgroup2_mount().expect("cgroup2 mount");
         let unique = format!("portcullis-identity-{tag}-{}", std::process::id());
         let redirect = (
             PathBuf::from("/sys/fs/bpf").join(&unique),
             mount.join(&unique),
         );
-        Env::start_with(None, agents, Some(redirect))
+        Env::start_with(None, agents, Some(redirect), main_identity)
     }
 
     fn start_with(
         exchange_ttl: Option<u64>,
         agents: impl FnOnce(&Path, &Idp) -> String,
         redirect: Option<(PathBuf, PathBuf)>,
+        main_identity: &str,
     ) -> Env {
         let pg = Postgres::start().expect("start PostgreSQL");
         pg.superuser_sql(
@@ -136,6 +153,7 @@ client_id = "portcullis"
 client_secret_file = "{secret}"
 jwks_min_refresh = "0s"
 leeway = "1s"
+{main_identity}
 
 [[target.role]]
 groups = ["dba"]
@@ -145,6 +163,10 @@ password_file = "{dba_pw}"
 [[target.role]]
 groups = ["analysts", "contractors"]
 set_role = "reader"
+
+[target.local_tls]
+mode = "local-ca"
+hosts = ["db.internal"]
 
 [[target]]
 name = "direct"
@@ -197,6 +219,18 @@ leeway = "1s"
     /// `portcullis run --agent AGENT -- psql ... -c SQL` against PostgreSQL's own address, with
     /// `password` in PGPASSWORD: (stdout, stderr, success).
     fn agent_psql(&self, agent: &str, password: &str, sql: &str) -> (String, String, bool) {
+        self.agent_psql_with(agent, &[], password, sql)
+    }
+
+    /// [`Env::agent_psql`] with more `portcullis run` options (`--admin-socket` is this
+    /// gateway's unless `run_args` name one).
+    fn agent_psql_with(
+        &self,
+        agent: &str,
+        run_args: &[&str],
+        password: &str,
+        sql: &str,
+    ) -> (String, String, bool) {
         let (pin, root) = self.redirect.as_ref().expect("started with the redirect");
         let dsn = format!(
             "host=127.0.0.1 port={} user=agent dbname=app sslmode=disable",
@@ -207,6 +241,8 @@ leeway = "1s"
             .arg(pin)
             .arg("--agent-root")
             .arg(root)
+            .args(run_args)
+            .env("PORTCULLIS_ADMIN_SOCKET", &self.gw.admin_socket)
             .arg("--")
             .arg(self.pg.bindir().join("psql"))
             .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &dsn, "-c", sql])
@@ -263,13 +299,29 @@ impl Drop for Env {
     }
 }
 
+/// `[[agent]] claude` with a token file for `claude-agent` (analysts), written into `dir`.
+fn claude_token_file(dir: &Path, idp: &Idp) -> String {
+    let claude = idp
+        .mint("claude-agent", &["analysts"], "portcullis")
+        .unwrap();
+    let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
+    format!(
+        "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
+        file.display()
+    )
+}
+
 fn psql_at(bindir: &Path, listen: &str, token: &str, sql: &str) -> (String, String, bool) {
     let (host, port) = listen.split_once(':').unwrap();
+    let dsn = format!("host={host} port={port} user=agent dbname=app sslmode=disable");
+    psql_dsn(bindir, &dsn, token, sql)
+}
+
+/// psql with a whole connection string and `token` as its password.
+fn psql_dsn(bindir: &Path, dsn: &str, token: &str, sql: &str) -> (String, String, bool) {
     let out = Command::new(bindir.join("psql"))
         .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .arg(format!(
-            "host={host} port={port} user=agent dbname=app sslmode=disable"
-        ))
+        .arg(dsn)
         .env("PGPASSWORD", token)
         .env("PGCONNECT_TIMEOUT", "30")
         .output()
@@ -281,22 +333,43 @@ fn psql_at(bindir: &Path, listen: &str, token: &str, sql: &str) -> (String, Stri
     )
 }
 
-async fn connect(
-    listen: &str,
-    token: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+/// tokio-postgres settings to connect through `listen` with `token` as the password.
+fn pg_config(listen: &str, token: &str) -> tokio_postgres::Config {
     let (host, port) = listen.split_once(':').unwrap();
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(host)
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
         .port(port.parse().unwrap())
         .user("agent")
         .dbname("app")
         .password(token)
-        .connect_timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(30));
+    c
+}
+
+async fn connect(
+    listen: &str,
+    token: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = pg_config(listen, token)
         .connect(tokio_postgres::NoTls)
         .await?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// Like [`connect`], with the connection's own end, where an unsolicited FATAL lands.
+async fn connect_watched(
+    listen: &str,
+    token: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, conn) = pg_config(listen, token)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through the gateway");
+    (client, tokio::spawn(conn))
 }
 
 /// SQLSTATE and message of a refused connection or statement.
@@ -577,16 +650,7 @@ fn an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect() {
     ) {
         return;
     }
-    let env = Env::redirected("file", |dir, idp| {
-        let claude = idp
-            .mint("claude-agent", &["analysts"], "portcullis")
-            .unwrap();
-        let file = testkit::write_secret(dir, "claude.jwt", &claude).unwrap();
-        format!(
-            "[[agent]]\nname = \"claude\"\ntoken_file = \"{}\"\n",
-            file.display()
-        )
-    });
+    let env = Env::redirected("file", claude_token_file);
     let file = env.dir.path().join("claude.jwt");
     let first = std::fs::read_to_string(&file).unwrap();
     let codex = env.idp.mint("codex-agent", &["dba"], "portcullis").unwrap();
@@ -646,20 +710,18 @@ async fn an_analyst_s_write_waits_for_a_human_and_then_runs_as_the_mapped_role()
         c.simple_query("UPDATE orders SET state = 'held' WHERE id = 1")
             .await
     });
-    let mut id = None;
-    for _ in 0..300 {
-        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
-        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        if let Some(r) = list
-            .iter()
-            .find(|r| r["status"] == "pending" && r["rule"] == "writes")
-        {
-            id = r["id"].as_u64();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let id = id.unwrap_or_else(|| panic!("no pending approval\n{}", env.context()));
+    let id = pending_approval(&env).await;
+    // Operators see who asked: the subject the token names, not only the process.
+    let pending = approval(&env, id);
+    assert_eq!(pending["subject"], "alice", "{pending}");
+    assert_eq!(pending["actors"], json!([]), "{pending}");
+    let table = env.gw.cli(&["approvals"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("SUBJECT") && table.contains("alice"),
+        "{table}"
+    );
+    assert!(!table.contains(&alice), "approvals shows the token");
     let out = env.gw.cli(&["approve", &id.to_string()]).unwrap();
     assert!(
         out.status.success(),
@@ -671,4 +733,564 @@ async fn an_analyst_s_write_waits_for_a_human_and_then_runs_as_the_mapped_role()
     let (code, message) = db_error(&e);
     assert_eq!(code, "42501", "{message}");
     assert!(message.contains("orders"), "{message}");
+    // Who decided: the admin socket peer's user and uid, from the kernel, not from the request.
+    let decided = approval(&env, id);
+    let me = my_uid();
+    assert!(
+        decided["decided_by"]
+            .as_str()
+            .is_some_and(|by| by.ends_with(&format!("(uid {me})"))),
+        "{decided}"
+    );
+}
+
+/// The id of the first request pending approval under rule `writes`, once there is one.
+async fn pending_approval(env: &Env) -> u64 {
+    for _ in 0..300 {
+        let out = env.gw.cli(&["approvals", "--json"]).unwrap();
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(r) = list
+            .iter()
+            .find(|r| r["status"] == "pending" && r["rule"] == "writes")
+        {
+            return r["id"].as_u64().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no pending approval\n{}", env.context());
+}
+
+/// One approval request as `portcullis approvals --json` shows it.
+fn approval(env: &Env, id: u64) -> Value {
+    let out = env.gw.cli(&["approvals", "--json"]).unwrap();
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    list.into_iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no approval {id}"))
+}
+
+/// This process's uid, as the admin socket sees it (via /proc, without unsafe).
+fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+/// Waits until `sessions` lists `n` sessions of `subject`; returns their ids.
+async fn sessions_of(env: &Env, subject: &str, n: usize) -> Vec<u64> {
+    for _ in 0..100 {
+        let ids: Vec<u64> = env
+            .sessions()
+            .0
+            .iter()
+            .filter(|s| s["subject"] == subject)
+            .filter_map(|s| s["id"].as_u64())
+            .collect();
+        if ids.len() == n {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{subject} does not have {n} sessions\n{}", env.context());
+}
+
+/// The CLI's (stdout, stderr, success).
+fn cli(env: &Env, args: &[&str]) -> (String, String, bool) {
+    let out = env.gw.cli(args).unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_kills_a_subject_s_sessions_and_the_clients_hear_who() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let bob = env.idp.mint("bob", &["analysts"], "portcullis").unwrap();
+    let (a1, a1_end) = connect_watched(&env.main, &alice).await;
+    let (a2, a2_end) = connect_watched(&env.main, &alice).await;
+    let (b, _) = connect_watched(&env.main, &bob).await;
+    sessions_of(&env, "alice", 2).await;
+    let bob_ids = sessions_of(&env, "bob", 1).await;
+
+    // What an agent would try. The CLI insists on exactly one selector.
+    let (_, err, ok) = cli(&env, &["sessions", "kill"]);
+    assert!(!ok && err.contains("--subject"), "{err}");
+    let (_, err, ok) = cli(
+        &env,
+        &["sessions", "kill", "--subject", "alice", "--session", "1"],
+    );
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    // So does the admin API, for a client that writes its own request.
+    let both = portcullis::admin::client::call(
+        &env.gw.admin_socket,
+        &portcullis::admin::Request::KillSessions {
+            subject: Some("alice".into()),
+            session: Some(bob_ids[0]),
+        },
+    )
+    .unwrap_err();
+    assert!(both.to_string().contains("exactly one"), "{both}");
+    // A subject's name that matches nobody kills nothing and says so, as does a prefix.
+    for nobody in ["mallory", "ali", ""] {
+        let (_, err, ok) = cli(&env, &["sessions", "kill", "--subject", nobody]);
+        assert!(!ok && err.contains("no live session"), "{nobody}: {err}");
+    }
+    // A local user outside the admin group cannot reach the admin socket at all.
+    if testkit::is_root() {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(testkit::portcullis_bin())
+            .args(["sessions", "kill", "--subject", "alice", "--admin-socket"])
+            .arg(&env.gw.admin_socket)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("ermission denied"),
+            "{err}"
+        );
+    } else {
+        eprintln!("SKIPPED the non-admin user's kill attempt: needs root to switch users");
+    }
+    for c in [&a1, &a2, &b] {
+        c.simple_query("SELECT 1")
+            .await
+            .expect("nothing was killed yet");
+    }
+
+    // The operator kills alice's sessions: both clients hear 57P01, naming who did it.
+    let (out, err, ok) = cli(&env, &["sessions", "kill", "--subject", "alice"]);
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(out.matches("killed session").count(), 2, "{out}");
+    for (c, end) in [(&a1, a1_end), (&a2, a2_end)] {
+        // The FATAL arrives while the client is idle: its connection ends with it.
+        let e = tokio::time::timeout(Duration::from_secs(10), end)
+            .await
+            .expect("the killed session ends")
+            .unwrap()
+            .unwrap_err();
+        let (code, message) = db_error(&e);
+        assert_eq!(code, "57P01", "{message}");
+        assert!(
+            message.contains("killed by") && message.contains("(uid "),
+            "{message}"
+        );
+        assert!(c.simple_query("SELECT 1").await.is_err());
+    }
+    let log = env.gw.log();
+    assert!(log.contains("session killed"), "{}", env.context());
+    // bob is untouched, and can be killed by session id; a second kill finds nothing.
+    b.simple_query("SELECT 1")
+        .await
+        .expect("bob's session lives");
+    let id = bob_ids[0].to_string();
+    let (_, err, ok) = cli(&env, &["sessions", "kill", "--session", &id]);
+    assert!(ok, "{err}");
+    assert!(b.simple_query("SELECT 1").await.is_err());
+    let (_, err, ok) = cli(&env, &["sessions", "kill", "--session", &id]);
+    assert!(!ok && err.contains("no live session of session"), "{err}");
+    sessions_of(&env, "alice", 0).await;
+    sessions_of(&env, "bob", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_hears_who_killed_its_session_even_while_a_statement_waits_for_approval() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let (host, port) = env.main.split_once(':').unwrap();
+    // psql holds a write for approval; the operator kills the session instead of deciding.
+    let psql = Command::new(env.pg.bindir().join("psql"))
+        .args([
+            "-X",
+            "-At",
+            "-c",
+            "UPDATE orders SET state = 'x' WHERE id = 1",
+        ])
+        .arg(format!(
+            "host={host} port={port} user=agent dbname=app sslmode=disable"
+        ))
+        .env("PGPASSWORD", &alice)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = pending_approval(&env).await;
+    let (_, err, ok) = cli(&env, &["sessions", "kill", "--subject", "alice"]);
+    assert!(ok, "{err}");
+    let out = psql.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("terminating connection due to administrator command")
+            && err.contains("killed by")
+            && err.contains("(uid "),
+        "{err}"
+    );
+    // The request it held is withdrawn, not left for an operator to approve into nothing.
+    for _ in 0..100 {
+        if approval(&env, id)["status"] == "denied" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = approval(&env, id);
+    assert_eq!(r["status"], "denied", "{r}");
+    let (_, err, ok) = cli(&env, &["approve", &id.to_string()]);
+    assert!(!ok && err.contains("already denied"), "{err}");
+    let row = env
+        .pg
+        .app_superuser_sql("SELECT state FROM orders WHERE id = 1")
+        .unwrap();
+    assert_eq!(row.trim(), "new", "the held write ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_key_is_picked_up_and_a_foreign_key_is_not() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let (_, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(ok, "{err}\n{}", env.context());
+    let fetches = |env: &Env| {
+        env.metric("portcullis_identity_jwks_fetches_total{target=\"main\"}")
+            .unwrap_or(0.0)
+    };
+    let before = fetches(&env);
+
+    // The IdP rotates: the old key is gone, and what it issues now carries a new `kid`.
+    let kids = env.idp.rotate_keys(false).unwrap();
+    let bob = env.idp.mint("bob", &["analysts"], "portcullis").unwrap();
+    let (out, err, ok) = env.psql(&env.main, &bob, "SELECT current_user");
+    assert!(ok, "a token under the new key: {err}\n{}", env.context());
+    assert_eq!(out, "reader");
+    assert!(fetches(&env) > before, "the new kid refetched the JWKS");
+    let s = env.sessions().0;
+    assert!(s.is_empty(), "psql left: {s:?}");
+
+    // A key the IdP never published: its own kid is unknown even after a refetch, and the
+    // IdP's kid on a foreign signature does not make it valid.
+    let foreign_idp = Idp::start().expect("a second IdP, for a foreign key");
+    let forge = |header: Value| {
+        foreign_idp
+            .mint_with(json!({
+                "header": header,
+                "claims": {"sub": "alice", "groups": ["dba"], "aud": "pg-direct",
+                           "iss": env.idp.issuer()},
+            }))
+            .unwrap()
+    };
+    let (_, err, ok) = env.psql(&env.direct, &forge(json!({})), "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("is not in the IdP's JWKS"), "{err}");
+    let (_, err, ok) = env.psql(&env.direct, &forge(json!({"kid": kids[0]})), "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("signature is invalid"), "{err}");
+    // And the real key still validates on the same target.
+    let real = env.idp.mint("alice", &["dba"], "pg-direct").unwrap();
+    let (_, err, ok) = env.psql(&env.direct, &real, "SELECT 1");
+    assert!(ok, "{err}\n{}", env.context());
+}
+
+/// The host's first non-loopback IPv4 address, where one exists.
+fn non_loopback_ipv4() -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cidr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)?;
+    Some(cidr.split('/').next()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_a_token_as_the_password_travels_only_over_the_local_tls_leg() {
+    let Some(ip) = non_loopback_ipv4() else {
+        eprintln!("SKIPPED off_loopback_...: this host has no non-loopback IPv4 address");
+        return;
+    };
+    let port = free_port();
+    let env = Env::start_with(
+        None,
+        |_, _| format!("[[listener]]\nlisten = \"{ip}:{port}\"\ntarget = \"main\"\n"),
+        None,
+        "",
+    );
+    let ca = env.gw.state_dir.join("local-ca/ca.pem");
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let dsn = |mode: &str| {
+        format!(
+            "host=db.internal hostaddr={ip} port={port} user=agent dbname=app sslmode={mode} \
+             sslrootcert={}",
+            ca.display()
+        )
+    };
+
+    // verify-full against the certificate the local CA minted for db.internal: the token is
+    // asked for, and the session is alice's.
+    let (out, err, ok) = psql_dsn(
+        env.pg.bindir(),
+        &dsn("verify-full"),
+        &alice,
+        "SELECT current_user",
+    );
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(out, "reader");
+    assert!(
+        env.gw.log().contains("client_tls=true"),
+        "{}",
+        env.context()
+    );
+
+    // The same client in plaintext, off loopback: refused without being asked for its token.
+    let (_, err, ok) = psql_dsn(env.pg.bindir(), &dsn("disable"), &alice, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("neither loopback nor TLS"), "{err}");
+    // A client that trusts no CA but its own does not get to send it to an impostor either:
+    // verify-full against a name the CA never minted fails before any password.
+    let wrong = dsn("verify-full").replace("host=db.internal", "host=other.internal");
+    let (_, err, ok) = psql_dsn(env.pg.bindir(), &wrong, &alice, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("does not match host name"), "{err}");
+    assert!(
+        !env.gw.log().contains(&alice),
+        "the token is in the gateway log"
+    );
+}
+
+#[test]
+fn an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject() {
+    if testkit::skip_unless_root(
+        "an_agent_acting_for_a_person_is_the_actor_and_the_person_the_subject",
+    ) {
+        return;
+    }
+    // Target `main` takes delegation: claude's token file is the actor, and a person's token in
+    // the password is the subject.
+    let env = Env::redirected_with("delegate", claude_token_file, "delegation = true");
+    let dora = env.idp.mint("dora", &["dba"], "portcullis").unwrap();
+    let write = "INSERT INTO orders VALUES (3, 'via-agent')";
+
+    // For dora: her role (dba_login), her subject, claude as the actor, seen while it runs.
+    let session = {
+        let (pin, root) = env.redirect.clone().unwrap();
+        let (port, bindir, dora) = (env.pg.port, env.pg.bindir().to_owned(), dora.clone());
+        std::thread::spawn(move || {
+            Command::new(testkit::portcullis_bin())
+                .args(["run", "--agent", "claude", "--pin-path"])
+                .arg(pin)
+                .arg("--agent-root")
+                .arg(root)
+                .arg("--")
+                .arg(bindir.join("psql"))
+                .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg("SELECT current_user, pg_sleep(3)")
+                .arg(format!(
+                    "host=127.0.0.1 port={port} user=agent dbname=app sslmode=disable"
+                ))
+                .env("PGPASSWORD", dora)
+                .output()
+                .unwrap()
+        })
+    };
+    let mut seen = None;
+    for _ in 0..100 {
+        if let Some(s) = env
+            .sessions()
+            .0
+            .into_iter()
+            .find(|s| s["subject"] == "dora")
+        {
+            seen = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = seen.unwrap_or_else(|| panic!("no session for dora\n{}", env.context()));
+    assert_eq!(seen["actors"], json!(["claude-agent"]), "{seen}");
+    assert_eq!(seen["agent"], "claude", "{seen}");
+    assert_eq!(seen["groups"], json!(["dba"]), "{seen}");
+    let out = session.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("dba_login|"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Policy by actor: dora may write, but not through claude.
+    let (_, err, ok) = env.agent_psql("claude", &dora, write);
+    assert!(!ok);
+    assert!(err.contains("no-writes-through-claude"), "{err}");
+    // dora herself, from an agent without a token file: no actor, and her write goes through.
+    let (_, err, ok) = env.agent_psql("codex", &dora, write);
+    assert!(ok, "{err}");
+
+    // libpq sends no empty password: asked for one, psql without a person's token gives up at
+    // the client, and nothing reaches upstream as claude alone.
+    let (out, err, ok) = env.agent_psql("claude", "", "SELECT current_user");
+    assert!(!ok && err.contains("no password supplied"), "{out}{err}");
+
+    // What an agent would try: a made-up or expired person's token is refused, never taken for
+    // claude acting alone.
+    let expired = env
+        .idp
+        .mint_with(json!({"claims": {"sub": "dora", "groups": ["dba"], "exp": 1_000_000}}))
+        .unwrap();
+    for (what, token) in [("garbage", "not-a-token"), ("expired", expired.as_str())] {
+        let (out, err, ok) = env.agent_psql("claude", token, "SELECT current_user");
+        assert!(!ok, "{what}: connected as {out}");
+        assert!(
+            err.contains("subject_token") || err.contains("IdP refused"),
+            "{what}: {err}"
+        );
+    }
+    // Claude cannot claim the actor role for another agent's file, nor escape it: the actor is
+    // whatever its own file says, whoever it names as the subject.
+    let codex = env.idp.mint("codex-agent", &["dba"], "portcullis").unwrap();
+    let (_, err, ok) = env.agent_psql("claude", &codex, write);
+    assert!(!ok && err.contains("no-writes-through-claude"), "{err}");
+    let log = env.gw.log();
+    for t in [&dora, &codex, &expired] {
+        assert!(!log.contains(t.as_str()), "a token is in the gateway log");
+    }
+}
+
+#[test]
+fn run_and_attach_give_an_agent_its_token_file_at_runtime() {
+    if testkit::skip_unless_root("run_and_attach_give_an_agent_its_token_file_at_runtime") {
+        return;
+    }
+    let env = Env::redirected("runtime", claude_token_file);
+    let gemini = env
+        .idp
+        .mint("gemini-agent", &["dba"], "portcullis")
+        .unwrap();
+    let file = testkit::write_secret(env.dir.path(), "gemini.jwt", &gemini).unwrap();
+    let file_arg = file.display().to_string();
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+
+    // `run --token-file`: gemini is who its file says (dba), not the password it carries (alice).
+    let (out, err, ok) = env.agent_psql_with(
+        "gemini",
+        &["--token-file", &file_arg],
+        &alice,
+        "SELECT current_user",
+    );
+    assert!(ok, "{err}\n{}", env.context());
+    assert_eq!(out, "dba_login");
+    // Gone with the run: the next gemini without --token-file is asked for its token again.
+    let (out, err, ok) = env.agent_psql("gemini", &alice, "SELECT current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "reader");
+
+    // What an agent's operator would try. A runtime file cannot replace a configured one, and
+    // the command does not start when the gateway refuses.
+    let (out, err, ok) = env.agent_psql_with(
+        "claude",
+        &["--token-file", &file_arg],
+        &alice,
+        "SELECT 'started'",
+    );
+    assert!(!ok && !out.contains("started"), "{out}");
+    assert!(err.contains("in the configuration"), "{err}");
+    // Nor without a gateway to take it: never an agent run without the identity it was given.
+    let (out, err, ok) = env.agent_psql_with(
+        "gemini",
+        &[
+            "--token-file",
+            &file_arg,
+            "--admin-socket",
+            "/nonexistent/admin.sock",
+        ],
+        &alice,
+        "SELECT 'started'",
+    );
+    assert!(!ok && !out.contains("started"), "{out}");
+    assert!(err.contains("no gateway is running"), "{err}");
+    // A relative path, written straight to the admin socket, is refused.
+    let relative = portcullis::admin::client::call(
+        &env.gw.admin_socket,
+        &portcullis::admin::Request::SetTokenFile {
+            agent: "gemini".into(),
+            token_file: Some("gemini.jwt".into()),
+        },
+    )
+    .unwrap_err();
+    assert!(relative.to_string().contains("absolute"), "{relative}");
+    // A user outside the admin group cannot set one at all.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(testkit::portcullis_bin())
+        .args([
+            "agents",
+            "attach",
+            "/nonexistent",
+            "--token-file",
+            &file_arg,
+        ])
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // `agents attach --token-file`: a cgroup made elsewhere, placed under interception by name.
+    let mount = portcullis::redirect::find_cgroup2_mount().unwrap();
+    let cgroup = mount.join(format!("portcullis-attach-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let (pin, root) = env.redirect.clone().unwrap();
+    let attach = Command::new(testkit::portcullis_bin())
+        .args(["agents", "attach"])
+        .arg(&cgroup)
+        .args(["--name", "hermes", "--token-file", &file_arg, "--pin-path"])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        attach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} -X -At -v ON_ERROR_STOP=1 -c 'SELECT current_user' \
+         'host=127.0.0.1 port={} user=agent dbname=app sslmode=disable'",
+        cgroup.display(),
+        env.pg.bindir().join("psql").display(),
+        env.pg.port
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .env("PGPASSWORD", &alice)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&cgroup);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "dba_login",
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.context()
+    );
+    assert!(
+        env.gw.log().contains("agent token file set"),
+        "{}",
+        env.context()
+    );
+    assert!(
+        !env.gw.log().contains(gemini.as_str()),
+        "the token is in the log"
+    );
 }

@@ -44,6 +44,8 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 fn req(sql: &str, fingerprint: u64) -> NewApproval {
     NewApproval {
         agent: Some("claude".into()),
+        subject: Some("alice".into()),
+        actors: vec!["claude-agent".into()],
         pid: Some(4242),
         target: "prod".into(),
         database: "app".into(),
@@ -80,6 +82,9 @@ fn approve_resolves_the_waiting_session() {
     assert_eq!(rec.sql, "DELETE FROM t WHERE id = 1");
     assert_eq!(rec.pid, Some(4242));
     assert_eq!(rec.fingerprint, "0000000000000007");
+    // Who asked, on whose behalf: kept with the request.
+    assert_eq!(rec.subject.as_deref(), Some("alice"));
+    assert_eq!(rec.actors, vec!["claude-agent".to_owned()]);
     // A statement approval is not a grant.
     assert!(!a.granted(7, Some("claude"), "prod"));
 }
@@ -442,4 +447,41 @@ fn a_full_disk_denies_what_needs_the_store_and_nothing_panics() {
     let (id, pending) = a.request(req("DELETE FROM t", 1), LONG).unwrap();
     a.approve(id, None, Scope::Statement, "alice").unwrap();
     assert!(matches!(block_on(pending), Decision::Approved { .. }));
+}
+
+/// A store written before identity (no `subject`/`actors` columns) opens with its rows intact,
+/// and new requests record who asked.
+#[test]
+fn a_store_from_before_identity_gains_the_identity_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("approvals.db")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE approvals (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at INTEGER NOT NULL,
+                 agent TEXT, pid INTEGER, target TEXT NOT NULL, database TEXT NOT NULL,
+                 sql TEXT NOT NULL, rule TEXT NOT NULL, fingerprint INTEGER NOT NULL,
+                 status TEXT NOT NULL, decided_at INTEGER, decided_by TEXT, reason TEXT,
+                 scope TEXT, grant_until INTEGER);
+             INSERT INTO approvals (created_at, agent, target, database, sql, rule, fingerprint,
+                 status, decided_at, decided_by)
+             VALUES (strftime('%s','now') * 1000, 'claude', 'prod', 'app', 'DELETE FROM old',
+                 'writes', 3, 'approved', strftime('%s','now') * 1000, 'root');",
+        )
+        .unwrap();
+    }
+    let a = open(dir.path());
+    let (id, pending) = a.request(req("DELETE FROM t", 1), LONG).unwrap();
+    a.deny(id, None, "bob (uid 1001)").unwrap();
+    block_on(pending);
+    let list = a.list(10).unwrap();
+    let old = list.iter().find(|r| r.sql == "DELETE FROM old").unwrap();
+    assert_eq!((old.subject.as_deref(), old.actors.len()), (None, 0));
+    let new = list.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(new.subject.as_deref(), Some("alice"));
+    assert_eq!(new.decided_by.as_deref(), Some("bob (uid 1001)"));
+    let table = print_approvals(&list, false);
+    assert!(
+        table.contains("SUBJECT") && table.contains("claude-agent"),
+        "{table}"
+    );
 }

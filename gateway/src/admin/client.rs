@@ -184,6 +184,31 @@ pub fn sessions(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `portcullis sessions kill --subject S | --session ID`.
+pub fn kill_sessions(
+    socket: &Path,
+    subject: Option<String>,
+    session: Option<u64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let data = call(socket, &Request::KillSessions { subject, session })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let killed: Vec<super::Killed> = serde_json::from_value(data)?;
+    for k in killed {
+        println!(
+            "killed session {} (subject {}, agent {}, target {})",
+            k.id,
+            k.subject.as_deref().unwrap_or("-"),
+            k.agent.as_deref().unwrap_or("-"),
+            k.target
+        );
+    }
+    Ok(())
+}
+
 /// A plain left-aligned table.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -27,6 +27,64 @@ pub enum Request {
         id: u64,
         reason: Option<String>,
     },
+    /// `--token-file` of `portcullis run` and `agents attach`: the agent's token file, as
+    /// `[[agent]] token_file` would set it; `None` clears it.
+    SetTokenFile {
+        agent: String,
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// `portcullis sessions kill`: exactly one of `subject` and `session`.
+    KillSessions {
+        subject: Option<String>,
+        session: Option<u64>,
+    },
+}
+
+/// One session ended by `portcullis sessions kill`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Killed {
+    pub id: u64,
+    pub subject: Option<String>,
+    pub agent: Option<String>,
+    pub target: String,
+}
+
+/// How an operator ends a live session: the admin API pulls it, the session's pump waits on it.
+#[derive(Debug)]
+pub struct KillSwitch {
+    tx: std::sync::Mutex<Option<futures_channel::oneshot::Sender<String>>>,
+    rx: std::sync::Mutex<Option<futures_channel::oneshot::Receiver<String>>>,
+}
+
+impl Default for KillSwitch {
+    fn default() -> Self {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        KillSwitch {
+            tx: std::sync::Mutex::new(Some(tx)),
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl KillSwitch {
+    /// Ends the session, naming the operator; false when it was already killed.
+    pub fn pull(&self, by: &str) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tx.is_some_and(|tx| tx.send(by.to_owned()).is_ok())
+    }
+
+    /// Resolves to the operator who killed the session; never, if nobody does. Only the session's
+    /// pump waits on it.
+    pub async fn pulled(&self) -> String {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match rx {
+            Some(rx) => match rx.await {
+                Ok(by) => by,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

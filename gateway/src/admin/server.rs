@@ -112,9 +112,13 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
     }
     let mut line = String::new();
     BufReader::new(conn).take(1 << 20).read_line(&mut line)?;
-    let operator = user_name(uid).unwrap_or_else(|| format!("uid {uid}"));
+    // Who decided or killed, as approvals and sessions record it: the peer's user and uid.
+    let operator = match user_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(req, shared, &operator),
+        Ok(req) => handle(req, shared, &operator, (uid, gid)),
         Err(e) => Err(format!("bad request: {e}")),
     };
     respond(&mut writer, reply)
@@ -124,8 +128,16 @@ fn to_json(v: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
 }
 
-fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::Value, String> {
+fn handle(
+    req: Request,
+    shared: &Shared,
+    operator: &str,
+    peer: (u32, u32),
+) -> Result<serde_json::Value, String> {
     match req {
+        Request::SetTokenFile { agent, token_file } => {
+            set_token_file(shared, &agent, token_file, peer, operator)
+        }
         Request::Status => {
             let cfg = shared.config();
             to_json(Status {
@@ -176,7 +188,85 @@ fn handle(req: Request, shared: &Shared, operator: &str) -> Result<serde_json::V
             tracing::info!(approval = id, by = operator, "denied");
             to_json(serde_json::json!({ "id": id, "status": "denied" }))
         }
+        Request::KillSessions { subject, session } => {
+            to_json(kill_sessions(shared, subject, session, operator)?)
+        }
     }
+}
+
+/// Sets an agent's token file at runtime. The gateway reads it as itself at every connect, so
+/// the peer must be able to read it too: an admin group member cannot have the gateway send a
+/// file only root may read to the IdP as some agent's token.
+fn set_token_file(
+    shared: &Shared,
+    agent: &str,
+    file: Option<PathBuf>,
+    (uid, gid): (u32, u32),
+    operator: &str,
+) -> Result<serde_json::Value, String> {
+    if let Some(f) = &file
+        && uid != 0
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(f).map_err(|e| format!("token file {}: {e}", f.display()))?;
+        let readable = (m.uid() == uid && m.mode() & 0o400 != 0)
+            || (m.gid() == gid && m.mode() & 0o040 != 0)
+            || m.mode() & 0o004 != 0;
+        if !readable {
+            return Err(format!(
+                "token file {}: uid {uid} may not read it, so it may not give it to an agent",
+                f.display()
+            ));
+        }
+    }
+    shared
+        .token_files
+        .set(&shared.config().agents, agent, file.clone())?;
+    tracing::info!(agent, token_file = ?file, by = operator, "agent token file set");
+    to_json(serde_json::json!({ "agent": agent, "token_file": file }))
+}
+
+/// Ends the live sessions of one subject, or one session by id; each client gets FATAL 57P01
+/// naming `operator`. Matching nothing is an error, so a mistyped subject is not taken for done.
+fn kill_sessions(
+    shared: &Shared,
+    subject: Option<String>,
+    session: Option<u64>,
+    operator: &str,
+) -> Result<Vec<super::Killed>, String> {
+    let matches = |s: &crate::metrics::SessionInfo| match (&subject, session) {
+        (Some(sub), None) => s.identity().is_some_and(|who| &who.subject == sub),
+        (None, Some(id)) => s.id == id,
+        _ => false,
+    };
+    let what = match (&subject, session) {
+        (Some(sub), None) => format!("subject {sub:?}"),
+        (None, Some(id)) => format!("session {id}"),
+        _ => return Err("name exactly one of --subject and --session".into()),
+    };
+    let mut killed = Vec::new();
+    for s in shared.registry.live_sessions() {
+        if matches(&s) && s.kill.pull(operator) {
+            let subject = s.identity().map(|who| who.subject.clone());
+            tracing::warn!(
+                session = s.id,
+                subject = subject.as_deref().unwrap_or("-"),
+                by = operator,
+                "session killed"
+            );
+            killed.push(super::Killed {
+                id: s.id,
+                subject,
+                agent: s.peer.agent.clone(),
+                target: s.target.clone(),
+            });
+        }
+    }
+    if killed.is_empty() {
+        return Err(format!("no live session of {what}"));
+    }
+    killed.sort_by_key(|k| k.id);
+    Ok(killed)
 }
 
 fn respond(w: &mut UnixStream, reply: Result<serde_json::Value, String>) -> anyhow::Result<()> {

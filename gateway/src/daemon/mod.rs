@@ -41,6 +41,8 @@ pub struct Shared {
     /// The recorder sessions record through (`[recording]`); a handle that records nothing when
     /// recording is turned off with `danger_disable`.
     pub recorder: crate::record::RecorderHandle,
+    /// Agents' token files set with `--token-file` while the gateway runs.
+    pub token_files: crate::identify::RuntimeTokenFiles,
 }
 
 impl Shared {
@@ -184,6 +186,7 @@ pub fn serve<A>(
         catalogs: Default::default(),
         draining: AtomicBool::new(false),
         recorder: recorder.handle(),
+        token_files: Default::default(),
     });
     // Signals are caught before the admin socket says the daemon is up, so a SIGTERM that
     // follows readiness at once still drains instead of killing the process.

@@ -105,6 +105,14 @@ pub struct TargetIdentity {
     /// section fails closed. A presented token is always checked, required or not.
     #[serde(default = "yes")]
     pub require_identity: bool,
+    /// Delegation on the wire: an agent with an `[[agent]] token_file` is also asked for a
+    /// password (over loopback or TLS), and a token it sends there is a person's, on whose behalf
+    /// it acts. The person's token is the subject and the agent's the actor (RFC 8693
+    /// `actor_token`): the session's subject is the person, its actors name the agent, and rules
+    /// select on both. An empty password means the agent acts for itself. Default `false`: an
+    /// agent with a token file is never asked for a password, and is always its own subject.
+    #[serde(default)]
+    pub delegation: bool,
     /// Role for an identity that no `[[target.role]]` matches (`SET ROLE` after connect).
     /// Unset (default): such identities are refused when roles are configured.
     pub default_role: Option<String>,

@@ -445,8 +445,11 @@ impl PolicyGate {
                         format!("-- fast-path FunctionCall of function OID {oid}")
                     }
                 };
+                let who = self.identity.as_ref().map(|i| &i.verified);
                 let new = NewApproval {
                     agent: self.agent.clone(),
+                    subject: who.map(|w| w.subject.clone()),
+                    actors: who.map(|w| w.actors.clone()).unwrap_or_default(),
                     pid: self.pid,
                     target: self.target.clone(),
                     database: self.database.clone(),

@@ -186,7 +186,8 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
 }
 
 /// The session's identity, from its agent's token file or the token it sends as its password
-/// (asked for only where the client leg may carry one).
+/// (asked for only where the client leg may carry one), or both: a person's token as the password
+/// and the agent's file as the actor, where the target takes delegation.
 async fn identify_session(
     client: &Stream,
     startup: &mut postgres::Startup,
@@ -195,15 +196,19 @@ async fn identify_session(
     shared: &Shared,
 ) -> Result<Option<SessionIdentity>, crate::idp::IdentityError> {
     let config = shared.config();
+    let agents = shared.token_files.with_configured(&config.agents);
     let agent = identity.peer.agent.as_deref();
     let leg_ok = identify::leg_may_carry_password(identity.client_addr, client.is_tls());
-    let presented = if identify::token_file(&config.agents, agent).is_none() && leg_ok {
+    // An agent with a token file is asked for a password only where the target takes a
+    // person's token from it (delegation).
+    let has_file = identify::token_file(&agents, agent).is_some();
+    let presented = if leg_ok && (!has_file || service.settings().delegation) {
         let pending = &mut startup.pending;
         Some(postgres::ask_password(client, pending, config.startup_timeout).await?)
     } else {
         None
     };
-    identify::at_connect(service, &config.agents, agent, presented, leg_ok).await
+    identify::at_connect(service, &agents, agent, presented, leg_ok).await
 }
 
 /// Who the gateway logs in as upstream: the target's own login, or the identity's mapped role.

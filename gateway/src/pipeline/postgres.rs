@@ -362,6 +362,13 @@ pub async fn report_end(
             );
             refuse(client, "57P05", &message).await;
         }
+        Ok(End::Killed { by }) => {
+            let message = format!(
+                "terminating connection due to administrator command: session killed by {by} \
+                 with `portcullis sessions kill`"
+            );
+            refuse(client, "57P01", &message).await;
+        }
         Ok(End::ServerClosed { fatal_seen }) => {
             if !fatal_seen {
                 refuse(
@@ -430,7 +437,8 @@ pub async fn pump(
     reloads: (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
     let idle_timeout = reloads.0.config().idle_timeout;
-    let ends = select(
+    let killer = info.clone();
+    let pumps = select(
         Box::pin(client_to_server(
             client.clone(),
             server.clone(),
@@ -443,10 +451,11 @@ pub async fn pump(
         Box::pin(server_to_client(
             server, client, core, info, results, reloads,
         )),
-    )
-    .await;
-    match ends {
-        Either::Left((r, _)) | Either::Right((r, _)) => r,
+    );
+    // `portcullis sessions kill` ends the session wherever it is, even held for approval.
+    match select(pumps, Box::pin(killer.kill.pulled())).await {
+        Either::Left((Either::Left((r, _)) | Either::Right((r, _)), _)) => r,
+        Either::Right((by, _)) => Ok(End::Killed { by }),
     }
 }
 
@@ -457,6 +466,10 @@ pub enum End {
     Idle(std::time::Duration),
     ServerClosed {
         fatal_seen: bool,
+    },
+    /// An operator ended it with `portcullis sessions kill`; `by` names them.
+    Killed {
+        by: String,
     },
 }
 
@@ -470,6 +483,7 @@ pub fn end_reason(end: &Result<End, PumpError>) -> String {
             humantime::format_duration(*after)
         ),
         Ok(End::ServerClosed { .. }) => "server closed the connection".into(),
+        Ok(End::Killed { by }) => format!("killed by {by}"),
         Err(PumpError::Protocol(e)) => format!("protocol error: {e}"),
         Err(PumpError::Io(e)) => format!("I/O error: {e}"),
         Err(PumpError::Identity(e)) => format!("identity: {e}"),

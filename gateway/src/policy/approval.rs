@@ -45,6 +45,10 @@ pub enum Scope {
 #[derive(Clone, Debug)]
 pub struct NewApproval {
     pub agent: Option<String>,
+    /// Who the session's verified token names, and the actor chain acting for them (outermost
+    /// first): on whose behalf, and through whom, the statement asks.
+    pub subject: Option<String>,
+    pub actors: Vec<String>,
     pub pid: Option<u32>,
     pub target: String,
     pub database: String,
@@ -86,6 +90,10 @@ pub struct ApprovalRecord {
     pub status: Status,
     pub created_at: String,
     pub agent: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub actors: Vec<String>,
     pub pid: Option<u32>,
     pub target: String,
     pub database: String,
@@ -94,6 +102,7 @@ pub struct ApprovalRecord {
     /// 16 hex digits.
     pub fingerprint: String,
     pub decided_at: Option<String>,
+    /// The operator: the admin socket peer's user name and uid, e.g. `alice (uid 1000)`.
     pub decided_by: Option<String>,
     pub reason: Option<String>,
     pub scope: Option<Scope>,
@@ -192,6 +201,7 @@ CREATE TABLE IF NOT EXISTS approvals (
     grant_until INTEGER
 );
 CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status);
+-- Added with identity: `subject` and `actors` (a JSON array), see `add_identity_columns`.
 CREATE INDEX IF NOT EXISTS approvals_grants ON approvals (fingerprint) WHERE grant_until IS NOT NULL;
 ";
 
@@ -237,6 +247,8 @@ impl Approvals {
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(SCHEMA)
             .with_context(|| format!("creating the schema in {}", path.display()))?;
+        add_identity_columns(&db)
+            .with_context(|| format!("adding identity columns in {}", path.display()))?;
         let now = now_ms();
         db.execute(
             "UPDATE approvals SET status = 'denied', decided_at = ?1, decided_by = ?2,
@@ -480,8 +492,8 @@ impl Store {
             } => {
                 let result = self.db.execute(
                     "INSERT INTO approvals (id, created_at, agent, pid, target, database, sql, rule,
-                         fingerprint, status)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending')",
+                         fingerprint, status, subject, actors)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
                     params![
                         id as i64,
                         created_ms,
@@ -491,7 +503,9 @@ impl Store {
                         req.database,
                         req.sql,
                         req.rule,
-                        req.fingerprint as i64
+                        req.fingerprint as i64,
+                        req.subject,
+                        serde_json::to_string(&req.actors).unwrap_or_else(|_| "[]".into()),
                     ],
                 );
                 match result {
@@ -693,6 +707,11 @@ impl Store {
                 status: Status::parse(&r.get::<_, String>("status")?),
                 created_at: rfc3339(r.get("created_at")?),
                 agent: r.get("agent")?,
+                subject: r.get("subject")?,
+                actors: r
+                    .get::<_, Option<String>>("actors")?
+                    .and_then(|a| serde_json::from_str(&a).ok())
+                    .unwrap_or_default(),
                 pid: r.get("pid")?,
                 target: r.get("target")?,
                 database: r.get("database")?,
@@ -713,6 +732,20 @@ impl Store {
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
+}
+
+/// Stores made before identity lack `subject` and `actors`: add them, keeping every row.
+fn add_identity_columns(db: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = db.prepare("SELECT name FROM pragma_table_info('approvals')")?;
+    let have = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for column in ["subject", "actors"] {
+        if !have.iter().any(|c| c == column) {
+            db.execute_batch(&format!("ALTER TABLE approvals ADD COLUMN {column} TEXT"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes decided requests created more than `retention` ago, unless they carry a grant that
@@ -788,9 +821,10 @@ pub fn print_approvals(records: &[ApprovalRecord], json: bool) -> String {
     }
     let now = SystemTime::now();
     let header = [
-        "ID", "STATUS", "AGE", "AGENT", "PID", "TARGET", "RULE", "DECISION", "SQL",
+        "ID", "STATUS", "AGE", "AGENT", "SUBJECT", "ACTORS", "PID", "TARGET", "RULE", "DECISION",
+        "SQL",
     ];
-    let rows: Vec<[String; 9]> = records
+    let rows: Vec<[String; 11]> = records
         .iter()
         .map(|r| {
             let age = humantime::parse_rfc3339(&r.created_at)
@@ -814,6 +848,11 @@ pub fn print_approvals(records: &[ApprovalRecord], json: bool) -> String {
                 r.status.as_str().to_owned(),
                 age,
                 r.agent.clone().unwrap_or_else(|| "-".into()),
+                r.subject.clone().unwrap_or_else(|| "-".into()),
+                match r.actors.is_empty() {
+                    true => "-".into(),
+                    false => r.actors.join(","),
+                },
                 r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 format!("{}/{}", r.target, r.database),
                 r.rule.clone(),

@@ -41,6 +41,8 @@ pub struct RunArgs {
     pub agent: Option<String>,
     #[command(flatten)]
     pub locations: LocationArgs,
+    #[command(flatten)]
+    pub token: TokenFileArgs,
     /// The command and its arguments, after `--`.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -76,6 +78,50 @@ pub struct AttachArgs {
     pub name: Option<String>,
     #[command(flatten)]
     pub locations: LocationArgs,
+    #[command(flatten)]
+    pub token: TokenFileArgs,
+}
+
+/// The agent's identity for targets with `[target.identity]`, set in the running gateway.
+#[derive(Args, Debug, Clone)]
+pub struct TokenFileArgs {
+    /// A file with the agent's OIDC token (a projected service-account token, a JWT-SVID...),
+    /// read by the gateway at every connect, as `[[agent]] token_file` in its configuration.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The running gateway's admin socket, where --token-file is set.
+    #[arg(long, env = "PORTCULLIS_ADMIN_SOCKET", default_value = crate::config::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+}
+
+impl TokenFileArgs {
+    /// Sets the agent's token file in the gateway; without --token-file, nothing to do. Fails
+    /// (and the agent does not start) when the gateway refuses or cannot be reached.
+    fn apply(&self, agent: &str) -> Result<()> {
+        let Some(file) = &self.token_file else {
+            return Ok(());
+        };
+        let file =
+            std::path::absolute(file).with_context(|| format!("token file {}", file.display()))?;
+        let req = crate::admin::Request::SetTokenFile {
+            agent: agent.to_owned(),
+            token_file: Some(file.clone()),
+        };
+        crate::admin::client::call(&self.admin_socket, &req)
+            .with_context(|| format!("setting agent {agent}'s token file {}", file.display()))?;
+        Ok(())
+    }
+
+    /// Clears what [`TokenFileArgs::apply`] set, once the agent is gone (best effort).
+    fn clear(&self, agent: &str) {
+        if self.token_file.is_some() {
+            let req = crate::admin::Request::SetTokenFile {
+                agent: agent.to_owned(),
+                token_file: None,
+            };
+            let _ = crate::admin::client::call(&self.admin_socket, &req);
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +161,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let mut registry: BpfHashMap<MapData, u64, AgentInfo> = loader::open_pinned(&loc, MAP_AGENTS)?;
     let cgroup_id = agents::register(&mut registry, &loc, &name, &cgroup)?;
+    args.token.apply(&name)?;
 
     let (program, rest) = args.command.split_first().context("no command given")?;
     let mut command = Command::new(program);
@@ -138,6 +185,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Still busy (other runs of this agent, or daemons it left) keeps the cgroup.
     if fs::remove_dir(&cgroup).is_ok() {
         agents::unregister(&mut registry, cgroup_id);
+        args.token.clear(&name);
     }
     let code = status
         .code()
@@ -284,6 +332,7 @@ fn attach(args: AttachArgs) -> Result<()> {
     let mut loaded = loader::Loaded::load(&loc)?;
     let mut maps = loaded.take_maps()?;
     agents::register(&mut maps.agents, &loc, &name, &path)?;
+    args.token.apply(&name)?;
     loaded.ensure_attached(&loc, &path)?;
     println!("agent {name}: {} is under interception", path.display());
     Ok(())
