@@ -47,7 +47,7 @@ fn main() -> Result<()> {
         bail!("run as root: PgBouncer runs as `postgres`, and open-file limits are raised");
     }
     // The gateway, which inherits the limit, holds two sockets per session.
-    let limit = raise_nofile(2 * wanted as u64 + 4096) as usize;
+    let limit = testkit::raise_nofile(2 * wanted as u64 + 4096) as usize;
     let sessions = wanted.min(limit.saturating_sub(1024) / 2);
     if sessions < wanted {
         eprintln!(
@@ -298,31 +298,4 @@ fn postgres_ids() -> Result<(u32, u32)> {
         .find(|f| f.len() > 3 && f[0] == "postgres")
         .map(|f| Ok((f[2].parse()?, f[3].parse()?)))
         .unwrap_or_else(|| bail!("no `postgres` user to run PgBouncer as (it refuses root)"))
-}
-
-/// Raises the open-file limit (soft and hard, as root may) towards `want`; returns the soft
-/// limit in force. Children inherit it.
-fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write a plain struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < want {
-            let raised = libc::rlimit {
-                rlim_cur: want,
-                rlim_max: lim.rlim_max.max(want),
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                lim.rlim_cur = lim.rlim_max;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-        lim.rlim_cur
-    }
 }
