@@ -2,15 +2,60 @@
 //! steered here is looked up in its maps; one it has no record of is refused, never guessed.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_channel::oneshot;
 use futures_util::future::{Either, select};
 use tracing::{error, warn};
 
 use crate::daemon::Shared;
 use crate::identify::Identity;
+use crate::redirect::{LookupError, Origin, Redirector};
+
+/// Threads that answer redirect lookups (a map lookup under the maps' lock, then /proc reads).
+const LOOKUP_THREADS: usize = 2;
+
+/// Lookups that may wait for those threads; past it a redirected connection is refused. compio's
+/// blocking pool, used before, grows to 256 threads and then spins the submitting I/O worker
+/// until one frees up: under a connect storm the lookups ran on, and stalled, the hot path.
+pub const LOOKUP_QUEUE: usize = 4096;
+
+type LookupJob = (
+    Arc<Redirector>,
+    SocketAddr,
+    oneshot::Sender<Result<Origin, LookupError>>,
+);
+
+/// The queue to the lookup threads, started on first use.
+fn lookups() -> &'static SyncSender<LookupJob> {
+    static QUEUE: OnceLock<SyncSender<LookupJob>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = mpsc::sync_channel::<LookupJob>(LOOKUP_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..LOOKUP_THREADS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("redirect-lookup-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        let Ok((redirector, peer, reply)) = job else {
+                            return;
+                        };
+                        let _ = reply.send(redirector.lookup(peer));
+                    }
+                });
+            // Without its threads the queue fills and connections are refused: fail closed.
+            if let Err(e) = spawned {
+                error!("cannot start a redirect lookup thread: {e}");
+            }
+        }
+        tx
+    })
+}
 
 /// A listening socket that every worker binds to the same address: the kernel spreads accepts.
 pub fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
@@ -92,25 +137,30 @@ async fn accept_loop<S>(
                             .detach();
                     }
                     Arrival::Redirected(r) => {
-                        let r = r.clone();
-                        compio::runtime::spawn(async move {
-                            // Map lookups under a lock and /proc reads: on the blocking pool, so
-                            // a connect storm never stalls this worker's accept loop or sessions.
-                            match compio::runtime::spawn_blocking(move || r.lookup(peer)).await {
-                                Ok(Ok(origin)) => {
-                                    let identity = Identity::redirected(peer, origin);
-                                    crate::pipeline::handle(tcp, identity, shared).await;
-                                }
-                                // No record of where it was going: refuse rather than guess.
-                                Ok(Err(e)) => {
-                                    warn!(client = %peer, "refusing a redirected connection: {e}");
-                                }
-                                Err(_) => {
-                                    warn!(client = %peer, "refusing a redirected connection: the lookup failed");
-                                }
+                        let (reply, answer) = oneshot::channel();
+                        match lookups().try_send((r.clone(), peer, reply)) {
+                            Ok(()) => {
+                                compio::runtime::spawn(async move {
+                                    match answer.await {
+                                        Ok(Ok(origin)) => {
+                                            let identity = Identity::redirected(peer, origin);
+                                            crate::pipeline::handle(tcp, identity, shared).await;
+                                        }
+                                        // No record of where it was going: refuse, never guess.
+                                        Ok(Err(e)) => {
+                                            warn!(client = %peer, "refusing a redirected connection: {e}");
+                                        }
+                                        Err(_) => {
+                                            warn!(client = %peer, "refusing a redirected connection: the lookup failed");
+                                        }
+                                    }
+                                })
+                                .detach();
                             }
-                        })
-                        .detach();
+                            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                                warn!(client = %peer, "refusing a redirected connection: {LOOKUP_QUEUE} redirect lookups are already waiting");
+                            }
+                        }
                     }
                 }
             }

@@ -380,40 +380,11 @@ async fn a_statement_trickled_one_byte_at_a_time_stalls_nobody() {
     );
 }
 
-/// Raises this process's open-file soft limit towards `want` (up to the hard limit, or beyond it
-/// as root may) and returns the soft limit in force.
-fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write a plain struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur >= want {
-            return lim.rlim_cur;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max.max(want),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return want;
-        }
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur
-    }
-}
-
 #[test]
 fn ten_thousand_connections_at_once() {
     const WANTED: usize = 10_000;
     // The test's own client sockets count against its limit, and the gateway inherits it.
-    let limit = raise_nofile(WANTED as u64 + 2048) as usize;
+    let limit = testkit::raise_nofile(WANTED as u64 + 2048) as usize;
     let connections = WANTED.min(limit.saturating_sub(2048));
     if connections < WANTED {
         eprintln!(

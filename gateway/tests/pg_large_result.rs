@@ -208,8 +208,9 @@ async fn huge_single_values_both_ways() {
     assert_eq!(row.get::<_, i32>(2), 0);
 
     // An 80 MiB one: PostgreSQL takes it (its limit is 1 GiB); a gateway that must see a whole
-    // client message to inspect it may cap their size, but then refuses with a clear 08P01
-    // rather than hanging or corrupting the value.
+    // client message to inspect it may cap their size, but then refuses with a clear 54000
+    // (program_limit_exceeded) rather than hanging or corrupting the value, and the session
+    // goes on.
     let param = format!("{}END", "w".repeat(80 << 20));
     let fresh = h.must(h.endpoint().connect().await, "connect");
     match within(
@@ -229,9 +230,14 @@ async fn huge_single_values_both_ways() {
                     h.context()
                 )
             });
-            assert_eq!(db.code().code(), "08P01", "{db:?}");
+            assert_eq!(db.code().code(), "54000", "{db:?}");
             eprintln!("80 MiB Bind refused: {}", db.message());
             h.check(!h.is_direct(), "PostgreSQL itself refused an 80 MiB Bind");
+            let row = h.must(
+                within(&h, fresh.query_one("SELECT 41 + 1", &[])).await,
+                "the session goes on after an oversized Bind",
+            );
+            assert_eq!(row.get::<_, i32>(0), 42);
         }
     }
     if let Some(mut w) = rss {

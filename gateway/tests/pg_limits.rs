@@ -168,3 +168,40 @@ fn silent_admin_connections_are_capped_and_timed_out() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A client past the cap on named prepared statements gets 54000 (program_limit_exceeded) for
+/// the one too many, and its session goes on: statements it has still run, and closing some
+/// makes room again.
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_past_the_cap_fail_with_54000_and_the_session_goes_on() {
+    const CAP: usize = portcullis::protocol::postgres::session::MAX_NAMED;
+    let pg = Postgres::start().unwrap();
+    let (gw, _d) = start(&pg, "", None);
+    let (client, conn) = tokio_postgres::connect(&gw.conninfo("app"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    // tokio-postgres names each prepared statement and closes it when the handle drops.
+    let mut open = Vec::with_capacity(CAP);
+    for i in 0..CAP {
+        open.push(client.prepare(&format!("SELECT {i}")).await.unwrap());
+    }
+    let err = client
+        .prepare("SELECT 'one too many'")
+        .await
+        .expect_err("one statement past the cap");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(db.code().code(), "54000", "{db:?}");
+    assert!(db.message().contains("close some"), "{db:?}");
+    // The session goes on.
+    let row = client.query_one(&open[7], &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
+    // Closing some makes room (tokio-postgres sends Close with its next message).
+    open.truncate(CAP - 10);
+    client.simple_query("SELECT 1").await.unwrap();
+    let again = client.prepare("SELECT 'room again'").await.unwrap();
+    let row = client.query_one(&again, &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "room again");
+    drop((open, again, client));
+    let _ = driver.await;
+}

@@ -4,7 +4,7 @@
 //! full duplex; for TLS the rustls state sits in a `RefCell` that is never borrowed across an
 //! await, and raw writes are serialized so records never interleave.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, Read, Write};
 
 use compio::BufResult;
@@ -13,25 +13,128 @@ use compio::io::{AsyncReadExt, AsyncWriteExt};
 use compio::net::TcpStream;
 use futures_util::lock::Mutex;
 
-/// How much a single read asks the kernel for.
-pub const READ_CHUNK: usize = 64 * 1024;
+/// The smallest read: what a quiet connection's posted read holds while it waits. Startup
+/// packets, simple queries and their small results fit in one.
+pub const MIN_READ: usize = 1024;
 
-/// How much a startup-phase read grows a full buffer by: startup packets are small.
-const SMALL_READ: usize = 1024;
+/// The largest read: a result streaming through is read in chunks of this size.
+pub const MAX_READ: usize = 64 * 1024;
+
+/// Full-size read buffers parked per I/O thread between bursts, so a session that streams
+/// again reuses one instead of allocating it.
+const PARKED_BUFFERS: usize = 64;
+
+thread_local! {
+    static PARKED: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Sizes each read to the traffic, so that a connection holds a large buffer only while data
+/// streams. A read posted to io_uring pins its whole buffer until bytes arrive, so after a read
+/// that drained the socket (the peer may go quiet), the next read into an empty buffer is a
+/// small one: if it comes back full, data is flowing and reads go back to the size they had
+/// reached. Sizes grow fourfold per full read up to [`MAX_READ`] and halve after reads that
+/// use less than a quarter of their room.
+pub struct ReadSize {
+    size: Cell<usize>,
+    /// The last read did not fill its room: the socket had no more bytes.
+    drained: Cell<bool>,
+}
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        ReadSize {
+            size: Cell::new(MIN_READ),
+            drained: Cell::new(true),
+        }
+    }
+}
+
+impl ReadSize {
+    /// Gives `buf` room for the next read; returns it and the room.
+    fn prepare(&self, mut buf: Vec<u8>) -> (Vec<u8>, usize) {
+        let size = self.size.get();
+        if buf.is_empty() && self.drained.get() {
+            if buf.capacity() > MIN_READ {
+                park(std::mem::replace(&mut buf, Vec::with_capacity(MIN_READ)));
+            }
+            buf.reserve(MIN_READ);
+        } else if buf.capacity() - buf.len() < size {
+            if buf.is_empty() && size == MAX_READ {
+                buf = unpark();
+            } else {
+                buf.reserve(size);
+            }
+        }
+        let room = buf.capacity() - buf.len();
+        (buf, room)
+    }
+
+    /// Adapts to a read of `n` bytes into `room`.
+    fn observe(&self, n: usize, room: usize) {
+        let size = self.size.get();
+        self.drained.set(n < room);
+        if n == room {
+            if room >= size {
+                self.size.set((size * 4).min(MAX_READ));
+            }
+        } else if n < size / 4 {
+            self.size.set((size / 2).max(MIN_READ));
+        }
+    }
+
+    /// The size reads have reached (for tests).
+    pub fn current(&self) -> usize {
+        self.size.get()
+    }
+}
+
+/// Keeps a full-size buffer for the next burst on this thread, or frees it.
+fn park(mut buf: Vec<u8>) {
+    if !(MAX_READ..=2 * MAX_READ).contains(&buf.capacity()) {
+        return;
+    }
+    buf.clear();
+    PARKED.with_borrow_mut(|p| {
+        if p.len() < PARKED_BUFFERS {
+            p.push(buf);
+        }
+    });
+}
+
+fn unpark() -> Vec<u8> {
+    PARKED
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| Vec::with_capacity(MAX_READ))
+}
+
+/// Reads from `tcp` into what `buf` has room for after `sizes` prepared it.
+async fn sized_read(tcp: &TcpStream, sizes: &ReadSize, buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
+    let (buf, room) = sizes.prepare(buf);
+    let mut r = tcp;
+    let BufResult(n, buf) = r.append(buf).await;
+    if let Ok(n) = n {
+        sizes.observe(n, room);
+    }
+    BufResult(n, buf)
+}
 
 pub enum Stream {
-    Tcp(TcpStream, WriteLock),
+    Tcp(TcpStream, TcpSide),
     Tls(Box<TlsStream>),
 }
 
-/// Serializes whole-message writes: both pumps may write to the client (results, and a notice
-/// about a held statement), and a message must never be cut into by another.
+/// A plain TCP leg's own state: how its reads are sized, and the lock that serializes
+/// whole-message writes: both pumps may write to the client (results, and a notice about a held
+/// statement), and a message must never be cut into by another.
 #[derive(Default)]
-pub struct WriteLock(Mutex<()>);
+pub struct TcpSide {
+    reads: ReadSize,
+    write: Mutex<()>,
+}
 
 impl Stream {
     pub fn tcp_stream(tcp: TcpStream) -> Stream {
-        Stream::Tcp(tcp, WriteLock::default())
+        Stream::Tcp(tcp, TcpSide::default())
     }
 }
 
@@ -40,42 +143,33 @@ pub struct TlsStream {
     tls: RefCell<rustls::Connection>,
     /// Ciphertext read from the socket and how much of it rustls has taken.
     raw: RefCell<(Vec<u8>, usize)>,
+    /// Sizes the socket reads of ciphertext.
+    reads: ReadSize,
     write_lock: Mutex<()>,
 }
 
 impl Stream {
-    /// Reads at least one byte (0 = end of stream), appended to `buf`.
-    pub async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
+    /// Reads at least one byte (0 = end of stream), appended to `buf`. The read is sized to
+    /// the traffic ([`ReadSize`]): a quiet connection holds only a small buffer.
+    pub async fn read(&self, buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
         match self {
-            Stream::Tcp(tcp, _) => {
-                buf.reserve(READ_CHUNK);
-                let mut r = tcp;
-                r.append(buf).await
-            }
+            Stream::Tcp(tcp, side) => sized_read(tcp, &side.reads, buf).await,
             Stream::Tls(t) => t.read(buf).await,
         }
     }
 
-    /// As [`Stream::read`], into the room `buf` already has, growing it by a little only when it
-    /// is full: for the startup phase, where thousands of waiting connections would otherwise
-    /// each pin a full read chunk.
-    pub async fn read_small(&self, mut buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
+    /// The size this stream's reads have reached (for tests).
+    pub fn read_size(&self) -> usize {
         match self {
-            Stream::Tcp(tcp, _) => {
-                if buf.len() == buf.capacity() {
-                    buf.reserve(SMALL_READ);
-                }
-                let mut r = tcp;
-                r.append(buf).await
-            }
-            Stream::Tls(t) => t.read(buf).await,
+            Stream::Tcp(_, side) => side.reads.current(),
+            Stream::Tls(t) => t.reads.current(),
         }
     }
 
     pub async fn write_all<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
         match self {
-            Stream::Tcp(tcp, lock) => {
-                let _guard = lock.0.lock().await;
+            Stream::Tcp(tcp, side) => {
+                let _guard = side.write.lock().await;
                 let mut w = tcp;
                 w.write_all(buf).await
             }
@@ -125,7 +219,7 @@ impl TlsStream {
         tcp: TcpStream,
         conn: impl Into<rustls::Connection>,
     ) -> io::Result<TlsStream> {
-        Self::handshake_after(tcp, conn, Vec::with_capacity(READ_CHUNK)).await
+        Self::handshake_after(tcp, conn, Vec::new()).await
     }
 
     /// The handshake, starting with `raw`: bytes of it already read from `tcp` (a client's
@@ -137,6 +231,7 @@ impl TlsStream {
     ) -> io::Result<TlsStream> {
         let mut conn = conn.into();
         conn.set_buffer_limit(None);
+        let reads = ReadSize::default();
         let mut pos = 0;
         loop {
             if conn.wants_write() {
@@ -153,15 +248,14 @@ impl TlsStream {
                     tcp,
                     tls: RefCell::new(conn),
                     raw: RefCell::new((raw, pos)),
+                    reads,
                     write_lock: Mutex::new(()),
                 });
             }
             if pos == raw.len() {
                 raw.clear();
-                raw.reserve(READ_CHUNK);
                 pos = 0;
-                let mut r = &tcp;
-                let BufResult(n, back) = r.append(raw).await;
+                let BufResult(n, back) = sized_read(&tcp, &reads, raw).await;
                 raw = back;
                 if n? == 0 {
                     return Err(io::Error::new(
@@ -187,19 +281,24 @@ impl TlsStream {
 
     async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize, Vec<u8>> {
         loop {
-            let start = buf.len();
-            buf.resize(start + READ_CHUNK, 0);
-            let got = self.tls.borrow_mut().reader().read(&mut buf[start..]);
-            match got {
-                Ok(n) => {
-                    buf.truncate(start + n);
-                    return BufResult(Ok(n), buf);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
+            // Exactly the plaintext rustls holds gets room: nothing more is zeroed or pinned.
+            let state = self.tls.borrow_mut().process_new_packets();
+            let state = match state {
+                Ok(state) => state,
                 Err(e) => {
-                    buf.truncate(start);
-                    return BufResult(Err(e), buf);
+                    return BufResult(Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
                 }
+            };
+            let ready = state.plaintext_bytes_to_read();
+            if ready > 0 {
+                let start = buf.len();
+                buf.resize(start + ready, 0);
+                let got = self.tls.borrow_mut().reader().read(&mut buf[start..]);
+                buf.truncate(start + *got.as_ref().unwrap_or(&0));
+                return BufResult(got, buf);
+            }
+            if state.peer_has_closed() {
+                return BufResult(Ok(0), buf);
             }
             // Ciphertext left from the last socket read goes in one record batch at a time, so
             // rustls's plaintext buffer is drained between batches and never overflows.
@@ -232,11 +331,13 @@ impl TlsStream {
                 }
                 None => {}
             }
+            // About to wait for the peer: an emptied plaintext buffer is not held meanwhile.
+            if buf.is_empty() && buf.capacity() > MIN_READ {
+                park(std::mem::take(&mut buf));
+            }
             let mut raw = std::mem::take(&mut self.raw.borrow_mut().0);
             raw.clear();
-            raw.reserve(READ_CHUNK);
-            let mut r = &self.tcp;
-            let BufResult(n, raw) = r.append(raw).await;
+            let BufResult(n, raw) = sized_read(&self.tcp, &self.reads, raw).await;
             *self.raw.borrow_mut() = (raw, 0);
             match n {
                 Ok(0) => return BufResult(Ok(0), buf),
@@ -282,5 +383,59 @@ impl TlsStream {
         }
         let mut w = &self.tcp;
         w.write_all(out).await.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One read of `arrived` bytes (at most the room) into `buf`; returns the room it had.
+    fn read(sizes: &ReadSize, buf: &mut Vec<u8>, arrived: usize) -> usize {
+        let (mut b, room) = sizes.prepare(std::mem::take(buf));
+        let n = arrived.min(room);
+        b.extend(std::iter::repeat_n(0u8, n));
+        sizes.observe(n, room);
+        *buf = b;
+        room
+    }
+
+    #[test]
+    fn reads_grow_while_they_fill_and_a_quiet_connection_holds_a_small_buffer() {
+        let sizes = ReadSize::default();
+        let mut buf = Vec::new();
+        // A startup packet and small queries: small reads, small buffer.
+        assert_eq!(read(&sizes, &mut buf, 100), MIN_READ);
+        buf.clear();
+        assert!(buf.capacity() <= MIN_READ);
+        // A large result streams: reads fill and grow to the largest size.
+        let mut rooms = Vec::new();
+        for _ in 0..6 {
+            rooms.push(read(&sizes, &mut buf, usize::MAX));
+            buf.clear();
+        }
+        assert_eq!(rooms[0], MIN_READ, "the first read after quiet is small");
+        assert_eq!(*rooms.last().unwrap(), MAX_READ);
+        assert_eq!(sizes.current(), MAX_READ);
+        // The result ends with a short read; the next read, which may wait for a long time,
+        // holds a small buffer, and the large one is parked for the next burst.
+        read(&sizes, &mut buf, 300);
+        buf.clear();
+        assert_eq!(read(&sizes, &mut buf, 0), MIN_READ);
+        assert!(buf.capacity() <= MIN_READ);
+        // Data again: the small read fills and the next read is large at once.
+        buf.clear();
+        assert_eq!(read(&sizes, &mut buf, usize::MAX), MIN_READ);
+        buf.clear();
+        assert!(read(&sizes, &mut buf, usize::MAX) >= 8 * MIN_READ);
+    }
+
+    #[test]
+    fn a_partial_message_keeps_its_buffer_and_gets_room() {
+        let sizes = ReadSize::default();
+        let mut buf = vec![1u8; 10];
+        let room = read(&sizes, &mut buf, 5);
+        assert!(room >= MIN_READ);
+        assert_eq!(&buf[..10], &[1u8; 10], "what was buffered stays");
     }
 }

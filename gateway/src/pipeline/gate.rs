@@ -474,12 +474,19 @@ impl PolicyGate {
                     // No store, no approval: refuse rather than let it through.
                     Err(e) => {
                         warn!(session = self.session, "approval store unavailable: {e:#}");
+                        let full = e.is::<crate::policy::approval::TooManyPending>();
                         Disposition::Block(Blocked {
                             rule: verdict.rule.to_string(),
-                            reason: format!(
-                                "needs approval, but the approval store is unavailable: {e:#}"
-                            ),
-                            sqlstate: None,
+                            reason: if full {
+                                format!("needs approval, but {e}")
+                            } else {
+                                format!(
+                                    "needs approval, but the approval store is unavailable: {e:#}"
+                                )
+                            },
+                            // Past the cap on waiting requests: a limit (54000), not a rule.
+                            sqlstate: full
+                                .then_some(crate::protocol::postgres::session::SQLSTATE_LIMIT),
                         })
                     }
                 }

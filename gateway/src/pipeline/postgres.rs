@@ -22,7 +22,7 @@ use super::mask_filter::MaskFilter;
 use super::record::{RecordGate, ResponseTap};
 use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
-use crate::forward::conn::{self, Stream, TlsStream};
+use crate::forward::conn::{Stream, TlsStream};
 use crate::forward::local_tls::{ALPN_POSTGRESQL, LocalTls};
 use crate::forward::upstream;
 use crate::idp::token::MAX_TOKEN_BYTES;
@@ -79,8 +79,7 @@ pub async fn client_startup(
     let startup_timeout = shared.config().startup_timeout;
     let startup_deadline = std::time::Instant::now() + startup_timeout;
     let left = || startup_deadline.saturating_duration_since(std::time::Instant::now());
-    // Startup messages are small: a small buffer keeps a flood of half-open connections cheap.
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::new();
     // Each probe is answered once, as PostgreSQL does; a repeat is a protocol violation.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
@@ -93,8 +92,7 @@ pub async fn client_startup(
         };
         match parsed {
             None => {
-                let Ok(BufResult(n, b)) =
-                    compio::time::timeout(left(), client.read_small(buf)).await
+                let Ok(BufResult(n, b)) = compio::time::timeout(left(), client.read(buf)).await
                 else {
                     let message = format!(
                         "the client did not complete startup within {}",
@@ -406,7 +404,7 @@ async fn drain_client(client: &Stream) {
     let mut w = client.tcp();
     let _ = w.shutdown().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut buf = Vec::with_capacity(conn::READ_CHUNK);
+    let mut buf = Vec::new();
     let mut drained = 0usize;
     while drained < 256 << 20 {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -755,7 +753,7 @@ async fn server_to_client(
     (mut filter, mut tap): (MaskFilter, ResponseTap),
     (shared, mut generation): (Arc<Shared>, u64),
 ) -> Result<End, PumpError> {
-    let mut buf = Vec::with_capacity(conn::READ_CHUNK);
+    let mut buf = Vec::new();
     let mut out = Output::default();
     loop {
         let BufResult(n, b) = server.read(buf).await;

@@ -176,6 +176,12 @@ struct Grant {
 /// that needs approval is refused. Each session holds at most one.
 pub const MAX_PENDING: usize = 10_000;
 
+/// The error of a request made while [`MAX_PENDING`] requests wait: a limit, not a failure of
+/// the store.
+#[derive(Debug, thiserror::Error)]
+#[error("{MAX_PENDING} approval requests are already waiting")]
+pub struct TooManyPending;
+
 /// How long decided requests are kept when the configuration does not say.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -316,7 +322,7 @@ impl Approvals {
         let inner = &self.inner;
         if inner.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
             inner.pending.fetch_sub(1, Ordering::Relaxed);
-            bail!("{MAX_PENDING} approval requests are already waiting");
+            return Err(TooManyPending.into());
         }
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();

@@ -221,6 +221,33 @@ mod tests {
         session(&seed);
     }
 
+    /// Every input of the committed corpora (minimized after each campaign, and with every
+    /// crash found kept as a regression seed) goes through its target again.
+    #[test]
+    fn committed_corpora_replay() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 5] = [
+            ("startup", startup),
+            ("backend_messages", backend_messages),
+            ("session", session),
+            ("upstream_hello", upstream_hello),
+            ("side_query", side_query),
+        ];
+        let mut replayed = 0;
+        for (name, target) in targets {
+            let dir = root.join(name);
+            let entries = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e} (the corpus is committed)", dir.display()));
+            for entry in entries {
+                let path = entry.unwrap().path();
+                target(&std::fs::read(&path).unwrap());
+                replayed += 1;
+            }
+        }
+        assert!(replayed > 0, "no corpus under {}", root.display());
+    }
+
     #[test]
     fn targets_accept_their_seeds() {
         let mut seed = Vec::new();

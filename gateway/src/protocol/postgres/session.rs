@@ -107,8 +107,17 @@ enum Expect {
 }
 
 /// Named prepared statements, and named portals, a session may keep open at once. Past it the
-/// client gets a protocol error (08P01) instead of growing the gateway's maps without end.
+/// statement that would open one more fails with [`SQLSTATE_LIMIT`] instead of growing the
+/// gateway's maps without end; the session goes on.
 pub const MAX_NAMED: usize = 10_000;
+
+/// The SQLSTATE for a request past one of the gateway's per-session limits
+/// (program_limit_exceeded).
+pub const SQLSTATE_LIMIT: &str = "54000";
+
+/// The largest message PostgreSQL itself reads (`PQ_LARGE_MESSAGE_LIMIT`): a declared length past
+/// it is not a large statement but a broken stream.
+const PG_MAX_MESSAGE: usize = 0x3fff_ffff;
 
 /// Inspects (and may rewrite) result rows on their way to the client: the masking hook.
 /// `begin*` return whether the result's rows must be inspected; when they return false, rows
@@ -297,19 +306,38 @@ impl Session {
         self.statement_rows.len() + self.portal_rows.len() + self.portals.len()
     }
 
-    /// Refuses a new name once [`MAX_NAMED`] of its kind are open.
-    fn check_room<V>(
-        &self,
-        map: &HashMap<NameId, V>,
-        name: &str,
-        what: &str,
-    ) -> Result<(), SessionError> {
-        if map.len() >= MAX_NAMED && !map.contains_key(&self.names.hash_one(name)) {
-            return Err(SessionError::client(format!(
-                "{MAX_NAMED} named {what} are open; close some (Close message) before making more"
-            )));
+    /// The refusal of a new name once [`MAX_NAMED`] of its kind are open.
+    fn over_cap<V>(&self, map: &HashMap<NameId, V>, name: &str, what: &str) -> Option<Blocked> {
+        (!name.is_empty()
+            && map.len() >= MAX_NAMED
+            && !map.contains_key(&self.names.hash_one(name)))
+        .then(|| {
+            limit(format!(
+                "{MAX_NAMED} named {what} are open; close some (Close message) before making \
+                     more"
+            ))
+        })
+    }
+
+    /// Answers the request at this point of the stream with `blocked`'s error, sent by the server
+    /// in reply to a failing probe so that it sets the transaction state itself. A simple query
+    /// (or FunctionCall) stands alone; an extended-protocol message fails its batch up to Sync.
+    fn refuse(&mut self, blocked: Blocked, simple: bool, out: &mut Output) {
+        if simple {
+            out.emit(|o| messages::encode_query(PROBE_SQL, o));
+            self.expect.push_back(Expect::Query {
+                probe: Some(blocked),
+                sql: None,
+            });
+        } else {
+            out.emit(|o| messages::encode_parse(PROBE_STATEMENT, PROBE_SQL, o));
+            self.fe_discard_to_sync = true;
+            self.expect.push_back(Expect::Parse {
+                statement: self.names.hash_one(PROBE_STATEMENT),
+                probe: Some(blocked),
+                sql: None,
+            });
         }
-        Ok(())
     }
 
     /// Replies the server still owes (for tests and the admin view).
@@ -350,11 +378,29 @@ impl Session {
                     continue;
                 }
                 if wire_len - 1 > self.max_message {
-                    return Err(client_frame_error(FrameError::LengthOutOfRange {
-                        tag: tag as char,
-                        declared: (wire_len - 1) as i64,
-                        max: self.max_message,
-                    }));
+                    // A statement (or its parameters) too large to inspect is refused and its
+                    // bytes dropped as they come; the session goes on.
+                    let simple = matches!(tag, b'Q' | b'F');
+                    if !(simple || matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C'))
+                        || wire_len - 1 > PG_MAX_MESSAGE
+                    {
+                        return Err(client_frame_error(FrameError::LengthOutOfRange {
+                            tag: tag as char,
+                            declared: (wire_len - 1) as i64,
+                            max: self.max_message,
+                        }));
+                    }
+                    let reason = format!(
+                        "message {:?} of {} bytes exceeds the gateway's max_message_bytes ({})",
+                        tag as char,
+                        wire_len - 1,
+                        self.max_message
+                    );
+                    self.refuse(limit(reason), simple, to_server);
+                    self.from_client.messages += 1;
+                    self.fe_stream = wire_len;
+                    self.fe_stream_drop = true;
+                    continue;
                 }
                 return Ok(Progress::Continue { consumed: pos });
             }
@@ -397,8 +443,11 @@ impl Session {
                 let mut r = Reader::new(frame.body, "Parse");
                 let statement = r.cstr().map_err(client)?;
                 let sql = r.cstr().map_err(client)?;
-                if !statement.is_empty() {
-                    self.check_room(&self.statement_rows, statement, "prepared statements")?;
+                if let Some(b) =
+                    self.over_cap(&self.statement_rows, statement, "prepared statements")
+                {
+                    self.refuse(b, false, out);
+                    return Ok(None);
                 }
                 return Ok(self.gated(gate, Request::Parse { statement, sql }, range, out));
             }
@@ -410,8 +459,9 @@ impl Session {
             }
             b'B' => {
                 let (portal, statement, result_formats) = parse_bind(frame.body)?;
-                if !portal.is_empty() {
-                    self.check_room(&self.portals, portal, "portals")?;
+                if let Some(b) = self.over_cap(&self.portals, portal, "portals") {
+                    self.refuse(b, false, out);
+                    return Ok(None);
                 }
                 gate.bind(portal, statement, frame.body);
                 out.pass(range);
@@ -447,13 +497,7 @@ impl Session {
                     // then skips to Sync as for any error in a batch.
                     Disposition::Block(b) => {
                         self.blocked += 1;
-                        out.emit(|o| messages::encode_parse(PROBE_STATEMENT, PROBE_SQL, o));
-                        self.fe_discard_to_sync = true;
-                        self.expect.push_back(Expect::Parse {
-                            statement: self.names.hash_one(PROBE_STATEMENT),
-                            probe: Some(b),
-                            sql: None,
-                        });
+                        self.refuse(b, false, out);
                     }
                     Disposition::Hold => {
                         return Ok(Some(Progress::Hold {
@@ -928,6 +972,15 @@ fn filtered(
     Ok(replaced)
 }
 
+/// A refusal for a request past one of the gateway's limits.
+fn limit(reason: String) -> Blocked {
+    Blocked {
+        rule: "limits".into(),
+        reason,
+        sqlstate: Some(SQLSTATE_LIMIT),
+    }
+}
+
 fn client_frame_error(e: FrameError) -> SessionError {
     SessionError::client(e.to_string())
 }
@@ -1099,8 +1152,19 @@ mod tests {
         assert_eq!(s.remembered(), 0, "Close forgets the statement");
     }
 
+    /// The SQLSTATE of the first ErrorResponse in `wire`.
+    fn first_error_code(wire: &[u8]) -> String {
+        let at = wire
+            .iter()
+            .position(|&b| b == b'E')
+            .expect("an ErrorResponse");
+        let len = u32::from_be_bytes(wire[at + 1..at + 5].try_into().unwrap()) as usize;
+        let fields = messages::parse_error_fields(&wire[at + 5..at + 1 + len]).expect("a body");
+        fields.code.to_string()
+    }
+
     #[test]
-    fn named_statements_past_the_cap_are_a_protocol_error() {
+    fn named_statements_past_the_cap_fail_with_54000_and_the_session_goes_on() {
         let mut s = Session::new(1 << 20);
         let mut client = Vec::new();
         let mut server = Vec::new();
@@ -1119,16 +1183,54 @@ mod tests {
             &[msg(b'1', b""), ready(b'I')].concat(),
         )
         .unwrap();
-        let err = s
-            .on_frontend(
-                &parse("one-too-many", "SELECT 1"),
-                &mut AllowAll,
-                &mut Output::default(),
-            )
-            .unwrap_err();
-        assert_eq!(err.side, Side::Client);
-        assert!(err.reason.contains("close some"), "{err}");
+        let input = [
+            parse("one-too-many", "SELECT 1"),
+            bind("", "one-too-many", &[]),
+            execute(""),
+            sync(),
+        ]
+        .concat();
+        let mut out = Output::default();
+        s.on_frontend(&input, &mut AllowAll, &mut out).unwrap();
+        // A failing probe stands in, and the rest of the batch is dropped up to Sync.
+        assert_eq!(
+            rendered(&input, &out),
+            [parse(PROBE_STATEMENT, PROBE_SQL), sync()].concat()
+        );
+        let reply = [server_error("42601"), ready(b'I')].concat();
+        let mut out = Output::default();
+        s.on_backend(&reply, &mut NoFilter, &mut out).unwrap();
+        let to_client = rendered(&reply, &out);
+        assert_eq!(first_error_code(&to_client), SQLSTATE_LIMIT);
+        assert!(to_client.ends_with(&ready(b'I')), "the session goes on");
         assert_eq!(s.remembered(), MAX_NAMED);
+        assert_eq!(s.pending_replies(), 0);
+    }
+
+    #[test]
+    fn an_oversized_query_fails_with_54000_and_the_next_one_runs() {
+        let mut s = Session::new(1 << 10);
+        let big = query(&"x".repeat(4 << 10));
+        let input = [big.clone(), query("SELECT 1")].concat();
+        let mut out = Output::default();
+        // The oversized Query arrives in pieces, as from a socket: none of it is buffered.
+        let p = s
+            .on_frontend(&input[..100], &mut AllowAll, &mut out)
+            .unwrap();
+        assert_eq!(p, Progress::Continue { consumed: 100 });
+        let mut rest = Output::default();
+        s.on_frontend(&input[100..], &mut AllowAll, &mut rest)
+            .unwrap();
+        let upstream = [
+            rendered(&input[..100], &out),
+            rendered(&input[100..], &rest),
+        ]
+        .concat();
+        assert_eq!(upstream, [query(PROBE_SQL), query("SELECT 1")].concat());
+        let reply = [server_error("42601"), ready(b'I')].concat();
+        let mut out = Output::default();
+        s.on_backend(&reply, &mut NoFilter, &mut out).unwrap();
+        assert_eq!(first_error_code(&rendered(&reply, &out)), SQLSTATE_LIMIT);
     }
 
     #[test]
