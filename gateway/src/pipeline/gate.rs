@@ -208,23 +208,25 @@ impl PolicyGate {
     fn catalog_due(&mut self, request: &Request<'_>) -> Option<Disposition> {
         let lineage = self.lineage.as_ref()?;
         let (target, freshness) = self.catalog.as_mut()?;
-        let masker = self.shared.masker();
-        if masker.is_noop() || !(masker.lineage_enabled() || masker.needs_catalog()) {
-            return None;
-        }
         let now = Instant::now();
-        let ttl = masker.catalog_ttl();
         let generations = (
             self.shared.catalogs.generation(),
             self.shared.policy_generation(),
         );
-        if !freshness.is_stale(now, ttl, generations.0, generations.1) {
+        if !freshness.is_stale(now, generations.0, generations.1) {
+            return None;
+        }
+        let masker = self.shared.masker();
+        let ttl = masker.catalog_ttl();
+        if masker.is_noop() || !(masker.lineage_enabled() || masker.needs_catalog()) {
+            // Nothing to read the catalog for: look again after the TTL or a reload.
+            freshness.refreshed(now, ttl, generations.0, generations.1);
             return None;
         }
         if let Some((at, catalog)) = freshness.adoptable(&self.shared, now, ttl) {
             let catalog = lineage::remarked(&masker, &catalog);
             lineage.borrow_mut().replace_catalog(catalog);
-            freshness.refreshed(at, generations.0, generations.1);
+            freshness.refreshed(at, ttl, generations.0, generations.1);
             return None;
         }
         let read = lineage::read_catalog(
@@ -259,7 +261,8 @@ impl PolicyGate {
             Arc::new(crate::mask::lineage::Catalog::unavailable())
         });
         lineage.borrow_mut().replace_catalog(catalog);
-        freshness.refreshed(Instant::now(), cache, policy);
+        let ttl = self.shared.masker().catalog_ttl();
+        freshness.refreshed(Instant::now(), ttl, cache, policy);
     }
 
     /// Decides by the session's verified identity, and renews it in `info` when it expires.

@@ -35,16 +35,24 @@ pub type CatalogKey = (String, String, String);
 pub struct Freshness {
     pub key: CatalogKey,
     read_at: Instant,
+    /// `mask.catalog_ttl` of the policy at `policy_generation`: a reload makes it stale anyway.
+    ttl: Duration,
     cache_generation: u64,
     policy_generation: u64,
     ddl_seen: bool,
 }
 
 impl Freshness {
-    pub fn new(key: CatalogKey, shared: &Shared, policy_generation: u64) -> Freshness {
+    pub fn new(
+        key: CatalogKey,
+        shared: &Shared,
+        masker: &Masker,
+        policy_generation: u64,
+    ) -> Freshness {
         Freshness {
             key,
             read_at: Instant::now(),
+            ttl: masker.catalog_ttl(),
             cache_generation: shared.catalogs.generation(),
             policy_generation,
             ddl_seen: false,
@@ -56,18 +64,20 @@ impl Freshness {
         self.ddl_seen = true;
     }
 
-    pub fn is_stale(&self, now: Instant, ttl: Duration, cache: u64, policy: u64) -> bool {
+    /// Two atomic loads and a clock read: this runs before every statement.
+    pub fn is_stale(&self, now: Instant, cache: u64, policy: u64) -> bool {
         self.ddl_seen
-            || now.saturating_duration_since(self.read_at) >= ttl
+            || now.saturating_duration_since(self.read_at) >= self.ttl
             || cache != self.cache_generation
             || policy != self.policy_generation
     }
 
     /// A catalog read (or taken from another session) at `read_at`, when the generations were these.
-    pub fn refreshed(&mut self, read_at: Instant, cache: u64, policy: u64) {
+    pub fn refreshed(&mut self, read_at: Instant, ttl: Duration, cache: u64, policy: u64) {
         *self = Freshness {
             key: std::mem::take(&mut self.key),
             read_at,
+            ttl,
             cache_generation: cache,
             policy_generation: policy,
             ddl_seen: false,

@@ -150,7 +150,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         target.config.upstream.database.clone(),
         login.set_role.unwrap_or(login.user).to_owned(),
     );
-    let freshness = lineage::Freshness::new(key.clone(), shared, generation);
+    let freshness = lineage::Freshness::new(key.clone(), shared, &masker, generation);
     let lineage = lineage::session_lineage(shared, &server, &masker, &key, info.id).await;
     let filter = MaskFilter::new(masker, Some(lineage.clone()));
     let mut gate = PolicyGate::new(shared, info.id, &identity, &target, Some(lineage.clone()))
