@@ -220,6 +220,19 @@ pub fn refusal(masker: &Masker, lineage: &mut SessionLineage, sql: &str) -> Opti
 /// `SET search_path ...` as the gate sees it: the new path, when the statement sets one plainly.
 pub fn search_path_set(sql: &str) -> Option<Vec<String>> {
     use sqlparser::ast::{Expr, Set, Statement, Value};
+    // This runs on every allowed statement: parse only a text that can name the setting, plainly
+    // or (`U&"..."`) through escapes.
+    let bytes = sql.as_bytes();
+    let named = |at: usize, needle: &[u8]| {
+        bytes
+            .get(at..at + needle.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    };
+    let candidate = memchr::memchr2_iter(b's', b'S', bytes).any(|i| named(i, b"search_path"))
+        || memchr::memchr_iter(b'&', bytes).any(|i| i > 0 && named(i - 1, b"u&"));
+    if !candidate {
+        return None;
+    }
     let statements =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
             .ok()?;
@@ -259,5 +272,10 @@ mod tests {
             Some(vec!["x".to_owned()])
         );
         assert_eq!(search_path_set("SET work_mem = '1MB'"), None);
+        assert_eq!(
+            search_path_set("SET SEARCH_PATH TO app"),
+            Some(vec!["app".to_owned()])
+        );
+        assert_eq!(search_path_set("SELECT 1 FROM t WHERE a = 'search'"), None);
     }
 }
