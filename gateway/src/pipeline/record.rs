@@ -124,6 +124,12 @@ impl SessionRecord {
         }
     }
 
+    /// False when recording is disabled: the gate and the tap then leave requests and
+    /// responses alone rather than build records that would be dropped.
+    fn recording(&self) -> bool {
+        self.rec.as_ref().is_some_and(SessionRecorder::is_recording)
+    }
+
     fn rec(&mut self) -> Result<&mut SessionRecorder, RecordError> {
         self.rec.as_mut().ok_or(RecordError::Stopped)
     }
@@ -241,6 +247,10 @@ fn verdict_of(d: &Disposition, allow_rule: Option<&str>) -> Verdict {
 impl Gate for RecordGate {
     fn check(&mut self, request: &Request<'_>) -> Disposition {
         let mut r = self.record.borrow_mut();
+        if !r.recording() {
+            drop(r);
+            return self.policy.check(request);
+        }
         let (kind, statement, text, bytes_in) = match *request {
             Request::Query(sql) => (RequestKind::Query, None, r.redacted(sql.as_bytes()), 6),
             Request::Parse { statement, sql } => (
@@ -407,6 +417,9 @@ impl ResponseTap {
     pub fn written(&mut self, input: &[u8], out: &Output) {
         let mut guard = self.record.borrow_mut();
         let r = &mut *guard;
+        if !r.recording() {
+            return;
+        }
         let Some(rec) = r.rec.as_mut() else {
             return;
         };
