@@ -18,6 +18,7 @@ use crate::policy::approval::{Decision, NewApproval, PendingDecision};
 use crate::policy::{Action, ClassifyCache, Identity, Policy, Risk, TargetRef, Verdict};
 use crate::protocol::core::{Blocked, Disposition, Gate, Request};
 use crate::route::Target;
+use crate::service::metrics::VerdictCounters;
 
 thread_local! {
     /// One classification cache per worker thread: sessions on a runtime share it, with no lock.
@@ -161,6 +162,7 @@ pub struct PolicyGate {
     pub info: Option<Arc<SessionInfo>>,
     /// Where the session's catalog is read again from, and how fresh it is.
     pub catalog: Option<(Arc<Target>, Freshness)>,
+    counters: VerdictCounters,
 }
 
 /// The policy's view of a session: its agent and, when verified, its subject, groups and actors.
@@ -194,6 +196,7 @@ impl PolicyGate {
             identity: None,
             info: None,
             catalog: None,
+            counters: VerdictCounters::default(),
         }
     }
 
@@ -392,7 +395,8 @@ impl PolicyGate {
         if let Some(blocked) = self.role_escape(&verdict) {
             return blocked;
         }
-        crate::service::metrics::verdict(&self.target, &verdict.rule, verdict.action);
+        self.counters
+            .count(&self.target, &verdict.rule, verdict.action);
         self.last_rule = Some(verdict.rule.clone());
         if let Some(shadow) = verdict.shadow.filter(|a| *a != Action::Allow) {
             let would = if shadow == Action::Block {

@@ -56,22 +56,50 @@ fn action_name(action: Action) -> &'static str {
     }
 }
 
-/// One decided request (a simple query, a Parse or a function call).
-pub fn verdict(target: &str, rule: &str, action: Action) {
-    let action = action_name(action);
-    let f = &*FAMILIES;
-    f.statements
-        .get_or_create(&vec![
-            ("target", target.to_owned()),
-            ("verdict", action.into()),
-        ])
-        .inc();
-    f.verdicts
-        .get_or_create(&vec![("rule", rule.to_owned()), ("verdict", action.into())])
-        .inc();
-    if action == "block" {
-        // The client gets 42501 insufficient_privilege from the session core.
-        error_sent("42501");
+/// A session's verdict counters, found in the families once per rule and verdict: after that a
+/// decided request costs two atomic adds, not a label set built and looked up under a lock.
+#[derive(Default)]
+pub struct VerdictCounters(Vec<(Arc<str>, Action, Counter, Counter)>);
+
+/// Distinct (rule, verdict) pairs a session keeps; a reload that renames rules cannot grow it
+/// past this.
+const VERDICT_COUNTERS_MAX: usize = 64;
+
+impl VerdictCounters {
+    /// One decided request (a simple query, a Parse or a function call).
+    pub fn count(&mut self, target: &str, rule: &Arc<str>, action: Action) {
+        let known = self
+            .0
+            .iter()
+            .find(|(r, a, ..)| *a == action && (Arc::ptr_eq(r, rule) || r == rule));
+        if let Some((.., statements, verdicts)) = known {
+            statements.inc();
+            verdicts.inc();
+        } else {
+            let name = action_name(action);
+            let f = &*FAMILIES;
+            let statements = f
+                .statements
+                .get_or_create(&vec![
+                    ("target", target.to_owned()),
+                    ("verdict", name.into()),
+                ])
+                .clone();
+            let verdicts = f
+                .verdicts
+                .get_or_create(&vec![("rule", rule.to_string()), ("verdict", name.into())])
+                .clone();
+            statements.inc();
+            verdicts.inc();
+            if self.0.len() >= VERDICT_COUNTERS_MAX {
+                self.0.clear();
+            }
+            self.0.push((rule.clone(), action, statements, verdicts));
+        }
+        if action == Action::Block {
+            // The client gets 42501 insufficient_privilege from the session core.
+            error_sent("42501");
+        }
     }
 }
 
