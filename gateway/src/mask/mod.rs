@@ -64,6 +64,12 @@ pub enum MaskError {
     CopyRefused(&'static str),
 }
 
+impl From<MaskError> for crate::protocol::postgres::session::Refusal {
+    fn from(e: MaskError) -> Self {
+        Self(e.to_string().into())
+    }
+}
+
 /// Compiled `[mask]` rules. Immutable; `Send + Sync`; clone is an `Arc` clone.
 #[derive(Debug, Clone)]
 pub struct Masker {

@@ -9,7 +9,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use super::lineage::Lineage;
 use crate::mask::{Column, CopyOptions, CopyPlan, Masker, ResultPlan};
 use crate::protocol::postgres::messages;
-use crate::protocol::postgres::session::{ResultFilter, ResultFormats};
+use crate::protocol::postgres::session::{Refusal, ResultFilter, ResultFormats};
 
 /// What a `COPY ... TO STDOUT` statement says about its output format.
 #[derive(Debug, Clone)]
@@ -88,9 +88,9 @@ impl ResultFilter for MaskFilter {
         !self.masker.is_noop()
     }
 
-    fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+    fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal> {
         match &self.plan {
-            Some(plan) => plan.mask_data_row(body, out).map_err(|e| e.to_string()),
+            Some(plan) => plan.mask_data_row(body, out).map_err(Refusal::from),
             None => null_row(body, out).map(|()| true),
         }
     }
@@ -134,9 +134,9 @@ impl ResultFilter for MaskFilter {
         inspect
     }
 
-    fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+    fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal> {
         match &self.copy {
-            Some(plan) => plan.mask_copy_data(body, out).map_err(|e| e.to_string()),
+            Some(plan) => plan.mask_copy_data(body, out).map_err(Refusal::from),
             None => Err("COPY output whose shape the gateway cannot read".into()),
         }
     }
@@ -151,7 +151,7 @@ impl ResultFilter for MaskFilter {
         lineage.borrow_mut().set_current(sql, index);
     }
 
-    fn notice(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+    fn notice(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal> {
         let Some(lineage) = &self.lineage else {
             return Ok(false);
         };
@@ -165,13 +165,13 @@ impl ResultFilter for MaskFilter {
             let touched = lineage.borrow().current_touches_masked();
             self.masker.mask_error(tag, body, touched, out)
         };
-        masked.map_err(|e| e.to_string())
+        masked.map_err(Refusal::from)
     }
 }
 
 /// A DataRow with every value NULL: what a row of unknown columns becomes. NULL is valid for
 /// every type and format, so the client still decodes the row.
-fn null_row(body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+fn null_row(body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
     let count = body.get(..2).ok_or("DataRow without a column count")?;
     let n = u16::from_be_bytes([count[0], count[1]]);
     crate::protocol::postgres::frame::write_message(out, b'D', |o| {

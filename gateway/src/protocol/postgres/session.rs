@@ -119,6 +119,18 @@ pub const SQLSTATE_LIMIT: &str = "54000";
 /// it is not a large statement but a broken stream.
 const PG_MAX_MESSAGE: usize = 0x3fff_ffff;
 
+/// Why a result filter would not pass a message on (masking fails closed): the message is dropped
+/// and the session ends with 42501. It names what was wrong with the message, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub std::borrow::Cow<'static, str>);
+
+impl From<&'static str> for Refusal {
+    fn from(why: &'static str) -> Self {
+        Refusal(why.into())
+    }
+}
+
 /// Inspects (and may rewrite) result rows on their way to the client: the masking hook.
 /// `begin*` return whether the result's rows must be inspected; when they return false, rows
 /// stream through untouched and unparsed.
@@ -128,11 +140,11 @@ pub trait ResultFilter {
     /// Rows whose columns the gateway never saw described.
     fn begin_unknown(&mut self) -> bool;
     /// Ok(true) when a replacement DataRow message was appended to `out`.
-    fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String>;
+    fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal>;
     /// A CopyOutResponse body; true when its CopyData must be inspected.
     fn copy_out(&mut self, body: &[u8]) -> bool;
     /// Ok(true) when a replacement CopyData message was appended to `out`.
-    fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, String>;
+    fn copy_data(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal>;
     /// The statement what follows belongs to: its text as the client sent it (Query or Parse;
     /// `None` when unknown) and its index among a Query's statements. Called, when the session
     /// [keeps statements](Session::keep_statements), before `begin`, `begin_unknown`, `copy_out`
@@ -140,7 +152,7 @@ pub trait ResultFilter {
     fn statement(&mut self, _sql: Option<&str>, _index: usize) {}
     /// An ErrorResponse, NoticeResponse or NotificationResponse body (`tag` E, N or A). Ok(true)
     /// when a replacement message was appended to `out`.
-    fn notice(&mut self, _tag: u8, _body: &[u8], _out: &mut Vec<u8>) -> Result<bool, String> {
+    fn notice(&mut self, _tag: u8, _body: &[u8], _out: &mut Vec<u8>) -> Result<bool, Refusal> {
         Ok(false)
     }
 }
@@ -181,13 +193,13 @@ impl ResultFilter for NoFilter {
     fn begin_unknown(&mut self) -> bool {
         false
     }
-    fn data_row(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, String> {
+    fn data_row(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, Refusal> {
         Ok(false)
     }
     fn copy_out(&mut self, _: &[u8]) -> bool {
         false
     }
-    fn copy_data(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, String> {
+    fn copy_data(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, Refusal> {
         Ok(false)
     }
 }
@@ -958,13 +970,13 @@ fn parse_bind(body: &[u8]) -> Result<(&str, &str, ResultFormats), SessionError> 
 /// error and is never passed through.
 fn filtered(
     out: &mut Output,
-    filter: impl FnOnce(&mut Vec<u8>) -> Result<bool, String>,
+    filter: impl FnOnce(&mut Vec<u8>) -> Result<bool, Refusal>,
 ) -> Result<bool, SessionError> {
     let mut replaced = Ok(false);
     out.emit(|o| replaced = filter(o));
-    let replaced = replaced.map_err(|reason| SessionError {
+    let replaced = replaced.map_err(|refusal| SessionError {
         side: Side::Gateway,
-        reason,
+        reason: refusal.0.into_owned(),
     })?;
     if !replaced {
         out.drop_empty_scratch();
@@ -1428,14 +1440,14 @@ mod tests {
             self.begun.push(None);
             true
         }
-        fn data_row(&mut self, _: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+        fn data_row(&mut self, _: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal> {
             out.extend_from_slice(&data_row(b"***"));
             Ok(true)
         }
         fn copy_out(&mut self, _: &[u8]) -> bool {
             false
         }
-        fn copy_data(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, String> {
+        fn copy_data(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<bool, Refusal> {
             Ok(false)
         }
     }
