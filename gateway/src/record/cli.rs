@@ -930,7 +930,7 @@ mod default_key_tests {
             PathBuf::from("/tmp/demo/state/keys/recording.key.pub")
         );
         assert_eq!(
-            default_pubkey(Path::new(DEFAULT_DIR)),
+            default_pubkey(Path::new("/var/lib/portcullis/recordings")),
             pub_path(Path::new(DEFAULT_KEY))
         );
         assert_eq!(
