@@ -1068,3 +1068,63 @@ fn a_full_queue_refuses_without_blocking_the_caller() {
     drop(s);
     recorder.shutdown();
 }
+
+#[test]
+fn the_cli_finds_recordings_and_key_through_config_and_state_dir() {
+    let env = Env::new();
+    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
+    let handle = recorder.handle();
+    let mut s = handle
+        .begin(SessionStart {
+            agent: Some("found-by-config".into()),
+            target: "local".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    s.request(query("SELECT 1")).unwrap();
+    s.end("done").unwrap();
+    recorder.shutdown();
+
+    // The gateway's own config names the state dir; the CLI reads it like `serve` does.
+    let config = env.state.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!("[gateway]\nstate_dir = \"{}\"\n", env.state.display()),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("recordings")
+            .args(args)
+            .env_remove("PORTCULLIS_RECORDINGS_DIR")
+            .output()
+            .unwrap()
+    };
+    let by_config = stdout(&run(&["--config", config.to_str().unwrap(), "list"]));
+    assert!(by_config.contains("found-by-config"), "{by_config}");
+    let state = env.state.to_str().unwrap();
+    let by_state = stdout(&run(&["list", "--state-dir", state]));
+    assert!(by_state.contains("found-by-config"), "{by_state}");
+    // verify finds the public key where the config keeps it, with no --pubkey.
+    let verified = stdout(&run(&["--config", config.to_str().unwrap(), "verify"]));
+    assert!(verified.starts_with("OK:"), "{verified}");
+
+    // A recording directory elsewhere, named in [recording]: found there, not under state_dir.
+    let moved = env.state.join("elsewhere");
+    std::fs::rename(env.dir(), &moved).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nstate_dir = \"{state}\"\n\n[recording]\ndir = \"{}\"\n",
+            moved.display()
+        ),
+    )
+    .unwrap();
+    let moved_list = stdout(&run(&["--config", config.to_str().unwrap(), "list"]));
+    assert!(moved_list.contains("found-by-config"), "{moved_list}");
+    let missing = run(&["list", "--state-dir", state]);
+    assert!(
+        !missing.status.success(),
+        "nothing left under the state dir"
+    );
+}

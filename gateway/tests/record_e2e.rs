@@ -676,3 +676,185 @@ async fn a_gateway_killed_mid_session_leaves_a_log_that_verifies_after_restart()
         text(&out)
     );
 }
+
+/// A policy that allows everything, with the email detector on: what recordings redact.
+const ALLOW_WITH_DETECTORS: &str = "name = \"allow-detect\"\nmode = \"enforce\"\n\
+unparsable = \"allow\"\ndefault_action = \"allow\"\nfunction_call = \"allow\"\n\n\
+[mask]\ndetectors = [\"email\"]\ndefault_style = \"redact\"\n";
+
+/// The one session in `entries` that is not the seed's: (its id, its entries).
+fn session_with(entries: &[Entry], needle: &str) -> u64 {
+    entries
+        .iter()
+        .find_map(|e| match &e.record {
+            Record::Request(r) if r.text.contains(needle) => Some(e.session),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no session ran {needle:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_from_stdin_data_through_psql_is_recorded_after_the_detectors() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, ALLOW_WITH_DETECTORS).unwrap();
+    let gw = Gateway::start(
+        GatewayOptions::for_target(&pg, pw_file)
+            .arg("--policy")
+            .arg(policy.to_str().unwrap()),
+    )
+    .expect("start gateway");
+    let rec_dir = gw.state_dir.join("recordings");
+
+    // psql's \copy sends each line as CopyData; one line carries an email the detectors find.
+    let script = format!(
+        "\\copy people (id, contact, note) from stdin\n\
+         31\tcopy-contact-one\tcopied-row-marker-31\n\
+         32\t{EMAIL}\tcopied-row-marker-32\n\
+         \\.\n\
+         SELECT count(*) FROM people WHERE note LIKE 'copied-row-marker-%';\n"
+    );
+    let mut child = Command::new(pg.bindir().join("psql"))
+        .args([
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &gw.conninfo("app"),
+            "-f",
+            "-",
+        ])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "psql: {said}");
+    assert!(said.contains("COPY 2") && said.contains("\n2\n"), "{said}");
+
+    let entries = wait_for_end(&rec_dir);
+    let session = session_with(&entries, "SELECT count(*) FROM people");
+    let shown = text(&recordings(&rec_dir, &["show", &session.to_string()]));
+    for line in [
+        "copied-row-marker-31",
+        "copy-contact-one",
+        "copied-row-marker-32",
+    ] {
+        assert!(
+            shown.contains(line),
+            "{line:?} missing from `show`:\n{shown}"
+        );
+    }
+    assert!(shown.contains("COPY 2"), "{shown}");
+    // The data comes before the server's answer to it, in the COPY's statement.
+    let ours: Vec<&Entry> = entries.iter().filter(|e| e.session == session).collect();
+    let copy_at = ours
+        .iter()
+        .position(|e| matches!(&e.record, Record::CopyIn(d) if contains(&d.0, b"marker-32")))
+        .expect("a CopyIn record");
+    let done_at = ours
+        .iter()
+        .position(|e| matches!(&e.record, Record::Complete(c) if c.tag == "COPY 2"))
+        .expect("the COPY's completion");
+    assert!(copy_at < done_at);
+    assert_eq!(ours[copy_at].stmt, ours[done_at].stmt);
+    for blob in everything_stored(&rec_dir) {
+        assert!(
+            !contains(&blob, EMAIL.as_bytes()),
+            "the email in the COPY data reached the recording unredacted"
+        );
+    }
+    let (code, out) = verify(&gw.state_dir);
+    assert_eq!(code, 0, "verify: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_over_max_message_bytes_are_counted_and_said_to_be_missing() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    // Lines before any table land in the harness's [gateway] section.
+    let body = format!(
+        "max_message_bytes = 65536\n\n{}",
+        testkit::single_target_toml(listen, &pg.url(), &pw_file)
+    );
+    let gw = Gateway::start(GatewayOptions::with_config(listen, body)).expect("start gateway");
+    let rec_dir = gw.state_dir.join("recordings");
+    let client = connect(&gw).await;
+    let sql = "SELECT n, CASE WHEN n = 2 THEN repeat('x', 100000) ELSE 'small-' || n END \
+               FROM generate_series(1, 3) n ORDER BY n";
+    let got = client.simple_query(sql).await.expect("the query runs");
+    let rows = got
+        .iter()
+        .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 3, "the client gets every row, the large one too");
+    // Pipelined: both queries leave in one write and the gateway reads them together.
+    let (a, b) = futures_util::join!(
+        client.simple_query("SELECT 'pipelined-a'"),
+        client.simple_query("SELECT 'pipelined-b'")
+    );
+    a.expect("first pipelined query");
+    b.expect("second pipelined query");
+    drop(client);
+
+    let entries = wait_for_end(&rec_dir);
+    // Each pipelined statement is recorded with its own result.
+    for text in ["SELECT 'pipelined-a'", "SELECT 'pipelined-b'"] {
+        let p = stmt_of(&entries, RequestKind::Query, text);
+        assert_eq!(rows_of(&of_statement(&entries, p)).len(), 1, "{text}");
+    }
+    let s = stmt_of(&entries, RequestKind::Query, sql);
+    let recs = of_statement(&entries, s);
+    let recorded = rows_of(&recs);
+    assert_eq!(recorded.len(), 2, "the rows that fit are recorded");
+    assert_eq!(recorded[1][1].as_deref(), Some(&b"small-3"[..]));
+    let missing = recs.iter().find_map(|r| match r {
+        Record::Unrecorded {
+            rows,
+            messages,
+            bytes,
+        } => Some((*rows, *messages, *bytes)),
+        _ => None,
+    });
+    let (rows, messages, bytes) = missing.expect("a record of what is missing");
+    assert_eq!((rows, messages), (1, 1));
+    assert!(bytes > 100_000, "{bytes}");
+    let complete = recs
+        .iter()
+        .find_map(|r| match r {
+            Record::Complete(c) => Some(c),
+            _ => None,
+        })
+        .expect("a complete");
+    assert_eq!(complete.tag, "SELECT 3");
+    assert_eq!(complete.rows, 3, "the full row count");
+    assert!(complete.bytes_out > 100_000, "the full byte count");
+    let session = entries
+        .iter()
+        .find(|e| e.stmt == s)
+        .map(|e| e.session)
+        .unwrap();
+    let shown = text(&recordings(&rec_dir, &["show", &session.to_string()]));
+    assert!(
+        shown.contains("not recorded: 1 message(s) over max_message_bytes, 1 of them rows"),
+        "{shown}"
+    );
+}

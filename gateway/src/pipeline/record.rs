@@ -24,7 +24,7 @@ use crate::mask::Masker;
 use crate::protocol::core::{Blocked, Disposition, Gate, Output, Request, Seg};
 use crate::protocol::postgres::session::MAX_NAMED;
 use crate::record::{
-    self, Action, Bytes, Column, Durable, Notice, RecordError, RequestKind, Row, SessionRecorder,
+    self, Action, Bytes, Column, Durable, Notice, RecordError, RequestKind, SessionRecorder,
     SessionStart, Verdict,
 };
 use crate::route::Target;
@@ -33,17 +33,24 @@ use crate::route::Target;
 /// the end of every read from the server), not one record per row.
 const BATCH_BYTES: usize = 256 << 10;
 
+/// The row buffer a session keeps between results, at most.
+const KEEP_BYTES: usize = 1 << 10;
+
 /// The rule name a refusal for recording reports in logs.
 const RULE: &str = "recording";
 
 /// A statement the recorder could not take: refused with its SQLSTATE and a message that says
 /// recording failed.
 pub fn refusal(e: &RecordError) -> Disposition {
-    Disposition::Block(Blocked {
+    Disposition::Block(refused(e))
+}
+
+fn refused(e: &RecordError) -> Blocked {
+    Blocked {
         rule: RULE.into(),
         reason: e.to_string(),
         sqlstate: Some(e.sqlstate()),
-    })
+    }
 }
 
 /// Begins a session's recording: who (identify's peer), where (target, database, upstream user).
@@ -81,6 +88,7 @@ pub fn begin(
         portals: HashMap::new(),
         durable: None,
         approval: None,
+        copy_in: Vec::new(),
         response: Responses::new(cfg.max_message_bytes),
     })))
 }
@@ -108,6 +116,8 @@ pub struct SessionRecord {
     durable: Option<Durable>,
     /// The approval a held statement waits for: id and rule.
     approval: Option<(u64, String)>,
+    /// COPY FROM STDIN data not yet handed to the recorder.
+    copy_in: Vec<u8>,
     response: Responses,
 }
 
@@ -119,6 +129,7 @@ impl SessionRecord {
 
     /// Records the session's end; later calls do nothing.
     pub fn end(&mut self, reason: &str) {
+        let _ = self.flush_copy_in(true);
         if let Some(rec) = self.rec.take() {
             let _ = rec.end(reason);
         }
@@ -168,6 +179,34 @@ impl SessionRecord {
 
     fn verdict(&mut self, verdict: Verdict) -> Result<(), RecordError> {
         self.rec()?.verdict(verdict)
+    }
+
+    /// COPY FROM STDIN data on its way to the server. It is batched, but refused at once while
+    /// the recorder is failing, so it never reaches the server unrecorded.
+    fn copy_in(&mut self, data: &[u8]) -> Result<(), RecordError> {
+        self.rec()?.check()?;
+        self.copy_in.extend_from_slice(data);
+        if self.copy_in.len() >= BATCH_BYTES {
+            self.flush_copy_in(false)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the batched COPY FROM STDIN data to the recorder through the detectors: all of it,
+    /// or (`all` false) up to its last line end, so that the detectors see whole lines.
+    fn flush_copy_in(&mut self, all: bool) -> Result<(), RecordError> {
+        if self.copy_in.is_empty() {
+            return Ok(());
+        }
+        let mut data = std::mem::take(&mut self.copy_in);
+        let cut = match memchr::memrchr(b'\n', &data) {
+            Some(end) if !all => end + 1,
+            _ => data.len(),
+        };
+        let rest = data.split_off(cut);
+        let text = self.redacted(&data);
+        self.copy_in = rest;
+        self.rec()?.copy_in(Bytes(text))
     }
 
     /// Bounds a per-session name map the way the core bounds the server's: past the cap the
@@ -251,6 +290,9 @@ impl Gate for RecordGate {
             drop(r);
             return self.policy.check(request);
         }
+        if let Err(e) = r.flush_copy_in(true) {
+            return refusal(&e);
+        }
         let (kind, statement, text, bytes_in) = match *request {
             Request::Query(sql) => (RequestKind::Query, None, r.redacted(sql.as_bytes()), 6),
             Request::Parse { statement, sql } => (
@@ -310,6 +352,9 @@ impl Gate for RecordGate {
 
     fn bind(&mut self, portal: &str, statement: &str, body: &[u8]) {
         let mut r = self.record.borrow_mut();
+        if !r.recording() {
+            return;
+        }
         let params = bind_params(body)
             .into_iter()
             .map(|p| p.map(|v| Bytes(r.redacted(v))))
@@ -325,6 +370,9 @@ impl Gate for RecordGate {
 
     fn execute(&mut self, portal: &str) -> Disposition {
         let mut r = self.record.borrow_mut();
+        if !r.recording() {
+            return Disposition::Allow;
+        }
         let (statement, params, bound_bytes) = match r.portals.get_mut(portal) {
             // A portal executed again (after PortalSuspended) runs the same parameters.
             Some(b) => (b.statement.clone(), std::mem::take(&mut b.params), b.bytes),
@@ -343,6 +391,14 @@ impl Gate for RecordGate {
         }
         drop(r);
         self.strict(Disposition::Allow)
+    }
+
+    fn copy_data(&mut self, data: &[u8]) -> Result<(), Blocked> {
+        let mut r = self.record.borrow_mut();
+        if !r.recording() {
+            return Ok(());
+        }
+        r.copy_in(data).map_err(|e| refused(&e))
     }
 }
 
@@ -420,17 +476,21 @@ impl ResponseTap {
         if !r.recording() {
             return;
         }
+        // The client's COPY data comes before the server's answer to it.
+        let _ = r.flush_copy_in(true);
         let Some(rec) = r.rec.as_mut() else {
             return;
         };
+        // One hand-over to the recorder for everything this write holds.
+        let mut rec = rec.batch();
         for seg in out.segments() {
             let bytes = match seg {
                 Seg::Input(range) => &input[range.clone()],
                 Seg::Scratch(range) => &out.scratch()[range.clone()],
             };
-            r.response.feed(bytes, rec);
+            r.response.feed(bytes, &mut rec);
         }
-        r.response.flush(rec);
+        r.response.flush(&mut rec);
     }
 }
 
@@ -454,8 +514,9 @@ impl ResponseTap {
 /// How long a session waits for a congested recorder before it looks again.
 const PACE: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// The server-to-client stream, framed again after masking, and the statement it answers.
-struct Responses {
+/// The server-to-client stream, framed again after masking, and the statement it answers. Public
+/// for the recording bench (`bench/src/bin/record_query.rs`), which drives it as the tap does.
+pub struct Responses {
     /// A message split across writes, kept until it is whole.
     partial: Vec<u8>,
     /// Bytes still to drop of a message larger than `max_message`, not recorded.
@@ -464,15 +525,18 @@ struct Responses {
     started: Instant,
     bytes_in: u64,
     bytes_out: u64,
-    rows: Vec<Row>,
-    rows_bytes: usize,
+    /// DataRow bodies as the client got them, back to back (kept for reuse), and how many.
+    rows: Vec<u8>,
+    row_count: usize,
     copy: Vec<u8>,
-    /// Messages too large to record, for the log.
+    /// The statement's messages too large to record: how many, of which DataRows, and bytes.
     skipped: u64,
+    skipped_rows: u64,
+    skipped_bytes: u64,
 }
 
 impl Responses {
-    fn new(max_message: usize) -> Self {
+    pub fn new(max_message: usize) -> Self {
         Responses {
             partial: Vec::new(),
             skip: 0,
@@ -481,19 +545,23 @@ impl Responses {
             bytes_in: 0,
             bytes_out: 0,
             rows: Vec::new(),
-            rows_bytes: 0,
+            row_count: 0,
             copy: Vec::new(),
             skipped: 0,
+            skipped_rows: 0,
+            skipped_bytes: 0,
         }
     }
 
-    fn begin(&mut self, bytes_in: u64) {
+    /// A statement starts: its response is timed and counted from here.
+    pub fn begin(&mut self, bytes_in: u64) {
         self.started = Instant::now();
         self.bytes_in = bytes_in;
         self.bytes_out = 0;
     }
 
-    fn feed(&mut self, mut data: &[u8], rec: &mut SessionRecorder) {
+    /// Bytes written to the client, in order, split anywhere.
+    pub fn feed(&mut self, mut data: &[u8], rec: &mut SessionRecorder) {
         self.bytes_out += data.len() as u64;
         loop {
             let n = self.skip.min(data.len());
@@ -512,8 +580,8 @@ impl Responses {
                 }
                 let total = message_len(&self.partial);
                 if total > self.max_message {
+                    self.skipped(self.partial[0], total);
                     self.partial.clear();
-                    self.skipped += 1;
                     self.skip = total - 5;
                     continue;
                 }
@@ -537,7 +605,7 @@ impl Responses {
         while data.len() >= 5 {
             let total = message_len(data);
             if total > self.max_message {
-                self.skipped += 1;
+                self.skipped(data[0], total);
                 let n = (total - 5).min(data.len() - 5);
                 self.skip = total - 5 - n;
                 data = &data[5 + n..];
@@ -552,6 +620,13 @@ impl Responses {
         self.partial.extend_from_slice(data);
     }
 
+    /// A message the client gets whole but the recording cannot: counted for the statement.
+    fn skipped(&mut self, tag: u8, total: usize) {
+        self.skipped += 1;
+        self.skipped_rows += u64::from(tag == b'D');
+        self.skipped_bytes += total as u64;
+    }
+
     fn message(&mut self, tag: u8, body: &[u8], rec: &mut SessionRecorder) {
         let mut c = Cursor(body);
         match tag {
@@ -560,10 +635,10 @@ impl Responses {
                 let _ = rec.columns(columns(body).unwrap_or_default());
             }
             b'D' => {
-                if let Some(row) = data_row(body) {
-                    self.rows_bytes += body.len();
-                    self.rows.push(row);
-                    if self.rows_bytes >= BATCH_BYTES {
+                if let Some((len, _)) = record::encode::data_row(body) {
+                    self.rows.extend_from_slice(&body[..len]);
+                    self.row_count += 1;
+                    if self.rows.len() >= BATCH_BYTES {
                         self.flush(rec);
                     }
                 }
@@ -602,25 +677,33 @@ impl Responses {
 
     fn complete(&mut self, tag: &str, rec: &mut SessionRecorder) {
         self.flush(rec);
-        let _ = rec.complete(tag, self.bytes_in, self.bytes_out, self.started.elapsed());
         if self.skipped > 0 {
             warn!(
                 recording = rec.id(),
                 messages = self.skipped,
+                rows = self.skipped_rows,
+                bytes = self.skipped_bytes,
                 "results larger than max_message_bytes were sent but not recorded"
             );
-            self.skipped = 0;
+            let _ = rec.unrecorded(self.skipped_rows, self.skipped, self.skipped_bytes);
+            (self.skipped, self.skipped_rows, self.skipped_bytes) = (0, 0, 0);
         }
+        let _ = rec.complete(tag, self.bytes_in, self.bytes_out, self.started.elapsed());
         self.bytes_in = 0;
         self.bytes_out = 0;
     }
 
     /// Hands the batched rows and COPY data to the recorder.
-    fn flush(&mut self, rec: &mut SessionRecorder) {
-        if !self.rows.is_empty() {
-            let rows = std::mem::take(&mut self.rows);
-            self.rows_bytes = 0;
-            let _ = rec.rows(rows);
+    pub fn flush(&mut self, rec: &mut SessionRecorder) {
+        if self.row_count > 0 {
+            let _ = rec.data_rows(&self.rows, self.row_count);
+            self.row_count = 0;
+            // A small buffer is kept for the next result; a large one is not kept idle.
+            if self.rows.capacity() > KEEP_BYTES {
+                self.rows = Vec::new();
+            } else {
+                self.rows.clear();
+            }
         }
         if !self.copy.is_empty() {
             let _ = rec.copy_data(Bytes(std::mem::take(&mut self.copy)));
@@ -651,21 +734,6 @@ fn columns(body: &[u8]) -> Option<Vec<Column>> {
         });
     }
     Some(cols)
-}
-
-fn data_row(body: &[u8]) -> Option<Row> {
-    let mut c = Cursor(body);
-    let n = c.i16()?;
-    let mut row = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let len = c.i32()?;
-        row.push(if len < 0 {
-            None
-        } else {
-            Some(Bytes(c.take(len as usize)?.to_vec()))
-        });
-    }
-    Some(row)
 }
 
 /// An ErrorResponse or NoticeResponse body, as it reached the client.
@@ -772,7 +840,20 @@ mod tests {
         let whole = wire.len() + 2;
         assert_eq!(tags.len(), whole + 1, "{tags:?}");
         assert!(tags[..whole].iter().all(|t| *t == ("SELECT 2".into(), 2)));
-        assert_eq!(tags[whole], ("SELECT 1".into(), 0));
+        // The row left out still counts, and a record says what is missing.
+        assert_eq!(tags[whole], ("SELECT 1".into(), 1));
+        let unrecorded: Vec<_> = records
+            .iter()
+            .filter(|r| matches!(r, Record::Unrecorded { .. }))
+            .collect();
+        assert_eq!(
+            unrecorded,
+            [&Record::Unrecorded {
+                rows: 1,
+                messages: 1,
+                bytes: 69
+            }]
+        );
         let rows: Vec<_> = records
             .iter()
             .filter_map(|r| match r {

@@ -71,6 +71,13 @@ pub trait Gate {
     fn execute(&mut self, _portal: &str) -> Disposition {
         Disposition::Allow
     }
+
+    /// COPY FROM STDIN data on its way to the server: a CopyData body, or a piece of one streamed
+    /// through. `Err` when it cannot be recorded: a whole message is then replaced by CopyFail, and
+    /// a message already partly forwarded ends the session.
+    fn copy_data(&mut self, _data: &[u8]) -> Result<(), Blocked> {
+        Ok(())
+    }
 }
 
 /// Lets everything through.

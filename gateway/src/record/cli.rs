@@ -13,7 +13,6 @@ use super::segment::{Segment, list_segments};
 use super::types::{Action, Entry, Record, Row};
 use super::verify::{TOMBSTONES, Tombstone, tombstone_body, verify};
 
-const DEFAULT_DIR: &str = "/var/lib/portcullis/recordings";
 const DEFAULT_KEY: &str = "/var/lib/portcullis/keys/recording.key";
 
 /// The public keys where the gateway keeps them for a recording directory `dir`: the state dir
@@ -29,9 +28,17 @@ fn default_pubkey(dir: &Path) -> PathBuf {
 
 #[derive(clap::Args, Debug)]
 pub struct RecordingsArgs {
-    /// The recording directory (`[recording] dir`).
-    #[arg(long, env = "PORTCULLIS_RECORDINGS_DIR", default_value = DEFAULT_DIR, global = true)]
-    dir: PathBuf,
+    /// The recording directory [default: where --config puts it: `[recording] dir`, or
+    /// `recordings` in the state directory].
+    #[arg(long, env = "PORTCULLIS_RECORDINGS_DIR", global = true)]
+    dir: Option<PathBuf>,
+    /// TOML configuration file, read for the recording directory and signing key
+    /// [default: the embedded default].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// State directory, overriding the configuration's.
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: RecordingsCommand,
 }
@@ -99,15 +106,16 @@ pub enum RecordingsCommand {
         /// An RFC 3339 time or date, or an age like 30d.
         #[arg(long, value_parser = parse_time)]
         before: i64,
-        /// The signing key (`[recording] key_file`).
-        #[arg(long, default_value = DEFAULT_KEY)]
-        key_file: PathBuf,
+        /// The signing key [default: `[recording] key_file` of --config].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Makes a new signing key; the old public key stays in the `.pub` file. Restart the gateway
     /// to sign with the new key.
     RotateKey {
-        #[arg(long, default_value = DEFAULT_KEY)]
-        key_file: PathBuf,
+        /// The signing key [default: `[recording] key_file` of --config].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         /// The key name (the checkpoint origin).
         #[arg(long)]
         origin: Option<String>,
@@ -132,9 +140,35 @@ pub enum ExportFormat {
     Ocsf,
 }
 
+/// Where the recordings and the signing key are, as the gateway has them: from the configuration
+/// (`--config`, `--state-dir`, else the embedded default), unless `--dir` alone names the
+/// directory (then there is no configured key: `None`).
+fn locate(args: &RecordingsArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(dir) = &args.dir
+        && args.config.is_none()
+        && args.state_dir.is_none()
+    {
+        return Ok((dir.clone(), None));
+    }
+    let cfg = crate::config::Config::from_args(&crate::config::ServeArgs {
+        config: args.config.clone(),
+        state_dir: args.state_dir.clone(),
+        ..Default::default()
+    })?;
+    let rec = &cfg.recording;
+    let dir = args.dir.clone().unwrap_or_else(|| rec.dir(&cfg.state_dir));
+    Ok((dir, Some(rec.key_file(&cfg.state_dir))))
+}
+
 /// Runs a subcommand. `verify` exits the process with its own code when it finds a problem.
 pub fn run(args: RecordingsArgs) -> anyhow::Result<()> {
-    let dir = &args.dir;
+    let (dir, key) = locate(&args)?;
+    let dir = &dir;
+    let key_or_default = |given: Option<PathBuf>| {
+        given
+            .or_else(|| key.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY))
+    };
     match args.command {
         RecordingsCommand::List {
             agent,
@@ -168,7 +202,10 @@ pub fn run(args: RecordingsArgs) -> anyhow::Result<()> {
             pubkey,
             json,
         } => {
-            let pubkey = pubkey.unwrap_or_else(|| default_pubkey(dir));
+            let pubkey = pubkey.unwrap_or_else(|| match &key {
+                Some(key) => pub_path(key),
+                None => default_pubkey(dir),
+            });
             let verifiers = match Verifier::read_file(&pubkey) {
                 Ok(v) => v,
                 Err(e) => {
@@ -202,11 +239,12 @@ pub fn run(args: RecordingsArgs) -> anyhow::Result<()> {
             until,
         } => export(dir, format, since, until, &mut std::io::stdout().lock()),
         RecordingsCommand::Prune { before, key_file } => {
-            let (removed, first) = prune(dir, &key_file, before)?;
+            let (removed, first) = prune(dir, &key_or_default(key_file), before)?;
             println!("removed {removed} segment(s); the log now starts at record {first}");
             Ok(())
         }
         RecordingsCommand::RotateKey { key_file, origin } => {
+            let key_file = key_or_default(key_file);
             let origin = origin.unwrap_or_else(|| super::RecordingConfig::default().origin());
             let signer = Signer::rotate(&key_file, &origin)?;
             println!(
@@ -454,6 +492,24 @@ impl Transcript {
             Record::Rows(r) => self.rows.extend(r.iter().cloned()),
             Record::CopyData(d) => {
                 let _ = writeln!(out, "    COPY data: {}", cell(&Some(d.clone())).trim_end());
+            }
+            Record::CopyIn(d) => {
+                let _ = writeln!(
+                    out,
+                    "    COPY data from the client: {}",
+                    cell(&Some(d.clone())).trim_end()
+                );
+            }
+            Record::Unrecorded {
+                rows,
+                messages,
+                bytes,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "    not recorded: {messages} message(s) over max_message_bytes, {rows} of \
+                     them rows, {bytes} bytes in all"
+                );
             }
             Record::Notice(n) => {
                 let _ = writeln!(out, "    {}: {} ({})", n.severity, n.message, n.code);
@@ -874,7 +930,7 @@ mod default_key_tests {
             PathBuf::from("/tmp/demo/state/keys/recording.key.pub")
         );
         assert_eq!(
-            default_pubkey(Path::new(DEFAULT_DIR)),
+            default_pubkey(Path::new("/var/lib/portcullis/recordings")),
             pub_path(Path::new(DEFAULT_KEY))
         );
         assert_eq!(

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::types::{Entry, Record};
+use super::types::{Entry, Record, RequestKind};
 
 pub const INDEX_FILE: &str = "index.sqlite";
 
@@ -93,15 +93,39 @@ impl Index {
 
     /// Adds a batch of entries in one transaction. `entries` may skip records the index does not
     /// need (rows, COPY data); `last_seq` maps every session in the batch to its newest seq and
-    /// `next_seq` is the first seq after the batch.
+    /// `next_seq` is the first seq after the batch. A statement whose verdict is in the same
+    /// batch is written once, with it, and each session's counters once per batch: the index
+    /// costs two inserts per statement (its row and its full-text entry).
     pub fn apply(
         &mut self,
         entries: &[Entry],
         last_seq: &HashMap<u64, u64>,
         next_seq: u64,
     ) -> rusqlite::Result<()> {
+        // A verdict for a request earlier in this batch, by the request's place in `entries`.
+        let mut verdict_of: HashMap<(u64, u32), usize> = HashMap::new();
+        let mut decided: HashMap<usize, Decided<'_>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            match &e.record {
+                Record::Request(_) => {
+                    verdict_of.insert((e.session, e.stmt), i);
+                }
+                Record::Verdict(v) => {
+                    if let Some(&at) = verdict_of.get(&(e.session, e.stmt)) {
+                        // As successive UPDATEs would leave it: the last action, and the last
+                        // rule and approver given.
+                        let d = decided.entry(at).or_default();
+                        d.action = Some(v.action.as_str());
+                        d.rule = v.rule.as_deref().or(d.rule);
+                        d.approver = v.approver.as_deref().or(d.approver);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut counts: HashMap<u64, (u64, u64)> = HashMap::new();
         let tx = self.db.transaction()?;
-        for e in entries {
+        for (i, e) in entries.iter().enumerate() {
             match &e.record {
                 Record::SessionStart(s) => {
                     tx.prepare_cached(
@@ -121,49 +145,49 @@ impl Index {
                     ])?;
                 }
                 Record::Request(r) => {
-                    let kind = serde_json::to_value(r.kind).unwrap_or_default();
+                    let v = decided.get(&i);
                     tx.prepare_cached(
-                        "INSERT OR REPLACE INTO statements(session, stmt, at_us, kind, text, seq)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT OR REPLACE INTO statements(session, stmt, at_us, kind, text, seq,
+                             verdict, rule, approver)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )?
                     .execute(params![
                         e.session as i64,
                         e.stmt,
                         e.at_us,
-                        kind.as_str().unwrap_or(""),
+                        kind_name(r.kind),
                         r.text,
-                        e.seq as i64
+                        e.seq as i64,
+                        v.and_then(|v| v.action),
+                        v.and_then(|v| v.rule),
+                        v.and_then(|v| v.approver),
                     ])?;
                     tx.prepare_cached(
                         "INSERT INTO statements_fts(text, session, stmt) VALUES (?1, ?2, ?3)",
                     )?
                     .execute(params![r.text, e.session as i64, e.stmt])?;
-                    tx.prepare_cached(
-                        "UPDATE sessions SET statements = statements + 1 WHERE id = ?1",
-                    )?
-                    .execute(params![e.session as i64])?;
+                    counts.entry(e.session).or_default().0 += 1;
                 }
                 Record::Verdict(v) => {
-                    tx.prepare_cached(
-                        "UPDATE statements SET verdict = ?3, rule = coalesce(?4, rule),
-                             approver = coalesce(?5, approver)
-                         WHERE session = ?1 AND stmt = ?2",
-                    )?
-                    .execute(params![
-                        e.session as i64,
-                        e.stmt,
-                        v.action.as_str(),
-                        v.rule,
-                        v.approver
-                    ])?;
+                    if !verdict_of.contains_key(&(e.session, e.stmt)) {
+                        tx.prepare_cached(
+                            "UPDATE statements SET verdict = ?3, rule = coalesce(?4, rule),
+                                 approver = coalesce(?5, approver)
+                             WHERE session = ?1 AND stmt = ?2",
+                        )?
+                        .execute(params![
+                            e.session as i64,
+                            e.stmt,
+                            v.action.as_str(),
+                            v.rule,
+                            v.approver
+                        ])?;
+                    }
                     if matches!(
                         v.action,
                         super::types::Action::Block | super::types::Action::Denied
                     ) {
-                        tx.prepare_cached(
-                            "UPDATE sessions SET blocked = blocked + 1 WHERE id = ?1",
-                        )?
-                        .execute(params![e.session as i64])?;
+                        counts.entry(e.session).or_default().1 += 1;
                     }
                 }
                 Record::SessionEnd { reason } => {
@@ -176,8 +200,18 @@ impl Index {
             }
         }
         for (session, seq) in last_seq {
-            tx.prepare_cached("UPDATE sessions SET last_seq = max(last_seq, ?2) WHERE id = ?1")?
-                .execute(params![*session as i64, *seq as i64])?;
+            let (statements, blocked) = counts.get(session).copied().unwrap_or_default();
+            tx.prepare_cached(
+                "UPDATE sessions SET last_seq = max(last_seq, ?2), statements = statements + ?3,
+                     blocked = blocked + ?4
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                *session as i64,
+                *seq as i64,
+                statements as i64,
+                blocked as i64
+            ])?;
         }
         tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)")?
             .execute(params![next_seq as i64])?;
@@ -288,4 +322,23 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<SessionRow> {
         first_seq: r.get::<_, i64>(11)? as u64,
         last_seq: r.get::<_, i64>(12)? as u64,
     })
+}
+
+/// How `statements.kind` names a request kind (its serde name).
+fn kind_name(kind: RequestKind) -> &'static str {
+    match kind {
+        RequestKind::Query => "query",
+        RequestKind::Prepare => "prepare",
+        RequestKind::Execute => "execute",
+        RequestKind::FunctionCall => "function_call",
+        RequestKind::CopyIn => "copy_in",
+    }
+}
+
+/// A statement's verdicts within one batch.
+#[derive(Default)]
+struct Decided<'a> {
+    action: Option<&'static str>,
+    rule: Option<&'a str>,
+    approver: Option<&'a str>,
 }

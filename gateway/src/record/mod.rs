@@ -6,8 +6,9 @@
 //! serves `portcullis recordings list`.
 //!
 //! Sessions talk to it through a [`SessionRecorder`]. Every call is non-blocking: it builds an
-//! entry and `try_send`s it over a bounded channel; no file or SQLite I/O happens on the caller's
-//! thread. Callers hand in values **after masking**: the recorder writes exactly what it gets.
+//! entry and pushes it on a queue bounded in bytes; no file or SQLite I/O happens on the caller's
+//! thread, and usually no system call either: the recorder sleeps until its next group commit
+//! and takes what accumulated, and only a recorder idle with nothing pending is woken. Callers hand in values **after masking**: the recorder writes exactly what it gets.
 //! When recording fails (disk full, write error, queue over its bound) every call returns a
 //! [`RecordError`] whose [`sqlstate`](RecordError::sqlstate) the session sends to the client
 //! instead of running the statement.
@@ -32,6 +33,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub(crate) mod encode;
 pub mod index;
 pub mod merkle;
 pub mod read;
@@ -43,10 +45,9 @@ mod writer;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -170,8 +171,89 @@ pub struct Recorder {
 /// A cheap, cloneable way in for sessions and the admin API.
 #[derive(Clone)]
 pub struct RecorderHandle {
-    tx: Option<SyncSender<writer::Msg>>,
+    /// `None` when recording is turned off (`danger_disable`).
+    queue: Option<Arc<Queue>>,
     shared: Arc<Shared>,
+}
+
+/// Messages on their way to the recorder thread. A push is a lock and a vector push: the
+/// recorder wakes by itself when its group commit is due, so a session wakes it (a futex call,
+/// and a context switch on the recorder's side) only when it sleeps with nothing pending, or when
+/// a flush, the shutdown or a full batch cannot wait.
+struct Queue {
+    msgs: Mutex<Vec<writer::Msg>>,
+    /// The recorder sleeps with nothing pending: the next push wakes it.
+    idle: AtomicBool,
+    /// The recorder has stopped (or died): pushes fail with [`RecordError::Stopped`].
+    closed: AtomicBool,
+    /// The recorder thread, set by itself before it first sleeps.
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        Queue {
+            msgs: Mutex::new(Vec::new()),
+            idle: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<writer::Msg>> {
+        self.msgs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, msg: writer::Msg, urgent: bool) -> Result<(), RecordError> {
+        {
+            let mut q = self.lock();
+            if self.closed.load(Acquire) {
+                return Err(RecordError::Stopped);
+            }
+            q.push(msg);
+        }
+        if urgent || (self.idle.load(Relaxed) && self.idle.swap(false, AcqRel)) {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// The recorder's side: everything queued, swapped for `spare` (kept for reuse).
+    fn take(&self, spare: &mut Vec<writer::Msg>) {
+        std::mem::swap(&mut *self.lock(), spare);
+    }
+
+    /// The recorder's side: sleeps up to `wait`, or until a push that cannot wait. With
+    /// `pending` false nothing is waiting to be committed, so the next push wakes it too.
+    fn sleep(&self, wait: Duration, pending: bool) {
+        let _ = self.thread.set(std::thread::current());
+        if pending {
+            std::thread::park_timeout(wait);
+            return;
+        }
+        self.idle.store(true, SeqCst);
+        // A push between the recorder's last take and the flag above saw it clear.
+        if !self.lock().is_empty() {
+            self.idle.store(false, Relaxed);
+            return;
+        }
+        std::thread::park_timeout(wait);
+        self.idle.store(false, Relaxed);
+    }
+
+    /// The recorder's side, as it exits: later pushes fail, and what is still queued is dropped
+    /// (its waiters hear [`RecordError::Stopped`]).
+    fn close(&self) {
+        let mut q = self.lock();
+        self.closed.store(true, Release);
+        q.clear();
+    }
 }
 
 impl Recorder {
@@ -192,7 +274,10 @@ impl Recorder {
         });
         if !cfg.enabled {
             return Ok(Recorder {
-                handle: RecorderHandle { tx: None, shared },
+                handle: RecorderHandle {
+                    queue: None,
+                    shared,
+                },
                 thread: None,
             });
         }
@@ -200,14 +285,25 @@ impl Recorder {
         let (w, next_session) =
             writer::Writer::open(&dir, &cfg.key_file(state_dir), cfg, shared.clone())?;
         shared.next_session.store(next_session, Relaxed);
-        // Bounded in entries here and in bytes by `max_queue_bytes`.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1 << 16);
+        // Bounded in bytes by `max_queue_bytes`.
+        let queue = Arc::new(Queue::new());
+        let rx = queue.clone();
         let thread = std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || w.run(rx))?;
+            .spawn(move || {
+                // Closed however the thread ends, so that sessions are refused, not queued.
+                struct Close(Arc<Queue>);
+                impl Drop for Close {
+                    fn drop(&mut self) {
+                        self.0.close();
+                    }
+                }
+                let close = Close(rx);
+                w.run(&close.0);
+            })?;
         Ok(Recorder {
             handle: RecorderHandle {
-                tx: Some(tx),
+                queue: Some(queue),
                 shared,
             },
             thread: Some(thread),
@@ -225,9 +321,9 @@ impl Recorder {
     }
 
     fn stop(&mut self) {
-        if let Some(tx) = self.handle.tx.take() {
-            // Sessions may still hold senders: tell the thread to finish rather than wait for them.
-            let _ = tx.send(writer::Msg::Shutdown);
+        if let Some(queue) = self.handle.queue.take() {
+            // Sessions may still hold handles: tell the thread to finish rather than wait for them.
+            let _ = queue.push(writer::Msg::Shutdown, true);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -272,6 +368,9 @@ impl RecorderHandle {
             ended: false,
             max_response_bytes,
             response: ResponseCount::default(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            batching: false,
         };
         if let Err(e) = rec.send(Record::SessionStart(start), false) {
             rec.ended = true;
@@ -282,14 +381,13 @@ impl RecorderHandle {
 
     /// Resolves once everything sent before it is durable (or recording failed).
     pub fn flush(&self) -> Durable {
-        let Some(tx) = &self.tx else {
+        let Some(queue) = &self.queue else {
             return Durable::ready(Ok(()));
         };
         let (otx, orx) = oneshot::channel();
-        // A flush may wait for room: it is for shutdown and tests, not the data path.
-        match tx.send(writer::Msg::Flush(otx)) {
+        match queue.push(writer::Msg::Flush(otx), true) {
             Ok(()) => Durable(Inner::Waiting(orx)),
-            Err(_) => Durable::ready(Err(RecordError::Stopped)),
+            Err(e) => Durable::ready(Err(e)),
         }
     }
 
@@ -301,18 +399,16 @@ impl RecorderHandle {
         }
     }
 
-    fn send(
-        &self,
-        entry: Entry,
-        durable: Option<oneshot::Sender<Result<(), RecordError>>>,
-    ) -> Result<(), RecordError> {
-        let Some(tx) = &self.tx else {
-            return Ok(()); // recording disabled (danger_disable)
-        };
+    /// Counts `bytes` of a record about to be encoded against the queue's bound. `Ok(false)`:
+    /// drop it (recording is off, or failing under `danger_allow_unrecorded`).
+    fn reserve(&self, bytes: usize) -> Result<bool, RecordError> {
+        if self.queue.is_none() {
+            return Ok(false); // recording disabled (danger_disable)
+        }
         let refuse = |e: RecordError| {
             if self.shared.on_failure == OnFailure::DangerAllowUnrecorded {
                 self.shared.status.unrecorded.fetch_add(1, Relaxed);
-                Ok(())
+                Ok(false)
             } else {
                 self.shared.status.refused.fetch_add(1, Relaxed);
                 Err(e)
@@ -321,26 +417,38 @@ impl RecorderHandle {
         if let Some(Health::Failed(e)) = self.shared.health() {
             return refuse(e);
         }
-        let bytes = entry.record.approx_bytes();
         let queued = self.shared.queued_bytes.fetch_add(bytes, Relaxed);
         if queued + bytes > self.shared.max_queue_bytes {
             self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
             return refuse(RecordError::Overloaded);
         }
-        match tx.try_send(writer::Msg::Entry {
-            entry,
+        Ok(true)
+    }
+
+    /// Hands encoded records, reserved as `bytes`, to the recorder.
+    fn submit(
+        &self,
+        records: Vec<u8>,
+        bytes: usize,
+        durable: Option<oneshot::Sender<Result<(), RecordError>>>,
+    ) -> Result<(), RecordError> {
+        let Some(queue) = &self.queue else {
+            return Ok(());
+        };
+        // A batch's worth waiting (or a good part of the queue's bound) is taken now rather
+        // than at the interval.
+        let cfg = &self.shared.cfg;
+        let queued = self.shared.queued_bytes.load(Relaxed);
+        let full = queued >= cfg.commit_bytes.min(cfg.max_queue_bytes / 8);
+        let msg = writer::Msg::Records {
+            records,
             bytes,
             durable,
-        }) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
-                refuse(match e {
-                    TrySendError::Full(_) => RecordError::Overloaded,
-                    TrySendError::Disconnected(_) => RecordError::Stopped,
-                })
-            }
-        }
+        };
+        queue.push(msg, full).inspect_err(|_| {
+            self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
+            self.shared.status.refused.fetch_add(1, Relaxed);
+        })
     }
 }
 
@@ -362,6 +470,49 @@ pub struct SessionRecorder {
     ended: bool,
     max_response_bytes: Option<u64>,
     response: ResponseCount,
+    /// Records encoded here and not yet handed over, each `u32` length (LE) then its payload
+    /// after `seq`; their bytes are already counted against the queue's bound.
+    pending: Vec<u8>,
+    pending_bytes: usize,
+    /// Inside a [`Batch`]: records wait for its end (or [`SUBMIT_BYTES`]).
+    batching: bool,
+}
+
+/// A session hands its pending records over at least every this many bytes.
+const SUBMIT_BYTES: usize = 256 << 10;
+
+/// Records of one write to the client, handed to the recorder together when it drops (see
+/// [`SessionRecorder::batch`]).
+pub struct Batch<'a>(&'a mut SessionRecorder);
+
+impl std::ops::Deref for Batch<'_> {
+    type Target = SessionRecorder;
+    fn deref(&self) -> &SessionRecorder {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for Batch<'_> {
+    fn deref_mut(&mut self) -> &mut SessionRecorder {
+        self.0
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.0.batching = false;
+        // A refusal is counted; the next statement hears of it.
+        let _ = self.0.submit(None);
+    }
+}
+
+/// `Extend` for a borrowed buffer, so that a failed encoding leaves the buffer to be cut back.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
 }
 
 impl SessionRecorder {
@@ -376,6 +527,11 @@ impl SessionRecorder {
         self.id
     }
 
+    /// `Err` while recording is failing, as the next record would be refused.
+    pub fn check(&self) -> Result<(), RecordError> {
+        self.handle.check()
+    }
+
     /// True while the recorder's queue is over a quarter of its bound: a session streaming
     /// results should wait before reading more, so a recorder that falls behind slows the
     /// stream instead of filling memory or refusing its records.
@@ -384,21 +540,77 @@ impl SessionRecorder {
         shared.queued_bytes.load(Relaxed) > shared.max_queue_bytes / 4
     }
 
+    /// Several records handed over as one, when the returned guard drops: a session's
+    /// response tap takes one per write to the client.
+    pub fn batch(&mut self) -> Batch<'_> {
+        self.batching = true;
+        Batch(self)
+    }
+
     fn send(&mut self, record: Record, strict: bool) -> Result<Durable, RecordError> {
-        let entry = Entry {
-            seq: 0, // the recorder numbers entries
+        let approx = record.approx_bytes();
+        let encoded = self.encode(&record, approx)?;
+        if encoded && strict && self.handle.shared.strict {
+            let (tx, rx) = oneshot::channel();
+            self.submit(Some(tx))?;
+            return Ok(Durable(Inner::Waiting(rx)));
+        }
+        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
+            self.submit(None)?;
+        }
+        Ok(Durable::ready(Ok(())))
+    }
+
+    /// Encodes a record (a [`Record`], or one of `encode`'s borrowed forms) into `pending`;
+    /// `Ok(false)` when it is not to be recorded (see [`RecorderHandle::reserve`]).
+    fn encode<R: ?Sized + serde::Serialize>(
+        &mut self,
+        record: &R,
+        approx: usize,
+    ) -> Result<bool, RecordError> {
+        if !self.handle.reserve(approx)? {
+            return Ok(false);
+        }
+        let tail = encode::Tail {
             at_us: now_us(),
             session: self.id,
             stmt: self.stmt,
             record,
         };
-        if strict && self.handle.shared.strict && self.handle.tx.is_some() {
-            let (tx, rx) = oneshot::channel();
-            self.handle.send(entry, Some(tx))?;
-            return Ok(Durable(Inner::Waiting(rx)));
+        let at = self.pending.len();
+        if at == 0 {
+            // One allocation per hand-over, not a doubling per record.
+            self.pending.reserve(1024);
         }
-        self.handle.send(entry, None)?;
-        Ok(Durable::ready(Ok(())))
+        self.pending.extend_from_slice(&[0; 4]);
+        match postcard::to_extend(&tail, Append(&mut self.pending)) {
+            Ok(_) => {
+                let len = (self.pending.len() - at - 4) as u32;
+                self.pending[at..at + 4].copy_from_slice(&len.to_le_bytes());
+                self.pending_bytes += approx;
+                Ok(true)
+            }
+            Err(e) => {
+                // Only a bug gets here: the record is dropped loudly rather than half-written.
+                self.pending.truncate(at);
+                self.handle.shared.queued_bytes.fetch_sub(approx, Relaxed);
+                tracing::error!("recording: a record does not encode: {e}");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Hands the pending records over; `durable` resolves once they are on disk.
+    fn submit(
+        &mut self,
+        durable: Option<oneshot::Sender<Result<(), RecordError>>>,
+    ) -> Result<(), RecordError> {
+        if self.pending.is_empty() && durable.is_none() {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.pending);
+        let bytes = std::mem::take(&mut self.pending_bytes);
+        self.handle.submit(records, bytes, durable)
     }
 
     /// Records a statement (text after the detectors). In `strict` mode forward it only after
@@ -445,8 +657,68 @@ impl SessionRecorder {
         self.send(Record::Rows(rows), false).map(drop)
     }
 
+    /// [`Self::rows`] for rows as the client received them: `count` DataRow bodies, back to back,
+    /// each checked with `encode::data_row` by the caller. Encoded without a copy per value.
+    pub fn data_rows(&mut self, bodies: &[u8], count: usize) -> Result<(), RecordError> {
+        let r = &mut self.response;
+        let (mut keep, mut cut, mut at) = (0, 0, 0);
+        for _ in 0..count {
+            let Some((len, size)) = encode::data_row(&bodies[at..]) else {
+                break;
+            };
+            at += len;
+            r.rows += 1;
+            r.bytes += size;
+            let fits = self
+                .max_response_bytes
+                .is_none_or(|max| r.bytes_recorded + size <= max);
+            if fits && !r.truncated {
+                r.rows_recorded += 1;
+                r.bytes_recorded += size;
+                keep += 1;
+                cut = at;
+            } else {
+                r.truncated = true;
+            }
+        }
+        if keep == 0 {
+            // Nothing to write, but a failing recorder still refuses.
+            return self.handle.check();
+        }
+        let rows = encode::DataRows {
+            bodies: &bodies[..cut],
+            count: keep,
+        };
+        self.encode(&rows, 64 + cut + 4 * keep)?;
+        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
+            self.submit(None)?;
+        }
+        Ok(())
+    }
+
     pub fn copy_data(&mut self, data: Bytes) -> Result<(), RecordError> {
         self.send(Record::CopyData(data), false).map(drop)
+    }
+
+    /// COPY FROM STDIN data the client sent, after the detectors.
+    pub fn copy_in(&mut self, data: Bytes) -> Result<(), RecordError> {
+        self.send(Record::CopyIn(data), false).map(drop)
+    }
+
+    /// Results sent to the client but too large to record: counted in the statement's
+    /// [`Self::complete`], and said so in a record of their own.
+    pub fn unrecorded(&mut self, rows: u64, messages: u64, bytes: u64) -> Result<(), RecordError> {
+        self.response.rows += rows;
+        self.response.bytes += bytes;
+        self.send(
+            Record::Unrecorded {
+                rows,
+                messages,
+                bytes,
+            },
+            false,
+        )
+        .map(drop)
     }
 
     pub fn notice(&mut self, notice: Notice) -> Result<(), RecordError> {

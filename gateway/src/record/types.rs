@@ -214,6 +214,17 @@ pub enum Record {
         offset: u64,
         bytes_dropped: u64,
     },
+    // New variants go last: a record's variant is its index on disk.
+    /// Data the client sent with COPY FROM STDIN, after the detectors.
+    CopyIn(Bytes),
+    /// Results the client received that the recording leaves out: messages larger than the
+    /// gateway's `max_message_bytes`, of which `rows` DataRows, `bytes` on the wire in all. The
+    /// statement's `Complete` counts those rows too.
+    Unrecorded {
+        rows: u64,
+        messages: u64,
+        bytes: u64,
+    },
 }
 
 impl Record {
@@ -227,7 +238,7 @@ impl Record {
         64 + match self {
             Record::Request(r) => r.text.len() + r.params.len() * 8,
             Record::Rows(rows) => rows.iter().map(cells).sum(),
-            Record::CopyData(b) => b.0.len(),
+            Record::CopyData(b) | Record::CopyIn(b) => b.0.len(),
             Record::Columns(c) => c.len() * 32,
             _ => 0,
         }

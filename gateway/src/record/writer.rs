@@ -9,7 +9,6 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -17,6 +16,7 @@ use futures_channel::oneshot;
 
 use super::checkpoint::{Checkpoint, Signer};
 use super::config::RecordingConfig;
+use super::encode;
 use super::index::Index;
 use super::merkle::Frontier;
 use super::segment::{
@@ -24,13 +24,13 @@ use super::segment::{
     list_segments, segment_path,
 };
 use super::types::{Entry, Record};
-use super::{Health, RecordError, Shared, now_us};
+use super::{Health, Queue, RecordError, Shared, now_us};
 
-// Nearly every message is an `Entry`; boxing it would cost an allocation each for rare flushes.
-#[allow(clippy::large_enum_variant)]
 pub(super) enum Msg {
-    Entry {
-        entry: Entry,
+    /// Records a session encoded: each a `u32` length (LE) and its payload after `seq`
+    /// (`encode::Tail`). `bytes` were counted against the queue's bound.
+    Records {
+        records: Vec<u8>,
         bytes: usize,
         durable: Option<oneshot::Sender<Result<(), RecordError>>>,
     },
@@ -88,11 +88,19 @@ pub(super) struct Writer {
     unwritten: VecDeque<Sealed>,
     flushes: Vec<oneshot::Sender<Result<(), RecordError>>>,
     index: Option<Index>,
+    /// Durable records not yet in the index (entries it keeps, newest seq per session), and
+    /// since when.
+    index_later: (Vec<Entry>, HashMap<u64, u64>),
+    index_since: Option<Instant>,
     ship: Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)>,
     encoded: Vec<u8>,
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Durable records wait at most this long for the index (one SQLite transaction for all of
+/// them, rather than one per group commit: the index is derived, and rebuilt at start).
+const INDEX_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Writer {
     /// Opens the directory: recovers a torn tail, catches the index up, and returns the writer
@@ -131,6 +139,8 @@ impl Writer {
             unwritten: VecDeque::new(),
             flushes: Vec::new(),
             index: None,
+            index_later: Default::default(),
+            index_since: None,
             ship: None,
             encoded: Vec::new(),
         };
@@ -149,6 +159,7 @@ impl Writer {
         }
         w.ship = spawn_shipper(&w.cfg.ship_command);
         w.commit(true);
+        w.index_now();
         if let Some(Health::Failed(e)) = w.shared.health() {
             bail!(
                 "the recording directory {} is not writable: {e}",
@@ -244,37 +255,25 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, rx: Receiver<Msg>) {
+    pub(super) fn run(mut self, queue: &Queue) {
+        let mut inbox = Vec::new();
         loop {
-            let wait = match (self.raw_since, self.shared.health()) {
-                (_, Some(Health::Failed(_))) => RETRY_INTERVAL,
-                (Some(since), _) => self.cfg.commit_interval.saturating_sub(since.elapsed()),
-                (None, _) => self
-                    .cfg
-                    .checkpoint_interval
-                    .saturating_sub(self.last_checkpoint_at.elapsed())
-                    .max(Duration::from_millis(10)),
-            };
-            match rx.recv_timeout(wait) {
-                Ok(msg) => {
-                    let mut stop = self.handle(msg);
-                    // Take what else is queued, up to a batch, before committing.
-                    while !stop && self.raw.len() < self.cfg.commit_bytes {
-                        match rx.try_recv() {
-                            Ok(msg) => stop = self.handle(msg),
-                            Err(_) => break,
-                        }
-                    }
-                    if stop {
-                        self.commit(true);
-                        break;
-                    }
+            queue.take(&mut inbox);
+            let mut stop = false;
+            for msg in inbox.drain(..) {
+                // Shutdown comes last from its sender; anything after it is dropped, as before.
+                if stop || self.handle(msg) {
+                    stop = true;
+                    continue;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.commit(true);
-                    break;
+                if self.raw.len() >= self.cfg.commit_bytes {
+                    self.commit(false);
                 }
+            }
+            if stop {
+                self.commit(true);
+                self.index_now();
+                break;
             }
             let due = self.raw.len() >= self.cfg.commit_bytes
                 || !self.flushes.is_empty()
@@ -287,6 +286,23 @@ impl Writer {
             if due {
                 self.commit(false);
             }
+            if self.index_due() {
+                self.index_now();
+            }
+            let mut wait = match (self.raw_since, self.shared.health()) {
+                (_, Some(Health::Failed(_))) => RETRY_INTERVAL,
+                (Some(since), _) => self.cfg.commit_interval.saturating_sub(since.elapsed()),
+                (None, _) => self
+                    .cfg
+                    .checkpoint_interval
+                    .saturating_sub(self.last_checkpoint_at.elapsed())
+                    .max(Duration::from_millis(10)),
+            };
+            if let Some(t) = self.index_since {
+                wait = wait.min(INDEX_INTERVAL.saturating_sub(t.elapsed()));
+            }
+            // Records waiting for their group commit: sleep until it is due, whatever comes.
+            queue.sleep(wait, self.raw_since.is_some() || !self.flushes.is_empty());
         }
         // The last checkpoints leave the host before the recorder is done.
         if let Some((tx, thread)) = self.ship.take() {
@@ -298,16 +314,21 @@ impl Writer {
     /// Takes one message; true on `Shutdown`.
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Entry {
-                entry,
+            Msg::Records {
+                records,
                 bytes,
                 durable,
             } => {
                 self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
+                let mut rest = &records[..];
+                while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+                    let len = (u32::from_le_bytes(*len) as usize).min(tail.len());
+                    self.push_tail(&tail[..len]);
+                    rest = &tail[len..];
+                }
                 if let Some(tx) = durable {
                     self.waiters.push(tx);
                 }
-                self.push(entry);
             }
             Msg::Flush(tx) => self.flushes.push(tx),
             Msg::Shutdown => return true,
@@ -315,38 +336,58 @@ impl Writer {
         false
     }
 
-    fn push(&mut self, mut entry: Entry) {
-        entry.seq = self.frontier.size();
+    /// The recorder's own entries (recovery notes).
+    fn push(&mut self, entry: Entry) {
+        match postcard::to_stdvec(&encode::Tail {
+            at_us: entry.at_us,
+            session: entry.session,
+            stmt: entry.stmt,
+            record: &entry.record,
+        }) {
+            Ok(tail) => self.push_tail(&tail),
+            Err(e) => tracing::error!("recording: an entry does not encode: {e}"),
+        }
+    }
+
+    /// Numbers a record a session encoded, and appends it to the pending block.
+    fn push_tail(&mut self, tail: &[u8]) {
+        // What the index needs: when, whose, and which kind of record.
+        let Ok(((at_us, session, _stmt, variant), _)) =
+            postcard::take_from_bytes::<(i64, u64, u32, u32)>(tail)
+        else {
+            tracing::error!("recording: a session's record does not decode; dropped");
+            return;
+        };
+        let seq = self.frontier.size();
         self.encoded.clear();
-        let payload = match postcard::to_extend(&entry, std::mem::take(&mut self.encoded)) {
+        let mut payload = match postcard::to_extend(&seq, std::mem::take(&mut self.encoded)) {
             Ok(p) => p,
             Err(e) => {
-                // Only a bug gets here; the entry is dropped loudly rather than half-written.
-                tracing::error!("recording: an entry does not encode: {e}");
+                tracing::error!("recording: a sequence number does not encode: {e}");
                 return;
             }
         };
+        payload.extend_from_slice(tail);
         self.frontier.push_leaf(&payload);
         frame_record(&mut self.raw, &payload);
-        self.encoded = payload;
         if self.raw_count == 0 {
-            self.raw_first_seq = entry.seq;
+            self.raw_first_seq = seq;
             self.raw_since = Some(Instant::now());
         }
         self.raw_count += 1;
-        self.raw_last_at = entry.at_us;
+        self.raw_last_at = at_us;
         self.shared.status.records.fetch_add(1, Relaxed);
-        self.index_last_seq.insert(entry.session, entry.seq);
-        match &entry.record {
-            Record::SessionEnd { .. } => {
-                self.session_ended = true;
-                self.index_entries.push(entry);
+        self.index_last_seq.insert(session, seq);
+        if encode::INDEXED.contains(&variant) {
+            match postcard::from_bytes::<Entry>(&payload) {
+                Ok(entry) => {
+                    self.session_ended |= matches!(entry.record, Record::SessionEnd { .. });
+                    self.index_entries.push(entry);
+                }
+                Err(e) => tracing::error!("recording: a record does not decode for the index: {e}"),
             }
-            Record::SessionStart(_) | Record::Request(_) | Record::Verdict(_) => {
-                self.index_entries.push(entry)
-            }
-            _ => {}
         }
+        self.encoded = payload;
     }
 
     /// Seals what is pending (and a checkpoint when one is due) and writes it all.
@@ -448,7 +489,18 @@ impl Writer {
                         let _ = tx.send(note);
                     }
                 }
-                self.index_batch(&entries, &last_seq);
+                // Sooner when a session ended or someone waits on a flush, so that `list`
+                // shows what is done.
+                let now = !self.flushes.is_empty()
+                    || entries
+                        .iter()
+                        .any(|e| matches!(e.record, Record::SessionEnd { .. }));
+                self.index_later.0.extend(entries);
+                self.index_later.1.extend(last_seq);
+                self.index_since.get_or_insert_with(Instant::now);
+                if now {
+                    self.index_now();
+                }
                 for f in std::mem::take(&mut self.flushes) {
                     let _ = f.send(Ok(()));
                 }
@@ -547,9 +599,20 @@ impl Writer {
         })
     }
 
-    fn index_batch(&mut self, entries: &[Entry], last_seq: &HashMap<u64, u64>) {
+    /// The index is due an update: pending long enough, or plenty of it.
+    fn index_due(&self) -> bool {
+        self.index_since
+            .is_some_and(|t| t.elapsed() >= INDEX_INTERVAL || self.index_later.0.len() >= 4096)
+    }
+
+    /// Applies every durable record the index has not seen, in one transaction.
+    fn index_now(&mut self) {
+        if self.index_since.take().is_none() {
+            return;
+        }
+        let (entries, last_seq) = std::mem::take(&mut self.index_later);
         let Some(index) = &mut self.index else { return };
-        if let Err(e) = index.apply(entries, last_seq, self.durable.size()) {
+        if let Err(e) = index.apply(&entries, &last_seq, self.durable.size()) {
             // The index is derived data: the next start rebuilds what is missing.
             self.shared.status.index_failures.fetch_add(1, Relaxed);
             tracing::warn!("recording index: {e}");

@@ -369,6 +369,13 @@ pub fn encode_query(sql: &str, out: &mut Vec<u8>) {
     finish(at, out);
 }
 
+/// Appends CopyFail ('f'): the client's COPY FROM STDIN fails with `reason`.
+pub fn encode_copy_fail(reason: &str, out: &mut Vec<u8>) {
+    let at = begin(b'f', out);
+    put_cstr(reason.as_bytes(), out);
+    finish(at, out);
+}
+
 /// Appends Sync ('S').
 pub fn encode_sync(out: &mut Vec<u8>) {
     let at = begin(b'S', out);

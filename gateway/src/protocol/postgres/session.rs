@@ -55,7 +55,7 @@ impl SessionError {
             Side::Server => {
                 "the upstream server broke the protocol; the session is closed".to_owned()
             }
-            Side::Gateway => format!("result refused by masking: {}", self.reason),
+            Side::Gateway => self.reason.clone(),
         }
     }
 
@@ -239,6 +239,9 @@ pub struct Session {
     /// Client side: bytes of a message being streamed through (or dropped) still to come.
     fe_stream: usize,
     fe_stream_drop: bool,
+    /// The message streamed through is CopyData: its body goes to the gate too, past the header
+    /// bytes counted here.
+    fe_stream_copy: Option<usize>,
     /// After a blocked Parse, the rest of the extended-protocol batch is dropped up to Sync, the
     /// way the server drops a batch after an error.
     fe_discard_to_sync: bool,
@@ -277,6 +280,7 @@ impl Session {
             expect: VecDeque::new(),
             fe_stream: 0,
             fe_stream_drop: false,
+            fe_stream_copy: None,
             fe_discard_to_sync: false,
             resolved: None,
             be_stream: 0,
@@ -371,9 +375,24 @@ impl Session {
                 if !self.fe_stream_drop {
                     to_server.pass(pos..pos + n);
                 }
+                if let Some(header) = &mut self.fe_stream_copy {
+                    let skip = (*header).min(n);
+                    *header -= skip;
+                    // Part of this message is already on its way: data that cannot be recorded
+                    // ends the session, and the server rolls the COPY back.
+                    if let Err(b) = gate.copy_data(&input[pos + skip..pos + n]) {
+                        return Err(SessionError {
+                            side: Side::Gateway,
+                            reason: b.reason,
+                        });
+                    }
+                }
                 self.from_client.bytes += n as u64;
                 self.fe_stream -= n;
                 pos += n;
+                if self.fe_stream == 0 {
+                    self.fe_stream_copy = None;
+                }
             }
             let rest = &input[pos..];
             let Some((tag, wire_len)) = frame::header(rest).map_err(client_frame_error)? else {
@@ -387,6 +406,16 @@ impl Session {
                     self.from_client.messages += 1;
                     self.fe_stream = wire_len;
                     self.fe_stream_drop = drop;
+                    if !drop {
+                        // Nothing of it has gone yet: data the gate cannot record fails the COPY.
+                        match gate.copy_data(&[]) {
+                            Ok(()) => self.fe_stream_copy = Some(frame::HEADER_LEN),
+                            Err(b) => {
+                                to_server.emit(|o| messages::encode_copy_fail(&b.reason, o));
+                                self.fe_stream_drop = true;
+                            }
+                        }
+                    }
                     continue;
                 }
                 if wire_len - 1 > self.max_message {
@@ -533,7 +562,13 @@ impl Session {
                 self.fe_discard_to_sync = false;
                 self.expect.push_back(Expect::Sync);
             }
-            b'H' | b'd' | b'c' | b'f' => out.pass(range),
+            b'd' => match gate.copy_data(frame.body) {
+                Ok(()) => out.pass(range),
+                // COPY FROM STDIN data that cannot be recorded never reaches the server: the
+                // COPY fails there instead, and the server drops the rest of its data.
+                Err(b) => out.emit(|o| messages::encode_copy_fail(&b.reason, o)),
+            },
+            b'H' | b'c' | b'f' => out.pass(range),
             b'X' => {
                 let end = range.end;
                 out.pass(range);
@@ -976,7 +1011,7 @@ fn filtered(
     out.emit(|o| replaced = filter(o));
     let replaced = replaced.map_err(|refusal| SessionError {
         side: Side::Gateway,
-        reason: refusal.0.into_owned(),
+        reason: format!("result refused by masking: {refusal}"),
     })?;
     if !replaced {
         out.drop_empty_scratch();
@@ -1485,5 +1520,82 @@ mod tests {
             "the row was replaced"
         );
         assert!(to_client.windows(3).any(|w| w == b"***"));
+    }
+
+    /// Records COPY FROM STDIN data, or refuses it all (recording failing).
+    #[derive(Default)]
+    struct CopyGate {
+        seen: Vec<u8>,
+        refuse: bool,
+    }
+    impl Gate for CopyGate {
+        fn check(&mut self, _: &Request<'_>) -> Disposition {
+            Disposition::Allow
+        }
+        fn copy_data(&mut self, data: &[u8]) -> Result<(), Blocked> {
+            if self.refuse {
+                return Err(Blocked {
+                    rule: "recording".into(),
+                    reason: "recording failed: disk full".into(),
+                    sqlstate: Some("53100"),
+                });
+            }
+            self.seen.extend_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn copy_in_data_goes_to_the_gate_whole_or_streamed_and_never_past_a_refusal() {
+        // Two rows in whole messages, then one larger than max_message, streamed in pieces.
+        let big = vec![b'x'; 300];
+        let wire = [
+            query("COPY t FROM STDIN"),
+            msg(b'd', b"1\tone\n"),
+            msg(b'd', b"2\ttwo\n"),
+            msg(b'd', &big),
+            msg(b'c', b""),
+        ]
+        .concat();
+        for cut in [wire.len(), 40, 60, 200] {
+            let mut s = Session::new(100);
+            let mut gate = CopyGate::default();
+            let mut sent = Vec::new();
+            let mut pos = 0;
+            for end in [cut, wire.len()] {
+                let mut out = Output::default();
+                let input = &wire[pos..end];
+                let Progress::Continue { consumed } =
+                    s.on_frontend(input, &mut gate, &mut out).unwrap()
+                else {
+                    panic!("continues");
+                };
+                sent.extend(rendered(input, &out));
+                pos += consumed;
+            }
+            assert_eq!(sent, wire, "forwarded as it came (cut at {cut})");
+            assert_eq!(gate.seen, [&b"1\tone\n2\ttwo\n"[..], &big].concat());
+        }
+
+        // Refused: the server gets CopyFail instead of each message, never the data.
+        let mut s = Session::new(100);
+        let mut gate = CopyGate {
+            refuse: true,
+            ..Default::default()
+        };
+        let mut out = Output::default();
+        s.on_frontend(&wire, &mut gate, &mut out).unwrap();
+        let sent = rendered(&wire, &out);
+        assert!(
+            !sent.windows(5).any(|w| w == b"1\tone"),
+            "no data forwarded"
+        );
+        assert!(
+            !sent.windows(8).any(|w| w == b"xxxxxxxx"),
+            "no data forwarded"
+        );
+        let fail = msg(b'f', b"recording failed: disk full\0");
+        assert!(sent.windows(fail.len()).any(|w| w == fail), "CopyFail sent");
+        assert!(sent.starts_with(&query("COPY t FROM STDIN")));
     }
 }

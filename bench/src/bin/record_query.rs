@@ -1,0 +1,175 @@
+//! What recording adds to a simple query's CPU, the "at most 3 µs per simple query".
+//!
+//! One session runs `--queries` simple queries the way the record stage sees them: the statement
+//! text through the detectors, its request and verdict records, then the masked response (one
+//! RowDescription, one DataRow, CommandComplete, ReadyForQuery) through the response tap. Queries
+//! are spaced by `--pace-us` of sleep, as a client at c=1 spaces them, so the recorder thread goes
+//! idle between them as it does in the gateway. Each repetition runs the same loop twice, with
+//! recording and without (the sleeps alone), and the figure is the difference in CPU time of the
+//! whole process (every thread: the session's and the recorder's), per query. Medians over
+//! `--reps`; the segments go to a temporary directory on the disk `TMPDIR` names.
+//!
+//! `cargo run --release -p portcullis-bench --bin record_query -- [--reps N] [--queries N]
+//! [--pace-us N]`
+
+use std::time::Duration;
+
+use portcullis::mask::{MaskRules, Masker};
+use portcullis::pipeline::record::Responses;
+use portcullis::protocol::postgres::frame::write_message;
+use portcullis::record::{Recorder, RecordingConfig, Request, RequestKind, SessionStart, Verdict};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+fn cpu(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU of the whole process and of this thread.
+fn now() -> (Duration, Duration) {
+    (
+        cpu(libc::CLOCK_PROCESS_CPUTIME_ID),
+        cpu(libc::CLOCK_THREAD_CPUTIME_ID),
+    )
+}
+
+/// A simple query's result as the client receives it: `SELECT id, status, total ...`, one row.
+fn response(id: u64) -> Vec<u8> {
+    let mut wire = Vec::new();
+    write_message(&mut wire, b'T', |o| {
+        o.extend_from_slice(&3i16.to_be_bytes());
+        for (name, oid) in [("id", 20i32), ("status", 25), ("total", 1700)] {
+            o.extend_from_slice(name.as_bytes());
+            o.push(0);
+            o.extend_from_slice(&[0; 6]);
+            o.extend_from_slice(&oid.to_be_bytes());
+            o.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+        }
+    });
+    write_message(&mut wire, b'D', |o| {
+        o.extend_from_slice(&3i16.to_be_bytes());
+        let total = format!("{}.{:02}", id % 997, id % 100);
+        for v in [id.to_string().as_str(), "shipped", total.as_str()] {
+            o.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            o.extend_from_slice(v.as_bytes());
+        }
+    });
+    write_message(&mut wire, b'C', |o| o.extend_from_slice(b"SELECT 1\0"));
+    write_message(&mut wire, b'Z', |o| o.push(b'I'));
+    wire
+}
+
+struct Run {
+    /// Process CPU per query, with recording minus without.
+    added: f64,
+    /// Of which on the session's thread.
+    session: f64,
+}
+
+fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
+    let statements: Vec<(String, Vec<u8>)> = (0..queries)
+        .map(|i| {
+            (
+                format!("SELECT id, status, total FROM orders WHERE id = {i}"),
+                response(i),
+            )
+        })
+        .collect();
+
+    // Without recording: the sleeps and the loop.
+    let (p0, t0) = now();
+    for (sql, wire) in &statements {
+        std::hint::black_box((sql, wire));
+        std::thread::sleep(pace);
+    }
+    let (p1, t1) = now();
+    let (off_process, off_thread) = (p1 - p0, t1 - t0);
+
+    // With recording, as `RecordGate::check` and `ResponseTap::written` call it.
+    let tmp = tempfile::tempdir()?;
+    let cfg = RecordingConfig {
+        origin: Some("bench/portcullis".into()),
+        ..Default::default()
+    };
+    let recorder = Recorder::start(&cfg, tmp.path())?;
+    let handle = recorder.handle();
+    let mut rec = handle.begin(SessionStart {
+        agent: Some("agent-7".into()),
+        target: "local".into(),
+        database: "shop".into(),
+        upstream_user: "app".into(),
+        ..Default::default()
+    })?;
+    handle.flush().wait()?;
+    let mut responses = Responses::new(1 << 20);
+    let (p0, t0) = now();
+    for (sql, wire) in &statements {
+        let text = masker
+            .redact_detected(sql.as_bytes())
+            .unwrap_or_else(|| sql.as_bytes().to_vec());
+        let text = String::from_utf8(text)?;
+        let bytes_in = 6 + text.len() as u64;
+        rec.request(Request {
+            kind: RequestKind::Query,
+            statement: None,
+            text,
+            params: vec![],
+        })?;
+        responses.begin(bytes_in);
+        rec.verdict(Verdict::allow(Some("default/read".into())))?;
+        let mut batch = rec.batch();
+        responses.feed(wire, &mut batch);
+        responses.flush(&mut batch);
+        drop(batch);
+        std::thread::sleep(pace);
+    }
+    handle.flush().wait()?;
+    let (p1, t1) = now();
+    rec.end("done")?;
+    recorder.shutdown();
+    let per_query = |d: Duration| d.as_secs_f64() * 1e6 / queries as f64;
+    Ok(Run {
+        added: per_query(p1 - p0) - per_query(off_process),
+        session: per_query(t1 - t0) - per_query(off_thread),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let reps = arg("--reps", 5);
+    let queries = arg("--queries", 20_000);
+    let pace = Duration::from_micros(arg("--pace-us", 100));
+    let masker = Masker::new(&MaskRules::builtin_pii())?;
+    let (mut added, mut session) = (vec![], vec![]);
+    for _ in 0..reps {
+        let r = run(queries, pace, &masker)?;
+        added.push(r.added);
+        session.push(r.session);
+    }
+    let (added, session) = (median(added), median(session));
+    println!(
+        "recording, simple queries: {queries} per run, {} µs apart, {reps} runs (medians)",
+        pace.as_micros()
+    );
+    println!("  added CPU per query       {added:6.2} µs (every thread, recording on minus off)");
+    println!("    on the session's thread {session:6.2} µs");
+    println!("    on the recorder thread  {:6.2} µs", added - session);
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Records encoded on the session's thread, straight from what it has at hand.
+//!
+//! A record's payload is `postcard(Entry)`, and postcard encodes a struct as its fields in
+//! order, so a session encodes everything after `seq` ([`Tail`]) and the recorder puts `seq`
+//! in front. Rows are encoded from the DataRow bodies the client received ([`DataRows`]),
+//! as `Record::Rows` would encode them, without a heap value per cell.
+
+use serde::ser::{Error as _, SerializeSeq as _};
+use serde::{Serialize, Serializer};
+
+/// An entry without its `seq`: what follows it in the payload.
+#[derive(Serialize)]
+pub(crate) struct Tail<'a, R: ?Sized + Serialize> {
+    pub at_us: i64,
+    pub session: u64,
+    pub stmt: u32,
+    pub record: &'a R,
+}
+
+/// `Record::Rows` over DataRow bodies (`int16` count, then `int32` length and bytes per value,
+/// -1 for NULL), back to back: `count` of them.
+pub(crate) struct DataRows<'a> {
+    pub bodies: &'a [u8],
+    pub count: usize,
+}
+
+/// `Record::Rows`'s variant index: the enum's order is the on-disk format.
+const ROWS: u32 = 4;
+
+/// The variants the index holds: session start, request, verdict, session end.
+pub(crate) const INDEXED: [u32; 4] = [0, 1, 2, 10];
+
+impl Serialize for DataRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_newtype_variant("Record", ROWS, "rows", &RowSeq(self))
+    }
+}
+
+struct RowSeq<'a, 'b>(&'a DataRows<'b>);
+
+impl Serialize for RowSeq<'_, '_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.count))?;
+        let mut rest = self.0.bodies;
+        for _ in 0..self.0.count {
+            let (len, _) = data_row(rest).ok_or_else(|| S::Error::custom("a bad DataRow"))?;
+            seq.serialize_element(&Cells(&rest[..len]))?;
+            rest = &rest[len..];
+        }
+        seq.end()
+    }
+}
+
+/// One row: a sequence of `Option<Bytes>`.
+struct Cells<'a>(&'a [u8]);
+
+impl Serialize for Cells<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let b = self.0;
+        let n = i16::from_be_bytes([b[0], b[1]]).max(0) as usize;
+        let mut seq = s.serialize_seq(Some(n))?;
+        let mut at = 2;
+        for _ in 0..n {
+            let len = i32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            at += 4;
+            if len < 0 {
+                seq.serialize_element(&None::<Value>)?;
+            } else {
+                let end = at + len as usize;
+                seq.serialize_element(&Some(Value(&b[at..end])))?;
+                at = end;
+            }
+        }
+        seq.end()
+    }
+}
+
+/// A value as [`super::Bytes`] encodes it where not human-readable.
+struct Value<'a>(&'a [u8]);
+
+impl Serialize for Value<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// The first DataRow body at the start of `b`, checked: its length and its values' bytes.
+pub(crate) fn data_row(b: &[u8]) -> Option<(usize, u64)> {
+    let n = i16::from_be_bytes(b.get(..2)?.try_into().ok()?);
+    let mut at = 2;
+    let mut values = 0u64;
+    for _ in 0..n.max(0) {
+        let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len >= 0 {
+            at = at.checked_add(len as usize).filter(|&end| end <= b.len())?;
+            values += len as u64;
+        }
+    }
+    Some((at, values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Bytes, Entry, Record};
+
+    fn body(cells: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut b = (cells.len() as i16).to_be_bytes().to_vec();
+        for c in cells {
+            match c {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn rows_from_datarows_and_a_tail_encode_as_the_entry_does() {
+        let rows: Vec<Vec<Option<&[u8]>>> = vec![
+            vec![Some(b"1"), None, Some(b"")],
+            vec![],
+            vec![Some(&[0xff; 300][..]), Some(b"a\0b")],
+        ];
+        let bodies: Vec<u8> = rows.iter().flat_map(|r| body(r)).collect();
+        let entry = Entry {
+            seq: 1 << 40,
+            at_us: -5,
+            session: 77,
+            stmt: 300,
+            record: Record::Rows(
+                rows.iter()
+                    .map(|r| r.iter().map(|c| c.map(Bytes::from)).collect())
+                    .collect(),
+            ),
+        };
+        let mut ours = postcard::to_stdvec(&entry.seq).unwrap();
+        let tail = Tail {
+            at_us: entry.at_us,
+            session: entry.session,
+            stmt: entry.stmt,
+            record: &DataRows {
+                bodies: &bodies,
+                count: rows.len(),
+            },
+        };
+        ours.extend(postcard::to_stdvec(&tail).unwrap());
+        assert_eq!(ours, postcard::to_stdvec(&entry).unwrap());
+        assert_eq!(postcard::from_bytes::<Entry>(&ours).unwrap(), entry);
+    }
+
+    #[test]
+    fn variant_indexes_are_the_records_on_disk() {
+        use crate::record::{SessionStart, Verdict};
+        let index = |r: &Record| postcard::to_stdvec(r).unwrap()[0] as u32;
+        let indexed = [
+            Record::SessionStart(SessionStart::default()),
+            Record::Request(crate::record::Request {
+                kind: crate::record::RequestKind::Query,
+                statement: None,
+                text: String::new(),
+                params: vec![],
+            }),
+            Record::Verdict(Verdict::allow(None)),
+            Record::SessionEnd {
+                reason: String::new(),
+            },
+        ];
+        assert_eq!(indexed.each_ref().map(index), INDEXED);
+        assert_eq!(index(&Record::Rows(vec![])), ROWS);
+    }
+
+    #[test]
+    fn a_datarow_is_checked_before_it_is_read() {
+        assert_eq!(data_row(&body(&[Some(b"ab"), None])), Some((12, 2)));
+        let whole = body(&[Some(b"abc")]);
+        for cut in 0..whole.len() {
+            assert_eq!(data_row(&whole[..cut]), None, "cut at {cut}");
+        }
+        let mut lying = body(&[Some(b"abc")]);
+        lying[2..6].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert_eq!(data_row(&lying), None);
+    }
+}
