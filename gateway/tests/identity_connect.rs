@@ -273,6 +273,36 @@ leeway = "1s"
         (serde_json::from_str(&text).expect("sessions --json"), text)
     }
 
+    /// Rewrites the gateway's configuration with `edit` and reloads it (SIGHUP), waiting until
+    /// the gateway reports the reload done.
+    fn reload(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.gw.config_path.as_ref().expect("a config file");
+        let before = std::fs::read_to_string(path).unwrap();
+        let after = edit(before.clone());
+        assert_ne!(before, after, "the edit changed nothing");
+        std::fs::write(path, after).unwrap();
+        self.reload_unchanged();
+    }
+
+    /// SIGHUP with the configuration as it is, through `portcullis reload`, which waits.
+    fn reload_unchanged(&self) {
+        let pid = self.gw.pid().to_string();
+        let out = self.gw.cli(&["reload", "--pid", &pid]).unwrap();
+        assert!(
+            out.status.success(),
+            "reload: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.context()
+        );
+    }
+
+    /// Exchanges the IdP has answered, by its own count.
+    fn idp_exchanges(&self) -> u64 {
+        self.idp.stats().unwrap()["exchanges"]
+            .as_u64()
+            .expect("exchanges in the IdP's stats")
+    }
+
     fn context(&self) -> String {
         format!(
             "--- gateway log ---\n{}\n--- idp log ---\n{}",
@@ -640,6 +670,88 @@ async fn with_the_idp_down_cached_identities_continue_and_new_ones_are_refused()
     assert_eq!(
         m("portcullis_identity_failures_total{target=\"main\",reason=\"idp_unreachable\"}"),
         1.0
+    );
+}
+
+/// A reload starts each target's identity service afresh: what the old settings exchanged and
+/// cached is gone, and the next connect is judged by the new issuer, audience and client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_drops_cached_identities_and_the_next_connect_follows_the_new_settings() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let connects = |why: &str| {
+        let (out, err, ok) = env.psql(&env.main, &alice, "SELECT current_user");
+        assert!(ok, "{why}: {err}\n{}", env.context());
+        assert_eq!(out, "reader", "{why}");
+    };
+    connects("first connect");
+    connects("second connect");
+    assert_eq!(
+        env.idp_exchanges(),
+        1,
+        "the second connect came from the cache"
+    );
+
+    // Nothing changed, and still the cache is dropped: the next connect exchanges again.
+    env.reload_unchanged();
+    connects("after a reload");
+    assert_eq!(
+        env.idp_exchanges(),
+        2,
+        "a reload keeps no exchanged token: {}",
+        env.context()
+    );
+
+    // Another client secret: alice's identity is cached from a moment ago, yet the new client
+    // must authenticate to the IdP, and the IdP refuses it.
+    let secret = env.idp.client_secret_file().display().to_string();
+    let wrong = testkit::write_secret(env.dir.path(), "wrong-client.secret", "not-the-secret")
+        .unwrap()
+        .display()
+        .to_string();
+    env.reload(|c| c.replace(&secret, &wrong));
+    let (out, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(
+        !ok,
+        "connected with a cached identity after the client changed: {out}"
+    );
+    assert!(err.contains("invalid_client"), "{err}");
+    assert_eq!(env.idp_exchanges(), 2);
+
+    // Another audience: a token the IdP issues for the old one no longer passes.
+    env.reload(|c| {
+        c.replace(&wrong, &secret)
+            .replace("audience = \"pg-main\"", "audience = \"pg-main-v2\"")
+    });
+    env.idp.set_behaviour(json!({ "aud": "pg-main" })).unwrap();
+    let (out, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(!ok, "a token for the old audience was taken: {out}");
+    assert!(err.contains("pg-main-v2"), "{err}");
+    env.idp.set_behaviour(json!({ "aud": null })).unwrap();
+    connects("with the new audience");
+
+    // Another issuer: nothing is asked of the old IdP, and nothing it issued is taken.
+    let issuer = env.idp.issuer();
+    let exchanges = env.idp_exchanges();
+    env.reload(|c| {
+        c.replace(
+            &format!("issuer = \"{issuer}\""),
+            "issuer = \"http://127.0.0.1:9\"",
+        )
+    });
+    let (out, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(!ok, "connected with an identity from the old issuer: {out}");
+    assert!(err.contains("IdP unreachable"), "{err}");
+    assert_eq!(env.idp_exchanges(), exchanges);
+
+    let log = env.gw.log();
+    assert!(
+        !log.contains(alice.as_str()),
+        "the token is in the gateway log"
+    );
+    assert!(
+        !log.contains(env.idp.client_secret()),
+        "the client secret is in the gateway log"
     );
 }
 
