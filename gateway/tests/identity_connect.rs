@@ -1406,3 +1406,172 @@ fn run_and_attach_give_an_agent_its_token_file_at_runtime() {
         "the token is in the log"
     );
 }
+
+/// `portcullis agents` (table and JSON) with this gateway's redirect locations and admin socket.
+fn agents_listing(env: &Env, json: bool) -> String {
+    let (pin, root) = env.redirect.as_ref().expect("started with the redirect");
+    let out = Command::new(testkit::portcullis_bin())
+        .arg("agents")
+        .args(json.then_some("--json"))
+        .arg("--pin-path")
+        .arg(pin)
+        .arg("--agent-root")
+        .arg(root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .expect("portcullis agents");
+    assert!(
+        out.status.success(),
+        "agents: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn listed<'a>(agents: &'a Value, name: &str) -> &'a Value {
+    agents
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("agent {name} not listed: {agents}"))
+}
+
+#[test]
+fn agents_lists_configured_and_runtime_token_files() {
+    if testkit::skip_unless_root("agents_lists_configured_and_runtime_token_files") {
+        return;
+    }
+    let env = Env::redirected("listing", claude_token_file);
+    let (pin, root) = env.redirect.clone().unwrap();
+    let claude_file = env.dir.path().join("claude.jwt").display().to_string();
+    let gemini = env
+        .idp
+        .mint("gemini-agent", &["dba"], "portcullis")
+        .unwrap();
+    let gemini_file = testkit::write_secret(env.dir.path(), "gemini.jwt", &gemini)
+        .unwrap()
+        .display()
+        .to_string();
+
+    // Before any run: claude's configured file, though claude has no cgroup yet.
+    let agents: Value = serde_json::from_str(&agents_listing(&env, true)).unwrap();
+    let claude = listed(&agents, "claude");
+    assert_eq!(claude["token_file"], claude_file.as_str(), "{agents}");
+    assert_eq!(claude["token_file_source"], "configured", "{agents}");
+    assert_eq!(claude["path"], Value::Null, "{agents}");
+    assert!(
+        !agents.to_string().contains("gemini"),
+        "gemini listed before its run: {agents}"
+    );
+
+    // During `run --token-file`: the listing, run as the agent itself, shows its runtime file.
+    let out = Command::new(testkit::portcullis_bin())
+        .args(["run", "--agent", "gemini", "--pin-path"])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .args(["--token-file", &gemini_file, "--admin-socket"])
+        .arg(&env.gw.admin_socket)
+        .arg("--")
+        .arg(testkit::portcullis_bin())
+        .args(["agents", "--json", "--pin-path"])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .expect("portcullis run");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.context()
+    );
+    let during: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let g = listed(&during, "gemini");
+    assert_eq!(g["token_file"], gemini_file.as_str(), "{during}");
+    assert_eq!(g["token_file_source"], "runtime", "{during}");
+    assert_eq!(
+        g["processes"], 1,
+        "the listing itself runs as gemini: {during}"
+    );
+    assert_eq!(listed(&during, "claude")["token_file_source"], "configured");
+
+    // Gone with the run.
+    let after: Value = serde_json::from_str(&agents_listing(&env, true)).unwrap();
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["name"] != "gemini" || a["token_file"].is_null()),
+        "gemini's runtime file outlived its run: {after}"
+    );
+
+    // `agents attach --token-file`: the attached cgroup, and its runtime file, until the gateway
+    // stops.
+    let mount = portcullis::redirect::find_cgroup2_mount().unwrap();
+    let cgroup = mount.join(format!("portcullis-listing-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let attach = Command::new(testkit::portcullis_bin())
+        .args(["agents", "attach"])
+        .arg(&cgroup)
+        .args([
+            "--name",
+            "hermes",
+            "--token-file",
+            &gemini_file,
+            "--pin-path",
+        ])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        attach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let agents: Value = serde_json::from_str(&agents_listing(&env, true)).unwrap();
+    let table = agents_listing(&env, false);
+    let _ = std::fs::remove_dir(&cgroup);
+    let hermes = listed(&agents, "hermes");
+    assert_eq!(hermes["attached"], true, "{agents}");
+    assert_eq!(hermes["path"], cgroup.display().to_string(), "{agents}");
+    assert_eq!(hermes["token_file"], gemini_file.as_str(), "{agents}");
+    assert_eq!(hermes["token_file_source"], "runtime", "{agents}");
+
+    assert!(table.contains("TOKEN FILE"), "{table}");
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+            .to_owned()
+    };
+    assert!(
+        line("hermes").ends_with(&format!("{gemini_file} (runtime)")),
+        "{table}"
+    );
+    assert!(line("hermes").contains("(attached)"), "{table}");
+    assert!(
+        line("claude").ends_with(&format!("{claude_file} (configured)")),
+        "{table}"
+    );
+
+    // Paths only: never a token.
+    let claude_token = std::fs::read_to_string(&claude_file).unwrap();
+    for text in [table, agents.to_string(), during.to_string()] {
+        assert!(!text.contains(gemini.as_str()), "a token is listed: {text}");
+        assert!(
+            !text.contains(claude_token.trim()),
+            "a token is listed: {text}"
+        );
+    }
+}
