@@ -128,6 +128,27 @@ impl RuntimeTokenFiles {
             .filter(|r| !configured.iter().any(|c| c.name == r.name));
         std::borrow::Cow::Owned(configured.iter().chain(extra).cloned().collect())
     }
+
+    /// Every agent's token file in force, configured first, each saying where it was set: what
+    /// `portcullis agents` shows.
+    pub fn listing(&self, configured: &[AgentConfig]) -> Vec<crate::admin::AgentTokenFile> {
+        use crate::admin::{AgentTokenFile, TokenFileSource};
+        let entry = |a: &AgentConfig, source| AgentTokenFile {
+            agent: a.name.clone(),
+            token_file: a.token_file.clone(),
+            source,
+        };
+        let runtime = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let extra = runtime
+            .iter()
+            .filter(|r| !configured.iter().any(|c| c.name == r.name))
+            .map(|a| entry(a, TokenFileSource::Runtime));
+        configured
+            .iter()
+            .map(|a| entry(a, TokenFileSource::Configured))
+            .chain(extra)
+            .collect()
+    }
 }
 
 /// The `[[agent]]` token file of the agent a connection is attributed to, if it has one.
@@ -260,6 +281,42 @@ mod tests {
         let e = poll_once(refused).err().unwrap();
         assert_eq!(e.sqlstate(), "28000");
         assert!(e.to_string().contains("neither loopback nor TLS"), "{e}");
+    }
+
+    #[test]
+    fn the_listing_says_which_token_files_are_configured_and_which_runtime() {
+        use crate::admin::TokenFileSource::{Configured, Runtime};
+        let agent = |name: &str, file: &str| AgentConfig {
+            name: name.into(),
+            token_file: file.into(),
+        };
+        let configured = [agent("claude", "/run/claude.jwt")];
+        let runtime = RuntimeTokenFiles::default();
+        runtime
+            .set(&configured, "gemini", Some("/run/gemini.jwt".into()))
+            .unwrap();
+        let shown = |configured: &[AgentConfig]| {
+            runtime
+                .listing(configured)
+                .into_iter()
+                .map(|f| (f.agent, f.token_file.display().to_string(), f.source))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(&configured),
+            [
+                ("claude".into(), "/run/claude.jwt".into(), Configured),
+                ("gemini".into(), "/run/gemini.jwt".into(), Runtime),
+            ]
+        );
+        // A reload that configures gemini: its configured file is the one in force.
+        let reloaded = [agent("gemini", "/etc/gemini.jwt")];
+        assert_eq!(
+            shown(&reloaded),
+            [("gemini".into(), "/etc/gemini.jwt".into(), Configured)]
+        );
+        runtime.set(&configured, "gemini", None).unwrap();
+        assert_eq!(shown(&[]), []);
     }
 
     /// Polls once: the refusal comes before anything that would need a runtime.

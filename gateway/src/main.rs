@@ -203,16 +203,7 @@ fn main() -> ExitCode {
         }
         Command::Policy { command } => portcullis::policy::cli::run(command),
         Command::Run(args) => portcullis::redirect::cli::run(args),
-        Command::Agents(args) => {
-            let socket = std::env::var_os("PORTCULLIS_ADMIN_SOCKET").map_or_else(
-                || PathBuf::from(portcullis::config::DEFAULT_ADMIN_SOCKET),
-                PathBuf::from,
-            );
-            portcullis::redirect::cli::agents(
-                args,
-                &portcullis::admin::client::live_agent_counts(&socket),
-            )
-        }
+        Command::Agents(args) => portcullis::redirect::cli::agents(args),
         Command::Uninstall(args) => portcullis::redirect::cli::uninstall(args),
         Command::Recordings(args) => portcullis::record::cli::run(args),
         Command::Doctor { config, json } => {

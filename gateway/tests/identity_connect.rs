@@ -273,6 +273,36 @@ leeway = "1s"
         (serde_json::from_str(&text).expect("sessions --json"), text)
     }
 
+    /// Rewrites the gateway's configuration with `edit` and reloads it (SIGHUP), waiting until
+    /// the gateway reports the reload done.
+    fn reload(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.gw.config_path.as_ref().expect("a config file");
+        let before = std::fs::read_to_string(path).unwrap();
+        let after = edit(before.clone());
+        assert_ne!(before, after, "the edit changed nothing");
+        std::fs::write(path, after).unwrap();
+        self.reload_unchanged();
+    }
+
+    /// SIGHUP with the configuration as it is, through `portcullis reload`, which waits.
+    fn reload_unchanged(&self) {
+        let pid = self.gw.pid().to_string();
+        let out = self.gw.cli(&["reload", "--pid", &pid]).unwrap();
+        assert!(
+            out.status.success(),
+            "reload: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.context()
+        );
+    }
+
+    /// Exchanges the IdP has answered, by its own count.
+    fn idp_exchanges(&self) -> u64 {
+        self.idp.stats().unwrap()["exchanges"]
+            .as_u64()
+            .expect("exchanges in the IdP's stats")
+    }
+
     fn context(&self) -> String {
         format!(
             "--- gateway log ---\n{}\n--- idp log ---\n{}",
@@ -640,6 +670,88 @@ async fn with_the_idp_down_cached_identities_continue_and_new_ones_are_refused()
     assert_eq!(
         m("portcullis_identity_failures_total{target=\"main\",reason=\"idp_unreachable\"}"),
         1.0
+    );
+}
+
+/// A reload starts each target's identity service afresh: what the old settings exchanged and
+/// cached is gone, and the next connect is judged by the new issuer, audience and client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_drops_cached_identities_and_the_next_connect_follows_the_new_settings() {
+    let env = Env::start(None);
+    let alice = env.idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let connects = |why: &str| {
+        let (out, err, ok) = env.psql(&env.main, &alice, "SELECT current_user");
+        assert!(ok, "{why}: {err}\n{}", env.context());
+        assert_eq!(out, "reader", "{why}");
+    };
+    connects("first connect");
+    connects("second connect");
+    assert_eq!(
+        env.idp_exchanges(),
+        1,
+        "the second connect came from the cache"
+    );
+
+    // Nothing changed, and still the cache is dropped: the next connect exchanges again.
+    env.reload_unchanged();
+    connects("after a reload");
+    assert_eq!(
+        env.idp_exchanges(),
+        2,
+        "a reload keeps no exchanged token: {}",
+        env.context()
+    );
+
+    // Another client secret: alice's identity is cached from a moment ago, yet the new client
+    // must authenticate to the IdP, and the IdP refuses it.
+    let secret = env.idp.client_secret_file().display().to_string();
+    let wrong = testkit::write_secret(env.dir.path(), "wrong-client.secret", "not-the-secret")
+        .unwrap()
+        .display()
+        .to_string();
+    env.reload(|c| c.replace(&secret, &wrong));
+    let (out, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(
+        !ok,
+        "connected with a cached identity after the client changed: {out}"
+    );
+    assert!(err.contains("invalid_client"), "{err}");
+    assert_eq!(env.idp_exchanges(), 2);
+
+    // Another audience: a token the IdP issues for the old one no longer passes.
+    env.reload(|c| {
+        c.replace(&wrong, &secret)
+            .replace("audience = \"pg-main\"", "audience = \"pg-main-v2\"")
+    });
+    env.idp.set_behaviour(json!({ "aud": "pg-main" })).unwrap();
+    let (out, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(!ok, "a token for the old audience was taken: {out}");
+    assert!(err.contains("pg-main-v2"), "{err}");
+    env.idp.set_behaviour(json!({ "aud": null })).unwrap();
+    connects("with the new audience");
+
+    // Another issuer: nothing is asked of the old IdP, and nothing it issued is taken.
+    let issuer = env.idp.issuer();
+    let exchanges = env.idp_exchanges();
+    env.reload(|c| {
+        c.replace(
+            &format!("issuer = \"{issuer}\""),
+            "issuer = \"http://127.0.0.1:9\"",
+        )
+    });
+    let (out, err, ok) = env.psql(&env.main, &alice, "SELECT 1");
+    assert!(!ok, "connected with an identity from the old issuer: {out}");
+    assert!(err.contains("IdP unreachable"), "{err}");
+    assert_eq!(env.idp_exchanges(), exchanges);
+
+    let log = env.gw.log();
+    assert!(
+        !log.contains(alice.as_str()),
+        "the token is in the gateway log"
+    );
+    assert!(
+        !log.contains(env.idp.client_secret()),
+        "the client secret is in the gateway log"
     );
 }
 
@@ -1293,4 +1405,173 @@ fn run_and_attach_give_an_agent_its_token_file_at_runtime() {
         !env.gw.log().contains(gemini.as_str()),
         "the token is in the log"
     );
+}
+
+/// `portcullis agents` (table and JSON) with this gateway's redirect locations and admin socket.
+fn agents_listing(env: &Env, json: bool) -> String {
+    let (pin, root) = env.redirect.as_ref().expect("started with the redirect");
+    let out = Command::new(testkit::portcullis_bin())
+        .arg("agents")
+        .args(json.then_some("--json"))
+        .arg("--pin-path")
+        .arg(pin)
+        .arg("--agent-root")
+        .arg(root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .expect("portcullis agents");
+    assert!(
+        out.status.success(),
+        "agents: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn listed<'a>(agents: &'a Value, name: &str) -> &'a Value {
+    agents
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("agent {name} not listed: {agents}"))
+}
+
+#[test]
+fn agents_lists_configured_and_runtime_token_files() {
+    if testkit::skip_unless_root("agents_lists_configured_and_runtime_token_files") {
+        return;
+    }
+    let env = Env::redirected("listing", claude_token_file);
+    let (pin, root) = env.redirect.clone().unwrap();
+    let claude_file = env.dir.path().join("claude.jwt").display().to_string();
+    let gemini = env
+        .idp
+        .mint("gemini-agent", &["dba"], "portcullis")
+        .unwrap();
+    let gemini_file = testkit::write_secret(env.dir.path(), "gemini.jwt", &gemini)
+        .unwrap()
+        .display()
+        .to_string();
+
+    // Before any run: claude's configured file, though claude has no cgroup yet.
+    let agents: Value = serde_json::from_str(&agents_listing(&env, true)).unwrap();
+    let claude = listed(&agents, "claude");
+    assert_eq!(claude["token_file"], claude_file.as_str(), "{agents}");
+    assert_eq!(claude["token_file_source"], "configured", "{agents}");
+    assert_eq!(claude["path"], Value::Null, "{agents}");
+    assert!(
+        !agents.to_string().contains("gemini"),
+        "gemini listed before its run: {agents}"
+    );
+
+    // During `run --token-file`: the listing, run as the agent itself, shows its runtime file.
+    let out = Command::new(testkit::portcullis_bin())
+        .args(["run", "--agent", "gemini", "--pin-path"])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .args(["--token-file", &gemini_file, "--admin-socket"])
+        .arg(&env.gw.admin_socket)
+        .arg("--")
+        .arg(testkit::portcullis_bin())
+        .args(["agents", "--json", "--pin-path"])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .expect("portcullis run");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.context()
+    );
+    let during: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let g = listed(&during, "gemini");
+    assert_eq!(g["token_file"], gemini_file.as_str(), "{during}");
+    assert_eq!(g["token_file_source"], "runtime", "{during}");
+    assert_eq!(
+        g["processes"], 1,
+        "the listing itself runs as gemini: {during}"
+    );
+    assert_eq!(listed(&during, "claude")["token_file_source"], "configured");
+
+    // Gone with the run.
+    let after: Value = serde_json::from_str(&agents_listing(&env, true)).unwrap();
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["name"] != "gemini" || a["token_file"].is_null()),
+        "gemini's runtime file outlived its run: {after}"
+    );
+
+    // `agents attach --token-file`: the attached cgroup, and its runtime file, until the gateway
+    // stops.
+    let mount = portcullis::redirect::find_cgroup2_mount().unwrap();
+    let cgroup = mount.join(format!("portcullis-listing-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let attach = Command::new(testkit::portcullis_bin())
+        .args(["agents", "attach"])
+        .arg(&cgroup)
+        .args([
+            "--name",
+            "hermes",
+            "--token-file",
+            &gemini_file,
+            "--pin-path",
+        ])
+        .arg(&pin)
+        .arg("--agent-root")
+        .arg(&root)
+        .arg("--admin-socket")
+        .arg(&env.gw.admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        attach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let agents: Value = serde_json::from_str(&agents_listing(&env, true)).unwrap();
+    let table = agents_listing(&env, false);
+    let _ = std::fs::remove_dir(&cgroup);
+    let hermes = listed(&agents, "hermes");
+    assert_eq!(hermes["attached"], true, "{agents}");
+    assert_eq!(hermes["path"], cgroup.display().to_string(), "{agents}");
+    assert_eq!(hermes["token_file"], gemini_file.as_str(), "{agents}");
+    assert_eq!(hermes["token_file_source"], "runtime", "{agents}");
+
+    assert!(table.contains("TOKEN FILE"), "{table}");
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+            .to_owned()
+    };
+    assert!(
+        line("hermes").ends_with(&format!("{gemini_file} (runtime)")),
+        "{table}"
+    );
+    assert!(line("hermes").contains("(attached)"), "{table}");
+    assert!(
+        line("claude").ends_with(&format!("{claude_file} (configured)")),
+        "{table}"
+    );
+
+    // Paths only: never a token.
+    let claude_token = std::fs::read_to_string(&claude_file).unwrap();
+    for text in [table, agents.to_string(), during.to_string()] {
+        assert!(!text.contains(gemini.as_str()), "a token is listed: {text}");
+        assert!(
+            !text.contains(claude_token.trim()),
+            "a token is listed: {text}"
+        );
+    }
 }

@@ -267,16 +267,30 @@ pub fn deny(socket: &Path, id: u64, reason: Option<String>) -> anyhow::Result<()
     Ok(())
 }
 
-/// Live sessions per agent name, for `portcullis agents`. Empty when no gateway answers: the
-/// agent list itself comes from the cgroups and stays useful.
-pub fn live_agent_counts(socket: &Path) -> std::collections::HashMap<String, u64> {
-    let mut counts = std::collections::HashMap::new();
+/// What the running gateway knows of its agents, for `portcullis agents`.
+#[derive(Debug, Default)]
+pub struct LiveAgents {
+    /// Live sessions per agent name.
+    pub connections: std::collections::HashMap<String, u64>,
+    /// Token files in force, configured and runtime.
+    pub token_files: Vec<super::AgentTokenFile>,
+}
+
+/// [`LiveAgents`] from the gateway at `socket`; empty when no gateway answers: the agent list
+/// itself comes from the cgroups and stays useful.
+pub fn live_agents(socket: &Path) -> LiveAgents {
+    let mut live = LiveAgents::default();
     if let Ok(data) = call(socket, &Request::Sessions)
         && let Ok(sessions) = serde_json::from_value::<Vec<SessionSnapshot>>(data)
     {
         for agent in sessions.into_iter().filter_map(|s| s.agent) {
-            *counts.entry(agent).or_default() += 1;
+            *live.connections.entry(agent).or_default() += 1;
         }
     }
-    counts
+    if let Ok(data) = call(socket, &Request::TokenFiles)
+        && let Ok(files) = serde_json::from_value(data)
+    {
+        live.token_files = files;
+    }
+    live
 }

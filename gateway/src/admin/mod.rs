@@ -33,11 +33,40 @@ pub enum Request {
         agent: String,
         token_file: Option<std::path::PathBuf>,
     },
+    /// Every agent's token file in force (`[[agent]]` and `--token-file`), for `portcullis agents`.
+    TokenFiles,
     /// `portcullis sessions kill`: exactly one of `subject` and `session`.
     KillSessions {
         subject: Option<String>,
         session: Option<u64>,
     },
+}
+
+/// An agent's token file as `portcullis agents` shows it: the path, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTokenFile {
+    pub agent: String,
+    pub token_file: std::path::PathBuf,
+    pub source: TokenFileSource,
+}
+
+/// Where an agent's token file was set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenFileSource {
+    /// `[[agent]] token_file` in the configuration.
+    Configured,
+    /// `portcullis run --token-file` or `agents attach --token-file`, until the gateway stops.
+    Runtime,
+}
+
+impl TokenFileSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenFileSource::Configured => "configured",
+            TokenFileSource::Runtime => "runtime",
+        }
+    }
 }
 
 /// One session ended by `portcullis sessions kill`.

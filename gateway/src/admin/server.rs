@@ -161,6 +161,7 @@ fn handle(
             })
         }
         Request::Sessions => to_json(shared.registry.sessions()),
+        Request::TokenFiles => to_json(shared.token_files.listing(&shared.config().agents)),
         Request::Approvals { recent } => to_json(
             shared
                 .approvals

@@ -1,6 +1,5 @@
 //! `portcullis run`, `portcullis agents [attach]`, `portcullis uninstall`.
 
-use std::collections::HashMap;
 use std::ffi::{CString, OsString};
 use std::fs;
 use std::io;
@@ -57,6 +56,9 @@ pub struct AgentsArgs {
     pub json: bool,
     #[command(flatten)]
     pub locations: LocationArgs,
+    /// The running gateway's admin socket, asked for live connections and token files.
+    #[arg(long, env = "PORTCULLIS_ADMIN_SOCKET", default_value = crate::config::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,25 +213,36 @@ fn enter_cgroup(procs: &CString) -> io::Result<()> {
     Ok(())
 }
 
-/// `portcullis agents`: list agents with their live connection counts (`live`: agent name →
-/// connections, from the gateway's admin API; agents missing there show 0).
+/// `portcullis agents`: list agents with their processes, and from the running gateway their
+/// live connections and token files (configured or runtime).
 /// `portcullis agents attach`: place a cgroup under interception.
-pub fn agents(args: AgentsArgs, live: &HashMap<String, u64>) -> Result<()> {
+pub fn agents(args: AgentsArgs) -> Result<()> {
     match args.action {
         Some(AgentsAction::Attach(attach_args)) => attach(attach_args),
-        None => list(&args.locations.resolve()?, args.json, live),
+        None => list(
+            &args.locations.resolve()?,
+            args.json,
+            &crate::admin::client::live_agents(&args.admin_socket),
+        ),
     }
 }
 
 #[derive(serde::Serialize)]
 struct AgentRow {
-    #[serde(flatten)]
-    agent: Agent,
+    name: String,
+    /// The agent's cgroup; `None` for an agent known only by its token file.
+    path: Option<PathBuf>,
+    cgroup_id: Option<u64>,
+    /// Placed under interception by `agents attach` (its own links), not under the agent root.
+    attached: bool,
     processes: usize,
     connections: u64,
+    token_file: Option<PathBuf>,
+    /// Where the token file was set: `configured` (`[[agent]]`) or `runtime` (`--token-file`).
+    token_file_source: Option<crate::admin::TokenFileSource>,
 }
 
-fn list(loc: &Locations, json: bool, live: &HashMap<String, u64>) -> Result<()> {
+fn list(loc: &Locations, json: bool, live: &crate::admin::client::LiveAgents) -> Result<()> {
     let registry: BpfHashMap<MapData, u64, AgentInfo> = loader::open_pinned(loc, MAP_AGENTS)?;
     let mut found = agents::list(&registry, loc);
     // Directories made by hand under the root are agents too, registered at the next start.
@@ -249,30 +262,60 @@ fn list(loc: &Locations, json: bool, live: &HashMap<String, u64>) -> Result<()> 
             }
         }
     }
-    let rows: Vec<AgentRow> = found
+    let token_file = |name: &str| live.token_files.iter().find(|f| f.agent == name);
+    let mut rows: Vec<AgentRow> = found
         .into_iter()
         .map(|agent| AgentRow {
             processes: count_processes(&agent.path),
-            connections: live.get(&agent.name).copied().unwrap_or(0),
-            agent,
+            connections: live.connections.get(&agent.name).copied().unwrap_or(0),
+            token_file: token_file(&agent.name).map(|f| f.token_file.clone()),
+            token_file_source: token_file(&agent.name).map(|f| f.source),
+            name: agent.name,
+            path: Some(agent.path),
+            cgroup_id: Some(agent.cgroup_id),
+            attached: agent.attached,
         })
         .collect();
+    // An agent with a token file and no cgroup yet: the gateway will know it when it comes.
+    for f in &live.token_files {
+        if !rows.iter().any(|r| r.name == f.agent) {
+            rows.push(AgentRow {
+                name: f.agent.clone(),
+                path: None,
+                cgroup_id: None,
+                attached: false,
+                processes: 0,
+                connections: live.connections.get(&f.agent).copied().unwrap_or(0),
+                token_file: Some(f.token_file.clone()),
+                token_file_source: Some(f.source),
+            });
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    let cgroups: Vec<String> = rows
+        .iter()
+        .map(|r| match &r.path {
+            Some(p) if r.attached => format!("{} (attached)", p.display()),
+            Some(p) => p.display().to_string(),
+            None => "-".into(),
+        })
+        .collect();
+    let width = cgroups.iter().map(String::len).max().unwrap_or(0).max(6);
     println!(
-        "{:<24} {:>9} {:>11}  CGROUP",
-        "AGENT", "PROCESSES", "CONNECTIONS"
+        "{:<24} {:>9} {:>11}  {:<width$}  TOKEN FILE",
+        "AGENT", "PROCESSES", "CONNECTIONS", "CGROUP"
     );
-    for r in &rows {
+    for (r, cgroup) in rows.iter().zip(&cgroups) {
+        let token_file = match (&r.token_file, r.token_file_source) {
+            (Some(f), Some(source)) => format!("{} ({})", f.display(), source.as_str()),
+            _ => "-".into(),
+        };
         println!(
-            "{:<24} {:>9} {:>11}  {}{}",
-            r.agent.name,
-            r.processes,
-            r.connections,
-            r.agent.path.display(),
-            if r.agent.attached { " (attached)" } else { "" }
+            "{:<24} {:>9} {:>11}  {cgroup:<width$}  {token_file}",
+            r.name, r.processes, r.connections
         );
     }
     Ok(())
