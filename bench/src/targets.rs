@@ -395,9 +395,9 @@ fn gateway_unavailable(kind: TargetKind, bin: &Path) -> Option<String> {
         | TargetKind::GatewayPolicy
         | TargetKind::GatewayPooled
         | TargetKind::GatewayRecord => match help(&["serve", "--help"]) {
-                Some(h) if h.contains("--policy") => None,
-                _ => Some(format!("{} has no `serve --policy` flag", bin.display())),
-            }
+            Some(h) if h.contains("--policy") => None,
+            _ => Some(format!("{} has no `serve --policy` flag", bin.display())),
+        },
         TargetKind::GatewayRedirect => {
             if !testkit::is_root() {
                 Some("needs root (eBPF cgroup programs); CI runs as root".into())

@@ -836,8 +836,8 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("`target.pool.max_lifetime`"), "{e}");
-        let e = Config::parse(&format!("{target}[target.pool]\nmin_idel = 1\n"), "f.toml")
-            .unwrap_err();
+        let e =
+            Config::parse(&format!("{target}[target.pool]\nmin_idel = 1\n"), "f.toml").unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("min_idel"), "{e}");
         let e = Config::parse(

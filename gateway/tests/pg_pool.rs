@@ -57,7 +57,8 @@ impl Env {
     }
 
     async fn connect(&self) -> Client {
-        self.h.must(self.ep().connect().await, "connect through the gateway")
+        self.h
+            .must(self.ep().connect().await, "connect through the gateway")
     }
 
     /// Ends `c` and waits until the gateway has no session left: its connection is back in the
@@ -129,7 +130,10 @@ async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
         .parse()
         .unwrap();
     assert_eq!(backend, first, "the raw session reused the connection");
-    assert_ne!(gw_pid as i32, backend, "the client sees the gateway's key, not the backend's");
+    assert_ne!(
+        gw_pid as i32, backend,
+        "the client sees the gateway's key, not the backend's"
+    );
     let rows = raw.simple_query("SHOW application_name").unwrap();
     assert_eq!(
         RawConn::first_column(&rows),
@@ -142,7 +146,10 @@ async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
     // psql, too.
     let out = env
         .ep()
-        .psql(env.h.bindir(), "SELECT pg_backend_pid(), current_setting('application_name')")
+        .psql(
+            env.h.bindir(),
+            "SELECT pg_backend_pid(), current_setting('application_name')",
+        )
         .unwrap();
     assert!(out.success, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), format!("{first}|psql"));
@@ -182,7 +189,9 @@ async fn reused_after_end(env: &Env, a: Client) -> (i32, Client) {
 async fn prepared_statements_do_not_survive_reuse() {
     let env = Env::start();
     let a = env.connect().await;
-    a.batch_execute("PREPARE leftover AS SELECT 42").await.unwrap();
+    a.batch_execute("PREPARE leftover AS SELECT 42")
+        .await
+        .unwrap();
     let (_, b) = reused_after_end(&env, a).await;
     let n: i64 = b
         .query_one(
@@ -204,14 +213,19 @@ async fn settings_do_not_survive_reuse() {
         .unwrap();
     let (_, b) = reused_after_end(&env, a).await;
     assert_eq!(text(&b, "SHOW work_mem").await.as_deref(), Some("4MB"));
-    assert_eq!(text(&b, "SHOW DateStyle").await.as_deref(), Some("ISO, MDY"));
+    assert_eq!(
+        text(&b, "SHOW DateStyle").await.as_deref(),
+        Some("ISO, MDY")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn advisory_locks_do_not_survive_reuse() {
     let env = Env::start();
     let a = env.connect().await;
-    a.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
+    a.batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
     let (_, b) = reused_after_end(&env, a).await;
     let held = env
         .h
@@ -220,7 +234,11 @@ async fn advisory_locks_do_not_survive_reuse() {
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND granted",
         )
         .unwrap();
-    assert_eq!(held.trim(), "0", "the previous session's advisory lock is held");
+    assert_eq!(
+        held.trim(),
+        "0",
+        "the previous session's advisory lock is held"
+    );
     drop(b);
 }
 
@@ -263,7 +281,10 @@ async fn a_transaction_left_open_by_a_dying_client_is_rolled_back() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 0, "the dead client's transaction is still open on the reused connection");
+    assert_eq!(
+        n, 0,
+        "the dead client's transaction is still open on the reused connection"
+    );
     b.batch_execute("BEGIN; INSERT INTO pool_t VALUES (2); COMMIT")
         .await
         .expect("a transaction of its own");
@@ -288,7 +309,11 @@ async fn a_session_killed_mid_copy_is_not_reused() {
     drop(raw);
     settle(env.h.gw());
     let b = env.connect().await;
-    assert_ne!(pid(&b).await, before, "a connection left mid-COPY was reused");
+    assert_ne!(
+        pid(&b).await,
+        before,
+        "a connection left mid-COPY was reused"
+    );
     let n: i64 = b
         .query_one("SELECT count(*) FROM pool_t", &[])
         .await
@@ -333,18 +358,33 @@ async fn a_session_killed_mid_copy_is_not_reused() {
     raw.send(&wire::frontend(b'd', b"3\n")).unwrap();
     let out = env.h.gw().cli(&["sessions", "--json"]).unwrap();
     let live: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let id = live[0]["id"].as_u64().expect("the session's id").to_string();
+    let id = live[0]["id"]
+        .as_u64()
+        .expect("the session's id")
+        .to_string();
     let out = env
         .h
         .gw()
         .cli(&["sessions", "kill", "--session", &id])
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let heard = raw.read_until_closed().unwrap();
-    assert!(heard.iter().any(|m| m.sqlstate().as_deref() == Some("57P01")));
+    assert!(
+        heard
+            .iter()
+            .any(|m| m.sqlstate().as_deref() == Some("57P01"))
+    );
     settle(env.h.gw());
     let c = env.connect().await;
-    assert_ne!(pid(&c).await, killed, "a connection killed mid-COPY was reused");
+    assert_ne!(
+        pid(&c).await,
+        killed,
+        "a connection killed mid-COPY was reused"
+    );
     let n: i64 = c
         .query_one("SELECT count(*) FROM pool_t", &[])
         .await
@@ -376,7 +416,10 @@ async fn cancel_on_a_reused_connection_reaches_its_own_backend_only() {
     // The previous session's key died with it: it must not cancel the next session's query.
     stale.cancel_query(NoTls).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!sb.is_finished(), "a stale cancel key reached the reused connection");
+    assert!(
+        !sb.is_finished(),
+        "a stale cancel key reached the reused connection"
+    );
 
     b_token.cancel_query(NoTls).await.unwrap();
     let r = tokio::time::timeout(Duration::from_secs(30), sb)
@@ -451,7 +494,10 @@ async fn pooling_off_by_config_and_on_by_reload() {
     settle(&gw);
     let live = ep.connect().await.unwrap();
     let second = pid(&live).await;
-    assert_ne!(second, first, "pooling is off, yet the connection was reused");
+    assert_ne!(
+        second, first,
+        "pooling is off, yet the connection was reused"
+    );
 
     let config = gw.config_path.clone().unwrap();
     let text = std::fs::read_to_string(&config).unwrap();
@@ -467,11 +513,18 @@ async fn pooling_off_by_config_and_on_by_reload() {
     settle(&gw);
     let c = ep.connect().await.unwrap();
     let third = pid(&c).await;
-    assert_ne!(third, second, "a session that began with pooling off keeps it off to its end");
+    assert_ne!(
+        third, second,
+        "a session that began with pooling off keeps it off to its end"
+    );
     drop(c);
     settle(&gw);
     let d = ep.connect().await.unwrap();
-    assert_eq!(pid(&d).await, third, "after the reload, connections are reused");
+    assert_eq!(
+        pid(&d).await,
+        third,
+        "after the reload, connections are reused"
+    );
 }
 
 /// Sessions whose identities map to different upstream roles never share a connection: one

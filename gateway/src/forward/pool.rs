@@ -201,7 +201,10 @@ pub async fn take(
             continue;
         }
         if !quiet(&conn.stream) {
-            debug!(backend = s.backend_pid, "pooled upstream connection closed or spoke while idle: discarded");
+            debug!(
+                backend = s.backend_pid,
+                "pooled upstream connection closed or spoke while idle: discarded"
+            );
             continue;
         }
         let mut sql = String::new();
@@ -240,8 +243,15 @@ pub async fn take(
                 }
                 return None;
             }
-            Ok(a) => debug!(backend = conn.state.backend_pid, ?a, "pooled upstream connection failed its check: closed"),
-            Err(e) => debug!(backend = conn.state.backend_pid, "pooled upstream connection failed its check: {e}"),
+            Ok(a) => debug!(
+                backend = conn.state.backend_pid,
+                ?a,
+                "pooled upstream connection failed its check: closed"
+            ),
+            Err(e) => debug!(
+                backend = conn.state.backend_pid,
+                "pooled upstream connection failed its check: {e}"
+            ),
         }
     }
 }
@@ -309,16 +319,24 @@ fn put(key: Key, conn: Conn, settings: &PoolConfig) -> Option<Conn> {
 
 /// Runs `queries` as simple Query messages sent in one write; the answer once each has its
 /// ReadyForQuery, within [`HOUSEKEEPING_TIMEOUT`].
-async fn run(stream: &Stream, queries: &[&str], max_message: usize) -> Result<Answer, UpstreamError> {
+async fn run(
+    stream: &Stream,
+    queries: &[&str],
+    max_message: usize,
+) -> Result<Answer, UpstreamError> {
     let exchange = async {
         let mut out = Vec::new();
         for q in queries {
             messages::encode_query(q, &mut out);
         }
-        stream.write_all(out).await.0.map_err(|source| UpstreamError::Connect {
-            addr: "upstream".into(),
-            source,
-        })?;
+        stream
+            .write_all(out)
+            .await
+            .0
+            .map_err(|source| UpstreamError::Connect {
+                addr: "upstream".into(),
+                source,
+            })?;
         let mut answer = Housekeeping::new(queries.len());
         let mut buf = Vec::with_capacity(1024);
         loop {
@@ -329,7 +347,9 @@ async fn run(stream: &Stream, queries: &[&str], max_message: usize) -> Result<An
             buf.drain(..len);
             if let Some(a) = step {
                 if !buf.is_empty() {
-                    return Err(UpstreamError::Protocol("data after the last ReadyForQuery".into()));
+                    return Err(UpstreamError::Protocol(
+                        "data after the last ReadyForQuery".into(),
+                    ));
                 }
                 return Ok(a);
             }
@@ -418,7 +438,12 @@ fn sweep(pool: &mut Pool, routes: &Routes, now: Instant) -> (Vec<Conn>, Vec<Want
 }
 
 /// Dials one connection for `key` ahead of any session (`min_idle`).
-async fn dial_ahead(key: Key, target: Arc<Target>, params: Vec<(String, String)>, max_message: usize) {
+async fn dial_ahead(
+    key: Key,
+    target: Arc<Target>,
+    params: Vec<(String, String)>,
+    max_message: usize,
+) {
     let mut login = Login::of(&target);
     if key.user != login.user {
         login.user = &key.user;
@@ -429,7 +454,10 @@ async fn dial_ahead(key: Key, target: Arc<Target>, params: Vec<(String, String)>
             .map(|s| s.expose());
     }
     login.set_role = key.set_role.as_deref();
-    let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let borrowed: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let dialled = upstream::connect(&target, login, &borrowed, key.minor, max_message).await;
     let conn = dialled.and_then(|up| Conn::new(up, &params));
     POOL.with_borrow_mut(|p| {

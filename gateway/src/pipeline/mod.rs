@@ -194,9 +194,9 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     let no_cancel_pending = cancel_key.retire();
     let clean = no_cancel_pending
         && matches!(
-        end,
-        Ok(postgres::End::ClientClosed | postgres::End::Terminated | postgres::End::Idle(_))
-    );
+            end,
+            Ok(postgres::End::ClientClosed | postgres::End::Terminated | postgres::End::Idle(_))
+        );
     let (at_rest, tx_status) = {
         let c = core.borrow();
         (c.at_rest(), c.transaction_status())
@@ -208,11 +208,23 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     {
         drop(client);
         let now = shared.routes();
-        let current = now.targets().iter().find(|t| t.config.name == target.config.name);
-        let conn = crate::forward::pool::Conn { stream, state: conn };
+        let current = now
+            .targets()
+            .iter()
+            .find(|t| t.config.name == target.config.name);
+        let conn = crate::forward::pool::Conn {
+            stream,
+            state: conn,
+        };
         let max_message = shared.max_message();
-        crate::forward::pool::release(conn, pool_key, current.map(|t| &**t), tx_status, max_message)
-            .await;
+        crate::forward::pool::release(
+            conn,
+            pool_key,
+            current.map(|t| &**t),
+            tx_status,
+            max_message,
+        )
+        .await;
     }
     Ok(())
 }

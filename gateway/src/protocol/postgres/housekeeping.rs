@@ -33,7 +33,11 @@ impl Answer {
     pub fn clean(&self, tags: &[&str]) -> bool {
         self.error.is_none()
             && self.status == b'I'
-            && self.tags.iter().map(String::as_str).eq(tags.iter().copied())
+            && self
+                .tags
+                .iter()
+                .map(String::as_str)
+                .eq(tags.iter().copied())
     }
 }
 
@@ -125,7 +129,10 @@ mod tests {
         let a = ready(&mut h, b'I').unwrap();
         assert!(a.clean(&["DISCARD ALL", "SET"]));
         assert!(!a.clean(&["DISCARD ALL"]));
-        assert_eq!(a.params, vec![("is_superuser".to_owned(), "off".to_owned())]);
+        assert_eq!(
+            a.params,
+            vec![("is_superuser".to_owned(), "off".to_owned())]
+        );
     }
 
     #[test]
