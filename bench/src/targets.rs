@@ -29,11 +29,10 @@ pub enum TargetKind {
     Gateway,
     /// The gateway with `--policy observe`: policy evaluated and recorded, nothing blocked.
     GatewayObserve,
-    /// The gateway with `--policy default`: policy enforced and results masked, and upstream
-    /// pooling turned off (`[target.pool] enabled = false`), so every connect dials: the figures
-    /// stay comparable with runs from before pooling.
+    /// The gateway with `--policy default`: policy enforced and results masked; upstream pooling
+    /// is off by default, so every connect dials.
     GatewayPolicy,
-    /// `GatewayPolicy` with warm upstream connections, as shipped (`[target.pool]` defaults).
+    /// `GatewayPolicy` with warm upstream connections (`[target.pool] enabled = true`).
     GatewayPooled,
     /// `GatewayPolicy` with session recording on, as shipped: what recording costs. The other
     /// gateway targets run with recording off (`danger_disable`), so they measure the rest.
@@ -105,7 +104,7 @@ impl TargetKind {
             }
             TargetKind::GatewayObserve => "portcullis --policy observe",
             TargetKind::GatewayPolicy => {
-                "portcullis --policy default (policy and masking on), upstream pooling off"
+                "portcullis --policy default (policy and masking on)"
             }
             TargetKind::GatewayPooled => {
                 "portcullis --policy default (policy and masking on), warm upstream connections"
@@ -443,14 +442,14 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
     if kind != TargetKind::GatewayRecord && records {
         config.push_str("[recording]\nenabled = false\ndanger_disable = true\n");
     }
-    // `gateway-policy` as it ran before pooling: the target in the file, with pooling off (a
-    // baseline build has none to turn off, and would refuse the key).
-    let unpooled = target == TargetKind::GatewayPolicy;
-    if unpooled {
+    // `gateway-pooled`: the target in the file, with warm upstream connections (off by default,
+    // and a baseline build would refuse the key).
+    let pooled = target == TargetKind::GatewayPooled;
+    if pooled {
         config.push_str(&format!(
             "[[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"main\"\n\n[[target]]\n\
              name = \"main\"\nupstream = \"{}\"\npassword_file = \"{}\"\n\n[target.pool]\n\
-             enabled = false\n",
+             enabled = true\n",
             pg.url(),
             password_file.display()
         ));
@@ -458,7 +457,7 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
     let cfg = dir.path().join("portcullis.toml");
     fs::write(&cfg, config)?;
     cmd.arg("--config").arg(&cfg);
-    if !unpooled {
+    if !pooled {
         // An explicit listener too: --target needs one, and it tells when the gateway is up.
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
         cmd.arg("--target")
