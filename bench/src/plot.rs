@@ -15,6 +15,7 @@ fn color(target: &str) -> RGBColor {
         "gateway" => RGBColor(214, 39, 40),
         "gateway-observe" => RGBColor(255, 127, 14),
         "gateway-policy" => RGBColor(148, 103, 189),
+        "gateway-pooled" => RGBColor(23, 190, 207),
         "gateway-record" => RGBColor(227, 119, 194),
         "gateway-redirect" => RGBColor(140, 86, 75),
         "haproxy" => RGBColor(31, 119, 180),

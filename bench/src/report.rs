@@ -227,6 +227,10 @@ impl Report {
                 Group::Connect,
                 "Connection setup: connect, authenticate, first query",
             ),
+            (
+                Group::ConnectPerTx,
+                "A new connection per transaction: pgbench -S -C",
+            ),
         ] {
             let workloads: Vec<&WorkloadInfo> =
                 self.workloads.iter().filter(|w| w.group == group).collect();
@@ -327,7 +331,7 @@ impl Report {
 
     fn group_table(&self, md: &mut String, group: Group, workloads: &[&WorkloadInfo]) {
         let (primary, head): (&str, &str) = match group {
-            Group::Throughput | Group::WideRows => (
+            Group::Throughput | Group::WideRows | Group::ConnectPerTx => (
                 "tps",
                 "| workload | target | TPS | × direct | × HAProxy | × PgBouncer | avg latency | proxy CPU ms/1k q | box CPU µs/q |\n|---|---|---|---|---|---|---|---|---|",
             ),
@@ -358,7 +362,7 @@ impl Report {
                     opt(m("box_cpu_us_per_query").map(|s| format!("{:.1}", s.median))),
                 );
                 let row = match group {
-                    Group::Throughput | Group::WideRows => format!(
+                    Group::Throughput | Group::WideRows | Group::ConnectPerTx => format!(
                         "{} | {} | {} | {} | {} | {cpu}",
                         opt(m("tps").map(|s| spread(s, num))),
                         ratios[0],

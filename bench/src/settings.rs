@@ -26,6 +26,8 @@ pub struct Settings {
     pub wide_clients: Vec<u32>,
     /// Connections timed by the connection-setup workload.
     pub connect_samples: usize,
+    /// Client counts of pgbench -S -C (a new connection per transaction).
+    pub connect_per_tx_clients: Vec<u32>,
 }
 
 const ALL_MODES: [PgbenchMode; 3] = [
@@ -52,6 +54,7 @@ impl Settings {
             open_loop_connections: 8,
             wide_clients: vec![1, 8],
             connect_samples: 1000,
+            connect_per_tx_clients: vec![1, 8],
         }
     }
 

@@ -29,8 +29,11 @@ pub enum TargetKind {
     Gateway,
     /// The gateway with `--policy observe`: policy evaluated and recorded, nothing blocked.
     GatewayObserve,
-    /// The gateway with `--policy default`: policy enforced and results masked.
+    /// The gateway with `--policy default`: policy enforced and results masked; upstream pooling
+    /// is off by default, so every connect dials.
     GatewayPolicy,
+    /// `GatewayPolicy` with warm upstream connections (`[target.pool] enabled = true`).
+    GatewayPooled,
     /// `GatewayPolicy` with session recording on, as shipped: what recording costs. The other
     /// gateway targets run with recording off (`danger_disable`), so they measure the rest.
     GatewayRecord,
@@ -48,11 +51,12 @@ pub enum TargetKind {
 
 impl TargetKind {
     /// Every target but the baseline ones, which run when a baseline binary is given.
-    pub const ALL: [TargetKind; 8] = [
+    pub const ALL: [TargetKind; 9] = [
         TargetKind::Direct,
         TargetKind::Gateway,
         TargetKind::GatewayObserve,
         TargetKind::GatewayPolicy,
+        TargetKind::GatewayPooled,
         TargetKind::GatewayRecord,
         TargetKind::GatewayRedirect,
         TargetKind::Haproxy,
@@ -82,6 +86,7 @@ impl TargetKind {
             TargetKind::Gateway => "gateway",
             TargetKind::GatewayObserve => "gateway-observe",
             TargetKind::GatewayPolicy => "gateway-policy",
+            TargetKind::GatewayPooled => "gateway-pooled",
             TargetKind::GatewayRecord => "gateway-record",
             TargetKind::GatewayRedirect => "gateway-redirect",
             TargetKind::Haproxy => "haproxy",
@@ -98,7 +103,12 @@ impl TargetKind {
                 "portcullis, explicit listener, quick-start flags (built-in default policy)"
             }
             TargetKind::GatewayObserve => "portcullis --policy observe",
-            TargetKind::GatewayPolicy => "portcullis --policy default (policy and masking on)",
+            TargetKind::GatewayPolicy => {
+                "portcullis --policy default (policy and masking on)"
+            }
+            TargetKind::GatewayPooled => {
+                "portcullis --policy default (policy and masking on), warm upstream connections"
+            }
             TargetKind::GatewayRecord => {
                 "portcullis --policy default with session recording (policy, masking, recording)"
             }
@@ -199,6 +209,7 @@ pub fn start(kind: TargetKind, lab: &Lab) -> Start {
         TargetKind::Gateway
         | TargetKind::GatewayObserve
         | TargetKind::GatewayPolicy
+        | TargetKind::GatewayPooled
         | TargetKind::GatewayRecord
         | TargetKind::GatewayRedirect => {
             if let Some(why) = gateway_unavailable(kind, lab.gateway_bin) {
@@ -379,12 +390,13 @@ fn gateway_unavailable(kind: TargetKind, bin: &Path) -> Option<String> {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     };
     match kind {
-        TargetKind::GatewayObserve | TargetKind::GatewayPolicy | TargetKind::GatewayRecord => {
-            match help(&["serve", "--help"]) {
-                Some(h) if h.contains("--policy") => None,
-                _ => Some(format!("{} has no `serve --policy` flag", bin.display())),
-            }
-        }
+        TargetKind::GatewayObserve
+        | TargetKind::GatewayPolicy
+        | TargetKind::GatewayPooled
+        | TargetKind::GatewayRecord => match help(&["serve", "--help"]) {
+            Some(h) if h.contains("--policy") => None,
+            _ => Some(format!("{} has no `serve --policy` flag", bin.display())),
+        },
         TargetKind::GatewayRedirect => {
             if !testkit::is_root() {
                 Some("needs root (eBPF cgroup programs); CI runs as root".into())
@@ -430,17 +442,30 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
     if kind != TargetKind::GatewayRecord && records {
         config.push_str("[recording]\nenabled = false\ndanger_disable = true\n");
     }
+    // `gateway-pooled`: the target in the file, with warm upstream connections (off by default,
+    // and a baseline build would refuse the key).
+    let pooled = target == TargetKind::GatewayPooled;
+    if pooled {
+        config.push_str(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"main\"\n\n[[target]]\n\
+             name = \"main\"\nupstream = \"{}\"\npassword_file = \"{}\"\n\n[target.pool]\n\
+             enabled = true\n",
+            pg.url(),
+            password_file.display()
+        ));
+    }
     let cfg = dir.path().join("portcullis.toml");
     fs::write(&cfg, config)?;
     cmd.arg("--config").arg(&cfg);
-    // An explicit listener too: --target needs one, and it tells when the gateway is up.
-    cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
-    cmd.arg("--target")
-        .arg(pg.url())
-        .arg("--password-file")
-        .arg(&password_file)
-        .arg("--admin-socket")
-        .arg(&admin_socket);
+    if !pooled {
+        // An explicit listener too: --target needs one, and it tells when the gateway is up.
+        cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        cmd.arg("--target")
+            .arg(pg.url())
+            .arg("--password-file")
+            .arg(&password_file);
+    }
+    cmd.arg("--admin-socket").arg(&admin_socket);
     if state_dir_flag {
         cmd.arg("--state-dir").arg(&state_dir);
     }
@@ -448,7 +473,7 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
         TargetKind::GatewayObserve => {
             cmd.args(["--policy", "observe"]);
         }
-        TargetKind::GatewayPolicy | TargetKind::GatewayRecord => {
+        TargetKind::GatewayPolicy | TargetKind::GatewayPooled | TargetKind::GatewayRecord => {
             cmd.args(["--policy", "default"]);
         }
         _ => {}

@@ -46,6 +46,8 @@ pub enum Workload {
     Wide { clients: u32 },
     /// A new connection per sample: connect, authenticate, first query.
     Connect,
+    /// pgbench -S -C: a new connection for every transaction, as agents connect per task.
+    ConnectPerTx { clients: u32 },
 }
 
 /// Which table of the report a workload belongs to.
@@ -57,6 +59,7 @@ pub enum Group {
     OpenLoop,
     WideRows,
     Connect,
+    ConnectPerTx,
 }
 
 impl Workload {
@@ -67,6 +70,7 @@ impl Workload {
             Workload::OpenLoop { percent } => format!("open-loop-{percent}pct"),
             Workload::Wide { clients } => format!("wide-rows-c{clients}"),
             Workload::Connect => "connect".into(),
+            Workload::ConnectPerTx { clients } => format!("connect-per-tx-c{clients}"),
         }
     }
 
@@ -89,6 +93,9 @@ impl Workload {
                 format!("wide rows (100 rows, ~10 KB, 10% PII), -M prepared, {clients} client(s)")
             }
             Workload::Connect => "connect + authenticate + first query".into(),
+            Workload::ConnectPerTx { clients } => {
+                format!("pgbench -S -C (a new connection per transaction), {clients} client(s)")
+            }
         }
     }
 
@@ -99,6 +106,7 @@ impl Workload {
             Workload::OpenLoop { .. } => Group::OpenLoop,
             Workload::Wide { .. } => Group::WideRows,
             Workload::Connect => Group::Connect,
+            Workload::ConnectPerTx { .. } => Group::ConnectPerTx,
         }
     }
 }
@@ -128,6 +136,9 @@ pub fn plan(s: &Settings) -> Vec<Workload> {
         w.push(Workload::Wide { clients });
     }
     w.push(Workload::Connect);
+    for &clients in &s.connect_per_tx_clients {
+        w.push(Workload::ConnectPerTx { clients });
+    }
     w
 }
 
@@ -168,6 +179,15 @@ pub fn run(w: &Workload, ep: &Endpoint, ctx: &RunCtx) -> Result<Measurement> {
             let mut args = vec!["-f".to_string(), ctx.wide_script.display().to_string()];
             args.extend(pgbench_common(
                 PgbenchMode::Prepared,
+                clients,
+                s.pgbench_seconds,
+            ));
+            pgbench(ep, ctx, &args)
+        }
+        Workload::ConnectPerTx { clients } => {
+            let mut args = vec!["-S".to_string(), "-C".to_string()];
+            args.extend(pgbench_common(
+                PgbenchMode::Simple,
                 clients,
                 s.pgbench_seconds,
             ));

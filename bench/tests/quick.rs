@@ -16,11 +16,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_portcullis-bench");
-const TARGETS: [&str; 8] = [
+const TARGETS: [&str; 9] = [
     "direct",
     "gateway",
     "gateway-observe",
     "gateway-policy",
+    "gateway-pooled",
     "gateway-record",
     "gateway-redirect",
     "haproxy",
@@ -70,7 +71,10 @@ fn assert_metrics_well_formed(target: &str, workload: &str, cell: &Value) {
 
 /// The headline figure a workload must produce, by its id.
 fn primary_metric(workload: &str) -> &'static str {
-    if workload.starts_with("select-") || workload.starts_with("wide-rows-") {
+    if workload.starts_with("select-")
+        || workload.starts_with("wide-rows-")
+        || workload.starts_with("connect-per-tx-")
+    {
         "tps"
     } else {
         "p50_us"

@@ -91,6 +91,7 @@ pub async fn worker(
 ) {
     let stop = futures_util::future::FutureExt::shared(stop);
     compio::runtime::spawn(crate::service::watchdog::heartbeat()).detach();
+    compio::runtime::spawn(crate::forward::pool::maintain(shared.clone())).detach();
     let mut accepts = Vec::new();
     for (addr, std_listener, arrival) in listeners {
         let listener = match compio::net::TcpListener::from_std(std_listener) {

@@ -123,6 +123,19 @@ struct TargetSection {
     role: Vec<crate::idp::config::RoleMapping>,
     /// TLS between the agent and the gateway; off unless set.
     local_tls: Option<Spanned<crate::forward::local_tls::LocalTlsConfig>>,
+    /// Warm upstream connections; off unless `enabled = true`.
+    pool: Option<Spanned<PoolSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolSection {
+    enabled: Option<bool>,
+    min_idle: Option<usize>,
+    max_idle_per_key: Option<usize>,
+    idle_timeout: Option<Spanned<String>>,
+    max_lifetime: Option<Spanned<String>>,
+    health_check_after: Option<Spanned<String>>,
 }
 
 /// The gateway's settings after merging file, flags and defaults.
@@ -188,10 +201,46 @@ pub struct TargetConfig {
     /// `[target.local_tls]`: the agent's leg answers SSLRequest and direct TLS; `None`: off,
     /// SSLRequest is answered 'N' (reloads for new connections).
     pub local_tls: Option<crate::forward::local_tls::LocalTlsConfig>,
+    /// `[target.pool]`: warm upstream connections (reloads: applies to connections released,
+    /// taken and swept after the reload; live sessions keep theirs).
+    pub pool: PoolConfig,
+}
+
+/// `[target.pool]`. Each I/O worker keeps its own idle connections, per (target, database,
+/// upstream login, role, protocol version, names of the client parameters passed on); a session
+/// that ends at rest hands its connection back after `DISCARD ALL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Default true. False: every session dials its own upstream connection and closes it.
+    pub enabled: bool,
+    /// Idle connections each worker keeps ready per key it has served (default 0: none dialled
+    /// ahead).
+    pub min_idle: usize,
+    /// Idle connections each worker keeps per key at most (default 8); more are closed.
+    pub max_idle_per_key: usize,
+    /// An idle connection unused for this long is closed (default 5m).
+    pub idle_timeout: Duration,
+    /// A connection older than this is closed instead of reused (default 1h).
+    pub max_lifetime: Duration,
+    /// A connection idle longer than this answers `SELECT 1` before reuse (default 30s).
+    pub health_check_after: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: false,
+            min_idle: 0,
+            max_idle_per_key: 8,
+            idle_timeout: Duration::from_secs(300),
+            max_lifetime: Duration::from_secs(3600),
+            health_check_after: Duration::from_secs(30),
+        }
+    }
 }
 
 /// How the gateway reaches and authenticates to one PostgreSQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
     pub host: String,
     pub port: u16,
@@ -217,7 +266,7 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SslMode {
     Disable,
     Prefer,
@@ -269,6 +318,7 @@ impl Config {
                 protect,
                 identity: None,
                 local_tls: None,
+                pool: PoolConfig::default(),
             }];
             cfg.listeners = vec![Listener {
                 listen,
@@ -397,6 +447,43 @@ impl Config {
             };
             let identity = crate::idp::config::TargetIdentity::resolve(t.identity, t.role)
                 .map_err(|m| err(Some(span.clone()), format!("target {:?}: {m}", t.name)))?;
+            let pool = match t.pool {
+                Some(p) => {
+                    let span = p.span();
+                    let p = p.into_inner();
+                    let duration = |v: Option<Spanned<String>>, key: &str, default: Duration| {
+                        v.map_or(Ok(default), |s| {
+                            parse_duration(s.get_ref()).map_err(|m| {
+                                err(Some(s.span()), format!("key `target.pool.{key}`: {m}"))
+                            })
+                        })
+                    };
+                    let d = PoolConfig::default();
+                    let pool = PoolConfig {
+                        enabled: p.enabled.unwrap_or(d.enabled),
+                        min_idle: p.min_idle.unwrap_or(d.min_idle),
+                        max_idle_per_key: p.max_idle_per_key.unwrap_or(d.max_idle_per_key),
+                        idle_timeout: duration(p.idle_timeout, "idle_timeout", d.idle_timeout)?,
+                        max_lifetime: duration(p.max_lifetime, "max_lifetime", d.max_lifetime)?,
+                        health_check_after: duration(
+                            p.health_check_after,
+                            "health_check_after",
+                            d.health_check_after,
+                        )?,
+                    };
+                    if pool.min_idle > pool.max_idle_per_key {
+                        return Err(err(
+                            Some(span),
+                            format!(
+                                "key `target.pool.min_idle`: {} is more than max_idle_per_key ({})",
+                                pool.min_idle, pool.max_idle_per_key
+                            ),
+                        ));
+                    }
+                    pool
+                }
+                None => PoolConfig::default(),
+            };
             targets.push(TargetConfig {
                 name: t.name,
                 protocol,
@@ -409,6 +496,7 @@ impl Config {
                 protect,
                 identity,
                 local_tls,
+                pool,
             });
         }
         crate::idp::config::check_agents(&file.agent).map_err(|m| err(None, m))?;
@@ -726,6 +814,38 @@ mod tests {
         let e = Config::parse(text, "f.toml").unwrap_err();
         assert_eq!((e.line, e.column), (6, 10), "{e}");
         assert!(e.message.contains("listener.target"));
+    }
+
+    #[test]
+    fn pool_defaults_off_and_its_errors_name_their_line() {
+        let target = "[[target]]\nname = \"a\"\nupstream = \"postgres://u@h/d\"\n";
+        let c = Config::parse(target, "f.toml").unwrap();
+        assert_eq!(c.targets[0].pool, PoolConfig::default());
+        assert!(!c.targets[0].pool.enabled);
+        let c = Config::parse(
+            &format!("{target}[target.pool]\nenabled = true\nidle_timeout = \"10s\"\n"),
+            "f.toml",
+        )
+        .unwrap();
+        assert!(c.targets[0].pool.enabled);
+        assert_eq!(c.targets[0].pool.idle_timeout, Duration::from_secs(10));
+        let e = Config::parse(
+            &format!("{target}[target.pool]\nmax_lifetime = \"forever\"\n"),
+            "f.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("`target.pool.max_lifetime`"), "{e}");
+        let e =
+            Config::parse(&format!("{target}[target.pool]\nmin_idel = 1\n"), "f.toml").unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("min_idel"), "{e}");
+        let e = Config::parse(
+            &format!("{target}[target.pool]\nmin_idle = 9\nmax_idle_per_key = 2\n"),
+            "f.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("`target.pool.min_idle`"), "{e}");
     }
 
     #[test]

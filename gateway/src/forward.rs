@@ -4,5 +4,6 @@
 pub mod cancel;
 pub mod conn;
 pub mod local_tls;
+pub mod pool;
 pub mod tls;
 pub mod upstream;

@@ -430,14 +430,27 @@ async fn client_disconnects_release_upstream_backends() {
     drop(polite);
     drop(rude);
     drop(halfway);
+    // Sessions that ended at rest leave their connection to the pool, reset and idle (at most
+    // `max_idle_per_key` per I/O worker); every other backend goes.
+    let left_over = format!("{others} AND NOT (state = 'idle' AND query = 'DISCARD ALL')");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let left: u64 = h
-            .must(h.pg.superuser_sql(others), "count")
+            .must(h.pg.superuser_sql(&left_over), "count")
             .trim()
             .parse()
             .unwrap();
         if left == 0 {
+            let pooled: usize = h
+                .must(h.pg.superuser_sql(others), "count")
+                .trim()
+                .parse()
+                .unwrap();
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            assert!(
+                pooled <= 8 * workers,
+                "{pooled} idle pooled backends for {workers} workers"
+            );
             break;
         }
         assert!(

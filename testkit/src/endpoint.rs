@@ -282,9 +282,17 @@ pub struct HarnessBuilder {
     gateway_args: Vec<String>,
     gateway_env: Vec<(String, String)>,
     files: Vec<(String, Vec<u8>)>,
+    target_toml: Option<String>,
 }
 
 impl HarnessBuilder {
+    /// Runs the gateway from a config file whose one target carries these extra tables (e.g.
+    /// `[target.pool]`), instead of the quick-start flags.
+    pub fn target_toml(mut self, extra: &str) -> Self {
+        self.target_toml = Some(extra.into());
+        self
+    }
+
     pub fn postgres(mut self, pg: PostgresBuilder) -> Self {
         self.pg = pg;
         self
@@ -358,12 +366,28 @@ impl HarnessBuilder {
                         .collect();
                     url = format!("{url}?{}", q.join("&"));
                 }
+                let options = match &self.target_toml {
+                    Some(extra) => {
+                        let listen: std::net::SocketAddr =
+                            format!("127.0.0.1:{}", crate::free_port()).parse()?;
+                        let body = format!(
+                            "{}\n{extra}",
+                            crate::single_target_toml(listen, &url, &pwfile)
+                        );
+                        GatewayOptions::with_config(listen, body)
+                    }
+                    None => GatewayOptions {
+                        target: Some((url, pwfile)),
+                        args: Vec::new(),
+                        env: Vec::new(),
+                        listen: None,
+                        config: None,
+                    },
+                };
                 Some(Gateway::start(GatewayOptions {
-                    target: Some((url, pwfile)),
                     args: self.gateway_args,
                     env: self.gateway_env,
-                    listen: None,
-                    config: None,
+                    ..options
                 })?)
             }
         };
@@ -397,6 +421,7 @@ impl Harness {
             gateway_args: Vec::new(),
             gateway_env: Vec::new(),
             files: Vec::new(),
+            target_toml: None,
         }
     }
 

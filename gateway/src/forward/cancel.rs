@@ -2,6 +2,7 @@
 //! new connection, is mapped back to the real backend here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::RngCore;
@@ -14,6 +15,25 @@ pub struct CancelTarget {
     pub target: Arc<Target>,
     pub backend_pid: u32,
     pub backend_key: Vec<u8>,
+    /// Cancels for this session being forwarded now: a pooled connection is not handed to
+    /// another session while one may still land.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// A cancel being forwarded; counted in its session's `in_flight` until dropped.
+pub struct Forwarding(CancelTarget);
+
+impl std::ops::Deref for Forwarding {
+    type Target = CancelTarget;
+    fn deref(&self) -> &CancelTarget {
+        &self.0
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -33,22 +53,25 @@ impl CancelMap {
             let mut key = vec![0; len];
             rng.fill_bytes(&mut key);
             if let std::collections::hash_map::Entry::Vacant(v) = keys.entry((pid, key.clone())) {
+                let in_flight = to.in_flight.clone();
                 v.insert(to);
                 return CancelKey {
                     map: self.clone(),
                     pid,
                     key,
+                    in_flight,
                 };
             }
         }
     }
 
-    pub fn lookup(&self, pid: u32, key: &[u8]) -> Option<CancelTarget> {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(pid, key.to_vec()))
-            .cloned()
+    /// The session a cancel is for, counted as in flight until the result is dropped. Counted
+    /// under the lock, so once a session's key is gone no cancel can be counted for it anew.
+    pub fn lookup(&self, pid: u32, key: &[u8]) -> Option<Forwarding> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let to = keys.get(&(pid, key.to_vec()))?.clone();
+        to.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(Forwarding(to))
     }
 }
 
@@ -57,6 +80,17 @@ pub struct CancelKey {
     map: Arc<CancelMap>,
     pub pid: u32,
     pub key: Vec<u8>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl CancelKey {
+    /// Ends the key; true when no cancel for it is still being forwarded, so none can land on
+    /// the backend after this.
+    pub fn retire(self) -> bool {
+        let in_flight = self.in_flight.clone();
+        drop(self);
+        in_flight.load(Ordering::Acquire) == 0
+    }
 }
 
 impl Drop for CancelKey {

@@ -333,7 +333,7 @@ pub async fn cancel(
 
 /// Reads until `buf` starts with one whole message and returns its wire length; `during` names
 /// the step in the error when the server closes instead.
-async fn read_message(
+pub(crate) async fn read_message(
     stream: &Stream,
     buf: &mut Vec<u8>,
     max_message: usize,

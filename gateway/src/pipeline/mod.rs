@@ -115,8 +115,9 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         }
     };
 
-    // Forward: the upstream leg, then the client's startup answer.
-    let (server, _cancel_key) =
+    // Forward: the upstream leg (warm from the pool, or dialled), then the client's startup
+    // answer.
+    let (conn, pool_key, cancel_key) =
         match postgres::open_upstream(&client, &target, login, &startup, shared, &info).await {
             Ok(up) => up,
             Err(e) => {
@@ -124,7 +125,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
                 return Err(e);
             }
         };
-    let server = Rc::new(server);
+    let (server, conn) = (Rc::new(conn.stream), conn.state);
     info.set_state(SessionState::Idle);
     info!(
         session = info.id,
@@ -136,6 +137,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         agent = identity.peer.agent.as_deref().unwrap_or("-"),
         client_tls = client.is_tls(),
         tls = server.is_tls(),
+        reused = conn.reused,
         recording = recording.borrow().id().unwrap_or(0),
         "session started"
     );
@@ -164,6 +166,9 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     // The pumps: both directions through the protocol core until one side ends.
     let core = Rc::new(RefCell::new(Session::new(shared.max_message())));
     core.borrow_mut().keep_statements();
+    if target.config.pool.enabled {
+        core.borrow_mut().keep_upstream();
+    }
     // The upstream stays open until the client has been told how the session ended.
     let pump = postgres::pump(
         client.clone(),
@@ -182,6 +187,45 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     info.set_state(SessionState::Closing);
     count_session(&target, &core.borrow(), info.id);
     postgres::report_end(&client, &end, &target, &info).await;
+
+    // Pool: a session that ended at rest leaves its connection, reset, for the next. Its cancel
+    // key goes first, and a cancel still being forwarded keeps the connection out of the pool,
+    // so that no cancel of this session can reach the next one's statement.
+    let no_cancel_pending = cancel_key.retire();
+    let clean = no_cancel_pending
+        && matches!(
+            end,
+            Ok(postgres::End::ClientClosed | postgres::End::Terminated | postgres::End::Idle(_))
+        );
+    let (at_rest, tx_status) = {
+        let c = core.borrow();
+        (c.at_rest(), c.transaction_status())
+    };
+    if target.config.pool.enabled
+        && clean
+        && at_rest
+        && let Ok(stream) = Rc::try_unwrap(server)
+    {
+        drop(client);
+        let now = shared.routes();
+        let current = now
+            .targets()
+            .iter()
+            .find(|t| t.config.name == target.config.name);
+        let conn = crate::forward::pool::Conn {
+            stream,
+            state: conn,
+        };
+        let max_message = shared.max_message();
+        crate::forward::pool::release(
+            conn,
+            pool_key,
+            current.map(|t| &**t),
+            tx_status,
+            max_message,
+        )
+        .await;
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{Stream, TlsStream};
 use crate::forward::local_tls::{ALPN_POSTGRESQL, LocalTls};
-use crate::forward::upstream;
+use crate::forward::{pool, upstream};
 use crate::idp::token::MAX_TOKEN_BYTES;
 use crate::idp::{IdentityError, Token};
 use crate::metrics::{SessionInfo, SessionState};
@@ -229,10 +229,11 @@ async fn accept_tls(
     }
 }
 
-/// Connects and authenticates upstream as the target's user, then answers the client's startup
-/// with the gateway's own cancel key and the server's parameters. Returns the upstream stream and
-/// the cancel key, which serves cancel requests for as long as it is kept. The user is `login`'s:
-/// the target's own, or the one mapped from the session's identity.
+/// Takes a warm upstream connection for `login` from this worker's pool, or connects and
+/// authenticates as the target's user, then answers the client's startup with the gateway's own
+/// cancel key and the server's parameters. Returns the connection, its pool key, and the cancel
+/// key, which serves cancel requests for as long as it is kept. The user is `login`'s: the
+/// target's own, or the one mapped from the session's identity.
 pub async fn open_upstream(
     client: &Stream,
     target: &Arc<Target>,
@@ -240,38 +241,53 @@ pub async fn open_upstream(
     startup: &Startup,
     shared: &Shared,
     info: &SessionInfo,
-) -> anyhow::Result<(Stream, CancelKey)> {
-    let params: Vec<(&str, &str)> = startup
-        .params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let connecting = std::time::Instant::now();
-    let connected = upstream::connect(target, login, &params, startup.minor, shared.max_message());
-    let up = match connected.await {
-        Ok(u) => {
-            crate::service::metrics::connected(&target.config.name, connecting.elapsed());
-            u
+) -> anyhow::Result<(pool::Conn, pool::Key, CancelKey)> {
+    let key = pool::Key::new(target, login, startup.minor, &startup.params);
+    let max_message = shared.max_message();
+    let pooled = pool::take(&key, &target.config.pool, &startup.params, max_message).await;
+    let (conn, relay) = match pooled {
+        Some(conn) => {
+            let relay = conn.state.relay();
+            (conn, relay)
         }
-        Err(e) => {
-            target.counters.errors.fetch_add(1, Relaxed);
-            let retryable = e.is_retryable();
-            warn!(session = info.id, target = %target.config.name, retryable, "upstream: {e}");
-            refuse(client, e.sqlstate(), &e.to_string()).await;
-            return Err(e.into());
+        None => {
+            let params: Vec<(&str, &str)> = startup
+                .params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let connecting = std::time::Instant::now();
+            let connected = upstream::connect(target, login, &params, startup.minor, max_message);
+            let dialled = connected.await.and_then(|up| {
+                let relay = up.relay.clone();
+                pool::Conn::new(up, &startup.params).map(|c| (c, relay))
+            });
+            match dialled {
+                Ok(up) => {
+                    crate::service::metrics::connected(&target.config.name, connecting.elapsed());
+                    up
+                }
+                Err(e) => {
+                    target.counters.errors.fetch_add(1, Relaxed);
+                    let retryable = e.is_retryable();
+                    warn!(session = info.id, target = %target.config.name, retryable, "upstream: {e}");
+                    refuse(client, e.sqlstate(), &e.to_string()).await;
+                    return Err(e.into());
+                }
+            }
         }
     };
     let cancel_key = shared.cancel.issue(
-        up.minor,
+        conn.state.minor,
         CancelTarget {
             target: target.clone(),
-            backend_pid: up.backend_pid,
-            backend_key: up.backend_key.clone(),
+            backend_pid: conn.state.backend_pid,
+            backend_key: conn.state.backend_key.clone(),
+            in_flight: Default::default(),
         },
     );
     let mut out = Vec::new();
-    if let Err(e) = hello::encode_client_hello(&up.relay, cancel_key.pid, &cancel_key.key, &mut out)
-    {
+    if let Err(e) = hello::encode_client_hello(&relay, cancel_key.pid, &cancel_key.key, &mut out) {
         target.counters.errors.fetch_add(1, Relaxed);
         warn!(session = info.id, target = %target.config.name, "upstream startup: {e}");
         refuse(
@@ -283,7 +299,7 @@ pub async fn open_upstream(
         return Err(e).context("upstream startup");
     }
     client.write_all(out).await.0?;
-    Ok((up.stream, cancel_key))
+    Ok((conn, key, cancel_key))
 }
 
 /// Asks the client for its token as a cleartext password (AuthenticationCleartextPassword) and

@@ -6,6 +6,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hello;
+pub mod housekeeping;
 pub mod messages;
 pub mod session;
 pub mod side_query;

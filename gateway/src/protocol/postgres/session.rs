@@ -263,6 +263,8 @@ pub struct Session {
     /// Whether statement texts are kept for the filter (masking pairs each result with its own
     /// statement), and what is kept: the text of each parsed statement name.
     keep_sql: bool,
+    /// The client's Terminate stays here: the upstream connection outlives the session.
+    keep_upstream: bool,
     statement_sql: HashMap<NameId, Box<str>>,
     /// Statements of the current simple Query that have completed.
     query_index: usize,
@@ -293,6 +295,7 @@ impl Session {
             tx_status: b'I',
             server_fatal: false,
             keep_sql: false,
+            keep_upstream: false,
             statement_sql: HashMap::new(),
             query_index: 0,
             from_client: Counters::default(),
@@ -305,6 +308,18 @@ impl Session {
     /// Keep each statement's text so the filter learns which statement a result belongs to.
     pub fn keep_statements(&mut self) {
         self.keep_sql = true;
+    }
+
+    /// Keeps the client's Terminate from the server, so that the upstream connection can serve
+    /// another session after its reset.
+    pub fn keep_upstream(&mut self) {
+        self.keep_upstream = true;
+    }
+
+    /// True when the server owes no reply and no message is half way through in either
+    /// direction: the upstream sits at a ReadyForQuery, where a reset can begin.
+    pub fn at_rest(&self) -> bool {
+        self.expect.is_empty() && self.fe_stream == 0 && self.be_stream == 0
     }
 
     /// The transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -571,7 +586,9 @@ impl Session {
             b'H' | b'c' | b'f' => out.pass(range),
             b'X' => {
                 let end = range.end;
-                out.pass(range);
+                if !self.keep_upstream {
+                    out.pass(range);
+                }
                 return Ok(Some(Progress::Terminate { consumed: end }));
             }
             other => {

@@ -1,0 +1,633 @@
+//! Warm upstream connections (`[target.pool] enabled = true`), end to end: a real PostgreSQL, the
+//! real gateway with the shipped default policy (masking on; one rule added ahead of it so that
+//! the tests may create the state they check), one I/O worker so that sequential sessions meet
+//! the same pool, and real clients (tokio-postgres, psql, raw protocol).
+//!
+//! Each isolation test leaves session state behind on a connection, proves the next session got
+//! the same backend, and checks the state is gone: it fails if the reset is skipped.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use testkit::wire::{self, RawConn};
+use testkit::{Endpoint, Gateway, GatewayOptions, Harness, Mode, Postgres, free_port};
+use tokio_postgres::{Client, NoTls};
+
+/// The shipped default policy with writes and DDL allowed ahead of its own rules: temporary
+/// tables, COPY and INSERT are what the tests leave behind.
+fn policy(dir: &Path) -> std::path::PathBuf {
+    let default = include_str!("../src/policy/builtin/default.toml");
+    let at = default
+        .find("[[rules]]\nname = \"no-ddl\"")
+        .expect("the default policy has its no-ddl rule");
+    let text = format!(
+        "{}[[rules]]\nname = \"pool-tests\"\nkinds = [\"ddl\", \"write\"]\naction = \"allow\"\n\n{}",
+        &default[..at],
+        &default[at..]
+    );
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Env {
+    h: Harness,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn start() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy(dir.path());
+        let h = Harness::builder()
+            .mode(Mode::Gateway)
+            .target_toml("[target.pool]\nenabled = true\n")
+            .gateway_arg("--workers")
+            .gateway_arg("1")
+            .gateway_arg("--policy")
+            .gateway_arg(policy.to_str().unwrap())
+            .start()
+            .expect("start PostgreSQL and the gateway");
+        h.pg.app_superuser_sql("CREATE TABLE pool_t (x int); GRANT ALL ON pool_t TO app")
+            .unwrap();
+        Env { h, _dir: dir }
+    }
+
+    fn ep(&self) -> Endpoint {
+        self.h.endpoint()
+    }
+
+    async fn connect(&self) -> Client {
+        self.h
+            .must(self.ep().connect().await, "connect through the gateway")
+    }
+
+    /// Ends `c` and waits until the gateway has no session left: its connection is back in the
+    /// pool (or closed).
+    async fn end(&self, c: Client) {
+        drop(c);
+        settle(self.h.gw());
+    }
+}
+
+/// Waits until `portcullis sessions` lists none.
+fn settle(gw: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = gw.cli(&["sessions", "--json"]).expect("sessions");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let live: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        if out.status.success() && live.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions still live after 20 s: {text}\n{}",
+            gw.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn pid(c: &Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pg_backend_pid")
+        .get(0)
+}
+
+async fn text(c: &Client, sql: &str) -> Option<String> {
+    c.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
+    let env = Env::start();
+    let mut cfg = env.ep().pg_config();
+    cfg.application_name("first-agent");
+    let (a, conn) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let first = pid(&a).await;
+    assert_eq!(
+        text(&a, "SHOW application_name").await.as_deref(),
+        Some("first-agent")
+    );
+    env.end(a).await;
+
+    // A raw client: its startup answer must carry its own application_name and a cancel key.
+    let mut raw = RawConn::to(&env.ep()).unwrap();
+    raw.startup(&env.ep(), wire::PROTOCOL_3_0).unwrap();
+    assert_eq!(
+        raw.parameters.get("application_name").map(String::as_str),
+        Some("portcullis-raw-test"),
+        "the reused connection's ParameterStatus"
+    );
+    assert!(raw.parameters.contains_key("server_version"));
+    let (gw_pid, _) = raw.backend_key.clone().expect("BackendKeyData");
+    let rows = raw.simple_query("SELECT pg_backend_pid()").unwrap();
+    let backend: i32 = RawConn::first_column(&rows)[0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(backend, first, "the raw session reused the connection");
+    assert_ne!(
+        gw_pid as i32, backend,
+        "the client sees the gateway's key, not the backend's"
+    );
+    let rows = raw.simple_query("SHOW application_name").unwrap();
+    assert_eq!(
+        RawConn::first_column(&rows),
+        [Some("portcullis-raw-test".to_owned())]
+    );
+    raw.send(&wire::terminate()).unwrap();
+    drop(raw);
+    settle(env.h.gw());
+
+    // psql, too.
+    let out = env
+        .ep()
+        .psql(
+            env.h.bindir(),
+            "SELECT pg_backend_pid(), current_setting('application_name')",
+        )
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), format!("{first}|psql"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_tables_do_not_survive_reuse() {
+    let env = Env::start();
+    let a = env.connect().await;
+    a.batch_execute("CREATE TEMP TABLE leftover (secret text); INSERT INTO leftover VALUES ('x')")
+        .await
+        .unwrap();
+    let (_, b) = reused_after_end(&env, a).await;
+    assert_eq!(
+        text(&b, "SELECT to_regclass('pg_temp.leftover')::text").await,
+        None,
+        "the previous session's temporary table is visible"
+    );
+}
+
+/// Ends `a`, then opens the next session and checks it has `a`'s backend.
+async fn reused_after_end(env: &Env, a: Client) -> (i32, Client) {
+    let before = pid(&a).await;
+    env.end(a).await;
+    let b = env.connect().await;
+    let after = pid(&b).await;
+    assert_eq!(
+        after,
+        before,
+        "the second session did not reuse the first one's connection\n{}",
+        env.h.context()
+    );
+    (after, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_do_not_survive_reuse() {
+    let env = Env::start();
+    let a = env.connect().await;
+    a.batch_execute("PREPARE leftover AS SELECT 42")
+        .await
+        .unwrap();
+    let (_, b) = reused_after_end(&env, a).await;
+    let n: i64 = b
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name = 'leftover'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the previous session's prepared statement is visible");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_do_not_survive_reuse() {
+    let env = Env::start();
+    let a = env.connect().await;
+    a.batch_execute("SET work_mem = '7MB'; SET DateStyle = 'German'")
+        .await
+        .unwrap();
+    let (_, b) = reused_after_end(&env, a).await;
+    assert_eq!(text(&b, "SHOW work_mem").await.as_deref(), Some("4MB"));
+    assert_eq!(
+        text(&b, "SHOW DateStyle").await.as_deref(),
+        Some("ISO, MDY")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_locks_do_not_survive_reuse() {
+    let env = Env::start();
+    let a = env.connect().await;
+    a.batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    let (_, b) = reused_after_end(&env, a).await;
+    let held = env
+        .h
+        .pg
+        .superuser_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND granted",
+        )
+        .unwrap();
+    assert_eq!(
+        held.trim(),
+        "0",
+        "the previous session's advisory lock is held"
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_does_not_survive_reuse() {
+    let env = Env::start();
+    let a = env.connect().await;
+    a.batch_execute("LISTEN leftover").await.unwrap();
+    let (_, b) = reused_after_end(&env, a).await;
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM pg_listening_channels()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the previous session still listens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_by_a_dying_client_is_rolled_back() {
+    let env = Env::start();
+    let ep = env.ep();
+    let mut raw = RawConn::to(&ep).unwrap();
+    raw.startup(&ep, wire::PROTOCOL_3_0).unwrap();
+    let rows = raw.simple_query("SELECT pg_backend_pid()").unwrap();
+    let before: i32 = RawConn::first_column(&rows)[0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    raw.simple_query("BEGIN").unwrap();
+    let done = raw.simple_query("INSERT INTO pool_t VALUES (1)").unwrap();
+    assert!(done.iter().all(|m| !m.is_error()), "the insert ran");
+    // The client dies: no Terminate, no COMMIT.
+    drop(raw);
+    settle(env.h.gw());
+    let b = env.connect().await;
+    // Reused after a ROLLBACK or closed: either way the next session must not inherit the
+    // transaction. (Today it is closed: the dead client's session does not end at rest.)
+    let _ = before;
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM pool_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 0,
+        "the dead client's transaction is still open on the reused connection"
+    );
+    b.batch_execute("BEGIN; INSERT INTO pool_t VALUES (2); COMMIT")
+        .await
+        .expect("a transaction of its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_mid_copy_is_not_reused() {
+    let env = Env::start();
+    let ep = env.ep();
+    let mut raw = RawConn::to(&ep).unwrap();
+    raw.startup(&ep, wire::PROTOCOL_3_0).unwrap();
+    let rows = raw.simple_query("SELECT pg_backend_pid()").unwrap();
+    let before: i32 = RawConn::first_column(&rows)[0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    raw.send(&wire::query("COPY pool_t FROM STDIN")).unwrap();
+    let m = raw.read_message().unwrap().expect("CopyInResponse");
+    assert_eq!(m.tag, b'G', "{}", m.describe());
+    raw.send(&wire::frontend(b'd', b"1\n2\n")).unwrap();
+    drop(raw);
+    settle(env.h.gw());
+    let b = env.connect().await;
+    assert_ne!(
+        pid(&b).await,
+        before,
+        "a connection left mid-COPY was reused"
+    );
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM pool_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let gone = env
+        .h
+        .pg
+        .superuser_sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {before}"
+        ))
+        .unwrap();
+    let gone = gone.trim() == "0" || {
+        std::thread::sleep(Duration::from_secs(1));
+        env.h
+            .pg
+            .superuser_sql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = {before}"
+            ))
+            .unwrap()
+            .trim()
+            == "0"
+    };
+    assert!(gone, "the backend left mid-COPY still runs");
+    drop(b);
+    settle(env.h.gw());
+
+    // An operator kills a session in the middle of its COPY: its connection is not reused
+    // either.
+    let mut raw = RawConn::to(&ep).unwrap();
+    raw.startup(&ep, wire::PROTOCOL_3_0).unwrap();
+    let rows = raw.simple_query("SELECT pg_backend_pid()").unwrap();
+    let killed: i32 = RawConn::first_column(&rows)[0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    raw.send(&wire::query("COPY pool_t FROM STDIN")).unwrap();
+    let m = raw.read_message().unwrap().expect("CopyInResponse");
+    assert_eq!(m.tag, b'G', "{}", m.describe());
+    raw.send(&wire::frontend(b'd', b"3\n")).unwrap();
+    let out = env.h.gw().cli(&["sessions", "--json"]).unwrap();
+    let live: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let id = live[0]["id"]
+        .as_u64()
+        .expect("the session's id")
+        .to_string();
+    let out = env
+        .h
+        .gw()
+        .cli(&["sessions", "kill", "--session", &id])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let heard = raw.read_until_closed().unwrap();
+    assert!(
+        heard
+            .iter()
+            .any(|m| m.sqlstate().as_deref() == Some("57P01"))
+    );
+    settle(env.h.gw());
+    let c = env.connect().await;
+    assert_ne!(
+        pid(&c).await,
+        killed,
+        "a connection killed mid-COPY was reused"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pool_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_a_reused_connection_reaches_its_own_backend_only() {
+    let env = Env::start();
+    let a = env.connect().await;
+    let stale = a.cancel_token();
+    let (_, b) = reused_after_end(&env, a).await;
+    let other = env.connect().await;
+    let other_pid = pid(&other).await;
+    let b_token = b.cancel_token();
+    let sb = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(60) -- b").await });
+    let so = tokio::spawn(async move { other.simple_query("SELECT pg_sleep(60) -- o").await });
+    env.h
+        .pg
+        .wait_active("pg_sleep(60) -- b", Duration::from_secs(20))
+        .unwrap();
+    env.h
+        .pg
+        .wait_active("pg_sleep(60) -- o", Duration::from_secs(20))
+        .unwrap();
+
+    // The previous session's key died with it: it must not cancel the next session's query.
+    stale.cancel_query(NoTls).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sb.is_finished(),
+        "a stale cancel key reached the reused connection"
+    );
+
+    b_token.cancel_query(NoTls).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), sb)
+        .await
+        .expect("the cancelled sleep ends")
+        .unwrap();
+    let err = r.expect_err("the cancelled query fails");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("57014"));
+    assert!(!so.is_finished(), "the cancel reached another backend");
+    let still = env
+        .h
+        .pg
+        .superuser_sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {other_pid} AND state = 'active'"
+        ))
+        .unwrap();
+    assert_eq!(still.trim(), "1");
+    so.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_whose_server_restarted_is_replaced_unseen() {
+    let env = Env::start();
+    let a = env.connect().await;
+    let before = pid(&a).await;
+    env.end(a).await;
+    env.h.pg.stop().unwrap();
+    env.h.pg.start_again().unwrap();
+    let b = env
+        .ep()
+        .connect()
+        .await
+        .expect("the client never hears of the dead pooled connection");
+    assert_ne!(pid(&b).await, before);
+    assert_eq!(text(&b, "SELECT 'ok'").await.as_deref(), Some("ok"));
+}
+
+/// With `[target.pool] enabled = false`, every session dials its own connection; a reload turns
+/// pooling on without touching the live session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooling_off_by_config_and_on_by_reload() {
+    let pg = Postgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pg.write_password_file(dir.path()).unwrap();
+    let policy = policy(dir.path());
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let body = |enabled: bool| {
+        format!(
+            "{}\n[target.pool]\nenabled = {enabled}\n",
+            testkit::single_target_toml(listen, &pg.url(), &pw)
+        )
+    };
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen, body(false))
+            .arg("--workers")
+            .arg("1")
+            .arg("--policy")
+            .arg(policy.display().to_string()),
+    )
+    .unwrap();
+    let ep = Endpoint {
+        host: "127.0.0.1".into(),
+        port: listen.port(),
+        user: "agent".into(),
+        password: None,
+        dbname: "app".into(),
+        params: vec![("sslmode".into(), "disable".into())],
+    };
+    let a = ep.connect().await.unwrap();
+    let first = pid(&a).await;
+    drop(a);
+    settle(&gw);
+    let live = ep.connect().await.unwrap();
+    let second = pid(&live).await;
+    assert_ne!(
+        second, first,
+        "pooling is off, yet the connection was reused"
+    );
+
+    let config = gw.config_path.clone().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("enabled = false", "enabled = true")).unwrap();
+    gw.signal(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload: {}", gw.log_tail(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(pid(&live).await, second, "the reload kept the live session");
+    drop(live);
+    settle(&gw);
+    let c = ep.connect().await.unwrap();
+    let third = pid(&c).await;
+    assert_ne!(
+        third, second,
+        "a session that began with pooling off keeps it off to its end"
+    );
+    drop(c);
+    settle(&gw);
+    let d = ep.connect().await.unwrap();
+    assert_eq!(
+        pid(&d).await,
+        third,
+        "after the reload, connections are reused"
+    );
+}
+
+/// Sessions whose identities map to different upstream roles never share a connection: one
+/// mapped to `SET ROLE reader` on the target's login, one to its own login. Each reuses its own,
+/// and the mapped role is set again after the reset (which returns to the login's role).
+#[test]
+fn different_upstream_roles_never_share_a_connection() {
+    use testkit::idp::Idp;
+    let pg = Postgres::start().unwrap();
+    pg.superuser_sql(
+        "CREATE ROLE reader NOLOGIN; GRANT reader TO app; \
+         CREATE ROLE dba_login LOGIN PASSWORD 'dba-login-pw'",
+    )
+    .unwrap();
+    let idp = Idp::start().expect("start the test IdP (cargo xtask setup installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pg.write_password_file(dir.path()).unwrap();
+    let dba_pw = testkit::write_secret(dir.path(), "dba.pw", "dba-login-pw").unwrap();
+    let policy = policy(dir.path());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[[listener]]
+listen = "{listen}"
+target = "main"
+
+[[target]]
+name = "main"
+upstream = "{url}"
+password_file = "{pw}"
+
+[target.pool]
+enabled = true
+
+[target.identity]
+issuer = "{issuer}"
+audience = "pg-main"
+client_id = "portcullis"
+client_secret_file = "{secret}"
+
+[[target.role]]
+groups = ["dba"]
+user = "dba_login"
+password_file = "{dba_pw}"
+
+[[target.role]]
+groups = ["analysts"]
+set_role = "reader"
+"#,
+        url = pg.url(),
+        pw = pw.display(),
+        issuer = idp.issuer(),
+        secret = idp.client_secret_file().display(),
+        dba_pw = dba_pw.display(),
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen.parse().unwrap(), config)
+            .arg("--workers")
+            .arg("1")
+            .arg("--policy")
+            .arg(policy.display().to_string()),
+    )
+    .expect("start the gateway");
+    let analyst = idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let dba = idp.mint("dora", &["dba"], "portcullis").unwrap();
+    let who = |token: &str| {
+        let (host, port) = listen.split_once(':').unwrap();
+        let out = std::process::Command::new(pg.bindir().join("psql"))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg("SELECT pg_backend_pid(), current_user, session_user")
+            .arg(format!(
+                "host={host} port={port} user=agent dbname=app sslmode=disable"
+            ))
+            .env("PGPASSWORD", token)
+            .env("PGCONNECT_TIMEOUT", "30")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.log_tail(30)
+        );
+        settle(&gw);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (pid, roles) = text.split_once('|').unwrap();
+        (pid.to_owned(), roles.to_owned())
+    };
+    let (a1, roles) = who(&analyst);
+    assert_eq!(roles, "reader|app");
+    let (d1, roles) = who(&dba);
+    assert_eq!(roles, "dba_login|dba_login");
+    assert_ne!(a1, d1, "sessions of different roles shared a connection");
+    let (a2, roles) = who(&analyst);
+    assert_eq!(
+        roles, "reader|app",
+        "the mapped role is set again after the reset"
+    );
+    assert_eq!(a2, a1, "the analyst's connection was reused");
+    let (d2, roles) = who(&dba);
+    assert_eq!(roles, "dba_login|dba_login");
+    assert_eq!(d2, d1, "the dba's connection was reused");
+}
