@@ -103,9 +103,7 @@ impl TargetKind {
                 "portcullis, explicit listener, quick-start flags (built-in default policy)"
             }
             TargetKind::GatewayObserve => "portcullis --policy observe",
-            TargetKind::GatewayPolicy => {
-                "portcullis --policy default (policy and masking on)"
-            }
+            TargetKind::GatewayPolicy => "portcullis --policy default (policy and masking on)",
             TargetKind::GatewayPooled => {
                 "portcullis --policy default (policy and masking on), warm upstream connections"
             }
