@@ -519,7 +519,7 @@ impl SessionRecorder {
     /// False when recording is disabled (`danger_disable`): every record would be dropped, so
     /// the record stage does no work for it.
     pub fn is_recording(&self) -> bool {
-        self.handle.tx.is_some()
+        self.handle.queue.is_some()
     }
 
     /// The recording's id, as `portcullis recordings show ID` takes it.
