@@ -461,6 +461,24 @@ struct ResponseCount {
     truncated: bool,
 }
 
+impl ResponseCount {
+    /// Counts a row of `size` value bytes; true when it is recorded. Past `max` bytes every
+    /// later row of the response is only counted.
+    fn admit(&mut self, size: u64, max: Option<u64>) -> bool {
+        self.rows += 1;
+        self.bytes += size;
+        let fits = max.is_none_or(|max| self.bytes_recorded + size <= max);
+        if fits && !self.truncated {
+            self.rows_recorded += 1;
+            self.bytes_recorded += size;
+            true
+        } else {
+            self.truncated = true;
+            false
+        }
+    }
+}
+
 /// One session's recorder, owned by the session. Statement numbers are kept here: `request`
 /// starts a statement and every later call belongs to it.
 pub struct SessionRecorder {
@@ -632,21 +650,11 @@ impl SessionRecorder {
     /// Masked rows as the client received them. Beyond the target's `max_response_bytes` rows
     /// are counted but not recorded; [`Self::complete`] notes the cut.
     pub fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), RecordError> {
-        let r = &mut self.response;
         let mut keep = 0;
         for row in &rows {
             let size: u64 = row.iter().flatten().map(|v| v.0.len() as u64).sum();
-            r.rows += 1;
-            r.bytes += size;
-            let fits = self
-                .max_response_bytes
-                .is_none_or(|max| r.bytes_recorded + size <= max);
-            if fits && !r.truncated {
-                r.rows_recorded += 1;
-                r.bytes_recorded += size;
+            if self.response.admit(size, self.max_response_bytes) {
                 keep += 1;
-            } else {
-                r.truncated = true;
             }
         }
         rows.truncate(keep);
@@ -660,25 +668,15 @@ impl SessionRecorder {
     /// [`Self::rows`] for rows as the client received them: `count` DataRow bodies, back to back,
     /// each checked with `encode::data_row` by the caller. Encoded without a copy per value.
     pub fn data_rows(&mut self, bodies: &[u8], count: usize) -> Result<(), RecordError> {
-        let r = &mut self.response;
         let (mut keep, mut cut, mut at) = (0, 0, 0);
         for _ in 0..count {
             let Some((len, size)) = encode::data_row(&bodies[at..]) else {
                 break;
             };
             at += len;
-            r.rows += 1;
-            r.bytes += size;
-            let fits = self
-                .max_response_bytes
-                .is_none_or(|max| r.bytes_recorded + size <= max);
-            if fits && !r.truncated {
-                r.rows_recorded += 1;
-                r.bytes_recorded += size;
+            if self.response.admit(size, self.max_response_bytes) {
                 keep += 1;
                 cut = at;
-            } else {
-                r.truncated = true;
             }
         }
         if keep == 0 {
