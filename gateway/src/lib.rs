@@ -9,6 +9,7 @@ pub mod accept;
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod forward;
 pub mod identify;
 pub mod idp;

@@ -78,6 +78,29 @@ impl UpstreamError {
     }
 }
 
+/// The upstream leg failed on the server's side, except where the gateway has no credential for
+/// it or will not send one over the channel it has (its setup). Only an unreachable or slow
+/// server is worth another try.
+impl crate::error::WireError for UpstreamError {
+    fn side(&self) -> crate::error::Side {
+        use crate::error::Side;
+        match self {
+            UpstreamError::Auth(
+                AuthError::NoPassword { .. } | AuthError::UnverifiedChannel { .. },
+            ) => Side::Gateway,
+            _ => Side::Upstream,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+
+    fn sqlstate(&self) -> &str {
+        UpstreamError::sqlstate(self)
+    }
+}
+
 /// Opens a TCP connection, then TLS as the target's sslmode says.
 async fn open(target: &Target) -> Result<Stream, UpstreamError> {
     let up = &target.config.upstream;

@@ -125,6 +125,52 @@ impl IdentityError {
     }
 }
 
+/// The token is the client's to fix; an IdP that cannot be reached or has never served its keys
+/// is the upstream's, and may answer a moment later; the rest is the gateway's setup.
+impl crate::error::WireError for IdentityError {
+    fn side(&self) -> crate::error::Side {
+        use crate::error::Side;
+        use IdentityError::*;
+        match self {
+            IdpUnreachable { .. } | IdpProtocol { .. } | NoJwks(_) => Side::Upstream,
+            Config(_) | NoRoleMapping { .. } | Stopped => Side::Gateway,
+            ExchangeRefused { .. } if self.sqlstate() == SQLSTATE_REFUSED => Side::Gateway,
+            _ => Side::Client,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::IdpUnreachable { .. } | IdentityError::NoJwks(_)
+        )
+    }
+
+    fn sqlstate(&self) -> &str {
+        IdentityError::sqlstate(self)
+    }
+}
+
+/// A session's identity that could not be renewed when its token expired: the session ends, with
+/// 28000 whatever the check that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the session's token expired and was not renewed: {0}")]
+pub struct NotRenewed(pub IdentityError);
+
+impl crate::error::WireError for NotRenewed {
+    fn side(&self) -> crate::error::Side {
+        self.0.side()
+    }
+
+    fn retryable(&self) -> bool {
+        self.0.retryable()
+    }
+
+    fn sqlstate(&self) -> &str {
+        SQLSTATE_REFUSED
+    }
+}
+
 fn description_suffix(description: &str) -> String {
     if description.is_empty() {
         String::new()

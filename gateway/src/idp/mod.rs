@@ -22,7 +22,7 @@ pub mod validate;
 
 use std::time::SystemTime;
 
-pub use error::{IdentityError, SQLSTATE_BAD_TOKEN, SQLSTATE_REFUSED};
+pub use error::{IdentityError, NotRenewed, SQLSTATE_BAD_TOKEN, SQLSTATE_REFUSED};
 pub use roles::{UpstreamRole, map_role, set_role_sql};
 pub use service::{IdentityService, Stats};
 pub use token::{ConnectTokens, Token, TokenSource, connect_tokens, read_token_file};

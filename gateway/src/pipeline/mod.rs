@@ -9,6 +9,7 @@ pub mod gate;
 pub mod lineage;
 pub mod mask_filter;
 pub mod postgres;
+pub mod pump;
 pub mod record;
 
 use std::cell::RefCell;
@@ -26,10 +27,12 @@ use crate::identify::{self, Identity, SessionIdentity};
 use crate::idp::UpstreamRole;
 use crate::metrics::{NewSession, SessionState};
 use crate::protocol::Protocol;
+use crate::protocol::core::Core;
 use crate::protocol::postgres::session::Session;
 use crate::route::Target;
 use gate::PolicyGate;
 use mask_filter::MaskFilter;
+use postgres::Postgres;
 
 pub async fn handle(tcp: TcpStream, identity: Identity, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
@@ -77,7 +80,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
                 Ok(who) => who,
                 Err(e) => {
                     warn!(client = %identity.client_addr, target = %target.config.name, check = e.check(), "identity refused: {e}");
-                    postgres::refuse(&client, e.sqlstate(), &e.to_string()).await;
+                    pump::refuse_error::<Postgres>(&client, &e).await;
                     anyhow::bail!("identity refused: {e}");
                 }
             }
@@ -110,7 +113,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     ) {
         Ok(r) => r,
         Err(e) => {
-            postgres::refuse(&client, e.sqlstate(), &e.to_string()).await;
+            pump::refuse_error::<Postgres>(&client, &e).await;
             anyhow::bail!("session refused: {e}");
         }
     };
@@ -170,7 +173,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         core.borrow_mut().keep_upstream();
     }
     // The upstream stays open until the client has been told how the session ended.
-    let pump = postgres::pump(
+    let pumps = pump::pump::<Postgres>(
         client.clone(),
         server.clone(),
         core.clone(),
@@ -180,13 +183,13 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         (filter, tap),
         (shared.clone(), generation),
     );
-    let end = pump.await;
-    recording.borrow_mut().end(&postgres::end_reason(&end));
+    let end = pumps.await;
+    recording.borrow_mut().end(&pump::end_reason(&end));
 
     // The ending: counted, and told to the client in its protocol.
     info.set_state(SessionState::Closing);
     count_session(&target, &core.borrow(), info.id);
-    postgres::report_end(&client, &end, &target, &info).await;
+    pump::report_end::<Postgres>(&client, &end, &target, &info).await;
 
     // Pool: a session that ended at rest leaves its connection, reset, for the next. Its cancel
     // key goes first, and a cancel still being forwarded keeps the connection out of the pool,
@@ -195,7 +198,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     let clean = no_cancel_pending
         && matches!(
             end,
-            Ok(postgres::End::ClientClosed | postgres::End::Terminated | postgres::End::Idle(_))
+            Ok(pump::End::ClientClosed | pump::End::Terminated | pump::End::Idle(_))
         );
     let (at_rest, tx_status) = {
         let c = core.borrow();

@@ -1,25 +1,18 @@
 //! The PostgreSQL driver: what the pipeline cannot do without knowing the protocol. The client's
 //! startup (probes, cancel requests, the StartupMessage), the upstream leg and the client's
-//! startup answer, the catalog the masking stage reads, how a refusal or an ending is written on
-//! the wire (a FATAL ErrorResponse), and the two pumps around the PostgreSQL session core:
-//! client bytes through the gate (decide) to the server, server bytes through the filter (mask)
-//! to the client. Input is written on straight from the read buffer; only what the core rewrote
-//! comes from its scratch.
+//! startup answer, and how the gateway's own errors and notices are framed ([`Postgres`], the
+//! [`Driver`] the generic pumps in `pump.rs` run the PostgreSQL session core with).
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use anyhow::Context;
 use compio::BufResult;
-use compio::buf::IoBuf;
-use futures_util::future::{Either, select};
 use tracing::{info, warn};
 
-use super::gate::{Held, PolicyGate};
 use super::mask_filter::MaskFilter;
-use super::record::{RecordGate, ResponseTap};
+use super::pump::{self, Driver, drain_client, refuse_error};
 use crate::daemon::Shared;
 use crate::forward::cancel::{CancelKey, CancelTarget};
 use crate::forward::conn::{Stream, TlsStream};
@@ -27,14 +20,36 @@ use crate::forward::local_tls::{ALPN_POSTGRESQL, LocalTls};
 use crate::forward::{pool, upstream};
 use crate::idp::token::MAX_TOKEN_BYTES;
 use crate::idp::{IdentityError, Token};
-use crate::metrics::{SessionInfo, SessionState};
-use crate::policy::approval::Decision;
-use crate::protocol::postgres::session::{
-    Blocked, Core, Disposition, Output, Progress, Seg, Session, SessionError, Side,
-};
+use crate::mask::Masker;
+use crate::metrics::SessionInfo;
+use crate::protocol::postgres::session::{ResultFilter, Session};
 use crate::protocol::postgres::startup::{self, Initial, MAX_STARTUP_PACKET_LEN};
 use crate::protocol::postgres::{hello, messages};
 use crate::route::Target;
+
+/// The PostgreSQL session core, its masking filter, and its ErrorResponse and NoticeResponse.
+pub enum Postgres {}
+
+impl Driver for Postgres {
+    type Core = Session;
+    type Filter = MaskFilter;
+
+    fn filter(filter: &mut MaskFilter) -> &mut (dyn ResultFilter + 'static) {
+        filter
+    }
+
+    fn reload(filter: &mut MaskFilter, masker: Masker) {
+        filter.set_masker(masker);
+    }
+
+    fn encode_fatal(code: &str, message: &str, out: &mut Vec<u8>) {
+        messages::encode_error("FATAL", code, message, None, None, out);
+    }
+
+    fn encode_notice(code: &str, message: &str, detail: Option<&str>, out: &mut Vec<u8>) {
+        messages::encode_notice(code, message, detail, out);
+    }
+}
 
 /// Session parameters passed upstream. Others are not: `options` can carry `-c role=...`,
 /// `replication` opens a replication session, and `client_encoding` would let the server read
@@ -57,10 +72,7 @@ pub struct Startup {
 
 /// Refuses the client with a FATAL ErrorResponse; the caller then closes.
 pub async fn refuse(client: &Stream, code: &str, message: &str) {
-    let mut out = Vec::with_capacity(64 + message.len());
-    messages::encode_error("FATAL", code, message, None, None, &mut out);
-    crate::service::metrics::error_sent(code);
-    let _ = client.write_all(out).await;
+    pump::refuse::<Postgres>(client, code, message).await;
 }
 
 /// Answers SSL/GSS probes and serves cancel requests until the StartupMessage arrives. Where the
@@ -86,7 +98,7 @@ pub async fn client_startup(
         let parsed = match startup::parse_initial(&buf, MAX_STARTUP_PACKET_LEN) {
             Ok(p) => p,
             Err(e) => {
-                refuse(&client, e.sqlstate(), &e.to_string()).await;
+                refuse_error::<Postgres>(&client, &e).await;
                 anyhow::bail!("bad startup from {client_addr}: {e}");
             }
         };
@@ -269,9 +281,9 @@ pub async fn open_upstream(
                 }
                 Err(e) => {
                     target.counters.errors.fetch_add(1, Relaxed);
-                    let retryable = e.is_retryable();
+                    let retryable = crate::error::WireError::retryable(&e);
                     warn!(session = info.id, target = %target.config.name, retryable, "upstream: {e}");
-                    refuse(client, e.sqlstate(), &e.to_string()).await;
+                    refuse_error::<Postgres>(client, &e).await;
                     return Err(e.into());
                 }
             }
@@ -357,450 +369,5 @@ pub async fn ask_password(
         };
         *pending = buf[len..].to_vec();
         return token;
-    }
-}
-
-/// Tells the client why the session ended, when it ended on the gateway's or the server's side.
-pub async fn report_end(
-    client: &Stream,
-    end: &Result<End, PumpError>,
-    target: &Target,
-    info: &SessionInfo,
-) {
-    match end {
-        Ok(End::ClientClosed) | Ok(End::Terminated) => {}
-        Ok(End::Idle(after)) => {
-            let message = format!(
-                "terminating connection due to idle-session timeout ({})",
-                humantime::format_duration(*after)
-            );
-            refuse(client, "57P05", &message).await;
-        }
-        Ok(End::Killed { by }) => {
-            let message = format!(
-                "terminating connection due to administrator command: session killed by {by} \
-                 with `portcullis sessions kill`"
-            );
-            refuse(client, "57P01", &message).await;
-        }
-        Ok(End::ServerClosed { fatal_seen }) => {
-            if !fatal_seen {
-                refuse(
-                    client,
-                    "08006",
-                    "the upstream server closed the connection unexpectedly",
-                )
-                .await;
-            }
-        }
-        Err(PumpError::Protocol(e)) => {
-            target.counters.errors.fetch_add(1, Relaxed);
-            warn!(session = info.id, "{e}");
-            refuse(client, e.sqlstate(), &e.client_message()).await;
-            if e.side == Side::Client {
-                drain_client(client).await;
-            }
-        }
-        Err(PumpError::Io(e)) => {
-            target.counters.errors.fetch_add(1, Relaxed);
-            tracing::debug!(session = info.id, "I/O: {e}");
-        }
-        Err(PumpError::Identity(e)) => {
-            warn!(session = info.id, check = e.check(), "session ended: {e}");
-            let message = format!("the session's token expired and was not renewed: {e}");
-            refuse(client, crate::idp::SQLSTATE_REFUSED, &message).await;
-        }
-    }
-}
-
-/// After refusing a client in the middle of what it is sending, reads and drops the rest for a
-/// moment: closing with unread data resets the connection, and the client would lose the error.
-async fn drain_client(client: &Stream) {
-    use compio::io::AsyncWrite;
-    let mut w = client.tcp();
-    let _ = w.shutdown().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut buf = Vec::new();
-    let mut drained = 0usize;
-    while drained < 256 << 20 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match compio::time::timeout(left, client.read(buf)).await {
-            Ok(BufResult(Ok(n), b)) if n > 0 => {
-                drained += n;
-                buf = b;
-                buf.clear();
-            }
-            _ => return,
-        }
-    }
-}
-
-/// Runs both pumps until one side ends the session.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the session's parts, each handed to the pump that owns it"
-)]
-pub async fn pump(
-    client: Rc<Stream>,
-    server: Rc<Stream>,
-    core: Rc<RefCell<Session>>,
-    pending: Vec<u8>,
-    info: Arc<SessionInfo>,
-    gate: RecordGate,
-    results: (MaskFilter, ResponseTap),
-    reloads: (Arc<Shared>, u64),
-) -> Result<End, PumpError> {
-    let idle_timeout = reloads.0.config().idle_timeout;
-    let killer = info.clone();
-    let pumps = select(
-        Box::pin(client_to_server(
-            client.clone(),
-            server.clone(),
-            core.clone(),
-            pending,
-            info.clone(),
-            gate,
-            idle_timeout,
-        )),
-        Box::pin(server_to_client(
-            server, client, core, info, results, reloads,
-        )),
-    );
-    // `portcullis sessions kill` ends the session wherever it is, even held for approval.
-    match select(pumps, Box::pin(killer.kill.pulled())).await {
-        Either::Left((Either::Left((r, _)) | Either::Right((r, _)), _)) => r,
-        Either::Right((by, _)) => Ok(End::Killed { by }),
-    }
-}
-
-pub enum End {
-    ClientClosed,
-    Terminated,
-    /// The client sent nothing for the idle timeout, with no reply pending.
-    Idle(std::time::Duration),
-    ServerClosed {
-        fatal_seen: bool,
-    },
-    /// An operator ended it with `portcullis sessions kill`; `by` names them.
-    Killed {
-        by: String,
-    },
-}
-
-/// How a session ended, as its recording says.
-pub fn end_reason(end: &Result<End, PumpError>) -> String {
-    match end {
-        Ok(End::ClientClosed) => "client closed the connection".into(),
-        Ok(End::Terminated) => "client terminated".into(),
-        Ok(End::Idle(after)) => format!(
-            "idle-session timeout ({})",
-            humantime::format_duration(*after)
-        ),
-        Ok(End::ServerClosed { .. }) => "server closed the connection".into(),
-        Ok(End::Killed { by }) => format!("killed by {by}"),
-        Err(PumpError::Protocol(e)) => format!("protocol error: {e}"),
-        Err(PumpError::Io(e)) => format!("I/O error: {e}"),
-        Err(PumpError::Identity(e)) => format!("identity: {e}"),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PumpError {
-    #[error(transparent)]
-    Protocol(#[from] SessionError),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    /// The session's token expired and no fresh identity could be had: the session ends.
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-}
-
-/// Writes one call's output: input ranges straight from the read buffer, the rest from scratch.
-/// Returns the buffers for reuse.
-async fn write_output(
-    to: &Stream,
-    mut buf: Vec<u8>,
-    out: &mut Output,
-) -> (std::io::Result<()>, Vec<u8>) {
-    // Rows rewritten between untouched ones cut the output into many small pieces, each a write
-    // of its own; past a couple, one gathered write is far cheaper than the copies it costs.
-    if out.segments().len() > 2 {
-        let total = out.segments().iter().map(|s| match s {
-            Seg::Input(r) | Seg::Scratch(r) => r.len(),
-        });
-        let mut gathered = Vec::with_capacity(total.sum());
-        for seg in out.segments() {
-            match seg {
-                Seg::Input(r) => gathered.extend_from_slice(&buf[r.clone()]),
-                Seg::Scratch(r) => gathered.extend_from_slice(&out.scratch()[r.clone()]),
-            }
-        }
-        out.clear();
-        return (to.write_all(gathered).await.0, buf);
-    }
-    for i in 0..out.segments().len() {
-        match out.segments()[i].clone() {
-            Seg::Input(r) => {
-                let BufResult(res, slice) = to.write_all(buf.slice(r)).await;
-                buf = compio::buf::IntoInner::into_inner(slice);
-                if let Err(e) = res {
-                    return (Err(e), buf);
-                }
-            }
-            Seg::Scratch(r) => {
-                let scratch = std::mem::take(out.scratch_mut());
-                let BufResult(res, slice) = to.write_all(scratch.slice(r)).await;
-                *out.scratch_mut() = compio::buf::IntoInner::into_inner(slice);
-                if let Err(e) = res {
-                    return (Err(e), buf);
-                }
-            }
-        }
-    }
-    out.clear();
-    (Ok(()), buf)
-}
-
-async fn client_to_server(
-    client: Rc<Stream>,
-    server: Rc<Stream>,
-    core: Rc<RefCell<Session>>,
-    mut buf: Vec<u8>,
-    info: Arc<SessionInfo>,
-    mut gate: RecordGate,
-    idle_timeout: Option<std::time::Duration>,
-) -> Result<End, PumpError> {
-    let mut out = Output::default();
-    loop {
-        if !buf.is_empty() {
-            let started = std::time::Instant::now();
-            let progress = core.borrow_mut().on_client(&buf, &mut gate, &mut out)?;
-            let (r, b) = write_output(&server, buf, &mut out).await;
-            buf = b;
-            r?;
-            crate::service::metrics::statement_overhead(started.elapsed());
-            {
-                let c = core.borrow();
-                info.messages_in.store(c.from_client.messages, Relaxed);
-                info.bytes_in.store(c.from_client.bytes, Relaxed);
-            }
-            match progress {
-                Progress::Continue { consumed } => {
-                    buf.drain(..consumed);
-                }
-                Progress::Terminate { .. } => return Ok(End::Terminated),
-                Progress::Hold { consumed } => {
-                    buf.drain(..consumed);
-                    let outcome = settle(&client, &info, &mut gate).await?;
-                    core.borrow_mut().resolve_hold(outcome);
-                    // Process the held message again, now with its final answer.
-                    continue;
-                }
-            }
-        }
-        let idle = {
-            let c = core.borrow();
-            c.pending_replies() == 0 && c.transaction_status() == b'I'
-        };
-        let BufResult(n, b) = match idle_timeout.filter(|_| idle && buf.is_empty()) {
-            Some(after) => match compio::time::timeout(after, client.read(buf)).await {
-                Ok(r) => r,
-                Err(_) => return Ok(End::Idle(after)),
-            },
-            None => client.read(buf).await,
-        };
-        buf = b;
-        if n? == 0 {
-            return Ok(End::ClientClosed);
-        }
-    }
-}
-
-/// Waits for what a held statement needs before it runs: its request record on disk (strict
-/// recording), then whatever policy holds it for; the outcome is recorded.
-async fn settle(
-    client: &Stream,
-    info: &SessionInfo,
-    gate: &mut RecordGate,
-) -> Result<Disposition, PumpError> {
-    if let Some(durable) = gate.take_durable() {
-        if let Err(e) = unless_client_leaves(client, durable).await? {
-            gate.policy.held = None;
-            return Ok(super::record::refusal(&e));
-        }
-        if gate.policy.held.is_none() {
-            return Ok(Disposition::Allow);
-        }
-    }
-    let (outcome, approver) = hold(client, info, &mut gate.policy).await?;
-    Ok(gate.settled(outcome, approver))
-}
-
-/// Waits for what the gate is holding the statement for: its verdict from the classifier
-/// thread, then, if it needs one, an operator's decision. The client hears that it is held for
-/// approval, with the request id; earlier results keep flowing meanwhile. Returns the outcome,
-/// and who approved it.
-async fn hold(
-    client: &Stream,
-    info: &SessionInfo,
-    gate: &mut PolicyGate,
-) -> Result<(Disposition, Option<String>), PumpError> {
-    let previous = info.state();
-    info.set_state(SessionState::Holding);
-    let mut approver = None;
-    let outcome = loop {
-        match gate.held.take() {
-            None => {
-                break Disposition::Block(Blocked {
-                    rule: "internal".into(),
-                    reason: "held without a reason to wait".into(),
-                    sqlstate: None,
-                });
-            }
-            Some(Held::Classifying { verdict, request }) => {
-                let d = match unless_client_leaves(client, verdict).await? {
-                    Ok(v) => gate.act(&request.as_request(), v),
-                    Err(_) => Disposition::Block(Blocked {
-                        rule: "classifier".into(),
-                        reason: "the classifier thread stopped before a verdict".into(),
-                        sqlstate: None,
-                    }),
-                };
-                if d != Disposition::Hold {
-                    break d;
-                }
-            }
-            Some(Held::Catalog {
-                read,
-                generations,
-                request,
-            }) => {
-                let read = unless_client_leaves(client, read).await?;
-                gate.catalog_read(read, generations);
-                let d = crate::protocol::core::Gate::check(gate, &request.as_request());
-                if d != Disposition::Hold {
-                    break d;
-                }
-            }
-            Some(Held::Renewing { identity, request }) => {
-                let fresh = unless_client_leaves(client, identity).await??;
-                gate.renewed(fresh)?;
-                let d = crate::protocol::core::Gate::check(gate, &request.as_request());
-                if d != Disposition::Hold {
-                    break d;
-                }
-            }
-            Some(Held::Approval { id, rule, decision }) => {
-                let mut notice = Vec::with_capacity(256);
-                messages::encode_notice(
-                    "01000",
-                    &format!("statement held for approval: request {id} (rule \"{rule}\")"),
-                    Some(&format!(
-                        "an operator decides with `portcullis approve {id}` or `portcullis deny {id}`"
-                    )),
-                    &mut notice,
-                );
-                client.write_all(notice).await.0?;
-                // Dropping `decision` when the client leaves withdraws the request.
-                let decision = unless_client_leaves(client, decision).await?;
-                info!(
-                    session = info.id,
-                    approval = id,
-                    ?decision,
-                    "approval decided"
-                );
-                if let Decision::Approved { by } = &decision {
-                    approver = Some(by.clone());
-                }
-                break PolicyGate::outcome(&rule, decision);
-            }
-        }
-    };
-    info.set_state(previous);
-    Ok((outcome, approver))
-}
-
-/// How often a held session looks whether its client is still there.
-const HELD_CLIENT_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Awaits `f`, unless the client hangs up first: then the session ends, and with it the held
-/// statement's upstream connection, instead of lingering until a decision or timeout.
-async fn unless_client_leaves<F: std::future::Future>(
-    client: &Stream,
-    f: F,
-) -> Result<F::Output, PumpError> {
-    let mut f = std::pin::pin!(f);
-    loop {
-        match select(f.as_mut(), Box::pin(compio::time::sleep(HELD_CLIENT_CHECK))).await {
-            Either::Left((v, _)) => return Ok(v),
-            Either::Right(_) => {
-                if client_gone(client) {
-                    return Err(PumpError::Io(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the client disconnected while its statement was held",
-                    )));
-                }
-            }
-        }
-    }
-}
-
-/// True when the client's socket is at end of stream or broken. Peeks without consuming and
-/// without blocking, so pipelined bytes stay for the pump.
-fn client_gone(client: &Stream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    match socket2::SockRef::from(client.tcp())
-        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-        ),
-    }
-}
-
-async fn server_to_client(
-    server: Rc<Stream>,
-    client: Rc<Stream>,
-    core: Rc<RefCell<Session>>,
-    info: Arc<SessionInfo>,
-    (mut filter, mut tap): (MaskFilter, ResponseTap),
-    (shared, mut generation): (Arc<Shared>, u64),
-) -> Result<End, PumpError> {
-    let mut buf = Vec::new();
-    let mut out = Output::default();
-    loop {
-        let BufResult(n, b) = server.read(buf).await;
-        buf = b;
-        if n? == 0 {
-            let fatal_seen = core.borrow().server_sent_fatal();
-            return Ok(End::ServerClosed { fatal_seen });
-        }
-        // A reload reaches this session at its next result, not only new sessions.
-        if let Some(masker) = shared.masker_if_reloaded(&mut generation) {
-            filter.set_masker(masker);
-        }
-        let progress = core.borrow_mut().on_server(&buf, &mut filter, &mut out)?;
-        // Record: exactly what goes to the client, after masking.
-        tap.written(&buf, &out);
-        let (r, b) = write_output(&client, buf, &mut out).await;
-        buf = b;
-        r?;
-        {
-            let c = core.borrow();
-            info.messages_out.store(c.from_server.messages, Relaxed);
-            info.bytes_out.store(c.from_server.bytes, Relaxed);
-            info.set_state(match c.transaction_status() {
-                b'T' => SessionState::InTransaction,
-                b'E' => SessionState::FailedTransaction,
-                _ => SessionState::Idle,
-            });
-        }
-        if let Progress::Continue { consumed } = progress {
-            buf.drain(..consumed);
-        }
-        tap.keep_pace().await;
     }
 }

@@ -36,6 +36,43 @@ pub trait Core {
 
     /// The final answer for the request a [`Progress::Hold`] stopped at.
     fn resolve_hold(&mut self, disposition: Disposition);
+
+    /// Traffic from the client so far, for the session's live view and its target's counters.
+    fn client_traffic(&self) -> Counters;
+
+    /// Traffic from the server so far.
+    fn server_traffic(&self) -> Counters;
+
+    /// The transaction state as the server last reported it.
+    fn transaction(&self) -> Transaction;
+
+    /// True when the server owes no reply and no transaction is open: a client silent now holds
+    /// nothing, and may be ended for idleness.
+    fn idle(&self) -> bool;
+
+    /// True when the server owes no reply and no message is half way through in either
+    /// direction: the upstream connection can be reset and serve another session.
+    fn at_rest(&self) -> bool;
+
+    /// Whether the server told the client itself that it is ending the session (PostgreSQL: a
+    /// FATAL ErrorResponse): the driver then adds nothing when the server closes.
+    fn server_sent_fatal(&self) -> bool;
+}
+
+/// Per-direction traffic counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// A session's transaction, as the server last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transaction {
+    Idle,
+    Open,
+    /// Open and failed: the server refuses statements until it ends.
+    Failed,
 }
 
 /// A statement that policy blocked: the rule that fired and why.

@@ -82,6 +82,22 @@ impl RecordError {
     }
 }
 
+/// Always the gateway's own failure. A full queue drains, so the same statement may succeed a
+/// moment later; a full disk or a failed write needs an operator first.
+impl crate::error::WireError for RecordError {
+    fn side(&self) -> crate::error::Side {
+        crate::error::Side::Gateway
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(self, RecordError::Overloaded)
+    }
+
+    fn sqlstate(&self) -> &str {
+        RecordError::sqlstate(self)
+    }
+}
+
 /// Counters for `status` and metrics.
 #[derive(Debug, Default)]
 pub struct Counters {

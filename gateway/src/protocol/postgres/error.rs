@@ -65,6 +65,22 @@ impl ProtocolError {
     }
 }
 
+/// The codec meets these in what a peer sent. The driver reports them for the client's bytes (its
+/// startup); the upstream leg wraps its own in `UpstreamError`, whose side is the server's.
+impl crate::error::WireError for ProtocolError {
+    fn side(&self) -> crate::error::Side {
+        crate::error::Side::Client
+    }
+
+    fn retryable(&self) -> bool {
+        false
+    }
+
+    fn sqlstate(&self) -> &str {
+        ProtocolError::sqlstate(self)
+    }
+}
+
 /// A bounds-checked cursor over one message body. Every read checks the remaining length first
 /// and names the message in its error.
 #[derive(Clone, Debug)]

@@ -19,18 +19,14 @@ use super::frame::{self, Frame, FrameError};
 use super::messages;
 
 pub use crate::protocol::core::{
-    AllowAll, Blocked, Core, Disposition, Gate, Output, Progress, Request, Seg,
+    AllowAll, Blocked, Core, Counters, Disposition, Gate, Output, Progress, Request, Seg,
+    Transaction,
 };
 
-/// Who broke the session: a peer that broke the protocol, or the gateway refusing to pass a
-/// result it could not inspect (masking fails closed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Server,
-    Gateway,
-}
+pub use crate::error::Side;
 
+/// Why the session core ends a session: a peer broke the protocol, or the gateway refused to pass
+/// a result it could not inspect (masking fails closed, [`Side::Gateway`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{side:?}: {reason}")]
 pub struct SessionError {
@@ -38,27 +34,37 @@ pub struct SessionError {
     pub reason: String,
 }
 
-impl SessionError {
-    /// The SQLSTATE of the FATAL ErrorResponse the client gets: a refused result is a privilege
-    /// matter (`42501`), a broken protocol on either side `08P01`.
-    pub fn sqlstate(&self) -> &'static str {
+/// A refused result is a privilege matter (`42501`), a broken protocol on either side `08P01`;
+/// the server's own bytes are never described to the client. Retrying the same bytes fails the
+/// same way.
+impl crate::error::WireError for SessionError {
+    fn side(&self) -> Side {
+        self.side
+    }
+
+    fn retryable(&self) -> bool {
+        false
+    }
+
+    fn sqlstate(&self) -> &str {
         match self.side {
             Side::Gateway => SQLSTATE_BLOCKED,
-            Side::Client | Side::Server => "08P01",
+            Side::Client | Side::Upstream => "08P01",
         }
     }
 
-    /// What the client is told. The server's own bytes are never described to it.
-    pub fn client_message(&self) -> String {
+    fn client_message(&self) -> String {
         match self.side {
             Side::Client => format!("protocol violation: {}", self.reason),
-            Side::Server => {
+            Side::Upstream => {
                 "the upstream server broke the protocol; the session is closed".to_owned()
             }
             Side::Gateway => self.reason.clone(),
         }
     }
+}
 
+impl SessionError {
     fn client(reason: impl Into<String>) -> Self {
         Self {
             side: Side::Client,
@@ -67,7 +73,7 @@ impl SessionError {
     }
     fn server(reason: impl Into<String>) -> Self {
         Self {
-            side: Side::Server,
+            side: Side::Upstream,
             reason: reason.into(),
         }
     }
@@ -225,13 +231,6 @@ const PROBE_STATEMENT: &str = "portcullis_blocked";
 /// The SQLSTATE for a statement policy refused or an operator denied (insufficient_privilege).
 pub const SQLSTATE_BLOCKED: &str = "42501";
 
-/// Per-direction traffic counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counters {
-    pub messages: u64,
-    pub bytes: u64,
-}
-
 #[derive(Debug)]
 pub struct Session {
     max_message: usize,
@@ -316,20 +315,9 @@ impl Session {
         self.keep_upstream = true;
     }
 
-    /// True when the server owes no reply and no message is half way through in either
-    /// direction: the upstream sits at a ReadyForQuery, where a reset can begin.
-    pub fn at_rest(&self) -> bool {
-        self.expect.is_empty() && self.fe_stream == 0 && self.be_stream == 0
-    }
-
     /// The transaction status of the last ReadyForQuery: `I`, `T` or `E`.
     pub fn transaction_status(&self) -> u8 {
         self.tx_status
-    }
-
-    /// Whether the server sent a FATAL error, after which it closes the connection itself.
-    pub fn server_sent_fatal(&self) -> bool {
-        self.server_fatal
     }
 
     /// Statements and portals the session remembers: bounded by what the server holds.
@@ -1079,6 +1067,37 @@ impl Core for Session {
     fn resolve_hold(&mut self, disposition: Disposition) {
         debug_assert!(disposition != Disposition::Hold);
         self.resolved = Some(disposition);
+    }
+
+    fn client_traffic(&self) -> Counters {
+        self.from_client
+    }
+
+    fn server_traffic(&self) -> Counters {
+        self.from_server
+    }
+
+    /// From the status byte of the last ReadyForQuery.
+    fn transaction(&self) -> Transaction {
+        match self.tx_status {
+            b'T' => Transaction::Open,
+            b'E' => Transaction::Failed,
+            _ => Transaction::Idle,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.expect.is_empty() && self.tx_status == b'I'
+    }
+
+    /// The upstream sits at a ReadyForQuery, where a reset can begin.
+    fn at_rest(&self) -> bool {
+        self.expect.is_empty() && self.fe_stream == 0 && self.be_stream == 0
+    }
+
+    /// A FATAL ErrorResponse, after which the server closes the connection itself.
+    fn server_sent_fatal(&self) -> bool {
+        self.server_fatal
     }
 }
 
