@@ -62,36 +62,65 @@ pub enum Held {
 }
 
 /// A request kept whole while something is computed elsewhere.
-pub struct OwnedRequest {
-    sql: Arc<str>,
-    /// The prepared statement's name, for a Parse.
-    statement: Option<String>,
-    /// The function's OID, for a fast-path FunctionCall.
-    function: Option<u32>,
+pub enum OwnedRequest {
+    /// A Query, or a Parse of the prepared statement named `statement`.
+    Statement {
+        sql: Arc<str>,
+        statement: Option<String>,
+    },
+    /// A fast-path FunctionCall, by function OID.
+    FunctionCall(u32),
+    Http {
+        method: String,
+        authority: String,
+        path: String,
+    },
 }
 
 impl OwnedRequest {
     fn of(request: &Request<'_>) -> OwnedRequest {
-        let (sql, statement, function) = match *request {
-            Request::Query(sql) => (sql, None, None),
-            Request::Parse { statement, sql } => (sql, Some(statement.to_owned()), None),
-            Request::FunctionCall { oid } => ("", None, Some(oid)),
-        };
-        OwnedRequest {
-            sql: Arc::from(sql),
-            statement,
-            function,
+        match *request {
+            Request::Query(sql) => OwnedRequest::Statement {
+                sql: Arc::from(sql),
+                statement: None,
+            },
+            Request::Parse { statement, sql } => OwnedRequest::Statement {
+                sql: Arc::from(sql),
+                statement: Some(statement.to_owned()),
+            },
+            Request::FunctionCall { oid } => OwnedRequest::FunctionCall(oid),
+            Request::Http {
+                method,
+                authority,
+                path,
+            } => OwnedRequest::Http {
+                method: method.to_owned(),
+                authority: authority.to_owned(),
+                path: path.to_owned(),
+            },
         }
     }
 
     pub fn as_request(&self) -> Request<'_> {
-        match (&self.statement, self.function) {
-            (_, Some(oid)) => Request::FunctionCall { oid },
-            (Some(statement), None) => Request::Parse {
-                statement,
-                sql: &self.sql,
+        match self {
+            OwnedRequest::Statement {
+                sql,
+                statement: Some(statement),
+            } => Request::Parse { statement, sql },
+            OwnedRequest::Statement {
+                sql,
+                statement: None,
+            } => Request::Query(sql),
+            OwnedRequest::FunctionCall(oid) => Request::FunctionCall { oid: *oid },
+            OwnedRequest::Http {
+                method,
+                authority,
+                path,
+            } => Request::Http {
+                method,
+                authority,
+                path,
             },
-            (None, None) => Request::Query(&self.sql),
         }
     }
 }
@@ -348,7 +377,9 @@ impl PolicyGate {
         let (sql, statement) = match *request {
             Request::Query(sql) => (sql, None),
             Request::Parse { statement, sql } => (sql, Some(statement.to_owned())),
-            Request::FunctionCall { .. } => unreachable!("only statements are large"),
+            Request::FunctionCall { .. } | Request::Http { .. } => {
+                unreachable!("only statements are large")
+            }
         };
         let sql: Arc<str> = Arc::from(sql);
         let (reply, verdict) = oneshot::channel();
@@ -366,11 +397,7 @@ impl PolicyGate {
             Ok(()) => {
                 self.held = Some(Held::Classifying {
                     verdict,
-                    request: OwnedRequest {
-                        sql,
-                        statement,
-                        function: None,
-                    },
+                    request: OwnedRequest::Statement { sql, statement },
                 });
                 return Disposition::Hold;
             }
@@ -446,12 +473,7 @@ impl PolicyGate {
                     info!(session = self.session, rule = %verdict.rule, "statement allowed by a standing approval");
                     return Disposition::Allow;
                 }
-                let sql = match *request {
-                    Request::Query(sql) | Request::Parse { sql, .. } => sql.to_owned(),
-                    Request::FunctionCall { oid } => {
-                        format!("-- fast-path FunctionCall of function OID {oid}")
-                    }
-                };
+                let sql = request.to_string();
                 let who = self.identity.as_ref().map(|i| &i.verified);
                 let new = NewApproval {
                     agent: self.agent.clone(),

@@ -107,6 +107,8 @@ pub async fn pump<D: Driver>(
     }
 }
 
+/// How a session ended without an error: the driver reports it to the client in its protocol
+/// ([`report_end`]), the recording in words ([`end_reason`]).
 pub enum End {
     ClientClosed,
     Terminated,

@@ -307,6 +307,13 @@ impl Gate for RecordGate {
                 format!("-- fast-path FunctionCall of function OID {oid}").into_bytes(),
                 13,
             ),
+            // A path's query string can carry a credential: redacted like SQL.
+            Request::Http { .. } => (
+                RequestKind::Http,
+                None,
+                r.redacted(request.to_string().as_bytes()),
+                0,
+            ),
         };
         let text = String::from_utf8(text)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());

@@ -173,7 +173,13 @@ pub struct BuiltinRules {
     pub default_action: Arc<str>,
     pub function_call: Arc<str>,
     pub empty: Arc<str>,
+    /// Every HTTP request, until HTTP rules exist.
+    pub http: Arc<str>,
 }
+
+/// The fingerprint of every HTTP request: they are all refused alike, so none is worth an
+/// approval grant of its own.
+const HTTP_FINGERPRINT: u64 = 1 << 62;
 
 impl Default for BuiltinRules {
     fn default() -> Self {
@@ -182,6 +188,7 @@ impl Default for BuiltinRules {
             default_action: Arc::from("default_action"),
             function_call: Arc::from("function_call"),
             empty: Arc::from("empty"),
+            http: Arc::from("http-not-supported"),
         }
     }
 }
@@ -226,6 +233,7 @@ impl Policy {
         let class = match req {
             Request::Query(sql) | Request::Parse { sql, .. } => cache.classify(sql),
             Request::FunctionCall { oid } => return self.function_call(*oid),
+            Request::Http { method, .. } => return self.http(method),
         };
         let mut worst: Option<(usize, Decided)> = None;
         for (i, stmt) in class.statements.iter().enumerate() {
@@ -367,6 +375,27 @@ impl Policy {
         )
     }
 
+    /// An HTTP request. Policy has no HTTP rules yet, so it cannot tell a harmless one from any
+    /// other: every one is refused, in observe mode too (nothing was decided to observe).
+    fn http(&self, method: &str) -> Verdict {
+        let class = Classification {
+            statements: vec![StatementClass::http()],
+            fingerprint: HTTP_FINGERPRINT,
+        };
+        let reason = format!(
+            "HTTP request ({method}): the gateway has no HTTP policy rules yet, so it refuses every \
+             HTTP request"
+        );
+        Verdict {
+            action: Action::Block,
+            shadow: (self.mode == Mode::Observe).then_some(Action::Block),
+            rule: self.builtin_rules.http.clone(),
+            reason,
+            fingerprint: class.fingerprint,
+            class: Arc::new(class),
+        }
+    }
+
     fn finish(
         &self,
         action: Action,
@@ -411,5 +440,46 @@ mod tests {
         assert!(g("é*").matches("école"));
         assert!(Glob::new("").is_err());
         assert!(Glob::new("a[bc]").is_err());
+    }
+
+    /// No HTTP rules exist yet: a policy that allows every statement, or only observes, still
+    /// refuses an HTTP request, by a rule that says so.
+    #[test]
+    fn http_requests_are_refused_until_http_rules_exist() {
+        let id = Identity::default();
+        let target = TargetRef {
+            name: "api",
+            database: "",
+        };
+        let get = Request::Http {
+            method: "GET",
+            authority: "api.example.com",
+            path: "/v1/users",
+        };
+        for (text, shadow) in [
+            ("default_action = \"allow\"\n", None),
+            (
+                "mode = \"observe\"\ndefault_action = \"allow\"\n",
+                Some(Action::Block),
+            ),
+        ] {
+            let policy = crate::policy::load_str(text, "test.toml", None).unwrap();
+            let mut cache = ClassifyCache::new(1);
+            let sql = policy.decide(&id, &target, &Request::Query("SELECT 1"), &mut cache);
+            assert_eq!(sql.decided(), Action::Allow, "{text}");
+            let v = policy.decide(&id, &target, &get, &mut cache);
+            assert_eq!((v.action, &*v.rule), (Action::Block, "http-not-supported"));
+            assert_eq!(v.shadow, shadow);
+            assert_eq!(
+                v.reason,
+                "HTTP request (GET): the gateway has no HTTP policy rules yet, so it refuses \
+                 every HTTP request"
+            );
+            assert_eq!(
+                v.error_message(),
+                "portcullis: blocked by policy rule \"http-not-supported\""
+            );
+            assert_eq!(v.class.statements[0].describe(), "HTTP (admin)");
+        }
     }
 }

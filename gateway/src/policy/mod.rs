@@ -99,6 +99,8 @@ pub enum Mode {
     #[default]
     Enforce,
     /// Evaluate everything, enforce nothing: verdicts are allow, with the real one in `shadow`.
+    /// HTTP requests are the exception: with no HTTP rules there is nothing to observe, and they
+    /// stay refused (`http-not-supported`).
     Observe,
 }
 
@@ -110,7 +112,7 @@ pub struct Verdict {
     /// In observe mode: what would have happened (`Some` for every request). `None` when enforcing.
     pub shadow: Option<Action>,
     /// The rule that decided: its `name`, or `rules[N]`; or one of the built-in deciders
-    /// `unparsable`, `default_action`, `function_call`, `empty`.
+    /// `unparsable`, `default_action`, `function_call`, `empty`, `http-not-supported`.
     pub rule: Arc<str>,
     /// Why, for the ErrorResponse detail and logs: the rule's `reason` and a description of the
     /// deciding statement (command, kind, risks, objects; never literals). Empty for allow.

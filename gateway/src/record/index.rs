@@ -332,6 +332,7 @@ fn kind_name(kind: RequestKind) -> &'static str {
         RequestKind::Execute => "execute",
         RequestKind::FunctionCall => "function_call",
         RequestKind::CopyIn => "copy_in",
+        RequestKind::Http => "http",
     }
 }
 

@@ -104,6 +104,8 @@ pub enum RequestKind {
     FunctionCall,
     /// Data the client sent with COPY FROM STDIN.
     CopyIn,
+    /// An HTTP request (`METHOD authority/path`).
+    Http,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

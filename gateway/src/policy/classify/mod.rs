@@ -361,6 +361,11 @@ impl StatementClass {
         c.finish()
     }
 
+    /// The class of an HTTP request: nothing policy can inspect yet.
+    pub(super) fn http() -> Self {
+        StatementClass::new("HTTP", Kind::Admin).finish()
+    }
+
     /// Fills in the summary; every constructor path ends here.
     fn finish(mut self) -> Self {
         self.summary = self.summarize();

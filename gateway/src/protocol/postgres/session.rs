@@ -632,8 +632,9 @@ impl Session {
                     sql,
                 }
             }
-            // A FunctionCall is answered like a simple query: result, then ReadyForQuery.
-            Request::Query(_) | Request::FunctionCall { .. } => {
+            // A FunctionCall is answered like a simple query: result, then ReadyForQuery. (This
+            // core makes no other request: Http is another protocol's.)
+            Request::Query(_) | Request::FunctionCall { .. } | Request::Http { .. } => {
                 if blocked {
                     out.emit(|o| messages::encode_query(PROBE_SQL, o));
                 }
@@ -1167,7 +1168,7 @@ mod tests {
             let sql = match r {
                 Request::Query(s) => *s,
                 Request::Parse { sql, .. } => *sql,
-                Request::FunctionCall { .. } => return Disposition::Allow,
+                Request::FunctionCall { .. } | Request::Http { .. } => return Disposition::Allow,
             };
             if sql.to_ascii_uppercase().contains("DROP") {
                 Disposition::Block(Blocked {
