@@ -2,8 +2,10 @@
 //!
 //! accept (`accept.rs`) → identify (`identify.rs`) → frame (`protocol/`, driven by the protocol's
 //! driver here, `postgres.rs`) → decide (`gate.rs` over `policy/`) → mask (`mask_filter.rs` over
-//! `mask/`) → record (`record.rs` over `record/`) → forward (`forward/`). A new protocol adds its driver beside
-//! `postgres.rs` and a sans-IO core under `protocol/`.
+//! `mask/`) → record (`record.rs` over `record/`) → forward (`forward/`). The pumps that carry a
+//! session's traffic through those stages are protocol-neutral (`pump.rs`, generic over
+//! [`pump::Driver`]). A new protocol adds its driver beside `postgres.rs` and a sans-IO core
+//! under `protocol/`.
 
 pub mod gate;
 pub mod lineage;
