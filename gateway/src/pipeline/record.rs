@@ -301,10 +301,10 @@ impl Gate for RecordGate {
                 r.redacted(sql.as_bytes()),
                 statement.len() as u64 + 11,
             ),
-            Request::FunctionCall { oid } => (
+            Request::FunctionCall { .. } => (
                 RequestKind::FunctionCall,
                 None,
-                format!("-- fast-path FunctionCall of function OID {oid}").into_bytes(),
+                request.to_string().into_bytes(),
                 13,
             ),
             // A path's query string can carry a credential: redacted like SQL.
