@@ -577,6 +577,22 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
             .iter()
             .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
     );
+    // What the gateway told the client while it held the statement is that statement's too.
+    let said = format!("statement held for approval: request {id}");
+    assert!(
+        of_statement(&entries, s).iter().any(
+            |r| matches!(r, Record::Notice(n) if n.code == "01000" && n.message.contains(&said))
+        ),
+        "{:?}",
+        of_statement(&entries, s)
+    );
+    let session = entries[0].session;
+    let shown = text(&recordings(
+        &gw.state_dir.join("recordings"),
+        &["show", &session.to_string()],
+    ));
+    let at = shown.find(insert).expect("the INSERT in `show`");
+    assert!(shown[at..].contains(&said), "{shown}");
     let (code, out) = verify(&gw.state_dir);
     assert_eq!(code, 0, "verify: {out}");
 }

@@ -632,7 +632,8 @@ async fn settle(
             return Ok(Disposition::Allow);
         }
     }
-    let (outcome, approver) = hold(client, info, &mut gate.policy).await?;
+    let said = gate.said();
+    let (outcome, approver) = hold(client, info, &mut gate.policy, &said).await?;
     Ok(gate.settled(outcome, approver))
 }
 
@@ -644,6 +645,7 @@ async fn hold(
     client: &Stream,
     info: &SessionInfo,
     gate: &mut PolicyGate,
+    said: &super::record::Said,
 ) -> Result<(Disposition, Option<String>), PumpError> {
     let previous = info.state();
     info.set_state(SessionState::Holding);
@@ -700,6 +702,7 @@ async fn hold(
                     )),
                     &mut notice,
                 );
+                said.wrote(&notice);
                 client.write_all(notice).await.0?;
                 // Dropping `decision` when the client leaves withdraws the request.
                 let decision = unless_client_leaves(client, decision).await?;
