@@ -1128,3 +1128,136 @@ fn the_cli_finds_recordings_and_key_through_config_and_state_dir() {
         "nothing left under the state dir"
     );
 }
+
+/// What this test process logs (the recorder's warnings come from its shipper thread).
+fn captured_log() -> String {
+    static LOG: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .try_init();
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Records `sessions` sessions, each ended (and so checkpointed), then shuts the recorder down;
+/// returns how many checkpoints it signed and its state.
+fn record_sessions(env: &Env, cfg: &RecordingConfig, sessions: usize) -> (u64, String) {
+    let recorder = Recorder::start(cfg, &env.state).unwrap();
+    let handle = recorder.handle();
+    for i in 0..sessions {
+        let mut s = handle
+            .begin(SessionStart {
+                target: "local".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        s.request(query(&format!("SELECT {i}"))).unwrap();
+        s.complete("SELECT 1", 1, 2, Duration::ZERO).unwrap();
+        s.end("done").unwrap();
+        handle.flush().wait().expect("recording goes on");
+    }
+    recorder.shutdown();
+    let status = handle.status();
+    (status.checkpoints, status.state)
+}
+
+#[test]
+fn ship_command_gets_every_signed_checkpoint_and_its_failures_are_logged_not_fatal() {
+    captured_log();
+    // A command that keeps what it is given, one file per run.
+    let env = Env::new();
+    let shipped = env.state.join("shipped");
+    std::fs::create_dir_all(&shipped).unwrap();
+    let mut cfg = env.config();
+    cfg.ship_command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("cat > \"$(mktemp -p {} note.XXXXXX)\"", shipped.display()),
+    ];
+    let (checkpoints, state) = record_sessions(&env, &cfg, 4);
+    assert_eq!(state, "ok");
+    // One per session's end at least, and the shutdown's.
+    assert!(checkpoints >= 4, "{checkpoints}");
+    let verifiers = checkpoint::Verifier::read_file(&env.pubkey()).unwrap();
+    let mut sizes = Vec::new();
+    for e in std::fs::read_dir(&shipped).unwrap() {
+        let path = e.unwrap().path();
+        let note = std::fs::read_to_string(&path).unwrap();
+        // A C2SP signed note: origin, tree size, root hash, a blank line, "— origin signature".
+        let lines: Vec<&str> = note.lines().collect();
+        assert_eq!(lines[0], "test/portcullis", "{note}");
+        assert_eq!(lines[3], "", "{note}");
+        assert!(lines[4].starts_with("\u{2014} test/portcullis "), "{note}");
+        let cp = checkpoint::open_checkpoint(&note, &verifiers)
+            .unwrap_or_else(|e| panic!("{e}: {note}"));
+        sizes.push(cp.size);
+        let (code, text) = env.verify(&["--checkpoint", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{text}");
+    }
+    assert_eq!(
+        sizes.len() as u64,
+        checkpoints,
+        "each checkpoint shipped once: {sizes:?}"
+    );
+    // Each session's end among them.
+    sizes.sort_unstable();
+    sizes.dedup();
+    assert!(sizes.len() >= 4, "{sizes:?}");
+
+    // A command that cannot start, one that fails, one that never ends: each is logged, and
+    // every session is still recorded and verifies.
+    for (argv, expect) in [
+        (vec!["/nonexistent/portcullis-ship"], "No such file"),
+        (vec!["sh", "-c", "exit 7"], "exit status: 7"),
+        (vec!["sleep", "30"], "was killed"),
+    ] {
+        let argv: Vec<String> = argv.into_iter().map(str::to_owned).collect();
+        let env = Env::new();
+        let mut cfg = env.config();
+        cfg.ship_command = argv.clone();
+        cfg.ship_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let (checkpoints, state) = record_sessions(&env, &cfg, 3);
+        assert_eq!(state, "ok", "{argv:?}");
+        assert!(checkpoints >= 3, "{argv:?}: {checkpoints}");
+        // A stuck command is killed, and the newest checkpoint goes next: the shutdown does not
+        // wait for each one in turn.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{argv:?}: {:?}",
+            started.elapsed()
+        );
+        let list = stdout(&env.cli(&["list", "--json"]));
+        assert_eq!(list.matches("\"id\"").count(), 3, "{argv:?}: {list}");
+        let (code, text) = env.verify(&[]);
+        assert_eq!(code, 0, "{argv:?}: {text}");
+        let program = &argv[0];
+        let log = captured_log();
+        let said = log
+            .lines()
+            .filter(|l| l.contains("checkpoint ship command") && l.contains(program.as_str()))
+            .find(|l| l.contains(expect) && l.contains("recording goes on"));
+        assert!(
+            said.is_some(),
+            "{argv:?} not logged with {expect:?}:\n{log}"
+        );
+    }
+}

@@ -577,6 +577,22 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
             .iter()
             .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
     );
+    // What the gateway told the client while it held the statement is that statement's too.
+    let said = format!("statement held for approval: request {id}");
+    assert!(
+        of_statement(&entries, s).iter().any(
+            |r| matches!(r, Record::Notice(n) if n.code == "01000" && n.message.contains(&said))
+        ),
+        "{:?}",
+        of_statement(&entries, s)
+    );
+    let session = entries[0].session;
+    let shown = text(&recordings(
+        &gw.state_dir.join("recordings"),
+        &["show", &session.to_string()],
+    ));
+    let at = shown.find(insert).expect("the INSERT in `show`");
+    assert!(shown[at..].contains(&said), "{shown}");
     let (code, out) = verify(&gw.state_dir);
     assert_eq!(code, 0, "verify: {out}");
 }
@@ -847,22 +863,55 @@ async fn rows_over_max_message_bytes_are_counted_and_said_to_be_missing() {
     );
 }
 
-/// Pipelined statements each recorded with their own result. Fails today: responses are
-/// attributed to the last request recorded, so the first query's row lands under the second
-/// (issue 13, still open).
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "pipelined response attribution is not built yet (issue 13)"]
-async fn pipelined_statements_are_each_recorded_with_their_own_rows() {
-    let pg = Postgres::start().expect("start PostgreSQL");
-    let dir = tempfile::tempdir().unwrap();
-    let pw_file = pg.write_password_file(dir.path()).unwrap();
+/// A gateway on its own config, with the shipped `default` policy or none.
+fn pipeline_gateway(pg: &Postgres, dir: &Path, default_policy: bool) -> Gateway {
+    let pw_file = pg.write_password_file(dir).unwrap();
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
         .parse()
         .unwrap();
     let body = testkit::single_target_toml(listen, &pg.url(), &pw_file);
-    let gw = Gateway::start(GatewayOptions::with_config(listen, body)).expect("start gateway");
+    let mut opts = GatewayOptions::with_config(listen, body);
+    if default_policy {
+        opts = opts.arg("--policy").arg("default");
+    }
+    Gateway::start(opts).expect("start gateway")
+}
+
+/// A client whose connection task the test awaits: on a current-thread runtime (where `join!`
+/// puts both requests into one write) the task runs only while the test awaits.
+async fn connect_here(gw: &Gateway) -> (Client, tokio::task::JoinHandle<()>) {
+    let (client, conn) = tokio_postgres::connect(&gw.conninfo("app"), NoTls)
+        .await
+        .expect("connect through the gateway");
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, task)
+}
+
+fn tag_of(records: &[&Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Complete(c) => Some(c.tag.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn one_row(value: &str) -> Vec<Vec<Option<Vec<u8>>>> {
+    vec![vec![Some(value.as_bytes().to_vec())]]
+}
+
+/// Pipelined simple queries: each recorded with its own row and command tag, not the last
+/// request's (the server answers them later, in order).
+#[tokio::test]
+async fn pipelined_statements_are_each_recorded_with_their_own_rows() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = pipeline_gateway(&pg, dir.path(), false);
     let rec_dir = gw.state_dir.join("recordings");
-    let client = connect(&gw).await;
+    let (client, conn) = connect_here(&gw).await;
     // Both queries leave in one write and the gateway reads them together.
     let (a, b) = futures_util::join!(
         client.simple_query("SELECT 'pipelined-a'"),
@@ -871,9 +920,235 @@ async fn pipelined_statements_are_each_recorded_with_their_own_rows() {
     a.expect("first pipelined query");
     b.expect("second pipelined query");
     drop(client);
+    conn.await.unwrap();
     let entries = wait_for_end(&rec_dir);
-    for text in ["SELECT 'pipelined-a'", "SELECT 'pipelined-b'"] {
-        let p = stmt_of(&entries, RequestKind::Query, text);
-        assert_eq!(rows_of(&of_statement(&entries, p)).len(), 1, "{text}");
+    for value in ["pipelined-a", "pipelined-b"] {
+        let p = stmt_of(&entries, RequestKind::Query, &format!("SELECT '{value}'"));
+        let recs = of_statement(&entries, p);
+        assert_eq!(rows_of(&recs), one_row(value), "{recs:?}");
+        assert_eq!(tag_of(&recs), ["SELECT 1"], "{recs:?}");
     }
+}
+
+/// Pipelined extended-protocol queries with parameters (tokio-postgres prepares both in one
+/// write, then binds and executes both): each Execute keeps its parameters, rows and tag, and
+/// each statement's description goes with its own Parse.
+#[tokio::test]
+async fn pipelined_extended_queries_are_each_recorded_with_their_own_rows() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = pipeline_gateway(&pg, dir.path(), false);
+    let rec_dir = gw.state_dir.join("recordings");
+    let (client, conn) = connect_here(&gw).await;
+    let (sql_a, sql_b) = (
+        "SELECT $1::text AS first_col",
+        "SELECT $1::text AS second_col",
+    );
+    let (a, b) = futures_util::join!(
+        client.query(sql_a, &[&"extended-a"]),
+        client.query(sql_b, &[&"extended-b"])
+    );
+    assert_eq!(a.expect("first")[0].get::<_, &str>(0), "extended-a");
+    assert_eq!(b.expect("second")[0].get::<_, &str>(0), "extended-b");
+    drop(client);
+    conn.await.unwrap();
+    let entries = wait_for_end(&rec_dir);
+    for (sql, value, column) in [
+        (sql_a, "extended-a", "first_col"),
+        (sql_b, "extended-b", "second_col"),
+    ] {
+        let prepared = of_statement(&entries, stmt_of(&entries, RequestKind::Prepare, sql));
+        let described: Vec<&str> = prepared
+            .iter()
+            .filter_map(|r| match r {
+                Record::Columns(c) => Some(c),
+                _ => None,
+            })
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(described, [column], "{prepared:?}");
+        let run = of_statement(&entries, stmt_of(&entries, RequestKind::Execute, sql));
+        let Record::Request(req) = run[0] else {
+            panic!("{run:?}");
+        };
+        assert_eq!(
+            req.params,
+            [Some(portcullis::record::Bytes(value.as_bytes().to_vec()))]
+        );
+        assert_eq!(rows_of(&run), one_row(value), "{run:?}");
+        assert_eq!(tag_of(&run), ["SELECT 1"], "{run:?}");
+    }
+}
+
+/// A statement the default policy blocks, between two allowed ones in one pipeline: the
+/// gateway's 42501 is that statement's answer, the others keep their rows, and `show` says so.
+#[tokio::test]
+async fn a_blocked_statement_mid_pipeline_is_recorded_with_its_own_refusal() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = pipeline_gateway(&pg, dir.path(), true);
+    let rec_dir = gw.state_dir.join("recordings");
+    let (client, conn) = connect_here(&gw).await;
+    let (a, b, c) = futures_util::join!(
+        client.simple_query("SELECT 'before-the-block'"),
+        client.simple_query("DROP TABLE people"),
+        client.simple_query("SELECT 'after-the-block'")
+    );
+    a.expect("the statement before the blocked one runs");
+    assert_eq!(sqlstate(&b.unwrap_err()), "42501");
+    c.expect("the statement after the blocked one runs");
+    drop(client);
+    conn.await.unwrap();
+    let entries = wait_for_end(&rec_dir);
+    for value in ["before-the-block", "after-the-block"] {
+        let recs = of_statement(
+            &entries,
+            stmt_of(&entries, RequestKind::Query, &format!("SELECT '{value}'")),
+        );
+        assert_eq!(rows_of(&recs), one_row(value), "{recs:?}");
+        assert!(
+            !recs.iter().any(|r| matches!(r, Record::Error(_))),
+            "{recs:?}"
+        );
+    }
+    let blocked = of_statement(
+        &entries,
+        stmt_of(&entries, RequestKind::Query, "DROP TABLE people"),
+    );
+    assert!(
+        blocked
+            .iter()
+            .any(|r| matches!(r, Record::Verdict(v) if v.action == Action::Block)),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked.iter().any(|r| matches!(r, Record::Error(n)
+            if n.code == "42501" && n.message.contains("blocked by rule"))),
+        "{blocked:?}"
+    );
+    assert!(rows_of(&blocked).is_empty(), "{blocked:?}");
+    let session = entries[0].session;
+    let shown = text(&recordings(&rec_dir, &["show", &session.to_string()]));
+    let drop_at = shown
+        .find("DROP TABLE people")
+        .expect("the statement in `show`");
+    let refusal = shown[drop_at..]
+        .find("SQLSTATE 42501")
+        .expect("its refusal in `show`");
+    assert!(
+        shown[drop_at..drop_at + refusal].contains("block (rule"),
+        "{shown}"
+    );
+}
+
+/// One extended-protocol batch from a raw client (Parse, Bind, Describe, Execute per
+/// statement): the middle Execute fails, so the server skips
+/// the rest of the batch up to Sync; then a batch whose Parse the default policy blocks (the
+/// gateway drops the rest of that batch); then one more statement. Each answer, and each
+/// absence of one, is recorded where it belongs.
+#[test]
+fn an_error_mid_batch_skips_to_sync_and_later_statements_keep_their_rows() {
+    use testkit::wire::{self, RawConn};
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = pipeline_gateway(&pg, dir.path(), true);
+    let rec_dir = gw.state_dir.join("recordings");
+    let endpoint = testkit::Endpoint {
+        host: gw.listen.ip().to_string(),
+        port: gw.listen.port(),
+        user: "agent".into(),
+        password: None,
+        dbname: "app".into(),
+        params: Vec::new(),
+    };
+    let mut conn = RawConn::to(&endpoint).expect("connect");
+    conn.startup(&endpoint, wire::PROTOCOL_3_0)
+        .expect("startup");
+    let statement = |sql: &str| {
+        [
+            wire::parse("", sql),
+            wire::bind("", "", &[]),
+            wire::describe(b'P', ""),
+            wire::execute("", 0),
+        ]
+        .concat()
+    };
+    let batch = [
+        statement("SELECT 'batch-one'"),
+        statement("SELECT 1/0"),
+        statement("SELECT 'skipped-by-the-server'"),
+        wire::sync(),
+        statement("DROP TABLE people"),
+        statement("SELECT 'dropped-by-the-gateway'"),
+        wire::sync(),
+        statement("SELECT 'batch-three'"),
+        wire::sync(),
+    ]
+    .concat();
+    conn.send(&batch).unwrap();
+    let first = conn.read_until_ready().expect("first batch");
+    assert_eq!(
+        RawConn::first_column(&first),
+        vec![Some("batch-one".to_string())]
+    );
+    assert_eq!(
+        first.iter().find_map(wire::Message::sqlstate).as_deref(),
+        Some("22012")
+    );
+    let second = conn.read_until_ready().expect("second batch");
+    assert_eq!(
+        second.iter().find_map(wire::Message::sqlstate).as_deref(),
+        Some("42501")
+    );
+    let third = conn.read_until_ready().expect("third batch");
+    assert_eq!(
+        RawConn::first_column(&third),
+        vec![Some("batch-three".to_string())]
+    );
+    conn.send(&wire::terminate()).unwrap();
+    drop(conn);
+
+    let entries = wait_for_end(&rec_dir);
+    let run = |sql: &str| of_statement(&entries, stmt_of(&entries, RequestKind::Execute, sql));
+    for value in ["batch-one", "batch-three"] {
+        let recs = run(&format!("SELECT '{value}'"));
+        assert_eq!(rows_of(&recs), one_row(value), "{recs:?}");
+        assert_eq!(tag_of(&recs), ["SELECT 1"], "{recs:?}");
+        // The portal's description, sent before the Execute, answers for it.
+        assert!(
+            matches!(recs[1], Record::Columns(c) if c.len() == 1),
+            "{recs:?}"
+        );
+    }
+    let failed = run("SELECT 1/0");
+    assert!(
+        failed
+            .iter()
+            .any(|r| matches!(r, Record::Error(n) if n.code == "22012")),
+        "{failed:?}"
+    );
+    assert_eq!(tag_of(&failed), [""], "{failed:?}");
+    // Sent, recorded, and never answered: the server skipped it.
+    let skipped = run("SELECT 'skipped-by-the-server'");
+    assert!(
+        skipped.iter().all(|r| matches!(r, Record::Request(_))),
+        "{skipped:?}"
+    );
+    let blocked = of_statement(
+        &entries,
+        stmt_of(&entries, RequestKind::Prepare, "DROP TABLE people"),
+    );
+    assert!(
+        blocked
+            .iter()
+            .any(|r| matches!(r, Record::Error(n) if n.code == "42501")),
+        "{blocked:?}"
+    );
+    // Dropped by the gateway after the block, as the server drops a failed batch: never sent.
+    assert!(!entries.iter().any(
+        |e| matches!(&e.record, Record::Request(r) if r.text.contains("dropped-by-the-gateway"))
+    ));
 }

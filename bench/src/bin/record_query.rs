@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use portcullis::mask::{MaskRules, Masker};
-use portcullis::pipeline::record::Responses;
+use portcullis::pipeline::record::{Answer, Responses};
 use portcullis::protocol::postgres::frame::write_message;
 use portcullis::record::{Recorder, RecordingConfig, Request, RequestKind, SessionStart, Verdict};
 
@@ -128,7 +128,7 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
             text,
             params: vec![],
         })?;
-        responses.begin(bytes_in);
+        responses.request(Answer::Query, rec.stmt(), bytes_in);
         rec.verdict(Verdict::allow(Some("default/read".into())))?;
         let mut batch = rec.batch();
         responses.feed(wire, &mut batch);

@@ -353,7 +353,8 @@ async fn settle<D: Driver>(
             return Ok(Disposition::Allow);
         }
     }
-    let (outcome, approver) = hold::<D>(client, info, &mut gate.policy).await?;
+    let said = gate.said();
+    let (outcome, approver) = hold::<D>(client, info, &mut gate.policy, &said).await?;
     Ok(gate.settled(outcome, approver))
 }
 
@@ -365,6 +366,7 @@ async fn hold<D: Driver>(
     client: &Stream,
     info: &SessionInfo,
     gate: &mut PolicyGate,
+    said: &super::record::Said,
 ) -> Result<(Disposition, Option<String>), PumpError<<D::Core as Core>::Error>> {
     let previous = info.state();
     info.set_state(SessionState::Holding);
@@ -421,6 +423,7 @@ async fn hold<D: Driver>(
                     )),
                     &mut notice,
                 );
+                said.wrote(&notice);
                 client.write_all(notice).await.0?;
                 // Dropping `decision` when the client leaves withdraws the request.
                 let decision = unless_client_leaves(client, decision).await?;

@@ -9,7 +9,7 @@
 //! the recorder's SQLSTATE (53100 or 58030); it never runs unrecorded.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +21,7 @@ use crate::daemon::Shared;
 use crate::identify::Identity;
 use crate::idp::VerifiedIdentity;
 use crate::mask::Masker;
-use crate::protocol::core::{Blocked, Disposition, Gate, Output, Request, Seg};
+use crate::protocol::core::{Blocked, Disposition, Gate, Output, Owed, Request, Seg};
 use crate::protocol::postgres::session::MAX_NAMED;
 use crate::record::{
     self, Action, Bytes, Column, Durable, Notice, RecordError, RequestKind, SessionRecorder,
@@ -155,7 +155,9 @@ impl SessionRecord {
             .unwrap_or_else(|| text.to_vec())
     }
 
-    /// Records a statement and starts timing its response; strict mode keeps its `Durable`.
+    /// Records a statement and queues it for its response, in the server's order; strict mode
+    /// keeps its `Durable`. Queued even when it cannot be recorded: the client is then answered
+    /// with the refusal's error, in its place.
     fn request(
         &mut self,
         kind: RequestKind,
@@ -164,17 +166,25 @@ impl SessionRecord {
         params: Vec<Option<Bytes>>,
         bytes_in: u64,
     ) -> Result<(), RecordError> {
-        let durable = self.rec()?.request(record::Request {
+        let rec = self.rec()?;
+        let durable = rec.request(record::Request {
             kind,
             statement,
             text,
             params,
-        })?;
+        });
+        let stmt = rec.stmt();
+        self.response.request(Answer::of(kind), stmt, bytes_in);
+        let durable = durable?;
         if self.strict {
             self.durable = Some(durable);
         }
-        self.response.begin(bytes_in);
         Ok(())
+    }
+
+    /// The statement the next reply of a message without one of its own goes with.
+    fn latest(&self) -> u32 {
+        self.rec.as_ref().map_or(0, SessionRecorder::stmt)
     }
 
     fn verdict(&mut self, verdict: Verdict) -> Result<(), RecordError> {
@@ -227,6 +237,11 @@ pub struct RecordGate {
 impl RecordGate {
     pub fn new(policy: PolicyGate, record: Rc<RefCell<SessionRecord>>) -> Self {
         RecordGate { policy, record }
+    }
+
+    /// Where the gateway's own words to the client about a statement it holds are recorded.
+    pub fn said(&self) -> Said {
+        Said(self.record.clone())
     }
 
     /// Strict mode: the record a held statement waits for before it may run.
@@ -291,6 +306,15 @@ impl Gate for RecordGate {
             return self.policy.check(request);
         }
         if let Err(e) = r.flush_copy_in(true) {
+            // Its refusal is the server's answer to a stand-in: it goes with the last statement.
+            let answer = match request {
+                Request::Parse { .. } => Answer::Parse,
+                Request::Query(_) | Request::FunctionCall { .. } | Request::Http { .. } => {
+                    Answer::Query
+                }
+            };
+            let latest = Some(r.latest());
+            r.response.owe(answer, latest);
             return refusal(&e);
         }
         let (kind, statement, text, bytes_in) = match *request {
@@ -362,6 +386,8 @@ impl Gate for RecordGate {
         if !r.recording() {
             return;
         }
+        // Its reply goes with the Execute that follows.
+        r.response.owe(Answer::Bind, None);
         let params = bind_params(body)
             .into_iter()
             .map(|p| p.map(|v| Bytes(r.redacted(v))))
@@ -406,6 +432,38 @@ impl Gate for RecordGate {
             return Ok(());
         }
         r.copy_in(data).map_err(|e| refused(&e))
+    }
+
+    fn owed(&mut self, message: Owed<'_>) {
+        let mut r = self.record.borrow_mut();
+        if !r.recording() {
+            return;
+        }
+        let latest = Some(r.latest());
+        match message {
+            // A portal is described for the Execute that follows; a statement after its Parse.
+            Owed::Describe { portal } => {
+                r.response
+                    .owe(Answer::Describe, if portal { None } else { latest });
+            }
+            Owed::Close => r.response.owe(Answer::Close, latest),
+            Owed::Sync => r.response.owe(Answer::Sync, latest),
+            // Refused before policy saw it: recorded as a statement of its own, without its
+            // text (the core did not read it), so that its error is not taken for another's.
+            Owed::Refused { simple, blocked } => {
+                let _ = r.flush_copy_in(true);
+                let kind = if simple {
+                    RequestKind::Query
+                } else {
+                    RequestKind::Prepare
+                };
+                if r.request(kind, None, String::new(), Vec::new(), 0).is_ok() {
+                    let _ = r.verdict(verdict_of(&Disposition::Block(blocked.clone()), None));
+                }
+                // Nothing waits on it: the core answers it with its refusal whatever the mode.
+                r.durable = None;
+            }
+        }
     }
 }
 
@@ -465,6 +523,31 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Records the NoticeResponses the gateway writes to the client itself while it holds a
+/// statement (for an operator's approval), under that statement, as the client got them.
+pub struct Said(Rc<RefCell<SessionRecord>>);
+
+impl Said {
+    /// Whole messages about to be written to the client; only NoticeResponses are recorded.
+    pub fn wrote(&self, mut data: &[u8]) {
+        let mut r = self.0.borrow_mut();
+        if !r.recording() {
+            return;
+        }
+        let Some(rec) = r.rec.as_mut() else {
+            return;
+        };
+        while data.len() >= 5 && data.len() >= message_len(data) {
+            let total = message_len(data);
+            if data[0] == b'N' {
+                // A failure is the recorder's to count; the next statement is refused.
+                let _ = rec.told(notice(&data[5..total]));
+            }
+            data = &data[total..];
+        }
+    }
+}
+
 /// Reads what is written to the client and records its results.
 pub struct ResponseTap {
     record: Rc<RefCell<SessionRecord>>,
@@ -521,16 +604,57 @@ impl ResponseTap {
 /// How long a session waits for a congested recorder before it looks again.
 const PACE: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// The server-to-client stream, framed again after masking, and the statement it answers. Public
-/// for the recording bench (`bench/src/bin/record_query.rs`), which drives it as the tap does.
+/// Which kind of message a reply answers, and so which replies end it (the server answers in
+/// the order it was sent, and after an error in a batch skips to Sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A simple Query or a FunctionCall: everything up to ReadyForQuery.
+    Query,
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+}
+
+impl Answer {
+    fn of(kind: RequestKind) -> Answer {
+        match kind {
+            RequestKind::Query
+            | RequestKind::FunctionCall
+            | RequestKind::CopyIn
+            | RequestKind::Http => Answer::Query,
+            RequestKind::Prepare => Answer::Parse,
+            RequestKind::Execute => Answer::Execute,
+        }
+    }
+}
+
+/// A message the server still owes a reply to.
+#[derive(Debug)]
+struct Owing {
+    answer: Answer,
+    /// The statement its reply is recorded under; `None`: the Execute that follows it.
+    stmt: Option<u32>,
+    /// When the statement was recorded (for its latency), and its wire bytes not yet counted
+    /// in a `complete`.
+    started: Option<Instant>,
+    bytes_in: u64,
+}
+
+/// The server-to-client stream, framed again after masking, and the statements it answers: a
+/// queue of what the server owes, in its order, pairs each reply with its own statement when
+/// the client pipelines. Public for the recording bench (`bench/src/bin/record_query.rs`),
+/// which drives it as the tap does.
 pub struct Responses {
     /// A message split across writes, kept until it is whole.
     partial: Vec<u8>,
     /// Bytes still to drop of a message larger than `max_message`, not recorded.
     skip: usize,
     max_message: usize,
-    started: Instant,
-    bytes_in: u64,
+    owed: VecDeque<Owing>,
+    /// Wire bytes of the current statement's reply not yet counted in a `complete`.
     bytes_out: u64,
     /// DataRow bodies as the client got them, back to back (kept for reuse), and how many.
     rows: Vec<u8>,
@@ -548,8 +672,7 @@ impl Responses {
             partial: Vec::new(),
             skip: 0,
             max_message,
-            started: Instant::now(),
-            bytes_in: 0,
+            owed: VecDeque::new(),
             bytes_out: 0,
             rows: Vec::new(),
             row_count: 0,
@@ -560,16 +683,41 @@ impl Responses {
         }
     }
 
-    /// A statement starts: its response is timed and counted from here.
-    pub fn begin(&mut self, bytes_in: u64) {
-        self.started = Instant::now();
-        self.bytes_in = bytes_in;
-        self.bytes_out = 0;
+    /// Statement `stmt` was sent (or its stand-in): the server answers it after what it owes
+    /// already. Its response is timed from here; `bytes_in` is its request's size on the wire.
+    pub fn request(&mut self, answer: Answer, stmt: u32, bytes_in: u64) {
+        let started = Some(Instant::now());
+        if answer == Answer::Execute {
+            // The Bind and the portal's Describe before it are answered as part of it.
+            for o in self.owed.iter_mut().rev() {
+                if o.stmt.is_some() {
+                    break;
+                }
+                o.stmt = Some(stmt);
+                o.started = started;
+            }
+        }
+        self.owed.push_back(Owing {
+            answer,
+            stmt: Some(stmt),
+            started,
+            bytes_in,
+        });
+    }
+
+    /// A message that is no statement of its own: its reply goes with `stmt`, or (`None`) with
+    /// the Execute that follows it.
+    pub fn owe(&mut self, answer: Answer, stmt: Option<u32>) {
+        self.owed.push_back(Owing {
+            answer,
+            stmt,
+            started: None,
+            bytes_in: 0,
+        });
     }
 
     /// Bytes written to the client, in order, split anywhere.
     pub fn feed(&mut self, mut data: &[u8], rec: &mut SessionRecorder) {
-        self.bytes_out += data.len() as u64;
         loop {
             let n = self.skip.min(data.len());
             self.skip -= n;
@@ -587,7 +735,7 @@ impl Responses {
                 }
                 let total = message_len(&self.partial);
                 if total > self.max_message {
-                    self.skipped(self.partial[0], total);
+                    self.skipped(self.partial[0], total, rec);
                     self.partial.clear();
                     self.skip = total - 5;
                     continue;
@@ -612,7 +760,7 @@ impl Responses {
         while data.len() >= 5 {
             let total = message_len(data);
             if total > self.max_message {
-                self.skipped(data[0], total);
+                self.skipped(data[0], total, rec);
                 let n = (total - 5).min(data.len() - 5);
                 self.skip = total - 5 - n;
                 data = &data[5 + n..];
@@ -627,14 +775,30 @@ impl Responses {
         self.partial.extend_from_slice(data);
     }
 
+    /// Makes the head of the queue the statement `rec` records replies under. What was batched
+    /// for the previous one is handed over first, under its own number.
+    fn answering(&mut self, rec: &mut SessionRecorder) {
+        if let Some(stmt) = self.owed.front().and_then(|o| o.stmt)
+            && rec.answering() != Some(stmt)
+        {
+            self.flush(rec);
+            rec.answer(stmt);
+            self.bytes_out = 0;
+        }
+    }
+
     /// A message the client gets whole but the recording cannot: counted for the statement.
-    fn skipped(&mut self, tag: u8, total: usize) {
+    fn skipped(&mut self, tag: u8, total: usize, rec: &mut SessionRecorder) {
+        self.answering(rec);
+        self.bytes_out += total as u64;
         self.skipped += 1;
         self.skipped_rows += u64::from(tag == b'D');
         self.skipped_bytes += total as u64;
     }
 
     fn message(&mut self, tag: u8, body: &[u8], rec: &mut SessionRecorder) {
+        self.answering(rec);
+        self.bytes_out += 5 + body.len() as u64;
         let mut c = Cursor(body);
         match tag {
             b'T' => {
@@ -680,6 +844,31 @@ impl Responses {
             b'Z' | b's' => self.flush(rec),
             _ => {}
         }
+        self.answered(tag);
+    }
+
+    /// Settles the queue after a reply, as the server (and the core) do.
+    fn answered(&mut self, tag: u8) {
+        let head = self.owed.front().map(|o| o.answer);
+        let done = match (tag, head) {
+            (b'Z', Some(Answer::Query | Answer::Sync)) => true,
+            (b'1' | b'2' | b'3' | b'n' | b's', Some(_)) => true,
+            (b'T', Some(Answer::Describe)) => true,
+            (b'C' | b'I', Some(Answer::Execute)) => true,
+            // In a batch the server skips the rest up to Sync; a Query waits for ReadyForQuery.
+            (b'E', Some(Answer::Query | Answer::Sync) | None) => false,
+            (b'E', Some(_)) => {
+                self.owed.pop_front();
+                while self.owed.front().is_some_and(|o| o.answer != Answer::Sync) {
+                    self.owed.pop_front();
+                }
+                false
+            }
+            _ => false,
+        };
+        if done {
+            self.owed.pop_front();
+        }
     }
 
     fn complete(&mut self, tag: &str, rec: &mut SessionRecorder) {
@@ -695,8 +884,14 @@ impl Responses {
             let _ = rec.unrecorded(self.skipped_rows, self.skipped, self.skipped_bytes);
             (self.skipped, self.skipped_rows, self.skipped_bytes) = (0, 0, 0);
         }
-        let _ = rec.complete(tag, self.bytes_in, self.bytes_out, self.started.elapsed());
-        self.bytes_in = 0;
+        let (bytes_in, latency) = match self.owed.front_mut() {
+            Some(o) => (
+                std::mem::take(&mut o.bytes_in),
+                o.started.map(|t| t.elapsed()).unwrap_or_default(),
+            ),
+            None => (0, std::time::Duration::ZERO),
+        };
+        let _ = rec.complete(tag, bytes_in, self.bytes_out, latency);
         self.bytes_out = 0;
     }
 
@@ -878,5 +1073,108 @@ mod tests {
             .filter(|r| matches!(r, Record::Columns(c) if c.len() == 1 && c[0].name == "v" && c[0].type_oid == 25))
             .count();
         assert_eq!(columns, whole);
+    }
+
+    fn data_row(v: &[u8]) -> Vec<u8> {
+        let mut d = 1i16.to_be_bytes().to_vec();
+        d.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        d.extend_from_slice(v);
+        msg(b'D', &d)
+    }
+
+    #[test]
+    fn pipelined_replies_are_recorded_under_the_statements_they_answer() {
+        let state = tempfile::tempdir().unwrap();
+        let recorder = Recorder::start(&RecordingConfig::default(), state.path()).unwrap();
+        let mut rec = recorder.handle().begin(SessionStart::default()).unwrap();
+        let mut r = Responses::new(1 << 20);
+        let sent = |rec: &mut SessionRecorder, r: &mut Responses, kind, text: &str| {
+            rec.request(record::Request {
+                kind,
+                statement: None,
+                text: text.into(),
+                params: Vec::new(),
+            })
+            .unwrap();
+            r.request(Answer::of(kind), rec.stmt(), 10);
+            rec.stmt()
+        };
+        // Everything is sent before the first reply: two queries, then an extended batch whose
+        // second Execute fails (the server skips the third), then one more query.
+        let a = sent(&mut rec, &mut r, RequestKind::Query, "a");
+        let b = sent(&mut rec, &mut r, RequestKind::Query, "b");
+        let run = |rec: &mut SessionRecorder, r: &mut Responses, text| {
+            sent(rec, r, RequestKind::Prepare, text);
+            r.owe(Answer::Bind, None);
+            sent(rec, r, RequestKind::Execute, text)
+        };
+        let ran = run(&mut rec, &mut r, "ran");
+        let failed = run(&mut rec, &mut r, "failed");
+        let skipped = run(&mut rec, &mut r, "skipped");
+        r.owe(Answer::Sync, Some(skipped));
+        let c = sent(&mut rec, &mut r, RequestKind::Query, "c");
+        let (complete, ready) = (msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I"));
+        let wire = [
+            data_row(b"a"),
+            complete.clone(),
+            ready.clone(),
+            data_row(b"b"),
+            complete.clone(),
+            ready.clone(),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            data_row(b"ran"),
+            complete.clone(),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'E', b"SERROR\0C22012\0Mdivision by zero\0\0"),
+            ready.clone(),
+            data_row(b"c"),
+            complete,
+            ready,
+        ]
+        .concat();
+        // Split across writes too.
+        for piece in wire.chunks(7) {
+            let mut batch = rec.batch();
+            r.feed(piece, &mut batch);
+            r.flush(&mut batch);
+        }
+        rec.end("done").unwrap();
+        recorder.handle().flush().wait().unwrap();
+        drop(recorder);
+
+        let mut entries = Vec::new();
+        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
+            entries.push(e);
+            Ok(true)
+        })
+        .unwrap();
+        let of = |stmt: u32| -> Vec<&Record> {
+            entries
+                .iter()
+                .filter(|e| e.stmt == stmt)
+                .filter(|e| !matches!(e.record, Record::Request(_) | Record::SessionEnd { .. }))
+                .map(|e| &e.record)
+                .collect()
+        };
+        for (stmt, value) in [(a, "a"), (b, "b"), (ran, "ran"), (c, "c")] {
+            let recs = of(stmt);
+            let [Record::Rows(rows), Record::Complete(done)] = recs[..] else {
+                panic!("{value}: {recs:?}");
+            };
+            assert_eq!(rows, &[vec![Some(Bytes(value.into()))]], "{value}");
+            assert_eq!(
+                (done.tag.as_str(), done.rows, done.bytes_in),
+                ("SELECT 1", 1, 10)
+            );
+        }
+        let recs = of(failed);
+        assert!(
+            matches!(recs[..], [Record::Error(e), Record::Complete(done)]
+                if e.code == "22012" && done.tag.is_empty()),
+            "{recs:?}"
+        );
+        assert_eq!(of(skipped), Vec::<&Record>::new());
     }
 }

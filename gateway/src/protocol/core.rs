@@ -115,6 +115,28 @@ pub trait Gate {
     fn copy_data(&mut self, _data: &[u8]) -> Result<(), Blocked> {
         Ok(())
     }
+
+    /// A message the server will answer that no other call stands for, in the order it goes
+    /// upstream among the others: with them the record stage knows whose reply each one is.
+    fn owed(&mut self, _message: Owed<'_>) {}
+}
+
+/// A message the server answers that the gate does not decide (see [`Gate::owed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owed<'a> {
+    /// Describe of a portal (`true`: answered for the Execute that follows) or a statement.
+    Describe {
+        portal: bool,
+    },
+    Close,
+    /// Sync: the end of an extended-protocol batch, answered by ReadyForQuery.
+    Sync,
+    /// A stand-in for a message the core refused by itself, before any gate call (too large,
+    /// or past a per-session limit); `simple`: a Query or FunctionCall.
+    Refused {
+        simple: bool,
+        blocked: &'a Blocked,
+    },
 }
 
 /// Lets everything through.

@@ -401,6 +401,8 @@ fn play(dir: &Path, id: u64, speed: Option<f64>) -> anyhow::Result<()> {
 pub struct Transcript {
     columns: Vec<String>,
     rows: Vec<Row>,
+    /// The statement the lines above belong to: a reply to another one (pipelined) says whose.
+    shown: u32,
 }
 
 fn cell(v: &Option<super::Bytes>) -> String {
@@ -419,6 +421,21 @@ fn cell(v: &Option<super::Bytes>) -> String {
 impl Transcript {
     pub fn entry(&mut self, e: &Entry) -> String {
         let mut out = String::new();
+        let reply = !matches!(
+            e.record,
+            Record::SessionStart(_)
+                | Record::Request(_)
+                | Record::Verdict(_)
+                | Record::CopyIn(_)
+                | Record::SessionEnd { .. }
+                | Record::Recovery { .. }
+        );
+        if let Record::Request(_) = e.record {
+            self.shown = e.stmt;
+        } else if reply && e.stmt != self.shown {
+            self.shown = e.stmt;
+            let _ = writeln!(out, "    -- reply to #{}", e.stmt);
+        }
         match &e.record {
             Record::SessionStart(s) => {
                 let _ = writeln!(

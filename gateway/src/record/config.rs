@@ -44,9 +44,13 @@ pub struct RecordingConfig {
     /// end and every recovery also get one.
     #[serde(with = "humantime_serde_compat")]
     pub checkpoint_interval: Duration,
-    /// A program each new checkpoint is piped to (argv), e.g. to ship it off the host.
+    /// A program each new checkpoint is piped to (argv), e.g. to ship it off the host: one run
+    /// per checkpoint, its signed note on stdin. A failure is logged and recording goes on.
     /// Checkpoints always go to the log (the journal under systemd). Default none.
     pub ship_command: Vec<String>,
+    /// How long one run of `ship_command` may take before it is killed (and logged). Default "10s".
+    #[serde(with = "humantime_serde_compat")]
+    pub ship_timeout: Duration,
     /// Forward a statement only once its request record is on disk. Default false.
     pub strict: bool,
     /// What happens to new statements when recording fails: "refuse" (the default).
@@ -95,6 +99,7 @@ impl Default for RecordingConfig {
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
             ship_command: Vec::new(),
+            ship_timeout: Duration::from_secs(10),
             strict: false,
             on_failure: OnFailure::Refuse,
             max_queue_bytes: 64 << 20,
@@ -163,6 +168,9 @@ impl RecordingConfig {
         if self.checkpoint_records == 0 {
             return Err("key `recording.checkpoint_records`: at least 1".into());
         }
+        if self.ship_timeout.is_zero() {
+            return Err("key `recording.ship_timeout`: more than 0s".into());
+        }
         if !(-7..=22).contains(&self.zstd_level) {
             return Err("key `recording.zstd_level`: between -7 and 22".into());
         }
@@ -194,10 +202,12 @@ mod tests {
         assert_eq!(c, RecordingConfig::default());
         assert_eq!(c.on_failure, OnFailure::Refuse);
         let c: RecordingConfig = toml::from_str(
-            "commit_interval = \"5ms\"\nstrict = true\n[target.db]\nmax_response_bytes = 10\n",
+            "commit_interval = \"5ms\"\nstrict = true\nship_timeout = \"250ms\"\n\
+             [target.db]\nmax_response_bytes = 10\n",
         )
         .unwrap();
         assert_eq!(c.commit_interval, Duration::from_millis(5));
+        assert_eq!(c.ship_timeout, Duration::from_millis(250));
         assert_eq!(c.max_response_bytes("db"), Some(10));
         assert_eq!(c.max_response_bytes("other"), None);
         let e = toml::from_str::<RecordingConfig>("stirct = true").unwrap_err();
@@ -224,5 +234,10 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate(state).unwrap_err().contains("danger_disable"));
+        let c = RecordingConfig {
+            ship_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(c.validate(state).unwrap_err().contains("ship_timeout"));
     }
 }

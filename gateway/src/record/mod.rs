@@ -381,6 +381,7 @@ impl RecorderHandle {
             handle: self.clone(),
             id,
             stmt: 0,
+            answering: None,
             ended: false,
             max_response_bytes,
             response: ResponseCount::default(),
@@ -496,11 +497,14 @@ impl ResponseCount {
 }
 
 /// One session's recorder, owned by the session. Statement numbers are kept here: `request`
-/// starts a statement and every later call belongs to it.
+/// starts a statement, and later calls belong to it; responses belong to the statement set by
+/// [`Self::answer`] once it is called (the server answers pipelined statements later, in order).
 pub struct SessionRecorder {
     handle: RecorderHandle,
     id: u64,
     stmt: u32,
+    /// The statement responses are recorded under; `None`: the last request's.
+    answering: Option<u32>,
     ended: bool,
     max_response_bytes: Option<u64>,
     response: ResponseCount,
@@ -561,6 +565,24 @@ impl SessionRecorder {
         self.id
     }
 
+    /// The last request's statement number (0 before the first).
+    pub fn stmt(&self) -> u32 {
+        self.stmt
+    }
+
+    /// The statement responses are recorded under, once [`Self::answer`] set one.
+    pub fn answering(&self) -> Option<u32> {
+        self.answering
+    }
+
+    /// Responses from here on answer statement `stmt`, and count towards its `complete`.
+    pub fn answer(&mut self, stmt: u32) {
+        if self.answering != Some(stmt) {
+            self.answering = Some(stmt);
+            self.response = ResponseCount::default();
+        }
+    }
+
     /// `Err` while recording is failing, as the next record would be refused.
     pub fn check(&self) -> Result<(), RecordError> {
         self.handle.check()
@@ -583,7 +605,12 @@ impl SessionRecorder {
 
     fn send(&mut self, record: Record, strict: bool) -> Result<Durable, RecordError> {
         let approx = record.approx_bytes();
-        let encoded = self.encode(&record, approx)?;
+        let stmt = match &record {
+            Record::Request(_) | Record::Verdict(_) | Record::CopyIn(_) => self.stmt,
+            Record::SessionStart(_) | Record::SessionEnd { .. } => self.stmt,
+            _ => self.answering.unwrap_or(self.stmt),
+        };
+        let encoded = self.encode(&record, stmt, approx)?;
         if encoded && strict && self.handle.shared.strict {
             let (tx, rx) = oneshot::channel();
             self.submit(Some(tx))?;
@@ -600,6 +627,7 @@ impl SessionRecorder {
     fn encode<R: ?Sized + serde::Serialize>(
         &mut self,
         record: &R,
+        stmt: u32,
         approx: usize,
     ) -> Result<bool, RecordError> {
         if !self.handle.reserve(approx)? {
@@ -608,7 +636,7 @@ impl SessionRecorder {
         let tail = encode::Tail {
             at_us: now_us(),
             session: self.id,
-            stmt: self.stmt,
+            stmt,
             record,
         };
         let at = self.pending.len();
@@ -651,7 +679,9 @@ impl SessionRecorder {
     /// the returned [`Durable`] resolves to `Ok`; otherwise it is already resolved.
     pub fn request(&mut self, request: Request) -> Result<Durable, RecordError> {
         self.stmt += 1;
-        self.response = ResponseCount::default();
+        if self.answering.is_none() {
+            self.response = ResponseCount::default();
+        }
         self.send(Record::Request(request), true)
     }
 
@@ -703,7 +733,8 @@ impl SessionRecorder {
             bodies: &bodies[..cut],
             count: keep,
         };
-        self.encode(&rows, 64 + cut + 4 * keep)?;
+        let stmt = self.answering.unwrap_or(self.stmt);
+        self.encode(&rows, stmt, 64 + cut + 4 * keep)?;
         if !self.batching || self.pending.len() >= SUBMIT_BYTES {
             self.submit(None)?;
         }
@@ -741,6 +772,15 @@ impl SessionRecorder {
 
     pub fn error(&mut self, error: Notice) -> Result<(), RecordError> {
         self.send(Record::Error(error), false).map(drop)
+    }
+
+    /// A notice the gateway itself sent the client about the statement it is deciding (the last
+    /// request): recorded under that statement, whatever the server is answering meanwhile.
+    pub fn told(&mut self, notice: Notice) -> Result<(), RecordError> {
+        let answering = self.answering.replace(self.stmt);
+        let sent = self.send(Record::Notice(notice), false).map(drop);
+        self.answering = answering;
+        sent
     }
 
     pub fn notification(

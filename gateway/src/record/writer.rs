@@ -157,7 +157,7 @@ impl Writer {
                 record: r,
             });
         }
-        w.ship = spawn_shipper(&w.cfg.ship_command);
+        w.ship = spawn_shipper(&w.cfg.ship_command, w.cfg.ship_timeout);
         w.commit(true);
         w.index_now();
         if let Some(Health::Failed(e)) = w.shared.health() {
@@ -653,9 +653,13 @@ fn catch_up(dir: &Path, index: &mut Index, size: u64) -> anyhow::Result<u64> {
     Ok(index.max_session()?)
 }
 
-/// Pipes each checkpoint to the configured command, off the recorder thread.
+/// Pipes each checkpoint to the configured command, off the recorder thread. A command that
+/// fails, cannot start or outlives `timeout` (then killed) is logged and recording goes on;
+/// after a timeout only the newest waiting checkpoint is shipped (it covers the ones before), so
+/// a stuck command neither piles checkpoints up nor holds the recorder's shutdown for long.
 fn spawn_shipper(
     argv: &[String],
+    timeout: Duration,
 ) -> Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)> {
     let (program, args) = argv.split_first()?;
     let (program, args) = (program.clone(), args.to_vec());
@@ -663,24 +667,70 @@ fn spawn_shipper(
     let thread = std::thread::Builder::new()
         .name("recorder-ship".into())
         .spawn(move || {
-            for note in rx {
-                let run = std::process::Command::new(&program)
-                    .args(&args)
-                    .stdin(std::process::Stdio::piped())
-                    .spawn()
-                    .and_then(|mut child| {
-                        if let Some(mut stdin) = child.stdin.take() {
-                            stdin.write_all(note.as_bytes())?;
-                        }
-                        child.wait()
-                    });
-                match run {
+            let mut behind = false;
+            while let Ok(mut note) = rx.recv() {
+                if behind {
+                    let mut dropped = 0;
+                    for newer in rx.try_iter() {
+                        note = newer;
+                        dropped += 1;
+                    }
+                    if dropped > 0 {
+                        tracing::warn!(
+                            "recording: {dropped} checkpoint(s) not shipped while the ship command                              {program} was slow; the newest one, shipped now, covers them"
+                        );
+                    }
+                }
+                behind = false;
+                match ship(&program, &args, &note, timeout) {
                     Ok(s) if s.success() => {}
-                    Ok(s) => tracing::warn!("recording: checkpoint ship command exited {s}"),
-                    Err(e) => tracing::warn!("recording: checkpoint ship command: {e}"),
+                    Ok(s) => tracing::warn!(
+                        "recording: checkpoint ship command {program} failed ({s}); recording goes on"
+                    ),
+                    Err(e) => {
+                        behind = e.kind() == std::io::ErrorKind::TimedOut;
+                        tracing::warn!(
+                            "recording: checkpoint ship command {program}: {e}; recording goes on"
+                        );
+                    }
                 }
             }
         })
         .ok()?;
     Some((tx, thread))
+}
+
+/// Runs the ship command once with `note` on its stdin; always reaps it.
+fn ship(
+    program: &str,
+    args: &[String],
+    note: &str,
+    timeout: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    // A command that exits without reading its input is its own failure, told by its status.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(note.as_bytes());
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "did not finish within {} (ship_timeout) and was killed",
+                    humantime::format_duration(timeout)
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

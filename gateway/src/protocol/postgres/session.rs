@@ -19,7 +19,7 @@ use super::frame::{self, Frame, FrameError};
 use super::messages;
 
 pub use crate::protocol::core::{
-    AllowAll, Blocked, Core, Counters, Disposition, Gate, Output, Progress, Request, Seg,
+    AllowAll, Blocked, Core, Counters, Disposition, Gate, Output, Owed, Progress, Request, Seg,
     Transaction,
 };
 
@@ -440,7 +440,12 @@ impl Session {
                         wire_len - 1,
                         self.max_message
                     );
-                    self.refuse(limit(reason), simple, to_server);
+                    let blocked = limit(reason);
+                    gate.owed(Owed::Refused {
+                        simple,
+                        blocked: &blocked,
+                    });
+                    self.refuse(blocked, simple, to_server);
                     self.from_client.messages += 1;
                     self.fe_stream = wire_len;
                     self.fe_stream_drop = true;
@@ -490,6 +495,10 @@ impl Session {
                 if let Some(b) =
                     self.over_cap(&self.statement_rows, statement, "prepared statements")
                 {
+                    gate.owed(Owed::Refused {
+                        simple: false,
+                        blocked: &b,
+                    });
                     self.refuse(b, false, out);
                     return Ok(None);
                 }
@@ -504,6 +513,10 @@ impl Session {
             b'B' => {
                 let (portal, statement, result_formats) = parse_bind(frame.body)?;
                 if let Some(b) = self.over_cap(&self.portals, portal, "portals") {
+                    gate.owed(Owed::Refused {
+                        simple: false,
+                        blocked: &b,
+                    });
                     self.refuse(b, false, out);
                     return Ok(None);
                 }
@@ -522,6 +535,9 @@ impl Session {
                 let kind = r.u8().map_err(client)?;
                 let name = self.names.hash_one(r.cstr().map_err(client)?);
                 out.pass(range);
+                gate.owed(Owed::Describe {
+                    portal: kind == b'P',
+                });
                 self.expect.push_back(Expect::Describe {
                     portal: kind == b'P',
                     name,
@@ -555,6 +571,7 @@ impl Session {
                 let kind = r.u8().map_err(client)?;
                 let name = self.names.hash_one(r.cstr().map_err(client)?);
                 out.pass(range);
+                gate.owed(Owed::Close);
                 self.expect.push_back(Expect::Close {
                     portal: kind == b'P',
                     name,
@@ -563,6 +580,7 @@ impl Session {
             b'S' => {
                 out.pass(range);
                 self.fe_discard_to_sync = false;
+                gate.owed(Owed::Sync);
                 self.expect.push_back(Expect::Sync);
             }
             b'd' => match gate.copy_data(frame.body) {
