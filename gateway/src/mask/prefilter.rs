@@ -97,6 +97,11 @@ const SEPARATED_TOKENS: &[(&str, TokenChars, usize, usize)] = {
     ]
 };
 
+/// The shortest text an anchor's detector can match: `Bearer ` and an 8-character token. JWTs take
+/// at least 22 bytes, AWS keys 20, Google keys 39. Shorter values (most short text columns) skip the
+/// anchor search.
+const MIN_ANCHORED_HIT: usize = 15;
+
 /// Detectors found through a digit.
 const NUMERIC: [DetectorKind; 5] = [
     DetectorKind::Phone,
@@ -156,7 +161,9 @@ impl Scanner {
     /// Appends the hits in `text` to `hits`, sorted, overlapping hits merged into one span.
     pub fn scan(&self, text: &[u8], hits: &mut Vec<Hit>) {
         let base = hits.len();
-        if let Some((searcher, anchors)) = &self.anchors {
+        if let Some((searcher, anchors)) = &self.anchors
+            && text.len() >= MIN_ANCHORED_HIT
+        {
             let mut covered = 0;
             for m in searcher.find_iter(text) {
                 if m.start() < covered {
@@ -349,7 +356,7 @@ impl Scanner {
             });
             return b;
         }
-        let first_run = s[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let first_run = digit_run(s, i);
         let mut end = i + first_run;
         // Common case: a short number on its own (`48213`, `2024`, `42%`).
         let sep = |k: usize| matches!(s.get(k), Some(b' ' | b'-' | b'.' | b'(' | b')'));
@@ -488,10 +495,15 @@ fn is_trigger(b: u8) -> bool {
 fn digit_run(s: &[u8], j: usize) -> usize {
     const LOW: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    let Some(word) = s.get(j..j + 8) else {
-        return s[j..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let v = match s.get(j..j + 8) {
+        Some(word) => u64::from_le_bytes(word.try_into().expect("8 bytes")),
+        // The last few bytes of a value, padded with NUL (not a digit): still one word.
+        None => {
+            let mut word = [0u8; 8];
+            word[..s.len() - j].copy_from_slice(&s[j..]);
+            u64::from_le_bytes(word)
+        }
     };
-    let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
     // For bytes below 0x80, (y | 0x80) - n keeps the high bit exactly when y >= n: no borrow crosses
     // a byte. Bytes at or above 0x80 are excluded by `!v`.
     let y = (v & !HIGH) | HIGH;
