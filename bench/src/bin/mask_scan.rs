@@ -753,12 +753,7 @@ fn wide_result(rows: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn wide_rows(
-    masker: &Masker,
-    args: &Args,
-    baseline: &RegexBaseline,
-    run: &dyn Fn(&str) -> bool,
-) {
+fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn Fn(&str) -> bool) {
     const INT4: u32 = 23;
     let names = ["id", "customer", "email", "card_number", "city", "note"];
     let cols: Vec<Column<'_>> = names

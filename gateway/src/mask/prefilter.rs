@@ -602,6 +602,27 @@ mod tests {
     }
 
     #[test]
+    fn values_too_short_for_an_anchor_skip_nothing_an_anchor_finds() {
+        // The shortest text each anchor's detector accepts: a value this long is still searched.
+        let shortest = [
+            ("Bearer abcdefgh", DetectorKind::Bearer),
+            ("eyJhbGciOi.eyJzdWIiOi.", DetectorKind::Jwt),
+            ("AKIAIOSFODNN7EXAMPLE", DetectorKind::AwsKey),
+            (
+                "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+                DetectorKind::Secret,
+            ),
+        ];
+        for (text, kind) in shortest {
+            assert!(text.len() >= MIN_ANCHORED_HIT, "{text}");
+            assert!(scan_all(text).iter().any(|(_, k)| *k == kind), "{text}");
+            // One byte shorter, no detector accepts it.
+            let cut = &text[..text.len() - 1];
+            assert!(scan_all(cut).iter().all(|(_, k)| *k != kind), "{cut}");
+        }
+    }
+
+    #[test]
     fn finds_each_kind_in_prose() {
         let text = "Contact alice@example.com or (415) 555-0123; card 4111 1111 1111 1111, ssn 123-45-6789, \
                     IBAN GB82 WEST 1234 5698 7654 32, from 10.1.2.3 and 2001:db8::7, key AKIAIOSFODNN7EXAMPLE, \
