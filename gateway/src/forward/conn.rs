@@ -158,6 +158,14 @@ impl Stream {
         }
     }
 
+    /// Whether the last read filled all the room it had: the socket may hold more already.
+    pub fn last_read_filled(&self) -> bool {
+        match self {
+            Stream::Tcp(_, side) => !side.reads.drained.get(),
+            Stream::Tls(_) => false,
+        }
+    }
+
     /// The size this stream's reads have reached (for tests).
     pub fn read_size(&self) -> usize {
         match self {

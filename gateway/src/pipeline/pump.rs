@@ -502,6 +502,14 @@ async fn server_to_client<D: Driver>(
             let fatal_seen = core.borrow().server_sent_fatal();
             return Ok(End::ServerClosed { fatal_seen });
         }
+        // A drained leg's first read is small, to keep idle sessions light. When it came back
+        // full and cut a message, the server owes the rest and most of it is likely waiting:
+        // one more read now spares a pass through the core and a send of a sliver.
+        if server.last_read_filled() && core.borrow().server_owes_more(&buf) {
+            let BufResult(more, b) = server.read(buf).await;
+            buf = b;
+            more?;
+        }
         // A reload reaches this session at its next result, not only new sessions.
         if let Some(masker) = shared.masker_if_reloaded(&mut generation) {
             D::reload(&mut filter, masker);

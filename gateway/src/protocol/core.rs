@@ -57,6 +57,10 @@ pub trait Core {
     /// Whether the server told the client itself that it is ending the session (PostgreSQL: a
     /// FATAL ErrorResponse): the driver then adds nothing when the server closes.
     fn server_sent_fatal(&self) -> bool;
+
+    /// Whether `input`, the server bytes not yet fed to [`Core::on_server`], ends inside a
+    /// message: the server still owes the rest of it, so reading on cannot wait forever.
+    fn server_owes_more(&self, input: &[u8]) -> bool;
 }
 
 /// Per-direction traffic counters.

@@ -1118,11 +1118,51 @@ impl Core for Session {
     fn server_sent_fatal(&self) -> bool {
         self.server_fatal
     }
+
+    fn server_owes_more(&self, input: &[u8]) -> bool {
+        if self.be_stream > input.len() {
+            return true;
+        }
+        let mut pos = self.be_stream;
+        while pos < input.len() {
+            match frame::header(&input[pos..]) {
+                Ok(Some((_, wire_len))) => pos = pos.saturating_add(wire_len),
+                // A header cut short is owed its rest.
+                Ok(None) => return true,
+                // Broken framing: nothing is owed; `on_server` reports it.
+                Err(_) => return false,
+            }
+        }
+        pos > input.len()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_owes_the_rest_of_a_message_cut_by_a_read() {
+        let core = Session::new(1 << 20);
+        let mut two = Vec::new();
+        for body in [&b"first"[..], b"second"] {
+            two.push(b'D');
+            two.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+            two.extend_from_slice(body);
+        }
+        assert!(!core.server_owes_more(&[]));
+        assert!(!core.server_owes_more(&two), "whole messages");
+        for cut in 1..two.len() {
+            let at_boundary = cut == 10;
+            assert_eq!(
+                core.server_owes_more(&two[..cut]),
+                !at_boundary,
+                "cut at {cut}"
+            );
+        }
+        // A declared length below 4 is broken framing, not a promise of more bytes.
+        assert!(!core.server_owes_more(b"D\0\0\0\x01"));
+    }
     use crate::protocol::postgres::frame::{Next, write_message};
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
