@@ -89,6 +89,20 @@ fn settle(gw: &Gateway) {
     }
 }
 
+/// After a session that ended mid-COPY: the next session gets another backend, and the COPY's
+/// rows never landed.
+async fn assert_copy_left_nothing(env: &Env, old_pid: i32, reused: &str) {
+    settle(env.h.gw());
+    let c = env.connect().await;
+    assert_ne!(pid(&c).await, old_pid, "{reused}");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pool_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
 async fn pid(c: &Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -303,19 +317,7 @@ async fn a_session_killed_mid_copy_is_not_reused() {
     assert_eq!(m.tag, b'G', "{}", m.describe());
     raw.send(&wire::frontend(b'd', b"1\n2\n")).unwrap();
     drop(raw);
-    settle(env.h.gw());
-    let b = env.connect().await;
-    assert_ne!(
-        pid(&b).await,
-        before,
-        "a connection left mid-COPY was reused"
-    );
-    let n: i64 = b
-        .query_one("SELECT count(*) FROM pool_t", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0);
+    assert_copy_left_nothing(&env, before, "a connection left mid-COPY was reused").await;
     let gone = env
         .h
         .pg
@@ -335,7 +337,6 @@ async fn a_session_killed_mid_copy_is_not_reused() {
             == "0"
     };
     assert!(gone, "the backend left mid-COPY still runs");
-    drop(b);
     settle(env.h.gw());
 
     // An operator kills a session in the middle of its COPY: its connection is not reused
@@ -374,19 +375,7 @@ async fn a_session_killed_mid_copy_is_not_reused() {
             .iter()
             .any(|m| m.sqlstate().as_deref() == Some("57P01"))
     );
-    settle(env.h.gw());
-    let c = env.connect().await;
-    assert_ne!(
-        pid(&c).await,
-        killed,
-        "a connection killed mid-COPY was reused"
-    );
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM pool_t", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0);
+    assert_copy_left_nothing(&env, killed, "a connection killed mid-COPY was reused").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
