@@ -677,7 +677,8 @@ fn spawn_shipper(
                     }
                     if dropped > 0 {
                         tracing::warn!(
-                            "recording: {dropped} checkpoint(s) not shipped while the ship command                              {program} was slow; the newest one, shipped now, covers them"
+                            "recording: {dropped} checkpoint(s) not shipped while {program} was slow; the newest one, \
+                             shipped now, covers them"
                         );
                     }
                 }
