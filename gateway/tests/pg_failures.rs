@@ -330,12 +330,19 @@ async fn upstream_backend_killed_mid_result() {
         )
     });
     assert!(rows < 5_000_000, "all rows arrived");
+    // The backend says 57P01 when it can. A backend blocked writing rows when the signal lands
+    // sends nothing (PostgreSQL's ProcessClientWriteInterrupt drops the message rather than
+    // break protocol sync), so the gateway then reports the upstream's end itself, as 08006.
     if let Some(db) = err.as_db_error() {
-        assert_eq!(
-            db.code().code(),
-            "57P01",
-            "admin_shutdown from pg_terminate_backend: {db:?}"
-        );
+        match db.code().code() {
+            "57P01" => {}
+            "08006" => assert_eq!(
+                db.message(),
+                "the upstream server closed the connection unexpectedly",
+                "{db:?}"
+            ),
+            other => panic!("expected 57P01 or the gateway's 08006, got {other}: {db:?}"),
+        }
     }
     eprintln!("victim error after {rows} rows: {err}");
 
