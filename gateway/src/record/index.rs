@@ -10,6 +10,9 @@ use super::types::{Entry, Record, RequestKind};
 
 pub const INDEX_FILE: &str = "index.sqlite";
 
+/// The index's layout, in SQLite's `user_version`. An index of any other is rebuilt.
+const SCHEMA_VERSION: i64 = 2;
+
 pub struct Index {
     db: Connection,
 }
@@ -52,6 +55,18 @@ impl Index {
         // WAL with NORMAL sync: a crash may lose the last batches, which the catch-up redoes.
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            // An index of another layout (or none): start empty at seq 0, and the recorder's
+            // catch-up rebuilds it from the segments, which are the record.
+            db.execute_batch(
+                "DROP TABLE IF EXISTS statements_fts; DROP TABLE IF EXISTS statements;
+                 DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS meta;",
+            )?;
+        }
+        // The full-text table keeps no copy of the text (`content=''`): `statements` holds it,
+        // and a match is joined back by rowid. `contentless_delete` lets prune and a re-indexed
+        // statement remove their old entries.
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS sessions(
@@ -66,8 +81,9 @@ impl Index {
                  seq INTEGER NOT NULL, PRIMARY KEY(session, stmt));
              CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_us);
              CREATE VIRTUAL TABLE IF NOT EXISTS statements_fts
-                 USING fts5(text, session UNINDEXED, stmt UNINDEXED);",
+                 USING fts5(text, content='', contentless_delete=1);",
         )?;
+        db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Index { db })
     }
 
@@ -146,12 +162,7 @@ impl Index {
                 }
                 Record::Request(r) => {
                     let v = decided.get(&i);
-                    tx.prepare_cached(
-                        "INSERT OR REPLACE INTO statements(session, stmt, at_us, kind, text, seq,
-                             verdict, rule, approver)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    )?
-                    .execute(params![
+                    let values = params![
                         e.session as i64,
                         e.stmt,
                         e.at_us,
@@ -161,11 +172,38 @@ impl Index {
                         v.and_then(|v| v.action),
                         v.and_then(|v| v.rule),
                         v.and_then(|v| v.approver),
-                    ])?;
-                    tx.prepare_cached(
-                        "INSERT INTO statements_fts(text, session, stmt) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute(params![r.text, e.session as i64, e.stmt])?;
+                    ];
+                    let added = tx
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO statements(session, stmt, at_us, kind, text,
+                                 seq, verdict, rule, approver)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        )?
+                        .execute(values)?;
+                    if added == 1 {
+                        // A plain insert: a REPLACE would make FTS5 flush its pending terms to
+                        // look the rowid up, a segment per statement.
+                        tx.prepare_cached(
+                            "INSERT INTO statements_fts(rowid, text) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![tx.last_insert_rowid(), r.text])?;
+                    } else {
+                        // Indexed before (a catch-up redoing a batch a crash lost): the row
+                        // keeps its rowid, and its full-text entry is replaced, not doubled.
+                        let rowid: i64 = tx
+                            .prepare_cached(
+                                "UPDATE statements SET at_us = ?3, kind = ?4, text = ?5,
+                                     seq = ?6, verdict = ?7, rule = ?8, approver = ?9
+                                 WHERE session = ?1 AND stmt = ?2 RETURNING rowid",
+                            )?
+                            .query_row(values, |row| row.get(0))?;
+                        tx.prepare_cached("DELETE FROM statements_fts WHERE rowid = ?1")?
+                            .execute([rowid])?;
+                        tx.prepare_cached(
+                            "INSERT INTO statements_fts(rowid, text) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![rowid, r.text])?;
+                    }
                     counts.entry(e.session).or_default().0 += 1;
                 }
                 Record::Verdict(v) => {
@@ -273,7 +311,8 @@ impl Index {
             let phrase = format!("\"{}\"", v.replace('"', "\"\""));
             arg(
                 &mut sql,
-                " AND id IN (SELECT session FROM statements_fts WHERE statements_fts MATCH ?)",
+                " AND id IN (SELECT session FROM statements WHERE rowid IN
+                     (SELECT rowid FROM statements_fts WHERE statements_fts MATCH ?))",
                 phrase.into(),
             );
         }
@@ -291,11 +330,12 @@ impl Index {
             params![before_seq as i64],
         )?;
         tx.execute(
-            "DELETE FROM statements WHERE session NOT IN (SELECT id FROM sessions)",
+            "DELETE FROM statements_fts WHERE rowid IN
+                 (SELECT rowid FROM statements WHERE session NOT IN (SELECT id FROM sessions))",
             [],
         )?;
         tx.execute(
-            "DELETE FROM statements_fts WHERE session NOT IN (SELECT id FROM sessions)",
+            "DELETE FROM statements WHERE session NOT IN (SELECT id FROM sessions)",
             [],
         )?;
         tx.commit()?;
@@ -342,4 +382,149 @@ struct Decided<'a> {
     action: Option<&'static str>,
     rule: Option<&'a str>,
     approver: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::types::{Request, SessionStart};
+
+    fn start(session: u64, seq: u64) -> Entry {
+        Entry {
+            seq,
+            at_us: seq as i64,
+            session,
+            stmt: 0,
+            record: Record::SessionStart(SessionStart {
+                target: "main".into(),
+                database: "app".into(),
+                upstream_user: "agent".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn query(session: u64, stmt: u32, seq: u64, text: &str) -> Entry {
+        Entry {
+            seq,
+            at_us: seq as i64,
+            session,
+            stmt,
+            record: Record::Request(Request {
+                kind: RequestKind::Query,
+                statement: None,
+                text: text.into(),
+                params: Vec::new(),
+            }),
+        }
+    }
+
+    fn grep(index: &Index, text: &str) -> Vec<u64> {
+        let filter = Filter {
+            grep: Some(text.into()),
+            ..Default::default()
+        };
+        index.list(&filter).unwrap().iter().map(|s| s.id).collect()
+    }
+
+    fn full_text_entries(index: &Index) -> i64 {
+        // A contentless table counts its documents only through a query: every row holds `x`.
+        index
+            .db
+            .query_row(
+                "SELECT count(*) FROM statements_fts WHERE statements_fts MATCH 'x'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_batch_indexed_twice_is_found_once_and_keeps_its_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::open(dir.path()).unwrap();
+        let batch = [
+            start(1, 0),
+            query(1, 1, 1, "SELECT x FROM orders"),
+            query(1, 2, 2, "SELECT x FROM users WHERE name = 'o\"brien'"),
+        ];
+        let last = HashMap::from([(1, 2)]);
+        index.apply(&batch, &last, 3).unwrap();
+        // A crash lost the index's last transaction after the segments were durable: the
+        // catch-up applies the same records again.
+        let mut again = Index::open(dir.path()).unwrap();
+        again.apply(&batch[1..], &last, 3).unwrap();
+        assert_eq!(grep(&again, "orders"), vec![1]);
+        assert_eq!(grep(&again, "FROM users"), vec![1], "a phrase");
+        assert_eq!(
+            grep(&again, "users FROM"),
+            Vec::<u64>::new(),
+            "words out of order"
+        );
+        assert_eq!(
+            grep(&again, "o\"brien"),
+            vec![1],
+            "a quote is text, not syntax"
+        );
+        assert_eq!(full_text_entries(&again), 2, "one entry per statement");
+        let counted: i64 = again
+            .db
+            .query_row("SELECT count(*) FROM statements", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(counted, 2);
+    }
+
+    #[test]
+    fn pruned_sessions_leave_no_full_text_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::open(dir.path()).unwrap();
+        let batch = [
+            start(1, 0),
+            query(1, 1, 1, "SELECT x FROM old_orders"),
+            start(2, 2),
+            query(2, 1, 3, "SELECT x FROM new_orders"),
+        ];
+        index
+            .apply(&batch, &HashMap::from([(1, 1), (2, 3)]), 4)
+            .unwrap();
+        assert_eq!(index.forget_before(2).unwrap(), 1);
+        assert_eq!(grep(&index, "old_orders"), Vec::<u64>::new());
+        assert_eq!(grep(&index, "new_orders"), vec![2]);
+        assert_eq!(full_text_entries(&index), 1);
+    }
+
+    #[test]
+    fn an_index_of_the_old_layout_is_emptied_for_the_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The first layout: the full-text table kept its own copy and the session columns.
+            let db = Connection::open(dir.path().join(INDEX_FILE)).unwrap();
+            db.execute_batch(
+                "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('indexed_seq', 40);
+                 CREATE VIRTUAL TABLE statements_fts
+                     USING fts5(text, session UNINDEXED, stmt UNINDEXED);
+                 INSERT INTO statements_fts VALUES ('SELECT 1', 1, 1);",
+            )
+            .unwrap();
+        }
+        let mut index = Index::open(dir.path()).unwrap();
+        assert_eq!(
+            index.indexed_seq().unwrap(),
+            0,
+            "rebuilt from the first record"
+        );
+        index
+            .apply(
+                &[start(1, 0), query(1, 1, 1, "SELECT x")],
+                &HashMap::from([(1, 1)]),
+                2,
+            )
+            .unwrap();
+        assert_eq!(grep(&index, "select"), vec![1]);
+        assert_eq!(full_text_entries(&index), 1);
+        drop(index);
+        let reopened = Index::open(dir.path()).unwrap();
+        assert_eq!(reopened.indexed_seq().unwrap(), 2, "the new layout is kept");
+    }
 }
