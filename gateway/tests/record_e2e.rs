@@ -597,6 +597,83 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
     assert_eq!(code, 0, "verify: {out}");
 }
 
+/// A statement too large to classify inline gets its verdict from the classifier thread while
+/// held; when that verdict asks for approval, the hold and the decision are recorded as for a
+/// small statement: the request id, then who approved it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_statement_held_for_approval_is_recorded_with_its_approval() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    seed(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = pg.write_password_file(dir.path()).unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let gw = Gateway::start(
+        GatewayOptions::with_config(
+            listen,
+            testkit::single_target_toml(listen, &pg.url(), &pw_file),
+        )
+        .arg("--policy")
+        .arg("default"),
+    )
+    .expect("start gateway");
+    let client = std::sync::Arc::new(connect(&gw).await);
+    // Past the inline classifier's 256 KiB: decided on the classifier thread.
+    let note = "n".repeat(300 * 1024);
+    let insert = format!("INSERT INTO people (id, note) VALUES (4, '{note}')");
+    let held = {
+        let (c, sql) = (client.clone(), insert.clone());
+        tokio::spawn(async move { c.simple_query(&sql).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        if let Some(id) = approvals_pending(&gw, "INSERT INTO people") {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval request: {}",
+            gw.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = gw.cli(&["approve", &id.to_string()]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    held.await.unwrap().expect("the approved INSERT runs");
+    drop(client);
+
+    let entries = wait_for_end(&gw.state_dir.join("recordings"));
+    let s = stmt_of(&entries, RequestKind::Query, &insert);
+    let verdicts: Vec<_> = of_statement(&entries, s)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Verdict(v) => Some(v.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert_eq!(verdicts[0].action, Action::Hold);
+    assert_eq!(verdicts[0].approval_id, Some(id));
+    assert_eq!(verdicts[0].rule.as_deref(), Some("writes"));
+    assert_eq!(verdicts[1].action, Action::Approved);
+    assert_eq!(verdicts[1].approval_id, Some(id));
+    assert!(
+        verdicts[1]
+            .approver
+            .as_deref()
+            .is_some_and(|a| !a.is_empty()),
+        "{verdicts:?}"
+    );
+    assert!(
+        of_statement(&entries, s)
+            .iter()
+            .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
+    );
+    let (code, out) = verify(&gw.state_dir);
+    assert_eq!(code, 0, "verify: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gateway_killed_mid_session_leaves_a_log_that_verifies_after_restart() {
     let pg = Postgres::start().expect("start PostgreSQL");

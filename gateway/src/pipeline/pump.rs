@@ -414,6 +414,10 @@ async fn hold<D: Driver>(
                 }
             }
             Some(Held::Approval { id, rule, decision }) => {
+                // Dropping `decision` withdraws the request.
+                if let Err(refused) = said.held_for_approval(id, &rule) {
+                    break refused;
+                }
                 let mut notice = Vec::with_capacity(256);
                 D::encode_notice(
                     "01000",

@@ -528,6 +528,26 @@ impl<'a> Cursor<'a> {
 pub struct Said(Rc<RefCell<SessionRecord>>);
 
 impl Said {
+    /// A statement that reached an approval only while held (its verdict from the classifier
+    /// thread, or a check after a catalog read or a token renewal): its hold is recorded now,
+    /// with the request id, so that the decision is recorded as that approval's. A hold that
+    /// cannot be recorded refuses the statement, as at check time.
+    pub fn held_for_approval(&self, id: u64, rule: &str) -> Result<(), Disposition> {
+        let mut r = self.0.borrow_mut();
+        if !r.recording() || r.approval.is_some() {
+            return Ok(());
+        }
+        let hold = Verdict {
+            action: Action::Hold,
+            rule: Some(rule.to_owned()),
+            approval_id: Some(id),
+            ..Verdict::allow(None)
+        };
+        r.verdict(hold).map_err(|e| refusal(&e))?;
+        r.approval = Some((id, rule.to_owned()));
+        Ok(())
+    }
+
     /// Whole messages about to be written to the client; only NoticeResponses are recorded.
     pub fn wrote(&self, mut data: &[u8]) {
         let mut r = self.0.borrow_mut();
