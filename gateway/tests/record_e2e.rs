@@ -503,6 +503,57 @@ fn approvals_pending(gw: &Gateway, needle: &str) -> Option<u64> {
         .and_then(|r| r["id"].as_u64())
 }
 
+/// Waits for the gateway to ask for approval of a statement containing `needle`, approves it,
+/// and returns the request id.
+async fn approve_when_asked(gw: &Gateway, needle: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        if let Some(id) = approvals_pending(gw, needle) {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval request: {}",
+            gw.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = gw.cli(&["approve", &id.to_string()]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    id
+}
+
+/// The statement was recorded as held under the `writes` rule with request `id`, then as
+/// approved by someone, and it ran.
+fn assert_held_then_approved(entries: &[Entry], stmt: u32, id: u64) {
+    let verdicts: Vec<_> = of_statement(entries, stmt)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Verdict(v) => Some(v.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert_eq!(verdicts[0].action, Action::Hold);
+    assert_eq!(verdicts[0].approval_id, Some(id));
+    assert_eq!(verdicts[0].rule.as_deref(), Some("writes"));
+    assert_eq!(verdicts[1].action, Action::Approved);
+    assert_eq!(verdicts[1].approval_id, Some(id));
+    assert!(
+        verdicts[1]
+            .approver
+            .as_deref()
+            .is_some_and(|a| !a.is_empty()),
+        "{verdicts:?}"
+    );
+    assert!(verdicts[1].decided_at_us.is_some());
+    assert!(
+        of_statement(entries, stmt)
+            .iter()
+            .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn strict_mode_records_an_approved_statement_with_its_approver() {
     let pg = Postgres::start().expect("start PostgreSQL");
@@ -532,51 +583,13 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
         let c = client.clone();
         tokio::spawn(async move { c.simple_query(insert).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let id = loop {
-        if let Some(id) = approvals_pending(&gw, "INSERT INTO people") {
-            break id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no approval request: {}",
-            gw.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let out = gw.cli(&["approve", &id.to_string()]).unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let id = approve_when_asked(&gw, "INSERT INTO people").await;
     held.await.unwrap().expect("the approved INSERT runs");
     drop(client);
 
     let entries = wait_for_end(&gw.state_dir.join("recordings"));
     let s = stmt_of(&entries, RequestKind::Query, insert);
-    let verdicts: Vec<_> = of_statement(&entries, s)
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Verdict(v) => Some(v.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
-    assert_eq!(verdicts[0].action, Action::Hold);
-    assert_eq!(verdicts[0].approval_id, Some(id));
-    assert_eq!(verdicts[0].rule.as_deref(), Some("writes"));
-    assert_eq!(verdicts[1].action, Action::Approved);
-    assert_eq!(verdicts[1].approval_id, Some(id));
-    assert!(
-        verdicts[1]
-            .approver
-            .as_deref()
-            .is_some_and(|a| !a.is_empty()),
-        "{verdicts:?}"
-    );
-    assert!(verdicts[1].decided_at_us.is_some());
-    assert!(
-        of_statement(&entries, s)
-            .iter()
-            .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
-    );
+    assert_held_then_approved(&entries, s, id);
     // What the gateway told the client while it held the statement is that statement's too.
     let said = format!("statement held for approval: request {id}");
     assert!(
@@ -605,19 +618,7 @@ async fn a_large_statement_held_for_approval_is_recorded_with_its_approval() {
     let pg = Postgres::start().expect("start PostgreSQL");
     seed(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let pw_file = pg.write_password_file(dir.path()).unwrap();
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
-        .parse()
-        .unwrap();
-    let gw = Gateway::start(
-        GatewayOptions::with_config(
-            listen,
-            testkit::single_target_toml(listen, &pg.url(), &pw_file),
-        )
-        .arg("--policy")
-        .arg("default"),
-    )
-    .expect("start gateway");
+    let gw = pipeline_gateway(&pg, dir.path(), true);
     let client = std::sync::Arc::new(connect(&gw).await);
     // Past the inline classifier's 256 KiB: decided on the classifier thread.
     let note = "n".repeat(300 * 1024);
@@ -626,50 +627,13 @@ async fn a_large_statement_held_for_approval_is_recorded_with_its_approval() {
         let (c, sql) = (client.clone(), insert.clone());
         tokio::spawn(async move { c.simple_query(&sql).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let id = loop {
-        if let Some(id) = approvals_pending(&gw, "INSERT INTO people") {
-            break id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no approval request: {}",
-            gw.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let out = gw.cli(&["approve", &id.to_string()]).unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let id = approve_when_asked(&gw, "INSERT INTO people").await;
     held.await.unwrap().expect("the approved INSERT runs");
     drop(client);
 
     let entries = wait_for_end(&gw.state_dir.join("recordings"));
     let s = stmt_of(&entries, RequestKind::Query, &insert);
-    let verdicts: Vec<_> = of_statement(&entries, s)
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Verdict(v) => Some(v.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
-    assert_eq!(verdicts[0].action, Action::Hold);
-    assert_eq!(verdicts[0].approval_id, Some(id));
-    assert_eq!(verdicts[0].rule.as_deref(), Some("writes"));
-    assert_eq!(verdicts[1].action, Action::Approved);
-    assert_eq!(verdicts[1].approval_id, Some(id));
-    assert!(
-        verdicts[1]
-            .approver
-            .as_deref()
-            .is_some_and(|a| !a.is_empty()),
-        "{verdicts:?}"
-    );
-    assert!(
-        of_statement(&entries, s)
-            .iter()
-            .any(|r| matches!(r, Record::Complete(c) if c.tag == "INSERT 0 1"))
-    );
+    assert_held_then_approved(&entries, s, id);
     let (code, out) = verify(&gw.state_dir);
     assert_eq!(code, 0, "verify: {out}");
 }
