@@ -6,7 +6,10 @@ use sqlparser::ast::{
 };
 use sqlparser::dialect::PostgreSqlDialect;
 
+use std::sync::Arc;
+
 use super::lineage::Lineage;
+use crate::mask::lineage::{Analysis, Catalog};
 use crate::mask::{Column, CopyOptions, CopyPlan, Masker, ResultPlan};
 use crate::protocol::postgres::messages;
 use crate::protocol::postgres::session::{Refusal, ResultFilter, ResultFormats};
@@ -23,6 +26,8 @@ pub struct MaskFilter {
     /// `None` when the policy masks nothing.
     lineage: Option<Lineage>,
     plan: Option<ResultPlan>,
+    /// What `plan` was made from, while it holds.
+    planned_from: Option<PlanInputs>,
     copy: Option<CopyPlan>,
     /// The statement being answered (text and index in its Query), for COPY options.
     sql: String,
@@ -35,6 +40,7 @@ impl MaskFilter {
             masker,
             lineage,
             plan: None,
+            planned_from: None,
             copy: None,
             sql: String::new(),
             index: 0,
@@ -44,6 +50,51 @@ impl MaskFilter {
     /// Rules from a reload: the result in flight keeps its plan, the next one uses these.
     pub fn set_masker(&mut self, masker: Masker) {
         self.masker = masker;
+        self.planned_from = None;
+    }
+}
+
+/// The inputs a result plan is a function of, besides the rules. A statement answering again (a
+/// prepared statement, or a text of the same shape) meets the same ones and reuses its plan, so
+/// the per-result planning is paid once per statement shape rather than once per result.
+struct PlanInputs {
+    row_description: Vec<u8>,
+    formats: ResultFormats,
+    /// Held, not only compared, so that no other analysis or catalog can take their addresses.
+    analysis: Arc<Analysis>,
+    index: usize,
+    catalog: Arc<Catalog>,
+}
+
+impl PlanInputs {
+    fn new(
+        row_description: &[u8],
+        formats: &ResultFormats,
+        current: Option<&(Arc<Analysis>, usize, Arc<Catalog>)>,
+    ) -> Option<PlanInputs> {
+        let (analysis, index, catalog) = current?;
+        Some(PlanInputs {
+            row_description: row_description.to_vec(),
+            formats: formats.clone(),
+            analysis: analysis.clone(),
+            index: *index,
+            catalog: catalog.clone(),
+        })
+    }
+
+    fn fit(
+        &self,
+        row_description: &[u8],
+        formats: &ResultFormats,
+        current: Option<&(Arc<Analysis>, usize, Arc<Catalog>)>,
+    ) -> bool {
+        current.is_some_and(|(analysis, index, catalog)| {
+            Arc::ptr_eq(analysis, &self.analysis)
+                && *index == self.index
+                && Arc::ptr_eq(catalog, &self.catalog)
+                && row_description == self.row_description
+                && *formats == self.formats
+        })
     }
 }
 
@@ -52,6 +103,13 @@ impl ResultFilter for MaskFilter {
         if self.masker.is_noop() {
             return false;
         }
+        if let (Some(plan), Some(inputs), Some(lineage)) =
+            (&self.plan, &self.planned_from, &self.lineage)
+            && inputs.fit(row_description, formats, lineage.borrow().current())
+        {
+            return !plan.is_passthrough();
+        }
+        self.planned_from = None;
         let Ok(fields) = messages::parse_row_description(row_description) else {
             // Columns unknown: every value is withheld (see data_row).
             self.plan = None;
@@ -80,11 +138,13 @@ impl ResultFilter for MaskFilter {
             .plan_lineage(&cols, Some(&*out), lineage.catalog());
         let inspect = !plan.is_passthrough();
         self.plan = Some(plan);
+        self.planned_from = PlanInputs::new(row_description, formats, lineage.current());
         inspect
     }
 
     fn begin_unknown(&mut self) -> bool {
         self.plan = None;
+        self.planned_from = None;
         !self.masker.is_noop()
     }
 
@@ -292,4 +352,118 @@ pub fn copy_statement(sql: &str, index: usize) -> Option<CopyStatement> {
         }
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::mask::lineage::SessionLineage;
+    use crate::mask::{ColumnRule, DetectorKind, MaskRules, catalog_from_specs};
+    use crate::protocol::postgres::messages::{FieldDesc, encode_row_description};
+
+    /// One text column named `x`, from no table: the same description for whatever it selects.
+    fn x_column() -> Vec<u8> {
+        let mut msg = Vec::new();
+        let field = FieldDesc {
+            name: b"x",
+            table_oid: 0,
+            attnum: 0,
+            type_oid: 25,
+            type_len: -1,
+            type_mod: -1,
+            format: 0,
+        };
+        encode_row_description(&[field], &mut msg);
+        msg[5..].to_vec()
+    }
+
+    fn row(value: &str) -> Vec<u8> {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        body.extend_from_slice(value.as_bytes());
+        body
+    }
+
+    fn masker(rules: MaskRules) -> Masker {
+        Masker::new(&rules).unwrap()
+    }
+
+    fn filter(masker: &Masker) -> MaskFilter {
+        let catalog =
+            catalog_from_specs(masker, &["users(name, ssn, contact)".into()], &[]).unwrap();
+        let lineage = Rc::new(RefCell::new(SessionLineage::new(Arc::new(catalog))));
+        MaskFilter::new(masker.clone(), Some(lineage))
+    }
+
+    /// What the client gets for one row of `value` answering `sql`.
+    fn answer(filter: &mut MaskFilter, sql: &str, value: &str) -> String {
+        filter.statement(Some(sql), 0);
+        let body = row(value);
+        if !filter.begin(&x_column(), &ResultFormats::Described) {
+            return value.to_owned();
+        }
+        let mut out = Vec::new();
+        if !filter.data_row(&body, &mut out).unwrap() {
+            return value.to_owned();
+        }
+        assert_eq!(out[0], b'D', "a whole DataRow message");
+        let values = messages::parse_data_row(&out[5..]).unwrap();
+        String::from_utf8_lossy(values[0].unwrap_or(b"NULL")).into_owned()
+    }
+
+    /// An agent primes the reused plan with a harmless statement of the same result shape, then
+    /// reads a masked column under the same name: the plan follows the statement, not the shape.
+    #[test]
+    fn a_plan_made_for_one_statement_is_not_reused_for_another_of_the_same_shape() {
+        let m = masker(MaskRules {
+            columns: vec![ColumnRule {
+                name: Some("ssn".into()),
+                ..ColumnRule::default()
+            }],
+            ..MaskRules::default()
+        });
+        let mut f = filter(&m);
+        for _ in 0..2 {
+            assert_eq!(
+                answer(&mut f, "SELECT name AS x FROM users", "alice"),
+                "alice"
+            );
+        }
+        for _ in 0..2 {
+            let ssn = answer(&mut f, "SELECT ssn AS x FROM users", "123-45-6789");
+            assert!(!ssn.contains("6789"), "{ssn}");
+        }
+        assert_eq!(
+            answer(&mut f, "SELECT name AS x FROM users", "alice"),
+            "alice"
+        );
+    }
+
+    /// A reload that adds a detector applies to the live session's next result of the statement
+    /// it has been running all along, and whose plan it would otherwise reuse.
+    #[test]
+    fn a_reload_replans_the_statement_a_session_keeps_running() {
+        let only_passwords = MaskRules {
+            columns: vec![ColumnRule {
+                name: Some("*password*".into()),
+                ..ColumnRule::default()
+            }],
+            ..MaskRules::default()
+        };
+        let with_email = MaskRules {
+            detectors: vec![DetectorKind::Email],
+            ..only_passwords.clone()
+        };
+        let mut f = filter(&masker(only_passwords));
+        let sql = "SELECT contact AS x FROM users";
+        for _ in 0..2 {
+            assert_eq!(answer(&mut f, sql, "bob@example.com"), "bob@example.com");
+        }
+        f.set_masker(masker(with_email));
+        let after = answer(&mut f, sql, "bob@example.com");
+        assert!(!after.contains("bob@"), "{after}");
+    }
 }

@@ -59,6 +59,12 @@ impl SessionLineage {
         }
     }
 
+    /// The statement being answered: its analysis, its index there, and the catalog it was
+    /// analysed against (`None`: not known).
+    pub fn current(&self) -> Option<&(Arc<Analysis>, usize, Arc<Catalog>)> {
+        self.current.as_ref()
+    }
+
     /// The statement the server answers now (`None`: not known).
     pub fn set_current(&mut self, sql: Option<&str>, index: usize) {
         self.current = sql.map(|sql| (self.analysis(sql), index, self.catalog.clone()));
