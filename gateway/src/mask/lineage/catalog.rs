@@ -3,8 +3,10 @@
 //! a mask rule matches.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
-use super::SourceId;
+use super::{Analysis, SourceId};
 
 /// One catalog query, so a snapshot costs one round trip. Row kinds: `c` a column (relation OID,
 /// attnum, schema, relation, column, type OID, relkind), `v` a view's definition, `f` a
@@ -69,6 +71,42 @@ pub struct Catalog {
     masked_relations: Vec<String>,
     /// The catalog could not be read: every relation is unknown.
     unavailable: bool,
+    /// Analyses made against this snapshot by any session holding it.
+    analyses: SharedAnalyses,
+}
+
+/// Analyses by search path, then by the key a session's [`LineageCache`](super::LineageCache)
+/// gives them. A snapshot is shared by every session of one target, database and user, so a new
+/// session's statements need no parse when another session has seen their shape: agents that
+/// connect per task run the same few statements again and again.
+#[derive(Default)]
+struct SharedAnalyses(Mutex<HashMap<Vec<String>, AnalysesByKey>>);
+
+type AnalysesByKey = HashMap<Arc<str>, Arc<Analysis>>;
+
+/// Shapes kept per snapshot; past this the memo starts over.
+const SHARED_ANALYSES: usize = 4096;
+
+impl SharedAnalyses {
+    /// Forgets everything: the snapshot changed under the analyses.
+    fn clear(&mut self) {
+        if let Ok(map) = self.0.get_mut() {
+            map.clear();
+        }
+    }
+}
+
+/// A copy is made to be changed (marked again after a reload): it starts with no analyses.
+impl Clone for SharedAnalyses {
+    fn clone(&self) -> Self {
+        SharedAnalyses::default()
+    }
+}
+
+impl fmt::Debug for SharedAnalyses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedAnalyses")
+    }
 }
 
 impl Catalog {
@@ -147,6 +185,7 @@ impl Catalog {
 
     /// Appends a column to its relation (in attnum order); returns its id.
     pub fn add_column(&mut self, col: SourceColumn) -> SourceId {
+        self.analyses.clear();
         let id = self.columns.len() as SourceId;
         self.by_attnum.insert((col.table_oid, col.attnum), id);
         self.relations
@@ -161,6 +200,7 @@ impl Catalog {
 
     /// Sets a relation's view definition (tests and [`from_rows`](Catalog::from_rows)).
     pub fn set_view(&mut self, schema: &str, name: &str, sql: &str) {
+        self.analyses.clear();
         if let Some(rel) = self
             .relations
             .get_mut(&(schema.to_owned(), name.to_owned()))
@@ -170,10 +210,12 @@ impl Catalog {
     }
 
     pub fn add_user_function(&mut self, name: &str) {
+        self.analyses.clear();
         self.user_functions.insert(name.to_owned());
     }
 
     pub fn set_search_path(&mut self, path: Vec<String>) {
+        self.analyses.clear();
         self.search_path = path;
     }
 
@@ -184,6 +226,7 @@ impl Catalog {
     /// Records which rule each source column matches (`rule_of` gets the column, returns the
     /// first matching rule), and which relations hold a masked column.
     pub fn mark_rules(&mut self, rule_of: impl Fn(&SourceColumn) -> Option<SourceRule>) {
+        self.analyses.clear();
         let mut masked = HashSet::new();
         for (id, col) in self.columns.iter().enumerate() {
             self.rules[id] = rule_of(col);
@@ -193,6 +236,27 @@ impl Catalog {
         }
         self.masked_relations = masked.into_iter().collect();
         self.masked_relations.sort();
+    }
+
+    /// An analysis another session made of `key` under `path`.
+    pub(super) fn shared_analysis(&self, path: &[String], key: &str) -> Option<Arc<Analysis>> {
+        let map = self.analyses.0.lock().ok()?;
+        map.get(path)?.get(key).cloned()
+    }
+
+    /// Offers an analysis to the other sessions holding this snapshot.
+    pub(super) fn share_analysis(&self, path: &[String], key: &str, analysis: &Arc<Analysis>) {
+        let Ok(mut map) = self.analyses.0.lock() else {
+            return;
+        };
+        if map.values().map(HashMap::len).sum::<usize>() >= SHARED_ANALYSES {
+            map.clear();
+        }
+        let by_key = match map.get_mut(path) {
+            Some(by_key) => by_key,
+            None => map.entry(path.to_vec()).or_default(),
+        };
+        by_key.insert(key.into(), analysis.clone());
     }
 
     pub fn column(&self, id: SourceId) -> &SourceColumn {

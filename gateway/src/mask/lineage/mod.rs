@@ -256,7 +256,7 @@ const MAX_CACHED_TEXT: usize = 16 * 1024;
 impl LineageCache {
     pub fn new(capacity: usize) -> LineageCache {
         LineageCache {
-            map: HashMap::with_capacity(capacity.min(1024)),
+            map: HashMap::new(),
             capacity: capacity.max(1),
             key: String::new(),
         }
@@ -275,8 +275,19 @@ impl LineageCache {
         if let Some(a) = self.map.get(key) {
             return a.clone();
         }
-        let a = Arc::new(analyze(sql, catalog, path));
-        if key.len() <= MAX_CACHED_TEXT {
+        let cacheable = key.len() <= MAX_CACHED_TEXT;
+        let shared = cacheable.then(|| catalog.shared_analysis(path, key));
+        let a = match shared.flatten() {
+            Some(a) => a,
+            None => {
+                let a = Arc::new(analyze(sql, catalog, path));
+                if cacheable {
+                    catalog.share_analysis(path, key, &a);
+                }
+                a
+            }
+        };
+        if cacheable {
             if self.map.len() >= self.capacity {
                 // Statement shapes of one session are few; when they are not, start over.
                 self.map.clear();

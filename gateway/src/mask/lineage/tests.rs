@@ -357,10 +357,39 @@ fn cache_returns_the_same_analysis() {
     assert!(Arc::ptr_eq(&a, &b));
     cache.analysis("SELECT 1", &c, c.search_path());
     cache.analysis("SELECT name FROM users", &c, c.search_path());
-    assert!(!Arc::ptr_eq(
+    // Gone from the session's cache, still in the snapshot's.
+    assert!(Arc::ptr_eq(
         &a,
         &cache.analysis("SELECT ssn FROM users", &c, c.search_path())
     ));
+}
+
+#[test]
+fn sessions_holding_one_snapshot_share_its_analyses_under_one_search_path() {
+    let c = catalog();
+    let p = c.search_path().to_vec();
+    let first = LineageCache::new(16).analysis("SELECT ssn FROM users WHERE id = 1", &c, &p);
+    let next = LineageCache::new(16).analysis("SELECT ssn FROM users WHERE id = 2", &c, &p);
+    assert!(
+        Arc::ptr_eq(&first, &next),
+        "another session, the same shape"
+    );
+
+    // Under another search path `users` is app.users, which has no ssn.
+    let app = vec!["app".to_owned(), "public".to_owned()];
+    let elsewhere = LineageCache::new(16).analysis("SELECT ssn FROM users WHERE id = 1", &c, &app);
+    assert_ne!(*first, *elsewhere);
+
+    // A snapshot marked again after a reload starts with no analyses; so does one changed in place.
+    let mut remarked = c.clone();
+    remarked.mark_rules(|_| None);
+    let after = LineageCache::new(16).analysis("SELECT ssn FROM users WHERE id = 1", &remarked, &p);
+    assert!(!Arc::ptr_eq(&first, &after));
+    let mut changed = catalog();
+    let before = LineageCache::new(16).analysis("SELECT s FROM v_users", &changed, &p);
+    changed.set_view("public", "v_users", "SELECT id, name AS s FROM users");
+    let redefined = LineageCache::new(16).analysis("SELECT s FROM v_users", &changed, &p);
+    assert_ne!(*before, *redefined, "the view's new definition is read");
 }
 
 #[test]
