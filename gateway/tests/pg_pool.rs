@@ -275,29 +275,45 @@ async fn listen_does_not_survive_reuse() {
 async fn a_transaction_left_open_by_a_dying_client_is_rolled_back() {
     let env = Env::start();
     let ep = env.ep();
+    let backend = |raw: &mut RawConn| -> String {
+        let rows = raw.simple_query("SELECT pg_backend_pid()").unwrap();
+        RawConn::first_column(&rows)[0].clone().unwrap()
+    };
     let mut raw = RawConn::to(&ep).unwrap();
     raw.startup(&ep, wire::PROTOCOL_3_0).unwrap();
+    let dead = backend(&mut raw);
     raw.simple_query("BEGIN").unwrap();
     let done = raw.simple_query("INSERT INTO pool_t VALUES (1)").unwrap();
     assert!(done.iter().all(|m| !m.is_error()), "the insert ran");
     // The client dies: no Terminate, no COMMIT.
     drop(raw);
     settle(env.h.gw());
-    let b = env.connect().await;
-    // Reused after a ROLLBACK or closed: either way the next session must not inherit the
-    // transaction. (Today it is closed: the dead client's session does not end at rest.)
-    let n: i64 = b
-        .query_one("SELECT count(*) FROM pool_t", &[])
-        .await
-        .unwrap()
-        .get(0);
+
+    // The next client with the same startup parameters (the pool's key) gets that backend, with
+    // the transaction rolled back: DISCARD ALL alone would fail inside it, and the connection
+    // would be closed instead.
+    let mut next = RawConn::to(&ep).unwrap();
+    next.startup(&ep, wire::PROTOCOL_3_0).unwrap();
     assert_eq!(
-        n, 0,
-        "the dead client's transaction is still open on the reused connection"
+        backend(&mut next),
+        dead,
+        "the dying client's connection was not reused\n{}",
+        env.h.context()
     );
-    b.batch_execute("BEGIN; INSERT INTO pool_t VALUES (2); COMMIT")
-        .await
-        .expect("a transaction of its own");
+    let rows = next.simple_query("SELECT count(*) FROM pool_t").unwrap();
+    assert_eq!(
+        RawConn::first_column(&rows),
+        [Some("0".to_owned())],
+        "the dead client's insert is visible: its transaction was not rolled back"
+    );
+    let own = next
+        .simple_query("BEGIN; INSERT INTO pool_t VALUES (2); COMMIT")
+        .unwrap();
+    assert!(
+        own.iter().all(|m| !m.is_error()),
+        "a transaction of its own: {:?}",
+        own.iter().map(|m| m.describe()).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
