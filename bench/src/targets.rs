@@ -23,14 +23,14 @@ use testkit::Postgres;
 pub enum TargetKind {
     /// Clients connect to PostgreSQL itself: the baseline.
     Direct,
-    /// `portcullis serve --listen ...`: explicit listener, the quick-start flags. The gateway's
+    /// `portcullis serve`: an explicit listener and one target, pooling off. The gateway's
     /// default policy is the built-in `default`, so this is `GatewayPolicy` without naming it:
     /// the gap between the two is the run's noise.
     Gateway,
     /// The gateway with `--policy observe`: policy evaluated and recorded, nothing blocked.
     GatewayObserve,
     /// The gateway with `--policy default`: policy enforced and results masked; upstream pooling
-    /// is off by default, so every connect dials.
+    /// off in its config, so every connect dials.
     GatewayPolicy,
     /// `GatewayPolicy` with warm upstream connections (`[target.pool] enabled = true`).
     GatewayPooled,
@@ -100,7 +100,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "PostgreSQL itself, no hop",
             TargetKind::Gateway => {
-                "portcullis, explicit listener, quick-start flags (built-in default policy)"
+                "portcullis, explicit listener, no upstream pooling (built-in default policy)"
             }
             TargetKind::GatewayObserve => "portcullis --policy observe",
             TargetKind::GatewayPolicy => "portcullis --policy default (policy and masking on)",
@@ -440,14 +440,17 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
     if kind != TargetKind::GatewayRecord && records {
         config.push_str("[recording]\nenabled = false\ndanger_disable = true\n");
     }
-    // `gateway-pooled`: the target in the file, with warm upstream connections (off by default,
-    // and a baseline build would refuse the key).
+    // Upstream pooling is on by default: only `gateway-pooled` keeps warm connections, the
+    // others dial upstream per connect as before pooling, so the target goes in the file with
+    // `[target.pool]`. A baseline build may predate the key and would refuse it: it gets
+    // `--target`, and its own default.
     let pooled = target == TargetKind::GatewayPooled;
-    if pooled {
+    let in_file = !target.is_baseline();
+    if in_file {
         config.push_str(&format!(
             "[[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"main\"\n\n[[target]]\n\
              name = \"main\"\nupstream = \"{}\"\npassword_file = \"{}\"\n\n[target.pool]\n\
-             enabled = true\n",
+             enabled = {pooled}\n",
             pg.url(),
             password_file.display()
         ));
@@ -455,7 +458,7 @@ fn gateway(target: TargetKind, bin: &Path, lab: &Lab) -> Result<Running> {
     let cfg = dir.path().join("portcullis.toml");
     fs::write(&cfg, config)?;
     cmd.arg("--config").arg(&cfg);
-    if !pooled {
+    if !in_file {
         // An explicit listener too: --target needs one, and it tells when the gateway is up.
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
         cmd.arg("--target")

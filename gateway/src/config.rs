@@ -229,7 +229,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            enabled: false,
+            enabled: true,
             min_idle: 0,
             max_idle_per_key: 8,
             idle_timeout: Duration::from_secs(300),
@@ -817,17 +817,17 @@ mod tests {
     }
 
     #[test]
-    fn pool_defaults_off_and_its_errors_name_their_line() {
+    fn pool_defaults_on_and_its_errors_name_their_line() {
         let target = "[[target]]\nname = \"a\"\nupstream = \"postgres://u@h/d\"\n";
         let c = Config::parse(target, "f.toml").unwrap();
         assert_eq!(c.targets[0].pool, PoolConfig::default());
-        assert!(!c.targets[0].pool.enabled);
+        assert!(c.targets[0].pool.enabled);
         let c = Config::parse(
-            &format!("{target}[target.pool]\nenabled = true\nidle_timeout = \"10s\"\n"),
+            &format!("{target}[target.pool]\nenabled = false\nidle_timeout = \"10s\"\n"),
             "f.toml",
         )
         .unwrap();
-        assert!(c.targets[0].pool.enabled);
+        assert!(!c.targets[0].pool.enabled);
         assert_eq!(c.targets[0].pool.idle_timeout, Duration::from_secs(10));
         let e = Config::parse(
             &format!("{target}[target.pool]\nmax_lifetime = \"forever\"\n"),
