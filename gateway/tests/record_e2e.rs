@@ -415,25 +415,15 @@ async fn a_full_disk_refuses_statements_with_53100_then_service_resumes() {
     let pg = Postgres::start().expect("start PostgreSQL");
     seed(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let pw_file = pg.write_password_file(dir.path()).unwrap();
     let mnt = dir.path().join("small");
     let _mount = Mount::tmpfs(&mnt, "4m");
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![7u8; 3 << 20]).unwrap();
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
-        .parse()
-        .unwrap();
-    let body = format!(
-        "{}\n[recording]\ndir = \"{}\"\nsegment_bytes = 262144\nzstd_level = -7\n",
-        testkit::single_target_toml(listen, &pg.url(), &pw_file),
+    let recording = format!(
+        "\n[recording]\ndir = \"{}\"\nsegment_bytes = 262144\nzstd_level = -7\n",
         mnt.join("recordings").display()
     );
-    let gw = Gateway::start(
-        GatewayOptions::with_config(listen, body)
-            .arg("--policy")
-            .arg("default"),
-    )
-    .expect("start gateway");
+    let gw = gateway_with(&pg, dir.path(), "", &recording, true);
     let client = connect(&gw).await;
     // Incompressible results until the recorder runs out of room.
     let wide = "SELECT md5(random()::text) || md5(random()::text) || md5(random()::text) \
@@ -559,20 +549,7 @@ async fn strict_mode_records_an_approved_statement_with_its_approver() {
     let pg = Postgres::start().expect("start PostgreSQL");
     seed(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let pw_file = pg.write_password_file(dir.path()).unwrap();
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
-        .parse()
-        .unwrap();
-    let body = format!(
-        "{}\n[recording]\nstrict = true\n",
-        testkit::single_target_toml(listen, &pg.url(), &pw_file),
-    );
-    let gw = Gateway::start(
-        GatewayOptions::with_config(listen, body)
-            .arg("--policy")
-            .arg("default"),
-    )
-    .expect("start gateway");
+    let gw = gateway_with(&pg, dir.path(), "", "\n[recording]\nstrict = true\n", true);
     let client = std::sync::Arc::new(connect(&gw).await);
     // Strict: allowed statements run once their request is on disk, simple and extended.
     client.simple_query("SELECT 1").await.expect("simple");
@@ -618,7 +595,7 @@ async fn a_large_statement_held_for_approval_is_recorded_with_its_approval() {
     let pg = Postgres::start().expect("start PostgreSQL");
     seed(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let gw = pipeline_gateway(&pg, dir.path(), true);
+    let gw = gateway_with(&pg, dir.path(), "", "", true);
     let client = std::sync::Arc::new(connect(&gw).await);
     // Past the inline classifier's 256 KiB: decided on the classifier thread.
     let note = "n".repeat(300 * 1024);
@@ -843,16 +820,7 @@ async fn copy_from_stdin_data_through_psql_is_recorded_after_the_detectors() {
 async fn rows_over_max_message_bytes_are_counted_and_said_to_be_missing() {
     let pg = Postgres::start().expect("start PostgreSQL");
     let dir = tempfile::tempdir().unwrap();
-    let pw_file = pg.write_password_file(dir.path()).unwrap();
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
-        .parse()
-        .unwrap();
-    // Lines before any table land in the harness's [gateway] section.
-    let body = format!(
-        "max_message_bytes = 65536\n\n{}",
-        testkit::single_target_toml(listen, &pg.url(), &pw_file)
-    );
-    let gw = Gateway::start(GatewayOptions::with_config(listen, body)).expect("start gateway");
+    let gw = gateway_with(&pg, dir.path(), "max_message_bytes = 65536\n\n", "", false);
     let rec_dir = gw.state_dir.join("recordings");
     let client = connect(&gw).await;
     let sql = "SELECT n, CASE WHEN n = 2 THEN repeat('x', 100000) ELSE 'small-' || n END \
@@ -905,12 +873,23 @@ async fn rows_over_max_message_bytes_are_counted_and_said_to_be_missing() {
 }
 
 /// A gateway on its own config, with the shipped `default` policy or none.
-fn pipeline_gateway(pg: &Postgres, dir: &Path, default_policy: bool) -> Gateway {
+/// A gateway for `pg` on a free port, its config file the single target with `before` (lines of
+/// the harness's `[gateway]` section) and `after` (sections of its own) around it.
+fn gateway_with(
+    pg: &Postgres,
+    dir: &Path,
+    before: &str,
+    after: &str,
+    default_policy: bool,
+) -> Gateway {
     let pw_file = pg.write_password_file(dir).unwrap();
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
         .parse()
         .unwrap();
-    let body = testkit::single_target_toml(listen, &pg.url(), &pw_file);
+    let body = format!(
+        "{before}{}{after}",
+        testkit::single_target_toml(listen, &pg.url(), &pw_file)
+    );
     let mut opts = GatewayOptions::with_config(listen, body);
     if default_policy {
         opts = opts.arg("--policy").arg("default");
@@ -950,7 +929,7 @@ fn one_row(value: &str) -> Vec<Vec<Option<Vec<u8>>>> {
 async fn pipelined_statements_are_each_recorded_with_their_own_rows() {
     let pg = Postgres::start().expect("start PostgreSQL");
     let dir = tempfile::tempdir().unwrap();
-    let gw = pipeline_gateway(&pg, dir.path(), false);
+    let gw = gateway_with(&pg, dir.path(), "", "", false);
     let rec_dir = gw.state_dir.join("recordings");
     let (client, conn) = connect_here(&gw).await;
     // Both queries leave in one write and the gateway reads them together.
@@ -978,7 +957,7 @@ async fn pipelined_statements_are_each_recorded_with_their_own_rows() {
 async fn pipelined_extended_queries_are_each_recorded_with_their_own_rows() {
     let pg = Postgres::start().expect("start PostgreSQL");
     let dir = tempfile::tempdir().unwrap();
-    let gw = pipeline_gateway(&pg, dir.path(), false);
+    let gw = gateway_with(&pg, dir.path(), "", "", false);
     let rec_dir = gw.state_dir.join("recordings");
     let (client, conn) = connect_here(&gw).await;
     let (sql_a, sql_b) = (
@@ -1029,7 +1008,7 @@ async fn a_blocked_statement_mid_pipeline_is_recorded_with_its_own_refusal() {
     let pg = Postgres::start().expect("start PostgreSQL");
     seed(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let gw = pipeline_gateway(&pg, dir.path(), true);
+    let gw = gateway_with(&pg, dir.path(), "", "", true);
     let rec_dir = gw.state_dir.join("recordings");
     let (client, conn) = connect_here(&gw).await;
     let (a, b, c) = futures_util::join!(
@@ -1095,7 +1074,7 @@ fn an_error_mid_batch_skips_to_sync_and_later_statements_keep_their_rows() {
     let pg = Postgres::start().expect("start PostgreSQL");
     seed(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let gw = pipeline_gateway(&pg, dir.path(), true);
+    let gw = gateway_with(&pg, dir.path(), "", "", true);
     let rec_dir = gw.state_dir.join("recordings");
     let endpoint = testkit::Endpoint {
         host: gw.listen.ip().to_string(),

@@ -67,14 +67,19 @@ struct PlanInputs {
 }
 
 impl PlanInputs {
+    /// `buffer`: the last inputs' bytes, so that a session whose results keep changing shape
+    /// does not allocate for them each time.
     fn new(
         row_description: &[u8],
         formats: &ResultFormats,
         current: Option<&(Arc<Analysis>, usize, Arc<Catalog>)>,
+        mut buffer: Vec<u8>,
     ) -> Option<PlanInputs> {
         let (analysis, index, catalog) = current?;
+        buffer.clear();
+        buffer.extend_from_slice(row_description);
         Some(PlanInputs {
-            row_description: row_description.to_vec(),
+            row_description: buffer,
             formats: formats.clone(),
             analysis: analysis.clone(),
             index: *index,
@@ -109,7 +114,11 @@ impl ResultFilter for MaskFilter {
         {
             return !plan.is_passthrough();
         }
-        self.planned_from = None;
+        let buffer = self
+            .planned_from
+            .take()
+            .map(|inputs| inputs.row_description)
+            .unwrap_or_default();
         let Ok(fields) = messages::parse_row_description(row_description) else {
             // Columns unknown: every value is withheld (see data_row).
             self.plan = None;
@@ -138,7 +147,7 @@ impl ResultFilter for MaskFilter {
             .plan_lineage(&cols, Some(&*out), lineage.catalog());
         let inspect = !plan.is_passthrough();
         self.plan = Some(plan);
-        self.planned_from = PlanInputs::new(row_description, formats, lineage.current());
+        self.planned_from = PlanInputs::new(row_description, formats, lineage.current(), buffer);
         inspect
     }
 
