@@ -523,8 +523,9 @@ fn digit_run(s: &[u8], j: usize) -> usize {
 #[inline(always)]
 fn trigger_bits(block: &[u8; 64]) -> u64 {
     let triggers = all_triggers(block);
-    if triggers == 0 {
-        return 0;
+    // With one run of triggers or none, the scalar path's single visit costs less than the masks.
+    if (triggers & !(triggers << 1)).count_ones() < 2 {
+        return triggers;
     }
     triggers & !quiet_triggers(block)
 }
