@@ -1,21 +1,40 @@
-//! The SQLite index: sessions and statements, with FTS5 over statement text. It is derived from
+//! The SQLite index: sessions, what their statements met, and FTS5 over their texts. It is derived from
 //! the segments: `indexed_seq` says how far it got, and the recorder catches up at start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher as _, RandomState};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::types::{Entry, Record, RequestKind};
+use super::types::{Action, Entry, Record};
 
 pub const INDEX_FILE: &str = "index.sqlite";
 
 /// The index's layout, in SQLite's `user_version`. An index of any other is rebuilt.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub struct Index {
     db: Connection,
+    /// Records before this seq are in the index.
+    indexed: u64,
+    /// Per live session, the hashes of the statement texts already in its full text: a session
+    /// that repeats a statement is found by its first occurrence.
+    seen: HashMap<u64, HashSet<u64>>,
+    text_hasher: RandomState,
 }
+
+/// At most this many text hashes per session; then the set starts over, and repeats are indexed
+/// again (harmless: a search names sessions).
+const SEEN_PER_SESSION: usize = 4096;
+
+/// A full-text document holds one session's new statements from one batch, up to this size.
+const DOC_BYTES: usize = 64 << 10;
+
+/// Between two statements of a document: a token that no statement's text puts there, so that a
+/// phrase never matches across a statement boundary. U+E000 is a private-use character, which
+/// the `unicode61` tokenizer keeps as a token of its own.
+const STATEMENT_BREAK: &str = " \u{e000} ";
 
 /// One row of `portcullis recordings list`.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
@@ -61,11 +80,15 @@ impl Index {
             // catch-up rebuilds it from the segments, which are the record.
             db.execute_batch(
                 "DROP TABLE IF EXISTS statements_fts; DROP TABLE IF EXISTS statements;
+                 DROP TABLE IF EXISTS texts; DROP TABLE IF EXISTS verdicts;
                  DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS meta;",
             )?;
         }
-        // The full-text table keeps no copy of the text (`content=''`): `statements` holds it,
-        // and a match is joined back by rowid. `contentless_delete` lets prune remove entries.
+        // What `list` filters on, per session: its texts and the verdicts and rules its
+        // statements met. The segments keep each statement; the index only finds sessions, so it
+        // costs a few rows per session and batch rather than rows per statement. The full-text
+        // table keeps no copy of the text (`content=''`); `contentless_delete` lets prune remove
+        // documents.
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS sessions(
@@ -74,16 +97,23 @@ impl Index {
                  upstream_user TEXT NOT NULL, end_reason TEXT,
                  statements INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0,
                  first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS statements(
-                 session INTEGER NOT NULL, stmt INTEGER NOT NULL, at_us INTEGER NOT NULL,
-                 kind TEXT NOT NULL, text TEXT NOT NULL, verdict TEXT, rule TEXT, approver TEXT,
-                 seq INTEGER NOT NULL, PRIMARY KEY(session, stmt));
+             CREATE TABLE IF NOT EXISTS texts(id INTEGER PRIMARY KEY, session INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS verdicts(
+                 session INTEGER NOT NULL, verdict TEXT NOT NULL, rule TEXT NOT NULL, -- '' for none
+                 PRIMARY KEY(session, verdict, rule)) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_us);
              CREATE VIRTUAL TABLE IF NOT EXISTS statements_fts
                  USING fts5(text, content='', contentless_delete=1);",
         )?;
         db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Index { db })
+        let mut index = Index {
+            db,
+            indexed: 0,
+            seen: HashMap::new(),
+            text_hasher: RandomState::new(),
+        };
+        index.indexed = index.indexed_seq()?;
+        Ok(index)
     }
 
     /// Records up to (not including) this seq are indexed.
@@ -108,39 +138,34 @@ impl Index {
 
     /// Adds a batch of entries in one transaction. `entries` may skip records the index does not
     /// need (rows, COPY data); `last_seq` maps every session in the batch to its newest seq and
-    /// `next_seq` is the first seq after the batch. A statement whose verdict is in the same
-    /// batch is written once, with it, and each session's counters once per batch: the index
-    /// costs two inserts per statement (its row and its full-text entry).
+    /// `next_seq` is the first seq after the batch. Entries the index holds already (before
+    /// `indexed_seq`) are skipped.
     pub fn apply(
         &mut self,
         entries: &[Entry],
         last_seq: &HashMap<u64, u64>,
         next_seq: u64,
     ) -> rusqlite::Result<()> {
-        // A verdict for a request earlier in this batch, by the request's place in `entries`.
-        let mut verdict_of: HashMap<(u64, u32), usize> = HashMap::new();
-        let mut decided: HashMap<usize, Decided<'_>> = HashMap::new();
-        for (i, e) in entries.iter().enumerate() {
-            match &e.record {
-                Record::Request(_) => {
-                    verdict_of.insert((e.session, e.stmt), i);
-                }
-                Record::Verdict(v) => {
-                    if let Some(&at) = verdict_of.get(&(e.session, e.stmt)) {
-                        // As successive UPDATEs would leave it: the last action, and the last
-                        // rule and approver given.
-                        let d = decided.entry(at).or_default();
-                        d.action = Some(v.action.as_str());
-                        d.rule = v.rule.as_deref().or(d.rule);
-                        d.approver = v.approver.as_deref().or(d.approver);
-                    }
-                }
-                _ => {}
-            }
+        let applied = self.apply_in_transaction(entries, last_seq, next_seq);
+        match applied {
+            Ok(()) => self.indexed = next_seq,
+            // Texts taken as seen never reached the index: forget them all.
+            Err(_) => self.seen.clear(),
         }
+        applied
+    }
+
+    fn apply_in_transaction(
+        &mut self,
+        entries: &[Entry],
+        last_seq: &HashMap<u64, u64>,
+        next_seq: u64,
+    ) -> rusqlite::Result<()> {
+        let mut docs = Docs::default();
+        let mut verdicts: HashSet<(u64, &str, &str)> = HashSet::new();
         let mut counts: HashMap<u64, (u64, u64)> = HashMap::new();
         let tx = self.db.transaction()?;
-        for (i, e) in entries.iter().enumerate() {
+        for e in entries.iter().filter(|e| e.seq >= self.indexed) {
             match &e.record {
                 Record::SessionStart(s) => {
                     tx.prepare_cached(
@@ -160,58 +185,24 @@ impl Index {
                     ])?;
                 }
                 Record::Request(r) => {
-                    let v = decided.get(&i);
-                    let added = tx
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO statements(session, stmt, at_us, kind, text,
-                                 seq, verdict, rule, approver)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                        )?
-                        .execute(params![
-                            e.session as i64,
-                            e.stmt,
-                            e.at_us,
-                            kind_name(r.kind),
-                            r.text,
-                            e.seq as i64,
-                            v.and_then(|v| v.action),
-                            v.and_then(|v| v.rule),
-                            v.and_then(|v| v.approver),
-                        ])?;
-                    if added == 0 {
-                        // Indexed already (the same record: `indexed_seq` commits with the
-                        // rows, so only a broken catch-up could bring it twice).
-                        continue;
-                    }
-                    // A plain insert: a REPLACE would make FTS5 flush its pending terms to look
-                    // the rowid up, a segment per statement.
-                    tx.prepare_cached("INSERT INTO statements_fts(rowid, text) VALUES (?1, ?2)")?
-                        .execute(params![tx.last_insert_rowid(), r.text])?;
                     counts.entry(e.session).or_default().0 += 1;
+                    let seen = self.seen.entry(e.session).or_default();
+                    if seen.len() >= SEEN_PER_SESSION {
+                        seen.clear();
+                    }
+                    if seen.insert(self.text_hasher.hash_one(&r.text)) {
+                        docs.add(e.session, &r.text);
+                    }
                 }
                 Record::Verdict(v) => {
-                    if !verdict_of.contains_key(&(e.session, e.stmt)) {
-                        tx.prepare_cached(
-                            "UPDATE statements SET verdict = ?3, rule = coalesce(?4, rule),
-                                 approver = coalesce(?5, approver)
-                             WHERE session = ?1 AND stmt = ?2",
-                        )?
-                        .execute(params![
-                            e.session as i64,
-                            e.stmt,
-                            v.action.as_str(),
-                            v.rule,
-                            v.approver
-                        ])?;
-                    }
-                    if matches!(
-                        v.action,
-                        super::types::Action::Block | super::types::Action::Denied
-                    ) {
+                    let rule = v.rule.as_deref().unwrap_or_default();
+                    verdicts.insert((e.session, v.action.as_str(), rule));
+                    if matches!(v.action, Action::Block | Action::Denied) {
                         counts.entry(e.session).or_default().1 += 1;
                     }
                 }
                 Record::SessionEnd { reason } => {
+                    self.seen.remove(&e.session);
                     tx.prepare_cached(
                         "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
                     )?
@@ -219,6 +210,21 @@ impl Index {
                 }
                 _ => {}
             }
+        }
+        let docs = docs.done.into_iter().chain(docs.open);
+        for (session, doc) in docs.filter(|(_, doc)| !doc.is_empty()) {
+            tx.prepare_cached("INSERT INTO texts(session) VALUES (?1)")?
+                .execute(params![session as i64])?;
+            // A plain insert: a REPLACE would make FTS5 flush its pending terms to look the
+            // rowid up.
+            tx.prepare_cached("INSERT INTO statements_fts(rowid, text) VALUES (?1, ?2)")?
+                .execute(params![tx.last_insert_rowid(), doc])?;
+        }
+        for (session, verdict, rule) in verdicts {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO verdicts(session, verdict, rule) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![session as i64, verdict, rule])?;
         }
         for (session, seq) in last_seq {
             let (statements, blocked) = counts.get(session).copied().unwrap_or_default();
@@ -278,14 +284,14 @@ impl Index {
         if let Some(v) = &f.verdict {
             arg(
                 &mut sql,
-                " AND id IN (SELECT session FROM statements WHERE verdict = ?)",
+                " AND id IN (SELECT session FROM verdicts WHERE verdict = ?)",
                 v.clone().into(),
             );
         }
         if let Some(v) = &f.rule {
             arg(
                 &mut sql,
-                " AND id IN (SELECT session FROM statements WHERE rule = ?)",
+                " AND id IN (SELECT session FROM verdicts WHERE rule = ? AND rule <> '')",
                 v.clone().into(),
             );
         }
@@ -294,7 +300,7 @@ impl Index {
             let phrase = format!("\"{}\"", v.replace('"', "\"\""));
             arg(
                 &mut sql,
-                " AND id IN (SELECT session FROM statements WHERE rowid IN
+                " AND id IN (SELECT session FROM texts WHERE id IN
                      (SELECT rowid FROM statements_fts WHERE statements_fts MATCH ?))",
                 phrase.into(),
             );
@@ -314,13 +320,15 @@ impl Index {
         )?;
         tx.execute(
             "DELETE FROM statements_fts WHERE rowid IN
-                 (SELECT rowid FROM statements WHERE session NOT IN (SELECT id FROM sessions))",
+                 (SELECT id FROM texts WHERE session NOT IN (SELECT id FROM sessions))",
             [],
         )?;
-        tx.execute(
-            "DELETE FROM statements WHERE session NOT IN (SELECT id FROM sessions)",
-            [],
-        )?;
+        for table in ["texts", "verdicts"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE session NOT IN (SELECT id FROM sessions)"),
+                [],
+            )?;
+        }
         tx.commit()?;
         Ok(n)
     }
@@ -347,30 +355,32 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<SessionRow> {
     })
 }
 
-/// How `statements.kind` names a request kind (its serde name).
-fn kind_name(kind: RequestKind) -> &'static str {
-    match kind {
-        RequestKind::Query => "query",
-        RequestKind::Prepare => "prepare",
-        RequestKind::Execute => "execute",
-        RequestKind::FunctionCall => "function_call",
-        RequestKind::CopyIn => "copy_in",
-        RequestKind::Http => "http",
-    }
+/// The full-text documents of one batch: per session, its new statement texts joined by
+/// `STATEMENT_BREAK`; `done` holds those that reached `DOC_BYTES`.
+#[derive(Default)]
+struct Docs {
+    open: HashMap<u64, String>,
+    done: Vec<(u64, String)>,
 }
 
-/// A statement's verdicts within one batch.
-#[derive(Default)]
-struct Decided<'a> {
-    action: Option<&'static str>,
-    rule: Option<&'a str>,
-    approver: Option<&'a str>,
+impl Docs {
+    fn add(&mut self, session: u64, text: &str) {
+        let doc = self.open.entry(session).or_default();
+        if !doc.is_empty() {
+            doc.push_str(STATEMENT_BREAK);
+        }
+        doc.push_str(text);
+        if doc.len() >= DOC_BYTES {
+            let full = std::mem::take(doc);
+            self.done.push((session, full));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::types::{Request, SessionStart};
+    use crate::record::types::{Request, RequestKind, SessionStart, Verdict};
 
     fn start(session: u64, seq: u64) -> Entry {
         Entry {
@@ -448,13 +458,130 @@ mod tests {
             vec![1],
             "a quote is text, not syntax"
         );
-        assert_eq!(full_text_entries(&again), 2, "one entry per statement");
-        let counted: i64 = again
-            .db
-            .query_row("SELECT count(*) FROM statements", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(counted, 2);
+        assert_eq!(
+            full_text_entries(&again),
+            1,
+            "one document per session and batch"
+        );
         assert_eq!(again.session(1).unwrap().unwrap().statements, 2);
+    }
+
+    fn verdict(session: u64, stmt: u32, seq: u64, action: Action, rule: Option<&str>) -> Entry {
+        Entry {
+            seq,
+            at_us: seq as i64,
+            session,
+            stmt,
+            record: Record::Verdict(Verdict {
+                action,
+                rule: rule.map(Into::into),
+                ..Verdict::allow(None)
+            }),
+        }
+    }
+
+    fn end(session: u64, seq: u64) -> Entry {
+        Entry {
+            seq,
+            at_us: seq as i64,
+            session,
+            stmt: 0,
+            record: Record::SessionEnd {
+                reason: "client closed".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_phrase_never_spans_two_statements() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::open(dir.path()).unwrap();
+        let batch = [
+            start(1, 0),
+            query(1, 1, 1, "SELECT * FROM orders"),
+            query(1, 2, 2, "DELETE FROM users"),
+        ];
+        index.apply(&batch, &HashMap::from([(1, 2)]), 3).unwrap();
+        assert_eq!(grep(&index, "FROM orders"), vec![1]);
+        assert_eq!(grep(&index, "DELETE FROM users"), vec![1]);
+        assert_eq!(grep(&index, "orders DELETE"), Vec::<u64>::new());
+        assert_eq!(
+            grep(&index, "orders \u{e000} DELETE"),
+            vec![1],
+            "only through the break"
+        );
+    }
+
+    #[test]
+    fn a_repeated_statement_is_indexed_once_and_counted_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::open(dir.path()).unwrap();
+        let text = "SELECT x FROM orders WHERE id = $1";
+        index
+            .apply(
+                &[start(1, 0), query(1, 1, 1, text), query(1, 2, 2, text)],
+                &HashMap::from([(1, 2)]),
+                3,
+            )
+            .unwrap();
+        index
+            .apply(&[query(1, 3, 3, text)], &HashMap::from([(1, 3)]), 4)
+            .unwrap();
+        assert_eq!(full_text_entries(&index), 1);
+        assert_eq!(index.session(1).unwrap().unwrap().statements, 3);
+        // A later session with the same text is found too.
+        index
+            .apply(
+                &[end(1, 4), start(2, 5), query(2, 1, 6, text)],
+                &HashMap::from([(1, 4), (2, 6)]),
+                7,
+            )
+            .unwrap();
+        assert_eq!(grep(&index, "FROM orders"), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_session_matches_every_verdict_and_rule_its_statements_met() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::open(dir.path()).unwrap();
+        let batch = [
+            start(1, 0),
+            query(1, 1, 1, "DELETE FROM orders"),
+            verdict(1, 1, 2, Action::Hold, Some("default/hold-delete")),
+            start(2, 3),
+            query(2, 1, 4, "SELECT 1"),
+            verdict(2, 1, 5, Action::Allow, None),
+        ];
+        index
+            .apply(&batch, &HashMap::from([(1, 2), (2, 5)]), 6)
+            .unwrap();
+        // The approval comes in a later batch.
+        index
+            .apply(
+                &[verdict(1, 1, 6, Action::Denied, None)],
+                &HashMap::from([(1, 6)]),
+                7,
+            )
+            .unwrap();
+        let list = |verdict: Option<&str>, rule: Option<&str>| -> Vec<u64> {
+            let filter = Filter {
+                verdict: verdict.map(Into::into),
+                rule: rule.map(Into::into),
+                ..Default::default()
+            };
+            index.list(&filter).unwrap().iter().map(|s| s.id).collect()
+        };
+        assert_eq!(list(Some("hold"), None), vec![1]);
+        assert_eq!(list(Some("denied"), None), vec![1]);
+        assert_eq!(list(Some("allow"), None), vec![2]);
+        assert_eq!(list(Some("block"), None), Vec::<u64>::new());
+        assert_eq!(list(None, Some("default/hold-delete")), vec![1]);
+        assert_eq!(
+            list(None, Some("")),
+            Vec::<u64>::new(),
+            "no rule is no match"
+        );
+        assert_eq!(index.session(1).unwrap().unwrap().blocked, 1);
     }
 
     #[test]
