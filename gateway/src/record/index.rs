@@ -1,5 +1,6 @@
-//! The SQLite index: sessions, what their statements met, and FTS5 over their texts. It is derived from
-//! the segments: `indexed_seq` says how far it got, and the recorder catches up at start.
+//! The SQLite index: sessions, what their statements met, and FTS5 over their texts. It is
+//! derived from the segments: `indexed_seq` says how far it got, and the recorder catches up at
+//! start.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher as _, RandomState};
