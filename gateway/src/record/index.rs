@@ -542,6 +542,38 @@ mod tests {
     }
 
     #[test]
+    fn a_long_batch_is_split_into_documents_that_each_find_their_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::open(dir.path()).unwrap();
+        let texts: Vec<String> = (0..3000)
+            .map(|i| format!("SELECT payload FROM events WHERE tag = 'tag{i}'"))
+            .collect();
+        let mut batch = vec![start(1, 0)];
+        batch.extend((0..3000).map(|i| query(1, i + 1, u64::from(i) + 1, &texts[i as usize])));
+        index
+            .apply(&batch, &HashMap::from([(1, 3000)]), 3001)
+            .unwrap();
+        let docs: i64 = index
+            .db
+            .query_row(
+                "SELECT count(*) FROM statements_fts WHERE statements_fts MATCH 'payload'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let bytes: usize = texts.iter().map(|t| t.len() + STATEMENT_BREAK.len()).sum();
+        assert_eq!(
+            docs as usize,
+            bytes.div_ceil(DOC_BYTES),
+            "{bytes} bytes of text"
+        );
+        for i in [0, 1499, 2999] {
+            assert_eq!(grep(&index, &format!("tag{i}")), vec![1], "tag{i}");
+        }
+        assert_eq!(index.session(1).unwrap().unwrap().statements, 3000);
+    }
+
+    #[test]
     fn a_session_matches_every_verdict_and_rule_its_statements_met() {
         let dir = tempfile::tempdir().unwrap();
         let mut index = Index::open(dir.path()).unwrap();
