@@ -663,11 +663,11 @@ fn verify_names_each_kind_of_tampering_with_its_exit_code() {
         segment::frame_record(&mut raw, r);
     }
     let forged = segment::encode_block(
+        &mut zstd::bulk::Compressor::new(1).unwrap(),
         &raw,
         victim.first_seq,
         victim.count - 1,
         victim.last_at_us,
-        1,
     )
     .unwrap();
     let mut bytes = std::fs::read(path).unwrap();

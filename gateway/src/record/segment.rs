@@ -76,17 +76,18 @@ pub fn frame_record(raw: &mut Vec<u8>, payload: &[u8]) {
     raw.extend_from_slice(payload);
 }
 
-/// A compressed block with its header, ready to append.
+/// A compressed block with its header, ready to append. The writer keeps one compressor: a new
+/// one per block set zstd's tables up again, and streaming into it copied the input twice.
 pub fn encode_block(
+    zstd: &mut zstd::bulk::Compressor<'static>,
     raw: &[u8],
     first_seq: u64,
     count: u32,
     last_at_us: i64,
-    level: i32,
 ) -> std::io::Result<Vec<u8>> {
-    let mut out = vec![0u8; BLOCK_HEADER];
-    out.reserve(raw.len() / 2);
-    zstd::stream::copy_encode(raw, &mut out, level)?;
+    let mut out = vec![0u8; BLOCK_HEADER + zstd::zstd_safe::compress_bound(raw.len())];
+    let written = zstd.compress_to_buffer(raw, &mut out[BLOCK_HEADER..])?;
+    out.truncate(BLOCK_HEADER + written);
     finish_block(
         &mut out,
         BLOCK_MAGIC,

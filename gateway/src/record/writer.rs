@@ -94,6 +94,7 @@ pub(super) struct Writer {
     index_since: Option<Instant>,
     ship: Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)>,
     encoded: Vec<u8>,
+    zstd: zstd::bulk::Compressor<'static>,
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
@@ -143,6 +144,8 @@ impl Writer {
             index_since: None,
             ship: None,
             encoded: Vec::new(),
+            zstd: zstd::bulk::Compressor::new(cfg.zstd_level)
+                .context("setting up zstd compression")?,
         };
         let recovered = w.recover()?;
         let mut index = Index::open(dir).context("opening the recording index")?;
@@ -393,13 +396,12 @@ impl Writer {
     /// Seals what is pending (and a checkpoint when one is due) and writes it all.
     fn commit(&mut self, force_checkpoint: bool) {
         if self.raw_count > 0 {
-            let level = self.cfg.zstd_level;
             match encode_block(
+                &mut self.zstd,
                 &self.raw,
                 self.raw_first_seq,
                 self.raw_count,
                 self.raw_last_at,
-                level,
             ) {
                 Ok(bytes) => {
                     self.shared
