@@ -22,12 +22,15 @@ pub struct Index {
     /// Per live session, the hashes of the statement texts already in its full text: a session
     /// that repeats a statement is found by its first occurrence.
     seen: HashMap<u64, HashSet<u64>>,
+    /// Hashes in `seen`, all sessions together.
+    seen_texts: usize,
     text_hasher: RandomState,
 }
 
-/// At most this many text hashes per session; then the set starts over, and repeats are indexed
-/// again (harmless: a search names sessions).
-const SEEN_PER_SESSION: usize = 4096;
+/// At most this many text hashes in all (about a megabyte), whatever the number of sessions and
+/// however long they live, or whether their end was ever recorded; then every set starts over,
+/// and repeats are indexed again (harmless: a search names sessions).
+const SEEN_TEXTS: usize = 1 << 16;
 
 /// A full-text document holds one session's new statements from one batch, up to this size.
 const DOC_BYTES: usize = 64 << 10;
@@ -111,6 +114,7 @@ impl Index {
             db,
             indexed: 0,
             seen: HashMap::new(),
+            seen_texts: 0,
             text_hasher: RandomState::new(),
         };
         index.indexed = index.indexed_seq()?;
@@ -151,9 +155,14 @@ impl Index {
         match applied {
             Ok(()) => self.indexed = next_seq,
             // Texts taken as seen never reached the index: forget them all.
-            Err(_) => self.seen.clear(),
+            Err(_) => self.forget_seen(),
         }
         applied
+    }
+
+    fn forget_seen(&mut self) {
+        self.seen.clear();
+        self.seen_texts = 0;
     }
 
     fn apply_in_transaction(
@@ -187,11 +196,14 @@ impl Index {
                 }
                 Record::Request(r) => {
                     counts.entry(e.session).or_default().0 += 1;
-                    let seen = self.seen.entry(e.session).or_default();
-                    if seen.len() >= SEEN_PER_SESSION {
-                        seen.clear();
+                    if self.seen_texts >= SEEN_TEXTS {
+                        // Fields, not `forget_seen`: the transaction holds `db`.
+                        self.seen.clear();
+                        self.seen_texts = 0;
                     }
-                    if seen.insert(self.text_hasher.hash_one(&r.text)) {
+                    let hash = self.text_hasher.hash_one(&r.text);
+                    if self.seen.entry(e.session).or_default().insert(hash) {
+                        self.seen_texts += 1;
                         docs.add(e.session, &r.text);
                     }
                 }
@@ -203,7 +215,9 @@ impl Index {
                     }
                 }
                 Record::SessionEnd { reason } => {
-                    self.seen.remove(&e.session);
+                    if let Some(texts) = self.seen.remove(&e.session) {
+                        self.seen_texts -= texts.len();
+                    }
                     tx.prepare_cached(
                         "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
                     )?
@@ -433,10 +447,51 @@ mod tests {
             .unwrap()
     }
 
+    /// An index in a directory of its own, kept as long as the directory is.
+    fn fresh() -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        (dir, index)
+    }
+
+    #[test]
+    fn texts_seen_are_forgotten_at_session_end_and_bounded_in_all() {
+        let (_dir, mut index) = fresh();
+        let texts: Vec<String> = (0..SEEN_TEXTS + 10)
+            .map(|i| format!("SELECT {i}"))
+            .collect();
+        index
+            .apply(
+                &[
+                    start(1, 0),
+                    query(1, 1, 1, &texts[0]),
+                    query(1, 2, 2, &texts[1]),
+                ],
+                &HashMap::from([(1, 2)]),
+                3,
+            )
+            .unwrap();
+        assert_eq!(index.seen_texts, 2);
+        index
+            .apply(&[end(1, 3)], &HashMap::from([(1, 3)]), 4)
+            .unwrap();
+        assert_eq!((index.seen.len(), index.seen_texts), (0, 0));
+        // Sessions whose end never comes hold no more than the bound between them.
+        let mut batch = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let (session, seq) = (10 + i as u64 % 7, 4 + i as u64);
+            batch.push(query(session, i as u32, seq, text));
+        }
+        let last: HashMap<u64, u64> = (10..17).map(|s| (s, 4 + texts.len() as u64)).collect();
+        index.apply(&batch, &last, 5 + texts.len() as u64).unwrap();
+        assert!(index.seen_texts <= SEEN_TEXTS, "{}", index.seen_texts);
+        let held: usize = index.seen.values().map(HashSet::len).sum();
+        assert_eq!(held, index.seen_texts);
+    }
+
     #[test]
     fn a_batch_indexed_twice_is_found_once_and_counted_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = Index::open(dir.path()).unwrap();
+        let (dir, mut index) = fresh();
         let batch = [
             start(1, 0),
             query(1, 1, 1, "SELECT x FROM orders"),
@@ -495,8 +550,7 @@ mod tests {
 
     #[test]
     fn a_phrase_never_spans_two_statements() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = Index::open(dir.path()).unwrap();
+        let (_dir, mut index) = fresh();
         let batch = [
             start(1, 0),
             query(1, 1, 1, "SELECT * FROM orders"),
@@ -515,8 +569,7 @@ mod tests {
 
     #[test]
     fn a_repeated_statement_is_indexed_once_and_counted_each_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = Index::open(dir.path()).unwrap();
+        let (_dir, mut index) = fresh();
         let text = "SELECT x FROM orders WHERE id = $1";
         index
             .apply(
@@ -543,8 +596,7 @@ mod tests {
 
     #[test]
     fn a_long_batch_is_split_into_documents_that_each_find_their_session() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = Index::open(dir.path()).unwrap();
+        let (_dir, mut index) = fresh();
         let texts: Vec<String> = (0..3000)
             .map(|i| format!("SELECT payload FROM events WHERE tag = 'tag{i}'"))
             .collect();
@@ -575,8 +627,7 @@ mod tests {
 
     #[test]
     fn a_session_matches_every_verdict_and_rule_its_statements_met() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = Index::open(dir.path()).unwrap();
+        let (_dir, mut index) = fresh();
         let batch = [
             start(1, 0),
             query(1, 1, 1, "DELETE FROM orders"),
@@ -619,8 +670,7 @@ mod tests {
 
     #[test]
     fn pruned_sessions_leave_no_full_text_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = Index::open(dir.path()).unwrap();
+        let (_dir, mut index) = fresh();
         let batch = [
             start(1, 0),
             query(1, 1, 1, "SELECT x FROM old_orders"),
