@@ -47,7 +47,6 @@ struct Sealed {
     after: Option<Frontier>,
     checkpoint: Option<String>,
     waiters: Vec<oneshot::Sender<Result<(), RecordError>>>,
-    index: Vec<Entry>,
     last_seq: HashMap<u64, u64>,
 }
 
@@ -83,14 +82,16 @@ pub(super) struct Writer {
     raw_last_at: i64,
     raw_since: Option<Instant>,
     waiters: Vec<oneshot::Sender<Result<(), RecordError>>>,
+    /// The records the index keeps, in seq order, from the last index update on, durable or
+    /// not: those before `durable` go to the index, in place (entries are large, and moving
+    /// them from block to block cost more than the index's own work on them).
     index_entries: Vec<Entry>,
     index_last_seq: HashMap<u64, u64>,
     unwritten: VecDeque<Sealed>,
     flushes: Vec<oneshot::Sender<Result<(), RecordError>>>,
     index: Option<Index>,
-    /// Durable records not yet in the index (entries it keeps, newest seq per session), and
-    /// since when.
-    index_later: (Vec<Entry>, HashMap<u64, u64>),
+    /// The newest seq per session of durable records not yet in the index, and since when.
+    index_later: HashMap<u64, u64>,
     index_since: Option<Instant>,
     ship: Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)>,
     encoded: Vec<u8>,
@@ -413,7 +414,6 @@ impl Writer {
                         after: Some(self.frontier.clone()),
                         checkpoint: None,
                         waiters: std::mem::take(&mut self.waiters),
-                        index: std::mem::take(&mut self.index_entries),
                         last_seq: std::mem::take(&mut self.index_last_seq),
                     });
                 }
@@ -445,7 +445,6 @@ impl Writer {
                 after: None,
                 checkpoint: Some(note),
                 waiters: Vec::new(),
-                index: Vec::new(),
                 last_seq: HashMap::new(),
             });
             self.last_checkpoint = size;
@@ -468,8 +467,7 @@ impl Writer {
         match self.try_write() {
             Ok(()) => {
                 let mut notes = Vec::new();
-                let mut entries = Vec::new();
-                let mut last_seq = HashMap::new();
+                let was_durable = self.durable.size();
                 for s in self.unwritten.drain(..) {
                     if let Some(after) = s.after {
                         self.durable = after;
@@ -478,8 +476,7 @@ impl Writer {
                         let _ = w.send(Ok(()));
                     }
                     notes.extend(s.checkpoint);
-                    entries.extend(s.index);
-                    last_seq.extend(s.last_seq);
+                    self.index_later.extend(s.last_seq);
                 }
                 if self.shared.set_health(None) {
                     tracing::info!("recording: writes succeed again");
@@ -493,12 +490,14 @@ impl Writer {
                 }
                 // Sooner when a session ended or someone waits on a flush, so that `list`
                 // shows what is done.
+                let (from, to) = (was_durable, self.durable.size());
                 let now = !self.flushes.is_empty()
-                    || entries
+                    || self
+                        .index_entries
                         .iter()
+                        .skip_while(|e| e.seq < from)
+                        .take_while(|e| e.seq < to)
                         .any(|e| matches!(e.record, Record::SessionEnd { .. }));
-                self.index_later.0.extend(entries);
-                self.index_later.1.extend(last_seq);
                 self.index_since.get_or_insert_with(Instant::now);
                 if now {
                     self.index_now();
@@ -604,7 +603,7 @@ impl Writer {
     /// The index is due an update: pending long enough, or plenty of it.
     fn index_due(&self) -> bool {
         self.index_since
-            .is_some_and(|t| t.elapsed() >= INDEX_INTERVAL || self.index_later.0.len() >= 4096)
+            .is_some_and(|t| t.elapsed() >= INDEX_INTERVAL || self.index_entries.len() >= 4096)
     }
 
     /// Applies every durable record the index has not seen, in one transaction.
@@ -612,13 +611,17 @@ impl Writer {
         if self.index_since.take().is_none() {
             return;
         }
-        let (entries, last_seq) = std::mem::take(&mut self.index_later);
-        let Some(index) = &mut self.index else { return };
-        if let Err(e) = index.apply(&entries, &last_seq, self.durable.size()) {
+        let durable = self.durable.size();
+        let ready = self.index_entries.partition_point(|e| e.seq < durable);
+        let last_seq = std::mem::take(&mut self.index_later);
+        if let Some(index) = &mut self.index
+            && let Err(e) = index.apply(&self.index_entries[..ready], &last_seq, durable)
+        {
             // The index is derived data: the next start rebuilds what is missing.
             self.shared.status.index_failures.fetch_add(1, Relaxed);
             tracing::warn!("recording index: {e}");
         }
+        self.index_entries.drain(..ready);
     }
 }
 
