@@ -490,12 +490,11 @@ impl Writer {
                 }
                 // Sooner when a session ended or someone waits on a flush, so that `list`
                 // shows what is done.
-                let (from, to) = (was_durable, self.durable.size());
+                let to = self.durable.size();
+                let from = self.index_entries.partition_point(|e| e.seq < was_durable);
                 let now = !self.flushes.is_empty()
-                    || self
-                        .index_entries
+                    || self.index_entries[from..]
                         .iter()
-                        .skip_while(|e| e.seq < from)
                         .take_while(|e| e.seq < to)
                         .any(|e| matches!(e.record, Record::SessionEnd { .. }));
                 self.index_since.get_or_insert_with(Instant::now);
