@@ -17,14 +17,41 @@ const SCHEMA_VERSION: i64 = 3;
 
 pub struct Index {
     db: Connection,
-    /// Records before this seq are in the index.
-    indexed: u64,
-    /// Per live session, the hashes of the statement texts already in its full text: a session
-    /// that repeats a statement is found by its first occurrence.
-    seen: HashMap<u64, HashSet<u64>>,
-    /// Hashes in `seen`, all sessions together.
-    seen_texts: usize,
-    text_hasher: RandomState,
+    seen: SeenTexts,
+}
+
+/// Per live session, the hashes of the statement texts already in its full text: a session that
+/// repeats a statement is found by its first occurrence.
+#[derive(Default)]
+struct SeenTexts {
+    by_session: HashMap<u64, HashSet<u64>>,
+    /// Hashes in `by_session`, all sessions together.
+    count: usize,
+    hasher: RandomState,
+}
+
+impl SeenTexts {
+    /// True the first time a session sends a text.
+    fn first(&mut self, session: u64, text: &str) -> bool {
+        if self.count >= SEEN_TEXTS {
+            self.clear();
+        }
+        let hash = self.hasher.hash_one(text);
+        let first = self.by_session.entry(session).or_default().insert(hash);
+        self.count += usize::from(first);
+        first
+    }
+
+    fn end(&mut self, session: u64) {
+        if let Some(texts) = self.by_session.remove(&session) {
+            self.count -= texts.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_session.clear();
+        self.count = 0;
+    }
 }
 
 /// At most this many text hashes in all (about a megabyte), whatever the number of sessions and
@@ -110,15 +137,10 @@ impl Index {
                  USING fts5(text, content='', contentless_delete=1);",
         )?;
         db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        let mut index = Index {
+        Ok(Index {
             db,
-            indexed: 0,
-            seen: HashMap::new(),
-            seen_texts: 0,
-            text_hasher: RandomState::new(),
-        };
-        index.indexed = index.indexed_seq()?;
-        Ok(index)
+            seen: SeenTexts::default(),
+        })
     }
 
     /// Records up to (not including) this seq are indexed.
@@ -152,17 +174,11 @@ impl Index {
         next_seq: u64,
     ) -> rusqlite::Result<()> {
         let applied = self.apply_in_transaction(entries, last_seq, next_seq);
-        match applied {
-            Ok(()) => self.indexed = next_seq,
+        if applied.is_err() {
             // Texts taken as seen never reached the index: forget them all.
-            Err(_) => self.forget_seen(),
+            self.seen.clear();
         }
         applied
-    }
-
-    fn forget_seen(&mut self) {
-        self.seen.clear();
-        self.seen_texts = 0;
     }
 
     fn apply_in_transaction(
@@ -174,8 +190,9 @@ impl Index {
         let mut docs = Docs::default();
         let mut verdicts: HashSet<(u64, &str, &str)> = HashSet::new();
         let mut counts: HashMap<u64, (u64, u64)> = HashMap::new();
+        let indexed = self.indexed_seq()?;
         let tx = self.db.transaction()?;
-        for e in entries.iter().filter(|e| e.seq >= self.indexed) {
+        for e in entries.iter().filter(|e| e.seq >= indexed) {
             match &e.record {
                 Record::SessionStart(s) => {
                     tx.prepare_cached(
@@ -196,14 +213,7 @@ impl Index {
                 }
                 Record::Request(r) => {
                     counts.entry(e.session).or_default().0 += 1;
-                    if self.seen_texts >= SEEN_TEXTS {
-                        // Fields, not `forget_seen`: the transaction holds `db`.
-                        self.seen.clear();
-                        self.seen_texts = 0;
-                    }
-                    let hash = self.text_hasher.hash_one(&r.text);
-                    if self.seen.entry(e.session).or_default().insert(hash) {
-                        self.seen_texts += 1;
+                    if self.seen.first(e.session, &r.text) {
                         docs.add(e.session, &r.text);
                     }
                 }
@@ -215,9 +225,7 @@ impl Index {
                     }
                 }
                 Record::SessionEnd { reason } => {
-                    if let Some(texts) = self.seen.remove(&e.session) {
-                        self.seen_texts -= texts.len();
-                    }
+                    self.seen.end(e.session);
                     tx.prepare_cached(
                         "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
                     )?
@@ -471,11 +479,11 @@ mod tests {
                 3,
             )
             .unwrap();
-        assert_eq!(index.seen_texts, 2);
+        assert_eq!(index.seen.count, 2);
         index
             .apply(&[end(1, 3)], &HashMap::from([(1, 3)]), 4)
             .unwrap();
-        assert_eq!((index.seen.len(), index.seen_texts), (0, 0));
+        assert_eq!((index.seen.by_session.len(), index.seen.count), (0, 0));
         // Sessions whose end never comes hold no more than the bound between them.
         let mut batch = Vec::new();
         for (i, text) in texts.iter().enumerate() {
@@ -484,9 +492,9 @@ mod tests {
         }
         let last: HashMap<u64, u64> = (10..17).map(|s| (s, 4 + texts.len() as u64)).collect();
         index.apply(&batch, &last, 5 + texts.len() as u64).unwrap();
-        assert!(index.seen_texts <= SEEN_TEXTS, "{}", index.seen_texts);
-        let held: usize = index.seen.values().map(HashSet::len).sum();
-        assert_eq!(held, index.seen_texts);
+        assert!(index.seen.count <= SEEN_TEXTS, "{}", index.seen.count);
+        let held: usize = index.seen.by_session.values().map(HashSet::len).sum();
+        assert_eq!(held, index.seen.count);
     }
 
     #[test]
