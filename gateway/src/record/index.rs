@@ -2,8 +2,10 @@
 //! derived from the segments: `indexed_seq` says how far it got, and the recorder catches up at
 //! start.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher as _, RandomState};
+
+use foldhash::{HashMapExt as _, HashSetExt as _};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -24,7 +26,7 @@ pub struct Index {
 /// repeats a statement is found by its first occurrence.
 #[derive(Default)]
 struct SeenTexts {
-    by_session: HashMap<u64, HashSet<u64>>,
+    by_session: foldhash::HashMap<u64, foldhash::HashSet<u64>>,
     /// Hashes in `by_session`, all sessions together.
     count: usize,
     hasher: RandomState,
@@ -188,8 +190,8 @@ impl Index {
         next_seq: u64,
     ) -> rusqlite::Result<()> {
         let mut docs = Docs::default();
-        let mut verdicts: HashSet<(u64, &str, &str)> = HashSet::new();
-        let mut counts: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut verdicts = foldhash::HashSet::<(u64, &str, &str)>::new();
+        let mut counts = foldhash::HashMap::<u64, (u64, u64)>::new();
         let indexed = self.indexed_seq()?;
         let tx = self.db.transaction()?;
         for e in entries.iter().filter(|e| e.seq >= indexed) {
@@ -382,7 +384,7 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<SessionRow> {
 /// `STATEMENT_BREAK`; `done` holds those that reached `DOC_BYTES`.
 #[derive(Default)]
 struct Docs {
-    open: HashMap<u64, String>,
+    open: foldhash::HashMap<u64, String>,
     done: Vec<(u64, String)>,
 }
 
@@ -493,7 +495,7 @@ mod tests {
         let last: HashMap<u64, u64> = (10..17).map(|s| (s, 4 + texts.len() as u64)).collect();
         index.apply(&batch, &last, 5 + texts.len() as u64).unwrap();
         assert!(index.seen.count <= SEEN_TEXTS, "{}", index.seen.count);
-        let held: usize = index.seen.by_session.values().map(HashSet::len).sum();
+        let held: usize = index.seen.by_session.values().map(|s| s.len()).sum();
         assert_eq!(held, index.seen.count);
     }
 

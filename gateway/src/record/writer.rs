@@ -87,6 +87,9 @@ pub(super) struct Writer {
     /// them from block to block cost more than the index's own work on them).
     index_entries: Vec<Entry>,
     index_last_seq: HashMap<u64, u64>,
+    /// The last record's session and seq, not yet in `index_last_seq`: consecutive records are
+    /// mostly one session's, and a map update for each cost more than numbering the record.
+    last_pushed: Option<(u64, u64)>,
     unwritten: VecDeque<Sealed>,
     flushes: Vec<oneshot::Sender<Result<(), RecordError>>>,
     index: Option<Index>,
@@ -138,6 +141,7 @@ impl Writer {
             waiters: Vec::new(),
             index_entries: Vec::new(),
             index_last_seq: HashMap::new(),
+            last_pushed: None,
             unwritten: VecDeque::new(),
             flushes: Vec::new(),
             index: None,
@@ -381,7 +385,14 @@ impl Writer {
         self.raw_count += 1;
         self.raw_last_at = at_us;
         self.shared.status.records.fetch_add(1, Relaxed);
-        self.index_last_seq.insert(session, seq);
+        match &mut self.last_pushed {
+            Some((last, last_seq)) if *last == session => *last_seq = seq,
+            other => {
+                if let Some((last, last_seq)) = other.replace((session, seq)) {
+                    self.index_last_seq.insert(last, last_seq);
+                }
+            }
+        }
         if encode::INDEXED.contains(&variant) {
             match postcard::from_bytes::<Entry>(&payload) {
                 Ok(entry) => {
@@ -397,6 +408,9 @@ impl Writer {
     /// Seals what is pending (and a checkpoint when one is due) and writes it all.
     fn commit(&mut self, force_checkpoint: bool) {
         if self.raw_count > 0 {
+            if let Some((session, seq)) = self.last_pushed.take() {
+                self.index_last_seq.insert(session, seq);
+            }
             match encode_block(
                 &mut self.zstd,
                 &self.raw,
