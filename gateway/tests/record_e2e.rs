@@ -1172,3 +1172,68 @@ fn an_error_mid_batch_skips_to_sync_and_later_statements_keep_their_rows() {
         |e| matches!(&e.record, Record::Request(r) if r.text.contains("dropped-by-the-gateway"))
     ));
 }
+
+/// A statement is on disk, with its verdict, while it still runs: a gateway that dies during a
+/// long statement leaves it in the log. Simple and extended protocol (tokio-postgres prepares,
+/// binds and executes), with the shipped `default` policy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_is_recorded_with_its_verdict_while_it_still_runs() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway_with(&pg, dir.path(), "", "", true);
+    let rec_dir = gw.state_dir.join("recordings");
+    let simple = connect(&gw).await;
+    let extended = connect(&gw).await;
+    let started = Instant::now();
+    let running = [
+        tokio::spawn(async move { simple.simple_query("SELECT pg_sleep(30)").await.map(drop) }),
+        tokio::spawn(async move {
+            extended
+                .query("SELECT pg_sleep($1::float8)", &[&30f64])
+                .await
+                .map(drop)
+        }),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let recorded = |entries: &[Entry], kind: RequestKind, text: &str| {
+        entries
+            .iter()
+            .any(|e| matches!(&e.record, Record::Request(r) if r.kind == kind && r.text == text))
+            && {
+                let stmt = stmt_of(entries, kind, text);
+                kind == RequestKind::Execute
+                    || of_statement(entries, stmt)
+                        .iter()
+                        .any(|r| matches!(r, Record::Verdict(v) if v.action == Action::Allow))
+            }
+    };
+    loop {
+        let entries = if rec_dir.exists() {
+            export(&rec_dir)
+        } else {
+            Vec::new()
+        };
+        if recorded(&entries, RequestKind::Query, "SELECT pg_sleep(30)")
+            && recorded(
+                &entries,
+                RequestKind::Execute,
+                "SELECT pg_sleep($1::float8)",
+            )
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running statements are not on disk: {:#?}",
+            entries.iter().map(|e| &e.record).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        running.iter().all(|t| !t.is_finished()) && started.elapsed() < Duration::from_secs(30),
+        "the statements finished before their records were seen"
+    );
+    for t in running {
+        t.abort();
+    }
+}

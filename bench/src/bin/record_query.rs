@@ -122,6 +122,7 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
             .unwrap_or_else(|| sql.as_bytes().to_vec());
         let text = String::from_utf8(text)?;
         let bytes_in = 6 + text.len() as u64;
+        rec.hold();
         rec.request(Request {
             kind: RequestKind::Query,
             statement: None,
@@ -130,6 +131,7 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
         })?;
         responses.request(Answer::Query, rec.stmt(), bytes_in);
         rec.verdict(Verdict::allow(Some("default/read".into())))?;
+        rec.hand_over()?;
         let mut batch = rec.batch();
         responses.feed(wire, &mut batch);
         responses.flush(&mut batch);

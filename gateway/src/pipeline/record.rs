@@ -298,8 +298,9 @@ fn verdict_of(d: &Disposition, allow_rule: Option<&str>) -> Verdict {
     }
 }
 
-impl Gate for RecordGate {
-    fn check(&mut self, request: &Request<'_>) -> Disposition {
+impl RecordGate {
+    /// Records a statement, has policy decide on it, and records the verdict.
+    fn record_and_decide(&mut self, request: &Request<'_>) -> Disposition {
         let mut r = self.record.borrow_mut();
         if !r.recording() {
             drop(r);
@@ -379,6 +380,28 @@ impl Gate for RecordGate {
         }
         drop(r);
         self.strict(d)
+    }
+}
+
+impl Gate for RecordGate {
+    fn check(&mut self, request: &Request<'_>) -> Disposition {
+        // A statement and its verdict reach the recorder in one hand-over, not two.
+        if let Some(rec) = self.record.borrow_mut().rec.as_mut() {
+            rec.hold();
+        }
+        let d = self.record_and_decide(request);
+        let mut r = self.record.borrow_mut();
+        let handed = r.rec.as_mut().map_or(Ok(()), SessionRecorder::hand_over);
+        match handed {
+            // A refused statement is not run either way; anything else must not run unrecorded.
+            Err(e) if !matches!(d, Disposition::Block(_)) => {
+                self.policy.held = None;
+                r.approval = None;
+                r.durable = None;
+                refusal(&e)
+            }
+            _ => d,
+        }
     }
 
     fn bind(&mut self, portal: &str, statement: &str, body: &[u8]) {

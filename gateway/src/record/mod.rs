@@ -603,6 +603,19 @@ impl SessionRecorder {
         Batch(self)
     }
 
+    /// Records wait for [`Self::hand_over`], as in a [`Batch`]: the gate holds a request back
+    /// until its verdict, so that the two reach the recorder together. Strict mode still hands a
+    /// request over at once, to wait for it.
+    pub fn hold(&mut self) {
+        self.batching = true;
+    }
+
+    /// Hands over what [`Self::hold`] kept back.
+    pub fn hand_over(&mut self) -> Result<(), RecordError> {
+        self.batching = false;
+        self.submit(None)
+    }
+
     fn send(&mut self, record: Record, strict: bool) -> Result<Durable, RecordError> {
         let approx = record.approx_bytes();
         let stmt = match &record {
