@@ -846,7 +846,11 @@ impl Responses {
         match tag {
             b'T' => {
                 self.flush(rec);
-                let _ = rec.columns(columns(body).unwrap_or_default());
+                let _ = match record::encode::row_description(body) {
+                    Some(count) => rec.row_description(body, count),
+                    // A name that is not UTF-8 is recorded lossily, from a copy.
+                    None => rec.columns(columns(body).unwrap_or_default()),
+                };
             }
             b'D' => {
                 if let Some((len, _)) = record::encode::data_row(body) {

@@ -24,7 +24,17 @@ pub(crate) struct DataRows<'a> {
     pub count: usize,
 }
 
-/// `Record::Rows`'s variant index: the enum's order is the on-disk format.
+/// `Record::Columns` over a RowDescription body (`int16` count, then per column its name as a C
+/// string and 18 bytes, of which the type oid and the format): `count` columns, each checked with
+/// [`row_description`], their names UTF-8.
+pub(crate) struct RowDescription<'a> {
+    pub body: &'a [u8],
+    pub count: usize,
+}
+
+/// `Record::Columns`'s and `Record::Rows`'s variant indexes: the enum's order is the on-disk
+/// format.
+const COLUMNS: u32 = 3;
 const ROWS: u32 = 4;
 
 /// The variants the index holds: session start, request, verdict, session end.
@@ -73,6 +83,61 @@ impl Serialize for Cells<'_> {
         }
         seq.end()
     }
+}
+
+impl Serialize for RowDescription<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_newtype_variant("Record", COLUMNS, "columns", &ColumnSeq(self))
+    }
+}
+
+struct ColumnSeq<'a, 'b>(&'a RowDescription<'b>);
+
+impl Serialize for ColumnSeq<'_, '_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.count))?;
+        let mut rest = self.0.body.get(2..).unwrap_or_default();
+        for _ in 0..self.0.count {
+            let (column, len) =
+                column(rest).ok_or_else(|| S::Error::custom("a bad RowDescription"))?;
+            seq.serialize_element(&column)?;
+            rest = &rest[len..];
+        }
+        seq.end()
+    }
+}
+
+/// A column as [`super::Column`] encodes it.
+#[derive(Serialize)]
+struct ColumnRef<'a> {
+    name: &'a str,
+    type_oid: u32,
+    format: i16,
+}
+
+/// The column at the start of `b` and its length in the body.
+fn column(b: &[u8]) -> Option<(ColumnRef<'_>, usize)> {
+    let end = memchr::memchr(0, b)?;
+    let name = std::str::from_utf8(&b[..end]).ok()?;
+    let f: &[u8; 18] = b.get(end + 1..end + 19)?.try_into().ok()?;
+    let column = ColumnRef {
+        name,
+        type_oid: u32::from_be_bytes([f[6], f[7], f[8], f[9]]),
+        format: i16::from_be_bytes([f[16], f[17]]),
+    };
+    Some((column, end + 19))
+}
+
+/// A RowDescription body's column count, once every column is checked whole with a UTF-8 name;
+/// `None` sends the caller to a lossy copy.
+pub(crate) fn row_description(body: &[u8]) -> Option<usize> {
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?).max(0) as usize;
+    let mut rest = &body[2..];
+    for _ in 0..n {
+        let (_, len) = column(rest)?;
+        rest = &rest[len..];
+    }
+    Some(n)
 }
 
 /// A value as [`super::Bytes`] encodes it where not human-readable.
@@ -154,6 +219,44 @@ mod tests {
     }
 
     #[test]
+    fn a_row_description_encodes_as_its_columns_do_and_is_checked_first() {
+        let columns = [("id", 20u32, 0i16), ("naïve name", 25, 1), ("", 1700, 0)];
+        let mut body = (columns.len() as i16).to_be_bytes().to_vec();
+        for (name, oid, format) in columns {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(&[0xaa; 6]);
+            body.extend_from_slice(&oid.to_be_bytes());
+            body.extend_from_slice(&[0xbb; 6]);
+            body.extend_from_slice(&format.to_be_bytes());
+        }
+        let owned = Record::Columns(
+            columns
+                .iter()
+                .map(|&(name, type_oid, format)| crate::record::Column {
+                    name: name.into(),
+                    type_oid,
+                    format,
+                })
+                .collect(),
+        );
+        let count = row_description(&body).unwrap();
+        let borrowed = RowDescription { body: &body, count };
+        assert_eq!(
+            postcard::to_stdvec(&borrowed).unwrap(),
+            postcard::to_stdvec(&owned).unwrap()
+        );
+        for cut in 0..body.len() {
+            assert_eq!(row_description(&body[..cut]), None, "cut at {cut}");
+        }
+        // Half of the 'ï': a name that is not UTF-8 is left to the lossy copy.
+        let mut broken = body.clone();
+        let at = broken.iter().position(|&b| b == 0xc3).unwrap();
+        broken[at + 1] = b'x';
+        assert_eq!(row_description(&broken), None);
+    }
+
+    #[test]
     fn variant_indexes_are_the_records_on_disk() {
         use crate::record::{SessionStart, Verdict};
         let index = |r: &Record| postcard::to_stdvec(r).unwrap()[0] as u32;
@@ -172,6 +275,7 @@ mod tests {
         ];
         assert_eq!(indexed.each_ref().map(index), INDEXED);
         assert_eq!(index(&Record::Rows(vec![])), ROWS);
+        assert_eq!(index(&Record::Columns(vec![])), COLUMNS);
     }
 
     #[test]

@@ -754,6 +754,18 @@ impl SessionRecorder {
         Ok(())
     }
 
+    /// [`Self::columns`] for a RowDescription body as the client received it, with `count`
+    /// columns, checked with `encode::row_description` by the caller. Encoded without a copy.
+    pub fn row_description(&mut self, body: &[u8], count: usize) -> Result<(), RecordError> {
+        let columns = encode::RowDescription { body, count };
+        let stmt = self.answering.unwrap_or(self.stmt);
+        self.encode(&columns, stmt, 64 + 32 * count)?;
+        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
+            self.submit(None)?;
+        }
+        Ok(())
+    }
+
     pub fn copy_data(&mut self, data: Bytes) -> Result<(), RecordError> {
         self.send(Record::CopyData(data), false).map(drop)
     }
