@@ -71,9 +71,21 @@ pub fn encode_header(h: &SegmentHeader) -> Vec<u8> {
 
 /// Appends one framed record to a block's raw buffer.
 pub fn frame_record(raw: &mut Vec<u8>, payload: &[u8]) {
-    raw.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    raw.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let at = raw.len();
+    raw.extend_from_slice(&[0; RECORD_HEADER]);
     raw.extend_from_slice(payload);
+    frame_in_place(raw, at);
+}
+
+/// A record's length and CRC32C, before its payload.
+pub const RECORD_HEADER: usize = 8;
+
+/// Frames the record written at `at`: `RECORD_HEADER` bytes left for its header, then its
+/// payload to the end of `raw`. The recorder writes payloads in place this way, without a copy.
+pub fn frame_in_place(raw: &mut [u8], at: usize) {
+    let (head, payload) = raw[at..].split_at_mut(RECORD_HEADER);
+    head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
 }
 
 /// A compressed block with its header, ready to append. The writer keeps one compressor: a new

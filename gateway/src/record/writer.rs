@@ -20,8 +20,8 @@ use super::encode;
 use super::index::Index;
 use super::merkle::Frontier;
 use super::segment::{
-    Damage, Segment, SegmentHeader, encode_block, encode_checkpoint, encode_header, frame_record,
-    list_segments, segment_path,
+    Damage, RECORD_HEADER, Segment, SegmentHeader, encode_block, encode_checkpoint, encode_header,
+    frame_in_place, list_segments, segment_path,
 };
 use super::types::{Entry, Record};
 use super::{Health, Queue, RecordError, Shared, now_us};
@@ -97,7 +97,6 @@ pub(super) struct Writer {
     index_later: HashMap<u64, u64>,
     index_since: Option<Instant>,
     ship: Option<(std::sync::mpsc::Sender<String>, std::thread::JoinHandle<()>)>,
-    encoded: Vec<u8>,
     zstd: zstd::bulk::Compressor<'static>,
 }
 
@@ -148,7 +147,6 @@ impl Writer {
             index_later: Default::default(),
             index_since: None,
             ship: None,
-            encoded: Vec::new(),
             zstd: zstd::bulk::Compressor::new(cfg.zstd_level)
                 .context("setting up zstd compression")?,
         };
@@ -367,17 +365,14 @@ impl Writer {
             return;
         };
         let seq = self.frontier.size();
-        self.encoded.clear();
-        let mut payload = match postcard::to_extend(&seq, std::mem::take(&mut self.encoded)) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!("recording: a sequence number does not encode: {e}");
-                return;
-            }
-        };
-        payload.extend_from_slice(tail);
-        self.frontier.push_leaf(&payload);
-        frame_record(&mut self.raw, &payload);
+        // Framed where it is written: the payload is `seq` (postcard's varint) and the tail.
+        let at = self.raw.len();
+        self.raw.extend_from_slice(&[0; RECORD_HEADER]);
+        encode::varint(&mut self.raw, seq);
+        self.raw.extend_from_slice(tail);
+        frame_in_place(&mut self.raw, at);
+        let payload = &self.raw[at + RECORD_HEADER..];
+        self.frontier.push_leaf(payload);
         if self.raw_count == 0 {
             self.raw_first_seq = seq;
             self.raw_since = Some(Instant::now());
@@ -394,7 +389,7 @@ impl Writer {
             }
         }
         if encode::INDEXED.contains(&variant) {
-            match postcard::from_bytes::<Entry>(&payload) {
+            match postcard::from_bytes::<Entry>(payload) {
                 Ok(entry) => {
                     self.session_ended |= matches!(entry.record, Record::SessionEnd { .. });
                     self.index_entries.push(entry);
@@ -402,7 +397,6 @@ impl Writer {
                 Err(e) => tracing::error!("recording: a record does not decode for the index: {e}"),
             }
         }
-        self.encoded = payload;
     }
 
     /// Seals what is pending (and a checkpoint when one is due) and writes it all.
