@@ -2,8 +2,9 @@
 //!
 //! A record's payload is `postcard(Entry)`, and postcard encodes a struct as its fields in
 //! order, so a session encodes everything after `seq` ([`Tail`]) and the recorder puts `seq`
-//! in front. Rows are encoded from the DataRow bodies the client received ([`DataRows`]),
-//! as `Record::Rows` would encode them, without a heap value per cell.
+//! in front. Rows and column descriptions are encoded from the messages the client received
+//! ([`DataRows`], [`RowDescription`]), as `Record::Rows` and `Record::Columns` would encode them,
+//! without a heap value per cell.
 
 use serde::ser::{Error as _, SerializeSeq as _};
 use serde::{Serialize, Serializer};
@@ -40,49 +41,48 @@ const ROWS: u32 = 4;
 /// The variants the index holds: session start, request, verdict, session end.
 pub(crate) const INDEXED: [u32; 4] = [0, 1, 2, 10];
 
-impl Serialize for DataRows<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_newtype_variant("Record", ROWS, "rows", &RowSeq(self))
-    }
-}
-
-struct RowSeq<'a, 'b>(&'a DataRows<'b>);
-
-impl Serialize for RowSeq<'_, '_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.0.count))?;
-        let mut rest = self.0.bodies;
-        for _ in 0..self.0.count {
-            let (len, _) = data_row(rest).ok_or_else(|| S::Error::custom("a bad DataRow"))?;
-            seq.serialize_element(&Cells(&rest[..len]))?;
-            rest = &rest[len..];
-        }
-        seq.end()
-    }
-}
-
-/// One row: a sequence of `Option<Bytes>`.
-struct Cells<'a>(&'a [u8]);
-
-impl Serialize for Cells<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let b = self.0;
-        let n = i16::from_be_bytes([b[0], b[1]]).max(0) as usize;
-        let mut seq = s.serialize_seq(Some(n))?;
-        let mut at = 2;
-        for _ in 0..n {
-            let len = i32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-            at += 4;
-            if len < 0 {
-                seq.serialize_element(&None::<Value>)?;
-            } else {
-                let end = at + len as usize;
-                seq.serialize_element(&Some(Value(&b[at..end])))?;
-                at = end;
+impl DataRows<'_> {
+    /// Appends `Record::Rows` as postcard encodes it (a varint variant index and lengths, a
+    /// byte per `Option`), written directly: through serde a cell cost a few dozen calls, and
+    /// wide results are mostly cells. `None` on a DataRow that does not check (`out` is then
+    /// partly written).
+    pub fn write(&self, out: &mut Vec<u8>) -> Option<()> {
+        out.reserve(self.bodies.len() + 8);
+        varint(out, u64::from(ROWS));
+        varint(out, self.count as u64);
+        let mut rest = self.bodies;
+        for _ in 0..self.count {
+            let (len, _) = data_row(rest)?;
+            let (row, next) = rest.split_at(len);
+            rest = next;
+            let n = i16::from_be_bytes([row[0], row[1]]).max(0) as usize;
+            varint(out, n as u64);
+            let mut at = 2;
+            for _ in 0..n {
+                let len = i32::from_be_bytes([row[at], row[at + 1], row[at + 2], row[at + 3]]);
+                at += 4;
+                if len < 0 {
+                    out.push(0);
+                } else {
+                    let end = at + len as usize;
+                    out.push(1);
+                    varint(out, len as u64);
+                    out.extend_from_slice(&row[at..end]);
+                    at = end;
+                }
             }
         }
-        seq.end()
+        Some(())
     }
+}
+
+/// postcard's unsigned varint: seven bits a byte, least significant first.
+pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 impl Serialize for RowDescription<'_> {
@@ -140,15 +140,6 @@ pub(crate) fn row_description(body: &[u8]) -> Option<usize> {
     Some(n)
 }
 
-/// A value as [`super::Bytes`] encodes it where not human-readable.
-struct Value<'a>(&'a [u8]);
-
-impl Serialize for Value<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
-}
-
 /// The first DataRow body at the start of `b`, checked: its length and its values' bytes.
 pub(crate) fn data_row(b: &[u8]) -> Option<(usize, u64)> {
     let n = i16::from_be_bytes(b.get(..2)?.try_into().ok()?);
@@ -204,16 +195,13 @@ mod tests {
             ),
         };
         let mut ours = postcard::to_stdvec(&entry.seq).unwrap();
-        let tail = Tail {
-            at_us: entry.at_us,
-            session: entry.session,
-            stmt: entry.stmt,
-            record: &DataRows {
-                bodies: &bodies,
-                count: rows.len(),
-            },
-        };
-        ours.extend(postcard::to_stdvec(&tail).unwrap());
+        ours.extend(postcard::to_stdvec(&(entry.at_us, entry.session, entry.stmt)).unwrap());
+        DataRows {
+            bodies: &bodies,
+            count: rows.len(),
+        }
+        .write(&mut ours)
+        .unwrap();
         assert_eq!(ours, postcard::to_stdvec(&entry).unwrap());
         assert_eq!(postcard::from_bytes::<Entry>(&ours).unwrap(), entry);
     }

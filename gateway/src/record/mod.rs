@@ -635,7 +635,7 @@ impl SessionRecorder {
         Ok(Durable::ready(Ok(())))
     }
 
-    /// Encodes a record (a [`Record`], or one of `encode`'s borrowed forms) into `pending`;
+    /// Encodes a record (a [`Record`], or `encode`'s borrowed RowDescription) into `pending`;
     /// `Ok(false)` when it is not to be recorded (see [`RecorderHandle::reserve`]).
     fn encode<R: ?Sized + serde::Serialize>(
         &mut self,
@@ -643,23 +643,36 @@ impl SessionRecorder {
         stmt: u32,
         approx: usize,
     ) -> Result<bool, RecordError> {
+        self.encode_with(stmt, approx, |out| {
+            postcard::to_extend(record, Append(out))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// [`Self::encode`] with the record itself written by `write`, after the entry's fields
+    /// that precede it (as `encode::Tail` encodes them).
+    fn encode_with(
+        &mut self,
+        stmt: u32,
+        approx: usize,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
+    ) -> Result<bool, RecordError> {
         if !self.handle.reserve(approx)? {
             return Ok(false);
         }
-        let tail = encode::Tail {
-            at_us: now_us(),
-            session: self.id,
-            stmt,
-            record,
-        };
         let at = self.pending.len();
-        if at == 0 {
-            // One allocation per hand-over, not a doubling per record.
-            self.pending.reserve(1024);
-        }
+        // One allocation per hand-over in the common case, not a doubling per record.
+        self.pending
+            .reserve(if at == 0 { approx.max(1024) } else { approx });
         self.pending.extend_from_slice(&[0; 4]);
-        match postcard::to_extend(&tail, Append(&mut self.pending)) {
-            Ok(_) => {
+        let head = (now_us(), self.id, stmt);
+        let written = match postcard::to_extend(&head, Append(&mut self.pending)) {
+            Ok(_) => write(&mut self.pending),
+            Err(e) => Err(e.to_string()),
+        };
+        match written {
+            Ok(()) => {
                 let len = (self.pending.len() - at - 4) as u32;
                 self.pending[at..at + 4].copy_from_slice(&len.to_le_bytes());
                 self.pending_bytes += approx;
@@ -747,7 +760,9 @@ impl SessionRecorder {
             count: keep,
         };
         let stmt = self.answering.unwrap_or(self.stmt);
-        self.encode(&rows, stmt, 64 + cut + 4 * keep)?;
+        self.encode_with(stmt, 64 + cut + 4 * keep, |out| {
+            rows.write(out).ok_or_else(|| "a bad DataRow".to_owned())
+        })?;
         if !self.batching || self.pending.len() >= SUBMIT_BYTES {
             self.submit(None)?;
         }
