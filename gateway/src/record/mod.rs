@@ -5,10 +5,13 @@
 //! C2SP checkpoints with an Ed25519 key kept outside the recording directory. A SQLite FTS5 index
 //! serves `portcullis recordings list`.
 //!
-//! Sessions talk to it through a [`SessionRecorder`]. Every call is non-blocking: it builds an
-//! entry and pushes it on a queue bounded in bytes; no file or SQLite I/O happens on the caller's
-//! thread, and usually no system call either: the recorder sleeps until its next group commit
-//! and takes what accumulated, and only a recorder idle with nothing pending is woken. Callers hand in values **after masking**: the recorder writes exactly what it gets.
+//! Sessions talk to it through a [`SessionRecorder`]. Every call is non-blocking: it encodes a
+//! record and hands it over on a queue bounded in bytes, alone or with the records of the same
+//! write ([`SessionRecorder::batch`]) or statement ([`SessionRecorder::hold`]). No file or SQLite
+//! I/O happens on the caller's thread, and usually no system call either: the recorder sleeps
+//! until its next group commit and takes what accumulated, and only a recorder idle with nothing
+//! pending is woken. Callers hand in values **after masking**: the recorder writes exactly what
+//! it gets.
 //! When recording fails (disk full, write error, queue over its bound) every call returns a
 //! [`RecordError`] whose [`sqlstate`](RecordError::sqlstate) the session sends to the client
 //! instead of running the statement.
