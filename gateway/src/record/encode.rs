@@ -50,25 +50,25 @@ impl DataRows<'_> {
         out.reserve(self.bodies.len() + 8);
         varint(out, u64::from(ROWS));
         varint(out, self.count as u64);
+        // One checked pass: each length is read before the bytes it covers.
         let mut rest = self.bodies;
+        let mut take = |n: usize| {
+            let (head, tail) = rest.split_at_checked(n)?;
+            rest = tail;
+            Some(head)
+        };
         for _ in 0..self.count {
-            let (len, _) = data_row(rest)?;
-            let (row, next) = rest.split_at(len);
-            rest = next;
-            let n = i16::from_be_bytes([row[0], row[1]]).max(0) as usize;
-            varint(out, n as u64);
-            let mut at = 2;
-            for _ in 0..n {
-                let len = i32::from_be_bytes([row[at], row[at + 1], row[at + 2], row[at + 3]]);
-                at += 4;
+            let cells = i16::from_be_bytes(take(2)?.try_into().ok()?).max(0);
+            varint(out, cells as u64);
+            for _ in 0..cells {
+                let len = i32::from_be_bytes(take(4)?.try_into().ok()?);
                 if len < 0 {
                     out.push(0);
                 } else {
-                    let end = at + len as usize;
+                    let value = take(len as usize)?;
                     out.push(1);
                     varint(out, len as u64);
-                    out.extend_from_slice(&row[at..end]);
-                    at = end;
+                    out.extend_from_slice(value);
                 }
             }
         }
@@ -204,6 +204,14 @@ mod tests {
         .unwrap();
         assert_eq!(ours, postcard::to_stdvec(&entry).unwrap());
         assert_eq!(postcard::from_bytes::<Entry>(&ours).unwrap(), entry);
+        // A batch cut short anywhere is refused, never read past its end.
+        for cut in 0..bodies.len() {
+            let short = DataRows {
+                bodies: &bodies[..cut],
+                count: rows.len(),
+            };
+            assert_eq!(short.write(&mut Vec::new()), None, "cut at {cut}");
+        }
     }
 
     #[test]

@@ -4,10 +4,9 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, RandomState};
-
-use foldhash::{HashMapExt as _, HashSetExt as _};
 use std::path::Path;
 
+use foldhash::{HashMapExt as _, HashSetExt as _};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::types::{Action, Entry, Record};
