@@ -14,11 +14,12 @@ pub struct TestArgs {
 
 pub fn test(args: &TestArgs) -> Result<()> {
     setup::setup()?;
-    // The systemd tests install a package of the binary the tests run. Built as `cargo test
-    // --workspace` builds it (same features), so the test run reuses it.
+    // The systemd tests install a package of the binary the tests run. `cargo build` would
+    // resolve features without the dev-dependencies and build a second copy of the gateway and
+    // its dependencies; building the tests builds the binary once, as the test run uses it.
     cmd::run(
         cmd::cargo()?
-            .args(["build", "--workspace", "--bins"])
+            .args(["test", "--workspace", "--no-run"])
             .env(ebpf::REQUIRE_EBPF_ENV, "1")
             .env_remove("AYA_BUILD_SKIP"),
     )?;
