@@ -266,8 +266,7 @@ impl LineageCache {
     /// decides no column's sources. Except as a json or array subscript (`-> 0`, `[1]`), where it
     /// picks a path, so such texts are keyed whole.
     pub fn analysis(&mut self, sql: &str, catalog: &Catalog, path: &[String]) -> Arc<Analysis> {
-        let subscripted = sql.contains("->") || sql.contains("#>") || sql.contains('[');
-        let key = if !subscripted && numeric_shape_key(sql, &mut self.key) {
+        let key = if !has_subscript(sql) && numeric_shape_key(sql, &mut self.key) {
             self.key.as_str()
         } else {
             sql
@@ -300,4 +299,11 @@ impl LineageCache {
     pub fn clear(&mut self) {
         self.map.clear();
     }
+}
+
+/// Whether `sql` holds `->`, `#>` or `[` anywhere, in one pass.
+fn has_subscript(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    memchr::memchr2_iter(b'>', b'[', b)
+        .any(|i| b[i] == b'[' || (i > 0 && matches!(b[i - 1], b'-' | b'#')))
 }

@@ -522,3 +522,34 @@ fn catalog_rows_build_a_snapshot() {
     assert!(c.is_user_function("leak"));
     assert_eq!(c.by_attnum(7, 2), Some(t.columns[1]));
 }
+
+/// A subscript picks a path by its number, so a text holding one must not share an analysis
+/// keyed by its numeric shape. The one-pass search finds exactly what the three searches did.
+#[test]
+fn subscripts_are_found_wherever_they_are() {
+    let by_three_searches =
+        |sql: &str| sql.contains("->") || sql.contains("#>") || sql.contains('[');
+    for sql in [
+        "SELECT doc->0 FROM t",
+        "SELECT doc #> '{a,1}' FROM t",
+        "SELECT arr[1] FROM t",
+        ">- #",
+        "[",
+        "->",
+        "#>",
+        "SELECT a > 1, b - 1, c # 1 FROM t",
+        "SELECT a >- 1",
+        ">",
+        "",
+    ] {
+        assert_eq!(has_subscript(sql), by_three_searches(sql), "{sql:?}");
+    }
+    for (i, a) in ["-", "#", ">", "[", "x", " "].iter().enumerate() {
+        for b in ["-", "#", ">", "[", "x", " "] {
+            for c in ["-", "#", ">", "x"] {
+                let sql = format!("{a}{b}{c}{i}");
+                assert_eq!(has_subscript(&sql), by_three_searches(&sql), "{sql:?}");
+            }
+        }
+    }
+}
