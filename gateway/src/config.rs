@@ -697,7 +697,7 @@ fn default_protect(up: &Upstream) -> Vec<crate::redirect::ProtectedTarget> {
     Vec::new()
 }
 
-/// "10.0.0.5:5432", "10.0.0.0/24:5432", "[::1]:5432", "[fd00::/64]:5432".
+/// `"10.0.0.5:5432"`, `"10.0.0.0/24:5432"`, `"[::1]:5432"`, `"[fd00::/64]:5432"`.
 pub fn parse_protect(s: &str) -> Result<crate::redirect::ProtectedTarget, String> {
     let bad =
         || format!("{s:?} is not ADDR[/PREFIX]:PORT, e.g. \"10.0.0.0/24:5432\" or \"[::1]:5432\"");

@@ -20,7 +20,7 @@ pub struct DebArgs {
     /// Package the binary already built for the profile instead of building it.
     #[arg(long)]
     pub no_build: bool,
-    /// Directory for the .deb [default: <target>/debian].
+    /// Directory for the .deb [default: TARGET_DIR/debian].
     #[arg(long)]
     pub output: Option<PathBuf>,
 }

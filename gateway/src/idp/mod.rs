@@ -6,7 +6,7 @@
 //! - [`validate`]: strict, pure JWT validation against a key set and `now`.
 //! - [`keys`]: the JWKS cache (refresh on unknown `kid`, rate-limited, single-flight).
 //! - [`http`]: discovery, JWKS and the exchange, blocking, on the service's threads only.
-//! - [`service`]: [`IdentityService`], one per target: threads, identity cache, futures.
+//! - `service`: [`IdentityService`], one per target: threads, identity cache, futures.
 //! - [`roles`]: which upstream login or role an identity gets.
 //! - [`local_ca`]: the local CA that mints certificates for the local TLS leg.
 

@@ -15,7 +15,7 @@
 //! cannot be parsed is redacted whole, and malformed rows are errors (the driver ends the session).
 //! Error messages never contain field data.
 //!
-//! Speed: see [`prefilter`] — SIMD passes find candidates, exact detectors run only on those.
+//! Speed: see `prefilter.rs` — SIMD passes find candidates, exact detectors run only on those.
 
 mod config;
 mod copy;

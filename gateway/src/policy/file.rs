@@ -62,7 +62,7 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
-    /// `FILE:LINE:COLUMN: key `rules[2].action`: message`.
+    /// ``FILE:LINE:COLUMN: key `rules[2].action`: message``.
     #[error("{file}:{line}:{column}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
     Invalid {
         file: String,

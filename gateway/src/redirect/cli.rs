@@ -22,7 +22,7 @@ pub struct LocationArgs {
     /// bpffs directory of the pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
-    /// Agent cgroup root [default: <cgroup2 mount>/portcullis-agents].
+    /// Agent cgroup root [default: CGROUP2_MOUNT/portcullis-agents].
     #[arg(long)]
     pub agent_root: Option<PathBuf>,
 }
@@ -35,7 +35,7 @@ impl LocationArgs {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Agent name: the cgroup directory under the agent root [default: run-<pid>].
+    /// Agent name: the cgroup directory under the agent root [default: run-PID].
     #[arg(long)]
     pub agent: Option<String>,
     #[command(flatten)]

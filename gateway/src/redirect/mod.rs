@@ -45,7 +45,7 @@ pub struct RedirectConfig {
     /// Where redirected IPv4 (and v4-mapped) connections land. Default 127.0.0.1:15432.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Where redirected IPv6 connections land. Default [::1]:15432 when the host has IPv6
+    /// Where redirected IPv6 connections land. Default `[::1]:15432` when the host has IPv6
     /// loopback; without one, IPv6 connects are steered to `listen` through its v4-mapped form.
     #[serde(default = "default_listen_v6")]
     pub listen_v6: Option<SocketAddr>,

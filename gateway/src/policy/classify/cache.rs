@@ -5,7 +5,7 @@ use super::shape::shape_key;
 use super::*;
 
 /// Bounded cache of classifications, owned by one worker thread (no locks). A statement is cached
-/// by its shape (see [`shape_key`]) when its class holds for every text of that shape, so
+/// by its shape (see `shape_key` in `shape.rs`) when its class holds for every text of that shape, so
 /// `... WHERE id = 1` and `... WHERE id = 2` are classified once; otherwise by its exact text.
 /// Eviction is CLOCK (second chance): a hit sets a bit, the hand clears bits until it finds an
 /// entry not used since its last pass.
