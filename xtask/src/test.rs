@@ -14,6 +14,7 @@ pub struct TestArgs {
 
 pub fn test(args: &TestArgs) -> Result<()> {
     setup::setup()?;
+    warn_if_disk_is_short();
     // The systemd tests install a package of the binary the tests run. `cargo build` would
     // resolve features without the dev-dependencies and build a second copy of the gateway and
     // its dependencies; building the tests builds the binary once, as the test run uses it.
@@ -37,4 +38,38 @@ pub fn test(args: &TestArgs) -> Result<()> {
         .env(ebpf::REQUIRE_EBPF_ENV, "1")
         .env_remove("AYA_BUILD_SKIP");
     cmd::run(&mut cargo)
+}
+
+/// What a clean run writes under the target directory (about 2.3 GiB measured), with margin.
+const CLEAN_RUN_GIB: u64 = 4;
+
+/// Says so up front when the target directory's filesystem has less room than a clean run
+/// takes: otherwise the run fails late, in a linker, with "No space left on device".
+fn warn_if_disk_is_short() {
+    let Ok(target) = cmd::target_dir() else {
+        return;
+    };
+    let existing = target.ancestors().find(|p| p.exists()).unwrap_or(&target);
+    let Ok(out) = std::process::Command::new("df")
+        .arg("-Pk")
+        .arg(existing)
+        .output()
+    else {
+        return;
+    };
+    // `df -P`: a header, then `filesystem blocks used available capacity mount`.
+    let free_kib = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok());
+    if let Some(kib) = free_kib
+        && kib < CLEAN_RUN_GIB << 20
+    {
+        eprintln!(
+            "xtask: warning: {:.1} GiB free for {}; a clean build and test run needs about \
+             {CLEAN_RUN_GIB} GiB there",
+            kib as f64 / (1 << 20) as f64,
+            target.display()
+        );
+    }
 }
