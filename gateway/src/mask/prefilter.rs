@@ -63,16 +63,20 @@ const fn token(kind: DetectorKind, chars: TokenChars, min: usize, max: usize) ->
 /// Literal anchors for the packed searcher. Few and distinctive, so it rarely stops on ordinary text
 /// (`Bearer ` is found as `rer `: `bea…` and `ear…` are common in English); token formats whose prefix ends in
 /// `_` or `-` are found through those trigger bytes instead.
-const ANCHORS: &[(&str, DetectorKind, Anchor)] = {
+///
+/// Each has a needle: a byte of the literal, so a text without any enabled anchor's needle holds no
+/// anchor, and the packed searcher is not set up for it (hex digests, ids, most short values). The
+/// needles are three bytes in all, for one `memchr3`.
+const ANCHORS: &[(&str, DetectorKind, Anchor, u8)] = {
     use DetectorKind::{AwsKey, Bearer, Jwt, Secret};
     use TokenChars::{UpperAlnum, Word};
     &[
-        ("eyJ", Jwt, Anchor::Jwt),
-        ("rer ", Bearer, Anchor::Bearer),
-        ("RER ", Bearer, Anchor::Bearer),
-        ("AKIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16)),
-        ("ASIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16)),
-        ("AIza", Secret, token(Secret, Word, 35, 35)),
+        ("eyJ", Jwt, Anchor::Jwt, b'J'),
+        ("rer ", Bearer, Anchor::Bearer, b' '),
+        ("RER ", Bearer, Anchor::Bearer, b' '),
+        ("AKIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16), b'I'),
+        ("ASIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16), b'I'),
+        ("AIza", Secret, token(Secret, Word, 35, 35), b'I'),
     ]
 };
 
@@ -124,17 +128,21 @@ const SETTINGS: [DetectorKind; 3] = [
 pub(crate) struct Scanner {
     on: Enabled,
     anchors: Option<(packed::Searcher, Vec<Anchor>)>,
+    /// The enabled anchors' needles (repeated to fill three).
+    needles: [u8; 3],
     triggers: bool,
 }
 
 impl Scanner {
     pub fn new(kinds: &[DetectorKind]) -> Scanner {
         let on = Enabled(kinds.iter().fold(0, |bits, &k| bits | Enabled::bit(k)));
-        let (patterns, anchors): (Vec<&str>, Vec<Anchor>) = ANCHORS
-            .iter()
-            .filter(|(_, kind, _)| on.has(*kind))
-            .map(|&(lit, _, anchor)| (lit, anchor))
-            .unzip();
+        let enabled = || ANCHORS.iter().filter(|a| on.has(a.1));
+        let (patterns, anchors): (Vec<&str>, Vec<Anchor>) =
+            enabled().map(|&(lit, _, anchor, _)| (lit, anchor)).unzip();
+        let mut needles: Vec<u8> = enabled().map(|a| a.3).collect();
+        needles.sort_unstable();
+        needles.dedup();
+        let needles = [0, 1, 2].map(|k| needles.get(k).or(needles.first()).copied().unwrap_or(0));
         let anchors = (!patterns.is_empty()).then(|| {
             let searcher = packed::Config::new()
                 .match_kind(packed::MatchKind::LeftmostFirst)
@@ -152,6 +160,7 @@ impl Scanner {
         Scanner {
             on,
             anchors,
+            needles,
             triggers,
         }
     }
@@ -174,9 +183,15 @@ impl Scanner {
 
     /// Appends the anchored hits in `text`, sorted and disjoint.
     fn scan_anchors(&self, text: &[u8], hits: &mut Vec<Hit>) {
-        if let Some((searcher, anchors)) = &self.anchors
-            && text.len() >= MIN_ANCHORED_HIT
-        {
+        let [a, b, c] = self.needles;
+        if text.len() >= MIN_ANCHORED_HIT && memchr::memchr3(a, b, c, text).is_some() {
+            self.search_anchors(text, hits);
+        }
+    }
+
+    /// [`Self::scan_anchors`] without the checks that rule a text out before the search.
+    fn search_anchors(&self, text: &[u8], hits: &mut Vec<Hit>) {
+        if let Some((searcher, anchors)) = &self.anchors {
             let mut covered = 0;
             for m in searcher.find_iter(text) {
                 if m.start() < covered {
@@ -801,6 +816,81 @@ mod tests {
         }
         // The texts do hold things to find, not only quiet triggers.
         assert!(found > 20_000, "{found} hits");
+    }
+
+    #[test]
+    fn each_anchor_holds_its_needle_and_the_needles_fit_one_memchr3() {
+        let mut needles: Vec<u8> = ANCHORS.iter().map(|a| a.3).collect();
+        needles.sort_unstable();
+        needles.dedup();
+        assert!(needles.len() <= 3, "{needles:?}");
+        for (lit, _, _, needle) in ANCHORS {
+            assert!(
+                lit.as_bytes().contains(needle),
+                "{lit:?} lacks {:?}",
+                *needle as char
+            );
+        }
+    }
+
+    /// Ruling a text out by its needles never drops a hit the anchor search finds, for every
+    /// set of enabled anchors; texts mix anchors, near misses and digests without a needle.
+    #[test]
+    fn texts_ruled_out_by_needles_hold_no_anchor_hit() {
+        const PIECES: &[&str] = &[
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlX2hlcmU",
+            "Bearer abcdefgh12345678",
+            "BEARER abcdefgh12345678",
+            "AKIAIOSFODNN7EXAMPLE",
+            "ASIAIOSFODNN7EXAMPLE",
+            "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+            "eyj",
+            "rer",
+            "AKI",
+            "0cc175b9c0f1b6a831c399e269772661",
+            " ",
+        ];
+        const BYTES: &[u8] = b"0123456789abcdefAEIJKRSyz .-_";
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let sets: [&[DetectorKind]; 5] = [
+            &DetectorKind::ALL,
+            &[DetectorKind::Jwt],
+            &[DetectorKind::Bearer],
+            &[DetectorKind::AwsKey, DetectorKind::Secret],
+            &[DetectorKind::Jwt, DetectorKind::AwsKey],
+        ];
+        let scanners: Vec<Scanner> = sets.iter().map(|kinds| Scanner::new(kinds)).collect();
+        let (mut found, mut ruled_out) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = Vec::new();
+            let len = 15 + next(120);
+            while text.len() < len {
+                if next(6) == 0 {
+                    text.extend_from_slice(PIECES[next(PIECES.len())].as_bytes());
+                } else {
+                    text.push(BYTES[next(BYTES.len())]);
+                }
+            }
+            for scanner in &scanners {
+                let (mut scanned, mut searched) = (Vec::new(), Vec::new());
+                scanner.scan_anchors(&text, &mut scanned);
+                scanner.search_anchors(&text, &mut searched);
+                assert_eq!(scanned, searched, "{:?}", String::from_utf8_lossy(&text));
+                found += searched.len();
+                let [a, b, c] = scanner.needles;
+                ruled_out += usize::from(memchr::memchr3(a, b, c, &text).is_none());
+            }
+        }
+        assert!(
+            found > 5_000 && ruled_out > 5_000,
+            "{found} hits, {ruled_out} ruled out"
+        );
     }
 
     #[test]
