@@ -225,13 +225,20 @@ impl Scanner {
                 continue;
             }
             let mut bits = match s.get(i..i + 64) {
-                Some(block) => trigger_bits(block.try_into().expect("64-byte block")),
-                // Most values are shorter than a block: pad with NUL (not a trigger) and take the
-                // same vector path rather than a byte-at-a-time loop.
+                Some(block) => trigger_bits::<4>(block.try_into().expect("64-byte block")),
+                // Most values are shorter than a block: pad with NUL (in no byte class) and take
+                // the same vector path rather than a byte-at-a-time loop, classifying only the
+                // 16-byte chunks that hold text (one for a name, a city or a status).
                 None => {
                     let mut block = [0u8; 64];
-                    block[..s.len() - i].copy_from_slice(&s[i..]);
-                    trigger_bits(&block)
+                    let len = s.len() - i;
+                    block[..len].copy_from_slice(&s[i..]);
+                    match len.div_ceil(16) {
+                        1 => trigger_bits::<1>(&block),
+                        2 => trigger_bits::<2>(&block),
+                        3 => trigger_bits::<3>(&block),
+                        _ => trigger_bits::<4>(&block),
+                    }
                 }
             };
             while bits != 0 {
@@ -536,30 +543,32 @@ fn digit_run(s: &[u8], j: usize) -> usize {
 /// at once are cleared here for the whole block (see [`quiet_triggers`]), so number-dense text does
 /// not pay a trip through [`Scanner::at_trigger`] for every short number.
 #[inline(always)]
-fn trigger_bits(block: &[u8; 64]) -> u64 {
-    let triggers = all_triggers(block);
+fn trigger_bits<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
+    let triggers = all_triggers::<CHUNKS>(block);
     // With one run of triggers or none, the scalar path's single visit costs less than the masks.
     if (triggers & !(triggers << 1)).count_ones() < 2 {
         return triggers;
     }
-    triggers & !quiet_triggers(block)
+    triggers & !quiet_triggers::<CHUNKS>(block)
 }
 
 /// Digits, `:`, `@`, `=`, `-` and `_`.
 #[inline(always)]
-fn all_triggers(block: &[u8; 64]) -> u64 {
-    byte_bits(block, |v| {
+fn all_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
+    byte_bits::<CHUNKS>(block, |v| {
         // '0'..='9' and ':' are contiguous (0x30..=0x3A).
         in_range(v, b'0', b':') | eq(v, b'@') | eq(v, b'=') | eq(v, b'-') | eq(v, b'_')
     })
 }
 
 /// Bit k set when `class` holds for `block[k]`: 16-byte compares and a move-mask each (`wide` maps
-/// them to SSE2 or NEON, and to plain code elsewhere).
+/// them to SSE2 or NEON, and to plain code elsewhere). Only the first `CHUNKS` 16-byte chunks are
+/// classified: the others' bits are 0, as they are for NUL padding in every class here.
 #[inline(always)]
-fn byte_bits(block: &[u8; 64], class: impl Fn(u8x16) -> u8x16) -> u64 {
+fn byte_bits<const CHUNKS: usize>(block: &[u8; 64], class: impl Fn(u8x16) -> u8x16) -> u64 {
     block
         .chunks_exact(16)
+        .take(CHUNKS)
         .enumerate()
         .fold(0, |bits, (k, chunk)| {
             let v = u8x16::from(<[u8; 16]>::try_from(chunk).expect("16-byte chunk"));
@@ -594,16 +603,16 @@ fn in_range(v: u8x16, lo: u8, hi: u8) -> u8x16 {
 /// Where the answer depends on bytes outside the block (a run or a colon's window at its edges) the
 /// trigger is kept and the scalar path decides, so the scan finds exactly what it would without this.
 #[inline(always)]
-fn quiet_triggers(block: &[u8; 64]) -> u64 {
+fn quiet_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
     let mut quiet = 0;
-    let digits = byte_bits(block, |v| in_range(v, b'0', b'9'));
+    let digits = byte_bits::<CHUNKS>(block, |v| in_range(v, b'0', b'9'));
     if digits != 0 {
-        let seps = byte_bits(block, |v| {
+        let seps = byte_bits::<CHUNKS>(block, |v| {
             eq(v, b' ') | eq(v, b'-') | eq(v, b'.') | eq(v, b'(') | eq(v, b')')
         });
-        let dots = byte_bits(block, |v| eq(v, b'.'));
-        let plus = byte_bits(block, |v| eq(v, b'+'));
-        let upper = byte_bits(block, |v| in_range(v, b'A', b'Z'));
+        let dots = byte_bits::<CHUNKS>(block, |v| eq(v, b'.'));
+        let plus = byte_bits::<CHUNKS>(block, |v| eq(v, b'+'));
+        let upper = byte_bits::<CHUNKS>(block, |v| in_range(v, b'A', b'Z'));
         // One separator between digits, or two (both marked).
         let one = seps & (digits << 1) & (digits >> 1);
         let two = seps & (digits << 1) & (seps >> 1) & (digits >> 2);
@@ -627,10 +636,10 @@ fn quiet_triggers(block: &[u8; 64]) -> u64 {
         let bad = (runs.wrapping_add(bad_starts) ^ runs) & runs;
         quiet |= runs & !bad;
     }
-    let colons = byte_bits(block, |v| eq(v, b':'));
+    let colons = byte_bits::<CHUNKS>(block, |v| eq(v, b':'));
     if colons != 0 {
-        let slashes = byte_bits(block, |v| eq(v, b'/'));
-        let setting_name_end = byte_bits(block, |v| {
+        let slashes = byte_bits::<CHUNKS>(block, |v| eq(v, b'/'));
+        let setting_name_end = byte_bits::<CHUNKS>(block, |v| {
             in_range(v | u8x16::splat(0x20), b'a', b'z')
                 | eq(v, b'_')
                 | eq(v, b'"')
@@ -685,21 +694,21 @@ mod tests {
     #[test]
     fn byte_classes_are_exact_for_every_byte() {
         let classes: [Class; 4] = [
-            ("trigger", is_trigger, all_triggers),
+            ("trigger", is_trigger, all_triggers::<4>),
             (
                 "digit",
                 |b| b.is_ascii_digit(),
-                |block| byte_bits(block, |v| in_range(v, b'0', b'9')),
+                |block| byte_bits::<4>(block, |v| in_range(v, b'0', b'9')),
             ),
             (
                 "upper",
                 |b| b.is_ascii_uppercase(),
-                |block| byte_bits(block, |v| in_range(v, b'A', b'Z')),
+                |block| byte_bits::<4>(block, |v| in_range(v, b'A', b'Z')),
             ),
             (
                 "alpha",
                 |b| b.is_ascii_alphabetic(),
-                |block| byte_bits(block, |v| in_range(v | u8x16::splat(0x20), b'a', b'z')),
+                |block| byte_bits::<4>(block, |v| in_range(v | u8x16::splat(0x20), b'a', b'z')),
             ),
         ];
         for (name, scalar, bits) in classes {
@@ -719,7 +728,7 @@ mod tests {
         let mut block = [b' '; 64];
         let text = b"so (41) a1b 42% 10:30 ref: 123456789 GB1 y 1.5 y 7-8 a:b +12.";
         block[..text.len()].copy_from_slice(text);
-        let bits = trigger_bits(&block);
+        let bits = trigger_bits::<4>(&block);
         let mut kept = Vec::new();
         let mut k = 0;
         while k < text.len() {
