@@ -24,3 +24,5 @@ pub mod request;
 pub mod route;
 pub mod secret;
 pub mod service;
+#[cfg(test)]
+mod testing;

@@ -860,13 +860,7 @@ mod tests {
             " ",
         ];
         const BYTES: &[u8] = b"0123456789abcdefAEIJKRSyz .-_";
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
         let sets: [&[DetectorKind]; 5] = [
             &DetectorKind::ALL,
             &[DetectorKind::Jwt],

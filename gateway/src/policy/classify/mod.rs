@@ -574,13 +574,7 @@ mod tests {
             " --'\n; DROP TABLE t --'",
             " LIMIT 10",
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
         let mut shared = 0;
         for _ in 0..3000 {
             let values: Vec<&str> = (0..1 + next(3))

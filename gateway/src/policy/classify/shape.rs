@@ -220,13 +220,7 @@ mod tests {
             "/", "/*", "*/", "*", "\n", "\r", "1", "23", "4.5", "1e5", "2E-3", ".", "e", "0x1f",
             "\\", "$", "$1", "u", "U&", "&", "->", "#>", "[", "]", "=", ";", "(", ")", "+",
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15);
         let (mut fast, mut slow) = (String::new(), String::new());
         let mut shaped = 0;
         for _ in 0..50_000 {
