@@ -654,7 +654,7 @@ impl SessionRecorder {
     }
 
     /// [`Self::encode`] with the record itself written by `write`, after the entry's fields
-    /// that precede it (as `encode::Tail` encodes them).
+    /// that precede it.
     fn encode_with(
         &mut self,
         stmt: u32,
@@ -669,7 +669,14 @@ impl SessionRecorder {
         self.pending
             .reserve(if at == 0 { approx.max(1024) } else { approx });
         self.pending.extend_from_slice(&[0; 4]);
-        let head = (now_us(), self.id, stmt);
+        // The entry's fields before its record, as `Tail` lays them out: a unit record encodes
+        // as nothing, and `write` appends the record itself.
+        let head = encode::Tail {
+            at_us: now_us(),
+            session: self.id,
+            stmt,
+            record: &(),
+        };
         let written = match postcard::to_extend(&head, Append(&mut self.pending)) {
             Ok(_) => write(&mut self.pending),
             Err(e) => Err(e.to_string()),
