@@ -6,6 +6,7 @@
 //! address, so the kernel spreads connections and no lock sits on the accept path.
 
 pub mod logging;
+pub mod ticks;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

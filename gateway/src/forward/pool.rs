@@ -386,8 +386,9 @@ async fn close(conn: Conn) {
 /// `max_lifetime`, past `max_idle_per_key` after a reload lowered it, of targets that turned
 /// pooling off or moved; and dials ahead to keep `min_idle` for keys this worker has served.
 pub async fn maintain(shared: Arc<crate::daemon::Shared>) {
+    let mut ticks = crate::daemon::ticks::every(SWEEP_EVERY);
     loop {
-        compio::time::sleep(SWEEP_EVERY).await;
+        ticks.tick().await;
         let routes = shared.routes();
         let (closing, wanted) = POOL.with_borrow_mut(|p| sweep(p, &routes, Instant::now()));
         for conn in closing {

@@ -1,7 +1,7 @@
 //! The systemd watchdog, fed only while every io_uring worker is alive.
 //!
-//! Each worker runs [`heartbeat`] on its own runtime: a task that stamps the time, sleeps, and
-//! stamps again. A worker stuck in a blocking call or a busy loop stops stamping; the watchdog
+//! Each worker runs [`heartbeat`] on its own runtime: a task that stamps the time at each tick
+//! (from the ticker thread, not a timer on the worker's runtime). A worker stuck in a blocking call or a busy loop stops stamping; the watchdog
 //! thread then stops sending `WATCHDOG=1`, and systemd restarts the service (`WatchdogSec=`,
 //! `Restart=on-failure`). The pinned eBPF programs keep agents fenced in meanwhile.
 
@@ -45,6 +45,7 @@ pub async fn heartbeat() {
         beats.len() - 1
     };
     let wedge = std::env::var_os(DANGER_TEST_WEDGE_ENV).filter(|_| slot == 0);
+    let mut ticks = crate::daemon::ticks::every(period);
     loop {
         beat.store(now_ms(), Relaxed);
         if let Some(path) = &wedge
@@ -55,7 +56,7 @@ pub async fn heartbeat() {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        compio::time::sleep(period).await;
+        ticks.tick().await;
     }
 }
 
