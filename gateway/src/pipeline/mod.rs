@@ -1,4 +1,4 @@
-//! The session pipeline: one client connection through the stages, read top to bottom in `run.rs`.
+//! The session pipeline: one client connection through the stages, read top to bottom in `run`.
 //!
 //! accept (`accept.rs`) → identify (`identify.rs`) → frame (`protocol/`, driven by the protocol's
 //! driver here, `postgres.rs`) → decide (`gate.rs` over `policy/`) → mask (`mask_filter.rs` over

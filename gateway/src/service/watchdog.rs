@@ -1,9 +1,10 @@
 //! The systemd watchdog, fed only while every io_uring worker is alive.
 //!
 //! Each worker runs [`heartbeat`] on its own runtime: a task that stamps the time at each tick
-//! (from the ticker thread, not a timer on the worker's runtime). A worker stuck in a blocking call or a busy loop stops stamping; the watchdog
-//! thread then stops sending `WATCHDOG=1`, and systemd restarts the service (`WatchdogSec=`,
-//! `Restart=on-failure`). The pinned eBPF programs keep agents fenced in meanwhile.
+//! (from the ticker thread, not a timer on the worker's runtime). A worker stuck in a blocking
+//! call or a busy loop stops stamping; the watchdog thread then stops sending `WATCHDOG=1`, and
+//! systemd restarts the service (`WatchdogSec=`, `Restart=on-failure`). The pinned eBPF programs
+//! keep agents fenced in meanwhile.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex};
