@@ -224,8 +224,17 @@ impl Scanner {
                 i = resume;
                 continue;
             }
+            // Where the value goes on past a block's edge, runs at that edge are the scalar
+            // path's to measure; at the value's own start and end nothing lies beyond.
+            let before = i > 0;
             let mut bits = match s.get(i..i + 64) {
-                Some(block) => trigger_bits::<4>(block.try_into().expect("64-byte block")),
+                Some(block) => trigger_bits::<4>(
+                    block.try_into().expect("64-byte block"),
+                    Edges {
+                        before,
+                        after: s.len() > i + 64,
+                    },
+                ),
                 // Most values are shorter than a block: pad with NUL (in no byte class) and take
                 // the same vector path rather than a byte-at-a-time loop, classifying only the
                 // 16-byte chunks that hold text (one for a name, a city or a status).
@@ -233,11 +242,15 @@ impl Scanner {
                     let mut block = [0u8; 64];
                     let len = s.len() - i;
                     block[..len].copy_from_slice(&s[i..]);
+                    let edges = Edges {
+                        before,
+                        after: false,
+                    };
                     match len.div_ceil(16) {
-                        1 => trigger_bits::<1>(&block),
-                        2 => trigger_bits::<2>(&block),
-                        3 => trigger_bits::<3>(&block),
-                        _ => trigger_bits::<4>(&block),
+                        1 => trigger_bits::<1>(&block, edges),
+                        2 => trigger_bits::<2>(&block, edges),
+                        3 => trigger_bits::<3>(&block, edges),
+                        _ => trigger_bits::<4>(&block, edges),
                     }
                 }
             };
@@ -278,7 +291,9 @@ impl Scanner {
             let continues = sep(end)
                 && s.get(end + 1)
                     .is_some_and(|b| b.is_ascii_digit() || sep(end + 1));
-            if !iban_possible && !continues && run < 8 {
+            // Every number detector refuses to start inside a word (`a12345678b` in a hex id).
+            let in_word = j > 0 && s[j - 1].is_ascii_alphabetic();
+            if !iban_possible && !continues && (run < 8 || in_word) {
                 return end;
             }
             return self.at_number(s, j, hits);
@@ -543,13 +558,20 @@ fn digit_run(s: &[u8], j: usize) -> usize {
 /// at once are cleared here for the whole block (see [`quiet_triggers`]), so number-dense text does
 /// not pay a trip through [`Scanner::at_trigger`] for every short number.
 #[inline(always)]
-fn trigger_bits<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
+fn trigger_bits<const CHUNKS: usize>(block: &[u8; 64], edges: Edges) -> u64 {
     let triggers = all_triggers::<CHUNKS>(block);
     // With one run of triggers or none, the scalar path's single visit costs less than the masks.
     if (triggers & !(triggers << 1)).count_ones() < 2 {
         return triggers;
     }
-    triggers & !quiet_triggers::<CHUNKS>(block)
+    triggers & !quiet_triggers::<CHUNKS>(block, edges)
+}
+
+/// Whether the text goes on before a block's first byte and after its last.
+#[derive(Clone, Copy)]
+struct Edges {
+    before: bool,
+    after: bool,
 }
 
 /// Digits, `:`, `@`, `=`, `-` and `_`.
@@ -603,7 +625,7 @@ fn in_range(v: u8x16, lo: u8, hi: u8) -> u8x16 {
 /// Where the answer depends on bytes outside the block (a run or a colon's window at its edges) the
 /// trigger is kept and the scalar path decides, so the scan finds exactly what it would without this.
 #[inline(always)]
-fn quiet_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
+fn quiet_triggers<const CHUNKS: usize>(block: &[u8; 64], edges: Edges) -> u64 {
     let mut quiet = 0;
     let digits = byte_bits::<CHUNKS>(block, |v| in_range(v, b'0', b'9'));
     if digits != 0 {
@@ -626,10 +648,15 @@ fn quiet_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
         let close_dots = dots & ((dots >> 1) | (dots >> 2)) != 0;
         let too_long = if close_dots { long } else { longer };
         let iban = (upper << 1) & (upper << 2);
-        // Runs starting in the first two bytes may have begun before the block, or have their
-        // country code there; runs reaching byte 61 may go on past it.
-        let mut bad_starts = starts & (too_long | iban | (plus << 1) | 0b11 | (0b111 << 61));
-        if runs & (1 << 61) != 0 {
+        // Where the text goes on before the block, runs starting in its first two bytes may
+        // have begun there, or have their country code there; where it goes on after, runs
+        // reaching byte 61 may go on past it.
+        let mut open = if edges.before { 0b11 } else { 0 };
+        if edges.after {
+            open |= 0b111 << 61;
+        }
+        let mut bad_starts = starts & (too_long | iban | (plus << 1) | open);
+        if edges.after && runs & (1 << 61) != 0 {
             bad_starts |= 1 << (64 - (!runs & ((1 << 61) - 1)).leading_zeros());
         }
         // Adding a run's start carries through its bits.
@@ -648,9 +675,15 @@ fn quiet_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
                 | eq(v, b'\t')
         });
         let near = (1..=5).fold(0, |near, d| near | (colons << d) | (colons >> d));
-        // Colons whose 5-byte windows lie inside the block.
-        const INSIDE: u64 = ((1 << 59) - 1) & !((1 << 5) - 1);
-        quiet |= colons & !(slashes >> 1) & !(setting_name_end << 1) & !near & INSIDE;
+        // Colons whose 5-byte windows lie inside the text the block holds.
+        let mut inside = u64::MAX;
+        if edges.before {
+            inside &= !((1 << 5) - 1);
+        }
+        if edges.after {
+            inside &= (1 << 59) - 1;
+        }
+        quiet |= colons & !(slashes >> 1) & !(setting_name_end << 1) & !near & inside;
     }
     quiet
 }
@@ -728,7 +761,13 @@ mod tests {
         let mut block = [b' '; 64];
         let text = b"so (41) a1b 42% 10:30 ref: 123456789 GB1 y 1.5 y 7-8 a:b +12.";
         block[..text.len()].copy_from_slice(text);
-        let bits = trigger_bits::<4>(&block);
+        let bits = trigger_bits::<4>(
+            &block,
+            Edges {
+                before: true,
+                after: true,
+            },
+        );
         let mut kept = Vec::new();
         let mut k = 0;
         while k < text.len() {
@@ -764,6 +803,40 @@ mod tests {
             merge(&mut hits, 0);
         }
         hits
+    }
+
+    #[test]
+    fn the_inline_number_rejections_agree_with_at_number() {
+        // `at_trigger` turns some numbers away without `at_number`'s detectors: short ones, and
+        // ones glued to a word. Each must be one the detectors would refuse too.
+        const BYTES: &[u8] = b"0123456789012345678901234567890123456789abcfXGB -.()+:";
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            rng ^= rng >> 12;
+            rng ^= rng << 25;
+            rng ^= rng >> 27;
+            (rng.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33) as usize % n
+        };
+        let scanner = Scanner::new(&DetectorKind::ALL);
+        let mut detector_hits = 0;
+        for _ in 0..50_000 {
+            let text: Vec<u8> = (0..next(40)).map(|_| BYTES[next(BYTES.len())]).collect();
+            for j in 0..text.len() {
+                if !text[j].is_ascii_digit() || j > 0 && text[j - 1].is_ascii_digit() {
+                    continue;
+                }
+                let (mut inline, mut full) = (Vec::new(), Vec::new());
+                let resume = scanner.at_trigger(&text, j, &mut inline);
+                assert_eq!(
+                    (resume, &inline),
+                    (scanner.at_number(&text, j, &mut full), &full),
+                    "{:?} at {j}",
+                    String::from_utf8_lossy(&text)
+                );
+                detector_hits += full.len();
+            }
+        }
+        assert!(detector_hits > 100, "{detector_hits} hits");
     }
 
     #[test]
