@@ -9,7 +9,7 @@
 //!   as a session of an agent's would look, bytes on disk per 1,000.
 //!
 //! Medians over `--reps` runs. `cargo run --release -p portcullis-bench --bin record -- [--reps N]
-//! [--mb N] [--queries N]`
+//! [--mb N] [--queries N] [--zstd-level N]`
 
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,12 @@ fn main() -> anyhow::Result<()> {
     let reps = arg("--reps", 5);
     let mb = arg("--mb", 256);
     let queries = arg("--queries", 20_000);
+    let zstd_level = std::env::args()
+        .skip_while(|a| a != "--zstd-level")
+        .nth(1)
+        .map_or(RecordingConfig::default().zstd_level, |v| {
+            v.parse().expect("a zstd level")
+        });
 
     let batches: Vec<Vec<Row>> = {
         let mut out = Vec::new();
@@ -154,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         let cfg = RecordingConfig {
             origin: Some("bench/portcullis".into()),
             max_queue_bytes: 1 << 30,
+            zstd_level,
             ..Default::default()
         };
         let recorder = Recorder::start(&cfg, tmp.path())?;
@@ -204,6 +211,7 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let cfg = RecordingConfig {
         origin: Some("bench/portcullis".into()),
+        zstd_level,
         ..Default::default()
     };
     let recorder = Recorder::start(&cfg, tmp.path())?;
