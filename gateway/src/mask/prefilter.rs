@@ -224,15 +224,14 @@ impl Scanner {
                 i = resume;
                 continue;
             }
-            // Where the value goes on past a block's edge, runs at that edge are the scalar
-            // path's to measure; at the value's own start and end nothing lies beyond.
-            let before = i > 0;
             let mut bits = match s.get(i..i + 64) {
+                // A full block's edges are kept open (the text may go on past either) as
+                // constants: deciding per block costs long texts more than it saves.
                 Some(block) => trigger_bits::<4>(
                     block.try_into().expect("64-byte block"),
                     Edges {
-                        before,
-                        after: s.len() > i + 64,
+                        before: true,
+                        after: true,
                     },
                 ),
                 // Most values are shorter than a block: pad with NUL (in no byte class) and take
@@ -242,8 +241,10 @@ impl Scanner {
                     let mut block = [0u8; 64];
                     let len = s.len() - i;
                     block[..len].copy_from_slice(&s[i..]);
+                    // The value ends in this block, and starts in it unless `i` is past 0: no
+                    // run or colon window goes on past an edge with nothing beyond it.
                     let edges = Edges {
-                        before,
+                        before: i > 0,
                         after: false,
                     };
                     match len.div_ceil(16) {
@@ -292,8 +293,8 @@ impl Scanner {
                 && s.get(end + 1)
                     .is_some_and(|b| b.is_ascii_digit() || sep(end + 1));
             // Every number detector refuses to start inside a word (`a12345678b` in a hex id).
-            let in_word = j > 0 && s[j - 1].is_ascii_alphabetic();
-            if !iban_possible && !continues && (run < 8 || in_word) {
+            let in_word = || j > 0 && s[j - 1].is_ascii_alphabetic();
+            if !iban_possible && !continues && (run < 8 || in_word()) {
                 return end;
             }
             return self.at_number(s, j, hits);
