@@ -18,7 +18,7 @@ use portcullis::record::{
     Bytes, Column, Recorder, RecordingConfig, Request, RequestKind, Row, SessionStart, Verdict,
 };
 
-fn arg(name: &str, default: u64) -> u64 {
+fn arg<T: std::str::FromStr<Err: std::fmt::Debug>>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
@@ -114,15 +114,10 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let reps = arg("--reps", 5);
-    let mb = arg("--mb", 256);
-    let queries = arg("--queries", 20_000);
-    let zstd_level = std::env::args()
-        .skip_while(|a| a != "--zstd-level")
-        .nth(1)
-        .map_or(RecordingConfig::default().zstd_level, |v| {
-            v.parse().expect("a zstd level")
-        });
+    let reps: u64 = arg("--reps", 5);
+    let mb: u64 = arg("--mb", 256);
+    let queries: u64 = arg("--queries", 20_000);
+    let zstd_level = arg("--zstd-level", RecordingConfig::default().zstd_level);
 
     let batches: Vec<Vec<Row>> = {
         let mut out = Vec::new();

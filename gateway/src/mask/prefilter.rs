@@ -227,13 +227,9 @@ impl Scanner {
             let mut bits = match s.get(i..i + 64) {
                 // A full block's edges are kept open (the text may go on past either) as
                 // constants: deciding per block costs long texts more than it saves.
-                Some(block) => trigger_bits::<4>(
-                    block.try_into().expect("64-byte block"),
-                    Edges {
-                        before: true,
-                        after: true,
-                    },
-                ),
+                Some(block) => {
+                    trigger_bits::<4>(block.try_into().expect("64-byte block"), Edges::OPEN)
+                }
                 // Most values are shorter than a block: pad with NUL (in no byte class) and take
                 // the same vector path rather than a byte-at-a-time loop, classifying only the
                 // 16-byte chunks that hold text (one for a name, a city or a status).
@@ -575,6 +571,14 @@ struct Edges {
     after: bool,
 }
 
+impl Edges {
+    /// Text on both sides: every edge guard on.
+    const OPEN: Edges = Edges {
+        before: true,
+        after: true,
+    };
+}
+
 /// Digits, `:`, `@`, `=`, `-` and `_`.
 #[inline(always)]
 fn all_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
@@ -773,13 +777,7 @@ mod tests {
         let mut block = [b' '; 64];
         let text = b"so (41) a1b 42% 10:30 ref: 123456789 GB1 y 1.5 y 7-8 a:b +12.";
         block[..text.len()].copy_from_slice(text);
-        let bits = trigger_bits::<4>(
-            &block,
-            Edges {
-                before: true,
-                after: true,
-            },
-        );
+        let bits = trigger_bits::<4>(&block, Edges::OPEN);
         let mut kept = Vec::new();
         let mut k = 0;
         while k < text.len() {
