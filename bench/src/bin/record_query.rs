@@ -5,8 +5,10 @@
 //! RowDescription, one DataRow, CommandComplete, ReadyForQuery) through the response tap. Queries
 //! are spaced by `--pace-us` of sleep, as a client at c=1 spaces them, so the recorder thread goes
 //! idle between them as it does in the gateway. Each repetition runs the same loop twice, with
-//! recording and without (the sleeps alone), and the figure is the difference in CPU time of the
-//! whole process (every thread: the session's and the recorder's), per query. Medians over
+//! recording and without (the sleeps alone), and the figure is the difference in CPU time per
+//! query. The session's thread is clocked around each query's work, so that the sleeps' timer
+//! wakeups, which swing by microseconds a query on a VM, stay out of the difference; the
+//! recorder's share is the CPU of the process's other threads over the whole loop. Medians over
 //! `--reps`; the segments go to a temporary directory on the disk `TMPDIR` names.
 //!
 //! `cargo run --release -p portcullis-bench --bin record_query -- [--reps N] [--queries N]
@@ -73,7 +75,7 @@ fn response(id: u64) -> Vec<u8> {
 }
 
 struct Run {
-    /// Process CPU per query, with recording minus without.
+    /// CPU per query, with recording minus without.
     added: f64,
     /// Of which on the session's thread.
     session: f64,
@@ -89,14 +91,17 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
         })
         .collect();
 
-    // Without recording: the sleeps and the loop.
+    // Without recording: the sleeps, the loop and the clock reads.
     let (p0, t0) = now();
+    let mut off_work = Duration::ZERO;
     for (sql, wire) in &statements {
+        let start = cpu(libc::CLOCK_THREAD_CPUTIME_ID);
         std::hint::black_box((sql, wire));
+        off_work += cpu(libc::CLOCK_THREAD_CPUTIME_ID) - start;
         std::thread::sleep(pace);
     }
     let (p1, t1) = now();
-    let (off_process, off_thread) = (p1 - p0, t1 - t0);
+    let off_others = (p1 - p0).saturating_sub(t1 - t0);
 
     // With recording, as `RecordGate::check` and `ResponseTap::written` call it.
     let tmp = tempfile::tempdir()?;
@@ -116,7 +121,9 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
     handle.flush().wait()?;
     let mut responses = Responses::new(1 << 20);
     let (p0, t0) = now();
+    let mut on_work = Duration::ZERO;
     for (sql, wire) in &statements {
+        let start = cpu(libc::CLOCK_THREAD_CPUTIME_ID);
         let text = masker
             .redact_detected(sql.as_bytes())
             .unwrap_or_else(|| sql.as_bytes().to_vec());
@@ -136,16 +143,19 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
         responses.feed(wire, &mut batch);
         responses.flush(&mut batch);
         drop(batch);
+        on_work += cpu(libc::CLOCK_THREAD_CPUTIME_ID) - start;
         std::thread::sleep(pace);
     }
     handle.flush().wait()?;
     let (p1, t1) = now();
+    let on_others = (p1 - p0).saturating_sub(t1 - t0);
     rec.end("done")?;
     recorder.shutdown();
     let per_query = |d: Duration| d.as_secs_f64() * 1e6 / queries as f64;
+    let session = per_query(on_work) - per_query(off_work);
     Ok(Run {
-        added: per_query(p1 - p0) - per_query(off_process),
-        session: per_query(t1 - t0) - per_query(off_thread),
+        added: session + per_query(on_others) - per_query(off_others),
+        session,
     })
 }
 
