@@ -16,7 +16,7 @@
 //! colon). Nothing here allocates unless a detector matches.
 
 use aho_corasick::packed;
-use wide::u8x16;
+use wide::{u8x16, u64x2};
 
 use super::config::DetectorKind;
 use super::detectors::{self, Hit, TokenChars};
@@ -227,27 +227,27 @@ impl Scanner {
             let mut bits = match s.get(i..i + 64) {
                 // A full block's edges are kept open (the text may go on past either) as
                 // constants: deciding per block costs long texts more than it saves.
-                Some(block) => {
-                    trigger_bits::<4>(block.try_into().expect("64-byte block"), Edges::OPEN)
-                }
+                Some(block) => trigger_bits::<4>(
+                    &block_chunks(block.try_into().expect("64-byte block")),
+                    Edges::OPEN,
+                ),
                 // Most values are shorter than a block: pad with NUL (in no byte class) and take
                 // the same vector path rather than a byte-at-a-time loop, classifying only the
                 // 16-byte chunks that hold text (one for a name, a city or a status).
                 None => {
-                    let mut block = [0u8; 64];
-                    let len = s.len() - i;
-                    block[..len].copy_from_slice(&s[i..]);
+                    let tail = &s[i..];
+                    let chunks = tail_chunks(tail);
                     // The value ends in this block, and starts in it unless `i` is past 0: no
                     // run or colon window goes on past an edge with nothing beyond it.
                     let edges = Edges {
                         before: i > 0,
                         after: false,
                     };
-                    match len.div_ceil(16) {
-                        1 => trigger_bits::<1>(&block, edges),
-                        2 => trigger_bits::<2>(&block, edges),
-                        3 => trigger_bits::<3>(&block, edges),
-                        _ => trigger_bits::<4>(&block, edges),
+                    match tail.len().div_ceil(16) {
+                        1 => trigger_bits::<1>(&chunks, edges),
+                        2 => trigger_bits::<2>(&chunks, edges),
+                        3 => trigger_bits::<3>(&chunks, edges),
+                        _ => trigger_bits::<4>(&chunks, edges),
                     }
                 }
             };
@@ -530,15 +530,8 @@ fn separated_token(s: &[u8], j: usize, sep: u8) -> Option<(usize, usize)> {
 fn digit_run(s: &[u8], j: usize) -> usize {
     const LOW: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    let v = match s.get(j..j + 8) {
-        Some(word) => u64::from_le_bytes(word.try_into().expect("8 bytes")),
-        // The last few bytes of a value, padded with NUL (not a digit): still one word.
-        None => {
-            let mut word = [0u8; 8];
-            word[..s.len() - j].copy_from_slice(&s[j..]);
-            u64::from_le_bytes(word)
-        }
-    };
+    // The last few bytes of a value are padded with NUL (not a digit): still one word.
+    let v = padded_word(&s[j..]);
     // For bytes below 0x80, (y | 0x80) - n keeps the high bit exactly when y >= n: no borrow crosses
     // a byte. Bytes at or above 0x80 are excluded by `!v`.
     let y = (v & !HIGH) | HIGH;
@@ -555,7 +548,7 @@ fn digit_run(s: &[u8], j: usize) -> usize {
 /// at once are cleared here for the whole block (see [`quiet_triggers`]), so number-dense text does
 /// not pay a trip through [`Scanner::at_trigger`] for every short number.
 #[inline(always)]
-fn trigger_bits<const CHUNKS: usize>(block: &[u8; 64], edges: Edges) -> u64 {
+fn trigger_bits<const CHUNKS: usize>(block: &Chunks, edges: Edges) -> u64 {
     let triggers = all_triggers::<CHUNKS>(block);
     // With one run of triggers or none, the scalar path's single visit costs less than the masks.
     if (triggers & !(triggers << 1)).count_ones() < 2 {
@@ -581,24 +574,71 @@ impl Edges {
 
 /// Digits, `:`, `@`, `=`, `-` and `_`.
 #[inline(always)]
-fn all_triggers<const CHUNKS: usize>(block: &[u8; 64]) -> u64 {
+fn all_triggers<const CHUNKS: usize>(block: &Chunks) -> u64 {
     byte_bits::<CHUNKS>(block, |v| {
         // '0'..='9' and ':' are contiguous (0x30..=0x3A).
         in_range(v, b'0', b':') | eq(v, b'@') | eq(v, b'=') | eq(v, b'-') | eq(v, b'_')
     })
 }
 
-/// Bit k set when `class` holds for `block[k]`: 16-byte compares and a move-mask each (`wide` maps
-/// them to SSE2 or NEON, and to plain code elsewhere). Only the first `CHUNKS` 16-byte chunks are
-/// classified: the others' bits are 0, as they are for NUL padding in every class here.
+/// A 64-byte block as four 16-byte vectors.
+type Chunks = [u8x16; 4];
+
 #[inline(always)]
-fn byte_bits<const CHUNKS: usize>(block: &[u8; 64], class: impl Fn(u8x16) -> u8x16) -> u64 {
+fn block_chunks(block: &[u8; 64]) -> Chunks {
+    std::array::from_fn(|k| {
+        u8x16::new(
+            block[16 * k..16 * k + 16]
+                .try_into()
+                .expect("16-byte chunk"),
+        )
+    })
+}
+
+/// The last bytes of a text (fewer than 64) as a block, NUL after them. Each vector is built from
+/// loads of the text itself: a copy into a zeroed buffer, loaded back 16 bytes at a time, stalls
+/// store forwarding (the wide load waits for the copy's narrower stores to retire), and that wait
+/// was the largest single cost of a short value's scan.
+#[inline(always)]
+fn tail_chunks(s: &[u8]) -> Chunks {
+    std::array::from_fn(|k| match s.get(16 * k..) {
+        Some(rest) if rest.len() >= 16 => u8x16::new(rest[..16].try_into().expect("16-byte chunk")),
+        Some(rest) if rest.len() > 8 => {
+            let n = rest.len();
+            let word = |k: usize| u64::from_le_bytes(rest[k..k + 8].try_into().expect("8 bytes"));
+            // The high half from the last 8 bytes, shifted down past the ones the low half has.
+            bytemuck::cast(u64x2::new([word(0), word(n - 8) >> (8 * (16 - n))]))
+        }
+        Some(rest) if !rest.is_empty() => bytemuck::cast(u64x2::new([padded_word(rest), 0])),
+        _ => u8x16::ZERO,
+    })
+}
+
+/// The first 8 bytes of `s` as a little-endian word, NUL past its end, from (overlapping) loads
+/// of `s` itself, for the same reason as [`tail_chunks`].
+#[inline(always)]
+fn padded_word(s: &[u8]) -> u64 {
+    let n = s.len();
+    let at = |k: usize| u64::from(s[k]) << (8 * k);
+    let u32_at = |k: usize| u64::from(u32::from_le_bytes(s[k..k + 4].try_into().expect("4")));
+    match n {
+        8.. => u64::from_le_bytes(s[..8].try_into().expect("8 bytes")),
+        4..=7 => u32_at(0) | u32_at(n - 4) << (8 * (n - 4)),
+        1..=3 => at(0) | at(n / 2) | at(n - 1),
+        0 => 0,
+    }
+}
+
+/// Bit k set when `class` holds for byte k of the block: 16-byte compares and a move-mask each
+/// (`wide` maps them to SSE2 or NEON, and to plain code elsewhere). Only the first `CHUNKS`
+/// chunks are classified: the others' bits are 0, as they are for NUL padding in every class here.
+#[inline(always)]
+fn byte_bits<const CHUNKS: usize>(block: &Chunks, class: impl Fn(u8x16) -> u8x16) -> u64 {
     block
-        .chunks_exact(16)
+        .iter()
         .take(CHUNKS)
         .enumerate()
-        .fold(0, |bits, (k, chunk)| {
-            let v = u8x16::from(<[u8; 16]>::try_from(chunk).expect("16-byte chunk"));
+        .fold(0, |bits, (k, &v)| {
             // The mask holds 16 lane bits; `as u16` keeps exactly those.
             bits | (u64::from(class(v).move_mask() as u16) << (16 * k))
         })
@@ -630,7 +670,7 @@ fn in_range(v: u8x16, lo: u8, hi: u8) -> u8x16 {
 /// Where the answer depends on bytes outside the block (a run or a colon's window at its edges) the
 /// trigger is kept and the scalar path decides, so the scan finds exactly what it would without this.
 #[inline(always)]
-fn quiet_triggers<const CHUNKS: usize>(block: &[u8; 64], edges: Edges) -> u64 {
+fn quiet_triggers<const CHUNKS: usize>(block: &Chunks, edges: Edges) -> u64 {
     let mut quiet = 0;
     let digits = byte_bits::<CHUNKS>(block, |v| in_range(v, b'0', b'9'));
     if digits != 0 {
@@ -732,21 +772,27 @@ mod tests {
     #[test]
     fn byte_classes_are_exact_for_every_byte() {
         let classes: [Class; 4] = [
-            ("trigger", is_trigger, all_triggers::<4>),
+            ("trigger", is_trigger, |block| {
+                all_triggers::<4>(&block_chunks(block))
+            }),
             (
                 "digit",
                 |b| b.is_ascii_digit(),
-                |block| byte_bits::<4>(block, |v| in_range(v, b'0', b'9')),
+                |block| byte_bits::<4>(&block_chunks(block), |v| in_range(v, b'0', b'9')),
             ),
             (
                 "upper",
                 |b| b.is_ascii_uppercase(),
-                |block| byte_bits::<4>(block, |v| in_range(v, b'A', b'Z')),
+                |block| byte_bits::<4>(&block_chunks(block), |v| in_range(v, b'A', b'Z')),
             ),
             (
                 "alpha",
                 |b| b.is_ascii_alphabetic(),
-                |block| byte_bits::<4>(block, |v| in_range(v | u8x16::splat(0x20), b'a', b'z')),
+                |block| {
+                    byte_bits::<4>(&block_chunks(block), |v| {
+                        in_range(v | u8x16::splat(0x20), b'a', b'z')
+                    })
+                },
             ),
         ];
         for (name, scalar, bits) in classes {
@@ -762,11 +808,27 @@ mod tests {
     }
 
     #[test]
+    fn a_texts_last_bytes_load_as_their_nul_padded_copy() {
+        let text: Vec<u8> = (1..=64).collect();
+        for len in 0..64 {
+            let mut block = [0u8; 64];
+            block[..len].copy_from_slice(&text[..len]);
+            assert_eq!(
+                tail_chunks(&text[..len]).map(|v| v.to_array()),
+                block_chunks(&block).map(|v| v.to_array()),
+                "{len} bytes"
+            );
+            let word = u64::from_le_bytes(block[..8].try_into().unwrap());
+            assert_eq!(padded_word(&text[..len]), word, "{len} bytes");
+        }
+    }
+
+    #[test]
     fn quiet_triggers_are_the_ones_dropped_at_once() {
         let mut block = [b' '; 64];
         let text = b"so (41) a1b 42% 10:30 ref: 123456789 GB1 y 1.5 y 7-8 a:b +12.";
         block[..text.len()].copy_from_slice(text);
-        let bits = trigger_bits::<4>(&block, Edges::OPEN);
+        let bits = trigger_bits::<4>(&block_chunks(&block), Edges::OPEN);
         let mut kept = Vec::new();
         let mut k = 0;
         while k < text.len() {
