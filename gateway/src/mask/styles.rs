@@ -87,19 +87,30 @@ pub(crate) fn partial(value: &[u8], out: &mut Vec<u8>) {
     let maskable = |b: u8| b.is_ascii_alphanumeric() || b >= 0xC0;
     let total = value.iter().filter(|&&b| maskable(b)).count();
     let first_kept = if total >= 8 { total - 4 } else { total };
-    let mut seen = 0;
     if value.is_ascii() {
-        // A byte out per byte in: written in one sized extend, not pushed one at a time.
-        out.extend(value.iter().map(|&b| {
-            if !maskable(b) {
-                return b;
-            }
-            seen += 1;
-            if seen > first_kept { b } else { b'*' }
-        }));
+        // A byte out per byte in: the kept characters start at the `first_kept`-th maskable byte
+        // (counted from 0), so everything before it is starred or kept by its own class and
+        // everything from it on is copied; neither loop carries state from byte to byte.
+        let kept_from = if first_kept == total {
+            value.len()
+        } else {
+            let mut from_end = total - first_kept;
+            value
+                .iter()
+                .rposition(|&b| {
+                    from_end -= usize::from(maskable(b));
+                    from_end == 0
+                })
+                .expect("`total` counted the maskable bytes")
+        };
+        let (starred, kept) = value.split_at(kept_from);
+        out.reserve(value.len());
+        out.extend(starred.iter().map(|&b| if maskable(b) { b'*' } else { b }));
+        out.extend_from_slice(kept);
         return;
     }
     out.reserve(value.len());
+    let mut seen = 0;
     let mut keeping = false;
     for &b in value {
         if (0x80..0xC0).contains(&b) {
@@ -146,6 +157,34 @@ mod tests {
         );
         assert_eq!(partial_of("ünïcödé!"), "*******!");
         assert_eq!(partial_of("ünïcödéxyz"), "******éxyz");
+    }
+
+    #[test]
+    fn partial_of_ascii_keeps_exactly_the_last_four_of_eight_or_more() {
+        const BYTES: &[u8] = b"ab9Z@.- _(";
+        let mut next = crate::testing::xorshift(0x5eed_0084);
+        for _ in 0..20_000 {
+            let value: Vec<u8> = (0..next(24)).map(|_| BYTES[next(BYTES.len())]).collect();
+            let maskable: Vec<usize> = (0..value.len())
+                .filter(|&k| value[k].is_ascii_alphanumeric())
+                .collect();
+            let kept = if maskable.len() >= 8 {
+                &maskable[maskable.len() - 4..]
+            } else {
+                &[]
+            };
+            let expected: Vec<u8> = (0..value.len())
+                .map(
+                    |k| match value[k].is_ascii_alphanumeric() && !kept.contains(&k) {
+                        true => b'*',
+                        false => value[k],
+                    },
+                )
+                .collect();
+            let mut out = b"x".to_vec();
+            partial(&value, &mut out);
+            assert_eq!(out[1..], expected, "{:?}", String::from_utf8_lossy(&value));
+        }
     }
 
     #[test]
