@@ -605,7 +605,8 @@ fn tail_chunks(s: &[u8]) -> Chunks {
         Some(rest) if rest.len() >= 16 => u8x16::new(rest[..16].try_into().expect("16-byte chunk")),
         Some(rest) if rest.len() > 8 => {
             let n = rest.len();
-            let word = |k: usize| u64::from_le_bytes(rest[k..k + 8].try_into().expect("8 bytes"));
+            let word =
+                |at: usize| u64::from_le_bytes(rest[at..at + 8].try_into().expect("8 bytes"));
             // The high half from the last 8 bytes, shifted down past the ones the low half has.
             bytemuck::cast(u64x2::new([word(0), word(n - 8) >> (8 * (16 - n))]))
         }
@@ -620,7 +621,7 @@ fn tail_chunks(s: &[u8]) -> Chunks {
 fn padded_word(s: &[u8]) -> u64 {
     let n = s.len();
     let at = |k: usize| u64::from(s[k]) << (8 * k);
-    let u32_at = |k: usize| u64::from(u32::from_le_bytes(s[k..k + 4].try_into().expect("4")));
+    let u32_at = |k: usize| u64::from(u32::from_le_bytes(s[k..k + 4].try_into().expect("4 bytes")));
     match n {
         8.. => u64::from_le_bytes(s[..8].try_into().expect("8 bytes")),
         4..=7 => u32_at(0) | u32_at(n - 4) << (8 * (n - 4)),
