@@ -758,10 +758,8 @@ fn wide_result(rows: usize) -> Vec<Vec<u8>> {
 /// The built-in `default` policy's `[mask]` rules, as the harness's `gateway-policy` target masks
 /// with them: besides the detectors, emails and card numbers by column name, in `partial` style.
 fn default_policy_masker() -> Masker {
-    use serde::Deserialize;
     let policy = portcullis::policy::load("default").expect("the built-in default policy");
-    let rules = MaskRules::deserialize(toml::Value::Table(policy.mask_table().clone()))
-        .expect("the default policy's [mask] rules");
+    let rules = MaskRules::from_policy(&policy).expect("the default policy's [mask] rules");
     Masker::new(&rules).expect("mask rules compile")
 }
 

@@ -292,9 +292,8 @@ fn reload(args: &ServeArgs, shared: &Shared) -> anyhow::Result<()> {
 
 /// Loads a policy and compiles its `[mask]` table; any error names the policy and the key.
 pub(crate) fn load_policy(name_or_path: &str) -> anyhow::Result<(Arc<Policy>, Masker)> {
-    use serde::Deserialize;
     let policy = crate::policy::load(name_or_path).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
-    let rules = MaskRules::deserialize(toml::Value::Table(policy.mask_table().clone()))
+    let rules = MaskRules::from_policy(&policy)
         .map_err(|e| anyhow::anyhow!("policy {}: [mask]: {e}", policy.source()))?;
     let masker = Masker::new(&rules)
         .map_err(|e| anyhow::anyhow!("policy {}: [mask]: {e}", policy.source()))?;

@@ -190,6 +190,11 @@ pub struct JsonRule {
 }
 
 impl MaskRules {
+    /// A policy's `[mask]` table as rules.
+    pub fn from_policy(policy: &crate::policy::Policy) -> Result<MaskRules, toml::de::Error> {
+        MaskRules::deserialize(toml::Value::Table(policy.mask_table().clone()))
+    }
+
     /// The `[mask]` rules of the built-in `default` policy: every detector, redacted, plus the column
     /// names that always hold secrets.
     pub fn builtin_pii() -> MaskRules {
