@@ -305,7 +305,43 @@ impl ResultPlan {
 
 impl Engine {
     /// Masks one non-NULL value under `col`. A replacement is appended to `scratch`.
+    ///
+    /// Inlined for its common case, a plain text value the detectors find clean: wide rows are
+    /// mostly short such values, and two calls per value (to the plan's and the kind's match)
+    /// cost a fifth of the value's scan.
+    #[inline(always)]
     pub(crate) fn mask_value(
+        &self,
+        col: &ColPlan,
+        v: &[u8],
+        scratch: &mut Vec<u8>,
+        hits: &mut Vec<Hit>,
+    ) -> Outcome {
+        if matches!(col, ColPlan::Scan(ValueKind::Text)) {
+            hits.clear();
+            self.scanner.scan(v, hits);
+            return if hits.is_empty() {
+                Outcome::Keep
+            } else {
+                self.text_hits(v, hits, scratch)
+            };
+        }
+        self.mask_other_value(col, v, scratch, hits)
+    }
+
+    /// What a text value with detector hits becomes.
+    #[inline(never)]
+    fn text_hits(&self, v: &[u8], hits: &[Hit], scratch: &mut Vec<u8>) -> Outcome {
+        if self.detector_style == Style::Null {
+            Outcome::Null
+        } else {
+            self.rewrite_hits(v, hits, scratch)
+        }
+    }
+
+    /// [`Self::mask_value`] for every plan but a plain text scan.
+    #[inline(never)]
+    fn mask_other_value(
         &self,
         col: &ColPlan,
         v: &[u8],
@@ -334,10 +370,8 @@ impl Engine {
                 self.scanner.scan(v, hits);
                 if hits.is_empty() {
                     Outcome::Keep
-                } else if self.detector_style == Style::Null {
-                    Outcome::Null
                 } else {
-                    self.rewrite_hits(v, hits, scratch)
+                    self.text_hits(v, hits, scratch)
                 }
             }
             ValueKind::Embedded { binary } => {
