@@ -248,7 +248,15 @@ pub struct LineageCache {
     map: HashMap<Arc<str>, Arc<Analysis>>,
     capacity: usize,
     key: String,
+    /// The text asked for last and its analysis: a prepared statement's executions, and a
+    /// client repeating a query, ask for one text again and again, and comparing it costs less
+    /// than its shape key and a hash of that.
+    last_text: String,
+    last: Option<Arc<Analysis>>,
 }
+
+/// Texts longer than this are not kept as [`LineageCache`]'s last text.
+const MAX_LAST_TEXT: usize = 1024;
 
 /// Texts longer than this are analysed every time instead of filling the cache.
 const MAX_CACHED_TEXT: usize = 16 * 1024;
@@ -259,6 +267,8 @@ impl LineageCache {
             map: HashMap::new(),
             capacity: capacity.max(1),
             key: String::new(),
+            last_text: String::new(),
+            last: None,
         }
     }
 
@@ -266,6 +276,21 @@ impl LineageCache {
     /// decides no column's sources. Except as a json or array subscript (`-> 0`, `[1]`), where it
     /// picks a path, so such texts are keyed whole.
     pub fn analysis(&mut self, sql: &str, catalog: &Catalog, path: &[String]) -> Arc<Analysis> {
+        if let Some(a) = &self.last
+            && self.last_text == sql
+        {
+            return a.clone();
+        }
+        let a = self.analysis_by_key(sql, catalog, path);
+        self.last = (sql.len() <= MAX_LAST_TEXT).then(|| {
+            self.last_text.clear();
+            self.last_text.push_str(sql);
+            a.clone()
+        });
+        a
+    }
+
+    fn analysis_by_key(&mut self, sql: &str, catalog: &Catalog, path: &[String]) -> Arc<Analysis> {
         let key = if !has_subscript(sql) && numeric_shape_key(sql, &mut self.key) {
             self.key.as_str()
         } else {
@@ -298,6 +323,7 @@ impl LineageCache {
 
     pub fn clear(&mut self) {
         self.map.clear();
+        self.last = None;
     }
 }
 

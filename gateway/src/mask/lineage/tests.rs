@@ -365,6 +365,34 @@ fn cache_returns_the_same_analysis() {
 }
 
 #[test]
+fn a_repeated_text_is_analysed_anew_after_the_catalog_or_search_path_changes() {
+    // An agent repeats one query while the view under it is redefined to expose the SSN: the
+    // repeat must not keep the analysis of the view it read before.
+    let mut harmless = catalog();
+    harmless.set_view("public", "v_users", "SELECT id, name AS s FROM users");
+    let mut session = SessionLineage::new(Arc::new(harmless));
+    let sql = "SELECT s FROM v_users";
+    session.set_current(Some(sql), 0);
+    let before = session.current().expect("current").0.clone();
+    session.set_current(Some(sql), 0);
+    assert!(Arc::ptr_eq(&before, &session.current().expect("current").0));
+
+    // `catalog()`'s v_users is `users.ssn AS s`.
+    session.replace_catalog(Arc::new(catalog()));
+    session.set_current(Some(sql), 0);
+    let after = session.current().expect("current").0.clone();
+    assert_ne!(*before, *after, "the view's new definition is read");
+
+    // Under a search path where `users` is app.users, the same text reads another table.
+    let text = "SELECT nick FROM users";
+    session.set_current(Some(text), 0);
+    let public = session.current().expect("current").0.clone();
+    session.set_search_path(vec!["app".to_owned(), "public".to_owned()]);
+    session.set_current(Some(text), 0);
+    assert_ne!(*public, *session.current().expect("current").0);
+}
+
+#[test]
 fn sessions_holding_one_snapshot_share_its_analyses_under_one_search_path() {
     let c = catalog();
     let p = c.search_path().to_vec();
