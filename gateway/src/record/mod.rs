@@ -784,7 +784,11 @@ impl SessionRecorder {
     pub fn row_description(&mut self, body: &[u8], count: usize) -> Result<(), RecordError> {
         let columns = encode::RowDescription { body, count };
         let stmt = self.answering.unwrap_or(self.stmt);
-        self.encode(&columns, stmt, 64 + 32 * count)?;
+        self.encode_with(stmt, 64 + 32 * count, |out| {
+            columns
+                .write(out)
+                .ok_or_else(|| "a bad RowDescription".to_owned())
+        })?;
         if !self.batching || self.pending.len() >= SUBMIT_BYTES {
             self.submit(None)?;
         }
