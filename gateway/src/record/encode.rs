@@ -17,6 +17,15 @@ pub(crate) struct Tail<'a, R: ?Sized + Serialize> {
     pub record: &'a R,
 }
 
+/// Appends a [`Tail`]'s fields before its record as postcard encodes them (zigzag and plain
+/// varints), written directly: every record a session hands over starts with them, and through
+/// serde they cost more than most records' own bytes.
+pub(crate) fn tail_head(out: &mut Vec<u8>, at_us: i64, session: u64, stmt: u32) {
+    varint(out, ((at_us << 1) ^ (at_us >> 63)) as u64);
+    varint(out, session);
+    varint(out, u64::from(stmt));
+}
+
 /// `Record::Rows` over DataRow bodies (`int16` count, then `int32` length and bytes per value,
 /// -1 for NULL), back to back: `count` of them.
 pub(crate) struct DataRows<'a> {
@@ -210,6 +219,31 @@ mod tests {
                 count: rows.len(),
             };
             assert_eq!(short.write(&mut Vec::new()), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_tails_head_encodes_as_serde_does() {
+        for (at_us, session, stmt) in [
+            (0, 0, 0),
+            (1_764_633_600_000_000, 77, 300),
+            (-5, u64::MAX, u32::MAX),
+            (i64::MIN, 1 << 35, 128),
+            (i64::MAX, 127, 16_383),
+        ] {
+            let mut ours = Vec::new();
+            tail_head(&mut ours, at_us, session, stmt);
+            let tail = Tail {
+                at_us,
+                session,
+                stmt,
+                record: &(),
+            };
+            assert_eq!(
+                ours,
+                postcard::to_stdvec(&tail).unwrap(),
+                "{at_us} {session} {stmt}"
+            );
         }
     }
 

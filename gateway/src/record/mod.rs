@@ -669,18 +669,10 @@ impl SessionRecorder {
         self.pending
             .reserve(if at == 0 { approx.max(1024) } else { approx });
         self.pending.extend_from_slice(&[0; 4]);
-        // The entry's fields before its record, as `Tail` lays them out: a unit record encodes
-        // as nothing, and `write` appends the record itself.
-        let head = encode::Tail {
-            at_us: now_us(),
-            session: self.id,
-            stmt,
-            record: &(),
-        };
-        let written = match postcard::to_extend(&head, Append(&mut self.pending)) {
-            Ok(_) => write(&mut self.pending),
-            Err(e) => Err(e.to_string()),
-        };
+        // The entry's fields before its record, as `Tail` lays them out; `write` appends the
+        // record itself.
+        encode::tail_head(&mut self.pending, now_us(), self.id, stmt);
+        let written = write(&mut self.pending);
         match written {
             Ok(()) => {
                 let len = (self.pending.len() - at - 4) as u32;
