@@ -318,15 +318,21 @@ impl Engine {
         hits: &mut Vec<Hit>,
     ) -> Outcome {
         if matches!(col, ColPlan::Scan(ValueKind::Text)) {
-            hits.clear();
-            self.scanner.scan(v, hits);
-            return if hits.is_empty() {
-                Outcome::Keep
-            } else {
-                self.text_hits(v, hits, scratch)
-            };
+            return self.scan_text(v, scratch, hits);
         }
         self.mask_other_value(col, v, scratch, hits)
+    }
+
+    /// A plain text value through the detectors.
+    #[inline(always)]
+    fn scan_text(&self, v: &[u8], scratch: &mut Vec<u8>, hits: &mut Vec<Hit>) -> Outcome {
+        hits.clear();
+        self.scanner.scan(v, hits);
+        if hits.is_empty() {
+            Outcome::Keep
+        } else {
+            self.text_hits(v, hits, scratch)
+        }
     }
 
     /// What a text value with detector hits becomes.
@@ -365,15 +371,7 @@ impl Engine {
         keys: &[JsonKey],
     ) -> Outcome {
         match kind {
-            ValueKind::Text => {
-                hits.clear();
-                self.scanner.scan(v, hits);
-                if hits.is_empty() {
-                    Outcome::Keep
-                } else {
-                    self.text_hits(v, hits, scratch)
-                }
-            }
+            ValueKind::Text => self.scan_text(v, scratch, hits),
             ValueKind::Embedded { binary } => {
                 hits.clear();
                 self.scanner.scan(v, hits);

@@ -21,7 +21,7 @@ pub(crate) struct Tail<'a, R: ?Sized + Serialize> {
 /// varints), written directly: every record a session hands over starts with them, and through
 /// serde they cost more than most records' own bytes.
 pub(crate) fn tail_head(out: &mut Vec<u8>, at_us: i64, session: u64, stmt: u32) {
-    varint(out, ((at_us << 1) ^ (at_us >> 63)) as u64);
+    varint(out, zigzag(at_us));
     varint(out, session);
     varint(out, u64::from(stmt));
 }
@@ -84,6 +84,12 @@ impl DataRows<'_> {
     }
 }
 
+/// postcard's signed integers, before their varint: 0, -1, 1, -2, ... as 0, 1, 2, 3, ... (the
+/// same number whatever the integer's width).
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
 /// postcard's unsigned varint: seven bits a byte, least significant first.
 pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -108,8 +114,7 @@ impl RowDescription<'_> {
             varint(out, column.name.len() as u64);
             out.extend_from_slice(column.name.as_bytes());
             varint(out, u64::from(column.type_oid));
-            let format = column.format;
-            varint(out, u64::from(((format << 1) ^ (format >> 15)) as u16));
+            varint(out, zigzag(column.format.into()));
             rest = &rest[len..];
         }
         Some(())
