@@ -55,6 +55,8 @@ struct Args {
     row_bytes: usize,
     /// Only the wide-row set (e.g. under a profiler).
     wide_only: bool,
+    /// Only the text set with this label (`clean`, `pii`, `sparse`), and not the wide-row set.
+    set: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -65,6 +67,7 @@ fn parse_args() -> Args {
         batches: 3,
         row_bytes: 10 * 1024,
         wide_only: false,
+        set: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +81,12 @@ fn parse_args() -> Args {
             "--batches" => args.batches = value(),
             "--row-kb" => args.row_bytes = value() * 1024,
             "--wide-only" => args.wide_only = true,
+            "--set" => {
+                args.set = it
+                    .next()
+                    .filter(|v| ["clean", "pii", "sparse"].contains(&v.as_str()))
+                    .or_else(|| usage(&flag))
+            }
             "--detectors" => args.detectors = it.next().or_else(|| usage(&flag)),
             "--only" => {
                 args.only = it
@@ -93,7 +102,7 @@ fn parse_args() -> Args {
 
 fn usage(flag: &str) -> ! {
     eprintln!(
-        "mask_scan: bad argument {flag}\nusage: mask_scan [--reps N] [--batches N] [--row-kb N] [--only portcullis|regex] [--wide-only]"
+        "mask_scan: bad argument {flag}\nusage: mask_scan [--reps N] [--batches N] [--row-kb N] [--only portcullis|regex] [--wide-only | --set clean|pii|sparse]"
     );
     std::process::exit(2);
 }
@@ -626,8 +635,15 @@ fn main() {
             },
         ),
     ];
+    // `--set sparse` names `clean, sparse numbers`.
+    let chosen = |label: &str| {
+        args.set
+            .as_deref()
+            .is_none_or(|set| label == set || (set == "sparse" && label == "clean, sparse numbers"))
+    };
     let sets: Vec<(&str, Vec<Vec<u8>>)> = profiles
         .iter()
+        .filter(|(label, _)| chosen(label))
         .map(|(label, p)| (*label, result_set(rows, args.row_bytes, p)))
         .collect();
 
@@ -708,7 +724,9 @@ fn main() {
         );
         results.push((*label, ours.mb_per_s, theirs.mb_per_s));
     }
-    wide_rows(&masker, &args, &baseline, &run);
+    if args.set.is_none() {
+        wide_rows(&masker, &args, &baseline, &run);
+    }
     for (label, ours, theirs) in results {
         let goal = if label == "pii" { 1000 } else { 2000 };
         println!(
