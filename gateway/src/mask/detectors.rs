@@ -534,11 +534,21 @@ fn keyword_pair(first: u8, second: u8) -> bool {
     (a < 26) & (b < 26) && (KEYWORD_PAIRS[usize::from(a)] >> b) & 1 != 0
 }
 
+/// The bytes of a setting's name: ASCII letters and digits, `_`, `-` and `.`.
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.');
+        b += 1;
+    }
+    table
+};
+
+/// What a setting's name says, for a name that holds a keyword pair (the caller checks).
 fn setting_kind(name: &[u8]) -> Option<Setting> {
     if name.len() < 3 || name.len() > 64 {
-        return None;
-    }
-    if !name.windows(2).any(|w| keyword_pair(w[0], w[1])) {
         return None;
     }
     let mut buf = [0u8; 64];
@@ -582,9 +592,15 @@ pub(crate) fn setting_value(s: &[u8], p: usize) -> Option<(usize, usize, Detecto
         }
     }
     let name_end = j;
-    let ident = |b: u8| alnum(b) || matches!(b, b'_' | b'-' | b'.');
-    while j > 0 && name_end - j <= 64 && ident(s[j - 1]) {
+    // Most names hold none of the keywords' letter pairs: that is checked on the walk back over
+    // the name, not in a second pass.
+    let mut paired = false;
+    while j > 0 && name_end - j <= 64 && NAME_BYTES[usize::from(s[j - 1])] {
+        paired |= j < name_end && keyword_pair(s[j - 1], s[j]);
         j -= 1;
+    }
+    if !paired {
+        return None;
     }
     let setting = setting_kind(&s[j..name_end])?;
 
