@@ -4,7 +4,8 @@
 //! - **anchors**: Aho-Corasick's packed searcher (SIMD "Teddy") over a few distinctive literals that
 //!   start token formats: `eyJ` (JWT), `rer ` (`Bearer `), `AKIA`/`ASIA` (AWS), `AIza` (Google);
 //! - **trigger bytes**: digits, `@`, `:`, `=`, `-` and `_`. Each 64-byte block is classified with
-//!   16-byte SIMD compares and move-masks, blocks without a trigger are skipped at once, and in the
+//!   SIMD compares and move-masks (32 bytes at a time where the CPU has AVX2, found at run time; 16
+//!   otherwise, and for a value's last bytes), blocks without a trigger are skipped at once, and in the
 //!   others a bit per byte leads straight to each trigger. Numbers too short for any number detector
 //!   and the colons of clock times are cleared from those bits for the whole block with bit
 //!   operations, so number-dense text does not visit them one by one. A digit starts a number-like
@@ -131,6 +132,9 @@ pub(crate) struct Scanner {
     /// The enabled anchors' needles (repeated to fill three).
     needles: [u8; 3],
     triggers: bool,
+    /// Full blocks are classified 32 bytes at a time where the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    avx2: avx2::Avx2,
 }
 
 impl Scanner {
@@ -162,6 +166,8 @@ impl Scanner {
             anchors,
             needles,
             triggers,
+            #[cfg(target_arch = "x86_64")]
+            avx2: avx2::detect(),
         }
     }
 
@@ -227,10 +233,9 @@ impl Scanner {
             let mut bits = match s.get(i..i + 64) {
                 // A full block's edges are kept open (the text may go on past either) as
                 // constants: deciding per block costs long texts more than it saves.
-                Some(block) => trigger_bits::<4>(
-                    &block_chunks(block.try_into().expect("64-byte block")),
-                    Edges::OPEN,
-                ),
+                Some(block) => {
+                    self.full_block_trigger_bits(block.try_into().expect("64-byte block"))
+                }
                 // Most values are shorter than a block: pad with NUL (in no byte class) and take
                 // the same vector path rather than a byte-at-a-time loop, classifying only the
                 // 16-byte chunks that hold text (one for a name, a city or a status).
@@ -271,6 +276,16 @@ impl Scanner {
             }
             i += 64;
         }
+    }
+
+    /// [`trigger_bits`] for a full block with text on both sides.
+    #[inline(always)]
+    fn full_block_trigger_bits(&self, block: &[u8; 64]) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = self.avx2 {
+            return avx2::trigger_bits(simd, block);
+        }
+        trigger_bits::<4>(&block_chunks(block), Edges::OPEN)
     }
 
     /// Runs the detectors for the trigger byte at `j`; returns where scanning resumes. The common
@@ -549,12 +564,235 @@ fn digit_run(s: &[u8], j: usize) -> usize {
 /// not pay a trip through [`Scanner::at_trigger`] for every short number.
 #[inline(always)]
 fn trigger_bits<const CHUNKS: usize>(block: &Chunks, edges: Edges) -> u64 {
-    let triggers = all_triggers::<CHUNKS>(block);
+    classified_trigger_bits(&Sse2Chunks::<CHUNKS>(block), edges)
+}
+
+/// [`trigger_bits`] over any classification of the block.
+#[inline(always)]
+fn classified_trigger_bits(block: &impl BlockClasses, edges: Edges) -> u64 {
+    let triggers = block.triggers();
     // With one run of triggers or none, the scalar path's single visit costs less than the masks.
     if (triggers & !(triggers << 1)).count_ones() < 2 {
         return triggers;
     }
-    triggers & !quiet_triggers::<CHUNKS>(block, edges)
+    triggers & !quiet_triggers(block, edges)
+}
+
+/// A block's byte classes as bit masks, bit k for byte k, each computed when asked for.
+trait BlockClasses {
+    /// Digits, `:`, `@`, `=`, `-` and `_`.
+    fn triggers(&self) -> u64;
+    fn digits(&self) -> u64;
+    fn colons(&self) -> u64;
+    fn number_classes(&self) -> NumberClasses;
+    fn colon_classes(&self) -> ColonClasses;
+}
+
+/// The first `CHUNKS` 16-byte vectors of a block (see [`byte_bits`]).
+struct Sse2Chunks<'a, const CHUNKS: usize>(&'a Chunks);
+
+impl<const CHUNKS: usize> BlockClasses for Sse2Chunks<'_, CHUNKS> {
+    #[inline(always)]
+    fn triggers(&self) -> u64 {
+        all_triggers::<CHUNKS>(self.0)
+    }
+
+    #[inline(always)]
+    fn digits(&self) -> u64 {
+        byte_bits::<CHUNKS>(self.0, |v| in_range(v, b'0', b'9'))
+    }
+
+    #[inline(always)]
+    fn colons(&self) -> u64 {
+        byte_bits::<CHUNKS>(self.0, |v| eq(v, b':'))
+    }
+
+    #[inline(always)]
+    fn number_classes(&self) -> NumberClasses {
+        let bits = |class: fn(u8x16) -> u8x16| byte_bits::<CHUNKS>(self.0, class);
+        NumberClasses {
+            seps: bits(|v| eq(v, b' ') | eq(v, b'-') | eq(v, b'.') | eq(v, b'(') | eq(v, b')')),
+            dots: bits(|v| eq(v, b'.')),
+            plus: bits(|v| eq(v, b'+')),
+            upper: bits(|v| in_range(v, b'A', b'Z')),
+        }
+    }
+
+    #[inline(always)]
+    fn colon_classes(&self) -> ColonClasses {
+        let bits = |class: fn(u8x16) -> u8x16| byte_bits::<CHUNKS>(self.0, class);
+        ColonClasses {
+            slashes: bits(|v| eq(v, b'/')),
+            setting_name_ends: bits(|v| {
+                in_range(v | u8x16::splat(0x20), b'a', b'z')
+                    | eq(v, b'_')
+                    | eq(v, b'"')
+                    | eq(v, b'\'')
+                    | eq(v, b' ')
+                    | eq(v, b'\t')
+            }),
+        }
+    }
+}
+
+/// [`trigger_bits`] for a full block with AVX2: the same classes, 32 bytes at a time.
+///
+/// Everything here is `#[inline(always)]` and closure-free down to `pulp`'s intrinsics, so that it
+/// all lands in the one function `V3::vectorize` compiles with AVX2 enabled: an intrinsic left in a
+/// function without it is an out-of-line call per vector operation.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use pulp::x86::V3;
+    use std::arch::x86_64::__m256i;
+
+    use super::{BlockClasses, ColonClasses, Edges, NumberClasses, classified_trigger_bits};
+
+    /// The CPU's AVX2 (with the rest of x86-64-v3), where it has it.
+    pub(super) type Avx2 = Option<V3>;
+
+    pub(super) fn detect() -> Avx2 {
+        V3::try_new()
+    }
+
+    /// [`super::trigger_bits`] over a full block with the text going on at both edges.
+    #[inline(always)]
+    pub(super) fn trigger_bits(simd: V3, block: &[u8; 64]) -> u64 {
+        simd.vectorize(FullBlock {
+            vectors: Vectors {
+                simd,
+                halves: bytemuck::cast(*block),
+            },
+        })
+    }
+
+    struct FullBlock {
+        vectors: Vectors,
+    }
+
+    impl pulp::NullaryFnOnce for FullBlock {
+        type Output = u64;
+
+        #[inline(always)]
+        fn call(self) -> u64 {
+            classified_trigger_bits(&self.vectors, Edges::OPEN)
+        }
+    }
+
+    /// A block as two 32-byte vectors, with the token that proves AVX2.
+    struct Vectors {
+        simd: V3,
+        halves: [__m256i; 2],
+    }
+
+    #[derive(Clone, Copy)]
+    enum Class {
+        Trigger,
+        Digit,
+        Colon,
+        Sep,
+        Dot,
+        Plus,
+        Upper,
+        Slash,
+        SettingNameEnd,
+    }
+
+    impl BlockClasses for Vectors {
+        #[inline(always)]
+        fn triggers(&self) -> u64 {
+            self.bits(Class::Trigger)
+        }
+
+        #[inline(always)]
+        fn digits(&self) -> u64 {
+            self.bits(Class::Digit)
+        }
+
+        #[inline(always)]
+        fn colons(&self) -> u64 {
+            self.bits(Class::Colon)
+        }
+
+        #[inline(always)]
+        fn number_classes(&self) -> NumberClasses {
+            NumberClasses {
+                seps: self.bits(Class::Sep),
+                dots: self.bits(Class::Dot),
+                plus: self.bits(Class::Plus),
+                upper: self.bits(Class::Upper),
+            }
+        }
+
+        #[inline(always)]
+        fn colon_classes(&self) -> ColonClasses {
+            ColonClasses {
+                slashes: self.bits(Class::Slash),
+                setting_name_ends: self.bits(Class::SettingNameEnd),
+            }
+        }
+    }
+
+    impl Vectors {
+        #[inline(always)]
+        fn bits(&self, class: Class) -> u64 {
+            let avx2 = self.simd.avx2;
+            let [low, high] = self.halves;
+            // Each mask holds 32 lane bits; `as u32` keeps exactly those.
+            let low = avx2._mm256_movemask_epi8(self.lanes(low, class)) as u32;
+            let high = avx2._mm256_movemask_epi8(self.lanes(high, class)) as u32;
+            u64::from(low) | u64::from(high) << 32
+        }
+
+        /// The lanes of `x` in `class`, as the 16-byte definitions in [`super::Sse2Chunks`].
+        #[inline(always)]
+        fn lanes(&self, x: __m256i, class: Class) -> __m256i {
+            match class {
+                // '0'..='9' and ':' are contiguous (0x30..=0x3A).
+                Class::Trigger => self.or(self.in_range(x, b'0', b':'), self.any_of(x, b"@=-_")),
+                Class::Digit => self.in_range(x, b'0', b'9'),
+                Class::Colon => self.any_of(x, b":"),
+                Class::Sep => self.any_of(x, b" -.()"),
+                Class::Dot => self.any_of(x, b"."),
+                Class::Plus => self.any_of(x, b"+"),
+                Class::Upper => self.in_range(x, b'A', b'Z'),
+                Class::Slash => self.any_of(x, b"/"),
+                Class::SettingNameEnd => {
+                    let lower = self.or(x, self.simd.avx._mm256_set1_epi8(0x20));
+                    self.or(self.in_range(lower, b'a', b'z'), self.any_of(x, b"_\"' \t"))
+                }
+            }
+        }
+
+        /// Lanes equal to any of `bytes`.
+        #[inline(always)]
+        fn any_of(&self, x: __m256i, bytes: &[u8]) -> __m256i {
+            let (avx, avx2) = (self.simd.avx, self.simd.avx2);
+            let mut lanes = avx._mm256_setzero_si256();
+            for &b in bytes {
+                lanes = self.or(
+                    lanes,
+                    avx2._mm256_cmpeq_epi8(x, avx._mm256_set1_epi8(b as i8)),
+                );
+            }
+            lanes
+        }
+
+        /// Lanes with `lo <= byte <= hi`, as in [`super::in_range`].
+        #[inline(always)]
+        fn in_range(&self, x: __m256i, lo: u8, hi: u8) -> __m256i {
+            let (avx, avx2) = (self.simd.avx, self.simd.avx2);
+            let d = avx2._mm256_sub_epi8(x, avx._mm256_set1_epi8(lo as i8));
+            avx2._mm256_cmpeq_epi8(
+                avx2._mm256_min_epu8(d, avx._mm256_set1_epi8((hi - lo) as i8)),
+                d,
+            )
+        }
+
+        #[inline(always)]
+        fn or(&self, a: __m256i, b: __m256i) -> __m256i {
+            self.simd.avx2._mm256_or_si256(a, b)
+        }
+    }
 }
 
 /// Whether the text goes on before a block's first byte and after its last.
@@ -657,6 +895,21 @@ fn in_range(v: u8x16, lo: u8, hi: u8) -> u8x16 {
     d.min(u8x16::splat(hi - lo)).cmp_eq(d)
 }
 
+/// The classes [`quiet_triggers`] needs where a block has digits: ` -.()`, `.`, `+` and `A`-`Z`.
+struct NumberClasses {
+    seps: u64,
+    dots: u64,
+    plus: u64,
+    upper: u64,
+}
+
+/// The classes [`quiet_triggers`] needs where a block has colons: `/`, and the bytes a setting's
+/// name ends in (letters, `_`, quotes, space and tab).
+struct ColonClasses {
+    slashes: u64,
+    setting_name_ends: u64,
+}
+
 /// The triggers in `block` whose trip through [`Scanner::at_trigger`] would end without a hit, and
 /// without consuming anything past them; found with bit operations over the block's byte classes:
 /// - a number-like run too short for any number detector, and all its triggers: digits joined by
@@ -670,17 +923,19 @@ fn in_range(v: u8x16, lo: u8, hi: u8) -> u8x16 {
 ///
 /// Where the answer depends on bytes outside the block (a run or a colon's window at its edges) the
 /// trigger is kept and the scalar path decides, so the scan finds exactly what it would without this.
+///
+/// The classes beyond digits and colons are computed only where those are there.
 #[inline(always)]
-fn quiet_triggers<const CHUNKS: usize>(block: &Chunks, edges: Edges) -> u64 {
+fn quiet_triggers(block: &impl BlockClasses, edges: Edges) -> u64 {
     let mut quiet = 0;
-    let digits = byte_bits::<CHUNKS>(block, |v| in_range(v, b'0', b'9'));
+    let digits = block.digits();
     if digits != 0 {
-        let seps = byte_bits::<CHUNKS>(block, |v| {
-            eq(v, b' ') | eq(v, b'-') | eq(v, b'.') | eq(v, b'(') | eq(v, b')')
-        });
-        let dots = byte_bits::<CHUNKS>(block, |v| eq(v, b'.'));
-        let plus = byte_bits::<CHUNKS>(block, |v| eq(v, b'+'));
-        let upper = byte_bits::<CHUNKS>(block, |v| in_range(v, b'A', b'Z'));
+        let NumberClasses {
+            seps,
+            dots,
+            plus,
+            upper,
+        } = block.number_classes();
         // One separator between digits, or two (both marked).
         let one = seps & (digits << 1) & (digits >> 1);
         let two = seps & (digits << 1) & (seps >> 1) & (digits >> 2);
@@ -709,17 +964,12 @@ fn quiet_triggers<const CHUNKS: usize>(block: &Chunks, edges: Edges) -> u64 {
         let bad = (runs.wrapping_add(bad_starts) ^ runs) & runs;
         quiet |= runs & !bad;
     }
-    let colons = byte_bits::<CHUNKS>(block, |v| eq(v, b':'));
+    let colons = block.colons();
     if colons != 0 {
-        let slashes = byte_bits::<CHUNKS>(block, |v| eq(v, b'/'));
-        let setting_name_end = byte_bits::<CHUNKS>(block, |v| {
-            in_range(v | u8x16::splat(0x20), b'a', b'z')
-                | eq(v, b'_')
-                | eq(v, b'"')
-                | eq(v, b'\'')
-                | eq(v, b' ')
-                | eq(v, b'\t')
-        });
+        let ColonClasses {
+            slashes,
+            setting_name_ends,
+        } = block.colon_classes();
         let near = (1..=5).fold(0, |near, d| near | (colons << d) | (colons >> d));
         // Colons whose 5-byte windows lie inside the text the block holds.
         let mut inside = u64::MAX;
@@ -729,7 +979,7 @@ fn quiet_triggers<const CHUNKS: usize>(block: &Chunks, edges: Edges) -> u64 {
         if edges.after {
             inside &= (1 << 59) - 1;
         }
-        quiet |= colons & !(slashes >> 1) & !(setting_name_end << 1) & !near & inside;
+        quiet |= colons & !(slashes >> 1) & !(setting_name_ends << 1) & !near & inside;
     }
     quiet
 }
@@ -806,6 +1056,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 classification of a full block gives the bits the 16-byte one does: every byte value
+    /// at each position among digits and colons (so every class is computed), then random blocks
+    /// dense in every class.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn full_blocks_classify_alike_with_avx2_and_without() {
+        let Some(simd) = avx2::detect() else {
+            eprintln!(
+                "SKIPPED: this CPU has no AVX2, so only the 16-byte classification runs here"
+            );
+            return;
+        };
+        let both = |block: &[u8; 64]| {
+            (
+                avx2::trigger_bits(simd, block),
+                trigger_bits::<4>(&block_chunks(block), Edges::OPEN),
+            )
+        };
+        let background: [u8; 64] =
+            *b"a1 b2:c3 d4 +5 GB6 7.8 (9) x_y z=1 10:30 /:/ 'k': \"v\"\t12-34 Q:90";
+        for b in 0..=255u8 {
+            for pos in [0, 1, 7, 15, 16, 31, 32, 33, 47, 48, 62, 63] {
+                let mut block = background;
+                block[pos] = b;
+                let (wide, narrow) = both(&block);
+                assert_eq!(wide, narrow, "byte {b:#x} at {pos}");
+            }
+        }
+        const BYTES: &[u8] = b"0123456789 -.()+:/@=_AZaz\"'\tGBx";
+        let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut quieted = 0;
+        for _ in 0..100_000 {
+            let block: [u8; 64] = std::array::from_fn(|_| match next(8) {
+                0 => next(256) as u8,
+                _ => BYTES[next(BYTES.len())],
+            });
+            let (wide, narrow) = both(&block);
+            assert_eq!(wide, narrow, "{:?}", String::from_utf8_lossy(&block));
+            quieted += usize::from(wide != all_triggers::<4>(&block_chunks(&block)));
+        }
+        // The blocks do reach the quiet masks, not only the trigger class.
+        assert!(quieted > 10_000, "{quieted} blocks with quiet triggers");
     }
 
     #[test]
