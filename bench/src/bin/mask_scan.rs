@@ -97,6 +97,10 @@ fn parse_args() -> Args {
             _ => usage(&flag),
         }
     }
+    // Each picks sets the other leaves out: together they would run nothing.
+    if args.wide_only && args.set.is_some() {
+        usage("--set with --wide-only");
+    }
     args
 }
 
