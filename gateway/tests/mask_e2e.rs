@@ -104,6 +104,41 @@ async fn text_results_are_masked_and_clean_values_pass() {
     assert_eq!(direct.trim(), EMAIL);
 }
 
+/// An agent cannot slide PII past the scan's 64-byte blocks. Values built in SQL (no column or
+/// table rule applies to them) put an SSN, a card and an email at every offset across the first
+/// two block edges, in text long enough for full blocks (classified 32 bytes at a time where the
+/// CPU has AVX2): after letters, and after short numbers and clock times, which the scan clears
+/// in bulk.
+#[tokio::test(flavor = "multi_thread")]
+async fn pii_at_every_offset_across_the_scans_blocks_is_masked() {
+    let s = start("default");
+    let client = connect(&s.gw).await;
+    let sql = format!(
+        "SELECT n, repeat('x', n) || ' {SSN} {CARD} {EMAIL}' || repeat(' tail', 20),
+                repeat('v 1.5 ', n / 6) || repeat('y', n % 6) || ' {SSN}, {CARD}; {EMAIL} '
+                    || repeat('10:30 ', 12)
+         FROM generate_series(0, 140) n"
+    );
+    let got = rows(&client.simple_query(&sql).await.unwrap());
+    assert_eq!(got.len(), 141);
+    for row in &got {
+        let offset = row[0].as_deref().unwrap();
+        assert_no_pii(&format!("{row:?}"), &format!("PII after {offset} bytes"));
+        // Only the PII is rewritten: the padding on both sides comes back as it went.
+        let n: usize = offset.parse().unwrap();
+        let letters = row[1].as_deref().unwrap();
+        assert!(
+            letters.starts_with(&"x".repeat(n)) && letters.ends_with(" tail"),
+            "{letters}"
+        );
+        let numbers = row[2].as_deref().unwrap();
+        assert!(
+            numbers.starts_with(&"v 1.5 ".repeat(n / 6)) && numbers.ends_with("10:30 "),
+            "{numbers}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn binary_results_of_prepared_statements_are_masked() {
     let s = start("default");
