@@ -33,9 +33,15 @@ pub struct RecordingConfig {
     /// ...or this age. Default "1h".
     #[serde(with = "humantime_serde_compat")]
     pub segment_max_age: Duration,
-    /// Group commit: the longest a record waits before it is written and synced. Default "20ms".
+    /// Group commit: the longest a record waits before it is written to its segment. Default
+    /// "20ms". A written record survives the gateway's crash; it survives the host's once synced.
     #[serde(with = "humantime_serde_compat")]
     pub commit_interval: Duration,
+    /// The longest a written record waits for `fdatasync`. Default "200ms"; "0s" syncs every
+    /// group commit. Strict mode, a flush, a recording failure and a segment's end sync at once,
+    /// and a checkpoint leaves the host (log, `ship_command`) only once what it covers is synced.
+    #[serde(with = "humantime_serde_compat")]
+    pub sync_interval: Duration,
     /// Group commit: write as soon as this much is pending. Default 1 MiB.
     pub commit_bytes: usize,
     /// A checkpoint is signed after this many records... Default 1000.
@@ -95,6 +101,7 @@ impl Default for RecordingConfig {
             segment_bytes: 64 << 20,
             segment_max_age: Duration::from_secs(3600),
             commit_interval: Duration::from_millis(20),
+            sync_interval: Duration::from_millis(200),
             commit_bytes: 1 << 20,
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
@@ -202,11 +209,13 @@ mod tests {
         assert_eq!(c, RecordingConfig::default());
         assert_eq!(c.on_failure, OnFailure::Refuse);
         let c: RecordingConfig = toml::from_str(
-            "commit_interval = \"5ms\"\nstrict = true\nship_timeout = \"250ms\"\n\
+            "commit_interval = \"5ms\"\nsync_interval = \"0s\"\nstrict = true\n\
+             ship_timeout = \"250ms\"\n\
              [target.db]\nmax_response_bytes = 10\n",
         )
         .unwrap();
         assert_eq!(c.commit_interval, Duration::from_millis(5));
+        assert_eq!(c.sync_interval, Duration::ZERO);
         assert_eq!(c.ship_timeout, Duration::from_millis(250));
         assert_eq!(c.max_response_bytes("db"), Some(10));
         assert_eq!(c.max_response_bytes("other"), None);

@@ -110,6 +110,8 @@ pub struct Counters {
     /// Bytes appended to segments.
     pub bytes_written: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Successful `fdatasync`s of segments.
+    pub syncs: AtomicU64,
     pub segments: AtomicU64,
     pub write_failures: AtomicU64,
     pub index_failures: AtomicU64,
@@ -129,6 +131,8 @@ pub struct RecorderStatus {
     pub bytes_recorded: u64,
     pub bytes_written: u64,
     pub checkpoints: u64,
+    #[serde(default)]
+    pub syncs: u64,
     pub segments: u64,
     pub write_failures: u64,
     pub index_failures: u64,
@@ -367,6 +371,7 @@ impl RecorderHandle {
             bytes_recorded: c.bytes_recorded.load(Relaxed),
             bytes_written: c.bytes_written.load(Relaxed),
             checkpoints: c.checkpoints.load(Relaxed),
+            syncs: c.syncs.load(Relaxed),
             segments: c.segments.load(Relaxed),
             write_failures: c.write_failures.load(Relaxed),
             index_failures: c.index_failures.load(Relaxed),

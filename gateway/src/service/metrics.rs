@@ -208,6 +208,11 @@ impl Collector for Live {
                 rec.bytes_written,
             ),
             (
+                "portcullis_recording_syncs",
+                "Segment syncs (fdatasync) that succeeded.",
+                rec.syncs,
+            ),
+            (
                 "portcullis_recording_refused",
                 "Statements and records refused because recording failed or its queue was full.",
                 rec.refused,
