@@ -1400,15 +1400,17 @@ fn records_written_and_not_yet_synced_outlive_a_failed_write_in_a_new_segment() 
     cfg.sync_interval = Duration::from_secs(3600);
     let recorder = Recorder::start(&cfg, &env.state).unwrap();
     let h = recorder.handle();
-    let row: Row = (0..8)
-        .map(|i| {
-            Some(Bytes(
-                (0..64)
-                    .map(|j| (i * 131 + j * 17) as u8 ^ rand::random::<u8>())
-                    .collect(),
-            ))
-        })
-        .collect();
+    // Random values, so that the disk fills in a few dozen statements rather than after
+    // thousands that compress to nothing.
+    let rows = || -> Vec<Row> {
+        (0..50)
+            .map(|_| {
+                (0..8)
+                    .map(|_| Some(Bytes((0..64).map(|_| rand::random::<u8>()).collect())))
+                    .collect()
+            })
+            .collect()
+    };
     let mut accepted = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     'fill: while Instant::now() < deadline {
@@ -1422,7 +1424,7 @@ fn records_written_and_not_yet_synced_outlive_a_failed_write_in_a_new_segment() 
             let n = accepted.len();
             let r = s
                 .request(query(&format!("SELECT 'r{n}'")))
-                .and_then(|_| s.rows(vec![row.clone(); 50]));
+                .and_then(|_| s.rows(rows()));
             if r.is_err() {
                 break 'fill;
             }
