@@ -915,36 +915,54 @@ fn sigkill_mid_write_then_restart_verifies_and_records_the_cut() {
     );
 }
 
+/// A 2 MiB tmpfs, half taken by `filler`, unmounted on drop; `None` (said loudly) when not
+/// root, which CI refuses.
+struct SmallDisk {
+    env: Env,
+    mnt: PathBuf,
+    filler: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(test: &str) -> Option<SmallDisk> {
+        if !testkit::is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must run this as root"
+            );
+            eprintln!("SKIPPED {test}: needs root to mount a tmpfs");
+            return None;
+        }
+        let env = Env::new();
+        let mnt = env.state.join("small");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs");
+        let filler = mnt.join("filler");
+        let disk = SmallDisk { env, mnt, filler };
+        std::fs::write(&disk.filler, vec![7u8; 1 << 20]).unwrap();
+        Some(disk)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
 #[test]
 fn a_full_disk_refuses_statements_then_resumes_when_space_returns() {
-    if !testkit::is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI must run this as root"
-        );
-        eprintln!(
-            "SKIPPED a_full_disk_refuses_statements_then_resumes_when_space_returns: needs root to mount a tmpfs"
-        );
+    let Some(disk) =
+        SmallDisk::mount("a_full_disk_refuses_statements_then_resumes_when_space_returns")
+    else {
         return;
-    }
-    let env = Env::new();
-    let mnt = env.state.join("small");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
-    let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![7u8; 1 << 20]).unwrap();
+    };
+    let (env, mnt, filler) = (&disk.env, disk.mnt.clone(), disk.filler.clone());
     let mut cfg = env.config();
     cfg.dir = Some(mnt.join("recordings"));
     cfg.segment_bytes = 256 << 10;
@@ -1275,20 +1293,31 @@ fn wait_status(h: &RecorderHandle, what: &str, cond: impl Fn(&RecorderStatus) ->
     }
 }
 
-#[test]
-fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits() {
+/// A recorder with `sync_interval` (and `strict`), its status once started, and a session.
+fn syncing_every(
+    sync_interval: Duration,
+    strict: bool,
+) -> (Env, Recorder, RecorderStatus, SessionRecorder) {
     let env = Env::new();
     let mut cfg = env.config();
-    cfg.sync_interval = Duration::from_secs(3600);
+    cfg.sync_interval = sync_interval;
+    cfg.strict = strict;
     let recorder = Recorder::start(&cfg, &env.state).unwrap();
-    let h = recorder.handle();
-    let before = h.status();
-    let mut s = h
+    let before = recorder.handle().status();
+    let session = recorder
+        .handle()
         .begin(SessionStart {
             target: "local".into(),
             ..Default::default()
         })
         .unwrap();
+    (env, recorder, before, session)
+}
+
+#[test]
+fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits() {
+    let (env, recorder, before, mut s) = syncing_every(Duration::from_secs(3600), false);
+    let h = recorder.handle();
     s.request(query("SELECT 'written'")).unwrap();
     s.end("done").unwrap();
     // The group commit writes the session and its end's checkpoint to the segment, where a
@@ -1320,37 +1349,16 @@ fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits
     assert_eq!(env.verify(&[]).0, 0);
 
     // ...and strict mode's statement, which runs only once its request is on disk.
-    let env = Env::new();
-    let mut cfg = env.config();
-    cfg.sync_interval = Duration::from_secs(3600);
-    cfg.strict = true;
-    let recorder = Recorder::start(&cfg, &env.state).unwrap();
+    let (_env, recorder, before, mut s) = syncing_every(Duration::from_secs(3600), true);
     let h = recorder.handle();
-    let before = h.status();
-    let mut s = h
-        .begin(SessionStart {
-            target: "local".into(),
-            ..Default::default()
-        })
-        .unwrap();
     s.request(query("SELECT 'strict'")).unwrap().wait().unwrap();
     assert_eq!(h.status().syncs, before.syncs + 1);
     s.end("done").unwrap();
     recorder.shutdown();
 
     // Nobody waiting: the sync comes at sync_interval, and the checkpoint leaves with it.
-    let env = Env::new();
-    let mut cfg = env.config();
-    cfg.sync_interval = Duration::from_millis(50);
-    let recorder = Recorder::start(&cfg, &env.state).unwrap();
+    let (env, recorder, before, mut s) = syncing_every(Duration::from_millis(50), false);
     let h = recorder.handle();
-    let before = h.status();
-    let mut s = h
-        .begin(SessionStart {
-            target: "local".into(),
-            ..Default::default()
-        })
-        .unwrap();
     s.request(query("SELECT 'later'")).unwrap();
     s.end("done").unwrap();
     wait_status(&h, "synced at sync_interval", |st| {
@@ -1362,35 +1370,12 @@ fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits
 
 #[test]
 fn records_written_and_not_yet_synced_outlive_a_failed_write_in_a_new_segment() {
-    if !testkit::is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI must run this as root"
-        );
-        eprintln!(
-            "SKIPPED records_written_and_not_yet_synced_outlive_a_failed_write_in_a_new_segment: \
-             needs root to mount a tmpfs"
-        );
+    let Some(disk) = SmallDisk::mount(
+        "records_written_and_not_yet_synced_outlive_a_failed_write_in_a_new_segment",
+    ) else {
         return;
-    }
-    let env = Env::new();
-    let mnt = env.state.join("small");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
-    let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![7u8; 1 << 20]).unwrap();
+    };
+    let (env, mnt, filler) = (&disk.env, disk.mnt.clone(), disk.filler.clone());
     let mut cfg = env.config();
     cfg.dir = Some(mnt.join("recordings"));
     cfg.zstd_level = -7;
