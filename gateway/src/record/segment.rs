@@ -272,12 +272,12 @@ impl Segment {
             return Err(Damage::Torn { offset });
         };
         let is_checkpoint = &h[..4] == CHECKPOINT_MAGIC;
-        // A host that lost power may leave the file longer than what reached it, zero-filled:
-        // that is a write that never finished too.
-        if &h[..4] != BLOCK_MAGIC && !is_checkpoint && self.bytes[at..].iter().all(|&b| b == 0) {
-            return Err(Damage::Torn { offset });
-        }
         if &h[..4] != BLOCK_MAGIC && !is_checkpoint {
+            // A host that lost power may leave the file longer than what reached it,
+            // zero-filled: that is a write that never finished too.
+            if self.bytes[at..].iter().all(|&b| b == 0) {
+                return Err(Damage::Torn { offset });
+            }
             return Err(Damage::Corrupt {
                 offset,
                 what: "no block starts here".into(),

@@ -100,7 +100,6 @@ pub(super) struct Writer {
     unwritten: VecDeque<Sealed>,
     /// Written to the open segment since its last sync, in order.
     unsynced: VecDeque<Sealed>,
-    unsynced_bytes: usize,
     last_sync: Instant,
     flushes: Vec<oneshot::Sender<Result<(), RecordError>>>,
     index: Option<Index>,
@@ -115,7 +114,7 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Written blocks are synced once this many bytes of them wait, whatever `sync_interval` says:
 /// they are kept in memory until then.
-const SYNC_BYTES: usize = 8 << 20;
+const SYNC_BYTES: u64 = 8 << 20;
 
 /// Durable records wait at most this long for the index (one SQLite transaction for all of
 /// them, rather than one per group commit: the index is derived, and rebuilt at start).
@@ -158,7 +157,6 @@ impl Writer {
             last_pushed: None,
             unwritten: VecDeque::new(),
             unsynced: VecDeque::new(),
-            unsynced_bytes: 0,
             last_sync: Instant::now(),
             flushes: Vec::new(),
             index: None,
@@ -501,7 +499,12 @@ impl Writer {
             || self.cfg.sync_interval.is_zero()
             || !self.flushes.is_empty()
             || self.unsynced.iter().chain(&self.unwritten).any(waiting)
-            || self.unsynced_bytes + self.unwritten.iter().map(|s| s.bytes.len()).sum::<usize>()
+            || self.seg.as_ref().map_or(0, |s| s.len - s.synced)
+                + self
+                    .unwritten
+                    .iter()
+                    .map(|s| s.bytes.len() as u64)
+                    .sum::<u64>()
                 >= SYNC_BYTES
             || matches!(self.shared.health(), Some(Health::Failed(_)))
     }
@@ -510,14 +513,14 @@ impl Writer {
     /// blocks not yet synced stay queued for a new segment, waiting callers hear of it, and the
     /// recorder refuses new work until a retry works.
     fn write_out(&mut self, force_sync: bool) {
-        if self.unwritten.is_empty() && (self.unsynced.is_empty() || !self.sync_now(force_sync)) {
+        let sync = self.sync_now(force_sync);
+        if self.unwritten.is_empty() && (self.unsynced.is_empty() || !sync) {
             let flushes = std::mem::take(&mut self.flushes);
             for f in flushes {
                 let _ = f.send(self.shared.health_result());
             }
             return;
         }
-        let sync = self.sync_now(force_sync);
         match self.try_write(sync) {
             Ok(()) if sync => {
                 self.settle();
@@ -566,7 +569,6 @@ impl Writer {
             notes.extend(s.checkpoint);
             self.index_later.extend(s.last_seq);
         }
-        self.unsynced_bytes = 0;
         if self.shared.set_health(None) {
             tracing::info!("recording: writes succeed again");
         }
@@ -609,7 +611,6 @@ impl Writer {
             while let Some(s) = self.unsynced.pop_back() {
                 self.unwritten.push_front(s);
             }
-            self.unsynced_bytes = 0;
         }
         result
     }
@@ -640,7 +641,6 @@ impl Writer {
                 .status
                 .bytes_written
                 .fetch_add(s.bytes.len() as u64, Relaxed);
-            self.unsynced_bytes += s.bytes.len();
             self.unsynced.push_back(s);
         }
         if sync && !self.unsynced.is_empty() {
