@@ -1302,6 +1302,7 @@ fn syncing_every(
     let mut cfg = env.config();
     cfg.sync_interval = sync_interval;
     cfg.strict = strict;
+    cfg.checkpoint_records = 3;
     let recorder = Recorder::start(&cfg, &env.state).unwrap();
     let before = recorder.handle().status();
     let session = recorder
@@ -1318,8 +1319,9 @@ fn syncing_every(
 fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits() {
     let (env, recorder, before, mut s) = syncing_every(Duration::from_secs(3600), false);
     let h = recorder.handle();
+    // A checkpoint after every 3 records: the session's start, this request and the next.
     s.request(query("SELECT 'written'")).unwrap();
-    s.end("done").unwrap();
+    s.request(query("SELECT 'and again'")).unwrap();
     // The group commit writes the session and its end's checkpoint to the segment, where a
     // crash of the gateway cannot take them...
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1345,6 +1347,9 @@ fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits
     let flushed = h.status();
     assert_eq!(flushed.syncs, before.syncs + 1, "{flushed:?}");
     assert_eq!(flushed.checkpoints, before.checkpoints + 1, "{flushed:?}");
+    // ...and a session's end, so that `list` shows it done.
+    s.end("done").unwrap();
+    wait_status(&h, "a session's end synced", |st| st.syncs > flushed.syncs);
     recorder.shutdown();
     assert_eq!(env.verify(&[]).0, 0);
 
@@ -1360,10 +1365,11 @@ fn a_group_commit_writes_at_once_and_syncs_at_sync_interval_or_for_whoever_waits
     let (env, recorder, before, mut s) = syncing_every(Duration::from_millis(50), false);
     let h = recorder.handle();
     s.request(query("SELECT 'later'")).unwrap();
-    s.end("done").unwrap();
+    s.request(query("SELECT 'and later'")).unwrap();
     wait_status(&h, "synced at sync_interval", |st| {
         st.syncs > before.syncs && st.checkpoints > before.checkpoints
     });
+    s.end("done").unwrap();
     recorder.shutdown();
     assert_eq!(env.verify(&[]).0, 0);
 }

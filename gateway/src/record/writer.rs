@@ -462,6 +462,9 @@ impl Writer {
             || size >= self.last_checkpoint + self.cfg.checkpoint_records
             || (size > self.last_checkpoint
                 && self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval);
+        // A session's end is synced at once, so that `list` shows it done and its checkpoint
+        // leaves the host without waiting for `sync_interval`.
+        let sync = force_checkpoint || self.session_ended;
         if due
             && (size > self.last_checkpoint || !self.pending_notes.is_empty() || force_checkpoint)
         {
@@ -483,7 +486,7 @@ impl Writer {
             self.last_checkpoint_at = Instant::now();
             self.session_ended = false;
         }
-        self.write_out(force_checkpoint);
+        self.write_out(sync);
     }
 
     /// Written blocks have waited their `sync_interval`.
