@@ -1497,3 +1497,152 @@ fn a_zero_filled_tail_left_by_a_power_cut_is_cut_like_a_torn_write_and_zeroed_bl
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("TAMPERED"), "{text}");
 }
+
+/// Rewrites the first record (anywhere in the log) that `edit` changes, re-framing it and
+/// re-encoding its block so that every CRC fits: what an agent with write access to the
+/// directory would do. True when a record was changed.
+fn rewrite_a_record(env: &Env, edit: impl Fn(&mut Entry) -> bool) -> bool {
+    for (_, path) in list_segments(&env.dir()).unwrap() {
+        let seg = Segment::open(&path).unwrap();
+        let (blocks, _) = seg.blocks();
+        for block in blocks.iter().filter(|b| !b.is_checkpoint) {
+            let mut raw = Vec::new();
+            let mut changed = false;
+            for payload in block.records().unwrap() {
+                let mut entry: Entry = postcard::from_bytes(&payload).unwrap();
+                if !changed && edit(&mut entry) {
+                    changed = true;
+                    segment::frame_record(&mut raw, &postcard::to_stdvec(&entry).unwrap());
+                } else {
+                    segment::frame_record(&mut raw, &payload);
+                }
+            }
+            if !changed {
+                continue;
+            }
+            let forged = segment::encode_block(
+                &mut zstd::bulk::Compressor::new(1).unwrap(),
+                &raw,
+                block.first_seq,
+                block.count,
+                block.last_at_us,
+            )
+            .unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.splice(block.offset as usize..block.end() as usize, forged);
+            drop(blocks);
+            drop(seg);
+            std::fs::write(&path, &bytes).unwrap();
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_statements_records_handed_over_together_are_one_leaf_read_back_one_by_one() {
+    let env = Env::new();
+    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
+    let h = recorder.handle();
+    let mut s = h.begin(SessionStart::default()).unwrap();
+    // As the gate and the response tap hand them over: the request with its verdict, then the
+    // result of one write to the client.
+    s.hold();
+    s.request(query("SELECT email FROM customers")).unwrap();
+    s.verdict(Verdict::allow(Some("default/read".into())))
+        .unwrap();
+    s.hand_over().unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    let mut batch = s.batch();
+    batch
+        .columns(vec![Column {
+            name: "email".into(),
+            type_oid: 25,
+            format: 0,
+        }])
+        .unwrap();
+    batch.rows(vec![vec![b("a***@example.com")]]).unwrap();
+    batch
+        .complete("SELECT 1", 30, 60, Duration::from_micros(900))
+        .unwrap();
+    drop(batch);
+    let id = s.id();
+    s.end("done").unwrap();
+    h.flush().wait().unwrap();
+    // The session's start, the request and verdict, the result, the end: four leaves.
+    assert_eq!(h.status().records, 4, "{:?}", h.status());
+    recorder.shutdown();
+    assert_eq!(env.verify(&[]).0, 0);
+
+    // Every record reads back on its own, with its own time; the bundled ones share a seq.
+    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["session"] == id)
+        .collect();
+    let kinds: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let r = &l["record"];
+            r.as_object()
+                .map_or(r.to_string(), |o| o.keys().next().unwrap().clone())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "session_start",
+            "request",
+            "verdict",
+            "columns",
+            "rows",
+            "complete",
+            "session_end"
+        ],
+        "{out}"
+    );
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs[1], seqs[2], "{seqs:?}");
+    assert_eq!(seqs[3..6], [seqs[3]; 3], "{seqs:?}");
+    assert_eq!(seqs[6], seqs[3] + 1, "{seqs:?}");
+    let times: Vec<i64> = lines.iter().map(|l| l["at_us"].as_i64().unwrap()).collect();
+    assert!(
+        times[3] >= times[2] + 3000,
+        "each record keeps its own time: {times:?}"
+    );
+    let show = stdout(&env.cli(&["show", &id.to_string()]));
+    assert!(
+        show.contains("a***@example.com") && show.contains("(1 row)"),
+        "{show}"
+    );
+
+    // A bundled value edited back to what the mask hid, every CRC made to fit: caught.
+    let edited = clone_env(&env);
+    assert!(rewrite_a_record(&edited, |e| match &mut e.record {
+        Record::Bundle(records) => records.iter_mut().any(|r| match &mut r.record {
+            Record::Rows(rows) => {
+                rows[0][0] = b("alice@example.com");
+                true
+            }
+            _ => false,
+        }),
+        _ => false,
+    }));
+    let (code, text) = edited.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("TAMPERED"), "{text}");
+
+    // The verdict moved in front of its request inside the bundle: caught too.
+    let reordered = clone_env(&env);
+    assert!(rewrite_a_record(&reordered, |e| match &mut e.record {
+        Record::Bundle(records) if matches!(records[0].record, Record::Request(_)) => {
+            records.swap(0, 1);
+            true
+        }
+        _ => false,
+    }));
+    let (code, text) = reordered.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("TAMPERED"), "{text}");
+}

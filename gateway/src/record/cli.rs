@@ -528,6 +528,8 @@ impl Transcript {
                      them rows, {bytes} bytes in all"
                 );
             }
+            // `read::for_each_entry` hands a bundle's records over one by one.
+            Record::Bundle(_) => {}
             Record::Notice(n) => {
                 let _ = writeln!(out, "    {}: {} ({})", n.severity, n.message, n.code);
             }

@@ -46,6 +46,21 @@ pub(crate) struct RowDescription<'a> {
 const COLUMNS: u32 = 3;
 const ROWS: u32 = 4;
 
+/// `Record::Bundle`'s variant index.
+const BUNDLE: u32 = 14;
+
+/// Appends a `Record::Bundle`'s start, before its `count` records ([`bundled`]).
+pub(crate) fn bundle_head(out: &mut Vec<u8>, count: usize) {
+    varint(out, u64::from(BUNDLE));
+    varint(out, count as u64);
+}
+
+/// Appends a `Bundled` of a record already encoded (its variant first).
+pub(crate) fn bundled(out: &mut Vec<u8>, at_us: i64, record: &[u8]) {
+    varint(out, zigzag(at_us));
+    out.extend_from_slice(record);
+}
+
 /// The variants the index holds: session start, request, verdict, session end.
 pub(crate) const INDEXED: [u32; 4] = [0, 1, 2, 10];
 
@@ -250,6 +265,66 @@ mod tests {
                 "{at_us} {session} {stmt}"
             );
         }
+    }
+
+    #[test]
+    fn a_bundle_encodes_as_serde_does_and_reads_back_as_its_records_with_their_times() {
+        use crate::record::{Bundled, Complete, Verdict};
+        let records = [
+            (
+                1_764_633_600_000_000,
+                Record::Verdict(Verdict::allow(Some("r".into()))),
+            ),
+            (-3, Record::Rows(vec![vec![Some(Bytes::from("x")), None]])),
+            (
+                i64::MAX,
+                Record::Complete(Complete {
+                    tag: "SELECT 1".into(),
+                    rows: 1,
+                    bytes_in: 2,
+                    bytes_out: 3,
+                    latency_us: 4,
+                    truncated: None,
+                }),
+            ),
+        ];
+        let entry = Entry {
+            seq: 300,
+            at_us: records[0].0,
+            session: 9,
+            stmt: 128,
+            record: Record::Bundle(
+                records
+                    .iter()
+                    .map(|(at_us, record)| Bundled {
+                        at_us: *at_us,
+                        record: record.clone(),
+                    })
+                    .collect(),
+            ),
+        };
+        let mut ours = postcard::to_stdvec(&entry.seq).unwrap();
+        tail_head(&mut ours, entry.at_us, entry.session, entry.stmt);
+        bundle_head(&mut ours, records.len());
+        for (at_us, record) in &records {
+            bundled(&mut ours, *at_us, &postcard::to_stdvec(record).unwrap());
+        }
+        assert_eq!(ours, postcard::to_stdvec(&entry).unwrap());
+        let read: Vec<Entry> = postcard::from_bytes::<Entry>(&ours)
+            .unwrap()
+            .unbundle()
+            .collect();
+        let expected: Vec<Entry> = records
+            .iter()
+            .map(|(at_us, record)| Entry {
+                seq: 300,
+                at_us: *at_us,
+                session: 9,
+                stmt: 128,
+                record: record.clone(),
+            })
+            .collect();
+        assert_eq!(read, expected);
     }
 
     #[test]

@@ -58,7 +58,7 @@ use futures_channel::oneshot;
 
 pub use config::{OnFailure, RecordingConfig};
 pub use types::{
-    Action, Bytes, Column, Complete, Entry, Notice, Record, Request, RequestKind, Row,
+    Action, Bundled, Bytes, Column, Complete, Entry, Notice, Record, Request, RequestKind, Row,
     SessionStart, Truncation, Verdict,
 };
 

@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use super::segment::{Segment, list_segments};
 use super::types::Entry;
 
-/// Calls `f` with every entry whose seq is in `from..until`, in order. `f` returns false to stop.
+/// Calls `f` with every entry whose seq is in `from..until`, in order, a bundle's records one by
+/// one ([`Entry::unbundle`]). `f` returns false to stop.
 pub fn for_each_entry(
     dir: &Path,
     from: u64,
@@ -50,8 +51,10 @@ pub fn for_each_entry(
                 if entry.seq < from || entry.seq >= until {
                     continue;
                 }
-                if !f(entry)? {
-                    return Ok(());
+                for entry in entry.unbundle() {
+                    if !f(entry)? {
+                        return Ok(());
+                    }
                 }
             }
         }

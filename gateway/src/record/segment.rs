@@ -11,7 +11,9 @@
 //! A checkpoint block (`"PCK1"`, same header, tree size in `first_seq`, the signed note as data)
 //! follows the data blocks it covers, so checkpoints roll and sync with the records.
 //!
-//! All integers are little-endian. The Merkle leaves are the record payloads.
+//! All integers are little-endian. The Merkle leaves are the record payloads. A record may be a
+//! `Record::Bundle`: one statement's records that reached the recorder together, each with its
+//! own time, hashed and framed once.
 
 use std::path::{Path, PathBuf};
 

@@ -227,6 +227,17 @@ pub enum Record {
         messages: u64,
         bytes: u64,
     },
+    /// Records of one statement that reached the recorder together (a request with its verdict,
+    /// a short result), stored as one record: one Merkle leaf and one frame for all of them.
+    /// Readers see its records one by one ([`Entry::unbundle`]), each with its own time.
+    Bundle(Vec<Bundled>),
+}
+
+/// A record inside a [`Record::Bundle`], which gives the session and statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundled {
+    pub at_us: i64,
+    pub record: Record,
 }
 
 impl Record {
@@ -242,6 +253,7 @@ impl Record {
             Record::Rows(rows) => rows.iter().map(cells).sum(),
             Record::CopyData(b) | Record::CopyIn(b) => b.0.len(),
             Record::Columns(c) => c.len() * 32,
+            Record::Bundle(b) => b.iter().map(|b| b.record.approx_bytes()).sum(),
             _ => 0,
         }
     }
@@ -257,4 +269,29 @@ pub struct Entry {
     /// The statement's number within its session (0 before the first).
     pub stmt: u32,
     pub record: Record,
+}
+
+impl Entry {
+    /// The entry as readers take it: a [`Record::Bundle`] as the records it holds, each an
+    /// entry of the same seq with its own time; any other entry as itself.
+    pub fn unbundle(self) -> impl Iterator<Item = Entry> {
+        let Entry {
+            seq,
+            at_us,
+            session,
+            stmt,
+            record,
+        } = self;
+        let records = match record {
+            Record::Bundle(records) => records,
+            record => vec![Bundled { at_us, record }],
+        };
+        records.into_iter().map(move |b| Entry {
+            seq,
+            at_us: b.at_us,
+            session,
+            stmt,
+            record: b.record,
+        })
+    }
 }

@@ -110,6 +110,31 @@ pub(super) struct Writer {
     zstd: zstd::bulk::Compressor<'static>,
 }
 
+/// A record as a session hands it over: the entry's fields after `seq`, then the record itself
+/// (its variant first) as `record`.
+struct Handed<'a> {
+    at_us: i64,
+    session: u64,
+    stmt: u32,
+    variant: u32,
+    record: &'a [u8],
+}
+
+impl<'a> Handed<'a> {
+    fn parse(tail: &'a [u8]) -> Option<Handed<'a>> {
+        let ((at_us, session, stmt), record) =
+            postcard::take_from_bytes::<(i64, u64, u32)>(tail).ok()?;
+        let (variant, _) = postcard::take_from_bytes::<u32>(record).ok()?;
+        Some(Handed {
+            at_us,
+            session,
+            stmt,
+            variant,
+            record,
+        })
+    }
+}
+
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Written blocks are synced once this many bytes of them wait, whatever `sync_interval` says:
@@ -350,12 +375,7 @@ impl Writer {
                 durable,
             } => {
                 self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
-                let mut rest = &records[..];
-                while let Some((len, tail)) = rest.split_first_chunk::<4>() {
-                    let len = (u32::from_le_bytes(*len) as usize).min(tail.len());
-                    self.push_tail(&tail[..len]);
-                    rest = &tail[len..];
-                }
+                self.push_records(&records);
                 if let Some(tx) = durable {
                     self.waiters.push(tx);
                 }
@@ -368,32 +388,64 @@ impl Writer {
 
     /// The recorder's own entries (recovery notes).
     fn push(&mut self, entry: Entry) {
-        match postcard::to_stdvec(&encode::Tail {
+        let tail = postcard::to_stdvec(&encode::Tail {
             at_us: entry.at_us,
             session: entry.session,
             stmt: entry.stmt,
             record: &entry.record,
-        }) {
-            Ok(tail) => self.push_tail(&tail),
-            Err(e) => tracing::error!("recording: an entry does not encode: {e}"),
+        });
+        match tail.as_deref().map(Handed::parse) {
+            Ok(Some(handed)) => self.push_run(&[handed]),
+            _ => tracing::error!("recording: an entry does not encode"),
         }
     }
 
-    /// Numbers a record a session encoded, and appends it to the pending block.
-    fn push_tail(&mut self, tail: &[u8]) {
-        // What the index needs: when, whose, and which kind of record.
-        let Ok(((at_us, session, _stmt, variant), _)) =
-            postcard::take_from_bytes::<(i64, u64, u32, u32)>(tail)
-        else {
-            tracing::error!("recording: a session's record does not decode; dropped");
-            return;
-        };
+    /// Takes a hand-over's records (each a `u32` length, then its tail). Each run of one
+    /// statement's records becomes one record, and one Merkle leaf: a simple query's request
+    /// and verdict, or its columns, row and completion, hash and frame once rather than once
+    /// each.
+    fn push_records(&mut self, mut rest: &[u8]) {
+        let mut run: Vec<Handed> = Vec::new();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = (u32::from_le_bytes(*len) as usize).min(tail.len());
+            let (one, next) = tail.split_at(len);
+            rest = next;
+            let Some(handed) = Handed::parse(one) else {
+                tracing::error!("recording: a session's record does not decode; dropped");
+                continue;
+            };
+            if run
+                .last()
+                .is_some_and(|r| (r.session, r.stmt) != (handed.session, handed.stmt))
+            {
+                self.push_run(&run);
+                run.clear();
+            }
+            run.push(handed);
+        }
+        if !run.is_empty() {
+            self.push_run(&run);
+        }
+    }
+
+    /// Numbers one statement's records and appends them to the pending block as one record:
+    /// the record itself when it is alone, a `Record::Bundle` of them otherwise.
+    fn push_run(&mut self, run: &[Handed]) {
+        let (first, last) = (&run[0], &run[run.len() - 1]);
         let seq = self.frontier.size();
         // Framed where it is written: the payload is `seq` (postcard's varint) and the tail.
         let at = self.raw.len();
         self.raw.extend_from_slice(&[0; RECORD_HEADER]);
         encode::varint(&mut self.raw, seq);
-        self.raw.extend_from_slice(tail);
+        encode::tail_head(&mut self.raw, first.at_us, first.session, first.stmt);
+        if let [one] = run {
+            self.raw.extend_from_slice(one.record);
+        } else {
+            encode::bundle_head(&mut self.raw, run.len());
+            for r in run {
+                encode::bundled(&mut self.raw, r.at_us, r.record);
+            }
+        }
         frame_in_place(&mut self.raw, at);
         let payload = &self.raw[at + RECORD_HEADER..];
         self.frontier.push_leaf(payload);
@@ -402,8 +454,9 @@ impl Writer {
             self.raw_since = Some(Instant::now());
         }
         self.raw_count += 1;
-        self.raw_last_at = at_us;
+        self.raw_last_at = last.at_us;
         self.shared.status.records.fetch_add(1, Relaxed);
+        let session = first.session;
         match &mut self.last_pushed {
             Some((last, last_seq)) if *last == session => *last_seq = seq,
             other => {
@@ -412,11 +465,17 @@ impl Writer {
                 }
             }
         }
-        if encode::INDEXED.contains(&variant) {
-            match postcard::from_bytes::<Entry>(payload) {
-                Ok(entry) => {
-                    self.session_ended |= matches!(entry.record, Record::SessionEnd { .. });
-                    self.index_entries.push(entry);
+        for r in run.iter().filter(|r| encode::INDEXED.contains(&r.variant)) {
+            match postcard::from_bytes::<Record>(r.record) {
+                Ok(record) => {
+                    self.session_ended |= matches!(record, Record::SessionEnd { .. });
+                    self.index_entries.push(Entry {
+                        seq,
+                        at_us: r.at_us,
+                        session,
+                        stmt: r.stmt,
+                        record,
+                    });
                 }
                 Err(e) => tracing::error!("recording: a record does not decode for the index: {e}"),
             }
