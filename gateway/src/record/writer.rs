@@ -394,9 +394,12 @@ impl Writer {
             stmt: entry.stmt,
             record: &entry.record,
         });
-        match tail.as_deref().map(Handed::parse) {
-            Ok(Some(handed)) => self.push_run(&[handed]),
-            _ => tracing::error!("recording: an entry does not encode"),
+        match tail {
+            Ok(tail) => match Handed::parse(&tail) {
+                Some(handed) => self.push_run(&[handed]),
+                None => tracing::error!("recording: an entry does not decode after encoding"),
+            },
+            Err(e) => tracing::error!("recording: an entry does not encode: {e}"),
         }
     }
 
