@@ -1646,3 +1646,57 @@ fn a_statements_records_handed_over_together_are_one_leaf_read_back_one_by_one()
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("TAMPERED"), "{text}");
 }
+
+/// A crash right after the recorder created a segment can leave its header cut anywhere, even
+/// inside its length field. That is a header never written: the readers and the recorder's
+/// restart must treat it so, rather than fail (they panicked on a cut between 8 and 11 bytes).
+#[test]
+fn a_segment_header_cut_inside_its_length_field_is_a_header_never_written() {
+    let env = Env::new();
+    let (_, state) = record_sessions(&env, &env.config(), 2);
+    assert_eq!(state, "ok");
+    let (number, last) = list_segments(&env.dir()).unwrap().pop().unwrap();
+    let whole = std::fs::read(&last).unwrap();
+    let next = segment::segment_path(&env.dir(), number + 1);
+    for cut in [8, 10, 11] {
+        std::fs::write(&next, &whole[..cut]).unwrap();
+        let (code, text) = env.verify(&[]);
+        assert_eq!(code, 0, "cut at {cut}: {text}");
+        assert!(text.contains("header not written yet"), "{text}");
+        let export = stdout(&env.cli(&["export", "--format", "jsonl"]));
+        assert_eq!(export.lines().count(), 2 * 4, "cut at {cut}: {export}");
+    }
+    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
+    recorder.shutdown();
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+    let name = next.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        text.contains(&format!("recovery: recovered {name} 0 11")),
+        "{text}"
+    );
+}
+
+/// A record forged with a time past year 9999, every CRC recomputed: `verify` calls it
+/// tampering, and `show` and `export` print what they read rather than abort.
+#[test]
+fn a_forged_time_past_year_9999_is_printed_not_a_crash() {
+    let env = Env::new();
+    let (_, state) = record_sessions(&env, &env.config(), 1);
+    assert_eq!(state, "ok");
+    let session = std::cell::Cell::new(0);
+    assert!(rewrite_a_record(&env, |e| {
+        session.set(e.session);
+        e.at_us = i64::MAX;
+        true
+    }));
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("TAMPERED"), "{text}");
+    let forged = format!("{} µs after the epoch", i64::MAX);
+    let jsonl = stdout(&env.cli(&["export", "--format", "jsonl"]));
+    assert!(jsonl.contains(&forged), "{jsonl}");
+    stdout(&env.cli(&["export", "--format", "ocsf"]));
+    let show = stdout(&env.cli(&["show", &session.get().to_string()]));
+    assert!(show.contains("SELECT 0"), "{show}");
+}

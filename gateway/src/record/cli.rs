@@ -294,13 +294,20 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         })
 }
 
-fn time(us: i64) -> String {
+pub(crate) fn time(us: i64) -> String {
+    use std::fmt::Write as _;
     let t = std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    let mut out = String::new();
+    // RFC 3339 stops at year 9999: only a forged or damaged record holds a later time.
+    if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_err() {
+        return format!("{us} µs after the epoch");
+    }
+    out
 }
 
 fn clock(us: i64) -> String {
-    time(us)[11..23].to_owned()
+    let t = time(us);
+    t.get(11..23).map_or_else(|| t.clone(), str::to_owned)
 }
 
 fn render_list(rows: &[SessionRow], json: bool) -> String {
@@ -649,9 +656,7 @@ pub fn export(
         }
         match format {
             ExportFormat::Jsonl => {
-                let mut v = serde_json::to_value(&e)?;
-                v["time"] = time(e.at_us).into();
-                serde_json::to_writer(&mut *out, &v)?;
+                serde_json::to_writer(&mut *out, &jsonl(&e)?)?;
                 out.write_all(b"\n")?;
             }
             ExportFormat::Ocsf => {
@@ -666,16 +671,23 @@ pub fn export(
     Ok(())
 }
 
+/// One entry as `export --format jsonl` writes it.
+pub(crate) fn jsonl(e: &Entry) -> serde_json::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(e)?;
+    v["time"] = time(e.at_us).into();
+    Ok(v)
+}
+
 /// Builds one OCSF 1.3 Datastore Activity (class 6005) event per statement, and one per session
 /// start (Connect).
 #[derive(Default)]
-struct Ocsf {
+pub(crate) struct Ocsf {
     sessions: std::collections::HashMap<u64, super::SessionStart>,
     statements: std::collections::HashMap<(u64, u32), (i64, String, Option<super::Verdict>)>,
 }
 
 impl Ocsf {
-    fn entry(&mut self, e: &Entry) -> Option<serde_json::Value> {
+    pub(crate) fn entry(&mut self, e: &Entry) -> Option<serde_json::Value> {
         match &e.record {
             Record::SessionStart(s) => {
                 self.sessions.insert(e.session, s.clone());

@@ -179,9 +179,10 @@ impl Block<'_> {
             offset: self.offset,
             what,
         };
-        let raw = zstd::bulk::decompress(self.data, self.raw_len as usize)
+        let raw = decompress(self.data, self.raw_len as usize)
             .map_err(|e| corrupt(format!("block does not decompress: {e}")))?;
-        let mut out = Vec::with_capacity(self.count as usize);
+        // Each record takes a header at least: a count that says more is damage, found below.
+        let mut out = Vec::with_capacity((self.count as usize).min(raw.len() / RECORD_HEADER));
         let mut at = 0usize;
         while at < raw.len() {
             let Some(head) = raw.get(at..at + 8) else {
@@ -212,6 +213,30 @@ impl Block<'_> {
     }
 }
 
+/// The largest block a reader decompresses into room reserved up front. The writer's blocks are
+/// about `commit_bytes` (1 MiB by default); a header claiming more (forged, since its CRC holds)
+/// gets room only as the data really decompresses, up to what it claims.
+const RESERVED_BLOCK: usize = 64 << 20;
+
+/// A block's `raw_len` bytes of records from its zstd `data`.
+fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    if raw_len <= RESERVED_BLOCK {
+        return zstd::bulk::decompress(data, raw_len);
+    }
+    use std::io::Read;
+    let mut out = Vec::new();
+    zstd::stream::Decoder::with_buffer(data)?
+        .take(raw_len as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > raw_len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the block holds more than its header says",
+        ));
+    }
+    Ok(out)
+}
+
 /// A segment file read whole.
 pub struct Segment {
     pub path: PathBuf,
@@ -224,6 +249,14 @@ pub struct Segment {
 impl Segment {
     pub fn open(path: &Path) -> Result<Segment, (std::io::Error, Option<Damage>)> {
         let bytes = std::fs::read(path).map_err(|e| (e, None))?;
+        Segment::parse(path.to_owned(), bytes)
+    }
+
+    /// A segment from the bytes of the file at `path`.
+    pub fn parse(
+        path: PathBuf,
+        bytes: Vec<u8>,
+    ) -> Result<Segment, (std::io::Error, Option<Damage>)> {
         let bad = |what: &str| {
             (
                 std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned()),
@@ -236,7 +269,10 @@ impl Segment {
         if bytes.get(..8) != Some(SEGMENT_MAGIC.as_slice()) {
             return Err(bad("not a segment (bad magic)"));
         }
-        let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        let Some(len) = bytes.get(8..12) else {
+            return Err(bad("segment header cut short"));
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
         let Some(body) = bytes.get(12..12 + len) else {
             return Err(bad("segment header cut short"));
         };
@@ -249,7 +285,7 @@ impl Segment {
         let header: SegmentHeader =
             postcard::from_bytes(body).map_err(|_| bad("segment header does not decode"))?;
         Ok(Segment {
-            path: path.to_owned(),
+            path,
             header,
             data_start: (16 + len) as u64,
             bytes,
