@@ -397,6 +397,109 @@ fn check_masked_row(original: &[u8], masked: &[u8], untouchable: &[bool]) {
     }
 }
 
+/// A recording segment as `recordings verify`, `show` and `export` read one: its header and
+/// Merkle frontier, every block, each block's records and their entries, checkpoint notes, and
+/// each entry rendered as a transcript line, a JSON line and an OCSF event. With the first byte
+/// even the rest is the file as it is; odd, the rest describes a header body and blocks that
+/// `sealed_segment` frames with valid CRCs, as a forger would, so the input gets past them to
+/// zstd, postcard and the renderers. Damage must come out as an error, never a panic.
+pub fn recording_segment(data: &[u8]) {
+    use crate::record::checkpoint::{open_checkpoint, parse_body};
+    use crate::record::cli::{Ocsf, Transcript, jsonl};
+    use crate::record::merkle::Frontier;
+    use crate::record::segment::Segment;
+    use crate::record::types::Entry;
+
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let file = if mode & 1 == 0 {
+        rest.to_vec()
+    } else {
+        sealed_segment(rest)
+    };
+    let Ok(seg) = Segment::parse("fuzz.seg".into(), file) else {
+        return;
+    };
+    let mut tree = Frontier::from_parts(seg.header.first_seq, seg.header.frontier.clone());
+    let (blocks, _damage) = seg.blocks();
+    let mut transcript = Transcript::default();
+    let mut ocsf = Ocsf::default();
+    for block in &blocks {
+        if let Some(note) = block.note() {
+            let _ = open_checkpoint(note, &[]);
+            let _ = parse_body(note);
+            continue;
+        }
+        let Ok(records) = block.records() else {
+            continue;
+        };
+        for payload in records {
+            if let Some(tree) = tree.as_mut() {
+                tree.push_leaf(&payload);
+            }
+            let Ok(entry) = postcard::from_bytes::<Entry>(&payload) else {
+                continue;
+            };
+            for e in entry.unbundle() {
+                transcript.entry(&e);
+                let _ = jsonl(&e);
+                ocsf.entry(&e);
+            }
+        }
+    }
+    transcript.finish();
+    if let Some(tree) = tree {
+        tree.root();
+    }
+}
+
+/// A segment file from `spec`: a `u8` length and that many bytes of header body, then blocks
+/// (`kind`, `u16` length, payload). An even `kind` is a data block whose payload is records, each
+/// a `u8` length and its bytes; an odd one a checkpoint block whose note is the payload. Every
+/// CRC is computed, so only what the CRCs cover is arbitrary.
+fn sealed_segment(spec: &[u8]) -> Vec<u8> {
+    use crate::record::segment::{SEGMENT_MAGIC, encode_block, encode_checkpoint, frame_record};
+
+    let (header, mut rest) = match spec.split_first() {
+        Some((&n, rest)) => rest.split_at(usize::from(n).min(rest.len())),
+        None => (&[][..], &[][..]),
+    };
+    let mut file = SEGMENT_MAGIC.to_vec();
+    file.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    file.extend_from_slice(header);
+    file.extend_from_slice(&crc32c::crc32c(header).to_le_bytes());
+    let mut zstd = zstd::bulk::Compressor::new(1).expect("a level-1 compressor");
+    let mut seq = 0u64;
+    while let [kind, hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        rest = next;
+        if kind & 1 == 1 {
+            let note = String::from_utf8_lossy(payload);
+            file.extend_from_slice(&encode_checkpoint(&note, seq, i64::from(*kind)));
+            continue;
+        }
+        let mut raw = Vec::new();
+        let mut count = 0u32;
+        let mut records = payload;
+        while let [n, more @ ..] = records {
+            let (record, after) = more.split_at(usize::from(*n).min(more.len()));
+            frame_record(&mut raw, record);
+            count += 1;
+            records = after;
+        }
+        // Bit 1: a count that disagrees with the records, as a forged header would say.
+        let claimed = count + u32::from(kind & 2 != 0);
+        let at_us = i64::from(*kind) << 56;
+        if let Ok(block) = encode_block(&mut zstd, &raw, seq, claimed, at_us) {
+            file.extend_from_slice(&block);
+        }
+        seq += u64::from(count);
+    }
+    file
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,7 +533,7 @@ mod tests {
     fn committed_corpora_replay() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 6] = [
+        let targets: [(&str, Target); 7] = [
             ("startup", startup),
             ("backend_messages", backend_messages),
             ("session", session),
@@ -439,6 +542,7 @@ mod tests {
             ("mask_results", |data| {
                 mask_results(data);
             }),
+            ("recording_segment", recording_segment),
         ];
         let mut replayed = 0;
         for (name, target) in targets {
@@ -566,6 +670,116 @@ mod tests {
                 mask_results(&mutated);
             }
         }
+    }
+
+    /// A segment the recorder wrote for a session with a statement, its result and an error,
+    /// and the records of the same session sealed from a spec, each then mutated: the readers'
+    /// invariants hold in CI without a fuzzer.
+    #[test]
+    fn recording_target_survives_a_real_segment_mutated() {
+        use crate::record::segment::{Segment, list_segments};
+        use crate::record::types::{
+            Bytes, Column, Notice, Request, RequestKind, SessionStart, Verdict,
+        };
+        use crate::record::{Recorder, config::RecordingConfig};
+
+        let state = tempfile::tempdir().unwrap();
+        let cfg = RecordingConfig {
+            origin: Some("fuzz/seed".into()),
+            ..Default::default()
+        };
+        let recorder = Recorder::start(&cfg, state.path()).unwrap();
+        let handle = recorder.handle();
+        let mut s = handle
+            .begin(SessionStart {
+                agent: Some("planner".into()),
+                target: "main".into(),
+                database: "shop".into(),
+                upstream_user: "app".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        s.request(Request {
+            kind: RequestKind::Query,
+            statement: None,
+            text: "SELECT id, email FROM customers".into(),
+            params: vec![Some(Bytes(b"42".to_vec())), None],
+        })
+        .unwrap();
+        s.verdict(Verdict::allow(None)).unwrap();
+        s.columns(vec![Column {
+            name: "email".into(),
+            type_oid: 25,
+            format: 0,
+        }])
+        .unwrap();
+        s.rows(vec![vec![Some(Bytes(b"a***@example.com".to_vec())), None]])
+            .unwrap();
+        s.complete("SELECT 1", 30, 60, std::time::Duration::from_micros(250))
+            .unwrap();
+        s.error(Notice {
+            severity: "ERROR".into(),
+            code: "42P01".into(),
+            message: "relation \"orders\" does not exist".into(),
+            detail: None,
+        })
+        .unwrap();
+        s.end("client closed").unwrap();
+        handle.flush().wait().unwrap();
+        recorder.shutdown();
+
+        let dir = state.path().join("recordings");
+        let (_, path) = list_segments(&dir).unwrap().pop().expect("a segment");
+        let file = std::fs::read(&path).unwrap();
+        let seg = Segment::parse(path, file.clone()).unwrap();
+        let (blocks, damage) = seg.blocks();
+        assert_eq!(damage, None);
+        // The same records as a spec for `sealed_segment`: header, then one data block.
+        let header_len = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
+        let mut spec = vec![header_len as u8];
+        spec.extend_from_slice(&file[12..12 + header_len]);
+        let mut records = Vec::new();
+        for block in blocks.iter().filter(|b| !b.is_checkpoint) {
+            for payload in block.records().unwrap() {
+                records.push(u8::try_from(payload.len()).expect("a short record"));
+                records.extend_from_slice(&payload);
+            }
+        }
+        assert!(!records.is_empty(), "the segment holds records");
+        spec.push(0);
+        spec.extend_from_slice(&(records.len() as u16).to_be_bytes());
+        spec.extend_from_slice(&records);
+        let note = blocks.iter().find_map(|b| b.note()).expect("a checkpoint");
+        spec.push(1);
+        spec.extend_from_slice(&(note.len() as u16).to_be_bytes());
+        spec.extend_from_slice(note.as_bytes());
+
+        let raw = [&[0u8][..], &file].concat();
+        let sealed = [&[1u8][..], &spec].concat();
+        let mut x: u64 = 0x853c_49e6_748f_ea9b;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for seed in [raw, sealed] {
+            recording_segment(&seed);
+            for _ in 0..2000 {
+                let mut mutated = seed.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = 1 + (next() % (mutated.len() as u64 - 1)) as usize;
+                    mutated[at] = next() as u8;
+                }
+                recording_segment(&mutated);
+                mutated.truncate(1 + (next() % mutated.len() as u64) as usize);
+                recording_segment(&mutated);
+            }
+        }
+        // Times past year 9999 (a forged record) render, rather than abort the reader.
+        assert!(crate::record::cli::time(i64::MAX).contains("after the epoch"));
+        // A header cut inside its length field is damage, not a panic.
+        assert!(Segment::parse("cut.seg".into(), file[..10].to_vec()).is_err());
     }
 
     #[test]
