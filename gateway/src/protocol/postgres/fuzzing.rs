@@ -39,7 +39,7 @@ pub fn startup(data: &[u8]) {
 /// capped by what is left), runs every backend parser on each body, and feeds the sequence to
 /// an [`UpstreamAuth`] whose configuration the first byte picks.
 pub fn backend_messages(data: &[u8]) {
-    let Some((&config, mut rest)) = data.split_first() else {
+    let Some((&config, rest)) = data.split_first() else {
         return;
     };
     let password = (config & 1 == 0).then_some(&b"fuzz-password"[..]);
@@ -51,11 +51,7 @@ pub fn backend_messages(data: &[u8]) {
     let mut auth = UpstreamAuth::new("fuzz", password, binding);
     let mut out = Vec::new();
     let mut auth_over = false;
-    while let [tag, hi, lo, tail @ ..] = rest {
-        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-        let (body, next) = tail.split_at(len);
-        rest = next;
-
+    for (tag, body) in tagged_chunks(rest) {
         let _ = parse_error_fields(body);
         let _ = parse_backend_key_data(body);
         let _ = parse_parameter_status(body);
@@ -70,7 +66,7 @@ pub fn backend_messages(data: &[u8]) {
 
         if !auth_over {
             out.clear();
-            auth_over = auth.on_message(*tag, body, &mut out).is_err();
+            auth_over = auth.on_message(tag, body, &mut out).is_err();
         }
     }
 }
@@ -136,6 +132,21 @@ pub fn session(data: &[u8]) {
             pending.drain(..consumed);
         }
     }
+}
+
+/// Splits fuzz input into tagged chunks: a tag byte, a big-endian `u16` length (capped by what is
+/// left) and that many bytes, until fewer than three bytes remain.
+fn tagged_chunks(data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        let [tag, hi, lo, tail @ ..] = rest else {
+            return None;
+        };
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        let (body, next) = tail.split_at(len);
+        rest = next;
+        Some((*tag, body))
+    })
 }
 
 /// Frames arbitrary bytes as backend messages (a real frame header each, as the upstream sends
@@ -273,46 +284,29 @@ pub fn mask_results(data: &[u8]) -> usize {
         Masker::new(&rules).expect("the fuzz rules compile")
     });
 
-    let Some((&shape, mut rest)) = data.split_first() else {
+    let Some((&shape, rest)) = data.split_first() else {
         return 0;
     };
     let ncols = usize::from(shape % 6) + 1;
-    let Some((picks, after)) = rest.split_at_checked(ncols) else {
+    let Some((picks, rest)) = rest.split_at_checked(ncols) else {
         return 0;
     };
-    rest = after;
-    // Low nibble: the type; the next three bits: the name; the top bit: binary format.
-    let pick = |p: u8| {
-        (
-            TYPES[usize::from(p & 0x0f) % TYPES.len()],
-            NAMES[usize::from(p >> 4 & 7)],
-        )
-    };
-    let cols: Vec<Column<'_>> = picks
-        .iter()
-        .map(|&p| {
-            let ((type_oid, _), (name, _)) = pick(p);
-            Column {
-                name: name.as_bytes(),
-                table_oid: 0,
-                attnum: 0,
-                type_oid,
-                format: i16::from(p & 0x80 != 0),
-            }
-        })
-        .collect();
-    let untouchable: Vec<bool> = picks
-        .iter()
-        .map(|&p| {
-            let ((_, plain_type), (_, plain_name)) = pick(p);
-            plain_type && plain_name
-        })
-        .collect();
+    let (mut cols, mut names, mut untouchable) = (Vec::new(), Vec::new(), Vec::new());
+    for &p in picks {
+        // Low nibble: the type; the next three bits: the name; the top bit: binary format.
+        let (type_oid, plain_type) = TYPES[usize::from(p & 0x0f) % TYPES.len()];
+        let (name, plain_name) = NAMES[usize::from(p >> 4 & 7)];
+        cols.push(Column {
+            name: name.as_bytes(),
+            table_oid: 0,
+            attnum: 0,
+            type_oid,
+            format: i16::from(p & 0x80 != 0),
+        });
+        names.push(name.to_owned());
+        untouchable.push(plain_type && plain_name);
+    }
     let plan = masker.plan(&cols, &|_, _| None);
-    let names: Vec<String> = cols
-        .iter()
-        .map(|c| String::from_utf8_lossy(c.name).into_owned())
-        .collect();
     let formats: Vec<i16> = cols.iter().map(|c| c.format).collect();
     let (copy_format, options) = match shape / 64 {
         0 => (0, CopyOptions::text()),
@@ -330,10 +324,7 @@ pub fn mask_results(data: &[u8]) -> usize {
 
     let mut out = Vec::new();
     let mut rewrites = 0;
-    while let [tag, hi, lo, tail @ ..] = rest {
-        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-        let (body, next) = tail.split_at(len);
-        rest = next;
+    for (tag, body) in tagged_chunks(rest) {
         out.clear();
         let rewritten = match tag {
             b'D' => {
@@ -347,7 +338,7 @@ pub fn mask_results(data: &[u8]) -> usize {
             }
             b'd' => copy.mask_copy_data(body, &mut out).unwrap_or(false),
             b'E' | b'N' => masker
-                .mask_error(*tag, body, len % 2 == 0, &mut out)
+                .mask_error(tag, body, body.len() % 2 == 0, &mut out)
                 .unwrap_or(false),
             b'A' => masker.mask_notification(body, &mut out).unwrap_or(false),
             _ => false,
@@ -461,7 +452,7 @@ pub fn recording_segment(data: &[u8]) {
 fn sealed_segment(spec: &[u8]) -> Vec<u8> {
     use crate::record::segment::{SEGMENT_MAGIC, encode_block, encode_checkpoint, frame_record};
 
-    let (header, mut rest) = match spec.split_first() {
+    let (header, rest) = match spec.split_first() {
         Some((&n, rest)) => rest.split_at(usize::from(n).min(rest.len())),
         None => (&[][..], &[][..]),
     };
@@ -471,13 +462,10 @@ fn sealed_segment(spec: &[u8]) -> Vec<u8> {
     file.extend_from_slice(&crc32c::crc32c(header).to_le_bytes());
     let mut zstd = zstd::bulk::Compressor::new(1).expect("a level-1 compressor");
     let mut seq = 0u64;
-    while let [kind, hi, lo, tail @ ..] = rest {
-        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-        let (payload, next) = tail.split_at(len);
-        rest = next;
+    for (kind, payload) in tagged_chunks(rest) {
         if kind & 1 == 1 {
             let note = String::from_utf8_lossy(payload);
-            file.extend_from_slice(&encode_checkpoint(&note, seq, i64::from(*kind)));
+            file.extend_from_slice(&encode_checkpoint(&note, seq, i64::from(kind)));
             continue;
         }
         let mut raw = Vec::new();
@@ -491,7 +479,7 @@ fn sealed_segment(spec: &[u8]) -> Vec<u8> {
         }
         // Bit 1: a count that disagrees with the records, as a forged header would say.
         let claimed = count + u32::from(kind & 2 != 0);
-        let at_us = i64::from(*kind) << 56;
+        let at_us = i64::from(kind) << 56;
         if let Ok(block) = encode_block(&mut zstd, &raw, seq, claimed, at_us) {
             file.extend_from_slice(&block);
         }
@@ -558,16 +546,20 @@ mod tests {
         assert!(replayed > 0, "no corpus under {}", root.display());
     }
 
+    /// `prefix`, then `chunks` as [`tagged_chunks`] reads them back.
+    fn tagged(mut prefix: Vec<u8>, chunks: &[(u8, &[u8])]) -> Vec<u8> {
+        for (tag, body) in chunks {
+            prefix.push(*tag);
+            prefix.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            prefix.extend_from_slice(body);
+        }
+        prefix
+    }
+
     /// `mask_results` inputs: the columns `picks` names, then the messages.
     fn mask_seed(shape: u8, picks: &[u8], messages: &[(u8, Vec<u8>)]) -> Vec<u8> {
-        let mut seed = vec![shape];
-        seed.extend_from_slice(picks);
-        for (tag, body) in messages {
-            seed.push(*tag);
-            seed.extend_from_slice(&(body.len() as u16).to_be_bytes());
-            seed.extend_from_slice(body);
-        }
-        seed
+        let messages: Vec<(u8, &[u8])> = messages.iter().map(|(t, b)| (*t, &b[..])).collect();
+        tagged([&[shape][..], picks].concat(), &messages)
     }
 
     fn data_row(fields: &[Option<&[u8]>]) -> Vec<u8> {
@@ -736,7 +728,7 @@ mod tests {
         assert_eq!(damage, None);
         // The same records as a spec for `sealed_segment`: header, then one data block.
         let header_len = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
-        let mut spec = vec![header_len as u8];
+        let mut spec = vec![u8::try_from(header_len).expect("a short header")];
         spec.extend_from_slice(&file[12..12 + header_len]);
         let mut records = Vec::new();
         for block in blocks.iter().filter(|b| !b.is_checkpoint) {
@@ -746,13 +738,8 @@ mod tests {
             }
         }
         assert!(!records.is_empty(), "the segment holds records");
-        spec.push(0);
-        spec.extend_from_slice(&(records.len() as u16).to_be_bytes());
-        spec.extend_from_slice(&records);
         let note = blocks.iter().find_map(|b| b.note()).expect("a checkpoint");
-        spec.push(1);
-        spec.extend_from_slice(&(note.len() as u16).to_be_bytes());
-        spec.extend_from_slice(note.as_bytes());
+        let spec = tagged(spec, &[(0, &records), (1, note.as_bytes())]);
 
         let raw = [&[0u8][..], &file].concat();
         let sealed = [&[1u8][..], &spec].concat();
