@@ -87,15 +87,9 @@ impl Setup {
         self.gw.log()
     }
 
-    /// Whether `needle` reaches the log within 5 s: it arrives through a pipe, after the fact.
+    /// Whether `needle` reaches the log within 5 s.
     fn log_shows(&self, needle: &str) -> bool {
-        (0..100).any(|_| {
-            let seen = self.gw.log().contains(needle);
-            if !seen {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            seen
-        })
+        self.gw.log_shows(needle, Duration::from_secs(5))
     }
 }
 

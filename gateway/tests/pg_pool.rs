@@ -504,11 +504,11 @@ async fn pooling_off_by_config_and_on_by_reload() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("enabled = false", "enabled = true")).unwrap();
     gw.signal(1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("configuration reloaded") {
-        assert!(Instant::now() < deadline, "no reload: {}", gw.log_tail(20));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        gw.log_shows("configuration reloaded", Duration::from_secs(10)),
+        "no reload: {}",
+        gw.log_tail(20)
+    );
     assert_eq!(pid(&live).await, second, "the reload kept the live session");
     drop(live);
     settle(&gw);

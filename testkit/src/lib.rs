@@ -736,6 +736,21 @@ impl Gateway {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether `needle` reaches what the gateway printed within `timeout`. Its output comes
+    /// through a pipe and a reader thread, so a line can land after the effect a test saw.
+    pub fn log_shows(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The last `lines` lines the gateway printed, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let log = self.log();
