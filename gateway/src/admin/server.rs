@@ -77,14 +77,15 @@ pub fn start(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<AdminServer> {
                 }
                 let shared = shared.clone();
                 let mine = active.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("portcullis-admin-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = serve_one(conn, &shared, group) {
-                            debug!("admin connection: {e:#}");
-                        }
-                        mine.fetch_sub(1, Relaxed);
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("admin-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve_one(conn, &shared, group) {
+                                debug!("admin connection: {e:#}");
+                            }
+                            mine.fetch_sub(1, Relaxed);
+                        });
                 if spawned.is_err() {
                     active.fetch_sub(1, Relaxed);
                     warn!("admin connection dropped: cannot start a thread");
