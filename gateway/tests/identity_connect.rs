@@ -454,8 +454,11 @@ async fn a_token_as_the_password_binds_the_session_to_its_subject() {
     drop(c);
     // The canary: neither the presented token nor the client secret in anything the gateway
     // printed (at debug, where identities are logged by hash).
+    assert!(
+        env.gw.log_shows("alice", Duration::from_secs(5)),
+        "the log names the subject"
+    );
     let log = env.gw.log();
-    assert!(log.contains("alice"), "the log names the subject");
     assert!(!log.contains(&alice), "the gateway log holds the token");
     assert!(
         !log.contains(env.idp.client_secret()),
@@ -776,7 +779,8 @@ fn an_agent_s_token_file_is_its_identity_and_is_read_at_every_connect() {
         "claude's own identity (analysts), not codex's (dba)"
     );
     assert!(
-        env.gw.log().contains("subject=\"claude-agent\""),
+        env.gw
+            .log_shows("subject=\"claude-agent\"", Duration::from_secs(5)),
         "{}",
         env.context()
     );
@@ -1160,7 +1164,7 @@ async fn off_loopback_a_token_as_the_password_travels_only_over_the_local_tls_le
     assert!(ok, "{err}\n{}", env.context());
     assert_eq!(out, "reader");
     assert!(
-        env.gw.log().contains("client_tls=true"),
+        env.gw.log_shows("client_tls=true", Duration::from_secs(5)),
         "{}",
         env.context()
     );
@@ -1400,7 +1404,8 @@ fn run_and_attach_give_an_agent_its_token_file_at_runtime() {
         env.context()
     );
     assert!(
-        env.gw.log().contains("agent token file set"),
+        env.gw
+            .log_shows("agent token file set", Duration::from_secs(5)),
         "{}",
         env.context()
     );

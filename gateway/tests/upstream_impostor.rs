@@ -278,9 +278,12 @@ fn danger_override_is_loud_and_is_what_lets_the_password_out() {
         contains(&seen, password.as_bytes()),
         "with the override the impostor gets it: the test above can fail"
     );
-    let log = gw.log();
     assert!(
-        log.contains("DANGER") && log.contains("danger_password_over_unverified_channel"),
-        "the override is logged at start: {log}"
+        gw.log_shows(
+            "danger_password_over_unverified_channel",
+            Duration::from_secs(5)
+        ) && gw.log().contains("DANGER"),
+        "the override is logged at start: {}",
+        gw.log()
     );
 }
