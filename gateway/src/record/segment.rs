@@ -99,9 +99,14 @@ pub fn encode_block(
     count: u32,
     last_at_us: i64,
 ) -> std::io::Result<Vec<u8>> {
-    let mut out = vec![0u8; BLOCK_HEADER + zstd::zstd_safe::compress_bound(raw.len())];
-    let written = zstd.compress_to_buffer(raw, &mut out[BLOCK_HEADER..])?;
-    out.truncate(BLOCK_HEADER + written);
+    // Compressed into the spare room after the header, which is never zeroed first: a block's
+    // bound is about its raw size, a megabyte of memset per block for nothing.
+    let mut out = Vec::with_capacity(BLOCK_HEADER + zstd::zstd_safe::compress_bound(raw.len()));
+    out.resize(BLOCK_HEADER, 0);
+    let mut room = std::io::Cursor::new(out);
+    room.set_position(BLOCK_HEADER as u64);
+    zstd.compress_to_buffer(raw, &mut room)?;
+    let mut out = room.into_inner();
     finish_block(
         &mut out,
         BLOCK_MAGIC,
