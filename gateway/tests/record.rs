@@ -57,6 +57,21 @@ impl Env {
         );
         (out.status.code().unwrap_or(-1), text)
     }
+
+    /// Restarts the recorder over what is on disk, then checks that `verify` passes and names the
+    /// recovery of `segment` (`what`: the offset cut at and the bytes dropped).
+    fn restart_records_the_recovery(&self, segment: &Path, what: &str) {
+        Recorder::start(&self.config(), &self.state)
+            .unwrap()
+            .shutdown();
+        let (code, text) = self.verify(&[]);
+        assert_eq!(code, 0, "{text}");
+        let name = segment.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            text.contains(&format!("recovery: recovered {name} {what}")),
+            "{text}"
+        );
+    }
 }
 
 fn cli(dir: &Path, args: &[&str]) -> Output {
@@ -1471,15 +1486,7 @@ fn a_zero_filled_tail_left_by_a_power_cut_is_cut_like_a_torn_write_and_zeroed_bl
     assert_eq!(offset, whole.len() as u64);
     let (code, text) = env.verify(&[]);
     assert_eq!(code, 0, "{text}");
-    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
-    recorder.shutdown();
-    let (code, text) = env.verify(&[]);
-    assert_eq!(code, 0, "{text}");
-    let name = last.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        text.contains(&format!("recovery: recovered {name} {offset} 4096")),
-        "{text}"
-    );
+    env.restart_records_the_recovery(&last, &format!("{offset} 4096"));
 
     // Zeros over a block that other blocks follow hide records: that is tampering, not a cut.
     let (off, len, _) = *block_spans(&last)
@@ -1666,15 +1673,7 @@ fn a_segment_header_cut_inside_its_length_field_is_a_header_never_written() {
         let export = stdout(&env.cli(&["export", "--format", "jsonl"]));
         assert_eq!(export.lines().count(), 2 * 4, "cut at {cut}: {export}");
     }
-    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
-    recorder.shutdown();
-    let (code, text) = env.verify(&[]);
-    assert_eq!(code, 0, "{text}");
-    let name = next.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        text.contains(&format!("recovery: recovered {name} 0 11")),
-        "{text}"
-    );
+    env.restart_records_the_recovery(&next, "0 11");
 }
 
 /// A record forged with a time past year 9999, every CRC recomputed: `verify` calls it

@@ -579,6 +579,7 @@ mod tests {
     use super::*;
     use crate::mask::config::{DetectorKind, JsonRule, MaskRules};
     use crate::mask::types::*;
+    use crate::testing::data_row_body;
 
     fn masker(rules: MaskRules) -> Masker {
         let rules = MaskRules {
@@ -598,20 +599,6 @@ mod tests {
             type_oid,
             format,
         }
-    }
-
-    fn row(fields: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut body = (fields.len() as u16).to_be_bytes().to_vec();
-        for f in fields {
-            match f {
-                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
-                Some(v) => {
-                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    body.extend_from_slice(v);
-                }
-            }
-        }
-        body
     }
 
     /// The fields of a DataRow message produced by `mask_data_row`.
@@ -660,7 +647,7 @@ mod tests {
         assert!(!plan.is_passthrough());
         assert_eq!(plan.cols[0], ColPlan::Pass);
 
-        let clean = row(&[
+        let clean = data_row_body(&[
             Some(b"1"),
             Some(b"all good, order 4521"),
             None,
@@ -668,7 +655,7 @@ mod tests {
         ]);
         assert_eq!(mask(&plan, &clean), None);
 
-        let dirty = row(&[
+        let dirty = data_row_body(&[
             Some(b"2"),
             Some(b"call 415-555-0123 now"),
             Some(b"bob@example.com"),
@@ -725,7 +712,7 @@ mod tests {
                 column: "phone".into(),
             })
         });
-        let body = row(&[
+        let body = data_row_body(&[
             Some(b"123-45-6789"),
             Some(b"+1 415 555 0123"),
             Some(b"10.0.0.1"),
@@ -748,10 +735,10 @@ mod tests {
             masker(toml::from_str("[[columns]]\nname = \"uid\"\nstyle = \"keyed_hash\"").unwrap());
         let text = m.plan(&[col("uid", INT8, 0)], &no_catalog);
         let binary = m.plan(&[col("uid", INT8, 1)], &no_catalog);
-        let t = mask(&text, &row(&[Some(b"42")])).unwrap()[0]
+        let t = mask(&text, &data_row_body(&[Some(b"42")])).unwrap()[0]
             .clone()
             .unwrap();
-        let b = mask(&binary, &row(&[Some(&42i64.to_be_bytes())])).unwrap()[0]
+        let b = mask(&binary, &data_row_body(&[Some(&42i64.to_be_bytes())])).unwrap()[0]
             .clone()
             .unwrap();
         let t: i64 = std::str::from_utf8(&t).unwrap().parse().unwrap();
@@ -774,7 +761,7 @@ mod tests {
             ],
             &no_catalog,
         );
-        let out = mask(&plan, &row(&[Some(b"5"), Some(b"6")])).unwrap();
+        let out = mask(&plan, &data_row_body(&[Some(b"5"), Some(b"6")])).unwrap();
         assert_eq!(out, vec![None, Some(b"6".to_vec())]);
     }
 
@@ -819,7 +806,7 @@ mod tests {
             ],
             &no_catalog,
         );
-        let body = row(&[
+        let body = data_row_body(&[
             Some(b"to a@b.io"),
             Some(b"\x01{\"ssn\": \"123-45-6789\", \"e\": \"x@y.io\"}"),
             Some(b"{\"k\": 1}"),
@@ -854,7 +841,7 @@ mod tests {
             ],
             &no_catalog,
         );
-        let body = row(&[
+        let body = data_row_body(&[
             Some(b"{x,a@b.io}"),
             Some(b"\0\0\0\x01...a@b.io"),
             Some(b"{\"a\\@b.io\"}"),
@@ -876,7 +863,7 @@ mod tests {
         });
         let plan = m.plan(&[col("t", TEXT, 0)], &no_catalog);
         assert_eq!(
-            mask(&plan, &row(&[Some(b"4111111111111111")])).unwrap(),
+            mask(&plan, &data_row_body(&[Some(b"4111111111111111")])).unwrap(),
             vec![None]
         );
         let m = masker(MaskRules {
@@ -886,7 +873,7 @@ mod tests {
         });
         let plan = m.plan(&[col("t", TEXT, 0)], &no_catalog);
         assert_eq!(
-            mask(&plan, &row(&[Some(b"card 4111-1111-1111-1111.")])).unwrap(),
+            mask(&plan, &data_row_body(&[Some(b"card 4111-1111-1111-1111.")])).unwrap(),
             vec![Some(b"card ****-****-****-1111.".to_vec())]
         );
     }
@@ -896,18 +883,18 @@ mod tests {
         let m = masker(MaskRules::builtin_pii());
         let plan = m.plan(&[col("t", TEXT, 0), col("u", TEXT, 0)], &no_catalog);
         let mut out = Vec::new();
-        let good = row(&[Some(b"a"), Some(b"b")]);
+        let good = data_row_body(&[Some(b"a"), Some(b"b")]);
         for bad in [
             &good[..1],
             &good[..good.len() - 1],
-            &row(&[Some(b"a")])[..],
+            &data_row_body(&[Some(b"a")])[..],
             &[good.clone(), vec![0]].concat()[..],
             &[0, 2, 0xff, 0xff, 0xff, 0xfe][..],
         ] {
             assert!(plan.mask_data_row(bad, &mut out).is_err(), "{bad:?}");
         }
         // Malformed after a masked field: nothing half-written stays in `out`.
-        let dirty = [row(&[Some(b"a@b.io"), Some(b"b")]), vec![9]].concat();
+        let dirty = [data_row_body(&[Some(b"a@b.io"), Some(b"b")]), vec![9]].concat();
         assert!(plan.mask_data_row(&dirty, &mut out).is_err());
         assert!(out.is_empty());
     }
@@ -919,7 +906,7 @@ mod tests {
         let plan = m.plan(&[col("id", UUID, 0)], &no_catalog);
         let out = mask(
             &plan,
-            &row(&[Some(b"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")]),
+            &data_row_body(&[Some(b"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")]),
         )
         .unwrap();
         let text = String::from_utf8(out[0].clone().unwrap()).unwrap();
@@ -930,7 +917,7 @@ mod tests {
             0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
             0x0a, 0x11,
         ];
-        let bin = mask(&plan_bin, &row(&[Some(&raw)])).unwrap()[0]
+        let bin = mask(&plan_bin, &data_row_body(&[Some(&raw)])).unwrap()[0]
             .clone()
             .unwrap();
         assert_eq!(

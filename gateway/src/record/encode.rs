@@ -188,20 +188,7 @@ pub(crate) fn data_row(b: &[u8]) -> Option<(usize, u64)> {
 mod tests {
     use super::*;
     use crate::record::{Bytes, Entry, Record};
-
-    fn body(cells: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut b = (cells.len() as i16).to_be_bytes().to_vec();
-        for c in cells {
-            match c {
-                Some(v) => {
-                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    b.extend_from_slice(v);
-                }
-                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
-        b
-    }
+    use crate::testing::data_row_body;
 
     #[test]
     fn rows_from_datarows_and_a_tail_encode_as_the_entry_does() {
@@ -210,7 +197,7 @@ mod tests {
             vec![],
             vec![Some(&[0xff; 300][..]), Some(b"a\0b")],
         ];
-        let bodies: Vec<u8> = rows.iter().flat_map(|r| body(r)).collect();
+        let bodies: Vec<u8> = rows.iter().flat_map(|r| data_row_body(r)).collect();
         let entry = Entry {
             seq: 1 << 40,
             at_us: -5,
@@ -397,12 +384,15 @@ mod tests {
 
     #[test]
     fn a_datarow_is_checked_before_it_is_read() {
-        assert_eq!(data_row(&body(&[Some(b"ab"), None])), Some((12, 2)));
-        let whole = body(&[Some(b"abc")]);
+        assert_eq!(
+            data_row(&data_row_body(&[Some(b"ab"), None])),
+            Some((12, 2))
+        );
+        let whole = data_row_body(&[Some(b"abc")]);
         for cut in 0..whole.len() {
             assert_eq!(data_row(&whole[..cut]), None, "cut at {cut}");
         }
-        let mut lying = body(&[Some(b"abc")]);
+        let mut lying = data_row_body(&[Some(b"abc")]);
         lying[2..6].copy_from_slice(&i32::MAX.to_be_bytes());
         assert_eq!(data_row(&lying), None);
     }

@@ -492,6 +492,7 @@ fn sealed_segment(spec: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::protocol::postgres::messages::{encode_auth_ok, encode_error};
+    use crate::testing::data_row_body;
 
     /// The targets' invariants hold on well-formed seeds, so CI runs them without a fuzzer.
     #[test]
@@ -562,20 +563,6 @@ mod tests {
         tagged([&[shape][..], picks].concat(), &messages)
     }
 
-    fn data_row(fields: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut body = (fields.len() as u16).to_be_bytes().to_vec();
-        for f in fields {
-            match f {
-                Some(v) => {
-                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    body.extend_from_slice(v);
-                }
-                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
-        body
-    }
-
     /// Every masking plan on values it changes, then the same inputs with bytes overwritten: the
     /// invariants hold in CI without a fuzzer, and on more than well-formed messages.
     #[test]
@@ -591,7 +578,7 @@ mod tests {
             text_array | note,
             jsonb | doc | 0x80,
         ];
-        let row = data_row(&[
+        let row = data_row_body(&[
             Some(b"call 555-123-4567 or mail bob@example.com"),
             Some(b"alice@example.com"),
             Some(br#"{"a":"4111 1111 1111 1111","x":{"secret":"s3cr3t"},"list":[1,2]}"#),
@@ -599,7 +586,7 @@ mod tests {
             Some(br#"{"plain","carol@example.com"}"#),
             Some(b"\x01{\"a\":\"hidden\"}"),
         ]);
-        let nulls = data_row(&[None; 6]);
+        let nulls = data_row_body(&[None; 6]);
         let mut error = Vec::new();
         encode_error(
             "ERROR",
@@ -629,12 +616,12 @@ mod tests {
             mask_seed(
                 1,
                 &[int4 | note, text | token],
-                &[(b'D', data_row(&[Some(b"42"), Some(b"t")]))],
+                &[(b'D', data_row_body(&[Some(b"42"), Some(b"t")]))],
             ),
             mask_seed(
                 0,
                 &[int4 | gone],
-                &[(b'D', data_row(&[Some(&7i32.to_be_bytes())]))],
+                &[(b'D', data_row_body(&[Some(&7i32.to_be_bytes())]))],
             ),
         ];
         // The seeds reach the rewriting paths: a rewritten row, error and notification each.
