@@ -511,6 +511,50 @@ fn round_trip_show_export_list_replay_reproduce_what_was_handed_in() {
     assert_eq!(code, 0, "{text}");
 }
 
+/// Statements' full text is indexed by the searches, not by the recorder: each `--grep` takes in
+/// what was recorded since the last, while the gateway records beside it.
+#[test]
+fn each_search_finds_what_was_recorded_since_the_last_one() {
+    let env = Env::new();
+    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
+    let handle = recorder.handle();
+    let session = |text: &str| -> u64 {
+        let mut s = handle.begin(SessionStart::default()).unwrap();
+        let id = s.id();
+        drop(s.request(query(text)).unwrap());
+        s.end("client closed").unwrap();
+        handle.flush().wait().unwrap();
+        id
+    };
+    let grep = |text: &str| -> Vec<u64> {
+        let out = stdout(&env.cli(&["list", "--json", "--grep", text]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_u64().unwrap())
+            .collect()
+    };
+    let texts = env.dir().join(portcullis::record::texts::TEXTS_FILE);
+
+    let first = session("SELECT * FROM alpha_orders");
+    assert!(!texts.exists(), "the recorder keeps no full text");
+    assert_eq!(grep("alpha_orders"), vec![first]);
+    let second = session("DELETE FROM beta_orders WHERE id = 7");
+    assert_eq!(grep("beta_orders WHERE"), vec![second]);
+    assert_eq!(grep("alpha_orders"), vec![first]);
+    assert_eq!(grep("orders"), vec![first, second]);
+
+    // The full text is derived: deleted, the next search rebuilds it from the segments.
+    recorder.shutdown();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", texts.display()));
+    }
+    assert_eq!(grep("orders"), vec![first, second]);
+    let (code, text) = env.verify(&[]);
+    assert_eq!(code, 0, "{text}");
+}
+
 #[test]
 fn no_secret_reaches_the_recording_directory() {
     let env = Env::new();

@@ -1,5 +1,6 @@
 //! `portcullis recordings ...`: read the recording directory directly, no gateway needed.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use anyhow::{Context as _, bail};
 use super::checkpoint::{Signer, Verifier, pub_path};
 use super::index::{Filter, Index, SessionRow};
 use super::segment::{Segment, list_segments};
+use super::texts::Texts;
 use super::types::{Action, Entry, Record, Row};
 use super::verify::{TOMBSTONES, Tombstone, tombstone_body, verify};
 
@@ -64,7 +66,8 @@ pub enum RecordingsCommand {
         /// Sessions with a statement decided by this rule.
         #[arg(long)]
         rule: Option<String>,
-        /// Sessions with a statement containing this text (full-text search).
+        /// Sessions with a statement containing this text, as a phrase (full-text search). The
+        /// search first adds the statements recorded since the last one to its index.
         #[arg(long)]
         grep: Option<String>,
         #[arg(long)]
@@ -189,9 +192,12 @@ pub fn run(args: RecordingsArgs) -> anyhow::Result<()> {
                 until_us: until,
                 verdict,
                 rule,
-                grep,
             };
-            let rows = open_index(dir)?.list(&filter)?;
+            let mut rows = open_index(dir)?.list(&filter)?;
+            if let Some(text) = grep {
+                let matching = search(dir, &text)?;
+                rows.retain(|r| matching.contains(&r.id));
+            }
             print!("{}", render_list(&rows, json));
             Ok(())
         }
@@ -272,6 +278,18 @@ fn open_index(dir: &Path) -> anyhow::Result<Index> {
         );
     }
     Index::open(dir).with_context(|| format!("opening the index in {}", dir.display()))
+}
+
+/// The sessions with a statement that holds `text`, after the full-text index takes in what
+/// was recorded since the last search.
+pub fn search(dir: &Path, text: &str) -> anyhow::Result<BTreeSet<u64>> {
+    let path = dir.join(super::texts::TEXTS_FILE);
+    let mut texts = Texts::open(dir)
+        .with_context(|| format!("opening the full-text index {}", path.display()))?;
+    texts
+        .catch_up(dir)
+        .with_context(|| format!("bringing the full-text index {} up to date", path.display()))?;
+    Ok(texts.sessions_matching(text)?)
 }
 
 /// RFC 3339 (or a bare date), or an age before now ("2h", "30d").
@@ -879,7 +897,11 @@ pub fn prune(dir: &Path, key_file: &Path, before: i64) -> anyhow::Result<(usize,
     }
     std::fs::File::open(dir)?.sync_all()?;
     if dir.join(super::index::INDEX_FILE).exists() {
-        Index::open(dir)?.forget_before(first.first_seq)?;
+        let mut index = Index::open(dir)?;
+        index.forget_before(first.first_seq)?;
+        if dir.join(super::texts::TEXTS_FILE).exists() {
+            Texts::open(dir)?.forget_before(first.first_seq, &index.session_ids()?)?;
+        }
     }
     Ok((doomed.len(), first.first_seq))
 }

@@ -47,7 +47,7 @@ const COLUMNS: u32 = 3;
 const ROWS: u32 = 4;
 
 /// `Record::Bundle`'s variant index.
-const BUNDLE: u32 = 14;
+pub(crate) const BUNDLE: u32 = 14;
 
 /// Appends a `Record::Bundle`'s start, before its `count` records ([`bundled`]).
 pub(crate) fn bundle_head(out: &mut Vec<u8>, count: usize) {

@@ -1,9 +1,8 @@
-//! The SQLite index: sessions, what their statements met, and FTS5 over their texts. It is
-//! derived from the segments: `indexed_seq` says how far it got, and the recorder catches up at
-//! start.
+//! The SQLite index: sessions, and the verdicts and rules their statements met. It is derived
+//! from the segments: `indexed_seq` says how far it got, and the recorder catches up at start.
+//! The statements' full text is kept apart, and filled by the searches ([`super::texts`]).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher as _, RandomState};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use foldhash::{HashMapExt as _, HashSetExt as _};
@@ -14,59 +13,11 @@ use super::types::{Action, Entry, Record};
 pub const INDEX_FILE: &str = "index.sqlite";
 
 /// The index's layout, in SQLite's `user_version`. An index of any other is rebuilt.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 pub struct Index {
     db: Connection,
-    seen: SeenTexts,
 }
-
-/// Per live session, the hashes of the statement texts already in its full text: a session that
-/// repeats a statement is found by its first occurrence.
-#[derive(Default)]
-struct SeenTexts {
-    by_session: foldhash::HashMap<u64, foldhash::HashSet<u64>>,
-    /// Hashes in `by_session`, all sessions together.
-    count: usize,
-    hasher: RandomState,
-}
-
-impl SeenTexts {
-    /// True the first time a session sends a text.
-    fn first(&mut self, session: u64, text: &str) -> bool {
-        if self.count >= SEEN_TEXTS {
-            self.clear();
-        }
-        let hash = self.hasher.hash_one(text);
-        let first = self.by_session.entry(session).or_default().insert(hash);
-        self.count += usize::from(first);
-        first
-    }
-
-    fn end(&mut self, session: u64) {
-        if let Some(texts) = self.by_session.remove(&session) {
-            self.count -= texts.len();
-        }
-    }
-
-    fn clear(&mut self) {
-        self.by_session.clear();
-        self.count = 0;
-    }
-}
-
-/// At most this many text hashes in all (about a megabyte), whatever the number of sessions and
-/// however long they live, or whether their end was ever recorded; then every set starts over,
-/// and repeats are indexed again (harmless: a search names sessions).
-const SEEN_TEXTS: usize = 1 << 16;
-
-/// A full-text document holds one session's new statements from one batch, up to this size.
-const DOC_BYTES: usize = 64 << 10;
-
-/// Between two statements of a document: a token that no statement's text puts there, so that a
-/// phrase never matches across a statement boundary. U+E000 is a private-use character, which
-/// the `unicode61` tokenizer keeps as a token of its own.
-const STATEMENT_BREAK: &str = " \u{e000} ";
 
 /// One row of `portcullis recordings list`.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
@@ -96,7 +47,6 @@ pub struct Filter {
     pub until_us: Option<i64>,
     pub verdict: Option<String>,
     pub rule: Option<String>,
-    pub grep: Option<String>,
 }
 
 impl Index {
@@ -116,11 +66,9 @@ impl Index {
                  DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS meta;",
             )?;
         }
-        // What `list` filters on, per session: its texts and the verdicts and rules its
-        // statements met. The segments keep each statement; the index only finds sessions, so it
-        // costs a few rows per session and batch rather than rows per statement. The full-text
-        // table keeps no copy of the text (`content=''`); `contentless_delete` lets prune remove
-        // documents.
+        // What `list` filters on, per session: the verdicts and rules its statements met. The
+        // segments keep each statement; the index only finds sessions, so it costs a few rows
+        // per session and batch rather than rows per statement.
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS sessions(
@@ -129,19 +77,13 @@ impl Index {
                  upstream_user TEXT NOT NULL, end_reason TEXT,
                  statements INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0,
                  first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS texts(id INTEGER PRIMARY KEY, session INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS verdicts(
                  session INTEGER NOT NULL, verdict TEXT NOT NULL, rule TEXT NOT NULL, -- '' for none
                  PRIMARY KEY(session, verdict, rule)) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_us);
-             CREATE VIRTUAL TABLE IF NOT EXISTS statements_fts
-                 USING fts5(text, content='', contentless_delete=1);",
+             CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_us);",
         )?;
         db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Index {
-            db,
-            seen: SeenTexts::default(),
-        })
+        Ok(Index { db })
     }
 
     /// Records up to (not including) this seq are indexed.
@@ -174,21 +116,6 @@ impl Index {
         last_seq: &HashMap<u64, u64>,
         next_seq: u64,
     ) -> rusqlite::Result<()> {
-        let applied = self.apply_in_transaction(entries, last_seq, next_seq);
-        if applied.is_err() {
-            // Texts taken as seen never reached the index: forget them all.
-            self.seen.clear();
-        }
-        applied
-    }
-
-    fn apply_in_transaction(
-        &mut self,
-        entries: &[Entry],
-        last_seq: &HashMap<u64, u64>,
-        next_seq: u64,
-    ) -> rusqlite::Result<()> {
-        let mut docs = Docs::default();
         let mut verdicts = foldhash::HashSet::<(u64, &str, &str)>::new();
         let mut counts = foldhash::HashMap::<u64, (u64, u64)>::new();
         let indexed = self.indexed_seq()?;
@@ -212,12 +139,7 @@ impl Index {
                         e.seq as i64
                     ])?;
                 }
-                Record::Request(r) => {
-                    counts.entry(e.session).or_default().0 += 1;
-                    if self.seen.first(e.session, &r.text) {
-                        docs.add(e.session, &r.text);
-                    }
-                }
+                Record::Request(_) => counts.entry(e.session).or_default().0 += 1,
                 Record::Verdict(v) => {
                     let rule = v.rule.as_deref().unwrap_or_default();
                     verdicts.insert((e.session, v.action.as_str(), rule));
@@ -226,7 +148,6 @@ impl Index {
                     }
                 }
                 Record::SessionEnd { reason } => {
-                    self.seen.end(e.session);
                     tx.prepare_cached(
                         "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
                     )?
@@ -234,15 +155,6 @@ impl Index {
                 }
                 _ => {}
             }
-        }
-        let docs = docs.done.into_iter().chain(docs.open);
-        for (session, doc) in docs.filter(|(_, doc)| !doc.is_empty()) {
-            tx.prepare_cached("INSERT INTO texts(session) VALUES (?1)")?
-                .execute(params![session as i64])?;
-            // A plain insert: a REPLACE would make FTS5 flush its pending terms to look the
-            // rowid up.
-            tx.prepare_cached("INSERT INTO statements_fts(rowid, text) VALUES (?1, ?2)")?
-                .execute(params![tx.last_insert_rowid(), doc])?;
         }
         for (session, verdict, rule) in verdicts {
             tx.prepare_cached(
@@ -319,16 +231,6 @@ impl Index {
                 v.clone().into(),
             );
         }
-        if let Some(v) = &f.grep {
-            // A phrase query: the operator's text is matched, never parsed as FTS syntax.
-            let phrase = format!("\"{}\"", v.replace('"', "\"\""));
-            arg(
-                &mut sql,
-                " AND id IN (SELECT session FROM texts WHERE id IN
-                     (SELECT rowid FROM statements_fts WHERE statements_fts MATCH ?))",
-                phrase.into(),
-            );
-        }
         sql.push_str(" ORDER BY id");
         let mut stmt = self.db.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args), session_row)?;
@@ -343,18 +245,18 @@ impl Index {
             params![before_seq as i64],
         )?;
         tx.execute(
-            "DELETE FROM statements_fts WHERE rowid IN
-                 (SELECT id FROM texts WHERE session NOT IN (SELECT id FROM sessions))",
+            "DELETE FROM verdicts WHERE session NOT IN (SELECT id FROM sessions)",
             [],
         )?;
-        for table in ["texts", "verdicts"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE session NOT IN (SELECT id FROM sessions)"),
-                [],
-            )?;
-        }
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Every session the index holds.
+    pub fn session_ids(&self) -> rusqlite::Result<HashSet<u64>> {
+        let mut stmt = self.db.prepare("SELECT id FROM sessions")?;
+        let ids = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+        ids.map(|id| id.map(|id| id as u64)).collect()
     }
 }
 
@@ -379,34 +281,12 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<SessionRow> {
     })
 }
 
-/// The full-text documents of one batch: per session, its new statement texts joined by
-/// `STATEMENT_BREAK`; `done` holds those that reached `DOC_BYTES`.
-#[derive(Default)]
-struct Docs {
-    open: foldhash::HashMap<u64, String>,
-    done: Vec<(u64, String)>,
-}
-
-impl Docs {
-    fn add(&mut self, session: u64, text: &str) {
-        let doc = self.open.entry(session).or_default();
-        if !doc.is_empty() {
-            doc.push_str(STATEMENT_BREAK);
-        }
-        doc.push_str(text);
-        if doc.len() >= DOC_BYTES {
-            let full = std::mem::take(doc);
-            self.done.push((session, full));
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::record::types::{Request, RequestKind, SessionStart, Verdict};
 
-    fn start(session: u64, seq: u64) -> Entry {
+    pub(crate) fn start(session: u64, seq: u64) -> Entry {
         Entry {
             seq,
             at_us: seq as i64,
@@ -421,7 +301,7 @@ mod tests {
         }
     }
 
-    fn query(session: u64, stmt: u32, seq: u64, text: &str) -> Entry {
+    pub(crate) fn query(session: u64, stmt: u32, seq: u64, text: &str) -> Entry {
         Entry {
             seq,
             at_us: seq as i64,
@@ -436,99 +316,16 @@ mod tests {
         }
     }
 
-    fn grep(index: &Index, text: &str) -> Vec<u64> {
-        let filter = Filter {
-            grep: Some(text.into()),
-            ..Default::default()
-        };
-        index.list(&filter).unwrap().iter().map(|s| s.id).collect()
-    }
-
-    fn full_text_entries(index: &Index) -> i64 {
-        // A contentless table counts its documents only through a query: every row holds `x`.
-        index
-            .db
-            .query_row(
-                "SELECT count(*) FROM statements_fts WHERE statements_fts MATCH 'x'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    }
-
-    /// An index in a directory of its own, kept as long as the directory is.
-    fn fresh() -> (tempfile::TempDir, Index) {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path()).unwrap();
-        (dir, index)
-    }
-
-    #[test]
-    fn texts_seen_are_forgotten_at_session_end_and_bounded_in_all() {
-        let (_dir, mut index) = fresh();
-        let texts: Vec<String> = (0..SEEN_TEXTS + 10)
-            .map(|i| format!("SELECT {i}"))
-            .collect();
-        index
-            .apply(
-                &[
-                    start(1, 0),
-                    query(1, 1, 1, &texts[0]),
-                    query(1, 2, 2, &texts[1]),
-                ],
-                &HashMap::from([(1, 2)]),
-                3,
-            )
-            .unwrap();
-        assert_eq!(index.seen.count, 2);
-        index
-            .apply(&[end(1, 3)], &HashMap::from([(1, 3)]), 4)
-            .unwrap();
-        assert_eq!((index.seen.by_session.len(), index.seen.count), (0, 0));
-        // Sessions whose end never comes hold no more than the bound between them.
-        let mut batch = Vec::new();
-        for (i, text) in texts.iter().enumerate() {
-            let (session, seq) = (10 + i as u64 % 7, 4 + i as u64);
-            batch.push(query(session, i as u32, seq, text));
+    pub(crate) fn end(session: u64, seq: u64) -> Entry {
+        Entry {
+            seq,
+            at_us: seq as i64,
+            session,
+            stmt: 0,
+            record: Record::SessionEnd {
+                reason: "client closed".into(),
+            },
         }
-        let last: HashMap<u64, u64> = (10..17).map(|s| (s, 4 + texts.len() as u64)).collect();
-        index.apply(&batch, &last, 5 + texts.len() as u64).unwrap();
-        assert!(index.seen.count <= SEEN_TEXTS, "{}", index.seen.count);
-        let held: usize = index.seen.by_session.values().map(|s| s.len()).sum();
-        assert_eq!(held, index.seen.count);
-    }
-
-    #[test]
-    fn a_batch_indexed_twice_is_found_once_and_counted_once() {
-        let (dir, mut index) = fresh();
-        let batch = [
-            start(1, 0),
-            query(1, 1, 1, "SELECT x FROM orders"),
-            query(1, 2, 2, "SELECT x FROM users WHERE name = 'o\"brien'"),
-        ];
-        let last = HashMap::from([(1, 2)]);
-        index.apply(&batch, &last, 3).unwrap();
-        // The same records applied again leave the index as it was.
-        let mut again = Index::open(dir.path()).unwrap();
-        again.apply(&batch[1..], &last, 3).unwrap();
-        assert_eq!(grep(&again, "orders"), vec![1]);
-        assert_eq!(grep(&again, "FROM users"), vec![1], "a phrase");
-        assert_eq!(
-            grep(&again, "users FROM"),
-            Vec::<u64>::new(),
-            "words out of order"
-        );
-        assert_eq!(
-            grep(&again, "o\"brien"),
-            vec![1],
-            "a quote is text, not syntax"
-        );
-        assert_eq!(
-            full_text_entries(&again),
-            1,
-            "one document per session and batch"
-        );
-        assert_eq!(again.session(1).unwrap().unwrap().statements, 2);
     }
 
     fn verdict(session: u64, stmt: u32, seq: u64, action: Action, rule: Option<&str>) -> Entry {
@@ -545,93 +342,37 @@ mod tests {
         }
     }
 
-    fn end(session: u64, seq: u64) -> Entry {
-        Entry {
-            seq,
-            at_us: seq as i64,
-            session,
-            stmt: 0,
-            record: Record::SessionEnd {
-                reason: "client closed".into(),
-            },
-        }
+    fn ids(index: &Index) -> Vec<u64> {
+        let rows = index.list(&Filter::default()).unwrap();
+        rows.iter().map(|s| s.id).collect()
+    }
+
+    /// An index in a directory of its own, kept as long as the directory is.
+    fn fresh() -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        (dir, index)
     }
 
     #[test]
-    fn a_phrase_never_spans_two_statements() {
-        let (_dir, mut index) = fresh();
+    fn a_batch_indexed_twice_is_counted_once() {
+        let (dir, mut index) = fresh();
         let batch = [
             start(1, 0),
-            query(1, 1, 1, "SELECT * FROM orders"),
-            query(1, 2, 2, "DELETE FROM users"),
+            query(1, 1, 1, "SELECT x FROM orders"),
+            query(1, 2, 2, "SELECT x FROM users"),
+            end(1, 3),
         ];
-        index.apply(&batch, &HashMap::from([(1, 2)]), 3).unwrap();
-        assert_eq!(grep(&index, "FROM orders"), vec![1]);
-        assert_eq!(grep(&index, "DELETE FROM users"), vec![1]);
-        assert_eq!(grep(&index, "orders DELETE"), Vec::<u64>::new());
-        assert_eq!(
-            grep(&index, "orders \u{e000} DELETE"),
-            vec![1],
-            "only through the break"
-        );
-    }
-
-    #[test]
-    fn a_repeated_statement_is_indexed_once_and_counted_each_time() {
-        let (_dir, mut index) = fresh();
-        let text = "SELECT x FROM orders WHERE id = $1";
-        index
-            .apply(
-                &[start(1, 0), query(1, 1, 1, text), query(1, 2, 2, text)],
-                &HashMap::from([(1, 2)]),
-                3,
-            )
-            .unwrap();
-        index
-            .apply(&[query(1, 3, 3, text)], &HashMap::from([(1, 3)]), 4)
-            .unwrap();
-        assert_eq!(full_text_entries(&index), 1);
-        assert_eq!(index.session(1).unwrap().unwrap().statements, 3);
-        // A later session with the same text is found too.
-        index
-            .apply(
-                &[end(1, 4), start(2, 5), query(2, 1, 6, text)],
-                &HashMap::from([(1, 4), (2, 6)]),
-                7,
-            )
-            .unwrap();
-        assert_eq!(grep(&index, "FROM orders"), vec![1, 2]);
-    }
-
-    #[test]
-    fn a_long_batch_is_split_into_documents_that_each_find_their_session() {
-        let (_dir, mut index) = fresh();
-        let texts: Vec<String> = (0..3000)
-            .map(|i| format!("SELECT payload FROM events WHERE tag = 'tag{i}'"))
-            .collect();
-        let mut batch = vec![start(1, 0)];
-        batch.extend((0..3000).map(|i| query(1, i + 1, u64::from(i) + 1, &texts[i as usize])));
-        index
-            .apply(&batch, &HashMap::from([(1, 3000)]), 3001)
-            .unwrap();
-        let docs: i64 = index
-            .db
-            .query_row(
-                "SELECT count(*) FROM statements_fts WHERE statements_fts MATCH 'payload'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let bytes: usize = texts.iter().map(|t| t.len() + STATEMENT_BREAK.len()).sum();
-        assert_eq!(
-            docs as usize,
-            bytes.div_ceil(DOC_BYTES),
-            "{bytes} bytes of text"
-        );
-        for i in [0, 1499, 2999] {
-            assert_eq!(grep(&index, &format!("tag{i}")), vec![1], "tag{i}");
-        }
-        assert_eq!(index.session(1).unwrap().unwrap().statements, 3000);
+        let last = HashMap::from([(1, 3)]);
+        index.apply(&batch, &last, 4).unwrap();
+        // The same records applied again leave the index as it was.
+        let mut again = Index::open(dir.path()).unwrap();
+        again.apply(&batch[1..], &last, 4).unwrap();
+        let session = again.session(1).unwrap().unwrap();
+        assert_eq!(session.statements, 2);
+        assert_eq!((session.first_seq, session.last_seq), (0, 3));
+        assert_eq!(session.end_reason.as_deref(), Some("client closed"));
+        assert_eq!(ids(&again), vec![1]);
     }
 
     #[test]
@@ -678,35 +419,41 @@ mod tests {
     }
 
     #[test]
-    fn pruned_sessions_leave_no_full_text_behind() {
+    fn pruned_sessions_leave_no_rows_behind() {
         let (_dir, mut index) = fresh();
         let batch = [
             start(1, 0),
-            query(1, 1, 1, "SELECT x FROM old_orders"),
+            verdict(1, 1, 1, Action::Block, Some("default/drop")),
             start(2, 2),
-            query(2, 1, 3, "SELECT x FROM new_orders"),
+            verdict(2, 1, 3, Action::Allow, None),
         ];
         index
             .apply(&batch, &HashMap::from([(1, 1), (2, 3)]), 4)
             .unwrap();
         assert_eq!(index.forget_before(2).unwrap(), 1);
-        assert_eq!(grep(&index, "old_orders"), Vec::<u64>::new());
-        assert_eq!(grep(&index, "new_orders"), vec![2]);
-        assert_eq!(full_text_entries(&index), 1);
+        assert_eq!(ids(&index), vec![2]);
+        assert_eq!(index.session_ids().unwrap(), HashSet::from([2]));
+        let verdicts: i64 = index
+            .db
+            .query_row("SELECT count(*) FROM verdicts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(verdicts, 1);
     }
 
     #[test]
-    fn an_index_of_the_old_layout_is_emptied_for_the_catch_up() {
+    fn an_index_of_an_old_layout_is_emptied_for_the_catch_up() {
         let dir = tempfile::tempdir().unwrap();
         {
-            // The first layout: the full-text table kept its own copy and the session columns.
+            // The third layout: the full text lived in the index, filled by the recorder.
             let db = Connection::open(dir.path().join(INDEX_FILE)).unwrap();
             db.execute_batch(
                 "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
                  INSERT INTO meta VALUES ('indexed_seq', 40);
+                 CREATE TABLE texts(id INTEGER PRIMARY KEY, session INTEGER NOT NULL);
                  CREATE VIRTUAL TABLE statements_fts
-                     USING fts5(text, session UNINDEXED, stmt UNINDEXED);
-                 INSERT INTO statements_fts VALUES ('SELECT 1', 1, 1);",
+                     USING fts5(text, content='', contentless_delete=1);
+                 INSERT INTO statements_fts(rowid, text) VALUES (1, 'SELECT 1');
+                 PRAGMA user_version = 3;",
             )
             .unwrap();
         }
@@ -716,17 +463,21 @@ mod tests {
             0,
             "rebuilt from the first record"
         );
-        index
-            .apply(
-                &[start(1, 0), query(1, 1, 1, "SELECT x")],
-                &HashMap::from([(1, 1)]),
-                2,
+        let tables: i64 = index
+            .db
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('texts', 'statements_fts')",
+                [],
+                |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(grep(&index, "select"), vec![1]);
-        assert_eq!(full_text_entries(&index), 1);
+        assert_eq!(tables, 0, "the full text left the index");
+        index
+            .apply(&[start(1, 0)], &HashMap::from([(1, 0)]), 1)
+            .unwrap();
+        assert_eq!(ids(&index), vec![1]);
         drop(index);
         let reopened = Index::open(dir.path()).unwrap();
-        assert_eq!(reopened.indexed_seq().unwrap(), 2, "the new layout is kept");
+        assert_eq!(reopened.indexed_seq().unwrap(), 1, "the new layout is kept");
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! A [`Recorder`] owns a thread that group-commits entries into zstd blocks of append-only
 //! segments (see [`segment`] for the format), keeps an RFC 9162 Merkle tree over them, and signs
-//! C2SP checkpoints with an Ed25519 key kept outside the recording directory. A SQLite FTS5 index
-//! serves `portcullis recordings list`.
+//! C2SP checkpoints with an Ed25519 key kept outside the recording directory. A SQLite index of
+//! sessions serves `portcullis recordings list`; `--grep` searches an FTS5 index of statement
+//! texts that the search itself brings up to date from the segments ([`texts`]).
 //!
 //! Sessions talk to it through a [`SessionRecorder`]. Every call is non-blocking: it encodes a
 //! record and hands it over on a queue bounded in bytes, alone or with the records of the same
@@ -41,6 +42,7 @@ pub mod index;
 pub mod merkle;
 pub mod read;
 pub mod segment;
+pub mod texts;
 pub mod types;
 pub mod verify;
 mod writer;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
+use super::encode::BUNDLE;
 use super::segment::{Segment, list_segments};
 use super::types::Entry;
 
@@ -14,8 +15,33 @@ pub fn for_each_entry(
     dir: &Path,
     from: u64,
     until: u64,
-    mut f: impl FnMut(Entry) -> anyhow::Result<bool>,
+    f: impl FnMut(Entry) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
+    scan(dir, from, until, None, f).map(drop)
+}
+
+/// [`for_each_entry`] for the entries whose record is one of `variants` (its index in
+/// [`super::types::Record`]): others are skipped without being decoded, except inside a bundle,
+/// whose records all reach `f`. Returns the seq after the last record read: where a later call
+/// goes on.
+pub fn for_each_entry_of(
+    dir: &Path,
+    from: u64,
+    until: u64,
+    variants: &[u32],
+    f: impl FnMut(Entry) -> anyhow::Result<bool>,
+) -> anyhow::Result<u64> {
+    scan(dir, from, until, Some(variants), f)
+}
+
+fn scan(
+    dir: &Path,
+    from: u64,
+    until: u64,
+    variants: Option<&[u32]>,
+    mut f: impl FnMut(Entry) -> anyhow::Result<bool>,
+) -> anyhow::Result<u64> {
+    let mut next = from;
     let segments = list_segments(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut opened = Vec::new();
     for (_, path) in &segments {
@@ -37,7 +63,7 @@ pub fn for_each_entry(
                 continue;
             }
             if b.first_seq >= until {
-                return Ok(());
+                return Ok(next);
             }
             let records = b.records().map_err(|d| {
                 anyhow::anyhow!(
@@ -46,14 +72,23 @@ pub fn for_each_entry(
                 )
             })?;
             for payload in records {
-                let entry: Entry = postcard::from_bytes(&payload)
-                    .with_context(|| format!("{}: a record does not decode", seg.path.display()))?;
-                if entry.seq < from || entry.seq >= until {
+                let decode_error = || format!("{}: a record does not decode", seg.path.display());
+                // An entry's fields before its record, and the record's variant.
+                let (seq, _, _, _, variant): (u64, i64, u64, u32, u32) =
+                    postcard::take_from_bytes(&payload)
+                        .with_context(decode_error)?
+                        .0;
+                if seq < from || seq >= until {
                     continue;
                 }
+                next = seq + 1;
+                if variants.is_some_and(|v| !v.contains(&variant) && variant != BUNDLE) {
+                    continue;
+                }
+                let entry: Entry = postcard::from_bytes(&payload).with_context(decode_error)?;
                 for entry in entry.unbundle() {
                     if !f(entry)? {
-                        return Ok(());
+                        return Ok(next);
                     }
                 }
             }
@@ -69,5 +104,5 @@ pub fn for_each_entry(
             }
         }
     }
-    Ok(())
+    Ok(next)
 }
