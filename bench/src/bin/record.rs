@@ -6,7 +6,8 @@
 //!   shared machine does not count; the goal is ≥ 200 MB/s per core), with the wall-clock rate.
 //! - **Verify**: `recordings verify` over that log, MB of segment per second of wall time.
 //! - **Size per 1,000 queries**: simple queries (request, verdict, one column, one row, complete)
-//!   as a session of an agent's would look, bytes on disk per 1,000.
+//!   as a session of an agent's would look, bytes on disk per 1,000; then the first search's
+//!   speed, building the statements' full text from those segments, and what that adds on disk.
 //!
 //! Medians over `--reps` runs. `cargo run --release -p portcullis-bench --bin record -- [--reps N]
 //! [--mb N] [--queries N] [--zstd-level N]`
@@ -14,6 +15,8 @@
 use std::time::{Duration, Instant};
 
 use portcullis::record::checkpoint::{Verifier, pub_path};
+use portcullis::record::index::INDEX_FILE;
+use portcullis::record::texts::{TEXTS_FILE, Texts};
 use portcullis::record::{
     Bytes, Column, Recorder, RecordingConfig, Request, RequestKind, Row, SessionStart, Verdict,
 };
@@ -106,10 +109,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn dir_bytes(dir: &std::path::Path) -> u64 {
+/// Bytes of the files in `dir` whose names start with `prefix` (a SQLite file's `-wal` and `-shm`
+/// with it).
+fn dir_bytes(dir: &std::path::Path, prefix: &str) -> u64 {
     std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.metadata().unwrap().len())
         .sum()
 }
 
@@ -193,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         per_core.push(value_bytes as f64 / 1e6 / cpu);
         wall.push(value_bytes as f64 / 1e6 / elapsed);
         let dir = tmp.path().join("recordings");
-        let on_disk = dir_bytes(&dir);
+        let on_disk = dir_bytes(&dir, "");
         ratio.push(value_bytes as f64 / on_disk as f64);
         let verifiers = Verifier::read_file(&pub_path(&cfg.key_file(tmp.path())))?;
         let t = Instant::now();
@@ -261,7 +268,17 @@ fn main() -> anyhow::Result<()> {
     }
     h.flush().wait()?;
     recorder.shutdown();
-    let simple = dir_bytes(&tmp.path().join("recordings"));
+    let dir = tmp.path().join("recordings");
+    let recorded = dir_bytes(&dir, "");
+    let index = dir_bytes(&dir, INDEX_FILE);
+    // The first `list --grep` over that log: the full text built from the segments.
+    let segments = recorded - index;
+    let started = Instant::now();
+    let mut texts = Texts::open(&dir)?;
+    texts.catch_up(&dir)?;
+    drop(texts);
+    let first_search = segments as f64 / 1e6 / started.elapsed().as_secs_f64();
+    let full_text = dir_bytes(&dir, TEXTS_FILE);
 
     println!(
         "recorder, wide rows: {rows} rows of 20 columns, {:.1} MB of values, {reps} runs",
@@ -277,16 +294,19 @@ fn main() -> anyhow::Result<()> {
         "verify               {:8.1} MB/s of segments",
         median(verify_mbs)
     );
+    let per_1000 = |bytes: u64| bytes as f64 / (queries as f64 / 1000.0);
     println!(
-        "simple queries       {:8.0} bytes on disk per 1,000 queries ({queries} queries, segments + checkpoints, index excluded)",
-        (simple
-            - std::fs::metadata(tmp.path().join("recordings/index.sqlite")).map_or(0, |m| m.len()))
-            as f64
-            / (queries as f64 / 1000.0)
+        "simple queries       {:8.0} bytes on disk per 1,000 queries ({queries} queries, segments + checkpoints)",
+        per_1000(segments)
     );
     println!(
         "  with the index     {:8.0} bytes per 1,000 queries",
-        simple as f64 / (queries as f64 / 1000.0)
+        per_1000(segments + index)
     );
+    println!(
+        "  with the full text {:8.0} bytes per 1,000 queries, once a search built it",
+        per_1000(segments + index + full_text)
+    );
+    println!("first search         {first_search:8.1} MB/s of segments (full text built, wall)");
     Ok(())
 }
