@@ -846,11 +846,10 @@ impl Responses {
         match tag {
             b'T' => {
                 self.flush(rec);
-                let _ = match record::encode::row_description(body) {
-                    Some(count) => rec.row_description(body, count),
-                    // A name that is not UTF-8 is recorded lossily, from a copy.
-                    None => rec.columns(columns(body).unwrap_or_default()),
-                };
+                // A name that is not UTF-8 is recorded lossily, from a copy.
+                if let Ok(false) = rec.row_description(body) {
+                    let _ = rec.columns(columns(body).unwrap_or_default());
+                }
             }
             b'D' => {
                 if let Some((len, _)) = record::encode::data_row(body) {
@@ -1120,6 +1119,63 @@ mod tests {
             .filter(|r| matches!(r, Record::Columns(c) if c.len() == 1 && c[0].name == "v" && c[0].type_oid == 25))
             .count();
         assert_eq!(columns, whole);
+    }
+
+    /// A RowDescription body of text-format columns.
+    fn description(columns: &[(&[u8], i32)]) -> Vec<u8> {
+        let mut t = (columns.len() as i16).to_be_bytes().to_vec();
+        for (name, oid) in columns {
+            t.extend_from_slice(name);
+            t.push(0);
+            t.extend_from_slice(&[0; 6]);
+            t.extend_from_slice(&oid.to_be_bytes());
+            t.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+        }
+        t
+    }
+
+    #[test]
+    fn result_shapes_that_repeat_and_alternate_are_each_recorded_as_described() {
+        let state = tempfile::tempdir().unwrap();
+        let recorder = Recorder::start(&RecordingConfig::default(), state.path()).unwrap();
+        let mut rec = recorder.handle().begin(SessionStart::default()).unwrap();
+        let a = description(&[(b"id", 20), (b"email", 25)]);
+        let b = description(&[(b"id", 23)]);
+        // Same length as `a`, one byte apart: the type of its first column.
+        let a_int = description(&[(b"id", 23), (b"email", 25)]);
+        let lossy = description(&[(b"caf\xe9", 25)]);
+        let shapes = [&a, &a, &b, &a, &a_int, &lossy, &a];
+        let mut r = Responses::new(1 << 20);
+        for body in shapes {
+            r.feed(
+                &[msg(b'T', body), msg(b'C', b"SELECT 0\0"), msg(b'Z', b"I")].concat(),
+                &mut rec,
+            );
+        }
+        rec.end("done").unwrap();
+        recorder.handle().flush().wait().unwrap();
+        drop(recorder);
+
+        let mut got = Vec::new();
+        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
+            if let Record::Columns(c) = e.record {
+                got.push(c.iter().map(|c| (c.name.clone(), c.type_oid)).collect::<Vec<_>>());
+            }
+            Ok(true)
+        })
+        .unwrap();
+        let col = |name: &str, oid: u32| (name.to_owned(), oid);
+        let a = vec![col("id", 20), col("email", 25)];
+        let want = vec![
+            a.clone(),
+            a.clone(),
+            vec![col("id", 23)],
+            a.clone(),
+            vec![col("id", 23), col("email", 25)],
+            vec![col("caf\u{fffd}", 25)],
+            a,
+        ];
+        assert_eq!(got, want);
     }
 
     fn data_row(v: &[u8]) -> Vec<u8> {

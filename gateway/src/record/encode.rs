@@ -8,6 +8,8 @@
 
 use serde::Serialize;
 
+use super::types::Truncation;
+
 /// An entry without its `seq`: what follows it in the payload.
 #[derive(Serialize)]
 pub(crate) struct Tail<'a, R: ?Sized + Serialize> {
@@ -45,6 +47,33 @@ pub(crate) struct RowDescription<'a> {
 /// format.
 const COLUMNS: u32 = 3;
 const ROWS: u32 = 4;
+
+/// `Record::Complete`'s variant index.
+const COMPLETE: u32 = 9;
+
+/// Appends `Record::Complete` as postcard encodes it, written directly: every statement ends
+/// with one, and through serde its tag's copy and the struct cost more than its bytes.
+pub(crate) fn complete(
+    out: &mut Vec<u8>,
+    tag: &str,
+    counts: [u64; 4],
+    truncated: Option<&Truncation>,
+) {
+    varint(out, u64::from(COMPLETE));
+    varint(out, tag.len() as u64);
+    out.extend_from_slice(tag.as_bytes());
+    for n in counts {
+        varint(out, n);
+    }
+    match truncated {
+        None => out.push(0),
+        Some(t) => {
+            out.push(1);
+            varint(out, t.rows_recorded);
+            varint(out, t.bytes_recorded);
+        }
+    }
+}
 
 /// `Record::Bundle`'s variant index.
 pub(crate) const BUNDLE: u32 = 14;
@@ -226,6 +255,40 @@ mod tests {
                 count: rows.len(),
             };
             assert_eq!(short.write(&mut Vec::new()), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_complete_encodes_as_serde_does() {
+        use crate::record::types::Complete;
+        for (tag, truncated) in [
+            ("SELECT 3", None),
+            ("", None),
+            (
+                "INSERT 0 300",
+                Some(Truncation {
+                    rows_recorded: 1 << 40,
+                    bytes_recorded: 127,
+                }),
+            ),
+        ] {
+            let c = Complete {
+                tag: tag.into(),
+                rows: 300,
+                bytes_in: 0,
+                bytes_out: u64::MAX,
+                latency_us: 16_384,
+                truncated,
+            };
+            let mut ours = Vec::new();
+            complete(
+                &mut ours,
+                &c.tag,
+                [c.rows, c.bytes_in, c.bytes_out, c.latency_us],
+                c.truncated.as_ref(),
+            );
+            let record = Record::Complete(c);
+            assert_eq!(ours, postcard::to_stdvec(&record).unwrap(), "{tag}");
         }
     }
 

@@ -398,6 +398,7 @@ impl RecorderHandle {
             pending: Vec::new(),
             pending_bytes: 0,
             batching: false,
+            last_columns: LastColumns::default(),
         };
         if let Err(e) = rec.send(Record::SessionStart(start), false) {
             rec.ended = true;
@@ -524,7 +525,18 @@ pub struct SessionRecorder {
     pending_bytes: usize,
     /// Inside a [`Batch`]: records wait for its end (or [`SUBMIT_BYTES`]).
     batching: bool,
+    /// The last RowDescription recorded, and its encoding.
+    last_columns: LastColumns,
 }
+
+#[derive(Default)]
+struct LastColumns {
+    body: Vec<u8>,
+    encoded: Vec<u8>,
+}
+
+/// A RowDescription body larger than this is not kept for reuse (idle sessions would hold it).
+const COLUMNS_KEPT: usize = 8 << 10;
 
 /// A session hands its pending records over at least every this many bytes.
 const SUBMIT_BYTES: usize = 256 << 10;
@@ -639,9 +651,7 @@ impl SessionRecorder {
             self.submit(Some(tx))?;
             return Ok(Durable(Inner::Waiting(rx)));
         }
-        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
-            self.submit(None)?;
-        }
+        self.submit_unless_batching()?;
         Ok(Durable::ready(Ok(())))
     }
 
@@ -772,26 +782,37 @@ impl SessionRecorder {
         self.encode_with(stmt, 64 + cut + 4 * keep, |out| {
             rows.write(out).ok_or_else(|| "a bad DataRow".to_owned())
         })?;
-        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
-            self.submit(None)?;
-        }
-        Ok(())
+        self.submit_unless_batching()
     }
 
-    /// [`Self::columns`] for a RowDescription body as the client received it, with `count`
-    /// columns, checked with `encode::row_description` by the caller. Encoded without a copy.
-    pub fn row_description(&mut self, body: &[u8], count: usize) -> Result<(), RecordError> {
-        let columns = encode::RowDescription { body, count };
-        let stmt = self.answering.unwrap_or(self.stmt);
-        self.encode_with(stmt, 64 + 32 * count, |out| {
-            columns
-                .write(out)
-                .ok_or_else(|| "a bad RowDescription".to_owned())
-        })?;
-        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
-            self.submit(None)?;
+    /// [`Self::columns`] for a RowDescription body as the client received it, encoded without a
+    /// copy. `Ok(false)` when it does not check (a name that is not UTF-8): the caller records a
+    /// lossy copy. A session repeats a few result shapes, so the last body's encoding is kept
+    /// and reused while the next is the same bytes.
+    pub fn row_description(&mut self, body: &[u8]) -> Result<bool, RecordError> {
+        let mut last = std::mem::take(&mut self.last_columns);
+        if last.encoded.is_empty() || last.body != body {
+            last.body.clear();
+            last.encoded.clear();
+            let written = encode::row_description(body)
+                .and_then(|count| encode::RowDescription { body, count }.write(&mut last.encoded));
+            if written.is_none() {
+                last.encoded.clear();
+                self.last_columns = last;
+                return Ok(false);
+            }
+            last.body.extend_from_slice(body);
         }
-        Ok(())
+        let stmt = self.answering.unwrap_or(self.stmt);
+        let encoded = self.encode_with(stmt, 64 + last.encoded.len(), |out| {
+            out.extend_from_slice(&last.encoded);
+            Ok(())
+        });
+        if last.body.len() <= COLUMNS_KEPT {
+            self.last_columns = last;
+        }
+        encoded?;
+        self.submit_unless_batching().map(|()| true)
     }
 
     pub fn copy_data(&mut self, data: Bytes) -> Result<(), RecordError> {
@@ -866,18 +887,22 @@ impl SessionRecorder {
             rows_recorded: r.rows_recorded,
             bytes_recorded: r.bytes_recorded,
         });
-        self.send(
-            Record::Complete(Complete {
-                tag: tag.to_owned(),
-                rows: r.rows,
-                bytes_in,
-                bytes_out,
-                latency_us: latency.as_micros() as u64,
-                truncated,
-            }),
-            false,
-        )
-        .map(drop)
+        let counts = [r.rows, bytes_in, bytes_out, latency.as_micros() as u64];
+        let stmt = self.answering.unwrap_or(self.stmt);
+        self.encode_with(stmt, 64 + tag.len(), |out| {
+            encode::complete(out, tag, counts, truncated.as_ref());
+            Ok(())
+        })?;
+        self.submit_unless_batching()
+    }
+
+    /// Hands the pending records over unless a batch or a held statement keeps them, or they
+    /// grew past [`SUBMIT_BYTES`].
+    fn submit_unless_batching(&mut self) -> Result<(), RecordError> {
+        if !self.batching || self.pending.len() >= SUBMIT_BYTES {
+            self.submit(None)?;
+        }
+        Ok(())
     }
 
     /// Ends the session; its end gets a checkpoint of its own.
