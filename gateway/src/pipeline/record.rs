@@ -869,7 +869,8 @@ impl Responses {
             b'c' => self.flush(rec),
             b'C' => {
                 self.flush(rec);
-                let tag = c.string().unwrap_or_default();
+                // Borrowed unless it is not UTF-8: every statement ends here.
+                let tag = c.cstr().map(String::from_utf8_lossy).unwrap_or_default();
                 self.complete(&tag, rec);
             }
             b'I' => self.complete("", rec),
