@@ -1160,7 +1160,11 @@ mod tests {
         let mut got = Vec::new();
         crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
             if let Record::Columns(c) = e.record {
-                got.push(c.iter().map(|c| (c.name.clone(), c.type_oid)).collect::<Vec<_>>());
+                got.push(
+                    c.iter()
+                        .map(|c| (c.name.clone(), c.type_oid))
+                        .collect::<Vec<_>>(),
+                );
             }
             Ok(true)
         })

@@ -107,7 +107,10 @@ pub(crate) fn bundled(out: &mut Vec<u8>, at_us: i64, record: &[u8]) {
 }
 
 /// The variants the index holds: session start, request, verdict, session end.
-pub(crate) const INDEXED: [u32; 4] = [0, 1, 2, 10];
+pub(crate) const INDEXED: [u32; 4] = [0, REQUEST, 2, 10];
+
+/// `Record::Request`'s variant index.
+pub(crate) const REQUEST: u32 = 1;
 
 impl DataRows<'_> {
     /// Appends `Record::Rows` as postcard encodes it (a varint variant index and lengths, a

@@ -8,7 +8,7 @@ use std::path::Path;
 use foldhash::{HashMapExt as _, HashSetExt as _};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::types::{Action, Entry, Record};
+use super::types::{Action, Entry, Record, SessionStart};
 
 pub const INDEX_FILE: &str = "index.sqlite";
 
@@ -17,6 +17,57 @@ const SCHEMA_VERSION: i64 = 4;
 
 pub struct Index {
     db: Connection,
+}
+
+/// What the index keeps of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Indexed {
+    Start(Box<SessionStart>),
+    /// A request only counts: its text is the full text's ([`super::texts`]).
+    Request,
+    Verdict {
+        action: Action,
+        rule: Option<String>,
+    },
+    End {
+        reason: String,
+    },
+}
+
+impl Indexed {
+    /// `None` for a record the index does not keep.
+    pub fn of(record: Record) -> Option<Indexed> {
+        Some(match record {
+            Record::SessionStart(s) => Indexed::Start(Box::new(s)),
+            Record::Request(_) => Indexed::Request,
+            Record::Verdict(v) => Indexed::Verdict {
+                action: v.action,
+                rule: v.rule,
+            },
+            Record::SessionEnd { reason } => Indexed::End { reason },
+            _ => return None,
+        })
+    }
+}
+
+/// An entry as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub seq: u64,
+    pub at_us: i64,
+    pub session: u64,
+    pub what: Indexed,
+}
+
+impl IndexEntry {
+    pub fn of(e: Entry) -> Option<IndexEntry> {
+        Some(IndexEntry {
+            seq: e.seq,
+            at_us: e.at_us,
+            session: e.session,
+            what: Indexed::of(e.record)?,
+        })
+    }
 }
 
 /// One row of `portcullis recordings list`.
@@ -106,13 +157,12 @@ impl Index {
         Ok(v.unwrap_or(0) as u64)
     }
 
-    /// Adds a batch of entries in one transaction. `entries` may skip records the index does not
-    /// need (rows, COPY data); `last_seq` maps every session in the batch to its newest seq and
+    /// Adds a batch of entries in one transaction. `last_seq` maps every session in the batch to its newest seq and
     /// `next_seq` is the first seq after the batch. Entries the index holds already (before
     /// `indexed_seq`) are skipped.
     pub fn apply(
         &mut self,
-        entries: &[Entry],
+        entries: &[IndexEntry],
         last_seq: &HashMap<u64, u64>,
         next_seq: u64,
     ) -> rusqlite::Result<()> {
@@ -121,8 +171,8 @@ impl Index {
         let indexed = self.indexed_seq()?;
         let tx = self.db.transaction()?;
         for e in entries.iter().filter(|e| e.seq >= indexed) {
-            match &e.record {
-                Record::SessionStart(s) => {
+            match &e.what {
+                Indexed::Start(s) => {
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO sessions(id, started_us, agent, subject, target,
                              database, upstream_user, first_seq, last_seq)
@@ -139,21 +189,20 @@ impl Index {
                         e.seq as i64
                     ])?;
                 }
-                Record::Request(_) => counts.entry(e.session).or_default().0 += 1,
-                Record::Verdict(v) => {
-                    let rule = v.rule.as_deref().unwrap_or_default();
-                    verdicts.insert((e.session, v.action.as_str(), rule));
-                    if matches!(v.action, Action::Block | Action::Denied) {
+                Indexed::Request => counts.entry(e.session).or_default().0 += 1,
+                Indexed::Verdict { action, rule } => {
+                    let rule = rule.as_deref().unwrap_or_default();
+                    verdicts.insert((e.session, action.as_str(), rule));
+                    if matches!(action, Action::Block | Action::Denied) {
                         counts.entry(e.session).or_default().1 += 1;
                     }
                 }
-                Record::SessionEnd { reason } => {
+                Indexed::End { reason } => {
                     tx.prepare_cached(
                         "UPDATE sessions SET ended_us = ?2, end_reason = ?3 WHERE id = ?1",
                     )?
                     .execute(params![e.session as i64, e.at_us, reason])?;
                 }
-                _ => {}
             }
         }
         for (session, verdict, rule) in verdicts {
@@ -284,7 +333,7 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<SessionRow> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::record::types::{Request, RequestKind, SessionStart, Verdict};
+    use crate::record::types::{Request, RequestKind, Verdict};
 
     pub(crate) fn start(session: u64, seq: u64) -> Entry {
         Entry {
@@ -342,6 +391,13 @@ pub(crate) mod tests {
         }
     }
 
+    /// Applies entries as the recorder hands them over: only what the index keeps.
+    fn apply(index: &mut Index, entries: &[Entry], last_seq: &[(u64, u64)], next_seq: u64) {
+        let kept: Vec<IndexEntry> = entries.iter().cloned().filter_map(IndexEntry::of).collect();
+        let last_seq = last_seq.iter().copied().collect();
+        index.apply(&kept, &last_seq, next_seq).unwrap();
+    }
+
     fn ids(index: &Index) -> Vec<u64> {
         let rows = index.list(&Filter::default()).unwrap();
         rows.iter().map(|s| s.id).collect()
@@ -363,11 +419,11 @@ pub(crate) mod tests {
             query(1, 2, 2, "SELECT x FROM users"),
             end(1, 3),
         ];
-        let last = HashMap::from([(1, 3)]);
-        index.apply(&batch, &last, 4).unwrap();
+        let last = [(1, 3)];
+        apply(&mut index, &batch, &last, 4);
         // The same records applied again leave the index as it was.
         let mut again = Index::open(dir.path()).unwrap();
-        again.apply(&batch[1..], &last, 4).unwrap();
+        apply(&mut again, &batch[1..], &last, 4);
         let session = again.session(1).unwrap().unwrap();
         assert_eq!(session.statements, 2);
         assert_eq!((session.first_seq, session.last_seq), (0, 3));
@@ -386,17 +442,14 @@ pub(crate) mod tests {
             query(2, 1, 4, "SELECT 1"),
             verdict(2, 1, 5, Action::Allow, None),
         ];
-        index
-            .apply(&batch, &HashMap::from([(1, 2), (2, 5)]), 6)
-            .unwrap();
+        apply(&mut index, &batch, &[(1, 2), (2, 5)], 6);
         // The approval comes in a later batch.
-        index
-            .apply(
-                &[verdict(1, 1, 6, Action::Denied, None)],
-                &HashMap::from([(1, 6)]),
-                7,
-            )
-            .unwrap();
+        apply(
+            &mut index,
+            &[verdict(1, 1, 6, Action::Denied, None)],
+            &[(1, 6)],
+            7,
+        );
         let list = |verdict: Option<&str>, rule: Option<&str>| -> Vec<u64> {
             let filter = Filter {
                 verdict: verdict.map(Into::into),
@@ -427,9 +480,7 @@ pub(crate) mod tests {
             start(2, 2),
             verdict(2, 1, 3, Action::Allow, None),
         ];
-        index
-            .apply(&batch, &HashMap::from([(1, 1), (2, 3)]), 4)
-            .unwrap();
+        apply(&mut index, &batch, &[(1, 1), (2, 3)], 4);
         assert_eq!(index.forget_before(2).unwrap(), 1);
         assert_eq!(ids(&index), vec![2]);
         assert_eq!(index.session_ids().unwrap(), HashSet::from([2]));
@@ -472,9 +523,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         assert_eq!(tables, 0, "the full text left the index");
-        index
-            .apply(&[start(1, 0)], &HashMap::from([(1, 0)]), 1)
-            .unwrap();
+        apply(&mut index, &[start(1, 0)], &[(1, 0)], 1);
         assert_eq!(ids(&index), vec![1]);
         drop(index);
         let reopened = Index::open(dir.path()).unwrap();

@@ -22,7 +22,7 @@ use futures_channel::oneshot;
 use super::checkpoint::{Checkpoint, Signer};
 use super::config::RecordingConfig;
 use super::encode;
-use super::index::Index;
+use super::index::{Index, IndexEntry, Indexed};
 use super::merkle::Frontier;
 use super::segment::{
     Damage, RECORD_HEADER, Segment, SegmentHeader, encode_block, encode_checkpoint, encode_header,
@@ -92,7 +92,7 @@ pub(super) struct Writer {
     /// The records the index keeps, in seq order, from the last index update on, durable or
     /// not: those before `durable` go to the index, in place (entries are large, and moving
     /// them from block to block cost more than the index's own work on them).
-    index_entries: Vec<Entry>,
+    index_entries: Vec<IndexEntry>,
     index_last_seq: HashMap<u64, u64>,
     /// The last record's session and seq, not yet in `index_last_seq`: consecutive records are
     /// mostly one session's, and a map update for each cost more than numbering the record.
@@ -469,17 +469,23 @@ impl Writer {
             }
         }
         for r in run.iter().filter(|r| encode::INDEXED.contains(&r.variant)) {
-            match postcard::from_bytes::<Record>(r.record) {
-                Ok(record) => {
-                    self.session_ended |= matches!(record, Record::SessionEnd { .. });
-                    self.index_entries.push(Entry {
+            // A request only counts: its text is left undecoded.
+            let what = if r.variant == encode::REQUEST {
+                Ok(Some(Indexed::Request))
+            } else {
+                postcard::from_bytes::<Record>(r.record).map(Indexed::of)
+            };
+            match what {
+                Ok(Some(what)) => {
+                    self.session_ended |= matches!(what, Indexed::End { .. });
+                    self.index_entries.push(IndexEntry {
                         seq,
                         at_us: r.at_us,
                         session,
-                        stmt: r.stmt,
-                        record,
+                        what,
                     });
                 }
+                Ok(None) => {}
                 Err(e) => tracing::error!("recording: a record does not decode for the index: {e}"),
             }
         }
@@ -652,7 +658,7 @@ impl Writer {
             || self.index_entries[from..]
                 .iter()
                 .take_while(|e| e.seq < to)
-                .any(|e| matches!(e.record, Record::SessionEnd { .. }));
+                .any(|e| matches!(e.what, Indexed::End { .. }));
         self.index_since.get_or_insert_with(Instant::now);
         if now {
             self.index_now();
@@ -799,15 +805,7 @@ fn catch_up(dir: &Path, index: &mut Index, size: u64) -> anyhow::Result<u64> {
         super::read::for_each_entry(dir, from, size, |e| {
             last_seq.insert(e.session, e.seq);
             max_session = max_session.max(e.session);
-            if matches!(
-                e.record,
-                Record::SessionStart(_)
-                    | Record::Request(_)
-                    | Record::Verdict(_)
-                    | Record::SessionEnd { .. }
-            ) {
-                entries.push(e);
-            }
+            entries.extend(IndexEntry::of(e));
             Ok(true)
         })?;
         index.apply(&entries, &last_seq, size)?;
