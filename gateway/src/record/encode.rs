@@ -153,6 +153,24 @@ fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
+/// The inverse of postcard's zigzag encoding of a signed integer.
+pub(crate) fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+/// Reads a varint from the front of `b` as [`varint`] writes it, and the bytes after it. `None`
+/// past the end of `b`, or past the ten bytes a `u64` takes at most.
+pub(crate) fn take_varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().take(10).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
 /// postcard's unsigned varint: seven bits a byte, least significant first.
 pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -309,6 +327,34 @@ mod tests {
             let record = Record::Complete(c);
             assert_eq!(ours, postcard::to_stdvec(&record).unwrap(), "{tag}");
         }
+    }
+
+    #[test]
+    fn varints_read_back_as_postcard_writes_them_and_never_past_their_end() {
+        let values = [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            1 << 56,
+            u64::MAX,
+        ];
+        for v in values {
+            let mut b = postcard::to_stdvec(&v).unwrap();
+            b.push(0xaa);
+            assert_eq!(take_varint(&b), Some((v, &[0xaa][..])), "{v}");
+            for cut in 0..b.len() - 1 {
+                assert_eq!(take_varint(&b[..cut]), None, "{v} cut at {cut}");
+            }
+        }
+        for v in [0, -1, 1, i64::MIN, i64::MAX, 1_764_633_600_000_000] {
+            let b = postcard::to_stdvec(&v).unwrap();
+            assert_eq!(take_varint(&b).map(|(z, _)| unzigzag(z)), Some(v), "{v}");
+        }
+        assert_eq!(take_varint(&[0x80; 11]), None, "longer than a u64 takes");
     }
 
     #[test]

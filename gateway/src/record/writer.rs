@@ -121,15 +121,17 @@ struct Handed<'a> {
 }
 
 impl<'a> Handed<'a> {
+    /// Read with `encode`'s varint reader rather than postcard's: five records a simple query.
     fn parse(tail: &'a [u8]) -> Option<Handed<'a>> {
-        let ((at_us, session, stmt), record) =
-            postcard::take_from_bytes::<(i64, u64, u32)>(tail).ok()?;
-        let (variant, _) = postcard::take_from_bytes::<u32>(record).ok()?;
+        let (at_us, rest) = encode::take_varint(tail)?;
+        let (session, rest) = encode::take_varint(rest)?;
+        let (stmt, record) = encode::take_varint(rest)?;
+        let (variant, _) = encode::take_varint(record)?;
         Some(Handed {
-            at_us,
+            at_us: encode::unzigzag(at_us),
             session,
-            stmt,
-            variant,
+            stmt: u32::try_from(stmt).ok()?,
+            variant: u32::try_from(variant).ok()?,
             record,
         })
     }
