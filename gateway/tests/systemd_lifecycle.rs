@@ -467,6 +467,32 @@ fn upgrade_keeps_pins_state_and_config_remove_keeps_them_purge_removes_them() ->
     let got = connect_as_agent(&sd, &pg)?;
     ensure!(got == Outcome::Gateway, "after the upgrade: {got:?}");
 
+    // An operator searches the recordings as root: the agent's statement is found, and the
+    // full text the search built stays the service user's, as the rest of the directory is.
+    let found = sd.ok(&[
+        "portcullis",
+        "recordings",
+        "--dir",
+        "/var/lib/portcullis/recordings",
+        "list",
+        "--grep",
+        "current_user",
+    ])?;
+    ensure!(
+        found.lines().count() >= 2,
+        "the agent's statement not found: {found}"
+    );
+    let texts = sd.ok(&[
+        "stat",
+        "-c",
+        "%U:%G %a",
+        "/var/lib/portcullis/recordings/texts.sqlite",
+    ])?;
+    ensure!(
+        texts.trim() == "portcullis:portcullis 640",
+        "texts.sqlite: {texts}"
+    );
+
     // Remove: the unit stops; state, config and pins stay, so agents stay fenced in. With the
     // binary gone, the agent is a plain shell moved into the keeper cgroup.
     eprintln!(

@@ -38,8 +38,14 @@ pub struct Texts {
 }
 
 impl Texts {
-    pub fn open(dir: &Path) -> rusqlite::Result<Texts> {
-        let db = Connection::open(dir.join(TEXTS_FILE))?;
+    pub fn open(dir: &Path) -> anyhow::Result<Texts> {
+        let path = dir.join(TEXTS_FILE);
+        create(&path, dir).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Texts::open_db(&path)?)
+    }
+
+    fn open_db(path: &Path) -> rusqlite::Result<Texts> {
+        let db = Connection::open(path)?;
         db.busy_timeout(BUSY_TIMEOUT)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
@@ -141,6 +147,30 @@ impl Texts {
         }
         tx.commit()?;
         Ok(doomed.len())
+    }
+}
+
+/// Makes the file if it is not there: readable by the owner's group at most, as the daemon's
+/// files are (`UMask=0027`), and owned by the recording directory's owner, so that a search run
+/// as root leaves no file that the service's user cannot open. SQLite gives its `-wal` and `-shm`
+/// files the same mode and owner.
+fn create(path: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let owner = std::fs::metadata(dir)?;
+    match std::os::unix::fs::fchown(&file, Some(owner.uid()), Some(owner.gid())) {
+        // Only root may give a file away; anyone else's search made a file of its own.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+        other => other,
     }
 }
 
@@ -409,6 +439,34 @@ mod tests {
         assert_eq!(grep(&texts, "old_orders"), Vec::<u64>::new());
         assert_eq!(grep(&texts, "long_lived"), vec![2]);
         assert_eq!(grep(&texts, "new_orders"), vec![3]);
+    }
+
+    #[test]
+    fn the_file_is_no_wider_than_the_index_and_belongs_to_the_directorys_owner() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let root = testkit::is_root();
+        if root {
+            // The service's user owns the directory; the operator searches as root.
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        } else {
+            eprintln!("SKIPPED the owner half of this test: needs root to give a file away");
+        }
+        // Open while checked: SQLite removes its `-wal` file with the last connection.
+        let texts = Texts::open(dir.path()).unwrap();
+        let meta = std::fs::metadata(dir.path().join(TEXTS_FILE)).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o037,
+            0,
+            "{:o}",
+            meta.permissions().mode()
+        );
+        if root {
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+            let wal = std::fs::metadata(dir.path().join(format!("{TEXTS_FILE}-wal"))).unwrap();
+            assert_eq!(wal.uid(), 65534, "SQLite's own files follow");
+        }
+        drop(texts);
     }
 
     #[test]
