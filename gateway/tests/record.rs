@@ -866,6 +866,18 @@ fn rotated_keys_keep_old_checkpoints_verifiable_and_prune_leaves_a_signed_tombst
     let (code, text) = env.verify(&[]);
     assert_eq!(code, 0, "{text}");
     let before = list_segments(&env.dir()).unwrap().len();
+    let ids = |args: &[&str]| -> Vec<u64> {
+        let mut a = vec!["list", "--json"];
+        a.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&env.cli(&a))).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_u64().unwrap())
+            .collect()
+    };
+    // A search before the prune builds the full text of every session.
+    assert_eq!(ids(&["--grep", "SELECT"]).len(), 6);
 
     let out = env.cli(&[
         "prune",
@@ -882,9 +894,9 @@ fn rotated_keys_keep_old_checkpoints_verifiable_and_prune_leaves_a_signed_tombst
     let (code, text) = env.verify(&[]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("pruned: records before"), "{text}");
-    let list = stdout(&env.cli(&["list", "--json"]));
-    let kept: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
-    assert!(kept.len() < 6, "pruned sessions leave the index: {list}");
+    let kept = ids(&[]);
+    assert!(kept.len() < 6, "pruned sessions leave the index: {kept:?}");
+    assert_eq!(ids(&["--grep", "SELECT"]), kept, "and the full text");
 
     // A tombstone cannot be forged without the key.
     let path = env.dir().join("tombstones.log");
