@@ -42,6 +42,17 @@ impl Env {
             ..Default::default()
         }
     }
+    /// The ids `recordings list` gives with these filters.
+    fn listed(&self, filters: &[&str]) -> Vec<u64> {
+        let mut args = vec!["list", "--json"];
+        args.extend_from_slice(filters);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&self.cli(&args))).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_u64().unwrap())
+            .collect()
+    }
     fn cli(&self, args: &[&str]) -> Output {
         cli(&self.dir(), args)
     }
@@ -481,16 +492,7 @@ fn round_trip_show_export_list_replay_reproduce_what_was_handed_in() {
     assert_eq!(mine[1]["count"], 2);
 
     // The index answers each filter.
-    let ids = |args: &[&str]| -> Vec<u64> {
-        let mut a = vec!["list", "--json"];
-        a.extend_from_slice(args);
-        let v: serde_json::Value = serde_json::from_str(&stdout(&env.cli(&a))).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_u64().unwrap())
-            .collect()
-    };
+    let ids = |args: &[&str]| env.listed(args);
     assert_eq!(ids(&[]), vec![id, other_id]);
     assert_eq!(ids(&["--agent", "claude"]), vec![id]);
     assert_eq!(ids(&["--subject", "alice@example.com"]), vec![id]);
@@ -526,15 +528,7 @@ fn each_search_finds_what_was_recorded_since_the_last_one() {
         handle.flush().wait().unwrap();
         id
     };
-    let grep = |text: &str| -> Vec<u64> {
-        let out = stdout(&env.cli(&["list", "--json", "--grep", text]));
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_u64().unwrap())
-            .collect()
-    };
+    let grep = |text: &str| env.listed(&["--grep", text]);
     let texts = env.dir().join(portcullis::record::texts::TEXTS_FILE);
 
     let first = session("SELECT * FROM alpha_orders");
@@ -866,16 +860,7 @@ fn rotated_keys_keep_old_checkpoints_verifiable_and_prune_leaves_a_signed_tombst
     let (code, text) = env.verify(&[]);
     assert_eq!(code, 0, "{text}");
     let before = list_segments(&env.dir()).unwrap().len();
-    let ids = |args: &[&str]| -> Vec<u64> {
-        let mut a = vec!["list", "--json"];
-        a.extend_from_slice(args);
-        let v: serde_json::Value = serde_json::from_str(&stdout(&env.cli(&a))).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_u64().unwrap())
-            .collect()
-    };
+    let ids = |args: &[&str]| env.listed(args);
     // A search before the prune builds the full text of every session.
     assert_eq!(ids(&["--grep", "SELECT"]).len(), 6);
 
