@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use portcullis::record::checkpoint::{Verifier, pub_path};
-use portcullis::record::index::INDEX_FILE;
+use portcullis::record::index::{INDEX_FILE, Index};
 use portcullis::record::texts::{TEXTS_FILE, Texts};
 use portcullis::record::{
     Bytes, Column, Recorder, RecordingConfig, Request, RequestKind, Row, SessionStart, Verdict,
@@ -274,8 +274,9 @@ fn main() -> anyhow::Result<()> {
     // The first `list --grep` over that log: the full text built from the segments.
     let segments = recorded - index;
     let started = Instant::now();
+    let until = Index::open(&dir)?.indexed_seq()?;
     let mut texts = Texts::open(&dir)?;
-    texts.catch_up(&dir)?;
+    texts.catch_up(&dir, until)?;
     drop(texts);
     let first_search = segments as f64 / 1e6 / started.elapsed().as_secs_f64();
     let full_text = dir_bytes(&dir, TEXTS_FILE);

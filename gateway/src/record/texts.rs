@@ -75,15 +75,17 @@ impl Texts {
         indexed_seq(&self.db)
     }
 
-    /// Adds the statements of every record the segments hold from [`Self::indexed_seq`] on, in
-    /// one transaction: a search running beside it waits, then finds nothing left to add.
-    pub fn catch_up(&mut self, dir: &Path) -> anyhow::Result<()> {
+    /// Adds the statements of the records from [`Self::indexed_seq`] up to `until`, in one
+    /// transaction: a search running beside it waits, then finds nothing left to add. `until` is
+    /// the session index's own `indexed_seq`: the recorder indexes only records already synced,
+    /// and a record past that could still be lost to a power cut and its seq written again.
+    pub fn catch_up(&mut self, dir: &Path, until: u64) -> anyhow::Result<()> {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let from = indexed_seq(&tx)?;
         let mut docs = Docs::default();
-        let next = super::read::for_each_entry_of(dir, from, u64::MAX, &VARIANTS, |e| {
+        let next = super::read::for_each_entry_of(dir, from, until, &VARIANTS, |e| {
             docs.add(&tx, &e)
                 .context("adding statements to the full-text index")?;
             Ok(true)
@@ -507,34 +509,46 @@ mod tests {
         recorder.handle().flush().wait().unwrap();
     }
 
+    /// How far the session index got: what a search takes in.
+    fn durable(dir: &Path) -> u64 {
+        crate::record::index::Index::open(dir)
+            .unwrap()
+            .indexed_seq()
+            .unwrap()
+    }
+
     #[test]
     fn each_search_takes_in_what_was_recorded_since_the_last() {
         let state = tempfile::tempdir().unwrap();
         let dir = state.path().join("recordings");
         record(state.path(), &["SELECT * FROM first_table"]);
         let mut texts = Texts::open(&dir).unwrap();
-        texts.catch_up(&dir).unwrap();
+        // Only up to where the session index got: the session's start (seq 0), not its request.
+        texts.catch_up(&dir, 1).unwrap();
+        assert_eq!(grep(&texts, "first_table"), Vec::<u64>::new());
+        assert!(texts.indexed_seq().unwrap() <= 1);
+        texts.catch_up(&dir, durable(&dir)).unwrap();
         assert_eq!(grep(&texts, "first_table"), vec![1]);
         let after_first = texts.indexed_seq().unwrap();
         assert!(after_first > 0);
 
         // A restart, more sessions: only they are read and added.
         record(state.path(), &["SELECT * FROM second_table", "SELECT 42"]);
-        texts.catch_up(&dir).unwrap();
+        texts.catch_up(&dir, durable(&dir)).unwrap();
         assert_eq!(grep(&texts, "second_table"), vec![2]);
         assert_eq!(grep(&texts, "first_table"), vec![1]);
         assert_eq!(documents(&texts), 3);
         assert!(texts.indexed_seq().unwrap() > after_first);
 
         // Nothing new: nothing added, and a deleted file is rebuilt whole.
-        texts.catch_up(&dir).unwrap();
+        texts.catch_up(&dir, durable(&dir)).unwrap();
         assert_eq!(documents(&texts), 3);
         drop(texts);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(dir.join(format!("{TEXTS_FILE}{suffix}")));
         }
         let mut texts = Texts::open(&dir).unwrap();
-        texts.catch_up(&dir).unwrap();
+        texts.catch_up(&dir, durable(&dir)).unwrap();
         assert_eq!(grep(&texts, "second_table"), vec![2]);
         assert_eq!(
             grep(&texts, "42"),
