@@ -282,7 +282,7 @@ fn open_index(dir: &Path) -> anyhow::Result<Index> {
 
 /// The sessions with a statement that holds `text`, after the full-text index takes in what
 /// was recorded since the last search, as far as the session index got.
-pub fn search(dir: &Path, text: &str) -> anyhow::Result<BTreeSet<u64>> {
+fn search(dir: &Path, text: &str) -> anyhow::Result<BTreeSet<u64>> {
     let until = open_index(dir)?.indexed_seq()?;
     let path = dir.join(super::texts::TEXTS_FILE);
     let mut texts = Texts::open(dir)

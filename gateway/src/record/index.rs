@@ -102,27 +102,18 @@ pub struct Filter {
 
 impl Index {
     pub fn open(dir: &Path) -> rusqlite::Result<Index> {
-        let db = Connection::open(dir.join(INDEX_FILE))?;
-        db.busy_timeout(std::time::Duration::from_secs(5))?;
-        // WAL with NORMAL sync: a crash may lose the last batches, which the catch-up redoes.
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "NORMAL")?;
-        let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version != SCHEMA_VERSION {
-            // An index of another layout (or none): start empty at seq 0, and the recorder's
-            // catch-up rebuilds it from the segments, which are the record.
-            db.execute_batch(
-                "DROP TABLE IF EXISTS statements_fts; DROP TABLE IF EXISTS statements;
-                 DROP TABLE IF EXISTS texts; DROP TABLE IF EXISTS verdicts;
-                 DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS meta;",
-            )?;
-        }
         // What `list` filters on, per session: the verdicts and rules its statements met. The
         // segments keep each statement; the index only finds sessions, so it costs a few rows
-        // per session and batch rather than rows per statement.
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS sessions(
+        // per session and batch rather than rows per statement. An index of another layout is
+        // rebuilt by the recorder's catch-up.
+        let db = open_derived(
+            &dir.join(INDEX_FILE),
+            SCHEMA_VERSION,
+            std::time::Duration::from_secs(5),
+            "DROP TABLE IF EXISTS statements_fts; DROP TABLE IF EXISTS statements;
+             DROP TABLE IF EXISTS texts; DROP TABLE IF EXISTS verdicts;
+             DROP TABLE IF EXISTS sessions;",
+            "CREATE TABLE IF NOT EXISTS sessions(
                  id INTEGER PRIMARY KEY, started_us INTEGER NOT NULL, ended_us INTEGER,
                  agent TEXT, subject TEXT, target TEXT NOT NULL, database TEXT NOT NULL,
                  upstream_user TEXT NOT NULL, end_reason TEXT,
@@ -133,21 +124,12 @@ impl Index {
                  PRIMARY KEY(session, verdict, rule)) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_us);",
         )?;
-        db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Index { db })
     }
 
     /// Records up to (not including) this seq are indexed.
     pub fn indexed_seq(&self) -> rusqlite::Result<u64> {
-        let v: Option<i64> = self
-            .db
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'indexed_seq'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(v.unwrap_or(0) as u64)
+        indexed_seq(&self.db)
     }
 
     pub fn max_session(&self) -> rusqlite::Result<u64> {
@@ -225,8 +207,7 @@ impl Index {
                 blocked as i64
             ])?;
         }
-        tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)")?
-            .execute(params![next_seq as i64])?;
+        set_indexed_seq(&tx, next_seq)?;
         tx.commit()
     }
 
@@ -307,6 +288,52 @@ impl Index {
         let ids = stmt.query_map([], |r| r.get::<_, i64>(0))?;
         ids.map(|id| id.map(|id| id as u64)).collect()
     }
+}
+
+/// Opens a SQLite file derived from the segments (this index, and the full text of
+/// [`super::texts`]), in WAL with NORMAL sync: a crash may lose its last batches, which the next
+/// catch-up redoes. A file of a layout other than `version` (or a new one) is emptied with `drop`
+/// and starts again at seq 0; `create` then makes its tables, beside `meta` for `indexed_seq`.
+pub(super) fn open_derived(
+    path: &Path,
+    version: i64,
+    busy: std::time::Duration,
+    drop: &str,
+    create: &str,
+) -> rusqlite::Result<Connection> {
+    let db = Connection::open(path)?;
+    db.busy_timeout(busy)?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "NORMAL")?;
+    let found: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found != version {
+        db.execute_batch(drop)?;
+        db.execute_batch("DROP TABLE IF EXISTS meta;")?;
+    }
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    )?;
+    db.execute_batch(create)?;
+    db.pragma_update(None, "user_version", version)?;
+    Ok(db)
+}
+
+/// Records before this seq are in a file [`open_derived`] opened.
+pub(super) fn indexed_seq(db: &Connection) -> rusqlite::Result<u64> {
+    let v: Option<i64> = db
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'indexed_seq'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(v.unwrap_or(0) as u64)
+}
+
+pub(super) fn set_indexed_seq(db: &Connection, seq: u64) -> rusqlite::Result<()> {
+    db.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)")?
+        .execute(params![seq as i64])?;
+    Ok(())
 }
 
 const SELECT_SESSIONS: &str = "SELECT id, started_us, ended_us, agent, subject, target, database,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
-use super::encode::BUNDLE;
+use super::encode::{self, BUNDLE};
 use super::segment::{Segment, list_segments};
 use super::types::Entry;
 
@@ -74,10 +74,9 @@ fn scan(
             for payload in records {
                 let decode_error = || format!("{}: a record does not decode", seg.path.display());
                 // An entry's fields before its record, and the record's variant.
-                let (seq, _, _, _, variant): (u64, i64, u64, u32, u32) =
-                    postcard::take_from_bytes(&payload)
-                        .with_context(decode_error)?
-                        .0;
+                let (seq, variant) = encode::take_varint(&payload)
+                    .and_then(|(seq, tail)| Some((seq, encode::take_head(tail)?.3)))
+                    .with_context(decode_error)?;
                 if seq < from || seq >= until {
                     continue;
                 }

@@ -1,5 +1,5 @@
 //! The statements' full text, for `recordings list --grep`: FTS5 in its own SQLite file beside
-//! the index, filled by the search itself from the segments, up to everything they hold when it
+//! the index, filled by the search itself from the segments, as far as the index got when it
 //! runs. Tokenizing each statement as it was recorded cost the recorder a fifth of its CPU per
 //! simple query, for texts that are mostly never searched; a search pays for the statements
 //! recorded since the last one instead. The segments are the record: this file can be deleted,
@@ -10,8 +10,10 @@ use std::hash::{BuildHasher as _, RandomState};
 use std::path::Path;
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
+use super::encode::{REQUEST, SESSION_END};
+use super::index::{indexed_seq, open_derived, set_indexed_seq};
 use super::types::{Entry, Record};
 
 pub const TEXTS_FILE: &str = "texts.sqlite";
@@ -31,7 +33,7 @@ const DOC_BYTES: usize = 64 << 10;
 const STATEMENT_BREAK: &str = " \u{e000} ";
 
 /// The record variants a catch-up reads: requests, and session ends to forget their texts.
-const VARIANTS: [u32; 2] = [1, 10];
+const VARIANTS: [u32; 2] = [REQUEST, SESSION_END];
 
 pub struct Texts {
     db: Connection,
@@ -41,32 +43,19 @@ impl Texts {
     pub fn open(dir: &Path) -> anyhow::Result<Texts> {
         let path = dir.join(TEXTS_FILE);
         create(&path, dir).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Texts::open_db(&path)?)
-    }
-
-    fn open_db(path: &Path) -> rusqlite::Result<Texts> {
-        let db = Connection::open(path)?;
-        db.busy_timeout(BUSY_TIMEOUT)?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "NORMAL")?;
-        let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version != SCHEMA_VERSION {
-            db.execute_batch(
-                "DROP TABLE IF EXISTS statements_fts; DROP TABLE IF EXISTS docs;
-                 DROP TABLE IF EXISTS meta;",
-            )?;
-        }
         // Per document its session and the seq of its last statement (for prune). The
         // full-text table keeps no copy of the text (`content=''`); `contentless_delete` lets
         // prune remove documents.
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS docs(
+        let db = open_derived(
+            &path,
+            SCHEMA_VERSION,
+            BUSY_TIMEOUT,
+            "DROP TABLE IF EXISTS statements_fts; DROP TABLE IF EXISTS docs;",
+            "CREATE TABLE IF NOT EXISTS docs(
                  id INTEGER PRIMARY KEY, session INTEGER NOT NULL, last_seq INTEGER NOT NULL);
              CREATE VIRTUAL TABLE IF NOT EXISTS statements_fts
                  USING fts5(text, content='', contentless_delete=1);",
         )?;
-        db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Texts { db })
     }
 
@@ -174,23 +163,6 @@ fn create(path: &Path, dir: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
         other => other,
     }
-}
-
-fn indexed_seq(db: &Connection) -> rusqlite::Result<u64> {
-    let v: Option<i64> = db
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'indexed_seq'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(v.unwrap_or(0) as u64)
-}
-
-fn set_indexed_seq(tx: &Transaction, seq: u64) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES ('indexed_seq', ?1)")?
-        .execute(params![seq as i64])?;
-    Ok(())
 }
 
 /// Documents being filled: per session, its statement texts not yet written, joined by

@@ -121,17 +121,13 @@ struct Handed<'a> {
 }
 
 impl<'a> Handed<'a> {
-    /// Read with `encode`'s varint reader rather than postcard's: five records a simple query.
     fn parse(tail: &'a [u8]) -> Option<Handed<'a>> {
-        let (at_us, rest) = encode::take_varint(tail)?;
-        let (session, rest) = encode::take_varint(rest)?;
-        let (stmt, record) = encode::take_varint(rest)?;
-        let (variant, _) = encode::take_varint(record)?;
+        let (at_us, session, stmt, variant, record) = encode::take_head(tail)?;
         Some(Handed {
-            at_us: encode::unzigzag(at_us),
+            at_us,
             session,
-            stmt: u32::try_from(stmt).ok()?,
-            variant: u32::try_from(variant).ok()?,
+            stmt,
+            variant,
             record,
         })
     }
