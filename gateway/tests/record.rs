@@ -583,6 +583,13 @@ fn no_secret_reaches_the_recording_directory() {
     s.end("done").unwrap();
     handle.flush().wait().unwrap();
     recorder.shutdown();
+    // A search builds the statements' full text, so the scan below reads it too.
+    assert_eq!(env.listed(&["--grep", "payments"]).len(), 1);
+    assert!(
+        env.dir()
+            .join(portcullis::record::texts::TEXTS_FILE)
+            .exists()
+    );
     let key = std::fs::read_to_string(env.key()).unwrap();
     // PRIVATE+KEY+<name>+<key id>+<base64 key>: the key's base64 may itself hold a '+'.
     let seed = key.trim().splitn(5, '+').nth(4).unwrap().to_owned();
