@@ -1,0 +1,68 @@
+//! A bare TCP relay on the gateway's io_uring runtime (compio): no protocol, no policy, no
+//! masking, one thread, a 64 KiB read per direction. Run beside the gateway and HAProxy, it shows
+//! what the runtime itself costs per query, so that the gateway's extra cost can be told apart
+//! from io_uring's (`docs/benchmarks.md`, "Where wide rows at c=8 go").
+//!
+//! `cargo run --release -p portcullis-bench --bin relay -- LISTEN UPSTREAM`, for example
+//! `relay 127.0.0.1:58432 127.0.0.1:5432`; clients then connect to LISTEN as they would to the
+//! server.
+
+use std::rc::Rc;
+
+use compio::BufResult;
+use compio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::net::{TcpListener, TcpStream};
+
+/// Copies `from` to `to` until `from` ends or either fails, then shuts `to`'s sending side.
+async fn pipe(from: Rc<TcpStream>, to: Rc<TcpStream>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        let mut reader = &*from;
+        let BufResult(n, b) = reader.append(buf).await;
+        buf = b;
+        if !matches!(n, Ok(n) if n > 0) {
+            break;
+        }
+        let mut writer = &*to;
+        let BufResult(written, b) = writer.write_all(buf).await;
+        buf = b;
+        if written.is_err() {
+            break;
+        }
+    }
+    let mut writer = &*to;
+    let _ = writer.shutdown().await;
+}
+
+async fn relay(client: TcpStream, upstream: String) -> std::io::Result<()> {
+    let server = TcpStream::connect(&upstream).await?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    let (client, server) = (Rc::new(client), Rc::new(server));
+    let up = compio::runtime::spawn(pipe(client.clone(), server.clone()));
+    pipe(server, client).await;
+    let _ = up.await;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [listen, upstream] = args.as_slice() else {
+        anyhow::bail!("usage: relay LISTEN UPSTREAM");
+    };
+    let (listen, upstream) = (listen.clone(), upstream.clone());
+    compio::runtime::Runtime::new()?.block_on(async move {
+        let listener = TcpListener::bind(&listen).await?;
+        loop {
+            let (client, _) = listener.accept().await?;
+            let upstream = upstream.clone();
+            compio::runtime::spawn(async move {
+                if let Err(e) = relay(client, upstream).await {
+                    eprintln!("relay: {e}");
+                }
+            })
+            .detach();
+        }
+    })
+}
