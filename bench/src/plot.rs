@@ -20,6 +20,7 @@ fn color(target: &str) -> RGBColor {
         "gateway-redirect" => RGBColor(140, 86, 75),
         "haproxy" => RGBColor(31, 119, 180),
         "pgbouncer" => RGBColor(44, 160, 44),
+        "relay" => RGBColor(188, 189, 34),
         _ => RGBColor(127, 127, 127),
     }
 }

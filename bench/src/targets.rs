@@ -41,6 +41,9 @@ pub enum TargetKind {
     GatewayRedirect,
     /// HAProxy in TCP mode: a plain forwarder, the cost of one hop.
     Haproxy,
+    /// `relay` (this package's bare TCP relay on the gateway's own io_uring runtime, one
+    /// thread): the floor under the gateway's proxy core, measured in the same run.
+    Relay,
     /// PgBouncer in session pooling mode.
     Pgbouncer,
     /// `Gateway` run by the `--baseline-gateway-bin` build: before and after in one run.
@@ -51,7 +54,7 @@ pub enum TargetKind {
 
 impl TargetKind {
     /// Every target but the baseline ones, which run when a baseline binary is given.
-    pub const ALL: [TargetKind; 9] = [
+    pub const ALL: [TargetKind; 10] = [
         TargetKind::Direct,
         TargetKind::Gateway,
         TargetKind::GatewayObserve,
@@ -60,6 +63,7 @@ impl TargetKind {
         TargetKind::GatewayRecord,
         TargetKind::GatewayRedirect,
         TargetKind::Haproxy,
+        TargetKind::Relay,
         TargetKind::Pgbouncer,
     ];
     pub const BASELINE: [TargetKind; 2] = [
@@ -90,6 +94,7 @@ impl TargetKind {
             TargetKind::GatewayRecord => "gateway-record",
             TargetKind::GatewayRedirect => "gateway-redirect",
             TargetKind::Haproxy => "haproxy",
+            TargetKind::Relay => "relay",
             TargetKind::Pgbouncer => "pgbouncer",
             TargetKind::BaselineGateway => "baseline-gateway",
             TargetKind::BaselineGatewayPolicy => "baseline-gateway-policy",
@@ -114,6 +119,9 @@ impl TargetKind {
                 "portcullis, eBPF redirect, clients under `portcullis run`"
             }
             TargetKind::Haproxy => "HAProxy, TCP mode (plain forwarder)",
+            TargetKind::Relay => {
+                "bare TCP relay on the gateway's io_uring runtime (compio, one thread): the floor"
+            }
             TargetKind::Pgbouncer => "PgBouncer, session pooling, SCRAM",
             TargetKind::BaselineGateway => "the baseline build, as `gateway`",
             TargetKind::BaselineGatewayPolicy => "the baseline build, as `gateway-policy`",
@@ -204,6 +212,16 @@ pub fn start(kind: TargetKind, lab: &Lab) -> Start {
             Ok(bin) => pgbouncer(bin, lab.pg),
             Err(why) => return Start::Skipped(why.clone()),
         },
+        TargetKind::Relay => match relay_bin() {
+            Some(bin) => relay(&bin, lab.pg),
+            None => {
+                return Start::Skipped(
+                    "no `relay` binary beside portcullis-bench \
+                     (cargo build --release -p portcullis-bench builds both)"
+                        .into(),
+                );
+            }
+        },
         TargetKind::Gateway
         | TargetKind::GatewayObserve
         | TargetKind::GatewayPolicy
@@ -275,6 +293,25 @@ fn haproxy(bin: &Path, pg: &Postgres) -> Result<Running> {
         first_line(Command::new(bin).arg("-v")),
         dir,
     ))
+}
+
+/// `relay`, built with this package: beside the running `portcullis-bench`.
+fn relay_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.join("relay");
+    bin.exists().then_some(bin)
+}
+
+fn relay(bin: &Path, pg: &Postgres) -> Result<Running> {
+    let dir = scratch_dir("relay")?;
+    let port = testkit::free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("127.0.0.1:{port}"))
+        .arg(format!("{}:{}", pg.host, pg.port));
+    let mut proc = ChildProc::spawn(cmd, dir.path().join("relay.log"))?;
+    proc.wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(15))?;
+    let version = Some(format!("portcullis-bench {}", env!("CARGO_PKG_VERSION")));
+    Ok(forwarder(pg, port, proc, version, dir))
 }
 
 /// PgBouncer authenticates clients with SCRAM against the role's own SCRAM secret (copied from

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_portcullis-bench");
-const TARGETS: [&str; 9] = [
+const TARGETS: [&str; 10] = [
     "direct",
     "gateway",
     "gateway-observe",
@@ -25,6 +25,7 @@ const TARGETS: [&str; 9] = [
     "gateway-record",
     "gateway-redirect",
     "haproxy",
+    "relay",
     "pgbouncer",
 ];
 
@@ -152,6 +153,13 @@ fn smoke_run_reports_every_target_and_survives_a_target_killed_mid_run() {
         }
     }
     assert_direct_complete(&r, &workloads);
+    // The relay is built with the harness, so nothing excuses it from running.
+    assert_eq!(
+        target(&r, "relay")["status"],
+        "ok",
+        "the relay target did not run: {}",
+        target(&r, "relay")
+    );
 
     let md = std::fs::read_to_string(out.path().join("bench.md")).expect("bench.md written");
     assert!(md.contains("| `select-prepared-c8` | direct |"), "{md}");
