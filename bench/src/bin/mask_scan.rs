@@ -23,7 +23,7 @@
 //! median over results: once warm, and once with the caches evicted before each result (a write
 //! over a buffer larger than the CPU's L2, then the result's own rows read, as the kernel's copy
 //! leaves them in the gateway). Between two results the gateway's CPU runs PostgreSQL and the
-//! client, so the cold figure is the one a wide-row query pays; the loops above are warm.
+//! client, so a wide-row query there starts nearer the cold figure; the loops above are warm.
 //!
 //! `cargo run --release -p portcullis-bench --bin mask_scan -- [--reps N] [--batches N] [--row-kb N]
 //! [--only portcullis|regex] [--detectors email,card,...] [--wide-only] [--cold]`
