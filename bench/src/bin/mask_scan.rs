@@ -25,13 +25,27 @@
 //! leaves them in the gateway). Between two results the gateway's CPU runs PostgreSQL and the
 //! client, so a wide-row query there starts nearer the cold figure; the loops above are warm.
 //!
+//! `--core` times whole wide-row results through the session core (`Session::on_backend` with the
+//! gateway's `MaskFilter`, and without a filter), then the gather of the output's pieces that the
+//! pump writes: what the gateway's own code spends on a wide-row query's response, without I/O.
+//!
 //! `cargo run --release -p portcullis-bench --bin mask_scan -- [--reps N] [--batches N] [--row-kb N]
-//! [--only portcullis|regex] [--detectors email,card,...] [--wide-only] [--cold]`
+//! [--only portcullis|regex] [--detectors email,card,...] [--wide-only] [--cold] [--core]`
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use portcullis::mask::explain::catalog_from_specs;
+use portcullis::mask::lineage::SessionLineage;
 use portcullis::mask::{Column, MaskRules, Masker, ResultPlan};
+use portcullis::pipeline::mask_filter::MaskFilter;
+use portcullis::protocol::core::{AllowAll, Output};
+use portcullis::protocol::postgres::messages::{FieldDesc, encode_row_description};
+use portcullis::protocol::postgres::session::{NoFilter, ResultFilter, Session};
 use regex::Regex;
 
 const INT8: u32 = 20;
@@ -66,6 +80,8 @@ struct Args {
     /// Also time the wide rows one result at a time, warm and with the caches evicted before
     /// each result, as the gateway meets them.
     cold: bool,
+    /// Also time whole wide-row results through the session core, with and without masking.
+    core: bool,
 }
 
 fn parse_args() -> Args {
@@ -78,6 +94,7 @@ fn parse_args() -> Args {
         wide_only: false,
         set: None,
         cold: false,
+        core: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -92,6 +109,7 @@ fn parse_args() -> Args {
             "--row-kb" => args.row_bytes = value() * 1024,
             "--wide-only" => args.wide_only = true,
             "--cold" => args.cold = true,
+            "--core" => args.core = true,
             "--set" => {
                 args.set = it
                     .next()
@@ -117,7 +135,7 @@ fn parse_args() -> Args {
 
 fn usage(flag: &str) -> ! {
     eprintln!(
-        "mask_scan: bad argument {flag}\nusage: mask_scan [--reps N] [--batches N] [--row-kb N] [--only portcullis|regex] [--wide-only | --set clean|pii|sparse] [--cold]"
+        "mask_scan: bad argument {flag}\nusage: mask_scan [--reps N] [--batches N] [--row-kb N] [--only portcullis|regex] [--wide-only | --set clean|pii|sparse] [--cold] [--core]"
     );
     std::process::exit(2);
 }
@@ -901,6 +919,9 @@ fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn F
             );
         }
     }
+    if run("portcullis") && args.core {
+        core_results(&set, args.reps);
+    }
     if run("regex") {
         // The baseline reads the ticket table's layout; give it the wide rows' text columns.
         let theirs = measure(&set, args.reps, |row, out| baseline.mask_wide_row(row, out));
@@ -912,4 +933,129 @@ fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn F
             per_result(&theirs)
         );
     }
+}
+
+/// `--core`: one wide-row result at a time through the session core's `on_backend`, as the
+/// gateway's server→client pump drives it: BindComplete, RowDescription, 100 DataRows,
+/// CommandComplete and ReadyForQuery, answering a prepared statement's Bind/Describe/Execute/Sync,
+/// and then the output's segments gathered into one buffer to write, as the pump does when
+/// masking cut the output into pieces. Once with no filter, once with the `default` policy's
+/// masking and a lineage that knows `bench_wide`. Median µs per result of this thread's CPU.
+fn core_results(set: &[Vec<u8>], reps: usize) {
+    const SQL: &str = "SELECT id, customer, email, card_number, city, note FROM bench_wide \
+                       WHERE id BETWEEN $1 AND $1 + 99";
+    let masker = default_policy_masker();
+    let catalog = catalog_from_specs(
+        &masker,
+        &["bench_wide(id int4, customer, email, card_number, city, note)".into()],
+        &[],
+    )
+    .expect("the bench_wide spec");
+    let table_oid = 16385;
+    let names = ["id", "customer", "email", "card_number", "city", "note"];
+    let fields: Vec<FieldDesc<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| FieldDesc {
+            name: name.as_bytes(),
+            table_oid,
+            attnum: i as i16 + 1,
+            type_oid: if i == 0 { 23 } else { TEXT },
+            type_len: if i == 0 { 4 } else { -1 },
+            type_mod: -1,
+            format: 0,
+        })
+        .collect();
+    let mut row_description = Vec::new();
+    encode_row_description(&fields, &mut row_description);
+    let responses: Vec<Vec<u8>> = set
+        .chunks(100)
+        .map(|rows| {
+            let mut wire = message(b'2', b"");
+            wire.extend_from_slice(&row_description);
+            for row in rows {
+                wire.extend_from_slice(&message(b'D', row));
+            }
+            wire.extend_from_slice(&message(b'C', b"SELECT 100\0"));
+            wire.extend_from_slice(&message(b'Z', b"I"));
+            wire
+        })
+        .collect();
+    let mut parse = b"s\0".to_vec();
+    parse.extend_from_slice(SQL.as_bytes());
+    parse.extend_from_slice(&[0, 0, 0]);
+    let mut bind = b"\0s\0".to_vec();
+    bind.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, b'1', 0, 0]);
+    let request = [
+        message(b'B', &bind),
+        message(b'D', b"P\0"),
+        message(b'E', &[0, 0, 0, 0, 0]),
+        message(b'S', b""),
+    ]
+    .concat();
+
+    let lineage = Rc::new(RefCell::new(SessionLineage::new(Arc::new(catalog))));
+    let mut masking = MaskFilter::new(masker, Some(lineage));
+    for (label, filter) in [
+        ("no filter", &mut NoFilter as &mut dyn ResultFilter),
+        ("`default` policy", &mut masking),
+    ] {
+        let mut session = Session::new(1 << 20);
+        session.keep_statements();
+        let mut out = Output::default();
+        let prepared = [message(b'P', &parse), message(b'S', b"")].concat();
+        session
+            .on_frontend(&prepared, &mut AllowAll, &mut out)
+            .expect("a well-formed Parse");
+        out.clear();
+        let parsed = [message(b'1', b""), message(b'Z', b"I")].concat();
+        session
+            .on_backend(&parsed, filter, &mut out)
+            .expect("a well-formed ParseComplete");
+        let mut core = Vec::new();
+        let mut gathered = Vec::new();
+        let mut segments = 0;
+        for rep in 0..=reps {
+            for response in &responses {
+                out.clear();
+                session
+                    .on_frontend(&request, &mut AllowAll, &mut out)
+                    .expect("a well-formed request");
+                out.clear();
+                let start = Instant::now();
+                session
+                    .on_backend(black_box(response), filter, &mut out)
+                    .expect("a well-formed response");
+                let framed = Instant::now();
+                let mut whole = Vec::new();
+                out.gather(response, &mut whole);
+                black_box(&whole);
+                let written = Instant::now();
+                segments = out.segments().len();
+                if rep > 0 {
+                    core.push((framed - start).as_secs_f64() * 1e6);
+                    gathered.push((written - framed).as_secs_f64() * 1e6);
+                }
+            }
+        }
+        for times in [&mut core, &mut gathered] {
+            times.sort_by(f64::total_cmp);
+        }
+        println!(
+            "{:<46} {:>13} {:>14}   {:.2} µs in the core + {:.2} µs to gather {segments} segments",
+            format!("session core, wide rows, {label}"),
+            "-",
+            "-",
+            core[core.len() / 2],
+            gathered[gathered.len() / 2],
+        );
+    }
+}
+
+/// A backend or frontend message: tag, length, body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
 }

@@ -248,16 +248,8 @@ async fn write_output(
     // Rows rewritten between untouched ones cut the output into many small pieces, each a write
     // of its own; past a couple, one gathered write is far cheaper than the copies it costs.
     if out.segments().len() > 2 {
-        let total = out.segments().iter().map(|s| match s {
-            Seg::Input(r) | Seg::Scratch(r) => r.len(),
-        });
-        let mut gathered = Vec::with_capacity(total.sum());
-        for seg in out.segments() {
-            match seg {
-                Seg::Input(r) => gathered.extend_from_slice(&buf[r.clone()]),
-                Seg::Scratch(r) => gathered.extend_from_slice(&out.scratch()[r.clone()]),
-            }
-        }
+        let mut gathered = Vec::new();
+        out.gather(&buf, &mut gathered);
         out.clear();
         return (to.write_all(gathered).await.0, buf);
     }

@@ -161,6 +161,14 @@ pub enum Seg {
     Scratch(Range<usize>),
 }
 
+impl Seg {
+    fn len(&self) -> usize {
+        match self {
+            Seg::Input(r) | Seg::Scratch(r) => r.len(),
+        }
+    }
+}
+
 /// What one call produced for one peer.
 #[derive(Debug, Default)]
 pub struct Output {
@@ -189,6 +197,18 @@ impl Output {
     pub fn clear(&mut self) {
         self.segs.clear();
         self.scratch.clear();
+    }
+
+    /// Appends the whole output, in order, to `into`: `input` is the buffer the call was given.
+    pub fn gather(&self, input: &[u8], into: &mut Vec<u8>) {
+        let total: usize = self.segs.iter().map(|s| s.len()).sum();
+        into.reserve(total);
+        for seg in &self.segs {
+            match seg {
+                Seg::Input(r) => into.extend_from_slice(&input[r.clone()]),
+                Seg::Scratch(r) => into.extend_from_slice(&self.scratch[r.clone()]),
+            }
+        }
     }
 
     pub(crate) fn pass(&mut self, r: Range<usize>) {
@@ -236,4 +256,26 @@ pub enum Progress {
     Hold { consumed: usize },
     /// The client sent Terminate: write the output, then close both sides.
     Terminate { consumed: usize },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Input ranges and rewritten bytes come out in the order the core produced them, whatever
+    /// was in the buffer before.
+    #[test]
+    fn gather_interleaves_input_and_scratch_in_order() {
+        let input = b"AAAABBBBCCCC";
+        let mut out = Output::default();
+        out.pass(0..4);
+        out.emit(|o| o.extend_from_slice(b"xx"));
+        out.pass(8..12);
+        out.emit(|o| o.extend_from_slice(b"yyy"));
+        out.emit(|o| o.extend_from_slice(b"z"));
+        assert_eq!(out.segments().len(), 4, "adjacent pieces of scratch merge");
+        let mut gathered = b"kept:".to_vec();
+        out.gather(input, &mut gathered);
+        assert_eq!(gathered, b"kept:AAAAxxCCCCyyyz");
+    }
 }
