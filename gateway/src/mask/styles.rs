@@ -104,10 +104,15 @@ pub(crate) fn partial(value: &[u8], out: &mut Vec<u8>) {
                 // Always found (`total` counted the same bytes); were it not, star everything.
                 .unwrap_or(value.len())
         };
-        let (starred, kept) = value.split_at(kept_from);
-        out.reserve(value.len());
-        out.extend(starred.iter().map(|&b| if maskable(b) { b'*' } else { b }));
-        out.extend_from_slice(kept);
+        // Copied whole, then starred in place: a loop over a slice the compiler vectorizes,
+        // where pushing a mapped byte at a time does not.
+        let start = out.len();
+        out.extend_from_slice(value);
+        for b in &mut out[start..start + kept_from] {
+            if maskable(*b) {
+                *b = b'*';
+            }
+        }
         return;
     }
     out.reserve(value.len());
