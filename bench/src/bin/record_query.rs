@@ -11,8 +11,11 @@
 //! recorder's share is the CPU of the process's other threads over the whole loop. Medians over
 //! `--reps`; the segments go to a temporary directory on the disk `TMPDIR` names.
 //!
+//! With `--rows N` each query instead reads N rows of the harness's wide-row table (`bench_wide`,
+//! as `default` masks them): what recording adds to the `wide-rows` workload.
+//!
 //! `cargo run --release -p portcullis-bench --bin record_query -- [--reps N] [--queries N]
-//! [--pace-us N]`
+//! [--pace-us N] [--rows N]`
 
 use std::time::Duration;
 
@@ -51,9 +54,69 @@ fn now() -> (Duration, Duration) {
 /// A simple query's result as the client receives it: `SELECT id, status, total ...`, one row.
 fn response(id: u64) -> Vec<u8> {
     let mut wire = Vec::new();
-    write_message(&mut wire, b'T', |o| {
-        o.extend_from_slice(&3i16.to_be_bytes());
-        for (name, oid) in [("id", 20i32), ("status", 25), ("total", 1700)] {
+    row_description(&mut wire, &[("id", 20), ("status", 25), ("total", 1700)]);
+    let total = format!("{}.{:02}", id % 997, id % 100);
+    data_row(
+        &mut wire,
+        &[
+            Some(id.to_string().as_str()),
+            Some("shipped"),
+            Some(total.as_str()),
+        ],
+    );
+    write_message(&mut wire, b'C', |o| o.extend_from_slice(b"SELECT 1\0"));
+    write_message(&mut wire, b'Z', |o| o.push(b'I'));
+    wire
+}
+
+/// The harness's wide-row result (`bench_wide`, `rows` of them from `first`) as the client
+/// receives it after `default`'s masking: one row in ten has a masked email and card number.
+fn wide_response(first: u64, rows: u64) -> Vec<u8> {
+    let mut wire = Vec::new();
+    row_description(
+        &mut wire,
+        &[
+            ("id", 23),
+            ("customer", 25),
+            ("email", 25),
+            ("card_number", 25),
+            ("city", 25),
+            ("note", 25),
+        ],
+    );
+    let cities = ["Lisbon", "Osaka", "Denver", "Nairobi", "Oslo", "Quito"];
+    for g in first..first + rows {
+        let masked = g % 10 == 3;
+        // 48 hex digits, as `left(md5(g) || md5(-g), 48)`.
+        let note = format!(
+            "{:016x}{:016x}{:016x}",
+            g.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            !g,
+            g << 7
+        );
+        data_row(
+            &mut wire,
+            &[
+                Some(g.to_string().as_str()),
+                Some(format!("customer {g}").as_str()),
+                masked.then_some("c*******@example.com"),
+                masked.then_some("************1111"),
+                Some(cities[(g % 6) as usize]),
+                Some(note.as_str()),
+            ],
+        );
+    }
+    write_message(&mut wire, b'C', |o| {
+        o.extend_from_slice(format!("SELECT {rows}\0").as_bytes())
+    });
+    write_message(&mut wire, b'Z', |o| o.push(b'I'));
+    wire
+}
+
+fn row_description(wire: &mut Vec<u8>, columns: &[(&str, i32)]) {
+    write_message(wire, b'T', |o| {
+        o.extend_from_slice(&(columns.len() as i16).to_be_bytes());
+        for (name, oid) in columns {
             o.extend_from_slice(name.as_bytes());
             o.push(0);
             o.extend_from_slice(&[0; 6]);
@@ -61,17 +124,24 @@ fn response(id: u64) -> Vec<u8> {
             o.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
         }
     });
-    write_message(&mut wire, b'D', |o| {
-        o.extend_from_slice(&3i16.to_be_bytes());
-        let total = format!("{}.{:02}", id % 997, id % 100);
-        for v in [id.to_string().as_str(), "shipped", total.as_str()] {
-            o.extend_from_slice(&(v.len() as i32).to_be_bytes());
-            o.extend_from_slice(v.as_bytes());
+}
+
+/// How many distinct wide results a run cycles through.
+const WIDE_DISTINCT: u64 = 64;
+
+fn data_row(wire: &mut Vec<u8>, values: &[Option<&str>]) {
+    write_message(wire, b'D', |o| {
+        o.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                Some(v) => {
+                    o.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    o.extend_from_slice(v.as_bytes());
+                }
+                None => o.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
         }
     });
-    write_message(&mut wire, b'C', |o| o.extend_from_slice(b"SELECT 1\0"));
-    write_message(&mut wire, b'Z', |o| o.push(b'I'));
-    wire
 }
 
 struct Run {
@@ -81,20 +151,25 @@ struct Run {
     session: f64,
 }
 
-fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
-    let statements: Vec<(String, Vec<u8>)> = (0..queries)
-        .map(|i| {
-            (
-                format!("SELECT id, status, total FROM orders WHERE id = {i}"),
-                response(i),
-            )
-        })
+fn run(queries: u64, pace: Duration, rows: u64, masker: &Masker) -> anyhow::Result<Run> {
+    let texts: Vec<String> = (0..queries)
+        .map(|i| format!("SELECT id, status, total FROM orders WHERE id = {i}"))
         .collect();
+    // Wide results cycle through a few distinct ones, so that a result is in the cache when the
+    // tap reads it, as the gateway's just-received buffer is: 50 MB of distinct results would
+    // time the memory instead.
+    let results: Vec<Vec<u8>> = match rows {
+        0 => (0..queries).map(response).collect(),
+        _ => (0..queries.min(WIDE_DISTINCT))
+            .map(|i| wide_response(1 + i * rows % 9_900, rows))
+            .collect(),
+    };
+    let statements: Vec<(&String, &Vec<u8>)> = texts.iter().zip(results.iter().cycle()).collect();
 
     // Without recording: the sleeps, the loop and the clock reads.
     let (p0, t0) = now();
     let mut off_work = Duration::ZERO;
-    for (sql, wire) in &statements {
+    for &(sql, wire) in &statements {
         let start = cpu(libc::CLOCK_THREAD_CPUTIME_ID);
         std::hint::black_box((sql, wire));
         off_work += cpu(libc::CLOCK_THREAD_CPUTIME_ID) - start;
@@ -122,7 +197,7 @@ fn run(queries: u64, pace: Duration, masker: &Masker) -> anyhow::Result<Run> {
     let mut responses = Responses::new(1 << 20);
     let (p0, t0) = now();
     let mut on_work = Duration::ZERO;
-    for (sql, wire) in &statements {
+    for &(sql, wire) in &statements {
         let start = cpu(libc::CLOCK_THREAD_CPUTIME_ID);
         let text = masker
             .redact_detected(sql.as_bytes())
@@ -168,16 +243,21 @@ fn main() -> anyhow::Result<()> {
     let reps = arg("--reps", 5);
     let queries = arg("--queries", 20_000);
     let pace = Duration::from_micros(arg("--pace-us", 100));
+    let rows = arg("--rows", 0);
     let masker = Masker::new(&MaskRules::builtin_pii())?;
     let (mut added, mut session) = (vec![], vec![]);
     for _ in 0..reps {
-        let r = run(queries, pace, &masker)?;
+        let r = run(queries, pace, rows, &masker)?;
         added.push(r.added);
         session.push(r.session);
     }
     let (added, session) = (median(added), median(session));
+    let what = match rows {
+        0 => "simple queries".to_owned(),
+        n => format!("wide-row queries ({n} rows of bench_wide each)"),
+    };
     println!(
-        "recording, simple queries: {queries} per run, {} µs apart, {reps} runs (medians)",
+        "recording, {what}: {queries} per run, {} µs apart, {reps} runs (medians)",
         pace.as_micros()
     );
     println!("  added CPU per query       {added:6.2} µs (every thread, recording on minus off)");
