@@ -699,7 +699,8 @@ pub struct Responses {
     owed: VecDeque<Owing>,
     /// Wire bytes of the current statement's reply not yet counted in a `complete`.
     bytes_out: u64,
-    /// DataRow bodies as the client got them, back to back (kept for reuse), and how many.
+    /// The statement's recorded rows so far, encoded as `Record::Rows` holds them (kept for
+    /// reuse), and how many.
     rows: Vec<u8>,
     row_count: usize,
     copy: Vec<u8>,
@@ -812,6 +813,11 @@ impl Responses {
             if data.len() < total {
                 break;
             }
+            // Rows encode to about their wire size: room for the rest of this write's at once,
+            // rather than a doubling (and a copy of the rows so far) every few rows.
+            if data[0] == b'D' && self.rows.capacity() - self.rows.len() < total {
+                self.rows.reserve(data.len());
+            }
             self.message(data[0], &data[5..total], rec);
             data = &data[total..];
         }
@@ -851,13 +857,10 @@ impl Responses {
                     let _ = rec.columns(columns(body).unwrap_or_default());
                 }
             }
-            b'D' => {
-                if let Some((len, _)) = record::encode::data_row(body) {
-                    self.rows.extend_from_slice(&body[..len]);
-                    self.row_count += 1;
-                    if self.rows.len() >= BATCH_BYTES {
-                        self.flush(rec);
-                    }
+            b'D' if rec.data_row(body, &mut self.rows) => {
+                self.row_count += 1;
+                if self.rows.len() >= BATCH_BYTES {
+                    self.flush(rec);
                 }
             }
             b'd' => {
@@ -945,7 +948,7 @@ impl Responses {
     /// Hands the batched rows and COPY data to the recorder.
     pub fn flush(&mut self, rec: &mut SessionRecorder) {
         if self.row_count > 0 {
-            let _ = rec.data_rows(&self.rows, self.row_count);
+            let _ = rec.encoded_rows(&self.rows, self.row_count);
             self.row_count = 0;
             // A small buffer is kept for the next result; a large one is not kept idle.
             if self.rows.capacity() > KEEP_BYTES {
@@ -1120,6 +1123,79 @@ mod tests {
             .filter(|r| matches!(r, Record::Columns(c) if c.len() == 1 && c[0].name == "v" && c[0].type_oid == 25))
             .count();
         assert_eq!(columns, whole);
+    }
+
+    #[test]
+    fn rows_past_max_response_bytes_are_counted_not_recorded_and_a_bad_row_is_neither() {
+        let state = tempfile::tempdir().unwrap();
+        let mut cfg = RecordingConfig::default();
+        cfg.target.insert(
+            "local".into(),
+            crate::record::config::TargetRecording {
+                max_response_bytes: Some(100),
+            },
+        );
+        let recorder = Recorder::start(&cfg, state.path()).unwrap();
+        let mut rec = recorder
+            .handle()
+            .begin(SessionStart {
+                target: "local".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let row = |v: &[u8]| {
+            let mut d = 2i16.to_be_bytes().to_vec();
+            d.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            d.extend_from_slice(v);
+            d.extend_from_slice(&(-1i32).to_be_bytes());
+            d
+        };
+        // A value's length past the row's end: a row the recording cannot hold.
+        let mut lying = row(b"x");
+        lying[2..6].copy_from_slice(&64i32.to_be_bytes());
+        let mut wire = msg(b'D', &lying);
+        // Ten rows of 40 value bytes, in one write, and the cap cuts after the second.
+        for i in 0..10 {
+            wire.extend(msg(b'D', &row(format!("{i:040}").as_bytes())));
+        }
+        wire.extend(msg(b'C', b"SELECT 10\0"));
+        let mut r = Responses::new(1 << 20);
+        r.feed(&wire, &mut rec);
+        rec.end("done").unwrap();
+        recorder.handle().flush().wait().unwrap();
+        drop(recorder);
+
+        let mut records = Vec::new();
+        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
+            records.push(e.record);
+            Ok(true)
+        })
+        .unwrap();
+        let rows: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Rows(rows) => Some(rows.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let want: Vec<Vec<Option<Bytes>>> = (0..2)
+            .map(|i| vec![Some(Bytes(format!("{i:040}").into_bytes())), None])
+            .collect();
+        assert_eq!(rows, want);
+        let complete = records.iter().find_map(|r| match r {
+            Record::Complete(c) => Some(c),
+            _ => None,
+        });
+        let complete = complete.expect("a completion");
+        assert_eq!((complete.tag.as_str(), complete.rows), ("SELECT 10", 10));
+        assert_eq!(
+            complete.truncated,
+            Some(crate::record::Truncation {
+                rows_recorded: 2,
+                bytes_recorded: 80
+            })
+        );
     }
 
     /// A RowDescription body of text-format columns.

@@ -3,8 +3,8 @@
 //! A record's payload is `postcard(Entry)`, and postcard encodes a struct as its fields in
 //! order, so a session encodes everything after `seq` ([`Tail`]) and the recorder puts `seq`
 //! in front. Rows and column descriptions are encoded from the messages the client received
-//! ([`DataRows`], [`RowDescription`]), as `Record::Rows` and `Record::Columns` would encode them,
-//! without a heap value per cell.
+//! ([`data_row_into`], [`RowDescription`]), as `Record::Rows` and `Record::Columns` would encode
+//! them, without a heap value per cell.
 
 use serde::Serialize;
 
@@ -42,13 +42,6 @@ fn varint_into(buf: &mut [u8], mut at: usize, mut v: u64) -> usize {
     }
     buf[at] = v as u8;
     at + 1
-}
-
-/// `Record::Rows` over DataRow bodies (`int16` count, then `int32` length and bytes per value,
-/// -1 for NULL), back to back: `count` of them.
-pub(crate) struct DataRows<'a> {
-    pub bodies: &'a [u8],
-    pub count: usize,
 }
 
 /// `Record::Columns` over a RowDescription body (`int16` count, then per column its name as a C
@@ -113,39 +106,68 @@ pub(crate) const INDEXED: [u32; 4] = [0, REQUEST, 2, SESSION_END];
 pub(crate) const REQUEST: u32 = 1;
 pub(crate) const SESSION_END: u32 = 10;
 
-impl DataRows<'_> {
-    /// Appends `Record::Rows` as postcard encodes it (a varint variant index and lengths, a
-    /// byte per `Option`), written directly: through serde a cell cost a few dozen calls, and
-    /// wide results are mostly cells. `None` on a DataRow that does not check (`out` is then
-    /// partly written).
-    pub fn write(&self, out: &mut Vec<u8>) -> Option<()> {
-        out.reserve(self.bodies.len() + 8);
-        varint(out, u64::from(ROWS));
-        varint(out, self.count as u64);
-        // One checked pass: each length is read before the bytes it covers.
-        let mut rest = self.bodies;
-        let mut take = |n: usize| {
-            let (head, tail) = rest.split_at_checked(n)?;
-            rest = tail;
-            Some(head)
-        };
-        for _ in 0..self.count {
-            let cells = i16::from_be_bytes(take(2)?.try_into().ok()?).max(0);
-            varint(out, cells as u64);
-            for _ in 0..cells {
-                let len = i32::from_be_bytes(take(4)?.try_into().ok()?);
-                if len < 0 {
-                    out.push(0);
-                } else {
-                    let value = take(len as usize)?;
-                    out.push(1);
-                    varint(out, len as u64);
-                    out.extend_from_slice(value);
-                }
-            }
-        }
-        Some(())
+/// Appends `Record::Rows`' head as postcard encodes it: the variant index and the number of rows
+/// ([`data_row_into`]) that follow.
+pub(crate) fn rows_head(out: &mut Vec<u8>, count: usize) {
+    varint(out, u64::from(ROWS));
+    varint(out, count as u64);
+}
+
+/// Appends a DataRow body (`int16` count, then `int32` length and bytes per value, -1 for NULL)
+/// as one row of `Record::Rows`, the way postcard encodes it: the cell count, then a byte per
+/// `Option` and a value's length and bytes. Written directly, in the one pass that checks the
+/// body: wide results are mostly cells, and through serde a cell cost a few dozen calls. Returns
+/// the row's value bytes; `None`, with nothing appended, on a body that does not check.
+pub(crate) fn data_row_into(body: &[u8], out: &mut Vec<u8>) -> Option<u64> {
+    let start = out.len();
+    let encoded = encode_data_row(body, out);
+    if encoded.is_none() {
+        out.truncate(start);
     }
+    encoded
+}
+
+/// The longest value [`encode_data_row`] copies as a fixed-size chunk.
+const SHORT: usize = 16;
+
+fn encode_data_row(body: &[u8], out: &mut Vec<u8>) -> Option<u64> {
+    let (cells, mut rest) = body.split_first_chunk::<2>()?;
+    let cells = i16::from_be_bytes(*cells).max(0);
+    // postcard spends at most 2 bytes more per cell than the wire (a tag, and a length of up to
+    // 5 bytes for the wire's 4), and 1 more on the count; and a short value's copy below writes
+    // up to 16 bytes before it is trimmed: one reservation for the row.
+    out.reserve(body.len() + 2 * cells as usize + 1 + SHORT);
+    varint(out, cells as u64);
+    let mut values = 0u64;
+    for _ in 0..cells {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = i32::from_be_bytes(*len);
+        if len < 0 {
+            out.push(0);
+            rest = tail;
+            continue;
+        }
+        let len = len as usize;
+        let (value, after) = tail.split_at_checked(len)?;
+        if len < 0x80 {
+            out.extend_from_slice(&[1, len as u8]);
+        } else {
+            out.push(1);
+            varint(out, len as u64);
+        }
+        // Most values are short: one fixed-size copy of the bytes from the value on, trimmed to
+        // the value, costs less than a call to memcpy per cell.
+        match tail.first_chunk::<SHORT>() {
+            Some(chunk) if len <= SHORT => {
+                out.extend_from_slice(chunk);
+                out.truncate(out.len() - (SHORT - len));
+            }
+            _ => out.extend_from_slice(value),
+        }
+        rest = after;
+        values += len as u64;
+    }
+    Some(values)
 }
 
 /// postcard's signed integers, before their varint: 0, -1, 1, -2, ... as 0, 1, 2, 3, ... (the
@@ -202,7 +224,7 @@ pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
 impl RowDescription<'_> {
     /// Appends `Record::Columns` as postcard encodes it (a column's name with its length, the
     /// type oid as a varint, the format as a zigzag varint), written directly as
-    /// [`DataRows::write`] writes rows: through serde a column cost a few dozen calls. `None` on a
+    /// [`data_row_into`] writes rows: through serde a column cost a few dozen calls. `None` on a
     /// body that does not check (`out` is then partly written).
     pub fn write(&self, out: &mut Vec<u8>) -> Option<()> {
         out.reserve(self.body.len() + 8);
@@ -282,7 +304,7 @@ mod tests {
             vec![],
             vec![Some(&[0xff; 300][..]), Some(b"a\0b")],
         ];
-        let bodies: Vec<u8> = rows.iter().flat_map(|r| data_row_body(r)).collect();
+        let bodies: Vec<Vec<u8>> = rows.iter().map(|r| data_row_body(r)).collect();
         let entry = Entry {
             seq: 1 << 40,
             at_us: -5,
@@ -296,21 +318,20 @@ mod tests {
         };
         let mut ours = postcard::to_stdvec(&entry.seq).unwrap();
         ours.extend(postcard::to_stdvec(&(entry.at_us, entry.session, entry.stmt)).unwrap());
-        DataRows {
-            bodies: &bodies,
-            count: rows.len(),
+        rows_head(&mut ours, rows.len());
+        for (body, row) in bodies.iter().zip(&rows) {
+            let values = row.iter().flatten().map(|v| v.len() as u64).sum();
+            assert_eq!(data_row_into(body, &mut ours), Some(values));
         }
-        .write(&mut ours)
-        .unwrap();
         assert_eq!(ours, postcard::to_stdvec(&entry).unwrap());
         assert_eq!(postcard::from_bytes::<Entry>(&ours).unwrap(), entry);
-        // A batch cut short anywhere is refused, never read past its end.
-        for cut in 0..bodies.len() {
-            let short = DataRows {
-                bodies: &bodies[..cut],
-                count: rows.len(),
-            };
-            assert_eq!(short.write(&mut Vec::new()), None, "cut at {cut}");
+        // A body cut short anywhere is refused with nothing appended, never read past its end.
+        for body in &bodies {
+            for cut in 0..body.len() {
+                let mut out = vec![7];
+                assert_eq!(data_row_into(&body[..cut], &mut out), None, "cut at {cut}");
+                assert_eq!(out, [7]);
+            }
         }
     }
 

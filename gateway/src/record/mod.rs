@@ -682,9 +682,12 @@ impl SessionRecorder {
             return Ok(false);
         }
         let at = self.pending.len();
-        // One allocation per hand-over in the common case, not a doubling per record.
-        self.pending
-            .reserve(if at == 0 { approx.max(1024) } else { approx });
+        // One allocation per hand-over in the common case, not a doubling per record: room made
+        // for a record has space for the small ones after it too (a result's completion after
+        // its rows), whose growth would copy the rows again.
+        if self.pending.capacity() - at < approx {
+            self.pending.reserve(approx + 1024);
+        }
         self.pending.extend_from_slice(&[0; 4]);
         // The entry's fields before its record, as `Tail` lays them out; `write` appends the
         // record itself.
@@ -756,31 +759,36 @@ impl SessionRecorder {
         self.send(Record::Rows(rows), false).map(drop)
     }
 
-    /// [`Self::rows`] for rows as the client received them: `count` DataRow bodies, back to back,
-    /// each checked with `encode::data_row` by the caller. Encoded without a copy per value.
-    pub fn data_rows(&mut self, bodies: &[u8], count: usize) -> Result<(), RecordError> {
-        let (mut keep, mut cut, mut at) = (0, 0, 0);
-        for _ in 0..count {
-            let Some((len, size)) = encode::data_row(&bodies[at..]) else {
-                break;
-            };
-            at += len;
-            if self.response.admit(size, self.max_response_bytes) {
-                keep += 1;
-                cut = at;
+    /// [`Self::rows`] for one row as the client received it: a DataRow body, encoded onto `batch`
+    /// (as a row of `Record::Rows`, for [`Self::encoded_rows`]) in the pass that checks it. False
+    /// when it is not recorded: past the target's `max_response_bytes` (it is counted), or a body
+    /// that does not check.
+    pub fn data_row(&mut self, body: &[u8], batch: &mut Vec<u8>) -> bool {
+        let max = self.max_response_bytes;
+        if self.response.truncated {
+            if let Some((_, size)) = encode::data_row(body) {
+                self.response.admit(size, max);
             }
+            return false;
         }
-        if keep == 0 {
-            // Nothing to write, but a failing recorder still refuses.
-            return self.handle.check();
+        let start = batch.len();
+        match encode::data_row_into(body, batch) {
+            Some(size) if self.response.admit(size, max) => true,
+            Some(_) => {
+                batch.truncate(start);
+                false
+            }
+            None => false,
         }
-        let rows = encode::DataRows {
-            bodies: &bodies[..cut],
-            count: keep,
-        };
+    }
+
+    /// Hands over `count` rows that [`Self::data_row`] encoded onto `rows`, as one `Record::Rows`.
+    pub fn encoded_rows(&mut self, rows: &[u8], count: usize) -> Result<(), RecordError> {
         let stmt = self.answering.unwrap_or(self.stmt);
-        self.encode_with(stmt, 64 + cut + 4 * keep, |out| {
-            rows.write(out).ok_or_else(|| "a bad DataRow".to_owned())
+        self.encode_with(stmt, 64 + rows.len(), |out| {
+            encode::rows_head(out, count);
+            out.extend_from_slice(rows);
+            Ok(())
         })?;
         self.submit_unless_batching()
     }
