@@ -9,6 +9,9 @@
 //! statements: under 2 µs.
 
 use std::hint::black_box;
+
+#[path = "../wide.rs"]
+mod wide;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,17 +53,7 @@ const MIX: &[(&str, &str)] = &[
 fn catalog(masker: &Masker) -> Catalog {
     let mut c = Catalog::default();
     let tables: &[(&str, &[(&str, u32)])] = &[
-        (
-            "bench_wide",
-            &[
-                ("id", 23),
-                ("customer", 25),
-                ("email", 25),
-                ("card_number", 25),
-                ("city", 25),
-                ("note", 25),
-            ],
-        ),
+        ("bench_wide", &wide::COLUMNS),
         (
             "users",
             &[

@@ -32,6 +32,9 @@
 //! `cargo run --release -p portcullis-bench --bin mask_scan -- [--reps N] [--batches N] [--row-kb N]
 //! [--only portcullis|regex] [--detectors email,card,...] [--wide-only] [--cold] [--core]`
 
+#[path = "../wide.rs"]
+mod wide;
+
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::rc::Rc;
@@ -865,18 +868,14 @@ fn default_policy_masker() -> Masker {
     Masker::new(&rules).expect("mask rules compile")
 }
 
-/// The columns of `bench_wide`, in order; the first is an `int4`, the rest `text`.
-const WIDE_COLUMNS: [&str; 6] = ["id", "customer", "email", "card_number", "city", "note"];
-
 fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn Fn(&str) -> bool) {
-    let cols: Vec<Column<'_>> = WIDE_COLUMNS
+    let cols: Vec<Column<'_>> = wide::COLUMNS
         .iter()
-        .enumerate()
-        .map(|(i, name)| Column {
+        .map(|&(name, type_oid)| Column {
             name: name.as_bytes(),
             table_oid: 0,
             attnum: 0,
-            type_oid: if i == 0 { INT4 } else { TEXT },
+            type_oid,
             format: 0,
         })
         .collect();
@@ -959,15 +958,15 @@ fn core_results(set: &[Vec<u8>], reps: usize) {
     .expect("the bench_wide spec");
     // The table `catalog_from_specs` made: the first oid it hands out.
     let table_oid = 16385;
-    let fields: Vec<FieldDesc<'_>> = WIDE_COLUMNS
+    let fields: Vec<FieldDesc<'_>> = wide::COLUMNS
         .iter()
         .enumerate()
-        .map(|(i, name)| FieldDesc {
+        .map(|(i, &(name, type_oid))| FieldDesc {
             name: name.as_bytes(),
             table_oid,
             attnum: i as i16 + 1,
-            type_oid: if i == 0 { INT4 } else { TEXT },
-            type_len: if i == 0 { 4 } else { -1 },
+            type_oid,
+            type_len: if type_oid == INT4 { 4 } else { -1 },
             type_mod: -1,
             format: 0,
         })

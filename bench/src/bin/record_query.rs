@@ -19,9 +19,15 @@
 
 use std::time::Duration;
 
+#[path = "../wide.rs"]
+mod wide;
+
 use portcullis::mask::{MaskRules, Masker};
 use portcullis::pipeline::record::{Answer, Responses};
 use portcullis::protocol::postgres::frame::write_message;
+use portcullis::protocol::postgres::messages::{
+    FieldDesc, encode_data_row, encode_ready_for_query, encode_row_description,
+};
 use portcullis::record::{Recorder, RecordingConfig, Request, RequestKind, SessionStart, Verdict};
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -55,17 +61,11 @@ fn now() -> (Duration, Duration) {
 fn response(id: u64) -> Vec<u8> {
     let mut wire = Vec::new();
     row_description(&mut wire, &[("id", 20), ("status", 25), ("total", 1700)]);
-    let total = format!("{}.{:02}", id % 997, id % 100);
-    data_row(
-        &mut wire,
-        &[
-            Some(id.to_string().as_str()),
-            Some("shipped"),
-            Some(total.as_str()),
-        ],
-    );
+    let (id_text, total) = (id.to_string(), format!("{}.{:02}", id % 997, id % 100));
+    let values = [id_text.as_str(), "shipped", total.as_str()];
+    encode_data_row(&values.map(|v| Some(v.as_bytes())), &mut wire);
     write_message(&mut wire, b'C', |o| o.extend_from_slice(b"SELECT 1\0"));
-    write_message(&mut wire, b'Z', |o| o.push(b'I'));
+    encode_ready_for_query(b'I', &mut wire);
     wire
 }
 
@@ -73,20 +73,11 @@ fn response(id: u64) -> Vec<u8> {
 /// receives it after `default`'s masking: one row in ten has a masked email and card number.
 fn wide_response(first: u64, rows: u64) -> Vec<u8> {
     let mut wire = Vec::new();
-    row_description(
-        &mut wire,
-        &[
-            ("id", 23),
-            ("customer", 25),
-            ("email", 25),
-            ("card_number", 25),
-            ("city", 25),
-            ("note", 25),
-        ],
-    );
+    row_description(&mut wire, &wide::COLUMNS);
     let cities = ["Lisbon", "Osaka", "Denver", "Nairobi", "Oslo", "Quito"];
     for g in first..first + rows {
         let masked = g % 10 == 3;
+        let (id, customer) = (g.to_string(), format!("customer {g}"));
         // 48 hex digits, as `left(md5(g) || md5(-g), 48)`.
         let note = format!(
             "{:016x}{:016x}{:016x}",
@@ -94,54 +85,41 @@ fn wide_response(first: u64, rows: u64) -> Vec<u8> {
             !g,
             g << 7
         );
-        data_row(
-            &mut wire,
-            &[
-                Some(g.to_string().as_str()),
-                Some(format!("customer {g}").as_str()),
-                masked.then_some("c*******@example.com"),
-                masked.then_some("************1111"),
-                Some(cities[(g % 6) as usize]),
-                Some(note.as_str()),
-            ],
-        );
+        let values = [
+            Some(id.as_str()),
+            Some(customer.as_str()),
+            masked.then_some("c*******@example.com"),
+            masked.then_some("************1111"),
+            Some(cities[(g % 6) as usize]),
+            Some(note.as_str()),
+        ];
+        encode_data_row(&values.map(|v| v.map(str::as_bytes)), &mut wire);
     }
     write_message(&mut wire, b'C', |o| {
         o.extend_from_slice(format!("SELECT {rows}\0").as_bytes())
     });
-    write_message(&mut wire, b'Z', |o| o.push(b'I'));
+    encode_ready_for_query(b'I', &mut wire);
     wire
-}
-
-fn row_description(wire: &mut Vec<u8>, columns: &[(&str, i32)]) {
-    write_message(wire, b'T', |o| {
-        o.extend_from_slice(&(columns.len() as i16).to_be_bytes());
-        for (name, oid) in columns {
-            o.extend_from_slice(name.as_bytes());
-            o.push(0);
-            o.extend_from_slice(&[0; 6]);
-            o.extend_from_slice(&oid.to_be_bytes());
-            o.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
-        }
-    });
 }
 
 /// How many distinct wide results a run cycles through.
 const WIDE_DISTINCT: u64 = 64;
 
-fn data_row(wire: &mut Vec<u8>, values: &[Option<&str>]) {
-    write_message(wire, b'D', |o| {
-        o.extend_from_slice(&(values.len() as i16).to_be_bytes());
-        for v in values {
-            match v {
-                Some(v) => {
-                    o.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    o.extend_from_slice(v.as_bytes());
-                }
-                None => o.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
-    });
+/// A RowDescription of text-format columns from no table.
+fn row_description(wire: &mut Vec<u8>, columns: &[(&str, u32)]) {
+    let fields: Vec<FieldDesc<'_>> = columns
+        .iter()
+        .map(|&(name, type_oid)| FieldDesc {
+            name: name.as_bytes(),
+            table_oid: 0,
+            attnum: 0,
+            type_oid,
+            type_len: -1,
+            type_mod: -1,
+            format: 0,
+        })
+        .collect();
+    encode_row_description(&fields, wire);
 }
 
 struct Run {

@@ -1051,6 +1051,46 @@ mod tests {
         .concat()
     }
 
+    /// Ends the session and reads back every entry the recorder wrote, in order.
+    fn read_back(
+        recorder: Recorder,
+        rec: crate::record::SessionRecorder,
+        state: &std::path::Path,
+    ) -> Vec<crate::record::Entry> {
+        rec.end("done").unwrap();
+        recorder.handle().flush().wait().unwrap();
+        drop(recorder);
+        let mut entries = Vec::new();
+        crate::record::read::for_each_entry(&state.join("recordings"), 0, u64::MAX, |e| {
+            entries.push(e);
+            Ok(true)
+        })
+        .unwrap();
+        entries
+    }
+
+    /// [`read_back`]'s records alone.
+    fn records_of(
+        recorder: Recorder,
+        rec: crate::record::SessionRecorder,
+        state: &std::path::Path,
+    ) -> Vec<Record> {
+        let entries = read_back(recorder, rec, state);
+        entries.into_iter().map(|e| e.record).collect()
+    }
+
+    /// The rows of every `Record::Rows`, in order.
+    fn rows_of(records: &[Record]) -> Vec<Vec<Option<Bytes>>> {
+        records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Rows(rows) => Some(rows.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     #[test]
     fn results_split_anywhere_are_recorded_whole_and_oversized_ones_skipped() {
         let state = tempfile::tempdir().unwrap();
@@ -1072,16 +1112,7 @@ mod tests {
         let big = [msg(b'D', &[0u8; 64]), msg(b'C', b"SELECT 1\0")].concat();
         r.feed(&big[..10], &mut rec);
         r.feed(&big[10..], &mut rec);
-        rec.end("done").unwrap();
-        recorder.handle().flush().wait().unwrap();
-        drop(recorder);
-
-        let mut records = Vec::new();
-        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
-            records.push(e.record);
-            Ok(true)
-        })
-        .unwrap();
+        let records = records_of(recorder, rec, state.path());
         let tags: Vec<_> = records
             .iter()
             .filter_map(|r| match r {
@@ -1106,14 +1137,7 @@ mod tests {
                 bytes: 69
             }]
         );
-        let rows: Vec<_> = records
-            .iter()
-            .filter_map(|r| match r {
-                Record::Rows(rows) => Some(rows.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let rows = rows_of(&records);
         assert_eq!(rows.len(), 2 * whole);
         assert!(rows.chunks(2).all(
             |pair| pair[0] == vec![Some(Bytes(b"a\0b\xff".to_vec()))] && pair[1] == vec![None]
@@ -1161,24 +1185,8 @@ mod tests {
         wire.extend(msg(b'C', b"SELECT 10\0"));
         let mut r = Responses::new(1 << 20);
         r.feed(&wire, &mut rec);
-        rec.end("done").unwrap();
-        recorder.handle().flush().wait().unwrap();
-        drop(recorder);
-
-        let mut records = Vec::new();
-        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
-            records.push(e.record);
-            Ok(true)
-        })
-        .unwrap();
-        let rows: Vec<_> = records
-            .iter()
-            .filter_map(|r| match r {
-                Record::Rows(rows) => Some(rows.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let records = records_of(recorder, rec, state.path());
+        let rows = rows_of(&records);
         let want: Vec<Vec<Option<Bytes>>> = (0..2)
             .map(|i| vec![Some(Bytes(format!("{i:040}").into_bytes())), None])
             .collect();
@@ -1229,22 +1237,17 @@ mod tests {
                 &mut rec,
             );
         }
-        rec.end("done").unwrap();
-        recorder.handle().flush().wait().unwrap();
-        drop(recorder);
-
-        let mut got = Vec::new();
-        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
-            if let Record::Columns(c) = e.record {
-                got.push(
+        let got: Vec<_> = records_of(recorder, rec, state.path())
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Columns(c) => Some(
                     c.iter()
                         .map(|c| (c.name.clone(), c.type_oid))
                         .collect::<Vec<_>>(),
-                );
-            }
-            Ok(true)
-        })
-        .unwrap();
+                ),
+                _ => None,
+            })
+            .collect();
         let col = |name: &str, oid: u32| (name.to_owned(), oid);
         let a = vec![col("id", 20), col("email", 25)];
         let want = vec![
@@ -1324,16 +1327,7 @@ mod tests {
             r.feed(piece, &mut batch);
             r.flush(&mut batch);
         }
-        rec.end("done").unwrap();
-        recorder.handle().flush().wait().unwrap();
-        drop(recorder);
-
-        let mut entries = Vec::new();
-        crate::record::read::for_each_entry(&state.path().join("recordings"), 0, u64::MAX, |e| {
-            entries.push(e);
-            Ok(true)
-        })
-        .unwrap();
+        let entries = read_back(recorder, rec, state.path());
         let of = |stmt: u32| -> Vec<&Record> {
             entries
                 .iter()

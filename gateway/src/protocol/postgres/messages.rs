@@ -507,6 +507,24 @@ pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, ProtocolError> 
     Ok(values)
 }
 
+/// Appends a DataRow ('D') of text or binary values, `None` as NULL: the inverse of
+/// [`parse_data_row`]. Used by tests and benches that play the server.
+pub fn encode_data_row(values: &[Option<&[u8]>], out: &mut Vec<u8>) {
+    let at = begin(b'D', out);
+    let count = i16::try_from(values.len()).unwrap_or(i16::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for value in values.iter().take(count as usize) {
+        match value {
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    finish(at, out);
+}
+
 /// Appends a RowDescription ('T'). Used by tests and by the driver when it answers a client
 /// itself.
 pub fn encode_row_description(fields: &[FieldDesc<'_>], out: &mut Vec<u8>) {
@@ -573,6 +591,11 @@ mod tests {
             parse_data_row(&[&1i16.to_be_bytes()[..], &(-2i32).to_be_bytes()].concat()).is_err()
         );
         assert!(parse_data_row(&[&1i16.to_be_bytes()[..], &9i32.to_be_bytes()].concat()).is_err());
+        let mut msg = Vec::new();
+        encode_data_row(&[Some(b"ab"), None, Some(b"")], &mut msg);
+        assert_eq!(msg[0], b'D');
+        assert_eq!(&msg[1..5], &(4 + body.len() as u32).to_be_bytes());
+        assert_eq!(&msg[5..], body);
     }
 
     #[test]
