@@ -14,15 +14,7 @@ pub(crate) fn xorshift(seed: u64) -> impl FnMut(usize) -> usize {
 
 /// A DataRow body: the column count, then each value with its length, `None` as SQL NULL (-1).
 pub(crate) fn data_row_body(values: &[Option<&[u8]>]) -> Vec<u8> {
-    let mut body = (values.len() as u16).to_be_bytes().to_vec();
-    for value in values {
-        match value {
-            Some(v) => {
-                body.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                body.extend_from_slice(v);
-            }
-            None => body.extend_from_slice(&(-1i32).to_be_bytes()),
-        }
-    }
-    body
+    let mut message = Vec::new();
+    crate::protocol::postgres::messages::encode_data_row(values, &mut message);
+    message.split_off(5)
 }

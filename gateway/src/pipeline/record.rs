@@ -1167,13 +1167,7 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        let row = |v: &[u8]| {
-            let mut d = 2i16.to_be_bytes().to_vec();
-            d.extend_from_slice(&(v.len() as i32).to_be_bytes());
-            d.extend_from_slice(v);
-            d.extend_from_slice(&(-1i32).to_be_bytes());
-            d
-        };
+        let row = |v: &[u8]| crate::testing::data_row_body(&[Some(v), None]);
         // A value's length past the row's end: a row the recording cannot hold.
         let mut lying = row(b"x");
         lying[2..6].copy_from_slice(&64i32.to_be_bytes());

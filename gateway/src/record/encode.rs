@@ -120,17 +120,18 @@ pub(crate) fn rows_head(out: &mut Vec<u8>, count: usize) {
 /// the row's value bytes; `None`, with nothing appended, on a body that does not check.
 pub(crate) fn data_row_into(body: &[u8], out: &mut Vec<u8>) -> Option<u64> {
     let start = out.len();
-    let encoded = encode_data_row(body, out);
+    let encoded = encode_cells(body, out);
     if encoded.is_none() {
         out.truncate(start);
     }
     encoded
 }
 
-/// The longest value [`encode_data_row`] copies as a fixed-size chunk.
+/// The longest value [`encode_cells`] copies as a fixed-size chunk.
 const SHORT: usize = 16;
 
-fn encode_data_row(body: &[u8], out: &mut Vec<u8>) -> Option<u64> {
+/// [`data_row_into`]'s encoding, which may stop with part of the row appended.
+fn encode_cells(body: &[u8], out: &mut Vec<u8>) -> Option<u64> {
     let (cells, mut rest) = body.split_first_chunk::<2>()?;
     let cells = i16::from_be_bytes(*cells).max(0);
     // postcard spends at most 2 bytes more per cell than the wire (a tag, and a length of up to
