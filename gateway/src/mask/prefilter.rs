@@ -176,11 +176,57 @@ impl Scanner {
     }
 
     /// Appends the hits in `text` to `hits`, sorted, overlapping hits merged into one span.
+    #[inline]
     pub fn scan(&self, text: &[u8], hits: &mut Vec<Hit>) {
+        if text.len() < 64 {
+            self.scan_short(text, hits);
+        } else {
+            self.scan_long(text, hits);
+        }
+    }
+
+    #[inline(never)]
+    fn scan_long(&self, text: &[u8], hits: &mut Vec<Hit>) {
         let base = hits.len();
         self.scan_anchors(text, hits);
         if self.triggers {
             self.scan_triggers(text, hits, base);
+        }
+        if hits.len() - base > 1 {
+            merge(&mut *hits, base);
+        }
+    }
+
+    /// [`Self::scan`] for a text shorter than a block (most values: names, cities, ids, digests),
+    /// loaded once into the 16-byte vectors that both the needle check and the trigger bits read.
+    /// For such a text `memchr3`'s call and dispatch cost more than the three compares.
+    #[inline(never)]
+    fn scan_short(&self, text: &[u8], hits: &mut Vec<Hit>) {
+        if text.is_empty() {
+            return;
+        }
+        let base = hits.len();
+        let chunks = tail_chunks(text);
+        let used = text.len().div_ceil(16);
+        if text.len() >= MIN_ANCHORED_HIT && self.anchors.is_some() {
+            let [a, b, c] = self.needles.map(u8x16::splat);
+            // NUL padding matches no needle: each is a byte of a printable literal.
+            let found = chunks.iter().take(used).fold(u8x16::ZERO, |found, &v| {
+                found | v.cmp_eq(a) | v.cmp_eq(b) | v.cmp_eq(c)
+            });
+            if found.move_mask() != 0 {
+                self.search_anchors(text, hits);
+            }
+        }
+        if self.triggers {
+            // The value starts and ends in this block: no run or colon window goes on past it.
+            let edges = Edges {
+                before: false,
+                after: false,
+            };
+            let bits = tail_trigger_bits(&chunks, used, edges);
+            let mut cursor = TriggerCursor::new(hits, base);
+            self.visit_triggers(text, 0, bits, hits, &mut cursor);
         }
         if hits.len() - base > 1 {
             merge(&mut *hits, base);
@@ -220,25 +266,21 @@ impl Scanner {
     }
 
     fn scan_triggers(&self, s: &[u8], hits: &mut Vec<Hit>, base: usize) {
-        // Anchor hits (sorted) are masked already: triggers inside them are skipped.
-        let anchor_end = hits.len();
-        let mut next_anchor = base;
-        let mut resume = 0;
+        let mut cursor = TriggerCursor::new(hits, base);
         let mut i = 0;
         while i < s.len() {
-            if resume > i {
-                i = resume;
+            if cursor.resume > i {
+                i = cursor.resume;
                 continue;
             }
-            let mut bits = match s.get(i..i + 64) {
+            let bits = match s.get(i..i + 64) {
                 // A full block's edges are kept open (the text may go on past either) as
                 // constants: deciding per block costs long texts more than it saves.
                 Some(block) => {
                     self.full_block_trigger_bits(block.try_into().expect("64-byte block"))
                 }
-                // Most values are shorter than a block: pad with NUL (in no byte class) and take
-                // the same vector path rather than a byte-at-a-time loop, classifying only the
-                // 16-byte chunks that hold text (one for a name, a city or a status).
+                // The text's last bytes: padded with NUL (in no byte class), they take the same
+                // vector path rather than a byte-at-a-time loop.
                 None => {
                     let tail = &s[i..];
                     let chunks = tail_chunks(tail);
@@ -248,33 +290,47 @@ impl Scanner {
                         before: i > 0,
                         after: false,
                     };
-                    match tail.len().div_ceil(16) {
-                        1 => trigger_bits::<1>(&chunks, edges),
-                        2 => trigger_bits::<2>(&chunks, edges),
-                        3 => trigger_bits::<3>(&chunks, edges),
-                        _ => trigger_bits::<4>(&chunks, edges),
-                    }
+                    tail_trigger_bits(&chunks, tail.len().div_ceil(16), edges)
                 }
             };
-            while bits != 0 {
-                let j = i + bits.trailing_zeros() as usize;
-                if next_anchor < anchor_end {
-                    while next_anchor < anchor_end && hits[next_anchor].end <= j {
-                        next_anchor += 1;
-                    }
-                }
-                resume = if next_anchor < anchor_end && hits[next_anchor].start <= j {
-                    hits[next_anchor].end
-                } else {
-                    self.at_trigger(s, j, hits)
-                };
-                // Drop the triggers the detector consumed (e.g. the rest of a number).
-                bits = match resume - i {
-                    skip if skip >= 64 => 0,
-                    skip => bits & (u64::MAX << skip),
-                };
-            }
+            self.visit_triggers(s, i, bits, hits, &mut cursor);
             i += 64;
+        }
+    }
+
+    /// Runs the detectors for each trigger in `bits` (bit k: byte `i + k` of `s`), skipping those
+    /// inside anchor hits and those a detector consumed.
+    #[inline(always)]
+    fn visit_triggers(
+        &self,
+        s: &[u8],
+        i: usize,
+        mut bits: u64,
+        hits: &mut Vec<Hit>,
+        cursor: &mut TriggerCursor,
+    ) {
+        while bits != 0 {
+            let j = i + bits.trailing_zeros() as usize;
+            let TriggerCursor {
+                anchor_end,
+                next_anchor,
+                resume,
+            } = cursor;
+            if *next_anchor < *anchor_end {
+                while *next_anchor < *anchor_end && hits[*next_anchor].end <= j {
+                    *next_anchor += 1;
+                }
+            }
+            *resume = if *next_anchor < *anchor_end && hits[*next_anchor].start <= j {
+                hits[*next_anchor].end
+            } else {
+                self.at_trigger(s, j, hits)
+            };
+            // Drop the triggers the detector consumed (e.g. the rest of a number).
+            bits = match *resume - i {
+                skip if skip >= 64 => 0,
+                skip => bits & (u64::MAX << skip),
+            };
         }
     }
 
@@ -833,13 +889,55 @@ fn block_chunks(block: &[u8; 64]) -> Chunks {
     })
 }
 
+/// Where the trigger scan of one text stands: anchor hits (sorted, at `hits[next_anchor..anchor_end]`)
+/// are masked already, so triggers inside them are skipped; `resume` is where scanning goes on.
+struct TriggerCursor {
+    anchor_end: usize,
+    next_anchor: usize,
+    resume: usize,
+}
+
+impl TriggerCursor {
+    fn new(hits: &[Hit], base: usize) -> TriggerCursor {
+        TriggerCursor {
+            anchor_end: hits.len(),
+            next_anchor: base,
+            resume: 0,
+        }
+    }
+}
+
+/// [`trigger_bits`] over the first `used` chunks of a text's last bytes: only the chunks that hold
+/// text are classified (one for a name, a city or a status).
+#[inline(always)]
+fn tail_trigger_bits(chunks: &Chunks, used: usize, edges: Edges) -> u64 {
+    match used {
+        1 => trigger_bits::<1>(chunks, edges),
+        2 => trigger_bits::<2>(chunks, edges),
+        3 => trigger_bits::<3>(chunks, edges),
+        _ => trigger_bits::<4>(chunks, edges),
+    }
+}
+
 /// The last bytes of a text (fewer than 64) as a block, NUL after them. Each vector is built from
 /// loads of the text itself: a copy into a zeroed buffer, loaded back 16 bytes at a time, stalls
 /// store forwarding (the wide load waits for the copy's narrower stores to retire), and that wait
 /// was the largest single cost of a short value's scan.
 #[inline(always)]
 fn tail_chunks(s: &[u8]) -> Chunks {
-    std::array::from_fn(|k| match s.get(16 * k..) {
+    // Four calls rather than `array::from_fn`, which the compiler leaves out of line.
+    [
+        tail_chunk(s, 0),
+        tail_chunk(s, 1),
+        tail_chunk(s, 2),
+        tail_chunk(s, 3),
+    ]
+}
+
+/// Chunk `k` of [`tail_chunks`].
+#[inline(always)]
+fn tail_chunk(s: &[u8], k: usize) -> u8x16 {
+    match s.get(16 * k..) {
         Some(rest) if rest.len() >= 16 => u8x16::new(rest[..16].try_into().expect("16-byte chunk")),
         Some(rest) if rest.len() > 8 => {
             let n = rest.len();
@@ -850,7 +948,7 @@ fn tail_chunks(s: &[u8]) -> Chunks {
         }
         Some(rest) if !rest.is_empty() => bytemuck::cast(u64x2::new([padded_word(rest), 0])),
         _ => u8x16::ZERO,
-    })
+    }
 }
 
 /// The first 8 bytes of `s` as a little-endian word, NUL past its end, from (overlapping) loads
