@@ -1204,6 +1204,21 @@ fn tail_chunk(s: &[u8], k: usize) -> u8x16 {
     }
 }
 
+/// For a text of at most 64 bytes: bit k set when byte k is an ASCII letter or digit, or `None`
+/// when the text has a non-ASCII byte (for the partial style's short path).
+pub(super) fn ascii_alnum_bits(s: &[u8]) -> Option<u64> {
+    debug_assert!(s.len() <= 64);
+    let chunks = tail_chunks(s);
+    let (mut alnum, mut non_ascii) = (0u64, 0u16);
+    for (k, &v) in chunks.iter().enumerate().take(s.len().div_ceil(16)) {
+        // NUL padding is neither.
+        non_ascii |= v.move_mask() as u16;
+        let lanes = in_range(v, b'0', b'9') | in_range(v | u8x16::splat(0x20), b'a', b'z');
+        alnum |= u64::from(lanes.move_mask() as u16) << (16 * k);
+    }
+    (non_ascii == 0).then_some(alnum)
+}
+
 /// The first 8 bytes of `s` as a little-endian word, NUL past its end, from (overlapping) loads
 /// of `s` itself, for the same reason as [`tail_chunks`].
 #[inline(always)]

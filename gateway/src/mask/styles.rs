@@ -4,6 +4,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::config::Style;
+use super::prefilter::ascii_alnum_bits;
 
 /// What replaces a redacted text value or span.
 pub(crate) const REDACTED: &[u8] = b"****";
@@ -82,6 +83,32 @@ pub(crate) fn rewrite_spans(
 /// Keep the last 4 letters/digits/non-ASCII characters, star the others, keep ASCII punctuation and
 /// spaces. With fewer than 8 maskable characters everything is starred.
 pub(crate) fn partial(value: &[u8], out: &mut Vec<u8>) {
+    // Most values masked this way (emails, card and phone numbers) are short and ASCII: one
+    // classification gives a bit per maskable byte, and the stars follow from the bits.
+    if value.len() <= 64
+        && let Some(maskable) = ascii_alnum_bits(value)
+    {
+        let mut starred = maskable;
+        if maskable.count_ones() >= 8 {
+            // The four highest bits are the last four maskable bytes: keep them.
+            for _ in 0..4 {
+                starred &= !(1 << (63 - starred.leading_zeros()));
+            }
+        }
+        let start = out.len();
+        out.extend_from_slice(value);
+        let copy = &mut out[start..];
+        while starred != 0 {
+            copy[starred.trailing_zeros() as usize] = b'*';
+            starred &= starred - 1;
+        }
+        return;
+    }
+    partial_any(value, out);
+}
+
+/// [`partial`] for any value.
+fn partial_any(value: &[u8], out: &mut Vec<u8>) {
     // A character is maskable when it is an ASCII letter or digit, or a non-ASCII character (counted
     // at its UTF-8 lead byte; continuation bytes follow their lead).
     let maskable = |b: u8| b.is_ascii_alphanumeric() || b >= 0xC0;
@@ -187,6 +214,26 @@ mod tests {
             partial(&value, &mut out);
             assert_eq!(out[1..], expected, "{:?}", String::from_utf8_lossy(&value));
         }
+    }
+
+    /// The short-ASCII path gives what the general one does, for any bytes (NUL, other controls,
+    /// bytes around each class's edges, non-ASCII) at any length around its 64-byte limit.
+    #[test]
+    fn partial_gives_the_same_by_either_path() {
+        const BYTES: &[u8] = b"\0\x01/09:@AZ[`az{\x7f .-*\x80\xbf\xc0\xff";
+        const ASCII: usize = 19;
+        let mut next = crate::testing::xorshift(0x5eed_0085);
+        let mut short_ascii = 0;
+        for _ in 0..50_000 {
+            let pool = if next(2) == 0 { &BYTES[..ASCII] } else { BYTES };
+            let value: Vec<u8> = (0..next(80)).map(|_| pool[next(pool.len())]).collect();
+            let (mut fast, mut general) = (b"x".to_vec(), b"x".to_vec());
+            partial(&value, &mut fast);
+            partial_any(&value, &mut general);
+            assert_eq!(fast, general, "{value:?}");
+            short_ascii += usize::from(value.len() <= 64 && value.is_ascii());
+        }
+        assert!(short_ascii > 15_000, "{short_ascii} short ASCII values");
     }
 
     #[test]
