@@ -5,8 +5,8 @@
 //!   start token formats: `eyJ` (JWT), `rer ` (`Bearer `), `AKIA`/`ASIA` (AWS), `AIza` (Google);
 //! - **trigger bytes**: digits, `@`, `:`, `=`, `-` and `_`. Each 64-byte block is classified with
 //!   SIMD and move-masks: where the CPU has AVX2 (found at run time), by two nibble lookups that
-//!   give most byte classes at once, 32 bytes at a time (16 for a value's last bytes); otherwise by
-//!   16-byte compares. Blocks without a trigger are skipped at once, and in the
+//!   give most byte classes at once, 32 bytes at a time; a value's last bytes, and every block on
+//!   other CPUs, by 16-byte compares. Blocks without a trigger are skipped at once, and in the
 //!   others a bit per byte leads straight to each trigger. Numbers too short for any number detector
 //!   and the colons of clock times are cleared from those bits for the whole block with bit
 //!   operations, so number-dense text does not visit them one by one. A digit starts a number-like
@@ -182,10 +182,6 @@ impl Scanner {
         if text.len() >= 64 {
             return self.scan_long(text, hits);
         }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(simd) = self.avx2 {
-            return avx2::scan_short(simd, self, text, hits);
-        }
         self.scan_short(text, hits);
     }
 
@@ -206,17 +202,6 @@ impl Scanner {
     /// For such a text `memchr3`'s call and dispatch cost more than the three compares.
     #[inline(never)]
     fn scan_short(&self, text: &[u8], hits: &mut Vec<Hit>) {
-        self.scan_short_with(text, hits, tail_trigger_bits);
-    }
-
-    /// [`Self::scan_short`] with `trigger_bits` classifying the chunks (as [`tail_trigger_bits`]).
-    #[inline(always)]
-    fn scan_short_with(
-        &self,
-        text: &[u8],
-        hits: &mut Vec<Hit>,
-        trigger_bits: impl Fn(&Chunks, usize, Edges) -> u64,
-    ) {
         if text.is_empty() {
             return;
         }
@@ -239,7 +224,7 @@ impl Scanner {
                 before: false,
                 after: false,
             };
-            let bits = trigger_bits(&chunks, used, edges);
+            let bits = tail_trigger_bits(&chunks, used, edges);
             let mut cursor = TriggerCursor::new(hits, base);
             self.visit_triggers(text, 0, bits, hits, &mut cursor);
         }
@@ -706,7 +691,7 @@ impl<const CHUNKS: usize> BlockClasses for Sse2Chunks<'_, CHUNKS> {
     }
 }
 
-/// Byte classes by nibble, for `pshufb` lookups (the AVX2 path): a byte is in class `k` when the
+/// Byte classes by nibble, for `pshufb` lookups (full blocks on the AVX2 path): a byte is in class `k` when the
 /// entries of both its low and its high nibble hold bit `k`. Each class here is exactly such a
 /// product of nibble sets, so one lookup of each nibble and an AND classify a vector for all of
 /// them at once, where compares take one or more per class.
@@ -764,11 +749,10 @@ mod nibble {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use pulp::x86::V3;
-    use std::arch::x86_64::{__m128i, __m256i};
+    use std::arch::x86_64::__m256i;
 
     use super::{
-        BlockClasses, Chunks, ColonClasses, Edges, Hit, NumberClasses, Scanner,
-        classified_trigger_bits, nibble,
+        BlockClasses, ColonClasses, Edges, NumberClasses, classified_trigger_bits, nibble,
     };
 
     /// The CPU's AVX2 (with the rest of x86-64-v3), where it has it.
@@ -805,164 +789,6 @@ mod avx2 {
                 ],
             };
             classified_trigger_bits(&vectors, Edges::OPEN)
-        }
-    }
-
-    /// [`super::Scanner::scan_short`] with the text's chunks classified by nibble (SSSE3's
-    /// `pshufb`, which every AVX2 CPU has).
-    pub(super) fn scan_short(simd: V3, scanner: &Scanner, text: &[u8], hits: &mut Vec<Hit>) {
-        simd.vectorize(ShortScan {
-            simd,
-            scanner,
-            text,
-            hits,
-        })
-    }
-
-    struct ShortScan<'a> {
-        simd: V3,
-        scanner: &'a Scanner,
-        text: &'a [u8],
-        hits: &'a mut Vec<Hit>,
-    }
-
-    impl pulp::NullaryFnOnce for ShortScan<'_> {
-        type Output = ();
-
-        #[inline(always)]
-        fn call(self) {
-            let simd = self.simd;
-            self.scanner
-                .scan_short_with(self.text, self.hits, |chunks, used, edges| {
-                    short_trigger_bits(simd, chunks, used, edges)
-                });
-        }
-    }
-
-    /// [`super::tail_trigger_bits`] by nibble classes.
-    #[inline(always)]
-    fn short_trigger_bits(simd: V3, chunks: &Chunks, used: usize, edges: Edges) -> u64 {
-        let raw: [__m128i; 4] = bytemuck::cast(*chunks);
-        match used {
-            1 => classified_trigger_bits(&ShortVectors::<1>::new(simd, raw), edges),
-            2 => classified_trigger_bits(&ShortVectors::<2>::new(simd, raw), edges),
-            3 => classified_trigger_bits(&ShortVectors::<3>::new(simd, raw), edges),
-            _ => classified_trigger_bits(&ShortVectors::<4>::new(simd, raw), edges),
-        }
-    }
-
-    /// [`short_trigger_bits`] run on its own, for the tests that hold it to the 16-byte
-    /// compares.
-    #[cfg(test)]
-    pub(super) fn tail_trigger_bits(simd: V3, chunks: &Chunks, used: usize, edges: Edges) -> u64 {
-        struct Run<'a>(V3, &'a Chunks, usize, Edges);
-        impl pulp::NullaryFnOnce for Run<'_> {
-            type Output = u64;
-            #[inline(always)]
-            fn call(self) -> u64 {
-                short_trigger_bits(self.0, self.1, self.2, self.3)
-            }
-        }
-        simd.vectorize(Run(simd, chunks, used, edges))
-    }
-
-    /// The first `CHUNKS` 16-byte vectors of a text's last bytes and their nibble classes.
-    struct ShortVectors<const CHUNKS: usize> {
-        simd: V3,
-        raw: [__m128i; 4],
-        classes: [__m128i; 4],
-    }
-
-    impl<const CHUNKS: usize> ShortVectors<CHUNKS> {
-        #[inline(always)]
-        fn new(simd: V3, raw: [__m128i; 4]) -> Self {
-            let (sse2, ssse3) = (simd.sse2, simd.ssse3);
-            let low_nibble = sse2._mm_set1_epi8(0x0F);
-            let (low_table, high_table): (__m128i, __m128i) =
-                (bytemuck::cast(nibble::LOW), bytemuck::cast(nibble::HIGH));
-            let mut classes = [sse2._mm_setzero_si128(); 4];
-            for k in 0..CHUNKS {
-                let low = sse2._mm_and_si128(raw[k], low_nibble);
-                let high = sse2._mm_and_si128(sse2._mm_srli_epi16::<4>(raw[k]), low_nibble);
-                classes[k] = sse2._mm_and_si128(
-                    ssse3._mm_shuffle_epi8(low_table, low),
-                    ssse3._mm_shuffle_epi8(high_table, high),
-                );
-            }
-            ShortVectors { simd, raw, classes }
-        }
-
-        /// Bit k for byte k, from the top bits of `lanes(chunk)`, chunk by chunk.
-        #[inline(always)]
-        fn bits(&self, lanes: impl Fn(usize) -> __m128i) -> u64 {
-            let mut bits = 0;
-            for k in 0..CHUNKS {
-                // The mask holds 16 lane bits; `as u16` keeps exactly those.
-                let mask = self.simd.sse2._mm_movemask_epi8(lanes(k)) as u16;
-                bits |= u64::from(mask) << (16 * k);
-            }
-            bits
-        }
-
-        /// Lanes with `lo <= byte <= hi`, as in [`super::in_range`].
-        #[inline(always)]
-        fn in_range(&self, x: __m128i, lo: u8, hi: u8) -> __m128i {
-            let sse2 = self.simd.sse2;
-            let d = sse2._mm_sub_epi8(x, sse2._mm_set1_epi8(lo as i8));
-            sse2._mm_cmpeq_epi8(sse2._mm_min_epu8(d, sse2._mm_set1_epi8((hi - lo) as i8)), d)
-        }
-
-        #[inline(always)]
-        fn eq(&self, x: __m128i, b: u8) -> __m128i {
-            let sse2 = self.simd.sse2;
-            sse2._mm_cmpeq_epi8(x, sse2._mm_set1_epi8(b as i8))
-        }
-    }
-
-    impl<const CHUNKS: usize> BlockClasses for ShortVectors<CHUNKS> {
-        #[inline(always)]
-        fn triggers(&self) -> u64 {
-            let sse2 = self.simd.sse2;
-            let trigger = sse2._mm_set1_epi8(nibble::TRIGGER as i8);
-            let zero = sse2._mm_setzero_si128();
-            self.bits(|k| sse2._mm_cmpgt_epi8(sse2._mm_and_si128(self.classes[k], trigger), zero))
-        }
-
-        #[inline(always)]
-        fn digits(&self) -> u64 {
-            self.bits(|k| self.simd.sse2._mm_slli_epi16::<7>(self.classes[k]))
-        }
-
-        #[inline(always)]
-        fn colons(&self) -> u64 {
-            self.bits(|k| self.simd.sse2._mm_slli_epi16::<6>(self.classes[k]))
-        }
-
-        #[inline(always)]
-        fn number_classes(&self) -> NumberClasses {
-            let sse2 = self.simd.sse2;
-            NumberClasses {
-                seps: self.bits(|k| sse2._mm_slli_epi16::<2>(self.classes[k])),
-                dots: self.bits(|k| sse2._mm_slli_epi16::<1>(self.classes[k])),
-                plus: self.bits(|k| self.classes[k]),
-                upper: self.bits(|k| self.in_range(self.raw[k], b'A', b'Z')),
-            }
-        }
-
-        #[inline(always)]
-        fn colon_classes(&self) -> ColonClasses {
-            let sse2 = self.simd.sse2;
-            ColonClasses {
-                slashes: self.bits(|k| self.eq(self.raw[k], b'/')),
-                setting_name_ends: self.bits(|k| {
-                    let x = self.raw[k];
-                    let letter =
-                        self.in_range(sse2._mm_or_si128(x, sse2._mm_set1_epi8(0x20)), b'a', b'z');
-                    [b'_', b'"', b'\'', b' ', b'\t']
-                        .iter()
-                        .fold(letter, |lanes, &b| sse2._mm_or_si128(lanes, self.eq(x, b)))
-                }),
-            }
         }
     }
 
@@ -1493,60 +1319,6 @@ mod tests {
                 assert_eq!(class & bits != 0, scalar(b), "{name}: byte {b:#x}");
             }
         }
-    }
-
-    /// A short text's trigger bits by nibble classes (the AVX2 CPU's path) are the 16-byte
-    /// compares' bits: every byte value at each position of texts of every length up to a block,
-    /// with either edge open, then random texts dense in every class.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn short_texts_classify_alike_by_nibble_and_by_compare() {
-        let Some(simd) = avx2::detect() else {
-            eprintln!("SKIPPED: this CPU has no AVX2, so only the 16-byte compares run here");
-            return;
-        };
-        let background: &[u8; 63] =
-            b"a1 b2:c3 d4 +5 GB6 7.8 (9) x_y z=1 10:30 /:/ 'k': \"v\"\t12-34 Q:9";
-        let edges = [false, true].map(|before| Edges {
-            before,
-            after: false,
-        });
-        let both = |text: &[u8], edges: Edges| {
-            let (chunks, used) = (tail_chunks(text), text.len().div_ceil(16));
-            (
-                avx2::tail_trigger_bits(simd, &chunks, used, edges),
-                tail_trigger_bits(&chunks, used, edges),
-            )
-        };
-        for len in 1..64 {
-            for b in 0..=255u8 {
-                for pos in [0, len / 2, len - 1] {
-                    let mut text = background[..len].to_vec();
-                    text[pos] = b;
-                    for edges in edges {
-                        let (nibbles, compares) = both(&text, edges);
-                        assert_eq!(nibbles, compares, "byte {b:#x} at {pos} of {len}");
-                    }
-                }
-            }
-        }
-        const BYTES: &[u8] = b"0123456789 -.()+:/@=_AZaz\"'\tGBx";
-        let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
-        let mut quieted = 0;
-        for _ in 0..100_000 {
-            let text: Vec<u8> = (0..1 + next(63))
-                .map(|_| match next(8) {
-                    0 => next(256) as u8,
-                    _ => BYTES[next(BYTES.len())],
-                })
-                .collect();
-            let (nibbles, compares) = both(&text, edges[next(2)]);
-            assert_eq!(nibbles, compares, "{:?}", String::from_utf8_lossy(&text));
-            let chunks = tail_chunks(&text);
-            quieted += usize::from(nibbles != all_triggers::<4>(&chunks));
-        }
-        // The texts do reach the quiet masks, not only the trigger class.
-        assert!(quieted > 10_000, "{quieted} texts with quiet triggers");
     }
 
     #[test]
