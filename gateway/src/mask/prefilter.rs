@@ -185,6 +185,7 @@ impl Scanner {
         self.scan_short(text, hits);
     }
 
+    /// [`Self::scan`] for a text of a block or more: `memchr3` for the needles, then the blocks.
     #[inline(never)]
     fn scan_long(&self, text: &[u8], hits: &mut Vec<Hit>) {
         let base = hits.len();
@@ -691,10 +692,10 @@ impl<const CHUNKS: usize> BlockClasses for Sse2Chunks<'_, CHUNKS> {
     }
 }
 
-/// Byte classes by nibble, for `pshufb` lookups (full blocks on the AVX2 path): a byte is in class `k` when the
-/// entries of both its low and its high nibble hold bit `k`. Each class here is exactly such a
-/// product of nibble sets, so one lookup of each nibble and an AND classify a vector for all of
-/// them at once, where compares take one or more per class.
+/// Byte classes by nibble, for `pshufb` lookups (full blocks on the AVX2 path): a byte is in
+/// class `k` when the entries of both its low and its high nibble hold bit `k`. Each class here is
+/// exactly such a product of nibble sets, so one lookup of each nibble and an AND classify a
+/// vector for all of them at once, where compares take one or more per class.
 mod nibble {
     /// `0`-`9`: high nibble 3, low 0-9.
     pub(super) const DIGIT: u8 = 1 << 0;
