@@ -246,8 +246,15 @@ async fn write_output(
     out: &mut Output,
 ) -> (std::io::Result<()>, Vec<u8>) {
     // Rows rewritten between untouched ones cut the output into many small pieces, each a write
-    // of its own; past a couple, one gathered write is far cheaper than the copies it costs.
+    // of its own. Rewritten to the same length (the `partial` style), they go back over the
+    // rows they replace, and the output is one range of the read buffer; otherwise, past a
+    // couple of pieces, one gathered write is far cheaper than the copies it costs.
     if out.segments().len() > 2 {
+        if let Some(r) = out.patch_into(&mut buf) {
+            out.clear();
+            let BufResult(res, slice) = to.write_all(buf.slice(r)).await;
+            return (res, compio::buf::IntoInner::into_inner(slice));
+        }
         let mut gathered = Vec::new();
         out.gather(&buf, &mut gathered);
         out.clear();

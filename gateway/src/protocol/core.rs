@@ -211,6 +211,36 @@ impl Output {
         }
     }
 
+    /// When the output is `input` with pieces of it replaced by scratch of the same length (rows
+    /// masked in a length-keeping style, such as `partial`), writes those pieces over `input`
+    /// and returns the one range of it that is now the whole output; `None`, touching nothing,
+    /// when it is not. Every byte it overwrites lies between two input ranges of the output, so
+    /// the call had consumed it.
+    pub fn patch_into(&self, input: &mut [u8]) -> Option<Range<usize>> {
+        let (Some(Seg::Input(first)), Some(Seg::Input(last))) =
+            (self.segs.first(), self.segs.last())
+        else {
+            return None;
+        };
+        // Where each segment would start if the output were laid over the input from `first`.
+        let mut at = first.start;
+        for seg in &self.segs {
+            match seg {
+                Seg::Input(r) if r.start != at => return None,
+                seg => at += seg.len(),
+            }
+        }
+        debug_assert_eq!(at, last.end);
+        let mut at = first.start;
+        for seg in &self.segs {
+            if let Seg::Scratch(r) = seg {
+                input[at..at + r.len()].copy_from_slice(&self.scratch[r.clone()]);
+            }
+            at += seg.len();
+        }
+        Some(first.start..last.end)
+    }
+
     pub(crate) fn pass(&mut self, r: Range<usize>) {
         if r.is_empty() {
             return;
@@ -277,5 +307,42 @@ mod tests {
         let mut gathered = b"kept:".to_vec();
         out.gather(input, &mut gathered);
         assert_eq!(gathered, b"kept:AAAAxxCCCCyyyz");
+    }
+
+    /// Scratch that stands for input of its own length is written over it, and the output
+    /// becomes one input range with the same bytes the gather gives; any other shape is left
+    /// alone.
+    #[test]
+    fn same_length_rewrites_go_back_over_the_input() {
+        let input = b"AAAABBBBCCCCDDEE";
+        let mut out = Output::default();
+        out.pass(0..4);
+        out.emit(|o| o.extend_from_slice(b"bbbb"));
+        out.pass(8..12);
+        out.emit(|o| o.extend_from_slice(b"dd"));
+        out.pass(14..16);
+        let mut gathered = Vec::new();
+        out.gather(input, &mut gathered);
+        let mut patched = input.to_vec();
+        let r = out.patch_into(&mut patched).expect("same-length pieces");
+        assert_eq!(&patched[r], &gathered[..]);
+        assert_eq!(gathered, b"AAAAbbbbCCCCddEE");
+
+        // A shorter or longer piece, scratch at either end, or input out of order: not patched.
+        let shapes: [&[Seg]; 4] = [
+            &[Seg::Input(0..4), Seg::Scratch(0..3), Seg::Input(8..12)],
+            &[Seg::Input(0..4), Seg::Scratch(0..5), Seg::Input(8..12)],
+            &[Seg::Scratch(0..4), Seg::Input(4..8)],
+            &[Seg::Input(8..12), Seg::Scratch(0..4), Seg::Input(0..4)],
+        ];
+        for segs in shapes {
+            let out = Output {
+                segs: segs.to_vec(),
+                scratch: b"xxxxx".to_vec(),
+            };
+            let mut untouched = input.to_vec();
+            assert_eq!(out.patch_into(&mut untouched), None, "{segs:?}");
+            assert_eq!(untouched, input, "{segs:?}");
+        }
     }
 }
