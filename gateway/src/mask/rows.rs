@@ -239,13 +239,24 @@ impl ResultPlan {
     /// message (tag, length, body) was appended to `out`. A row that does not match the RowDescription
     /// is an error.
     pub fn mask_data_row(&self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, MaskError> {
+        self.mask_data_row_in(body, out, &mut Vec::new())
+    }
+
+    /// [`Self::mask_data_row`] with the caller's buffer for replaced values, which it keeps from
+    /// row to row: a masked row then allocates nothing of its own.
+    pub fn mask_data_row_in(
+        &self,
+        body: &[u8],
+        out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<bool, MaskError> {
         let bad = MaskError::MalformedRow;
         let count = body.get(..2).ok_or(bad("truncated column count"))?;
         if usize::from(u16::from_be_bytes(count.try_into().expect("2 bytes"))) != self.cols.len() {
             return Err(bad("column count differs from RowDescription"));
         }
         let engine = &*self.engine;
-        let mut scratch = Vec::new();
+        scratch.clear();
         let mut hits = Vec::new();
 
         // Pass 1: find the first field that changes, without copying anything.
@@ -256,7 +267,7 @@ impl ResultPlan {
             if *col != ColPlan::Pass
                 && let Some((a, b)) = value
             {
-                let outcome = engine.mask_value(col, &body[a..b], &mut scratch, &mut hits);
+                let outcome = engine.mask_value(col, &body[a..b], scratch, &mut hits);
                 if !matches!(outcome, Outcome::Keep) {
                     first = Some((i, pos, next, outcome));
                     break;
@@ -277,14 +288,14 @@ impl ResultPlan {
         out.push(b'D');
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&body[..first_pos]);
-        write_field(out, &outcome, &[], &scratch)?;
+        write_field(out, &outcome, &[], scratch)?;
         for col in &self.cols[first + 1..] {
             let (value, next) = read_field(body, pos, bad)?;
             match value {
                 Some((a, b)) if *col != ColPlan::Pass => {
                     scratch.clear();
-                    let outcome = engine.mask_value(col, &body[a..b], &mut scratch, &mut hits);
-                    write_field(out, &outcome, &body[a..b], &scratch)?;
+                    let outcome = engine.mask_value(col, &body[a..b], scratch, &mut hits);
+                    write_field(out, &outcome, &body[a..b], scratch)?;
                 }
                 _ => out.extend_from_slice(&body[pos..next]),
             }

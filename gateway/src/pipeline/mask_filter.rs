@@ -21,11 +21,16 @@ pub struct CopyStatement {
     pub column_names: Option<Vec<String>>,
 }
 
+/// The most [`MaskFilter`] keeps of its buffer for replaced values between rows.
+const MAX_KEPT_VALUES: usize = 4096;
+
 pub struct MaskFilter {
     masker: Masker,
     /// `None` when the policy masks nothing.
     lineage: Option<Lineage>,
     plan: Option<ResultPlan>,
+    /// The replaced values of the row being masked, kept from row to row.
+    values: Vec<u8>,
     /// What `plan` was made from, while it holds.
     planned_from: Option<PlanInputs>,
     copy: Option<CopyPlan>,
@@ -40,6 +45,7 @@ impl MaskFilter {
             masker,
             lineage,
             plan: None,
+            values: Vec::new(),
             planned_from: None,
             copy: None,
             sql: String::new(),
@@ -159,7 +165,14 @@ impl ResultFilter for MaskFilter {
 
     fn data_row(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, Refusal> {
         match &self.plan {
-            Some(plan) => plan.mask_data_row(body, out).map_err(Refusal::from),
+            Some(plan) => {
+                let masked = plan.mask_data_row_in(body, out, &mut self.values);
+                // A large value's replacement is not held under an idle session.
+                if self.values.capacity() > MAX_KEPT_VALUES {
+                    self.values = Vec::new();
+                }
+                masked.map_err(Refusal::from)
+            }
             None => null_row(body, out).map(|()| true),
         }
     }
