@@ -26,8 +26,9 @@
 //! client, so a wide-row query there starts nearer the cold figure; the loops above are warm.
 //!
 //! `--core` times whole wide-row results through the session core (`Session::on_backend` with the
-//! gateway's `MaskFilter`, and without a filter), then the gather of the output's pieces that the
-//! pump writes: what the gateway's own code spends on a wide-row query's response, without I/O.
+//! gateway's `MaskFilter`, and without a filter), then the gather of the output's pieces, or their
+//! patch back over the response when rows kept their length, as the pump does before it writes:
+//! what the gateway's own code spends on a wide-row query's response, without I/O.
 //!
 //! `cargo run --release -p portcullis-bench --bin mask_scan -- [--reps N] [--batches N] [--row-kb N]
 //! [--only portcullis|regex] [--detectors email,card,...] [--wide-only] [--cold] [--core]`
@@ -740,8 +741,11 @@ fn main() {
             changed_rows: 0,
         };
         let ours = if run("portcullis") {
+            // With a buffer for replaced values kept across rows, as the gateway's filter does.
+            let mut values = Vec::new();
             measure(set, args.reps, |row, out| {
-                plan.mask_data_row(row, out).expect("well-formed rows")
+                plan.mask_data_row_in(row, out, &mut values)
+                    .expect("well-formed rows")
             })
         } else {
             skipped()
@@ -885,8 +889,10 @@ fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn F
     let bytes: usize = set.iter().map(Vec::len).sum();
     let per_result = |r: &Run| bytes as f64 / r.mb_per_s / (set.len() as f64 / 100.0);
     if run("portcullis") {
+        let mut values = Vec::new();
         let ours = measure(&set, args.reps, |row, out| {
-            plan.mask_data_row(row, out).expect("well-formed rows")
+            plan.mask_data_row_in(row, out, &mut values)
+                .expect("well-formed rows")
         });
         println!(
             "{:<46} {:>13.0} {:>14}   {:.1} µs per 100-row result",
@@ -897,7 +903,7 @@ fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn F
         );
         let policy = measure(&set, args.reps, |row, out| {
             policy_plan
-                .mask_data_row(row, out)
+                .mask_data_row_in(row, out, &mut values)
                 .expect("well-formed rows")
         });
         println!(
@@ -943,8 +949,8 @@ fn wide_rows(masker: &Masker, args: &Args, baseline: &RegexBaseline, run: &dyn F
 /// `--core`: one wide-row result at a time through the session core's `on_backend`, as the
 /// gateway's server→client pump drives it: BindComplete, RowDescription, 100 DataRows,
 /// CommandComplete and ReadyForQuery, answering a prepared statement's Bind/Describe/Execute/Sync,
-/// and then the output's segments gathered into one buffer to write, as the pump does when
-/// masking cut the output into pieces. Once with no filter, once with the `default` policy's
+/// and then the output's segments gathered into one buffer to write, and patched back over the
+/// response instead, as the pump does when masking cut the output into pieces. Once with no filter, once with the `default` policy's
 /// masking and a lineage that knows `bench_wide`. Median wall-clock µs per result.
 fn core_results(set: &[Vec<u8>], reps: usize) {
     const SQL: &str = "SELECT id, customer, email, card_number, city, note FROM bench_wide \
@@ -1028,6 +1034,9 @@ fn core_results(set: &[Vec<u8>], reps: usize) {
             .expect("a well-formed ParseComplete");
         let mut core = Vec::new();
         let mut gathered = Vec::new();
+        let mut patched = Vec::new();
+        let mut work = Vec::new();
+        let mut all_patched = true;
         let mut segments = 0;
         for rep in 0..=reps {
             for response in &responses {
@@ -1045,25 +1054,41 @@ fn core_results(set: &[Vec<u8>], reps: usize) {
                 out.gather(response, &mut whole);
                 black_box(&whole);
                 let written = Instant::now();
+                // What the pump does first: the rewritten rows back over the ones they replace,
+                // on a copy of the response (this loop reads each response again).
+                work.clear();
+                work.extend_from_slice(response);
+                let before_patch = Instant::now();
+                let whole = out.patch_into(black_box(&mut work));
+                let after_patch = Instant::now();
                 segments = out.segments().len();
+                all_patched &= whole.is_some() || segments == 1;
                 if rep > 0 {
                     core.push((framed - start).as_secs_f64() * 1e6);
                     gathered.push((written - framed).as_secs_f64() * 1e6);
+                    patched.push((after_patch - before_patch).as_secs_f64() * 1e6);
                 }
             }
         }
         // One row in ten holds an email and a card number: masked, the output is in pieces.
         assert_eq!(segments > 1, masks, "{label}: {segments} output pieces");
-        for times in [&mut core, &mut gathered] {
+        // The `partial` style keeps a value's length, so every masked row goes back in place.
+        assert!(
+            all_patched,
+            "{label}: an output that could not be patched in place"
+        );
+        for times in [&mut core, &mut gathered, &mut patched] {
             times.sort_by(f64::total_cmp);
         }
         println!(
-            "{:<46} {:>13} {:>14}   {:.2} µs in the core + {:.2} µs to gather {segments} segments",
+            "{:<46} {:>13} {:>14}   {:.2} µs in the core + {:.2} µs to gather {segments} segments \
+             (or {:.2} µs to patch them in place)",
             format!("session core, wide rows, {label}"),
             "-",
             "-",
             core[core.len() / 2],
             gathered[gathered.len() / 2],
+            patched[patched.len() / 2],
         );
     }
 }
