@@ -66,21 +66,41 @@ const fn token(kind: DetectorKind, chars: TokenChars, min: usize, max: usize) ->
 /// (`Bearer ` is found as `rer `: `bea…` and `ear…` are common in English); token formats whose prefix ends in
 /// `_` or `-` are found through those trigger bytes instead.
 ///
-/// Each has a needle: a byte of the literal, so a text without any enabled anchor's needle holds no
-/// anchor, and the packed searcher is not set up for it (hex digests, ids, most short values). The
-/// needles are three bytes in all, for one `memchr3`.
-const ANCHORS: &[(&str, DetectorKind, Anchor, u8)] = {
+/// Each has a needle, so a text without any enabled anchor's needle holds no anchor, and the
+/// packed searcher is not set up for it (hex digests, ids, SQL, most short values).
+const ANCHORS: &[(&str, DetectorKind, Anchor, Needle)] = {
     use DetectorKind::{AwsKey, Bearer, Jwt, Secret};
+    use Needle::{Byte, Rer};
     use TokenChars::{UpperAlnum, Word};
     &[
-        ("eyJ", Jwt, Anchor::Jwt, b'J'),
-        ("rer ", Bearer, Anchor::Bearer, b' '),
-        ("RER ", Bearer, Anchor::Bearer, b' '),
-        ("AKIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16), b'I'),
-        ("ASIA", AwsKey, token(AwsKey, UpperAlnum, 16, 16), b'I'),
-        ("AIza", Secret, token(Secret, Word, 35, 35), b'I'),
+        ("eyJ", Jwt, Anchor::Jwt, Byte(b'J')),
+        ("rer ", Bearer, Anchor::Bearer, Rer),
+        ("RER ", Bearer, Anchor::Bearer, Rer),
+        (
+            "AKIA",
+            AwsKey,
+            token(AwsKey, UpperAlnum, 16, 16),
+            Byte(b'I'),
+        ),
+        (
+            "ASIA",
+            AwsKey,
+            token(AwsKey, UpperAlnum, 16, 16),
+            Byte(b'I'),
+        ),
+        ("AIza", Secret, token(Secret, Word, 35, 35), Byte(b'I')),
     ]
 };
+
+/// What rules a text out before the anchor search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needle {
+    /// A byte of the literal, rare in prose, SQL and digests; two in all, for one `memchr2`.
+    Byte(u8),
+    /// `rer ` itself, in either case: each of its bytes is common (every text with a space
+    /// would go to the search), the four together are not.
+    Rer,
+}
 
 /// Token formats with a `_` or `-` in their prefix (all `Secret`): (prefix, body chars, min, max).
 const SEPARATED_TOKENS: &[(&str, TokenChars, usize, usize)] = {
@@ -130,8 +150,10 @@ const SETTINGS: [DetectorKind; 3] = [
 pub(crate) struct Scanner {
     on: Enabled,
     anchors: Option<(packed::Searcher, Vec<Anchor>)>,
-    /// The enabled anchors' needles (repeated to fill three).
-    needles: [u8; 3],
+    /// The enabled anchors' [`Needle::Byte`]s (the first repeated to fill two), if any.
+    needle_bytes: Option<[u8; 2]>,
+    /// `Bearer ` is enabled: short texts are checked for its [`Needle::Rer`].
+    rer: bool,
     triggers: bool,
     /// Full blocks are classified 32 bytes at a time where the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
@@ -144,10 +166,16 @@ impl Scanner {
         let enabled = || ANCHORS.iter().filter(|a| on.has(a.1));
         let (patterns, anchors): (Vec<&str>, Vec<Anchor>) =
             enabled().map(|&(lit, _, anchor, _)| (lit, anchor)).unzip();
-        let mut needles: Vec<u8> = enabled().map(|a| a.3).collect();
-        needles.sort_unstable();
-        needles.dedup();
-        let needles = [0, 1, 2].map(|k| needles.get(k).or(needles.first()).copied().unwrap_or(0));
+        let mut bytes: Vec<u8> = (enabled())
+            .filter_map(|a| match a.3 {
+                Needle::Byte(b) => Some(b),
+                Needle::Rer => None,
+            })
+            .collect();
+        bytes.sort_unstable();
+        bytes.dedup();
+        let needle_bytes = (!bytes.is_empty()).then(|| [bytes[0], bytes[bytes.len() - 1]]);
+        let rer = enabled().any(|a| a.3 == Needle::Rer);
         let anchors = (!patterns.is_empty()).then(|| {
             let searcher = packed::Config::new()
                 .match_kind(packed::MatchKind::LeftmostFirst)
@@ -165,7 +193,8 @@ impl Scanner {
         Scanner {
             on,
             anchors,
-            needles,
+            needle_bytes,
+            rer,
             triggers,
             #[cfg(target_arch = "x86_64")]
             avx2: avx2::detect(),
@@ -185,7 +214,7 @@ impl Scanner {
         self.scan_short(text, hits);
     }
 
-    /// [`Self::scan`] for a text of a block or more: `memchr3` for the needles, then the blocks.
+    /// [`Self::scan`] for a text of a block or more: `memchr` for the needles, then the blocks.
     #[inline(never)]
     fn scan_long(&self, text: &[u8], hits: &mut Vec<Hit>) {
         let base = hits.len();
@@ -200,7 +229,7 @@ impl Scanner {
 
     /// [`Self::scan`] for a text shorter than a block (most values: names, cities, ids, digests),
     /// loaded once into the 16-byte vectors that both the needle check and the trigger bits read.
-    /// For such a text `memchr3`'s call and dispatch cost more than the three compares.
+    /// For such a text `memchr`'s call and dispatch cost more than the compares.
     #[inline(never)]
     fn scan_short(&self, text: &[u8], hits: &mut Vec<Hit>) {
         if text.is_empty() {
@@ -209,15 +238,11 @@ impl Scanner {
         let base = hits.len();
         let chunks = tail_chunks(text);
         let used = text.len().div_ceil(16);
-        if text.len() >= MIN_ANCHORED_HIT && self.anchors.is_some() {
-            let [a, b, c] = self.needles.map(u8x16::splat);
-            // NUL padding matches no needle: each is a byte of a printable literal.
-            let found = chunks.iter().take(used).fold(u8x16::ZERO, |found, &v| {
-                found | v.cmp_eq(a) | v.cmp_eq(b) | v.cmp_eq(c)
-            });
-            if found.move_mask() != 0 {
-                self.search_anchors(text, hits);
-            }
+        if text.len() >= MIN_ANCHORED_HIT
+            && self.anchors.is_some()
+            && self.short_text_has_needle(&chunks, used)
+        {
+            self.search_anchors(text, hits);
         }
         if self.triggers {
             // The value starts and ends in this block: no run or colon window goes on past it.
@@ -234,10 +259,42 @@ impl Scanner {
         }
     }
 
+    /// True when the first `used` chunks of a short text may hold an enabled anchor: they hold
+    /// a needle byte, or `rer ` in any mix of case. NUL padding matches neither: it is not
+    /// printable.
+    #[inline(always)]
+    fn short_text_has_needle(&self, chunks: &Chunks, used: usize) -> bool {
+        if let Some([a, b]) = self.needle_bytes.map(|n| n.map(u8x16::splat)) {
+            let found = (chunks.iter().take(used))
+                .fold(u8x16::ZERO, |found, &v| found | v.cmp_eq(a) | v.cmp_eq(b));
+            if found.move_mask() != 0 {
+                return true;
+            }
+        }
+        if !self.rer {
+            return false;
+        }
+        let (mut r, mut e, mut space) = (0u64, 0u64, 0u64);
+        for (k, &v) in chunks.iter().enumerate().take(used) {
+            let lower = v | u8x16::splat(0x20);
+            r |= u64::from(eq(lower, b'r').move_mask() as u16) << (16 * k);
+            e |= u64::from(eq(lower, b'e').move_mask() as u16) << (16 * k);
+            space |= u64::from(eq(v, b' ').move_mask() as u16) << (16 * k);
+        }
+        r & (e >> 1) & (r >> 2) & (space >> 3) != 0
+    }
+
+    /// True when a text of any length may hold an enabled anchor: it holds a needle byte, or
+    /// `Bearer ` is enabled. Over a long text the search finds `rer ` faster than a `memmem`
+    /// pass for it would rule it out (`callgrind`: prose's `r`, `e` and spaces keep a
+    /// `memmem` verifying candidates where the search's three-byte fingerprints do not).
+    fn has_needle(&self, text: &[u8]) -> bool {
+        self.rer || (self.needle_bytes).is_some_and(|[a, b]| memchr::memchr2(a, b, text).is_some())
+    }
+
     /// Appends the anchored hits in `text`, sorted and disjoint.
     fn scan_anchors(&self, text: &[u8], hits: &mut Vec<Hit>) {
-        let [a, b, c] = self.needles;
-        if text.len() >= MIN_ANCHORED_HIT && memchr::memchr3(a, b, c, text).is_some() {
+        if text.len() >= MIN_ANCHORED_HIT && self.has_needle(text) {
             self.search_anchors(text, hits);
         }
     }
@@ -1477,17 +1534,44 @@ mod tests {
     }
 
     #[test]
-    fn each_anchor_holds_its_needle_and_the_needles_fit_one_memchr3() {
-        let mut needles: Vec<u8> = ANCHORS.iter().map(|a| a.3).collect();
-        needles.sort_unstable();
-        needles.dedup();
-        assert!(needles.len() <= 3, "{needles:?}");
+    fn each_anchor_holds_its_needle_and_the_needle_bytes_fit_one_memchr2() {
+        let mut bytes = Vec::new();
         for (lit, _, _, needle) in ANCHORS {
-            assert!(
-                lit.as_bytes().contains(needle),
-                "{lit:?} lacks {:?}",
-                *needle as char
-            );
+            match needle {
+                Needle::Byte(b) => {
+                    assert!(lit.as_bytes().contains(b), "{lit:?} lacks {:?}", *b as char);
+                    bytes.push(*b);
+                }
+                Needle::Rer => assert!(lit.eq_ignore_ascii_case("rer "), "{lit:?}"),
+            }
+        }
+        bytes.sort_unstable();
+        bytes.dedup();
+        assert!(bytes.len() <= 2, "{bytes:?}");
+    }
+
+    /// Short SQL and prose have spaces, `r` and `e` everywhere: only `rer ` sends them to the
+    /// search.
+    #[test]
+    fn short_statements_and_prose_without_a_needle_skip_the_anchor_search() {
+        let scanner = Scanner::new(&DetectorKind::ALL);
+        for text in [
+            "SELECT id, status, total FROM orders WHERE id = 42",
+            "select abalance from pgbench_accounts where aid = 4242",
+            "the order was delivered to the customer here yesterday",
+        ] {
+            let chunks = tail_chunks(text.as_bytes());
+            let used = text.len().div_ceil(16);
+            assert!(!scanner.short_text_has_needle(&chunks, used), "{text}");
+        }
+        for text in [
+            "Authorization: Bearer abcdefgh12345678",
+            "AUTHORIZATION: BEARER abcdefgh12345678",
+        ] {
+            assert!(scanner.has_needle(text.as_bytes()), "{text}");
+            let chunks = tail_chunks(text.as_bytes());
+            assert!(scanner.short_text_has_needle(&chunks, text.len().div_ceil(16)));
+            assert_eq!(scan_all(text).len(), 1, "{text}");
         }
     }
 
@@ -1507,8 +1591,12 @@ mod tests {
             "AKI",
             "0cc175b9c0f1b6a831c399e269772661",
             " ",
+            "bearer ",
+            "Bea rer",
+            "BeaRER ",
+            "where order ",
         ];
-        const BYTES: &[u8] = b"0123456789abcdefAEIJKRSyz .-_";
+        const BYTES: &[u8] = b"0123456789abcdefAEIJKRSyzr .-_";
         let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
         let sets: [&[DetectorKind]; 5] = [
             &DetectorKind::ALL,
@@ -1535,8 +1623,19 @@ mod tests {
                 scanner.search_anchors(&text, &mut searched);
                 assert_eq!(scanned, searched, "{:?}", String::from_utf8_lossy(&text));
                 found += searched.len();
-                let [a, b, c] = scanner.needles;
-                ruled_out += usize::from(memchr::memchr3(a, b, c, &text).is_none());
+                let mut ruled_out_here = !scanner.has_needle(&text);
+                // A short text's own check, in its vectors.
+                if text.len() < 64 {
+                    let used = text.len().div_ceil(16);
+                    let short = scanner.short_text_has_needle(&tail_chunks(&text), used);
+                    assert!(
+                        short || searched.is_empty(),
+                        "{:?}",
+                        String::from_utf8_lossy(&text)
+                    );
+                    ruled_out_here |= !short;
+                }
+                ruled_out += usize::from(ruled_out_here);
             }
         }
         assert!(
