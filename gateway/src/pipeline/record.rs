@@ -1263,6 +1263,63 @@ mod tests {
         msg(b'D', &d)
     }
 
+    /// A held statement's records carry the one time read for the first of them, and so do a
+    /// write's; each hand-over reads the clock anew, so times still order the statements.
+    #[test]
+    fn records_handed_over_together_share_a_time_and_each_hand_over_reads_its_own() {
+        let state = tempfile::tempdir().unwrap();
+        let recorder = Recorder::start(&RecordingConfig::default(), state.path()).unwrap();
+        let mut rec = recorder.handle().begin(SessionStart::default()).unwrap();
+        let pause = || std::thread::sleep(std::time::Duration::from_millis(2));
+        for text in ["a", "b"] {
+            let mut r = Responses::new(1 << 20);
+            rec.hold();
+            rec.request(record::Request {
+                kind: RequestKind::Query,
+                statement: None,
+                text: text.into(),
+                params: Vec::new(),
+            })
+            .unwrap();
+            pause();
+            rec.verdict(Verdict::allow(None)).unwrap();
+            rec.hand_over().unwrap();
+            r.request(Answer::Query, rec.stmt(), 10);
+            pause();
+            let mut batch = rec.batch();
+            r.feed(&result(), &mut batch);
+            pause();
+            r.flush(&mut batch);
+            drop(batch);
+            pause();
+        }
+        let entries = read_back(recorder, rec, state.path());
+        let times = |stmt: u32| -> Vec<(&'static str, i64)> {
+            (entries.iter())
+                .filter(|e| e.stmt == stmt && !matches!(e.record, Record::SessionEnd { .. }))
+                .map(|e| {
+                    let kind = match e.record {
+                        Record::Request(_) | Record::Verdict(_) => "asked",
+                        _ => "answered",
+                    };
+                    (kind, e.at_us)
+                })
+                .collect()
+        };
+        let (first, second) = (times(1), times(2));
+        for stmt in [&first, &second] {
+            let at =
+                |kind| -> Vec<i64> { (stmt.iter()).filter(|t| t.0 == kind).map(|t| t.1).collect() };
+            let (asked, answered) = (at("asked"), at("answered"));
+            assert_eq!(asked.len(), 2, "{stmt:?}");
+            assert_eq!(answered.len(), 3, "{stmt:?}");
+            assert!(asked.iter().all(|&t| t == asked[0]), "{stmt:?}");
+            assert!(answered.iter().all(|&t| t == answered[0]), "{stmt:?}");
+            assert!(answered[0] > asked[0], "{stmt:?}");
+        }
+        assert!(second[0].1 > first[first.len() - 1].1);
+    }
+
     #[test]
     fn pipelined_replies_are_recorded_under_the_statements_they_answer() {
         let state = tempfile::tempdir().unwrap();

@@ -398,6 +398,7 @@ impl RecorderHandle {
             pending: Vec::new(),
             pending_bytes: 0,
             batching: false,
+            batch_at_us: None,
             last_columns: LastColumns::default(),
         };
         if let Err(e) = rec.send(Record::SessionStart(start), false) {
@@ -525,6 +526,10 @@ pub struct SessionRecorder {
     pending_bytes: usize,
     /// Inside a [`Batch`]: records wait for its end (or [`SUBMIT_BYTES`]).
     batching: bool,
+    /// The time the records of the current batch or held statement all carry, read at the
+    /// first of them: one clock read a hand-over rather than one a record (a simple query has
+    /// five), for records made within microseconds of each other.
+    batch_at_us: Option<i64>,
     /// The last RowDescription recorded, and its encoding.
     last_columns: LastColumns,
 }
@@ -622,6 +627,7 @@ impl SessionRecorder {
     /// response tap takes one per write to the client.
     pub fn batch(&mut self) -> Batch<'_> {
         self.batching = true;
+        self.batch_at_us = None;
         Batch(self)
     }
 
@@ -630,6 +636,7 @@ impl SessionRecorder {
     /// request over at once, to wait for it.
     pub fn hold(&mut self) {
         self.batching = true;
+        self.batch_at_us = None;
     }
 
     /// Hands over what [`Self::hold`] kept back.
@@ -691,7 +698,11 @@ impl SessionRecorder {
         self.pending.extend_from_slice(&[0; 4]);
         // The entry's fields before its record, as `Tail` lays them out; `write` appends the
         // record itself.
-        encode::tail_head(&mut self.pending, now_us(), self.id, stmt);
+        let at_us = match self.batching {
+            true => *self.batch_at_us.get_or_insert_with(now_us),
+            false => now_us(),
+        };
+        encode::tail_head(&mut self.pending, at_us, self.id, stmt);
         let written = write(&mut self.pending);
         match written {
             Ok(()) => {
