@@ -213,7 +213,18 @@ struct Queue {
     closed: AtomicBool,
     /// The recorder thread, set by itself before it first sleeps.
     thread: OnceLock<std::thread::Thread>,
+    /// Hand-over buffers the recorder has read, for sessions to encode into again. A buffer
+    /// allocated on a session's thread and freed on the recorder's costs both threads more in
+    /// the allocator than a simple query's records cost to encode. Shared by every session and
+    /// bounded ([`SPARES`] of at most [`SPARE_BYTES`]), so an idle session holds none.
+    spares: Mutex<Vec<Vec<u8>>>,
 }
+
+/// How many emptied hand-over buffers the queue keeps.
+const SPARES: usize = 32;
+
+/// A hand-over buffer larger than this (a wide result's) is freed, not kept.
+const SPARE_BYTES: usize = 64 << 10;
 
 impl Queue {
     fn new() -> Queue {
@@ -222,6 +233,25 @@ impl Queue {
             idle: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             thread: OnceLock::new(),
+            spares: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A session's side: an emptied hand-over buffer, if one is kept.
+    fn spare(&self) -> Option<Vec<u8>> {
+        self.spares.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// The recorder's side: keeps a read hand-over buffer for a session to fill again, unless
+    /// it is large or enough are kept; it is freed then.
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > SPARE_BYTES {
+            return;
+        }
+        let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < SPARES {
+            buf.clear();
+            spares.push(buf);
         }
     }
 
@@ -688,6 +718,11 @@ impl SessionRecorder {
         if !self.handle.reserve(approx)? {
             return Ok(false);
         }
+        if self.pending.capacity() == 0
+            && let Some(spare) = self.handle.queue.as_ref().and_then(|q| q.spare())
+        {
+            self.pending = spare;
+        }
         let at = self.pending.len();
         // One allocation per hand-over in the common case, not a doubling per record: room made
         // for a record has space for the small ones after it too (a result's completion after
@@ -1013,4 +1048,25 @@ pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Emptied hand-over buffers wait for sessions, but never a wide result's, nor more than the
+    /// bound: what the queue keeps does not grow with sessions or results.
+    #[test]
+    fn the_queue_keeps_a_bounded_number_of_small_emptied_buffers() {
+        let queue = Queue::new();
+        assert!(queue.spare().is_none());
+        queue.give_back(Vec::with_capacity(SPARE_BYTES + 1));
+        assert!(queue.spare().is_none(), "a large buffer is freed");
+        for _ in 0..SPARES + 5 {
+            queue.give_back(vec![7u8; 100]);
+        }
+        let kept: Vec<Vec<u8>> = std::iter::from_fn(|| queue.spare()).collect();
+        assert_eq!(kept.len(), SPARES);
+        assert!(kept.iter().all(|b| b.is_empty() && b.capacity() >= 100));
+    }
 }

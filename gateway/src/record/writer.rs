@@ -307,7 +307,7 @@ impl Writer {
             let mut stop = false;
             for msg in inbox.drain(..) {
                 // Shutdown comes last from its sender; anything after it is dropped, as before.
-                if stop || self.handle(msg) {
+                if stop || self.handle(msg, queue) {
                     stop = true;
                     continue;
                 }
@@ -364,8 +364,8 @@ impl Writer {
         }
     }
 
-    /// Takes one message; true on `Shutdown`.
-    fn handle(&mut self, msg: Msg) -> bool {
+    /// Takes one message; true on `Shutdown`. A hand-over's buffer goes back to the queue.
+    fn handle(&mut self, msg: Msg, queue: &Queue) -> bool {
         match msg {
             Msg::Records {
                 records,
@@ -374,6 +374,7 @@ impl Writer {
             } => {
                 self.shared.queued_bytes.fetch_sub(bytes, Relaxed);
                 self.push_records(&records);
+                queue.give_back(records);
                 if let Some(tx) = durable {
                     self.waiters.push(tx);
                 }
