@@ -28,7 +28,7 @@ use portcullis::protocol::postgres::frame::write_message;
 use portcullis::protocol::postgres::messages::{
     FieldDesc, encode_data_row, encode_ready_for_query, encode_row_description,
 };
-use portcullis::record::{Recorder, RecordingConfig, Request, RequestKind, SessionStart, Verdict};
+use portcullis::record::{Recorder, RecordingConfig, RequestKind, SessionStart, Verdict};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -177,18 +177,14 @@ fn run(queries: u64, pace: Duration, rows: u64, masker: &Masker) -> anyhow::Resu
     let mut on_work = Duration::ZERO;
     for &(sql, wire) in &statements {
         let start = cpu(libc::CLOCK_THREAD_CPUTIME_ID);
-        let text = masker
-            .redact_detected(sql.as_bytes())
-            .unwrap_or_else(|| sql.as_bytes().to_vec());
-        let text = String::from_utf8(text)?;
+        // As the gate does: the statement's own text unless the detectors redacted some of it.
+        let redacted = (masker.redact_detected(sql.as_bytes()))
+            .map(String::from_utf8)
+            .transpose()?;
+        let text = redacted.as_deref().unwrap_or(sql);
         let bytes_in = 6 + text.len() as u64;
         rec.hold();
-        rec.request(Request {
-            kind: RequestKind::Query,
-            statement: None,
-            text,
-            params: vec![],
-        })?;
+        rec.request_of(RequestKind::Query, None, text, &[])?;
         responses.request(Answer::Query, rec.stmt(), bytes_in);
         rec.verdict(Verdict::allow(Some("default/read".into())))?;
         rec.hand_over()?;

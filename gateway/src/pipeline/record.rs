@@ -8,6 +8,7 @@
 //! compresses and writes. When the recorder cannot take a record, the statement is refused with
 //! the recorder's SQLSTATE (53100 or 58030); it never runs unrecorded.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -147,12 +148,27 @@ impl SessionRecord {
 
     /// Text as it is recorded: what the detectors find redacted.
     fn redacted(&mut self, text: &[u8]) -> Vec<u8> {
+        self.redacted_if_found(text)
+            .unwrap_or_else(|| text.to_vec())
+    }
+
+    /// A statement's text as it is recorded: borrowed as it is, unless the detectors found
+    /// something to redact in it.
+    fn redacted_str<'t>(&mut self, text: &'t str) -> Cow<'t, str> {
+        match self.redacted_if_found(text.as_bytes()) {
+            None => Cow::Borrowed(text),
+            Some(v) => Cow::Owned(
+                String::from_utf8(v)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            ),
+        }
+    }
+
+    fn redacted_if_found(&mut self, text: &[u8]) -> Option<Vec<u8>> {
         if let Some(m) = self.shared.masker_if_reloaded(&mut self.generation) {
             self.masker = m;
         }
-        self.masker
-            .redact_detected(text)
-            .unwrap_or_else(|| text.to_vec())
+        self.masker.redact_detected(text)
     }
 
     /// Records a statement and queues it for its response, in the server's order; strict mode
@@ -161,18 +177,13 @@ impl SessionRecord {
     fn request(
         &mut self,
         kind: RequestKind,
-        statement: Option<String>,
-        text: String,
-        params: Vec<Option<Bytes>>,
+        statement: Option<&str>,
+        text: &str,
+        params: &[Option<Bytes>],
         bytes_in: u64,
     ) -> Result<(), RecordError> {
         let rec = self.rec()?;
-        let durable = rec.request(record::Request {
-            kind,
-            statement,
-            text,
-            params,
-        });
+        let durable = rec.request_of(kind, statement, text, params);
         let stmt = rec.stmt();
         self.response.request(Answer::of(kind), stmt, bytes_in);
         let durable = durable?;
@@ -319,36 +330,35 @@ impl RecordGate {
             return refusal(&e);
         }
         let (kind, statement, text, bytes_in) = match *request {
-            Request::Query(sql) => (RequestKind::Query, None, r.redacted(sql.as_bytes()), 6),
+            Request::Query(sql) => (RequestKind::Query, None, r.redacted_str(sql), 6),
             Request::Parse { statement, sql } => (
                 RequestKind::Prepare,
-                Some(statement.to_owned()),
-                r.redacted(sql.as_bytes()),
+                Some(statement),
+                r.redacted_str(sql),
                 statement.len() as u64 + 11,
             ),
             Request::FunctionCall { .. } => (
                 RequestKind::FunctionCall,
                 None,
-                request.to_string().into_bytes(),
+                Cow::Owned(request.to_string()),
                 13,
             ),
             // A path's query string can carry a credential: redacted like SQL.
             Request::Http { .. } => (
                 RequestKind::Http,
                 None,
-                r.redacted(request.to_string().as_bytes()),
+                Cow::Owned(r.redacted_str(&request.to_string()).into_owned()),
                 0,
             ),
         };
-        let text = String::from_utf8(text)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-        if let Some(name) = &statement {
+        if let Some(name) = statement {
             SessionRecord::room(&mut r.statements, name);
-            r.statements.insert(name.clone(), text.clone());
+            r.statements
+                .insert(name.to_owned(), text.clone().into_owned());
         }
         let bytes_in = bytes_in + text.len() as u64;
         // Recorded before policy sees it: an unrecordable statement opens no approval.
-        if let Err(e) = r.request(kind, statement, text, Vec::new(), bytes_in) {
+        if let Err(e) = r.request(kind, statement, &text, &[], bytes_in) {
             return refusal(&e);
         }
         drop(r);
@@ -438,9 +448,9 @@ impl Gate for RecordGate {
         let bytes_in = bound_bytes + portal.len() as u64 + 10;
         if let Err(e) = r.request(
             RequestKind::Execute,
-            Some(statement),
-            text,
-            params,
+            Some(&statement),
+            &text,
+            &params,
             bytes_in,
         ) {
             return refusal(&e);
@@ -480,7 +490,7 @@ impl Gate for RecordGate {
                 } else {
                     RequestKind::Prepare
                 };
-                if r.request(kind, None, String::new(), Vec::new(), 0).is_ok() {
+                if r.request(kind, None, "", &[], 0).is_ok() {
                     let _ = r.verdict(verdict_of(&Disposition::Block(blocked.clone()), None));
                 }
                 // Nothing waits on it: the core answers it with its refusal whatever the mode.

@@ -683,6 +683,12 @@ impl SessionRecorder {
             _ => self.answering.unwrap_or(self.stmt),
         };
         let encoded = self.encode(&record, stmt, approx)?;
+        self.sent(encoded, strict)
+    }
+
+    /// After a record's encoding: hands it over now when strict mode waits for it (returning
+    /// what it waits on), or when no batch or held statement keeps it.
+    fn sent(&mut self, encoded: bool, strict: bool) -> Result<Durable, RecordError> {
         if encoded && strict && self.handle.shared.strict {
             let (tx, rx) = oneshot::channel();
             self.submit(Some(tx))?;
@@ -772,11 +778,42 @@ impl SessionRecorder {
     /// Records a statement (text after the detectors). In `strict` mode forward it only after
     /// the returned [`Durable`] resolves to `Ok`; otherwise it is already resolved.
     pub fn request(&mut self, request: Request) -> Result<Durable, RecordError> {
+        let Request {
+            kind,
+            statement,
+            text,
+            params,
+        } = &request;
+        self.request_of(*kind, statement.as_deref(), text, params)
+    }
+
+    /// [`Self::request`] from borrowed parts, encoded where they lie: a statement's text is not
+    /// copied into a record first (every simple query's would be).
+    pub fn request_of(
+        &mut self,
+        kind: RequestKind,
+        statement: Option<&str>,
+        text: &str,
+        params: &[Option<Bytes>],
+    ) -> Result<Durable, RecordError> {
         self.stmt += 1;
         if self.answering.is_none() {
             self.response = ResponseCount::default();
         }
-        self.send(Record::Request(request), true)
+        let approx = types::request_approx_bytes(text, params);
+        let fields = types::RequestRef {
+            kind,
+            statement,
+            text,
+            params,
+        };
+        let encoded = self.encode_with(self.stmt, approx, |out| {
+            encode::varint(out, u64::from(encode::REQUEST));
+            postcard::to_extend(&fields, Append(out))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })?;
+        self.sent(encoded, true)
     }
 
     pub fn verdict(&mut self, verdict: Verdict) -> Result<(), RecordError> {
@@ -1068,5 +1105,49 @@ mod tests {
         let kept: Vec<Vec<u8>> = std::iter::from_fn(|| queue.spare()).collect();
         assert_eq!(kept.len(), SPARES);
         assert!(kept.iter().all(|b| b.is_empty() && b.capacity() >= 100));
+    }
+
+    /// A request encoded from borrowed parts is the record serde writes, and its queue weight too.
+    #[test]
+    fn a_request_from_borrowed_parts_encodes_as_its_record() {
+        let params = [Some(Bytes(b"x\0y".to_vec())), None, Some(Bytes(Vec::new()))];
+        for (kind, statement, text, params) in [
+            (RequestKind::Query, None, "SELECT 1", &[][..]),
+            (
+                RequestKind::Prepare,
+                Some("s1"),
+                "SELECT $1, $2, $3",
+                &[][..],
+            ),
+            (
+                RequestKind::Execute,
+                Some(""),
+                "SELECT $1, $2, $3",
+                &params[..],
+            ),
+            (RequestKind::Query, None, "", &[][..]),
+            (RequestKind::Http, None, "GET api/v1/ünïcode?q=1", &[][..]),
+        ] {
+            let mut ours = Vec::new();
+            encode::varint(&mut ours, u64::from(encode::REQUEST));
+            let fields = types::RequestRef {
+                kind,
+                statement,
+                text,
+                params,
+            };
+            ours.extend(postcard::to_stdvec(&fields).unwrap());
+            let record = Record::Request(Request {
+                kind,
+                statement: statement.map(str::to_owned),
+                text: text.to_owned(),
+                params: params.to_vec(),
+            });
+            assert_eq!(ours, postcard::to_stdvec(&record).unwrap(), "{text}");
+            assert_eq!(
+                types::request_approx_bytes(text, params),
+                record.approx_bytes()
+            );
+        }
     }
 }

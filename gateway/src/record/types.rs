@@ -118,6 +118,20 @@ pub struct Request {
     pub params: Vec<Option<Bytes>>,
 }
 
+/// A [`Request`]'s fields borrowed, serialized as the request is.
+#[derive(Serialize)]
+pub(crate) struct RequestRef<'a> {
+    pub kind: RequestKind,
+    pub statement: Option<&'a str>,
+    pub text: &'a str,
+    pub params: &'a [Option<Bytes>],
+}
+
+/// What a request takes in the recorder's queue, as [`Record::approx_bytes`] counts it.
+pub(crate) fn request_approx_bytes(text: &str, params: &[Option<Bytes>]) -> usize {
+    64 + text.len() + params.len() * 8
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
@@ -249,7 +263,7 @@ impl Record {
                 .sum::<usize>()
         };
         64 + match self {
-            Record::Request(r) => r.text.len() + r.params.len() * 8,
+            Record::Request(r) => request_approx_bytes(&r.text, &r.params) - 64,
             Record::Rows(rows) => rows.iter().map(cells).sum(),
             Record::CopyData(b) | Record::CopyIn(b) => b.0.len(),
             Record::Columns(c) => c.len() * 32,
