@@ -264,14 +264,23 @@ impl Scanner {
     /// printable.
     #[inline(always)]
     fn short_text_has_needle(&self, chunks: &Chunks, used: usize) -> bool {
-        if let Some([a, b]) = self.needle_bytes.map(|n| n.map(u8x16::splat)) {
-            let found = (chunks.iter().take(used))
-                .fold(u8x16::ZERO, |found, &v| found | v.cmp_eq(a) | v.cmp_eq(b));
-            if found.move_mask() != 0 {
-                return true;
-            }
+        // The needle bytes and the space in one pass: a text without a space (a digest, an id)
+        // costs what one-byte needles alone did.
+        let space = u8x16::splat(b' ');
+        let chunks_used = chunks.iter().take(used);
+        let (found, spaced) = match self.needle_bytes.map(|n| n.map(u8x16::splat)) {
+            Some([a, b]) => chunks_used.fold((u8x16::ZERO, u8x16::ZERO), |(found, spaced), &v| {
+                (found | v.cmp_eq(a) | v.cmp_eq(b), spaced | v.cmp_eq(space))
+            }),
+            None => (
+                u8x16::ZERO,
+                chunks_used.fold(u8x16::ZERO, |spaced, &v| spaced | v.cmp_eq(space)),
+            ),
+        };
+        if found.move_mask() != 0 {
+            return true;
         }
-        if !self.rer {
+        if !self.rer || spaced.move_mask() == 0 {
             return false;
         }
         let (mut r, mut e, mut space) = (0u64, 0u64, 0u64);
