@@ -283,14 +283,11 @@ impl Scanner {
         if !self.rer || spaced.move_mask() == 0 {
             return false;
         }
-        let (mut r, mut e, mut space) = (0u64, 0u64, 0u64);
-        for (k, &v) in chunks.iter().enumerate().take(used) {
-            let lower = v | u8x16::splat(0x20);
-            r |= u64::from(eq(lower, b'r').move_mask() as u16) << (16 * k);
-            e |= u64::from(eq(lower, b'e').move_mask() as u16) << (16 * k);
-            space |= u64::from(eq(v, b' ').move_mask() as u16) << (16 * k);
-        }
-        r & (e >> 1) & (r >> 2) & (space >> 3) != 0
+        // Chunks past `used` are NUL padding, in none of these classes.
+        let r = byte_bits::<4>(chunks, |v| eq(v | u8x16::splat(0x20), b'r'));
+        let e = byte_bits::<4>(chunks, |v| eq(v | u8x16::splat(0x20), b'e'));
+        let spaces = byte_bits::<4>(chunks, |v| eq(v, b' '));
+        r & (e >> 1) & (r >> 2) & (spaces >> 3) != 0
     }
 
     /// True when a text of any length may hold an enabled anchor: it holds a needle byte, or
