@@ -96,7 +96,8 @@ pub fn begin(
 
 /// A Bind's parameters, waiting for the Execute that runs them.
 struct Bound {
-    statement: String,
+    /// Shared with each Execute's record, not copied for it.
+    statement: Rc<str>,
     params: Vec<Option<Bytes>>,
     bytes: u64,
 }
@@ -110,8 +111,9 @@ pub struct SessionRecord {
     /// The detectors requests pass through before they are recorded.
     masker: Masker,
     strict: bool,
-    /// Prepared statements' recorded texts by name, for their Executes.
-    statements: HashMap<String, String>,
+    /// Prepared statements' recorded texts by name, for their Executes (shared, not copied,
+    /// for each).
+    statements: HashMap<String, Rc<str>>,
     portals: HashMap<String, Bound>,
     /// Strict mode: the request record the held statement waits for.
     durable: Option<Durable>,
@@ -353,8 +355,7 @@ impl RecordGate {
         };
         if let Some(name) = statement {
             SessionRecord::room(&mut r.statements, name);
-            r.statements
-                .insert(name.to_owned(), text.clone().into_owned());
+            r.statements.insert(name.to_owned(), Rc::from(&*text));
         }
         let bytes_in = bytes_in + text.len() as u64;
         // Recorded before policy sees it: an unrecordable statement opens no approval.
@@ -427,7 +428,7 @@ impl Gate for RecordGate {
             .collect();
         SessionRecord::room(&mut r.portals, portal);
         let bound = Bound {
-            statement: statement.to_owned(),
+            statement: Rc::from(statement),
             params,
             bytes: body.len() as u64 + 5,
         };
@@ -442,14 +443,14 @@ impl Gate for RecordGate {
         let (statement, params, bound_bytes) = match r.portals.get_mut(portal) {
             // A portal executed again (after PortalSuspended) runs the same parameters.
             Some(b) => (b.statement.clone(), std::mem::take(&mut b.params), b.bytes),
-            None => (String::new(), Vec::new(), 0),
+            None => (Rc::from(""), Vec::new(), 0),
         };
-        let text = r.statements.get(&statement).cloned().unwrap_or_default();
+        let text = r.statements.get(&*statement).cloned();
         let bytes_in = bound_bytes + portal.len() as u64 + 10;
         if let Err(e) = r.request(
             RequestKind::Execute,
             Some(&statement),
-            &text,
+            text.as_deref().unwrap_or(""),
             &params,
             bytes_in,
         ) {

@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use super::types::Truncation;
+use super::types::{RequestRef, Truncation};
 
 /// An entry without its `seq`: what follows it in the payload.
 #[derive(Serialize)]
@@ -56,6 +56,15 @@ pub(crate) struct RowDescription<'a> {
 /// format.
 const COLUMNS: u32 = 3;
 const ROWS: u32 = 4;
+
+/// Appends `Record::Request` as postcard encodes it, from borrowed parts: a statement's text is
+/// written where it lies rather than copied into a record first.
+pub(crate) fn request(out: &mut Vec<u8>, request: &RequestRef<'_>) -> Result<(), String> {
+    varint(out, u64::from(REQUEST));
+    postcard::to_extend(request, super::Append(out))
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
 
 /// `Record::Complete`'s variant index.
 const COMPLETE: u32 = 9;

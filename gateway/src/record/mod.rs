@@ -778,13 +778,13 @@ impl SessionRecorder {
     /// Records a statement (text after the detectors). In `strict` mode forward it only after
     /// the returned [`Durable`] resolves to `Ok`; otherwise it is already resolved.
     pub fn request(&mut self, request: Request) -> Result<Durable, RecordError> {
-        let Request {
-            kind,
-            statement,
-            text,
-            params,
-        } = &request;
-        self.request_of(*kind, statement.as_deref(), text, params)
+        let request = request.borrowed();
+        self.request_of(
+            request.kind,
+            request.statement,
+            request.text,
+            request.params,
+        )
     }
 
     /// [`Self::request`] from borrowed parts, encoded where they lie: a statement's text is not
@@ -800,18 +800,14 @@ impl SessionRecorder {
         if self.answering.is_none() {
             self.response = ResponseCount::default();
         }
-        let approx = types::request_approx_bytes(text, params);
-        let fields = types::RequestRef {
+        let request = types::RequestRef {
             kind,
             statement,
             text,
             params,
         };
-        let encoded = self.encode_with(self.stmt, approx, |out| {
-            encode::varint(out, u64::from(encode::REQUEST));
-            postcard::to_extend(&fields, Append(out))
-                .map(drop)
-                .map_err(|e| e.to_string())
+        let encoded = self.encode_with(self.stmt, request.approx_bytes(), |out| {
+            encode::request(out, &request)
         })?;
         self.sent(encoded, true)
     }
@@ -1128,15 +1124,14 @@ mod tests {
             (RequestKind::Query, None, "", &[][..]),
             (RequestKind::Http, None, "GET api/v1/ünïcode?q=1", &[][..]),
         ] {
-            let mut ours = Vec::new();
-            encode::varint(&mut ours, u64::from(encode::REQUEST));
             let fields = types::RequestRef {
                 kind,
                 statement,
                 text,
                 params,
             };
-            ours.extend(postcard::to_stdvec(&fields).unwrap());
+            let mut ours = Vec::new();
+            encode::request(&mut ours, &fields).unwrap();
             let record = Record::Request(Request {
                 kind,
                 statement: statement.map(str::to_owned),
@@ -1144,10 +1139,8 @@ mod tests {
                 params: params.to_vec(),
             });
             assert_eq!(ours, postcard::to_stdvec(&record).unwrap(), "{text}");
-            assert_eq!(
-                types::request_approx_bytes(text, params),
-                record.approx_bytes()
-            );
+            assert_eq!(fields.approx_bytes(), record.approx_bytes());
+            assert_eq!(fields.approx_bytes(), 64 + text.len() + params.len() * 8);
         }
     }
 }

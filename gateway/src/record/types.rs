@@ -118,6 +118,17 @@ pub struct Request {
     pub params: Vec<Option<Bytes>>,
 }
 
+impl Request {
+    pub(crate) fn borrowed(&self) -> RequestRef<'_> {
+        RequestRef {
+            kind: self.kind,
+            statement: self.statement.as_deref(),
+            text: &self.text,
+            params: &self.params,
+        }
+    }
+}
+
 /// A [`Request`]'s fields borrowed, serialized as the request is.
 #[derive(Serialize)]
 pub(crate) struct RequestRef<'a> {
@@ -127,10 +138,19 @@ pub(crate) struct RequestRef<'a> {
     pub params: &'a [Option<Bytes>],
 }
 
-/// What a request takes in the recorder's queue, as [`Record::approx_bytes`] counts it.
-pub(crate) fn request_approx_bytes(text: &str, params: &[Option<Bytes>]) -> usize {
-    64 + text.len() + params.len() * 8
+impl RequestRef<'_> {
+    /// What the request takes in the recorder's queue, as [`Record::approx_bytes`] counts it.
+    pub(crate) fn approx_bytes(&self) -> usize {
+        APPROX_RECORD_BYTES + self.payload_bytes()
+    }
+
+    fn payload_bytes(&self) -> usize {
+        self.text.len() + self.params.len() * 8
+    }
 }
+
+/// [`Record::approx_bytes`] of a record without a payload.
+const APPROX_RECORD_BYTES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -262,14 +282,15 @@ impl Record {
                 .map(|c| c.as_ref().map_or(1, |b| b.0.len() + 8))
                 .sum::<usize>()
         };
-        64 + match self {
-            Record::Request(r) => request_approx_bytes(&r.text, &r.params) - 64,
-            Record::Rows(rows) => rows.iter().map(cells).sum(),
-            Record::CopyData(b) | Record::CopyIn(b) => b.0.len(),
-            Record::Columns(c) => c.len() * 32,
-            Record::Bundle(b) => b.iter().map(|b| b.record.approx_bytes()).sum(),
-            _ => 0,
-        }
+        APPROX_RECORD_BYTES
+            + match self {
+                Record::Request(r) => r.borrowed().payload_bytes(),
+                Record::Rows(rows) => rows.iter().map(cells).sum(),
+                Record::CopyData(b) | Record::CopyIn(b) => b.0.len(),
+                Record::Columns(c) => c.len() * 32,
+                Record::Bundle(b) => b.iter().map(|b| b.record.approx_bytes()).sum(),
+                _ => 0,
+            }
     }
 }
 
