@@ -19,6 +19,8 @@ use stored::{contains, everything_stored};
 
 const EMAIL: &str = "alice.smith@example.com";
 const TOKEN: &str = "tok-canary-7f3a9c";
+/// A bearer token's value, which no recording may hold.
+const BEARER_TOKEN: &str = "qz81Vv0TnKp3wXy7";
 
 fn seed(pg: &Postgres) {
     pg.app_superuser_sql(&format!(
@@ -205,6 +207,24 @@ async fn a_session_round_trips_through_show_and_export_masked_and_verifies() {
     }
     assert!(!contains(&copied, EMAIL.as_bytes()), "COPY was masked");
 
+    // Bearer tokens in short statements, where the detectors rule a text out on its vectors
+    // before the anchor search: in each case the search knows, in a literal and as a parameter.
+    for prefix in ["Bearer", "bearer", "BEARER"] {
+        let got = client
+            .simple_query(&format!("SELECT '{prefix} {BEARER_TOKEN}'"))
+            .await
+            .expect("a bearer literal");
+        assert!(
+            !format!("{got:?}").contains(BEARER_TOKEN),
+            "the client saw it"
+        );
+        let param = format!("{prefix} {BEARER_TOKEN}");
+        client
+            .query("SELECT $1::text", &[&param])
+            .await
+            .expect("a bearer parameter");
+    }
+
     // An error, and a blocked statement.
     let err = client.simple_query("SELECT 1/0").await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "22012");
@@ -247,6 +267,15 @@ async fn a_session_round_trips_through_show_and_export_masked_and_verifies() {
         .filter(|e| e.session == session)
         .cloned()
         .collect();
+    let bearer_statements = ours
+        .iter()
+        .filter(|e| matches!(&e.record, Record::Request(r) if r.text.starts_with("SELECT '")))
+        .count();
+    assert_eq!(bearer_statements, 3, "each bearer literal was recorded");
+    assert!(
+        !format!("{entries:?}").contains(BEARER_TOKEN),
+        "a bearer token reached the recording"
+    );
 
     // The simple query: its text with the literal redacted, allowed by a rule, its columns, the
     // rows byte for byte as the client got them, and the command tag.
