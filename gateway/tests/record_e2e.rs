@@ -208,8 +208,9 @@ async fn a_session_round_trips_through_show_and_export_masked_and_verifies() {
     assert!(!contains(&copied, EMAIL.as_bytes()), "COPY was masked");
 
     // Bearer tokens in short statements, where the detectors rule a text out on its vectors
-    // before the anchor search: in each case the search knows, in a literal and as a parameter.
-    for prefix in ["Bearer", "bearer", "BEARER"] {
+    // before the anchor search: in any case (the scheme's name is case-insensitive), in a
+    // literal and as a parameter.
+    for prefix in ["Bearer", "bearer", "BEARER", "BeaReR"] {
         let got = client
             .simple_query(&format!("SELECT '{prefix} {BEARER_TOKEN}'"))
             .await
@@ -271,7 +272,7 @@ async fn a_session_round_trips_through_show_and_export_masked_and_verifies() {
         .iter()
         .filter(|e| matches!(&e.record, Record::Request(r) if r.text.starts_with("SELECT '")))
         .count();
-    assert_eq!(bearer_statements, 3, "each bearer literal was recorded");
+    assert_eq!(bearer_statements, 4, "each bearer literal was recorded");
     assert!(
         !format!("{entries:?}").contains(BEARER_TOKEN),
         "a bearer token reached the recording"

@@ -43,7 +43,7 @@ impl Enabled {
 #[derive(Debug, Clone, Copy)]
 enum Anchor {
     Jwt,
-    /// `rer `: the match is three bytes into `Bearer `/`bearer `/`BEARER `.
+    /// `rer `: the match is three bytes into `Bearer ` in any case.
     Bearer,
     Token {
         kind: DetectorKind,
@@ -74,7 +74,14 @@ const ANCHORS: &[(&str, DetectorKind, Anchor, Needle)] = {
     use TokenChars::{UpperAlnum, Word};
     &[
         ("eyJ", Jwt, Anchor::Jwt, Byte(b'J')),
+        // The scheme's name is case-insensitive (RFC 6750, RFC 9110): every case of `rer `.
         ("rer ", Bearer, Anchor::Bearer, Rer),
+        ("reR ", Bearer, Anchor::Bearer, Rer),
+        ("rEr ", Bearer, Anchor::Bearer, Rer),
+        ("rER ", Bearer, Anchor::Bearer, Rer),
+        ("Rer ", Bearer, Anchor::Bearer, Rer),
+        ("ReR ", Bearer, Anchor::Bearer, Rer),
+        ("REr ", Bearer, Anchor::Bearer, Rer),
         ("RER ", Bearer, Anchor::Bearer, Rer),
         (
             "AKIA",
@@ -627,7 +634,7 @@ fn verify_anchor(anchor: Anchor, s: &[u8], p: usize, len: usize) -> Option<Hit> 
         Anchor::Bearer => {
             let start = p
                 .checked_sub(3)
-                .filter(|&b| matches!(&s[b..p], b"Bea" | b"bea" | b"BEA"))?;
+                .filter(|&b| s[b..p].eq_ignore_ascii_case(b"bea"))?;
             (detectors::bearer(s, start)?, DetectorKind::Bearer)
         }
         Anchor::Token {
@@ -1573,6 +1580,8 @@ mod tests {
         for text in [
             "Authorization: Bearer abcdefgh12345678",
             "AUTHORIZATION: BEARER abcdefgh12345678",
+            "authorization: BeaReR abcdefgh12345678",
+            "authorization: bEArEr abcdefgh12345678",
         ] {
             assert!(scanner.has_needle(text.as_bytes()), "{text}");
             let chunks = tail_chunks(text.as_bytes());
