@@ -56,6 +56,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use futures_channel::oneshot;
 
 pub use config::{OnFailure, RecordingConfig};
@@ -149,9 +150,13 @@ enum Health {
 
 struct Shared {
     status: Counters,
-    failing: AtomicBool,
+    /// Read before every record a session encodes and written only when recording starts or
+    /// stops failing: on a cache line of its own, not the one every hand-over writes
+    /// (`queued_bytes`), so the read stays a cache hit on every core.
+    failing: CachePadded<AtomicBool>,
     error: Mutex<Option<RecordError>>,
-    queued_bytes: AtomicUsize,
+    /// Added to by every session's records and taken from by the recorder.
+    queued_bytes: CachePadded<AtomicUsize>,
     next_session: AtomicU64,
     max_queue_bytes: usize,
     on_failure: OnFailure,
@@ -318,9 +323,9 @@ impl Recorder {
         cfg.validate(state_dir).map_err(anyhow::Error::msg)?;
         let shared = Arc::new(Shared {
             status: Counters::default(),
-            failing: AtomicBool::new(false),
+            failing: CachePadded::new(AtomicBool::new(false)),
             error: Mutex::new(None),
-            queued_bytes: AtomicUsize::new(0),
+            queued_bytes: CachePadded::new(AtomicUsize::new(0)),
             next_session: AtomicU64::new(1),
             max_queue_bytes: cfg.max_queue_bytes,
             on_failure: cfg.on_failure,
@@ -995,6 +1000,8 @@ impl SessionRecorder {
     /// Ends the session; its end gets a checkpoint of its own.
     pub fn end(mut self, reason: &str) -> Result<(), RecordError> {
         self.ended = true;
+        // Whatever a hold or batch kept back goes with the end, not with the session.
+        self.batching = false;
         self.send(
             Record::SessionEnd {
                 reason: reason.to_owned(),
@@ -1008,6 +1015,7 @@ impl SessionRecorder {
 impl Drop for SessionRecorder {
     fn drop(&mut self) {
         if !self.ended {
+            self.batching = false;
             let _ = self.send(
                 Record::SessionEnd {
                     reason: "session dropped".into(),
