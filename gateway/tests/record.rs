@@ -1702,6 +1702,50 @@ fn a_statements_records_handed_over_together_are_one_leaf_read_back_one_by_one()
     assert!(text.contains("TAMPERED"), "{text}");
 }
 
+/// A session that ends, or is dropped, between `hold` and `hand_over` (a statement cut off by
+/// its connection's end) still records what it held, its end after it, and leaves nothing
+/// counted against the queue's bound.
+#[test]
+fn a_session_ended_or_dropped_inside_a_hold_records_what_it_held_and_its_end() {
+    let env = Env::new();
+    let recorder = Recorder::start(&env.config(), &env.state).unwrap();
+    let h = recorder.handle();
+    let mut ended = h.begin(SessionStart::default()).unwrap();
+    ended.hold();
+    ended.request(query("SELECT 'held then ended'")).unwrap();
+    let ended_id = ended.id();
+    ended.end("client gone").unwrap();
+    let mut dropped = h.begin(SessionStart::default()).unwrap();
+    dropped.hold();
+    dropped
+        .request(query("SELECT 'held then dropped'"))
+        .unwrap();
+    let dropped_id = dropped.id();
+    drop(dropped);
+    h.flush().wait().unwrap();
+    assert_eq!(h.status().queued_bytes, 0, "{:?}", h.status());
+    recorder.shutdown();
+
+    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (id, text, reason) in [
+        (ended_id, "held then ended", "client gone"),
+        (dropped_id, "held then dropped", "session dropped"),
+    ] {
+        let records: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["session"] == id)
+            .map(|l| &l["record"])
+            .collect();
+        assert_eq!(records.len(), 3, "session {id}: {out}");
+        assert!(records[1].to_string().contains(text), "{out}");
+        assert_eq!(records[2]["session_end"]["reason"], reason, "{out}");
+    }
+}
+
 /// A crash right after the recorder created a segment can leave its header cut anywhere, even
 /// inside its length field. That is a header never written: the readers and the recorder's
 /// restart must treat it so, rather than fail (they panicked on a cut between 8 and 11 bytes).
