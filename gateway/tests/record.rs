@@ -105,6 +105,16 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// `recordings export --format jsonl`: its text, and each line parsed.
+fn export_jsonl(env: &Env) -> (String, Vec<serde_json::Value>) {
+    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
+    let lines = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (out, lines)
+}
+
 fn b(s: &str) -> Option<Bytes> {
     Some(Bytes::from(s))
 }
@@ -419,11 +429,7 @@ fn round_trip_show_export_list_replay_reproduce_what_was_handed_in() {
     recorder.shutdown();
 
     // JSON lines: each record exactly as handed in, in order.
-    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (_, lines) = export_jsonl(&env);
     let mine: Vec<&serde_json::Value> = lines.iter().filter(|l| l["session"] == id).collect();
     assert_eq!(mine.len(), handed.len());
     for (got, want) in mine.iter().zip(&handed) {
@@ -1630,12 +1636,8 @@ fn a_statements_records_handed_over_together_are_one_leaf_read_back_one_by_one()
     assert_eq!(env.verify(&[]).0, 0);
 
     // Every record reads back on its own, with its own time; the bundled ones share a seq.
-    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|l: &serde_json::Value| l["session"] == id)
-        .collect();
+    let (out, mut lines) = export_jsonl(&env);
+    lines.retain(|l| l["session"] == id);
     let kinds: Vec<String> = lines
         .iter()
         .map(|l| {
@@ -1726,11 +1728,7 @@ fn a_session_ended_or_dropped_inside_a_hold_records_what_it_held_and_its_end() {
     assert_eq!(h.status().queued_bytes, 0, "{:?}", h.status());
     recorder.shutdown();
 
-    let out = stdout(&env.cli(&["export", "--format", "jsonl"]));
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (out, lines) = export_jsonl(&env);
     for (id, text, reason) in [
         (ended_id, "held then ended", "client gone"),
         (dropped_id, "held then dropped", "session dropped"),
