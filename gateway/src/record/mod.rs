@@ -999,29 +999,22 @@ impl SessionRecorder {
 
     /// Ends the session; its end gets a checkpoint of its own.
     pub fn end(mut self, reason: &str) -> Result<(), RecordError> {
+        self.send_end(reason.to_owned()).map(drop)
+    }
+
+    /// Records the session's end, once. Whatever a hold or batch kept back is handed over with
+    /// it, not dropped with the session.
+    fn send_end(&mut self, reason: String) -> Result<Durable, RecordError> {
         self.ended = true;
-        // Whatever a hold or batch kept back goes with the end, not with the session.
         self.batching = false;
-        self.send(
-            Record::SessionEnd {
-                reason: reason.to_owned(),
-            },
-            false,
-        )
-        .map(drop)
+        self.send(Record::SessionEnd { reason }, false)
     }
 }
 
 impl Drop for SessionRecorder {
     fn drop(&mut self) {
         if !self.ended {
-            self.batching = false;
-            let _ = self.send(
-                Record::SessionEnd {
-                    reason: "session dropped".into(),
-                },
-                false,
-            );
+            let _ = self.send_end("session dropped".into());
         }
     }
 }
