@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use testkit::idp::Idp;
@@ -273,17 +273,13 @@ leeway = "1s"
         (serde_json::from_str(&text).expect("sessions --json"), text)
     }
 
-    /// Waits until `sessions` lists none: a session that ended stays listed, as closing, while
-    /// its upstream connection is reset for the pool. Panics with the last list after 10 s.
+    /// Waits until `sessions` lists none; panics with the last list after 10 s.
     fn wait_no_sessions(&self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (sessions, text) = self.sessions();
-            if sessions.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: {text}");
-            std::thread::sleep(Duration::from_millis(50));
+        if let Err(left) = self
+            .gw
+            .wait_sessions_gone(|_| true, Duration::from_secs(10))
+        {
+            panic!("{what}: {left}");
         }
     }
 

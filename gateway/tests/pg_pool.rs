@@ -7,7 +7,7 @@
 //! the same backend, and checks the state is gone: it fails if the reset is skipped.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testkit::wire::{self, RawConn};
 use testkit::{Endpoint, Gateway, GatewayOptions, Harness, Mode, Postgres, free_port};
@@ -72,20 +72,11 @@ impl Env {
 
 /// Waits until `portcullis sessions` lists none.
 fn settle(gw: &Gateway) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = gw.cli(&["sessions", "--json"]).expect("sessions");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let live: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
-        if out.status.success() && live.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sessions still live after 20 s: {text}\n{}",
+    if let Err(live) = gw.wait_sessions_gone(|_| true, Duration::from_secs(20)) {
+        panic!(
+            "sessions still live after 20 s: {live}\n{}",
             gw.log_tail(30)
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

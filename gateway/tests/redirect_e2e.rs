@@ -150,14 +150,14 @@ fn agents_keep_their_dsn_and_land_in_the_gateway() {
 
     // The first psql's session leaves the list once the gateway has seen it close; wait for that,
     // so the session found below is the held one and not the first one on its way out.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env.sessions().iter().any(|s| s["agent"] == "claude") {
-        assert!(
-            Instant::now() < deadline,
-            "the first session is still listed:\n{}",
+    if let Err(left) = env
+        .gw
+        .wait_sessions_gone(|s| s["agent"] == "claude", Duration::from_secs(10))
+    {
+        panic!(
+            "the first session is still listed: {left}\n{}",
             env.gw.log()
         );
-        std::thread::sleep(Duration::from_millis(50));
     }
 
     // While an agent's session is open, the gateway lists it with its pid, agent and executable.

@@ -771,6 +771,34 @@ impl Gateway {
             .output()?)
     }
 
+    /// Waits until `sessions --json` lists no session that `matches`. A session that ended
+    /// stays listed, as closing, while its upstream connection is reset for the pool. After
+    /// `timeout`, the last list (or the CLI's error) as the error.
+    pub fn wait_sessions_gone(
+        &self,
+        matches: impl Fn(&serde_json::Value) -> bool,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.cli(&["sessions", "--json"]) {
+                Ok(out) if out.status.success() => {
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    match serde_json::from_str::<Vec<serde_json::Value>>(&text) {
+                        Ok(live) if !live.iter().any(&matches) => return Ok(()),
+                        _ => text,
+                    }
+                }
+                Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(last);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A libpq connection string through the gateway (any user: the gateway injects its own).
     pub fn conninfo(&self, dbname: &str) -> String {
         format!(
