@@ -15,7 +15,8 @@
 //!   after a lower-case letter a token prefix (`ghp_`, `xoxb-`, `sk-`), and `-----BEGIN` a PEM block.
 //!
 //! Each trigger is rejected in a few comparisons in the common case (a short number, a word before a
-//! colon). Nothing here allocates unless a detector matches.
+//! colon). A short value that is one lower-case word (a hex digest, an id) is cleared before either
+//! pass. Nothing here allocates unless a detector matches.
 
 use aho_corasick::packed;
 use wide::{u8x16, u64x2};
@@ -245,6 +246,9 @@ impl Scanner {
         let base = hits.len();
         let chunks = tail_chunks(text);
         let used = text.len().div_ceil(16);
+        if used > 1 && is_lowercase_word(&chunks, used, text.len()) && digit_run(text, 0) < 8 {
+            return;
+        }
         if text.len() >= MIN_ANCHORED_HIT
             && self.anchors.is_some()
             && self.short_text_has_needle(&chunks, used)
@@ -1069,6 +1073,27 @@ fn tail_trigger_bits(chunks: &Chunks, used: usize, edges: Edges) -> u64 {
     }
 }
 
+/// True when the first `len` bytes of `chunks` (a text of 17 to 63 bytes) are all ASCII digits and
+/// lower-case letters: a hex digest, an id, a slug without separators. Such a text holds nothing to
+/// find unless it starts with a number of 8 digits or more, so [`Scanner::scan_short`] skips the
+/// rest of its work for it, where the triggers of a digest's many digits cost the most:
+/// - no anchor: each needle (`J`, `I`, `rer `) has a capital or a space;
+/// - no trigger but digits, and no separator after them for a number to go on;
+/// - no IBAN: its country code is two capitals;
+/// - every digit run but one at the start follows a letter, and [`Scanner::at_trigger`] turns a
+///   number glued to a word away; a run at the start shorter than 8 digits is too short.
+#[inline(always)]
+fn is_lowercase_word(chunks: &Chunks, used: usize, len: usize) -> bool {
+    let word = |v: u8x16| in_range(v, b'0', b'9') | in_range(v, b'a', b'z');
+    let bits = match used {
+        2 => byte_bits::<2>(chunks, word),
+        3 => byte_bits::<3>(chunks, word),
+        _ => byte_bits::<4>(chunks, word),
+    };
+    // NUL padding is in neither class, so the bits past `len` are clear.
+    bits == (1 << len) - 1
+}
+
 /// The last bytes of a text (fewer than 64) as a block, NUL after them. Each vector is built from
 /// loads of the text itself: a copy into a zeroed buffer, loaded back 16 bytes at a time, stalls
 /// store forwarding (the wide load waits for the copy's narrower stores to retire), and that wait
@@ -1544,6 +1569,71 @@ mod tests {
         }
         // The texts do hold things to find, not only quiet triggers.
         assert!(found > 20_000, "{found} hits");
+    }
+
+    /// Lower-case words skip the scan's work unless they start with a long number: random words
+    /// dense in digits (so runs of 8 and more come at every position), and numbers an agent might
+    /// glue into one to get it past the mask, each scanned as the byte-by-byte scan would.
+    #[test]
+    fn lowercase_words_find_what_the_byte_by_byte_scan_finds() {
+        const BYTES: &[u8] = b"0123456789012345678901234567890123456789abcdefxyz";
+        const NUMBERS: &[&str] = &[
+            "4111111111111111",
+            "378282246310005",
+            "4155550123",
+            "123456789",
+            "12345678",
+            "1234567",
+        ];
+        let mut next = crate::testing::xorshift(0x1c0f_fee5);
+        let scanner = Scanner::new(&DetectorKind::ALL);
+        let mut skipped = 0;
+        for _ in 0..50_000 {
+            let len = 17 + next(47);
+            let mut text = Vec::new();
+            if next(4) == 0 {
+                text.extend_from_slice(NUMBERS[next(NUMBERS.len())].as_bytes());
+            }
+            while text.len() < len {
+                text.push(BYTES[next(BYTES.len())]);
+            }
+            text.truncate(len);
+            let chunks = tail_chunks(&text);
+            let word = is_lowercase_word(&chunks, len.div_ceil(16), len);
+            assert!(word, "{:?}", String::from_utf8_lossy(&text));
+            let mut hits = Vec::new();
+            scanner.scan(&text, &mut hits);
+            assert_eq!(
+                hits,
+                scan_byte_by_byte(&scanner, &text),
+                "{:?}",
+                String::from_utf8_lossy(&text)
+            );
+            skipped += usize::from(digit_run(&text, 0) < 8);
+        }
+        // Both sides of the shortcut are taken.
+        assert!(
+            (10_000..40_000).contains(&skipped),
+            "{skipped} of 50,000 skipped"
+        );
+        // A card of 17 to 19 digits is a word too, and is still found.
+        for text in ["4111111111111111656", "37828224631000583"] {
+            assert_eq!(scan_all(text), [(text.to_owned(), DetectorKind::Card)]);
+        }
+        // Anything but digits and lower-case letters is not a word: the full scan runs.
+        for text in [
+            "deadbeefdeadbeef4111 1111 1111 1111",
+            "deadbeefdeadbeefDE89370400440532013000",
+            "deadbeefdeadbeef alice@example.com",
+            "Deadbeefdeadbeef",
+            "deadbeefdeadbeefcaf\u{e9}",
+        ] {
+            let chunks = tail_chunks(text.as_bytes());
+            assert!(
+                !is_lowercase_word(&chunks, text.len().div_ceil(16), text.len()),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
