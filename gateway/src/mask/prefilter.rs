@@ -1490,6 +1490,15 @@ mod tests {
         hits
     }
 
+    /// `scanner.scan` of `text`, asserted equal to [`scan_byte_by_byte`].
+    fn scan_checked(scanner: &Scanner, text: &[u8]) -> Vec<Hit> {
+        let mut hits = Vec::new();
+        scanner.scan(text, &mut hits);
+        let text_lossy = String::from_utf8_lossy(text);
+        assert_eq!(hits, scan_byte_by_byte(scanner, text), "{text_lossy:?}");
+        hits
+    }
+
     #[test]
     fn the_inline_number_rejections_agree_with_at_number() {
         // `at_trigger` turns some numbers away without `at_number`'s detectors: short ones, and
@@ -1565,14 +1574,7 @@ mod tests {
                     text.push(BYTES[next(BYTES.len())]);
                 }
             }
-            let mut hits = Vec::new();
-            scanner.scan(&text, &mut hits);
-            assert_eq!(
-                hits,
-                scan_byte_by_byte(&scanner, &text),
-                "{:?}",
-                String::from_utf8_lossy(&text)
-            );
+            let hits = scan_checked(&scanner, &text);
             #[cfg(target_arch = "x86_64")]
             {
                 let mut by_compares = Vec::new();
@@ -1619,14 +1621,7 @@ mod tests {
                 let chunks = tail_chunks(&text);
                 assert!(is_lowercase_word(&chunks, len.div_ceil(16), len));
             }
-            let mut hits = Vec::new();
-            scanner.scan(&text, &mut hits);
-            assert_eq!(
-                hits,
-                scan_byte_by_byte(&scanner, &text),
-                "{:?}",
-                String::from_utf8_lossy(&text)
-            );
+            scan_checked(&scanner, &text);
             skipped += usize::from(digit_run(&text, 0) < 8);
         }
         // Both sides of the shortcut are taken.
