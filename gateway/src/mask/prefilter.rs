@@ -15,7 +15,7 @@
 //!   after a lower-case letter a token prefix (`ghp_`, `xoxb-`, `sk-`), and `-----BEGIN` a PEM block.
 //!
 //! Each trigger is rejected in a few comparisons in the common case (a short number, a word before a
-//! colon). A short value that is one lower-case word (a hex digest, an id) is cleared before either
+//! colon). A value that is one lower-case word (a hex digest, an id) is cleared before either
 //! pass. Nothing here allocates unless a detector matches.
 
 use aho_corasick::packed;
@@ -216,10 +216,10 @@ impl Scanner {
     /// Appends the hits in `text` to `hits`, sorted, overlapping hits merged into one span.
     #[inline]
     pub fn scan(&self, text: &[u8], hits: &mut Vec<Hit>) {
+        if text.len() > 16 && is_lowercase_word(text) && digit_run(text, 0) < 8 {
+            return;
+        }
         if text.len() >= 64 {
-            if is_long_lowercase_word(text) && digit_run(text, 0) < 8 {
-                return;
-            }
             return self.scan_long(text, hits);
         }
         self.scan_short(text, hits);
@@ -249,9 +249,6 @@ impl Scanner {
         let base = hits.len();
         let chunks = tail_chunks(text);
         let used = text.len().div_ceil(16);
-        if used > 1 && is_lowercase_word(&chunks, used, text.len()) && digit_run(text, 0) < 8 {
-            return;
-        }
         if text.len() >= MIN_ANCHORED_HIT
             && self.anchors.is_some()
             && self.short_text_has_needle(&chunks, used)
@@ -1076,30 +1073,18 @@ fn tail_trigger_bits(chunks: &Chunks, used: usize, edges: Edges) -> u64 {
     }
 }
 
-/// True when the first `len` bytes of `chunks` (a text of 17 to 63 bytes) are all ASCII digits and
-/// lower-case letters: a hex digest, an id, a slug without separators. Such a text holds nothing to
-/// find unless it starts with a number of 8 digits or more, so [`Scanner::scan_short`] skips the
-/// rest of its work for it, where the triggers of a digest's many digits cost the most:
+/// True when `text` is all ASCII digits and lower-case letters: a hex digest, an id, a slug without
+/// separators. Such a text holds nothing to find unless it starts with a number of 8 digits or
+/// more, so [`Scanner::scan`] skips the rest of its work for it, where the triggers of a digest's
+/// many digits cost the most:
 /// - no anchor: each needle (`J`, `I`, `rer `) has a capital or a space;
 /// - no trigger but digits, and no separator after them for a number to go on;
 /// - no IBAN: its country code is two capitals;
 /// - every digit run but one at the start follows a letter, and [`Scanner::at_trigger`] turns a
 ///   number glued to a word away; a run at the start shorter than 8 digits is too short.
-#[inline(always)]
-fn is_lowercase_word(chunks: &Chunks, used: usize, len: usize) -> bool {
-    let word = |v: u8x16| in_range(v, b'0', b'9') | in_range(v, b'a', b'z');
-    let bits = match used {
-        2 => byte_bits::<2>(chunks, word),
-        3 => byte_bits::<3>(chunks, word),
-        _ => byte_bits::<4>(chunks, word),
-    };
-    // NUL padding is in neither class, so the bits past `len` are clear.
-    bits == (1 << len) - 1
-}
-
-/// [`is_lowercase_word`] for a text of 64 bytes or more (a SHA-256 or SHA-512 digest), 16 bytes at
-/// a time: prose and most other long texts are ruled out by their first chunk.
-fn is_long_lowercase_word(text: &[u8]) -> bool {
+///
+/// Checked 16 bytes at a time: prose and most other texts are ruled out by their first chunk.
+fn is_lowercase_word(text: &[u8]) -> bool {
     let word = |v: u8x16| (in_range(v, b'0', b'9') | in_range(v, b'a', b'z')).move_mask() as u16;
     let mut chunks = text.chunks_exact(16);
     let full = chunks.all(|c| word(u8x16::new(c.try_into().expect("16-byte chunk"))) == u16::MAX);
@@ -1616,11 +1601,7 @@ mod tests {
                 text.push(BYTES[next(BYTES.len())]);
             }
             text.truncate(len);
-            assert!(is_long_lowercase_word(&text));
-            if len < 64 {
-                let chunks = tail_chunks(&text);
-                assert!(is_lowercase_word(&chunks, len.div_ceil(16), len));
-            }
+            assert!(is_lowercase_word(&text));
             scan_checked(&scanner, &text);
             skipped += usize::from(digit_run(&text, 0) < 8);
         }
@@ -1641,15 +1622,11 @@ mod tests {
             "Deadbeefdeadbeef",
             "deadbeefdeadbeefcaf\u{e9}",
         ] {
-            let chunks = tail_chunks(text.as_bytes());
-            assert!(
-                !is_lowercase_word(&chunks, text.len().div_ceil(16), text.len()),
-                "{text:?}"
-            );
-            // And at every length past a block, in the middle of a digest or at its end.
+            assert!(!is_lowercase_word(text.as_bytes()), "{text:?}");
+            // And past a block, in the middle of a digest or at its end.
             let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
             for long in [format!("{digest}{text}"), format!("{text}{digest}")] {
-                assert!(!is_long_lowercase_word(long.as_bytes()), "{long:?}");
+                assert!(!is_lowercase_word(long.as_bytes()), "{long:?}");
             }
         }
     }
