@@ -139,6 +139,47 @@ async fn pii_at_every_offset_across_the_scans_blocks_is_masked() {
     }
 }
 
+/// Values that are one lower-case word (hex digests, ids) skip the scan, so an agent shapes PII
+/// to look like one: a card of 17 to 19 digits is itself such a word, and PII joined to a digest
+/// by a space or an `@` is not one. Short and past a 64-byte block. The digests themselves come
+/// back as they went.
+#[tokio::test(flavor = "multi_thread")]
+async fn pii_shaped_like_a_lowercase_digest_is_still_masked() {
+    let s = start("default");
+    let client = connect(&s.gw).await;
+    const LONG_CARD: &str = "4111111111111111656";
+    let sql = format!(
+        "SELECT md5(n::text), md5(n::text) || md5((-n)::text),
+                '{LONG_CARD}', md5(n::text) || ' {CARD}',
+                md5(n::text) || md5((-n)::text) || ' {CARD}', left(md5(n::text), 8) || '{EMAIL}'
+         FROM generate_series(1, 50) n"
+    );
+    let got = rows(&client.simple_query(&sql).await.unwrap());
+    assert_eq!(got.len(), 50);
+    let direct = s
+        .pg
+        .app_superuser_sql("SELECT md5(n::text) || md5((-n)::text) FROM generate_series(1, 50) n")
+        .unwrap();
+    let digests: Vec<&str> = direct.lines().map(str::trim).collect();
+    for (row, digest) in got.iter().zip(&digests) {
+        let flat = format!("{row:?}");
+        assert_no_pii(&flat, "digest-shaped values");
+        assert!(
+            !flat.contains(LONG_CARD),
+            "a 19-digit card reached the client: {flat}"
+        );
+        // Clean digests pass untouched, 32 and 64 characters.
+        assert_eq!(row[1].as_deref(), Some(*digest));
+        assert_eq!(row[0].as_deref(), Some(&digest[..32]));
+        // Only the card is rewritten after the digest.
+        let joined = row[3].as_deref().unwrap();
+        assert!(
+            joined.starts_with(&format!("{} ", &digest[..32])),
+            "{joined}"
+        );
+    }
+}
+
 /// Values masked in the `partial` style keep their length, so the gateway writes their rows back
 /// over the ones they replace in its read buffer rather than gathering a copy of the result. Many
 /// such rows between clean ones, in results that take several reads, in text (simple query) and
