@@ -2,12 +2,15 @@
 //! steered here is looked up in its maps; one it has no record of is refused, never guessed.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_channel::oneshot;
+use futures_channel::{mpsc as async_mpsc, oneshot};
+use futures_util::StreamExt;
 use futures_util::future::{Either, select};
 use tracing::{error, warn};
 
@@ -82,16 +85,126 @@ pub enum Arrival {
     Redirected(Arc<crate::redirect::Redirector>),
 }
 
-/// One worker thread's accept loops, one per listener, until `stop`; each accepted connection is
-/// identified and becomes a session task on this runtime.
+/// Spreads sessions over the workers by how many each serves. Every worker accepts on its own
+/// SO_REUSEPORT listener, but the kernel picks that listener by a hash of the addresses, not by
+/// load: of 8 connections, two workers get 6 and 2 or worse in 29% of tries, and the busy one
+/// sets the pace. So a worker that accepts a connection while another serves fewer sessions
+/// hands it over, as HAProxy gives each connection to its least-loaded thread.
+pub struct Balancer {
+    workers: Vec<Worker>,
+}
+
+struct Worker {
+    live: AtomicUsize,
+    handoffs: async_mpsc::UnboundedSender<Handoff>,
+}
+
+/// A connection one worker accepted for another to serve.
+pub struct Handoff {
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    arrival: Arrival,
+    seat: Seat,
+}
+
+/// One session counted against a worker, until its task ends.
+pub struct Seat {
+    balancer: Arc<Balancer>,
+    worker: usize,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.balancer.workers[self.worker]
+            .live
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Balancer {
+    /// A balancer for `n` workers, and the queue each worker takes its hand-offs from.
+    pub fn new(n: usize) -> (Arc<Self>, Vec<async_mpsc::UnboundedReceiver<Handoff>>) {
+        let (workers, queues) = (0..n)
+            .map(|_| {
+                let (tx, rx) = async_mpsc::unbounded();
+                let worker = Worker {
+                    live: AtomicUsize::new(0),
+                    handoffs: tx,
+                };
+                (worker, rx)
+            })
+            .unzip();
+        (Arc::new(Self { workers }), queues)
+    }
+
+    /// A seat for a connection worker `me` accepted: on `me` unless another worker serves fewer
+    /// sessions. Two workers choosing at once may both pick the same one; the next accept evens it.
+    fn seat(self: &Arc<Self>, me: usize) -> Seat {
+        let load = |i: usize| self.workers[i].live.load(Ordering::Relaxed);
+        let mine = load(me);
+        let least = (0..self.workers.len())
+            .min_by_key(|&i| (load(i), i != me))
+            .unwrap_or(me);
+        let worker = if load(least) < mine { least } else { me };
+        self.workers[worker].live.fetch_add(1, Ordering::Relaxed);
+        Seat {
+            balancer: self.clone(),
+            worker,
+        }
+    }
+
+    /// A seat on worker `me`, whatever the others serve: for a connection that cannot move.
+    fn seat_on(self: &Arc<Self>, me: usize) -> Seat {
+        self.workers[me].live.fetch_add(1, Ordering::Relaxed);
+        Seat {
+            balancer: self.clone(),
+            worker: me,
+        }
+    }
+
+    /// Sends a connection to the worker its seat is on; gives it back if that worker has stopped.
+    fn hand_off(&self, handoff: Handoff) -> Result<(), Handoff> {
+        self.workers[handoff.seat.worker]
+            .handoffs
+            .unbounded_send(handoff)
+            .map_err(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    static CURRENT_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the worker this thread runs; 0 off the workers.
+pub fn current_worker() -> usize {
+    CURRENT_WORKER.get()
+}
+
+/// One worker thread's accept loops, one per listener, until `stop`. Each accepted connection
+/// becomes a session task on this runtime, or on the worker the balancer seats it on.
 pub async fn worker(
+    me: usize,
     listeners: Vec<(SocketAddr, std::net::TcpListener, Arrival)>,
     shared: Arc<Shared>,
+    balancer: Arc<Balancer>,
+    mut handoffs: async_mpsc::UnboundedReceiver<Handoff>,
     stop: futures_channel::oneshot::Receiver<()>,
 ) {
+    CURRENT_WORKER.set(me);
     let stop = futures_util::future::FutureExt::shared(stop);
     compio::runtime::spawn(crate::service::watchdog::heartbeat()).detach();
     compio::runtime::spawn(crate::forward::pool::maintain(shared.clone())).detach();
+    let handed_shared = shared.clone();
+    compio::runtime::spawn(async move {
+        while let Some(h) = handoffs.next().await {
+            match compio::net::TcpStream::from_std(h.tcp) {
+                Ok(tcp) => serve(tcp, h.peer, h.addr, &h.arrival, &handed_shared, h.seat),
+                Err(e) => warn!(client = %h.peer, "dropping a handed-over connection: {e}"),
+            }
+        }
+    })
+    .detach();
     let mut accepts = Vec::new();
     for (addr, std_listener, arrival) in listeners {
         let listener = match compio::net::TcpListener::from_std(std_listener) {
@@ -102,9 +215,10 @@ pub async fn worker(
             }
         };
         let shared = shared.clone();
+        let balancer = balancer.clone();
         let stop = stop.clone();
         accepts.push(compio::runtime::spawn(accept_loop(
-            listener, addr, arrival, shared, stop,
+            me, listener, addr, arrival, shared, balancer, stop,
         )));
     }
     for a in accepts {
@@ -115,10 +229,12 @@ pub async fn worker(
 }
 
 async fn accept_loop<S>(
+    me: usize,
     listener: compio::net::TcpListener,
     addr: SocketAddr,
     arrival: Arrival,
     shared: Arc<Shared>,
+    balancer: Arc<Balancer>,
     mut stop: S,
 ) where
     S: std::future::Future + Unpin,
@@ -130,38 +246,33 @@ async fn accept_loop<S>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let shared = shared.clone();
-                match &arrival {
-                    Arrival::Explicit => {
-                        let identity = Identity::explicit(peer, addr);
-                        compio::runtime::spawn(crate::pipeline::handle(tcp, identity, shared))
-                            .detach();
+                let seat = balancer.seat(me);
+                if seat.worker == me {
+                    serve(tcp, peer, addr, &arrival, &shared, seat);
+                    continue;
+                }
+                // A duplicate of the descriptor crosses threads; this runtime closes its own.
+                let std_tcp = match tcp.as_fd().try_clone_to_owned() {
+                    Ok(fd) => std::net::TcpStream::from(fd),
+                    Err(e) => {
+                        warn!(client = %peer, "cannot hand a connection to another worker, serving it here: {e}");
+                        serve(tcp, peer, addr, &arrival, &shared, balancer.seat_on(me));
+                        continue;
                     }
-                    Arrival::Redirected(r) => {
-                        let (reply, answer) = oneshot::channel();
-                        match lookups().try_send((r.clone(), peer, reply)) {
-                            Ok(()) => {
-                                compio::runtime::spawn(async move {
-                                    match answer.await {
-                                        Ok(Ok(origin)) => {
-                                            let identity = Identity::redirected(peer, origin);
-                                            crate::pipeline::handle(tcp, identity, shared).await;
-                                        }
-                                        // No record of where it was going: refuse, never guess.
-                                        Ok(Err(e)) => {
-                                            warn!(client = %peer, "refusing a redirected connection: {e}");
-                                        }
-                                        Err(_) => {
-                                            warn!(client = %peer, "refusing a redirected connection: the lookup failed");
-                                        }
-                                    }
-                                })
-                                .detach();
-                            }
-                            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                                warn!(client = %peer, "refusing a redirected connection: {LOOKUP_QUEUE} redirect lookups are already waiting");
-                            }
-                        }
+                };
+                drop(tcp);
+                let handoff = Handoff {
+                    tcp: std_tcp,
+                    peer,
+                    addr,
+                    arrival: arrival.clone(),
+                    seat,
+                };
+                if let Err(back) = balancer.hand_off(handoff) {
+                    // That worker has stopped (the daemon is exiting): serve it here.
+                    match compio::net::TcpStream::from_std(back.tcp) {
+                        Ok(tcp) => serve(tcp, peer, addr, &arrival, &shared, balancer.seat_on(me)),
+                        Err(e) => warn!(client = %peer, "dropping a connection: {e}"),
                     }
                 }
             }
@@ -171,5 +282,110 @@ async fn accept_loop<S>(
                 compio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Starts a connection's session task on this runtime, once it is known where it was going.
+fn serve(
+    tcp: compio::net::TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    arrival: &Arrival,
+    shared: &Arc<Shared>,
+    seat: Seat,
+) {
+    let shared = shared.clone();
+    match arrival {
+        Arrival::Explicit => {
+            let identity = Identity::explicit(peer, addr);
+            compio::runtime::spawn(async move {
+                let _seat = seat;
+                crate::pipeline::handle(tcp, identity, shared).await;
+            })
+            .detach();
+        }
+        Arrival::Redirected(r) => {
+            let (reply, answer) = oneshot::channel();
+            match lookups().try_send((r.clone(), peer, reply)) {
+                Ok(()) => {
+                    compio::runtime::spawn(async move {
+                        let _seat = seat;
+                        match answer.await {
+                            Ok(Ok(origin)) => {
+                                let identity = Identity::redirected(peer, origin);
+                                crate::pipeline::handle(tcp, identity, shared).await;
+                            }
+                            // No record of where it was going: refuse, never guess.
+                            Ok(Err(e)) => {
+                                warn!(client = %peer, "refusing a redirected connection: {e}");
+                            }
+                            Err(_) => {
+                                warn!(client = %peer, "refusing a redirected connection: the lookup failed");
+                            }
+                        }
+                    })
+                    .detach();
+                }
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    warn!(client = %peer, "refusing a redirected connection: {LOOKUP_QUEUE} redirect lookups are already waiting");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(b: &Balancer) -> Vec<usize> {
+        b.workers
+            .iter()
+            .map(|w| w.live.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[test]
+    fn connections_accepted_on_one_worker_spread_over_all() {
+        let (b, _queues) = Balancer::new(3);
+        let seats: Vec<Seat> = (0..9).map(|_| b.seat(0)).collect();
+        assert_eq!(loads(&b), [3, 3, 3]);
+        // When all are even, the accepting worker keeps the connection: no needless hand-off.
+        assert_eq!(seats[0].worker, 0);
+        let kept = b.seat(1);
+        assert_eq!(kept.worker, 1);
+        assert_eq!(loads(&b), [3, 4, 3]);
+    }
+
+    #[test]
+    fn ended_sessions_free_their_worker_for_the_next_ones() {
+        let (b, _queues) = Balancer::new(2);
+        let mut seats: Vec<Seat> = (0..6).map(|_| b.seat(1)).collect();
+        assert_eq!(loads(&b), [3, 3]);
+        seats.retain(|s| s.worker == 1);
+        assert_eq!(loads(&b), [0, 3]);
+        let next: Vec<usize> = (0..4).map(|_| b.seat(1).worker).collect();
+        // Each seat drops at once, so worker 0 stays the emptiest.
+        assert_eq!(next, [0, 0, 0, 0]);
+        let _held: Vec<Seat> = (0..4).map(|_| b.seat(1)).collect();
+        assert_eq!(loads(&b), [3, 4]);
+    }
+
+    #[test]
+    fn a_handoff_to_a_stopped_worker_comes_back() {
+        let (b, mut queues) = Balancer::new(2);
+        drop(queues.pop());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = tcp.local_addr().unwrap();
+        let handoff = Handoff {
+            tcp,
+            peer,
+            addr: listener.local_addr().unwrap(),
+            arrival: Arrival::Explicit,
+            seat: b.seat_on(1),
+        };
+        let back = b.hand_off(handoff).expect_err("worker 1 has stopped");
+        assert_eq!(back.peer, peer);
     }
 }

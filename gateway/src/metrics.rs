@@ -72,6 +72,8 @@ pub struct SessionInfo {
     pub database: String,
     pub started_at: SystemTime,
     pub peer: Peer,
+    /// The I/O worker serving it.
+    pub worker: usize,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -121,6 +123,9 @@ pub struct SessionSnapshot {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub state: SessionState,
+    /// The I/O worker (`portcullis-io-N`) serving it.
+    #[serde(default)]
+    pub worker: usize,
     /// The verified token's subject, groups, actor chain and expiry (RFC 3339, UTC); never the
     /// token.
     #[serde(default)]
@@ -143,6 +148,7 @@ pub struct NewSession {
     pub upstream_user: String,
     pub database: String,
     pub peer: Peer,
+    pub worker: usize,
 }
 
 /// Live sessions and per-target counters. One per process, shared by `Arc`.
@@ -179,6 +185,7 @@ impl Registry {
             database: s.database,
             started_at: SystemTime::now(),
             peer: s.peer,
+            worker: s.worker,
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -233,6 +240,7 @@ impl Registry {
                 bytes_in: s.bytes_in.load(Relaxed),
                 bytes_out: s.bytes_out.load(Relaxed),
                 state: s.state(),
+                worker: s.worker,
                 subject: who.as_ref().map(|w| w.subject.clone()),
                 groups: who.as_ref().map(|w| w.groups.clone()).unwrap_or_default(),
                 actors: who.as_ref().map(|w| w.actors.clone()).unwrap_or_default(),

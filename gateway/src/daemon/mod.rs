@@ -3,7 +3,8 @@
 //! admin API reads [`Shared`], and nothing on the data path reaches back in here.
 //!
 //! One compio (io_uring) runtime per worker thread, each with its own SO_REUSEPORT listener per
-//! address, so the kernel spreads connections and no lock sits on the accept path.
+//! address, so no lock sits on the accept path; a worker that accepts while another serves fewer
+//! sessions hands the connection over (`accept::Balancer`).
 
 pub mod logging;
 pub mod ticks;
@@ -197,10 +198,12 @@ pub fn serve<A>(
 
     let mut stops = Vec::new();
     let mut workers = Vec::new();
-    for (i, listeners) in per_worker.into_iter().enumerate() {
+    let (balancer, handoffs) = crate::accept::Balancer::new(cfg.workers);
+    for ((i, listeners), handoffs) in per_worker.into_iter().enumerate().zip(handoffs) {
         let (stop_tx, stop_rx) = futures_channel::oneshot::channel::<()>();
         stops.push(stop_tx);
         let shared = shared.clone();
+        let balancer = balancer.clone();
         workers.push(
             std::thread::Builder::new()
                 .name(format!("portcullis-io-{i}"))
@@ -212,7 +215,9 @@ pub fn serve<A>(
                             std::process::exit(1);
                         }
                     };
-                    rt.block_on(crate::accept::worker(listeners, shared, stop_rx));
+                    rt.block_on(crate::accept::worker(
+                        i, listeners, shared, balancer, handoffs, stop_rx,
+                    ));
                 })?,
         );
     }

@@ -97,6 +97,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         upstream_user: login.user.to_owned(),
         database: target.config.upstream.database.clone(),
         peer: identity.peer.clone(),
+        worker: crate::accept::current_worker(),
     });
     let info = guard.info.clone();
     if let Some(who) = &who {
