@@ -1,4 +1,5 @@
-//! A bare TCP relay on the gateway's io_uring runtime (compio): no protocol, no policy, no
+//! A bare TCP relay on the gateway's io_uring runtime (compio, set up as the gateway's workers
+//! are: `portcullis::daemon::io_runtime`): no protocol, no policy, no
 //! masking, one thread, a 64 KiB read per direction. Run beside the gateway and HAProxy, it shows
 //! what the runtime itself costs per query, so that the gateway's extra cost can be told apart
 //! from io_uring's (`docs/benchmarks.md`, "Where wide rows at c=8 go").
@@ -52,7 +53,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: relay LISTEN UPSTREAM");
     };
     let (listen, upstream) = (listen.clone(), upstream.clone());
-    compio::runtime::Runtime::new()?.block_on(async move {
+    portcullis::daemon::io_runtime()?.block_on(async move {
         let listener = TcpListener::bind(&listen).await?;
         loop {
             let (client, _) = listener.accept().await?;

@@ -200,7 +200,7 @@ fn check_io_uring() -> Check {
         .ok()
         .and_then(|s| s.trim().parse::<u8>().ok())
         .unwrap_or(0);
-    match compio::runtime::Runtime::new() {
+    match crate::daemon::io_runtime() {
         Ok(_) => Check::ok(
             "io_uring",
             format!("a runtime starts (kernel.io_uring_disabled = {sysctl})"),
