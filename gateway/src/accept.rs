@@ -143,10 +143,11 @@ impl Balancer {
     fn seat(self: &Arc<Self>, me: usize) -> Seat {
         let load = |i: usize| self.workers[i].live.load(Ordering::Relaxed);
         let mine = load(me);
-        let least = (0..self.workers.len())
-            .min_by_key(|&i| (load(i), i != me))
-            .unwrap_or(me);
-        let worker = if load(least) < mine { least } else { me };
+        let (least, fewest) = (0..self.workers.len())
+            .map(|i| (i, load(i)))
+            .min_by_key(|&(i, n)| (n, i != me))
+            .unwrap_or((me, mine));
+        let worker = if fewest < mine { least } else { me };
         self.workers[worker].live.fetch_add(1, Ordering::Relaxed);
         Seat {
             balancer: self.clone(),
@@ -246,35 +247,30 @@ async fn accept_loop<S>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let seat = balancer.seat(me);
-                if seat.worker == me {
-                    serve(tcp, peer, addr, &arrival, &shared, seat);
-                    continue;
-                }
-                // A duplicate of the descriptor crosses threads; this runtime closes its own.
-                let std_tcp = match tcp.as_fd().try_clone_to_owned() {
-                    Ok(fd) => std::net::TcpStream::from(fd),
-                    Err(e) => {
-                        warn!(client = %peer, "cannot hand a connection to another worker, serving it here: {e}");
-                        serve(tcp, peer, addr, &arrival, &shared, balancer.seat_on(me));
-                        continue;
+                let mut seat = balancer.seat(me);
+                if seat.worker != me {
+                    // A duplicate of the descriptor crosses threads; this runtime closes its own.
+                    match tcp.as_fd().try_clone_to_owned() {
+                        Ok(fd) => {
+                            let handoff = Handoff {
+                                tcp: fd.into(),
+                                peer,
+                                addr,
+                                arrival: arrival.clone(),
+                                seat,
+                            };
+                            if balancer.hand_off(handoff).is_ok() {
+                                continue;
+                            }
+                            // That worker has stopped (the daemon is exiting): serve it here.
+                        }
+                        Err(e) => {
+                            warn!(client = %peer, "cannot hand a connection to another worker, serving it here: {e}");
+                        }
                     }
-                };
-                drop(tcp);
-                let handoff = Handoff {
-                    tcp: std_tcp,
-                    peer,
-                    addr,
-                    arrival: arrival.clone(),
-                    seat,
-                };
-                if let Err(back) = balancer.hand_off(handoff) {
-                    // That worker has stopped (the daemon is exiting): serve it here.
-                    match compio::net::TcpStream::from_std(back.tcp) {
-                        Ok(tcp) => serve(tcp, peer, addr, &arrival, &shared, balancer.seat_on(me)),
-                        Err(e) => warn!(client = %peer, "dropping a connection: {e}"),
-                    }
+                    seat = balancer.seat_on(me);
                 }
+                serve(tcp, peer, addr, &arrival, &shared, seat);
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -1,8 +1,8 @@
 //! A bare TCP relay on the gateway's io_uring runtime (compio, set up as the gateway's workers
-//! are: `portcullis::daemon::io_runtime`): no protocol, no policy, no
-//! masking, one thread, a 64 KiB read per direction. Run beside the gateway and HAProxy, it shows
-//! what the runtime itself costs per query, so that the gateway's extra cost can be told apart
-//! from io_uring's (`docs/benchmarks.md`, "Where wide rows at c=8 go").
+//! are: `portcullis::daemon::io_runtime`): no protocol, no policy, no masking, one thread, a 64
+//! KiB read per direction. Run beside the gateway and HAProxy, it shows what the runtime itself
+//! costs per query, so that the gateway's extra cost can be told apart from io_uring's
+//! (`docs/benchmarks.md`, "Where wide rows at c=8 go").
 //!
 //! `cargo run --release -p portcullis-bench --bin relay -- LISTEN UPSTREAM`, for example
 //! `relay 127.0.0.1:58432 127.0.0.1:5432`; clients then connect to LISTEN as they would to the
