@@ -324,9 +324,12 @@ async fn sessions_spread_evenly_over_the_workers() {
     ) {
         return;
     }
+    // The shipped policy, masking included: a handed-over session runs the same stages.
     let h = Harness::builder()
         .gateway_arg("--workers")
         .gateway_arg("4")
+        .gateway_arg("--policy")
+        .gateway_arg("default")
         .start()
         .expect("start");
     let ep = h.endpoint();
@@ -377,6 +380,18 @@ async fn sessions_spread_evenly_over_the_workers() {
             .must(c.query_one("SELECT 1", &[]).await, "query after the cancel")
             .get(0);
         assert_eq!(one, 1);
+        // Whichever worker serves it, the session's results are masked.
+        let email: String = h
+            .must(
+                c.query_one("SELECT 'alice.smith@example.com'::text", &[])
+                    .await,
+                "an email through the session",
+            )
+            .get(0);
+        assert!(
+            !email.contains("alice.smith"),
+            "session {i} returned {email:?} unmasked"
+        );
     }
 }
 
