@@ -17,9 +17,10 @@ mod walk;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::policy::classify::numeric_shape_key;
 

@@ -1,6 +1,8 @@
 //! The per-worker classification cache, keyed by a text's shape where its class holds for every
 //! text of that shape.
 
+use foldhash::HashMapExt as _;
+
 use super::shape::shape_key;
 use super::*;
 
@@ -11,7 +13,7 @@ use super::*;
 /// entry not used since its last pass.
 pub struct ClassifyCache {
     /// Exact texts and shape keys; a shape key starts with NUL, an exact text never does.
-    index: HashMap<Arc<str>, usize>,
+    index: foldhash::HashMap<Arc<str>, usize>,
     slots: Vec<Slot>,
     hand: usize,
     capacity: usize,
@@ -40,7 +42,7 @@ impl ClassifyCache {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         ClassifyCache {
-            index: HashMap::with_capacity(capacity),
+            index: foldhash::HashMap::with_capacity(capacity),
             slots: Vec::with_capacity(capacity),
             hand: 0,
             capacity,

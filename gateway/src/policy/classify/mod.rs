@@ -15,7 +15,6 @@
 //! whatever its schema qualification (`pg_catalog.pg_read_file`, `app.pg_catalog.pg_read_file`,
 //! `evil.pg_read_file`): only its last name part counts.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::ControlFlow;
 use std::sync::Arc;

@@ -10,9 +10,11 @@
 //! [`Session::on_backend`], each with the whole unconsumed input; write the returned segments in
 //! order; drop the consumed prefix; keep the rest for the next call.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::ops::Range;
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use super::error::{ProtocolError, Reader};
 use super::frame::{self, Frame, FrameError};
