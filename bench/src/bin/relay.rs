@@ -4,9 +4,11 @@
 //! costs per query, so that the gateway's extra cost can be told apart from io_uring's
 //! (`docs/benchmarks.md`, "Where wide rows at c=8 go").
 //!
-//! `cargo run --release -p portcullis-bench --bin relay -- LISTEN UPSTREAM`, for example
-//! `relay 127.0.0.1:58432 127.0.0.1:5432`; clients then connect to LISTEN as they would to the
-//! server.
+//! `cargo run --release -p portcullis-bench --bin relay -- [--multishot] LISTEN UPSTREAM`, for
+//! example `relay 127.0.0.1:58432 127.0.0.1:5432`; clients then connect to LISTEN as they would
+//! to the server. `--multishot` receives with one multishot receive per direction into the
+//! ring's provided buffers (256 of 64 KiB), instead of a receive posted per read: what keeping
+//! the receive armed would save (`docs/benchmarks.md`, "Four tries at the runtime's share").
 
 use std::rc::Rc;
 
@@ -36,11 +38,36 @@ async fn pipe(from: Rc<TcpStream>, to: Rc<TcpStream>) {
     let _ = writer.shutdown().await;
 }
 
-async fn relay(client: TcpStream, upstream: String) -> std::io::Result<()> {
+/// `pipe` with a multishot receive from the runtime's buffer ring: the receive stays armed.
+async fn pipe_multi(from: Rc<TcpStream>, to: Rc<TcpStream>) {
+    use compio::io::AsyncReadMulti;
+    use futures_util::StreamExt;
+    let mut reader = &*from;
+    let mut reads = std::pin::pin!(reader.read_multi(0));
+    while let Some(Ok(buf)) = reads.next().await {
+        if compio::buf::IoBuf::as_init(&buf).is_empty() {
+            break;
+        }
+        let mut writer = &*to;
+        if writer.write_all(buf).await.0.is_err() {
+            break;
+        }
+    }
+    let mut writer = &*to;
+    let _ = writer.shutdown().await;
+}
+
+async fn relay(client: TcpStream, upstream: String, multishot: bool) -> std::io::Result<()> {
     let server = TcpStream::connect(&upstream).await?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let (client, server) = (Rc::new(client), Rc::new(server));
+    if multishot {
+        let up = compio::runtime::spawn(pipe_multi(client.clone(), server.clone()));
+        pipe_multi(server, client).await;
+        let _ = up.await;
+        return Ok(());
+    }
     let up = compio::runtime::spawn(pipe(client.clone(), server.clone()));
     pipe(server, client).await;
     let _ = up.await;
@@ -48,18 +75,34 @@ async fn relay(client: TcpStream, upstream: String) -> std::io::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let multishot = args.first().is_some_and(|a| a == "--multishot");
+    if multishot {
+        args.remove(0);
+    }
     let [listen, upstream] = args.as_slice() else {
-        anyhow::bail!("usage: relay LISTEN UPSTREAM");
+        anyhow::bail!("usage: relay [--multishot] LISTEN UPSTREAM");
     };
     let (listen, upstream) = (listen.clone(), upstream.clone());
-    portcullis::daemon::io_runtime()?.block_on(async move {
+    let runtime = if multishot {
+        let mut ring = compio::driver::ProactorBuilder::new();
+        ring.coop_taskrun(true)
+            .taskrun_flag(true)
+            .buffer_pool_size(std::num::NonZero::new(256).unwrap())
+            .buffer_pool_buffer_len(64 * 1024);
+        compio::runtime::RuntimeBuilder::new()
+            .with_proactor(ring)
+            .build()?
+    } else {
+        portcullis::daemon::io_runtime()?
+    };
+    runtime.block_on(async move {
         let listener = TcpListener::bind(&listen).await?;
         loop {
             let (client, _) = listener.accept().await?;
             let upstream = upstream.clone();
             compio::runtime::spawn(async move {
-                if let Err(e) = relay(client, upstream).await {
+                if let Err(e) = relay(client, upstream, multishot).await {
                     eprintln!("relay: {e}");
                 }
             })
