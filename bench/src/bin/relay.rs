@@ -8,7 +8,7 @@
 //! example `relay 127.0.0.1:58432 127.0.0.1:5432`; clients then connect to LISTEN as they would
 //! to the server. `--multishot` receives with one multishot receive per direction into the
 //! ring's provided buffers (256 of 64 KiB), instead of a receive posted per read: what keeping
-//! the receive armed would save (`docs/benchmarks.md`, "Four tries at the runtime's share").
+//! the receive armed would save (`docs/benchmarks.md`, "Five tries at the runtime's share").
 
 use std::rc::Rc;
 
