@@ -57,19 +57,21 @@ async fn pipe_multi(from: Rc<TcpStream>, to: Rc<TcpStream>) {
     let _ = writer.shutdown().await;
 }
 
+async fn pipe_with(from: Rc<TcpStream>, to: Rc<TcpStream>, multishot: bool) {
+    if multishot {
+        pipe_multi(from, to).await
+    } else {
+        pipe(from, to).await
+    }
+}
+
 async fn relay(client: TcpStream, upstream: String, multishot: bool) -> std::io::Result<()> {
     let server = TcpStream::connect(&upstream).await?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let (client, server) = (Rc::new(client), Rc::new(server));
-    if multishot {
-        let up = compio::runtime::spawn(pipe_multi(client.clone(), server.clone()));
-        pipe_multi(server, client).await;
-        let _ = up.await;
-        return Ok(());
-    }
-    let up = compio::runtime::spawn(pipe(client.clone(), server.clone()));
-    pipe(server, client).await;
+    let up = compio::runtime::spawn(pipe_with(client.clone(), server.clone(), multishot));
+    pipe_with(server, client, multishot).await;
     let _ = up.await;
     Ok(())
 }
@@ -85,10 +87,8 @@ fn main() -> anyhow::Result<()> {
     };
     let (listen, upstream) = (listen.clone(), upstream.clone());
     let runtime = if multishot {
-        let mut ring = compio::driver::ProactorBuilder::new();
-        ring.coop_taskrun(true)
-            .taskrun_flag(true)
-            .buffer_pool_size(std::num::NonZero::new(256).unwrap())
+        let mut ring = portcullis::daemon::io_ring();
+        ring.buffer_pool_size(std::num::NonZero::new(256).expect("256 is not zero"))
             .buffer_pool_buffer_len(64 * 1024);
         compio::runtime::RuntimeBuilder::new()
             .with_proactor(ring)

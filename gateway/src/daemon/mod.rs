@@ -272,16 +272,22 @@ pub fn serve<A>(
 /// `pgbench -S -c 8` that took the gateway from about 37,800 to 40,000 TPS (`docs/benchmarks.md`).
 /// Kernels before 5.19 refuse the flags: the runtime then starts without them.
 pub fn io_runtime() -> std::io::Result<compio::runtime::Runtime> {
-    let mut ring = compio::driver::ProactorBuilder::new();
-    ring.coop_taskrun(true).taskrun_flag(true);
     compio::runtime::RuntimeBuilder::new()
-        .with_proactor(ring)
+        .with_proactor(io_ring())
         .build()
         .or_else(|e| {
             let plain = compio::runtime::Runtime::new()?;
             info!("io_uring without COOP_TASKRUN (this kernel refused it: {e})");
             Ok(plain)
         })
+}
+
+/// The ring settings of [`io_runtime`], for a tool that measures the workers' runtime with
+/// settings of its own on top.
+pub fn io_ring() -> compio::driver::ProactorBuilder {
+    let mut ring = compio::driver::ProactorBuilder::new();
+    ring.coop_taskrun(true).taskrun_flag(true);
+    ring
 }
 
 /// SIGHUP: re-read the configuration, credentials and policy. Live sessions decide their next
