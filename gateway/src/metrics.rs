@@ -21,6 +21,101 @@ pub struct TargetCounters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
+    pub pool: PoolCounters,
+}
+
+/// What a target's warm upstream connections (`[target.pool]`) did, over all I/O workers.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Idle connections kept now.
+    pub idle: AtomicU64,
+    /// Sessions that took a warm connection.
+    pub reused: AtomicU64,
+    /// Sessions of a pooled target that found none (or none passed its check) and dialled.
+    pub dialed: AtomicU64,
+    /// Connections dialled ahead of any session, for `min_idle`.
+    pub dialed_ahead: AtomicU64,
+    closed: [AtomicU64; PoolClose::ALL.len()],
+}
+
+/// Why a connection left the pool, or never went back to it, other than being taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolClose {
+    /// Past `idle_timeout` or `max_lifetime`.
+    Expired,
+    /// Beyond `max_idle_per_key`.
+    Surplus,
+    /// The server closed it or spoke while it sat idle (a restart, a terminated backend).
+    Gone,
+    /// It failed the check before reuse: `SELECT 1` after `health_check_after`, or setting the
+    /// new client's parameters.
+    CheckFailed,
+    /// Its reset after a session (`ROLLBACK`, `DISCARD ALL`, the role's `SET ROLE`) failed.
+    ResetFailed,
+    /// Its session did not end at rest (mid-statement, mid-COPY, killed, a pending cancel, an
+    /// error), so it was closed without a reset.
+    NotAtRest,
+    /// A reload turned pooling off for its target, moved the target's upstream or removed it.
+    Disabled,
+}
+
+impl PoolClose {
+    pub const ALL: [PoolClose; 7] = [
+        PoolClose::Expired,
+        PoolClose::Surplus,
+        PoolClose::Gone,
+        PoolClose::CheckFailed,
+        PoolClose::ResetFailed,
+        PoolClose::NotAtRest,
+        PoolClose::Disabled,
+    ];
+
+    /// The name in `portcullis status` and the `reason` label of `portcullis_pool_closed_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolClose::Expired => "expired",
+            PoolClose::Surplus => "surplus",
+            PoolClose::Gone => "gone",
+            PoolClose::CheckFailed => "check_failed",
+            PoolClose::ResetFailed => "reset_failed",
+            PoolClose::NotAtRest => "not_at_rest",
+            PoolClose::Disabled => "disabled",
+        }
+    }
+}
+
+impl PoolCounters {
+    pub fn closed(&self, why: PoolClose, n: u64) {
+        self.closed[why as usize].fetch_add(n, Relaxed);
+    }
+
+    fn snapshot(&self) -> PoolSnapshot {
+        PoolSnapshot {
+            idle: self.idle.load(Relaxed),
+            reused: self.reused.load(Relaxed),
+            dialed: self.dialed.load(Relaxed),
+            dialed_ahead: self.dialed_ahead.load(Relaxed),
+            closed: PoolClose::ALL
+                .iter()
+                .map(|&why| {
+                    (
+                        why.name().to_owned(),
+                        self.closed[why as usize].load(Relaxed),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    pub idle: u64,
+    pub reused: u64,
+    pub dialed: u64,
+    pub dialed_ahead: u64,
+    /// By reason ([`PoolClose::name`]), every reason listed.
+    pub closed: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -33,6 +128,12 @@ pub struct TargetSnapshot {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub errors: u64,
+    /// Whether the target pools upstream connections now; `pool` counts since the gateway
+    /// started.
+    #[serde(default)]
+    pub pool_enabled: bool,
+    #[serde(default)]
+    pub pool: PoolSnapshot,
 }
 
 /// What a session is doing, for `portcullis sessions`.
@@ -267,6 +368,8 @@ impl Registry {
                 bytes_in: c.bytes_in.load(Relaxed),
                 bytes_out: c.bytes_out.load(Relaxed),
                 errors: c.errors.load(Relaxed),
+                pool_enabled: false,
+                pool: c.pool.snapshot(),
             })
             .collect();
         v.sort_by(|a, b| a.target.cmp(&b.target));

@@ -94,6 +94,48 @@ async fn assert_copy_left_nothing(env: &Env, old_pid: i32, reused: &str) {
     assert_eq!(n, 0);
 }
 
+/// The pool's counters for target `main` from `portcullis status --json`: `idle`, `reused`,
+/// `dialed`, `dialed_ahead` and `closed` by reason, beside `pool_enabled`.
+fn pool(gw: &Gateway) -> serde_json::Value {
+    let out = gw.cli(&["status", "--json"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let main = status["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == "main")
+        .unwrap_or_else(|| panic!("no target main in {status:#}"));
+    let mut pool = main["pool"].clone();
+    pool["enabled"] = u64::from(main["pool_enabled"].as_bool().unwrap()).into();
+    pool
+}
+
+/// Asserts the pool's counters: `want` as (field, value), `closed.REASON` for a close reason.
+/// Every reason not named must be 0.
+fn assert_pool(gw: &Gateway, want: &[(&str, u64)]) {
+    let pool = pool(gw);
+    for (field, value) in want {
+        let got = match field.strip_prefix("closed.") {
+            Some(reason) => &pool["closed"][reason],
+            None => &pool[*field],
+        };
+        assert_eq!(got.as_u64(), Some(*value), "{field} in {pool:#}");
+    }
+    for (reason, n) in pool["closed"].as_object().unwrap() {
+        if !want
+            .iter()
+            .any(|(f, _)| f.strip_prefix("closed.") == Some(reason))
+        {
+            assert_eq!(n.as_u64(), Some(0), "closed.{reason} in {pool:#}");
+        }
+    }
+}
+
 async fn pid(c: &Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -118,6 +160,10 @@ async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
         Some("first-agent")
     );
     env.end(a).await;
+    assert_pool(
+        env.h.gw(),
+        &[("enabled", 1), ("idle", 1), ("dialed", 1), ("reused", 0)],
+    );
 
     // A raw client: its startup answer must carry its own application_name and a cancel key.
     let mut raw = RawConn::to(&env.ep()).unwrap();
@@ -159,6 +205,24 @@ async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
         .unwrap();
     assert!(out.success, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), format!("{first}|psql"));
+    settle(env.h.gw());
+    assert_pool(
+        env.h.gw(),
+        &[
+            ("idle", 1),
+            ("dialed", 1),
+            ("reused", 2),
+            ("dialed_ahead", 0),
+        ],
+    );
+    let out = env.h.gw().cli(&["status"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("main ") && l.contains(" on "))
+        .unwrap_or_else(|| panic!("no pool row for main in:\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells, ["main", "on", "1", "2", "1", "0", "-"], "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,6 +447,7 @@ async fn a_session_killed_mid_copy_is_not_reused() {
             .any(|m| m.sqlstate().as_deref() == Some("57P01"))
     );
     assert_copy_left_nothing(&env, killed, "a connection killed mid-COPY was reused").await;
+    assert_pool(env.h.gw(), &[("closed.not_at_rest", 2)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,6 +512,15 @@ async fn a_pooled_connection_whose_server_restarted_is_replaced_unseen() {
         .expect("the client never hears of the dead pooled connection");
     assert_ne!(pid(&b).await, before);
     assert_eq!(text(&b, "SELECT 'ok'").await.as_deref(), Some("ok"));
+    assert_pool(
+        env.h.gw(),
+        &[
+            ("idle", 0),
+            ("reused", 0),
+            ("dialed", 2),
+            ("closed.gone", 1),
+        ],
+    );
 }
 
 /// With `[target.pool] enabled = false`, every session dials its own connection; a reload turns
@@ -458,9 +532,10 @@ async fn pooling_off_by_config_and_on_by_reload() {
     let pw = pg.write_password_file(dir.path()).unwrap();
     let policy = policy(dir.path());
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
     let body = |enabled: bool| {
         format!(
-            "{}\n[target.pool]\nenabled = {enabled}\n",
+            "[metrics]\nlisten = \"{metrics}\"\n\n{}\n[target.pool]\nenabled = {enabled}\n",
             testkit::single_target_toml(listen, &pg.url(), &pw)
         )
     };
@@ -490,6 +565,10 @@ async fn pooling_off_by_config_and_on_by_reload() {
         second, first,
         "pooling is off, yet the connection was reused"
     );
+    assert_pool(
+        &gw,
+        &[("enabled", 0), ("idle", 0), ("reused", 0), ("dialed", 0)],
+    );
 
     let config = gw.config_path.clone().unwrap();
     let text = std::fs::read_to_string(&config).unwrap();
@@ -517,6 +596,40 @@ async fn pooling_off_by_config_and_on_by_reload() {
         third,
         "after the reload, connections are reused"
     );
+    // The session that began with pooling off, closed at its end, is not the pool's: only the
+    // two sessions after the reload count.
+    assert_pool(
+        &gw,
+        &[("enabled", 1), ("idle", 0), ("reused", 1), ("dialed", 1)],
+    );
+    let scrape = scrape(&metrics);
+    for series in [
+        r#"portcullis_pool_idle{target="main"} 0"#,
+        r#"portcullis_pool_sessions_total{target="main",served="reused"} 1"#,
+        r#"portcullis_pool_sessions_total{target="main",served="dialed"} 1"#,
+        r#"portcullis_pool_dialed_ahead_total{target="main"} 0"#,
+        r#"portcullis_pool_closed_total{target="main",reason="reset_failed"} 0"#,
+    ] {
+        assert!(
+            scrape.lines().any(|l| l == series),
+            "{series} not on /metrics:\n{scrape}"
+        );
+    }
+}
+
+/// The body of `GET /metrics` at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
 
 /// Sessions whose identities map to different upstream roles never share a connection: one
@@ -619,4 +732,111 @@ set_role = "reader"
     let (d2, roles) = who(&dba);
     assert_eq!(roles, "dba_login|dba_login");
     assert_eq!(d2, d1, "the dba's connection was reused");
+}
+
+/// A connection whose reset fails is closed, never reused: a session mapped to `SET ROLE reader`
+/// ends after its login lost `reader`, so the reset's `SET ROLE reader` is refused. Were the
+/// refusal ignored, the next analyst would get a connection left at the login's own role, with
+/// more rights than the mapping gives. It gets a fresh backend at `reader` instead.
+#[test]
+fn a_connection_whose_reset_fails_is_closed_not_reused() {
+    use testkit::idp::Idp;
+    let pg = Postgres::start().unwrap();
+    pg.superuser_sql("CREATE ROLE reader NOLOGIN; GRANT reader TO app")
+        .unwrap();
+    let idp = Idp::start().expect("start the test IdP (cargo xtask setup installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pg.write_password_file(dir.path()).unwrap();
+    let policy = policy(dir.path());
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        r#"{base}
+[target.pool]
+enabled = true
+
+[target.identity]
+issuer = "{issuer}"
+audience = "pg-main"
+client_id = "portcullis"
+client_secret_file = "{secret}"
+
+[[target.role]]
+groups = ["analysts"]
+set_role = "reader"
+"#,
+        base = testkit::single_target_toml(listen, &pg.url(), &pw),
+        issuer = idp.issuer(),
+        secret = idp.client_secret_file().display(),
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen, config)
+            .arg("--workers")
+            .arg("1")
+            .arg("--policy")
+            .arg(policy.display().to_string()),
+    )
+    .expect("start the gateway");
+    let token = idp.mint("alice", &["analysts"], "portcullis").unwrap();
+    let ep = Endpoint {
+        host: "127.0.0.1".into(),
+        port: listen.port(),
+        user: "agent".into(),
+        password: Some(token),
+        dbname: "app".into(),
+        params: vec![("sslmode".into(), "disable".into())],
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let who = |c: &Client| {
+        rt.block_on(async {
+            let row = c
+                .query_one("SELECT pg_backend_pid(), current_user::text", &[])
+                .await
+                .unwrap();
+            (row.get::<_, i32>(0), row.get::<_, String>(1))
+        })
+    };
+
+    let a = rt.block_on(ep.connect()).expect("the analyst connects");
+    let (first, role) = who(&a);
+    assert_eq!(role, "reader");
+    pg.superuser_sql("REVOKE reader FROM app").unwrap();
+    drop(a);
+    settle(&gw);
+    let left = |pid: i32| {
+        pg.superuser_sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        ))
+        .unwrap()
+        .trim()
+            == "0"
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !left(first) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend whose reset failed still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        gw.log_shows("reset refused: closed, not reused", Duration::from_secs(5)),
+        "{}",
+        gw.log_tail(20)
+    );
+    assert_pool(
+        &gw,
+        &[("idle", 0), ("dialed", 1), ("closed.reset_failed", 1)],
+    );
+
+    pg.superuser_sql("GRANT reader TO app").unwrap();
+    let b = rt
+        .block_on(ep.connect())
+        .expect("the analyst connects again");
+    let (second, role) = who(&b);
+    assert_ne!(second, first);
+    assert_eq!(role, "reader", "the next session got the login's own role");
+    assert_pool(
+        &gw,
+        &[("reused", 0), ("dialed", 2), ("closed.reset_failed", 1)],
+    );
 }

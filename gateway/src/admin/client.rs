@@ -112,6 +112,45 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             &rows
         )
     );
+    let pools: Vec<Vec<String>> = s
+        .targets
+        .iter()
+        .filter(|t| t.pool_enabled || t.pool != Default::default())
+        .map(|t| {
+            let closed: Vec<String> = t
+                .pool
+                .closed
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(why, n)| format!("{why} {n}"))
+                .collect();
+            vec![
+                t.target.clone(),
+                if t.pool_enabled { "on" } else { "off" }.into(),
+                t.pool.idle.to_string(),
+                t.pool.reused.to_string(),
+                t.pool.dialed.to_string(),
+                t.pool.dialed_ahead.to_string(),
+                if closed.is_empty() {
+                    "-".into()
+                } else {
+                    closed.join(", ")
+                },
+            ]
+        })
+        .collect();
+    if !pools.is_empty() {
+        println!();
+        print!(
+            "{}",
+            table(
+                &[
+                    "POOL", "STATE", "IDLE", "REUSED", "DIALED", "AHEAD", "CLOSED"
+                ],
+                &pools
+            )
+        );
+    }
     Ok(())
 }
 

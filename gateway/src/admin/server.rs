@@ -125,6 +125,19 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
     respond(&mut writer, reply)
 }
 
+/// The registry's per-target counters, each marked with whether its target pools now.
+fn target_snapshots(shared: &Shared) -> Vec<crate::metrics::TargetSnapshot> {
+    let routes = shared.routes();
+    let mut targets = shared.registry.target_snapshots();
+    for t in &mut targets {
+        t.pool_enabled = routes
+            .targets()
+            .iter()
+            .any(|r| r.config.name == t.target && r.config.pool.enabled);
+    }
+    targets
+}
+
 fn to_json(v: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
 }
@@ -157,7 +170,7 @@ fn handle(
                     })
                     .collect(),
                 sessions_active: shared.registry.live(),
-                targets: shared.registry.target_snapshots(),
+                targets: target_snapshots(shared),
                 recording: Some(shared.recorder.status()),
             })
         }

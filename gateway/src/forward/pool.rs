@@ -20,6 +20,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -27,6 +28,7 @@ use tracing::{debug, warn};
 use super::conn::Stream;
 use super::upstream::{self, Login, UpstreamError};
 use crate::config::{PoolConfig, Upstream};
+use crate::metrics::{PoolClose, TargetCounters};
 use crate::protocol::postgres::frame::{self, Next};
 use crate::protocol::postgres::housekeeping::{self, Answer, Housekeeping};
 use crate::protocol::postgres::messages;
@@ -165,7 +167,6 @@ struct Pool {
     idle: HashMap<Key, Idle>,
 }
 
-#[derive(Default)]
 struct Idle {
     /// Most recently used last: taken from the end, expired from the front.
     conns: Vec<Conn>,
@@ -173,6 +174,34 @@ struct Idle {
     params: Vec<(String, String)>,
     /// A connection is being dialled ahead for `min_idle`.
     dialling: bool,
+    /// The target's counters, kept here so that connections closed after a reload removed the
+    /// target are still counted.
+    counters: Arc<TargetCounters>,
+}
+
+impl Idle {
+    fn new(counters: Arc<TargetCounters>) -> Idle {
+        Idle {
+            conns: Vec::new(),
+            params: Vec::new(),
+            dialling: false,
+            counters,
+        }
+    }
+
+    fn pop(&mut self) -> Option<Conn> {
+        let conn = self.conns.pop()?;
+        self.counters.pool.idle.fetch_sub(1, Relaxed);
+        Some(conn)
+    }
+
+    /// Takes out `conns` (already split off `self.conns`), counted as closed for `why`.
+    fn closing(&self, conns: Vec<Conn>, why: PoolClose, out: &mut Vec<Conn>) {
+        let n = conns.len() as u64;
+        self.counters.pool.idle.fetch_sub(n, Relaxed);
+        self.counters.pool.closed(why, n);
+        out.extend(conns);
+    }
 }
 
 thread_local! {
@@ -183,24 +212,44 @@ thread_local! {
 /// none (or pooling is off), and the caller dials.
 pub async fn take(
     key: &Key,
-    settings: &PoolConfig,
+    target: &Target,
     params: &[(String, String)],
     max_message: usize,
 ) -> Option<Conn> {
+    let settings = &target.config.pool;
     if !settings.enabled {
         return None;
     }
+    let counters = &target.counters.pool;
+    let conn = take_checked(key, target, params, max_message).await;
+    match conn {
+        Some(_) => counters.reused.fetch_add(1, Relaxed),
+        None => counters.dialed.fetch_add(1, Relaxed),
+    };
+    conn
+}
+
+async fn take_checked(
+    key: &Key,
+    target: &Target,
+    params: &[(String, String)],
+    max_message: usize,
+) -> Option<Conn> {
+    let settings = &target.config.pool;
+    let counters = &target.counters.pool;
     loop {
-        let mut conn = POOL.with_borrow_mut(|p| p.idle.get_mut(key)?.conns.pop())?;
+        let mut conn = POOL.with_borrow_mut(|p| p.idle.get_mut(key)?.pop())?;
         let now = Instant::now();
         let s = &mut conn.state;
         if now.duration_since(s.born) >= settings.max_lifetime
             || now.duration_since(s.idle_since) >= settings.idle_timeout
         {
+            counters.closed(PoolClose::Expired, 1);
             close(conn).await;
             continue;
         }
         if !quiet(&conn.stream) {
+            counters.closed(PoolClose::Gone, 1);
             debug!(
                 backend = s.backend_pid,
                 "pooled upstream connection closed or spoke while idle: discarded"
@@ -238,7 +287,7 @@ pub async fn take(
             Ok(a) if a.error.is_some() && a.status == b'I' && a.tags.is_empty() => {
                 conn.state.absorb(&a);
                 conn.state.idle_since = Instant::now();
-                if let Some(extra) = put(key.clone(), conn, settings) {
+                if let Some(extra) = put(key.clone(), conn, target) {
                     close(extra).await;
                 }
                 return None;
@@ -253,24 +302,31 @@ pub async fn take(
                 "pooled upstream connection failed its check: {e}"
             ),
         }
+        counters.closed(PoolClose::CheckFailed, 1);
     }
 }
 
 /// Resets a session's connection and keeps it for the next, or closes it. `tx_status` is the
 /// last ReadyForQuery's; the caller checked the session ended at rest. `target` is the target
-/// as configured now: after a reload that turned pooling off or moved the upstream, it closes.
+/// as configured now: after a reload that turned pooling off or moved the upstream, it closes;
+/// `counters` are the session's target's.
 pub async fn release(
     mut conn: Conn,
     key: Key,
     target: Option<&Target>,
+    counters: &TargetCounters,
     tx_status: u8,
     max_message: usize,
 ) {
-    let Some(target) = target.filter(|t| t.config.upstream == key.upstream) else {
+    let Some(target) =
+        target.filter(|t| t.config.upstream == key.upstream && t.config.pool.enabled)
+    else {
+        counters.pool.closed(PoolClose::Disabled, 1);
         return close(conn).await;
     };
     let settings = &target.config.pool;
-    if !settings.enabled || conn.state.born.elapsed() >= settings.max_lifetime {
+    if conn.state.born.elapsed() >= settings.max_lifetime {
+        counters.pool.closed(PoolClose::Expired, 1);
         return close(conn).await;
     }
     let role_sql = key.set_role.as_deref().map(crate::idp::set_role_sql);
@@ -290,29 +346,40 @@ pub async fn release(
         Ok(a) if a.clean(&tags) => {
             conn.state.absorb(&a);
             conn.state.idle_since = Instant::now();
-            if let Some(extra) = put(key, conn, settings) {
+            if let Some(extra) = put(key, conn, target) {
                 close(extra).await;
             }
         }
         Ok(a) => {
+            counters.pool.closed(PoolClose::ResetFailed, 1);
             warn!(backend = conn.state.backend_pid, error = ?a.error, tags = ?a.tags, "upstream connection reset refused: closed, not reused");
         }
-        Err(e) => debug!(
-            backend = conn.state.backend_pid,
-            "upstream connection reset failed: {e}"
-        ),
+        Err(e) => {
+            counters.pool.closed(PoolClose::ResetFailed, 1);
+            debug!(
+                backend = conn.state.backend_pid,
+                "upstream connection reset failed: {e}"
+            );
+        }
     }
 }
 
-/// Keeps `conn` idle under `key`; gives it back when the key has `max_idle_per_key` already.
-fn put(key: Key, conn: Conn, settings: &PoolConfig) -> Option<Conn> {
+/// Keeps `conn` idle under `key`; gives it back, counted as surplus, when the key has
+/// `max_idle_per_key` already.
+fn put(key: Key, conn: Conn, target: &Target) -> Option<Conn> {
+    let settings: &PoolConfig = &target.config.pool;
     POOL.with_borrow_mut(|p| {
-        let idle = p.idle.entry(key).or_default();
+        let idle = p
+            .idle
+            .entry(key)
+            .or_insert_with(|| Idle::new(target.counters.clone()));
         if idle.conns.len() >= settings.max_idle_per_key {
+            idle.counters.pool.closed(PoolClose::Surplus, 1);
             return Some(conn);
         }
         conn.state.opened_with.clone_into(&mut idle.params);
         idle.conns.push(conn);
+        idle.counters.pool.idle.fetch_add(1, Relaxed);
         None
     })
 }
@@ -413,7 +480,8 @@ fn sweep(pool: &mut Pool, routes: &Routes, now: Instant) -> (Vec<Conn>, Vec<Want
             .find(|t| t.config.name == key.target && t.config.upstream == key.upstream)
             .filter(|t| t.config.pool.enabled);
         let Some(target) = target else {
-            closing.append(&mut idle.conns);
+            let all = std::mem::take(&mut idle.conns);
+            idle.closing(all, PoolClose::Disabled, &mut closing);
             gone.insert(key.clone());
             continue;
         };
@@ -423,10 +491,11 @@ fn sweep(pool: &mut Pool, routes: &Routes, now: Instant) -> (Vec<Conn>, Vec<Want
                 now.duration_since(c.state.born) < s.max_lifetime
                     && now.duration_since(c.state.idle_since) < s.idle_timeout
             });
-        closing.extend(expired);
+        idle.closing(expired, PoolClose::Expired, &mut closing);
         idle.conns = keep;
         let over = idle.conns.len().saturating_sub(s.max_idle_per_key);
-        closing.extend(idle.conns.drain(..over));
+        let surplus = idle.conns.drain(..over).collect();
+        idle.closing(surplus, PoolClose::Surplus, &mut closing);
         if idle.conns.len() < s.min_idle && !idle.dialling {
             idle.dialling = true;
             wanted.push((key.clone(), target.clone(), idle.params.clone()));
@@ -468,7 +537,8 @@ async fn dial_ahead(
     });
     match conn {
         Ok(conn) => {
-            if let Some(extra) = put(key, conn, &target.config.pool) {
+            target.counters.pool.dialed_ahead.fetch_add(1, Relaxed);
+            if let Some(extra) = put(key, conn, &target) {
                 close(extra).await;
             }
         }

@@ -27,7 +27,7 @@ use crate::forward::conn::Stream;
 use crate::forward::upstream::Login;
 use crate::identify::{self, Identity, SessionIdentity};
 use crate::idp::UpstreamRole;
-use crate::metrics::{NewSession, SessionState};
+use crate::metrics::{NewSession, PoolClose, SessionState};
 use crate::protocol::Protocol;
 use crate::protocol::core::Core;
 use crate::protocol::postgres::session::Session;
@@ -207,9 +207,13 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
         let c = core.borrow();
         (c.at_rest(), c.transaction_status())
     };
-    if target.config.pool.enabled
-        && clean
-        && at_rest
+    let pooled = target.config.pool.enabled;
+    let reusable = clean && at_rest;
+    if pooled && !reusable {
+        target.counters.pool.closed(PoolClose::NotAtRest, 1);
+    }
+    if pooled
+        && reusable
         && let Ok(stream) = Rc::try_unwrap(server)
     {
         drop(client);
@@ -227,6 +231,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
             conn,
             pool_key,
             current.map(|t| &**t),
+            &target.counters,
             tx_status,
             max_message,
         )

@@ -256,7 +256,7 @@ pub async fn open_upstream(
 ) -> anyhow::Result<(pool::Conn, pool::Key, CancelKey)> {
     let key = pool::Key::new(target, login, startup.minor, &startup.params);
     let max_message = shared.max_message();
-    let pooled = pool::take(&key, &target.config.pool, &startup.params, max_message).await;
+    let pooled = pool::take(&key, target, &startup.params, max_message).await;
     let (conn, relay) = match pooled {
         Some(conn) => {
             let relay = conn.state.relay();

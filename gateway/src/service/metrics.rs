@@ -257,8 +257,62 @@ impl Collector for Live {
             }
         }
         drop(shown);
+        encode_pool(&targets, &mut encoder)?;
         encode_identity(&self.shared, &mut encoder)
     }
+}
+
+/// Each target's warm upstream connections (`[target.pool]`), over all I/O workers.
+fn encode_pool(
+    targets: &[crate::metrics::TargetSnapshot],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    let mut m = encoder.encode_descriptor(
+        "portcullis_pool_idle",
+        "Idle upstream connections kept warm now, per target.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in targets {
+        ConstGauge::new(t.pool.idle as i64).encode(m.encode_family(&[("target", &*t.target)])?)?;
+    }
+    let mut m = encoder.encode_descriptor(
+        "portcullis_pool_sessions",
+        "Sessions of a pooled target by how they got their upstream connection: reused (warm) \
+         or dialed (none idle, or none passed its check).",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in targets {
+        for (served, n) in [("reused", t.pool.reused), ("dialed", t.pool.dialed)] {
+            ConstCounter::new(n)
+                .encode(m.encode_family(&[("target", &*t.target), ("served", served)])?)?;
+        }
+    }
+    let mut m = encoder.encode_descriptor(
+        "portcullis_pool_dialed_ahead",
+        "Upstream connections dialled ahead of any session, for min_idle.",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in targets {
+        ConstCounter::new(t.pool.dialed_ahead)
+            .encode(m.encode_family(&[("target", &*t.target)])?)?;
+    }
+    let mut m = encoder.encode_descriptor(
+        "portcullis_pool_closed",
+        "Upstream connections closed instead of kept or reused, per target and reason.",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in targets {
+        for (reason, n) in &t.pool.closed {
+            ConstCounter::new(*n)
+                .encode(m.encode_family(&[("target", &*t.target), ("reason", reason)])?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The identity services' counters, per target with `[target.identity]` (they restart from zero
