@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -180,6 +180,10 @@ pub struct SessionInfo {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     state: AtomicU8,
+    /// The upstream server's process for this session (PostgreSQL's `pg_backend_pid()`), 0
+    /// until connected; and whether that connection came warm from the pool.
+    backend_pid: AtomicU32,
+    upstream_reused: AtomicBool,
     /// Who the IdP says the session is (targets with `[target.identity]`); replaced on renewal.
     identity: Mutex<Option<Arc<crate::idp::VerifiedIdentity>>>,
     /// `portcullis sessions kill`.
@@ -187,6 +191,12 @@ pub struct SessionInfo {
 }
 
 impl SessionInfo {
+    /// The upstream connection is open: its server process, and whether it was reused.
+    pub fn set_upstream(&self, backend_pid: u32, reused: bool) {
+        self.upstream_reused.store(reused, Relaxed);
+        self.backend_pid.store(backend_pid, Relaxed);
+    }
+
     pub fn set_identity(&self, id: Arc<crate::idp::VerifiedIdentity>) {
         *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
     }
@@ -239,6 +249,13 @@ pub struct SessionSnapshot {
     pub token_expires_at: Option<String>,
     #[serde(default)]
     pub token_jti: Option<String>,
+    /// The upstream server's process serving the session (PostgreSQL: its `pg_backend_pid()`,
+    /// the `pid` of `pg_stat_activity`); none before the upstream connection is open.
+    #[serde(default)]
+    pub backend_pid: Option<u32>,
+    /// The upstream connection came warm from the pool.
+    #[serde(default)]
+    pub upstream_reused: bool,
 }
 
 /// New-session details the accept path knows.
@@ -292,6 +309,8 @@ impl Registry {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             state: AtomicU8::new(SessionState::Startup as u8),
+            backend_pid: AtomicU32::new(0),
+            upstream_reused: AtomicBool::new(false),
             identity: Mutex::new(None),
             kill: Default::default(),
         });
@@ -349,6 +368,8 @@ impl Registry {
                     .as_ref()
                     .map(|w| humantime::format_rfc3339_seconds(w.expires_at).to_string()),
                 token_jti: who.as_ref().and_then(|w| w.jti.clone()),
+                backend_pid: Some(s.backend_pid.load(Relaxed)).filter(|&p| p != 0),
+                upstream_reused: s.upstream_reused.load(Relaxed),
             })
             .collect();
         v.sort_by_key(|s| s.id);

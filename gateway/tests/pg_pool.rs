@@ -159,6 +159,13 @@ async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
         text(&a, "SHOW application_name").await.as_deref(),
         Some("first-agent")
     );
+    let out = env.h.gw().cli(&["sessions", "--json"]).unwrap();
+    let live: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(live[0]["backend_pid"].as_i64(), Some(i64::from(first)));
+    assert_eq!(
+        live[0]["upstream_reused"], false,
+        "the first session dialled"
+    );
     env.end(a).await;
     assert_pool(
         env.h.gw(),
@@ -182,6 +189,22 @@ async fn sequential_sessions_reuse_one_backend_with_their_own_parameters() {
         .parse()
         .unwrap();
     assert_eq!(backend, first, "the raw session reused the connection");
+    // The operator can tie the session to its row in pg_stat_activity, where every agent shows
+    // the gateway's address.
+    let out = env.h.gw().cli(&["sessions", "--json"]).unwrap();
+    let live: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(live.len(), 1, "{live:#?}");
+    assert_eq!(live[0]["backend_pid"].as_i64(), Some(i64::from(first)));
+    assert_eq!(live[0]["upstream_reused"], true);
+    let out = env.h.gw().cli(&["sessions"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|row| row.split_whitespace().any(|cell| cell == first.to_string())),
+        "the sessions table shows backend {first}:\n{table}"
+    );
     assert_ne!(
         gw_pid as i32, backend,
         "the client sees the gateway's key, not the backend's"

@@ -132,6 +132,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
             }
         };
     let (server, conn) = (Rc::new(conn.stream), conn.state);
+    info.set_upstream(conn.backend_pid, conn.reused);
     info.set_state(SessionState::Idle);
     info!(
         session = info.id,
