@@ -655,6 +655,43 @@ fn scrape(addr: &str) -> String {
     body
 }
 
+/// A gateway in front of `pg` with pooling on, one I/O worker, identities from `idp` and `roles`
+/// (its `[[target.role]]` tables); and its listening address.
+fn identity_gateway(
+    pg: &Postgres,
+    idp: &testkit::idp::Idp,
+    dir: &Path,
+    roles: &str,
+) -> (Gateway, std::net::SocketAddr) {
+    let pw = pg.write_password_file(dir).unwrap();
+    let policy = policy(dir);
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        r#"{base}
+[target.pool]
+enabled = true
+
+[target.identity]
+issuer = "{issuer}"
+audience = "pg-main"
+client_id = "portcullis"
+client_secret_file = "{secret}"
+{roles}"#,
+        base = testkit::single_target_toml(listen, &pg.url(), &pw),
+        issuer = idp.issuer(),
+        secret = idp.client_secret_file().display(),
+    );
+    let gw = Gateway::start(
+        GatewayOptions::with_config(listen, config)
+            .arg("--workers")
+            .arg("1")
+            .arg("--policy")
+            .arg(policy.display().to_string()),
+    )
+    .expect("start the gateway");
+    (gw, listen)
+}
+
 /// Sessions whose identities map to different upstream roles never share a connection: one
 /// mapped to `SET ROLE reader` on the target's login, one to its own login. Each reuses its own,
 /// and the mapped role is set again after the reset (which returns to the login's role).
@@ -669,30 +706,9 @@ fn different_upstream_roles_never_share_a_connection() {
     .unwrap();
     let idp = Idp::start().expect("start the test IdP (cargo xtask setup installs it)");
     let dir = tempfile::tempdir().unwrap();
-    let pw = pg.write_password_file(dir.path()).unwrap();
     let dba_pw = testkit::write_secret(dir.path(), "dba.pw", "dba-login-pw").unwrap();
-    let policy = policy(dir.path());
-    let listen = format!("127.0.0.1:{}", free_port());
-    let config = format!(
+    let roles = format!(
         r#"
-[[listener]]
-listen = "{listen}"
-target = "main"
-
-[[target]]
-name = "main"
-upstream = "{url}"
-password_file = "{pw}"
-
-[target.pool]
-enabled = true
-
-[target.identity]
-issuer = "{issuer}"
-audience = "pg-main"
-client_id = "portcullis"
-client_secret_file = "{secret}"
-
 [[target.role]]
 groups = ["dba"]
 user = "dba_login"
@@ -702,24 +718,13 @@ password_file = "{dba_pw}"
 groups = ["analysts"]
 set_role = "reader"
 "#,
-        url = pg.url(),
-        pw = pw.display(),
-        issuer = idp.issuer(),
-        secret = idp.client_secret_file().display(),
         dba_pw = dba_pw.display(),
     );
-    let gw = Gateway::start(
-        GatewayOptions::with_config(listen.parse().unwrap(), config)
-            .arg("--workers")
-            .arg("1")
-            .arg("--policy")
-            .arg(policy.display().to_string()),
-    )
-    .expect("start the gateway");
+    let (gw, listen) = identity_gateway(&pg, &idp, dir.path(), &roles);
     let analyst = idp.mint("alice", &["analysts"], "portcullis").unwrap();
     let dba = idp.mint("dora", &["dba"], "portcullis").unwrap();
     let who = |token: &str| {
-        let (host, port) = listen.split_once(':').unwrap();
+        let (host, port) = (listen.ip(), listen.port());
         let out = std::process::Command::new(pg.bindir().join("psql"))
             .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c"])
             .arg("SELECT pg_backend_pid(), current_user, session_user")
@@ -769,36 +774,8 @@ fn a_connection_whose_reset_fails_is_closed_not_reused() {
         .unwrap();
     let idp = Idp::start().expect("start the test IdP (cargo xtask setup installs it)");
     let dir = tempfile::tempdir().unwrap();
-    let pw = pg.write_password_file(dir.path()).unwrap();
-    let policy = policy(dir.path());
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = format!(
-        r#"{base}
-[target.pool]
-enabled = true
-
-[target.identity]
-issuer = "{issuer}"
-audience = "pg-main"
-client_id = "portcullis"
-client_secret_file = "{secret}"
-
-[[target.role]]
-groups = ["analysts"]
-set_role = "reader"
-"#,
-        base = testkit::single_target_toml(listen, &pg.url(), &pw),
-        issuer = idp.issuer(),
-        secret = idp.client_secret_file().display(),
-    );
-    let gw = Gateway::start(
-        GatewayOptions::with_config(listen, config)
-            .arg("--workers")
-            .arg("1")
-            .arg("--policy")
-            .arg(policy.display().to_string()),
-    )
-    .expect("start the gateway");
+    let roles = "[[target.role]]\ngroups = [\"analysts\"]\nset_role = \"reader\"\n";
+    let (gw, listen) = identity_gateway(&pg, &idp, dir.path(), roles);
     let token = idp.mint("alice", &["analysts"], "portcullis").unwrap();
     let ep = Endpoint {
         host: "127.0.0.1".into(),

@@ -221,24 +221,10 @@ pub async fn take(
         return None;
     }
     let counters = &target.counters.pool;
-    let conn = take_checked(key, target, params, max_message).await;
-    match conn {
-        Some(_) => counters.reused.fetch_add(1, Relaxed),
-        None => counters.dialed.fetch_add(1, Relaxed),
-    };
-    conn
-}
-
-async fn take_checked(
-    key: &Key,
-    target: &Target,
-    params: &[(String, String)],
-    max_message: usize,
-) -> Option<Conn> {
-    let settings = &target.config.pool;
-    let counters = &target.counters.pool;
-    loop {
-        let mut conn = POOL.with_borrow_mut(|p| p.idle.get_mut(key)?.pop())?;
+    let taken = loop {
+        let Some(mut conn) = POOL.with_borrow_mut(|p| p.idle.get_mut(key)?.pop()) else {
+            break None;
+        };
         let now = Instant::now();
         let s = &mut conn.state;
         if now.duration_since(s.born) >= settings.max_lifetime
@@ -272,7 +258,7 @@ async fn take_checked(
         if sql.is_empty() {
             if now.duration_since(s.idle_since) < settings.health_check_after {
                 s.reused = true;
-                return Some(conn);
+                break Some(conn);
             }
             sql.push_str("SELECT 1");
         }
@@ -280,7 +266,7 @@ async fn take_checked(
             Ok(a) if a.clean(&["SELECT 1"]) => {
                 conn.state.absorb(&a);
                 conn.state.reused = true;
-                return Some(conn);
+                break Some(conn);
             }
             // The server refused the client's parameters; the connection is as it was. A fresh
             // connection's startup gives the client the server's own error.
@@ -290,7 +276,7 @@ async fn take_checked(
                 if let Some(extra) = put(key.clone(), conn, target) {
                     close(extra).await;
                 }
-                return None;
+                break None;
             }
             Ok(a) => debug!(
                 backend = conn.state.backend_pid,
@@ -303,7 +289,12 @@ async fn take_checked(
             ),
         }
         counters.closed(PoolClose::CheckFailed, 1);
-    }
+    };
+    match taken {
+        Some(_) => counters.reused.fetch_add(1, Relaxed),
+        None => counters.dialed.fetch_add(1, Relaxed),
+    };
+    taken
 }
 
 /// Resets a session's connection and keeps it for the next, or closes it. `tx_status` is the
