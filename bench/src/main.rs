@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// Targets to run, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub targets: Vec<TargetKind>,
+    /// Workloads to run, by id (`wide-rows-c1`, `select-simple-c8`, `connect`, ...),
+    /// comma-separated [default: all]. `open-loop-*` needs a `select-*` workload and the
+    /// `direct` target beside it: its rates are fractions of the direct peak.
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
     /// pgbench scale (overrides the profile's).
     #[arg(long)]
     pub scale: Option<u32>,

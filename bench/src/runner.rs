@@ -111,6 +111,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         k.dedup();
         k
     };
+    let plan = chosen(workloads::plan(&settings), &args.workloads, &kinds)?;
     let gateway_bin = args
         .gateway_bin
         .clone()
@@ -154,7 +155,6 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut slots: Vec<Slot> = kinds.iter().map(|&k| start_target(k, &lab, &ctx)).collect();
 
-    let plan = workloads::plan(&settings);
     let live = slots.iter().filter(|s| s.running.is_some()).count();
     let mut progress = Progress::new(settings.reps as usize * plan.len() * live);
     let mut interrupted = false;
@@ -270,6 +270,33 @@ fn run_cell(slot: &mut Slot, w: &Workload, ctx: &RunCtx) {
             }
         }
     }
+}
+
+/// The workloads of `plan` named in `ids` (all when none are), in the plan's order. Unknown ids
+/// and an open-loop workload without the direct peak to base its rate on are errors.
+fn chosen(plan: Vec<Workload>, ids: &[String], kinds: &[TargetKind]) -> Result<Vec<Workload>> {
+    if ids.is_empty() {
+        return Ok(plan);
+    }
+    if let Some(unknown) = ids.iter().find(|id| !plan.iter().any(|w| w.id() == **id)) {
+        let known: Vec<String> = plan.iter().map(Workload::id).collect();
+        bail!(
+            "--workloads: no workload `{unknown}` in this profile; there are: {}",
+            known.join(", ")
+        );
+    }
+    let plan: Vec<Workload> = plan.into_iter().filter(|w| ids.contains(&w.id())).collect();
+    let open_loop = plan.iter().find(|w| matches!(w, Workload::OpenLoop { .. }));
+    let has_peak = kinds.contains(&TargetKind::Direct)
+        && plan.iter().any(|w| matches!(w, Workload::Select { .. }));
+    if let (Some(w), false) = (open_loop, has_peak) {
+        bail!(
+            "--workloads: `{}` runs at a fraction of the direct peak, which needs a select-* \
+             workload and the direct target in the same run",
+            w.id()
+        );
+    }
+    Ok(plan)
 }
 
 /// The highest direct pgbench -S TPS measured so far (the first repetition's).
@@ -455,6 +482,28 @@ fn load_data(pg: &Postgres, scale: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workloads_are_chosen_by_id_in_the_plans_order() {
+        let plan = || workloads::plan(&Settings::full());
+        let ids = |w: Vec<Workload>| w.iter().map(Workload::id).collect::<Vec<_>>();
+        let all = [TargetKind::Direct, TargetKind::Haproxy];
+        assert_eq!(ids(chosen(plan(), &[], &all).unwrap()), ids(plan()));
+        let picked = ["wide-rows-c8".into(), "select-simple-c1".into()];
+        assert_eq!(
+            ids(chosen(plan(), &picked, &all).unwrap()),
+            ["select-simple-c1", "wide-rows-c8"]
+        );
+        let e = chosen(plan(), &["wide-rows-c2".into()], &all).unwrap_err();
+        assert!(e.to_string().contains("`wide-rows-c2`"), "{e}");
+        assert!(e.to_string().contains("wide-rows-c8"), "{e}");
+        let open = ["open-loop-50pct".into()];
+        let e = chosen(plan(), &open, &all).unwrap_err();
+        assert!(e.to_string().contains("direct peak"), "{e}");
+        let with_peak = ["open-loop-50pct".into(), "select-prepared-c8".into()];
+        assert!(chosen(plan(), &with_peak, &all).is_ok());
+        assert!(chosen(plan(), &with_peak, &[TargetKind::Haproxy]).is_err());
+    }
 
     #[test]
     fn the_direct_peak_is_the_best_select_result() {
