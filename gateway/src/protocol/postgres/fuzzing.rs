@@ -205,6 +205,41 @@ pub fn side_query(data: &[u8]) {
     }
 }
 
+/// The pool's reset and health check, on arbitrary answers: the first byte picks how many
+/// queries were sent (1 to 3), the rest are backend messages. Never a panic, and an answer is
+/// whole only after one ReadyForQuery per query; one that [`Answer::clean`] accepts came with no
+/// ErrorResponse and left the session idle, so a connection is pooled only then.
+pub fn housekeeping(data: &[u8]) {
+    use super::housekeeping::Housekeeping;
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let queries = usize::from(pick % 3) + 1;
+    let mut core = Housekeeping::new(queries);
+    let (mut ready, mut errors) = (0, 0);
+    for (tag, body, _) in backend_frames(rest) {
+        let step = core.on_message(tag, body);
+        match (tag, &step) {
+            (b'Z', Ok(_)) => ready += 1,
+            (b'E', Ok(_)) => errors += 1,
+            _ => {}
+        }
+        match step {
+            Ok(None) => assert!(ready < queries, "every ReadyForQuery came, yet no answer"),
+            Ok(Some(answer)) => {
+                assert_eq!(ready, queries, "an answer before every ReadyForQuery");
+                let tags: Vec<&str> = answer.tags.iter().map(String::as_str).collect();
+                if answer.clean(&tags) {
+                    assert_eq!(errors, 0, "clean despite an ErrorResponse: {answer:?}");
+                    assert_eq!(answer.status, b'I', "clean outside idle: {answer:?}");
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// Masking of what an upstream sends. The input describes a result's columns (types, formats and
 /// names picked from lists that reach every masking plan: column rules in each style, json rules,
 /// detectors, binary values, arrays), then backend messages (`tag`, `u16` body length, body):
@@ -522,12 +557,13 @@ mod tests {
     fn committed_corpora_replay() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 7] = [
+        let targets: [(&str, Target); 8] = [
             ("startup", startup),
             ("backend_messages", backend_messages),
             ("session", session),
             ("upstream_hello", upstream_hello),
             ("side_query", side_query),
+            ("housekeeping", housekeeping),
             ("mask_results", |data| {
                 mask_results(data);
             }),
@@ -820,5 +856,25 @@ mod tests {
         rows.extend_from_slice(b"Z\0\0\0\x05I");
         side_query(&rows);
         side_query(b"E\0\0\0\x05\0Z\0\0\0\x05I");
+
+        // A reset's answer: ROLLBACK and DISCARD ALL, each with its ReadyForQuery.
+        let mut reset = vec![1u8];
+        reset.extend_from_slice(b"C\0\0\0\x0dROLLBACK\0Z\0\0\0\x05I");
+        reset.extend_from_slice(b"C\0\0\0\x10DISCARD ALL\0Z\0\0\0\x05I");
+        housekeeping(&reset);
+        let mut core = crate::protocol::postgres::housekeeping::Housekeeping::new(2);
+        let answers: Vec<_> = backend_frames(&reset[1..])
+            .map(|(tag, body, _)| core.on_message(tag, body).unwrap())
+            .collect();
+        let last = answers
+            .last()
+            .unwrap()
+            .as_ref()
+            .expect("the seed is a whole answer");
+        assert!(last.clean(&["ROLLBACK", "DISCARD ALL"]));
+        // Cut short, an error inside, an unknown message: no panic.
+        housekeeping(&reset[..reset.len() - 3]);
+        housekeeping(b"\0E\0\0\0\x05\0Z\0\0\0\x05I");
+        housekeeping(b"\0W\0\0\0\x05\0");
     }
 }
