@@ -125,6 +125,10 @@ struct TargetSection {
     local_tls: Option<Spanned<crate::forward::local_tls::LocalTlsConfig>>,
     /// Warm upstream connections; off unless `enabled = true`.
     pool: Option<Spanned<PoolSection>>,
+    /// Upstream connections open at once, busy and idle, over every worker; none by default.
+    max_upstream_connections: Option<Spanned<usize>>,
+    /// How long a session waits for an upstream connection at that cap; default 10s.
+    upstream_queue_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +208,11 @@ pub struct TargetConfig {
     /// `[target.pool]`: warm upstream connections (reloads: applies to connections released,
     /// taken and swept after the reload; live sessions keep theirs).
     pub pool: PoolConfig,
+    /// The most upstream connections open at once, busy and idle, over every worker; `None`:
+    /// no cap. A session that needs one more waits for one to close, up to
+    /// `upstream_queue_timeout`, then is refused with 53300.
+    pub max_upstream_connections: Option<usize>,
+    pub upstream_queue_timeout: Duration,
 }
 
 /// `[target.pool]`. Each I/O worker keeps its own idle connections, per (target, database,
@@ -225,6 +234,9 @@ pub struct PoolConfig {
     /// A connection idle longer than this answers `SELECT 1` before reuse (default 30s).
     pub health_check_after: Duration,
 }
+
+/// How long a session waits at `max_upstream_connections` by default.
+const DEFAULT_UPSTREAM_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -319,6 +331,8 @@ impl Config {
                 identity: None,
                 local_tls: None,
                 pool: PoolConfig::default(),
+                max_upstream_connections: None,
+                upstream_queue_timeout: DEFAULT_UPSTREAM_QUEUE_TIMEOUT,
             }];
             cfg.listeners = vec![Listener {
                 listen,
@@ -484,6 +498,26 @@ impl Config {
                 }
                 None => PoolConfig::default(),
             };
+            let max_upstream_connections = match t.max_upstream_connections {
+                Some(m) if *m.get_ref() == 0 => {
+                    return Err(err(
+                        Some(m.span()),
+                        "key `target.max_upstream_connections`: must be at least 1 \
+                         (leave it out for no cap)"
+                            .into(),
+                    ));
+                }
+                m => m.map(Spanned::into_inner),
+            };
+            let upstream_queue_timeout = match t.upstream_queue_timeout {
+                Some(s) => parse_duration(s.get_ref()).map_err(|m| {
+                    err(
+                        Some(s.span()),
+                        format!("key `target.upstream_queue_timeout`: {m}"),
+                    )
+                })?,
+                None => DEFAULT_UPSTREAM_QUEUE_TIMEOUT,
+            };
             targets.push(TargetConfig {
                 name: t.name,
                 protocol,
@@ -497,6 +531,8 @@ impl Config {
                 identity,
                 local_tls,
                 pool,
+                max_upstream_connections,
+                upstream_queue_timeout,
             });
         }
         crate::idp::config::check_agents(&file.agent).map_err(|m| err(None, m))?;
@@ -846,6 +882,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("`target.pool.min_idle`"), "{e}");
+    }
+
+    #[test]
+    fn the_upstream_cap_is_off_by_default_and_its_errors_name_their_line() {
+        let target = "[[target]]\nname = \"a\"\nupstream = \"postgres://u@h/d\"\n";
+        let c = Config::parse(target, "f.toml").unwrap();
+        assert_eq!(c.targets[0].max_upstream_connections, None);
+        assert_eq!(c.targets[0].upstream_queue_timeout, Duration::from_secs(10));
+        let c = Config::parse(
+            &format!("{target}max_upstream_connections = 20\nupstream_queue_timeout = \"2s\"\n"),
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].max_upstream_connections, Some(20));
+        assert_eq!(c.targets[0].upstream_queue_timeout, Duration::from_secs(2));
+        let e = Config::parse(&format!("{target}max_upstream_connections = 0\n"), "f.toml")
+            .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(
+            e.message.contains("`target.max_upstream_connections`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{target}upstream_queue_timeout = \"soon\"\n"),
+            "f.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("`target.upstream_queue_timeout`"), "{e}");
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod cancel;
 pub mod conn;
 pub mod local_tls;
 pub mod pool;
+pub mod slots;
 pub mod tls;
 pub mod upstream;

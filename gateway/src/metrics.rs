@@ -22,6 +22,8 @@ pub struct TargetCounters {
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
     pub pool: PoolCounters,
+    /// Upstream connections open now, against `max_upstream_connections`.
+    pub upstream: crate::forward::slots::UpstreamSlots,
 }
 
 /// What a target's warm upstream connections (`[target.pool]`) did, over all I/O workers.
@@ -57,10 +59,12 @@ pub enum PoolClose {
     NotAtRest,
     /// A reload turned pooling off for its target, moved the target's upstream or removed it.
     Disabled,
+    /// Closed to make room for a session waiting at the target's `max_upstream_connections`.
+    Shed,
 }
 
 impl PoolClose {
-    pub const ALL: [PoolClose; 7] = [
+    pub const ALL: [PoolClose; 8] = [
         PoolClose::Expired,
         PoolClose::Surplus,
         PoolClose::Gone,
@@ -68,6 +72,7 @@ impl PoolClose {
         PoolClose::ResetFailed,
         PoolClose::NotAtRest,
         PoolClose::Disabled,
+        PoolClose::Shed,
     ];
 
     /// The name in `portcullis status` and the `reason` label of `portcullis_pool_closed_total`.
@@ -80,6 +85,7 @@ impl PoolClose {
             PoolClose::ResetFailed => "reset_failed",
             PoolClose::NotAtRest => "not_at_rest",
             PoolClose::Disabled => "disabled",
+            PoolClose::Shed => "shed",
         }
     }
 }
@@ -134,6 +140,14 @@ pub struct TargetSnapshot {
     pub pool_enabled: bool,
     #[serde(default)]
     pub pool: PoolSnapshot,
+    /// Upstream connections open now (busy and idle), the target's `max_upstream_connections`,
+    /// and the sessions waiting at it.
+    #[serde(default)]
+    pub upstream_open: u64,
+    #[serde(default)]
+    pub upstream_max: Option<u64>,
+    #[serde(default)]
+    pub upstream_waiting: u64,
 }
 
 /// What a session is doing, for `portcullis sessions`.
@@ -391,6 +405,9 @@ impl Registry {
                 errors: c.errors.load(Relaxed),
                 pool_enabled: false,
                 pool: c.pool.snapshot(),
+                upstream_open: c.upstream.open() as u64,
+                upstream_max: None,
+                upstream_waiting: c.upstream.waiting() as u64,
             })
             .collect();
         v.sort_by(|a, b| a.target.cmp(&b.target));

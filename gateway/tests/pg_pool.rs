@@ -37,13 +37,30 @@ struct Env {
 
 impl Env {
     fn start() -> Env {
+        Env::start_with("[target.pool]\nenabled = true\n", "1")
+    }
+
+    /// A target that keeps at most `max` upstream connections, sessions waiting up to `queue`
+    /// for one.
+    fn capped(max: u32, queue: &str, pooling: bool, workers: &str) -> Env {
+        Env::start_with(
+            &format!(
+                "max_upstream_connections = {max}\nupstream_queue_timeout = \"{queue}\"\n\n\
+                 [target.pool]\nenabled = {pooling}\n"
+            ),
+            workers,
+        )
+    }
+
+    /// `target_toml` goes at the end of the `[[target]]` table; `workers` I/O workers.
+    fn start_with(target_toml: &str, workers: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let policy = policy(dir.path());
         let h = Harness::builder()
             .mode(Mode::Gateway)
-            .target_toml("[target.pool]\nenabled = true\n")
+            .target_toml(target_toml)
             .gateway_arg("--workers")
-            .gateway_arg("1")
+            .gateway_arg(workers)
             .gateway_arg("--policy")
             .gateway_arg(policy.to_str().unwrap())
             .start()
@@ -725,25 +742,15 @@ set_role = "reader"
     let dba = idp.mint("dora", &["dba"], "portcullis").unwrap();
     let who = |token: &str| {
         let (host, port) = (listen.ip(), listen.port());
-        let out = std::process::Command::new(pg.bindir().join("psql"))
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c"])
-            .arg("SELECT pg_backend_pid(), current_user, session_user")
-            .arg(format!(
-                "host={host} port={port} user=agent dbname=app sslmode=disable"
-            ))
-            .env("PGPASSWORD", token)
-            .env("PGCONNECT_TIMEOUT", "30")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            gw.log_tail(30)
+        let stdout = psql_as(
+            &pg,
+            &gw,
+            &format!("host={host} port={port} user=agent dbname=app sslmode=disable"),
+            "SELECT pg_backend_pid(), current_user, session_user",
+            &[("PGPASSWORD", token)],
         );
         settle(&gw);
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let (pid, roles) = text.split_once('|').unwrap();
+        let (pid, roles) = stdout.trim().split_once('|').unwrap();
         (pid.to_owned(), roles.to_owned())
     };
     let (a1, roles) = who(&analyst);
@@ -839,4 +846,160 @@ fn a_connection_whose_reset_fails_is_closed_not_reused() {
         &gw,
         &[("reused", 0), ("dialed", 2), ("closed.reset_failed", 1)],
     );
+}
+
+/// psql's `-At` output of `sql` through `conninfo` with `env` set; the test fails, with the
+/// gateway's log, when psql does.
+fn psql_as(pg: &Postgres, gw: &Gateway, conninfo: &str, sql: &str, env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(pg.bindir().join("psql"))
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, conninfo])
+        .envs(env.iter().copied())
+        .env("PGCONNECT_TIMEOUT", "30")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_tail(30)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The upstream connections open for target `main` (busy and idle), from `status --json`.
+fn upstream_open(gw: &Gateway) -> u64 {
+    let out = gw.cli(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["targets"][0]["upstream_open"].as_u64().unwrap()
+}
+
+/// The app login's backends PostgreSQL has now.
+fn app_backends(pg: &Postgres) -> u64 {
+    pg.superuser_sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// An agent that opens connections in a burst cannot take more than `max_upstream_connections`
+/// backends: twelve sessions at once, each holding its backend 0.4 s, through a cap of two and
+/// two workers. Every one gets through, two at a time: PostgreSQL never sees a third backend
+/// from the gateway, and the burst takes at least six rounds of 0.4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sessions_waits_at_max_upstream_connections() {
+    let env = Env::capped(2, "60s", true, "2");
+    let started = std::time::Instant::now();
+    let sessions: Vec<_> = (0..12)
+        .map(|i| {
+            let ep = env.ep();
+            tokio::spawn(async move {
+                let c = ep
+                    .connect()
+                    .await
+                    .expect("the session waits, then connects");
+                c.simple_query(&format!("SELECT pg_sleep(0.4) -- {i}"))
+                    .await
+                    .expect("its statement runs");
+            })
+        })
+        .collect();
+    let mut most = (0, 0);
+    while !sessions.iter().all(|s| s.is_finished()) {
+        most.0 = most.0.max(app_backends(&env.h.pg));
+        most.1 = most.1.max(upstream_open(env.h.gw()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for s in sessions {
+        s.await.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        most.0 <= 2 && most.1 <= 2,
+        "backends {} and upstream connections {} past the cap of 2",
+        most.0,
+        most.1
+    );
+    assert!(
+        took >= Duration::from_millis(2400),
+        "twelve 0.4 s sessions through two places took {took:?}"
+    );
+    settle(env.h.gw());
+    assert!(upstream_open(env.h.gw()) <= 2);
+}
+
+/// At the cap, a session that waits past `upstream_queue_timeout` is refused with 53300 naming
+/// the setting; the session holding the place goes on, and the place serves the next session
+/// once it is free. With pooling off, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_waits_too_long_at_the_cap_is_refused() {
+    let env = Env::capped(1, "1s", false, "1");
+    let holder = env.connect().await;
+    assert_eq!(upstream_open(env.h.gw()), 1);
+    let refused = env
+        .ep()
+        .pg_config()
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("a second session past the cap is refused");
+    let db = refused.as_db_error().expect("a protocol-level error");
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    assert!(
+        db.message().contains("max_upstream_connections (1)")
+            && db.message().contains("upstream_queue_timeout (1s)"),
+        "{}",
+        db.message()
+    );
+    assert_eq!(
+        text(&holder, "SELECT 'still here'").await.as_deref(),
+        Some("still here")
+    );
+    env.end(holder).await;
+    assert_eq!(
+        upstream_open(env.h.gw()),
+        0,
+        "the closed connection freed its place"
+    );
+    let next = env.connect().await;
+    assert_eq!(text(&next, "SELECT 'next'").await.as_deref(), Some("next"));
+}
+
+/// A place held by an idle pooled connection is not lost to a session that cannot use it: a
+/// client with other parameters (another pool key) at a cap of one gets its backend after the
+/// idle connection is closed for it, on its own worker at once or by the other worker's sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_makes_room_for_a_session_with_another_key() {
+    let env = Env::capped(1, "20s", true, "2");
+    let a = env.connect().await;
+    let first = pid(&a).await;
+    env.end(a).await;
+    assert_pool(env.h.gw(), &[("idle", 1)]);
+    assert_eq!(
+        upstream_open(env.h.gw()),
+        1,
+        "the idle connection keeps its place"
+    );
+
+    // psql with PGTZ sends TimeZone: a key the idle connection does not serve.
+    let ep = env.ep();
+    let stdout = psql_as(
+        &env.h.pg,
+        env.h.gw(),
+        &ep.conninfo(),
+        "SELECT pg_backend_pid(), current_setting('TimeZone')",
+        &[("PGTZ", "Asia/Tokyo")],
+    );
+    let (backend, zone) = stdout.trim().split_once('|').unwrap();
+    assert_ne!(
+        backend,
+        first.to_string(),
+        "it got the idle connection of another key"
+    );
+    assert_eq!(zone, "Asia/Tokyo");
+    settle(env.h.gw());
+    assert_pool(env.h.gw(), &[("closed.shed", 1)]);
+    assert!(app_backends(&env.h.pg) <= 1);
 }

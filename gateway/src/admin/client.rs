@@ -86,6 +86,13 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             vec![
                 t.target.clone(),
                 t.sessions_active.to_string(),
+                match t.upstream_max {
+                    Some(max) => format!("{}/{max}", t.upstream_open),
+                    None => t.upstream_open.to_string(),
+                } + &match t.upstream_waiting {
+                    0 => String::new(),
+                    n => format!(" ({n} waiting)"),
+                },
                 t.sessions_total.to_string(),
                 t.queries.to_string(),
                 t.blocked.to_string(),
@@ -102,6 +109,7 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             &[
                 "TARGET",
                 "ACTIVE",
+                "UPSTREAM",
                 "SESSIONS",
                 "QUERIES",
                 "BLOCKED",

@@ -125,15 +125,17 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
     respond(&mut writer, reply)
 }
 
-/// The registry's per-target counters, each marked with whether its target pools now.
+/// The registry's per-target counters, with what the configuration says now: whether the
+/// target pools, and its cap on upstream connections.
 fn target_snapshots(shared: &Shared) -> Vec<crate::metrics::TargetSnapshot> {
     let routes = shared.routes();
     let mut targets = shared.registry.target_snapshots();
     for t in &mut targets {
-        t.pool_enabled = routes
-            .targets()
-            .iter()
-            .any(|r| r.config.name == t.target && r.config.pool.enabled);
+        let config = routes.targets().iter().find(|r| r.config.name == t.target);
+        t.pool_enabled = config.is_some_and(|r| r.config.pool.enabled);
+        t.upstream_max = config
+            .and_then(|r| r.config.max_upstream_connections)
+            .map(|m| m as u64);
     }
     targets
 }

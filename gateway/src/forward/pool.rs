@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::conn::Stream;
+use super::slots::{AtCap, Slot};
 use super::upstream::{self, Login, UpstreamError};
 use crate::config::{PoolConfig, Upstream};
 use crate::metrics::{PoolClose, TargetCounters};
@@ -91,11 +92,18 @@ pub struct ConnState {
     idle_since: Instant,
     /// Whether a session used it before this one.
     pub reused: bool,
+    /// Its place under the target's `max_upstream_connections`, freed when it closes.
+    _slot: Slot,
 }
 
 impl Conn {
-    /// Takes a freshly authenticated connection; `relay` is its startup answer.
-    pub fn new(up: upstream::Upstream, params: &[(String, String)]) -> Result<Conn, UpstreamError> {
+    /// Takes a freshly authenticated connection, dialled in `slot`; `relay` is its startup
+    /// answer.
+    pub fn new(
+        up: upstream::Upstream,
+        params: &[(String, String)],
+        slot: Slot,
+    ) -> Result<Conn, UpstreamError> {
         let bad = |e: crate::protocol::postgres::ProtocolError| {
             UpstreamError::Protocol(format!("startup answer: {e}"))
         };
@@ -131,6 +139,7 @@ impl Conn {
                 born: now,
                 idle_since: now,
                 reused: false,
+                _slot: slot,
             },
         })
     }
@@ -297,6 +306,32 @@ pub async fn take(
     taken
 }
 
+/// A place for a new upstream connection of `target` under its `max_upstream_connections`. At
+/// the cap, an idle connection of the target on this worker is closed to make room; otherwise
+/// the session waits, up to `upstream_queue_timeout`, for a session to end or another worker's
+/// sweep to close one of its idle connections (within a second).
+pub async fn upstream_slot(target: &Target) -> Result<Slot, AtCap> {
+    let max = target.config.max_upstream_connections;
+    if let Some(slot) = Slot::try_take(&target.counters, max) {
+        return Ok(slot);
+    }
+    let idle = POOL.with_borrow_mut(|p| {
+        let (_, idle) = p
+            .idle
+            .iter_mut()
+            .filter(|(k, i)| k.target == target.config.name && !i.conns.is_empty())
+            .min_by_key(|(_, i)| i.conns[0].state.idle_since)?;
+        let oldest = vec![idle.conns.remove(0)];
+        let mut closing = Vec::with_capacity(1);
+        idle.closing(oldest, PoolClose::Shed, &mut closing);
+        closing.pop()
+    });
+    if let Some(conn) = idle {
+        close(conn).await;
+    }
+    Slot::take(&target.counters, max, target.config.upstream_queue_timeout).await
+}
+
 /// Resets a session's connection and keeps it for the next, or closes it. `tx_status` is the
 /// last ReadyForQuery's; the caller checked the session ended at rest. `target` is the target
 /// as configured now: after a reload that turned pooling off or moved the upstream, it closes;
@@ -318,6 +353,11 @@ pub async fn release(
     let settings = &target.config.pool;
     if conn.state.born.elapsed() >= settings.max_lifetime {
         counters.pool.closed(PoolClose::Expired, 1);
+        return close(conn).await;
+    }
+    // Sessions wait at the target's cap: this connection's place goes to them.
+    if counters.upstream.waiting() > 0 {
+        counters.pool.closed(PoolClose::Shed, 1);
         return close(conn).await;
     }
     let role_sql = key.set_role.as_deref().map(crate::idp::set_role_sql);
@@ -464,6 +504,7 @@ fn sweep(pool: &mut Pool, routes: &Routes, now: Instant) -> (Vec<Conn>, Vec<Want
     let mut closing = Vec::new();
     let mut wanted = Vec::new();
     let mut gone = HashSet::new();
+    let mut shed = HashMap::new();
     for (key, idle) in &mut pool.idle {
         let target = routes
             .targets()
@@ -487,7 +528,16 @@ fn sweep(pool: &mut Pool, routes: &Routes, now: Instant) -> (Vec<Conn>, Vec<Want
         let over = idle.conns.len().saturating_sub(s.max_idle_per_key);
         let surplus = idle.conns.drain(..over).collect();
         idle.closing(surplus, PoolClose::Surplus, &mut closing);
-        if idle.conns.len() < s.min_idle && !idle.dialling {
+        // Sessions wait at the target's cap: its oldest idle connections make room.
+        let waiting = target.counters.upstream.waiting();
+        if waiting > 0 {
+            let left = shed.entry(key.target.clone()).or_insert(waiting);
+            let n = (*left).min(idle.conns.len());
+            let oldest = idle.conns.drain(..n).collect();
+            idle.closing(oldest, PoolClose::Shed, &mut closing);
+            *left -= n;
+        }
+        if idle.conns.len() < s.min_idle && !idle.dialling && waiting == 0 {
             idle.dialling = true;
             wanted.push((key.clone(), target.clone(), idle.params.clone()));
         } else if idle.conns.is_empty() && s.min_idle == 0 {
@@ -519,13 +569,21 @@ async fn dial_ahead(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    let done = || {
+        POOL.with_borrow_mut(|p| {
+            if let Some(idle) = p.idle.get_mut(&key) {
+                idle.dialling = false;
+            }
+        })
+    };
+    // Never past the cap, and never waiting for a place a session could have.
+    let Some(slot) = Slot::try_take(&target.counters, target.config.max_upstream_connections)
+    else {
+        return done();
+    };
     let dialled = upstream::connect(&target, login, &borrowed, key.minor, max_message).await;
-    let conn = dialled.and_then(|up| Conn::new(up, &params));
-    POOL.with_borrow_mut(|p| {
-        if let Some(idle) = p.idle.get_mut(&key) {
-            idle.dialling = false;
-        }
-    });
+    let conn = dialled.and_then(|up| Conn::new(up, &params, slot));
+    done();
     match conn {
         Ok(conn) => {
             target.counters.pool.dialed_ahead.fetch_add(1, Relaxed);
@@ -557,6 +615,7 @@ mod tests {
             born: Instant::now(),
             idle_since: Instant::now(),
             reused: true,
+            _slot: Slot::try_take(&Default::default(), None).unwrap(),
         };
         let mut want = Vec::new();
         messages::encode_parameter_status("DateStyle", "ISO, MDY", &mut want);

@@ -269,10 +269,27 @@ pub async fn open_upstream(
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let connecting = std::time::Instant::now();
+            let slot = match pool::upstream_slot(target).await {
+                Ok(slot) => slot,
+                Err(full) => {
+                    target.counters.errors.fetch_add(1, Relaxed);
+                    let message = format!(
+                        "too many upstream connections: target \"{}\" has its \
+                         max_upstream_connections ({}) open, and none closed within \
+                         upstream_queue_timeout ({})",
+                        target.config.name,
+                        full.max,
+                        humantime::format_duration(full.waited)
+                    );
+                    warn!(session = info.id, target = %target.config.name, "{message}");
+                    super::pump::refuse::<Postgres>(client, "53300", &message).await;
+                    anyhow::bail!("{message}");
+                }
+            };
             let connected = upstream::connect(target, login, &params, startup.minor, max_message);
             let dialled = connected.await.and_then(|up| {
                 let relay = up.relay.clone();
-                pool::Conn::new(up, &startup.params).map(|c| (c, relay))
+                pool::Conn::new(up, &startup.params, slot).map(|c| (c, relay))
             });
             match dialled {
                 Ok(up) => {

@@ -277,6 +277,23 @@ fn encode_pool(
     for t in targets {
         ConstGauge::new(t.pool.idle as i64).encode(m.encode_family(&[("target", &*t.target)])?)?;
     }
+    for (name, help, value) in [
+        (
+            "portcullis_upstream_connections",
+            "Upstream connections open now, busy and idle, per target.",
+            (|t| t.upstream_open) as fn(&crate::metrics::TargetSnapshot) -> u64,
+        ),
+        (
+            "portcullis_upstream_waiting",
+            "Sessions waiting now for an upstream connection at max_upstream_connections.",
+            |t| t.upstream_waiting,
+        ),
+    ] {
+        let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for t in targets {
+            ConstGauge::new(value(t) as i64).encode(m.encode_family(&[("target", &*t.target)])?)?;
+        }
+    }
     let mut m = encoder.encode_descriptor(
         "portcullis_pool_sessions",
         "Sessions of a pooled target by how they got their upstream connection: reused (warm) \
