@@ -887,7 +887,8 @@ fn app_backends(pg: &Postgres) -> u64 {
 /// An agent that opens connections in a burst cannot take more than `max_upstream_connections`
 /// backends: twelve sessions at once, each holding its backend 0.4 s, through a cap of two and
 /// two workers. Every one gets through, two at a time: PostgreSQL never sees a third backend
-/// from the gateway, and the burst takes at least six rounds of 0.4 s.
+/// from the gateway, the burst takes at least six rounds of 0.4 s, and the waiting sessions
+/// mostly get the two connections handed on rather than dialled again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_sessions_waits_at_max_upstream_connections() {
     let env = Env::capped(2, "60s", true, "2");
@@ -928,6 +929,13 @@ async fn a_burst_of_sessions_waits_at_max_upstream_connections() {
     );
     settle(env.h.gw());
     assert!(upstream_open(env.h.gw()) <= 2);
+    // A connection released while sessions wait goes to one of them on its worker, reset, not
+    // closed and dialled again.
+    let pool = pool(env.h.gw());
+    assert!(
+        pool["reused"].as_u64().unwrap() >= 6,
+        "most of the burst should reuse the two connections: {pool:#}"
+    );
 }
 
 /// At the cap, a session that waits past `upstream_queue_timeout` is refused with 53300 naming

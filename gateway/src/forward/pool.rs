@@ -218,8 +218,8 @@ thread_local! {
 }
 
 /// An idle connection for `key`, ready for a client that sent `params`; `None` when there is
-/// none (or pooling is off), and the caller dials.
-pub async fn take(
+/// none (or pooling is off).
+async fn take(
     key: &Key,
     target: &Target,
     params: &[(String, String)],
@@ -299,21 +299,37 @@ pub async fn take(
         }
         counters.closed(PoolClose::CheckFailed, 1);
     };
-    match taken {
-        Some(_) => counters.reused.fetch_add(1, Relaxed),
-        None => counters.dialed.fetch_add(1, Relaxed),
-    };
+    if taken.is_some() {
+        counters.reused.fetch_add(1, Relaxed);
+    }
     taken
 }
 
-/// A place for a new upstream connection of `target` under its `max_upstream_connections`. At
-/// the cap, an idle connection of the target on this worker is closed to make room; otherwise
-/// the session waits, up to `upstream_queue_timeout`, for a session to end or another worker's
-/// sweep to close one of its idle connections (within a second).
-pub async fn upstream_slot(target: &Target) -> Result<Slot, AtCap> {
+/// How a session gets its upstream connection.
+pub enum Acquired {
+    /// A warm one from this worker's pool.
+    Pooled(Box<Conn>),
+    /// A place under the target's `max_upstream_connections` to dial one in.
+    Dial(Slot),
+}
+
+/// A warm connection for `key` from this worker's pool, or a place to dial one. At the target's
+/// `max_upstream_connections`, an idle connection of another key on this worker is closed to
+/// make room; otherwise the session waits, up to `upstream_queue_timeout`, for a connection of
+/// its key released on this worker, a place freed by a session's end, or another worker's sweep
+/// closing an idle connection (within a second).
+pub async fn acquire(
+    key: &Key,
+    target: &Target,
+    params: &[(String, String)],
+    max_message: usize,
+) -> Result<Acquired, AtCap> {
+    if let Some(conn) = take(key, target, params, max_message).await {
+        return Ok(Acquired::Pooled(Box::new(conn)));
+    }
     let max = target.config.max_upstream_connections;
     if let Some(slot) = Slot::try_take(&target.counters, max) {
-        return Ok(slot);
+        return Ok(Acquired::Dial(slot));
     }
     let idle = POOL.with_borrow_mut(|p| {
         let (_, idle) = p
@@ -329,7 +345,26 @@ pub async fn upstream_slot(target: &Target) -> Result<Slot, AtCap> {
     if let Some(conn) = idle {
         close(conn).await;
     }
-    Slot::take(&target.counters, max, target.config.upstream_queue_timeout).await
+    let slots = &target.counters.upstream;
+    let _waiting = slots.wait();
+    let wait = target.config.upstream_queue_timeout;
+    let deadline = Instant::now() + wait;
+    loop {
+        let changed = slots.listen();
+        if let Some(conn) = take(key, target, params, max_message).await {
+            return Ok(Acquired::Pooled(Box::new(conn)));
+        }
+        if let Some(slot) = Slot::try_take(&target.counters, max) {
+            return Ok(Acquired::Dial(slot));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || compio::time::timeout(left, changed).await.is_err() {
+            return Err(AtCap {
+                max: max.unwrap_or(0),
+                waited: wait,
+            });
+        }
+    }
 }
 
 /// Resets a session's connection and keeps it for the next, or closes it. `tx_status` is the
@@ -355,11 +390,6 @@ pub async fn release(
         counters.pool.closed(PoolClose::Expired, 1);
         return close(conn).await;
     }
-    // Sessions wait at the target's cap: this connection's place goes to them.
-    if counters.upstream.waiting() > 0 {
-        counters.pool.closed(PoolClose::Shed, 1);
-        return close(conn).await;
-    }
     let role_sql = key.set_role.as_deref().map(crate::idp::set_role_sql);
     let mut queries = Vec::with_capacity(3);
     let mut tags = Vec::with_capacity(3);
@@ -380,6 +410,9 @@ pub async fn release(
             if let Some(extra) = put(key, conn, target) {
                 close(extra).await;
             }
+            // A session of this key waiting at the cap on this worker takes it now; the sweep
+            // closes it for the others.
+            counters.upstream.released();
         }
         Ok(a) => {
             counters.pool.closed(PoolClose::ResetFailed, 1);

@@ -19,7 +19,7 @@ pub struct UpstreamSlots {
     /// Sessions waiting for a place now; each worker's pool closes idle connections of the
     /// target while there are any.
     waiting: AtomicUsize,
-    freed: Event,
+    changed: Event,
 }
 
 impl UpstreamSlots {
@@ -29,6 +29,25 @@ impl UpstreamSlots {
 
     pub fn waiting(&self) -> usize {
         self.waiting.load(Relaxed)
+    }
+
+    /// Counts a session as waiting for a place (or a released connection) until the guard
+    /// drops, however its wait ends.
+    pub fn wait(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, AcqRel);
+        Waiting(self)
+    }
+
+    /// Resolves when a place is freed or a connection is released to a pool.
+    pub fn listen(&self) -> event_listener::EventListener {
+        self.changed.listen()
+    }
+
+    /// A connection went back to a pool: every waiter looks at its own worker's.
+    pub fn released(&self) {
+        if self.waiting() > 0 {
+            self.changed.notify(usize::MAX);
+        }
     }
 
     /// One place more, unless `max` are taken.
@@ -57,7 +76,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let slots = &self.0.upstream;
         slots.open.fetch_sub(1, AcqRel);
-        slots.freed.notify(1);
+        slots.changed.notify(1);
     }
 }
 
@@ -69,34 +88,6 @@ impl Slot {
             .try_take(max)
             .then(|| Slot(counters.clone()))
     }
-
-    /// A place, waiting while `max` are taken, for as long as `wait` lasts. While it waits the
-    /// target counts it in [`UpstreamSlots::waiting`], which the pools' sweeps read.
-    pub async fn take(
-        counters: &Arc<TargetCounters>,
-        max: Option<usize>,
-        wait: std::time::Duration,
-    ) -> Result<Slot, AtCap> {
-        if let Some(slot) = Slot::try_take(counters, max) {
-            return Ok(slot);
-        }
-        let slots = &counters.upstream;
-        let _waiting = Waiting::start(slots);
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            let freed = slots.freed.listen();
-            if let Some(slot) = Slot::try_take(counters, max) {
-                return Ok(slot);
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() || compio::time::timeout(left, freed).await.is_err() {
-                return Err(AtCap {
-                    max: max.unwrap_or(0),
-                    waited: wait,
-                });
-            }
-        }
-    }
 }
 
 /// No place came free in time.
@@ -106,16 +97,8 @@ pub struct AtCap {
     pub waited: std::time::Duration,
 }
 
-/// A session counted in [`UpstreamSlots::waiting`] until it stops waiting, however that ends
-/// (its task dropped included).
-struct Waiting<'a>(&'a UpstreamSlots);
-
-impl<'a> Waiting<'a> {
-    fn start(slots: &'a UpstreamSlots) -> Waiting<'a> {
-        slots.waiting.fetch_add(1, AcqRel);
-        Waiting(slots)
-    }
-}
+/// A session counted in [`UpstreamSlots::waiting`] until it stops waiting.
+pub struct Waiting<'a>(&'a UpstreamSlots);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {

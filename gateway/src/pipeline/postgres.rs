@@ -256,36 +256,39 @@ pub async fn open_upstream(
 ) -> anyhow::Result<(pool::Conn, pool::Key, CancelKey)> {
     let key = pool::Key::new(target, login, startup.minor, &startup.params);
     let max_message = shared.max_message();
-    let pooled = pool::take(&key, target, &startup.params, max_message).await;
-    let (conn, relay) = match pooled {
-        Some(conn) => {
+    let acquired = match pool::acquire(&key, target, &startup.params, max_message).await {
+        Ok(acquired) => acquired,
+        Err(full) => {
+            target.counters.errors.fetch_add(1, Relaxed);
+            let message = format!(
+                "too many upstream connections: target \"{}\" has its \
+                 max_upstream_connections ({}) open, and none came free within \
+                 upstream_queue_timeout ({})",
+                target.config.name,
+                full.max,
+                humantime::format_duration(full.waited)
+            );
+            warn!(session = info.id, target = %target.config.name, "{message}");
+            super::pump::refuse::<Postgres>(client, "53300", &message).await;
+            anyhow::bail!("{message}");
+        }
+    };
+    let (conn, relay) = match acquired {
+        pool::Acquired::Pooled(conn) => {
+            let conn = *conn;
             let relay = conn.state.relay();
             (conn, relay)
         }
-        None => {
+        pool::Acquired::Dial(slot) => {
+            if target.config.pool.enabled {
+                target.counters.pool.dialed.fetch_add(1, Relaxed);
+            }
             let params: Vec<(&str, &str)> = startup
                 .params
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let connecting = std::time::Instant::now();
-            let slot = match pool::upstream_slot(target).await {
-                Ok(slot) => slot,
-                Err(full) => {
-                    target.counters.errors.fetch_add(1, Relaxed);
-                    let message = format!(
-                        "too many upstream connections: target \"{}\" has its \
-                         max_upstream_connections ({}) open, and none closed within \
-                         upstream_queue_timeout ({})",
-                        target.config.name,
-                        full.max,
-                        humantime::format_duration(full.waited)
-                    );
-                    warn!(session = info.id, target = %target.config.name, "{message}");
-                    super::pump::refuse::<Postgres>(client, "53300", &message).await;
-                    anyhow::bail!("{message}");
-                }
-            };
             let connected = upstream::connect(target, login, &params, startup.minor, max_message);
             let dialled = connected.await.and_then(|up| {
                 let relay = up.relay.clone();
