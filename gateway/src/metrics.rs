@@ -390,11 +390,20 @@ impl Registry {
         v
     }
 
-    pub fn target_snapshots(&self) -> Vec<TargetSnapshot> {
+    /// Each target's counters, with what `routes` (the configuration now) says of it: whether
+    /// it pools, and its cap on upstream connections.
+    pub fn target_snapshots(&self, routes: &crate::route::Routes) -> Vec<TargetSnapshot> {
         let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = map
             .iter()
-            .map(|(name, c)| TargetSnapshot {
+            .map(|(name, c)| {
+                (
+                    name,
+                    c,
+                    routes.targets().iter().find(|t| t.config.name == *name),
+                )
+            })
+            .map(|(name, c, config)| TargetSnapshot {
                 target: name.clone(),
                 sessions_total: c.sessions_total.load(Relaxed),
                 sessions_active: c.sessions_active.load(Relaxed),
@@ -403,10 +412,12 @@ impl Registry {
                 bytes_in: c.bytes_in.load(Relaxed),
                 bytes_out: c.bytes_out.load(Relaxed),
                 errors: c.errors.load(Relaxed),
-                pool_enabled: false,
+                pool_enabled: config.is_some_and(|t| t.config.pool.enabled),
                 pool: c.pool.snapshot(),
                 upstream_open: c.upstream.open() as u64,
-                upstream_max: None,
+                upstream_max: config
+                    .and_then(|t| t.config.max_upstream_connections)
+                    .map(|m| m as u64),
                 upstream_waiting: c.upstream.waiting() as u64,
             })
             .collect();

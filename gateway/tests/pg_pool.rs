@@ -111,9 +111,8 @@ async fn assert_copy_left_nothing(env: &Env, old_pid: i32, reused: &str) {
     assert_eq!(n, 0);
 }
 
-/// The pool's counters for target `main` from `portcullis status --json`: `idle`, `reused`,
-/// `dialed`, `dialed_ahead` and `closed` by reason, beside `pool_enabled`.
-fn pool(gw: &Gateway) -> serde_json::Value {
+/// Target `main` as `portcullis status --json` reports it.
+fn main_target(gw: &Gateway) -> serde_json::Value {
     let out = gw.cli(&["status", "--json"]).unwrap();
     assert!(
         out.status.success(),
@@ -121,12 +120,19 @@ fn pool(gw: &Gateway) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let main = status["targets"]
+    status["targets"]
         .as_array()
         .unwrap()
         .iter()
         .find(|t| t["target"] == "main")
-        .unwrap_or_else(|| panic!("no target main in {status:#}"));
+        .unwrap_or_else(|| panic!("no target main in {status:#}"))
+        .clone()
+}
+
+/// The pool's counters for target `main`: `idle`, `reused`, `dialed`, `dialed_ahead` and
+/// `closed` by reason, beside `enabled` (0 or 1).
+fn pool(gw: &Gateway) -> serde_json::Value {
+    let main = main_target(gw);
     let mut pool = main["pool"].clone();
     pool["enabled"] = u64::from(main["pool_enabled"].as_bool().unwrap()).into();
     pool
@@ -866,11 +872,9 @@ fn psql_as(pg: &Postgres, gw: &Gateway, conninfo: &str, sql: &str, env: &[(&str,
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The upstream connections open for target `main` (busy and idle), from `status --json`.
+/// The upstream connections open for target `main` (busy and idle).
 fn upstream_open(gw: &Gateway) -> u64 {
-    let out = gw.cli(&["status", "--json"]).unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    status["targets"][0]["upstream_open"].as_u64().unwrap()
+    main_target(gw)["upstream_open"].as_u64().unwrap()
 }
 
 /// The app login's backends PostgreSQL has now.

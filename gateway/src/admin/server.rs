@@ -125,21 +125,6 @@ fn serve_one(conn: UnixStream, shared: &Shared, group: Option<u32>) -> anyhow::R
     respond(&mut writer, reply)
 }
 
-/// The registry's per-target counters, with what the configuration says now: whether the
-/// target pools, and its cap on upstream connections.
-fn target_snapshots(shared: &Shared) -> Vec<crate::metrics::TargetSnapshot> {
-    let routes = shared.routes();
-    let mut targets = shared.registry.target_snapshots();
-    for t in &mut targets {
-        let config = routes.targets().iter().find(|r| r.config.name == t.target);
-        t.pool_enabled = config.is_some_and(|r| r.config.pool.enabled);
-        t.upstream_max = config
-            .and_then(|r| r.config.max_upstream_connections)
-            .map(|m| m as u64);
-    }
-    targets
-}
-
 fn to_json(v: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
 }
@@ -172,7 +157,7 @@ fn handle(
                     })
                     .collect(),
                 sessions_active: shared.registry.live(),
-                targets: target_snapshots(shared),
+                targets: shared.registry.target_snapshots(&shared.routes()),
                 recording: Some(shared.recorder.status()),
             })
         }

@@ -230,7 +230,7 @@ async fn take(
         return None;
     }
     let counters = &target.counters.pool;
-    let taken = loop {
+    loop {
         let Some(mut conn) = POOL.with_borrow_mut(|p| p.idle.get_mut(key)?.pop()) else {
             break None;
         };
@@ -298,11 +298,7 @@ async fn take(
             ),
         }
         counters.closed(PoolClose::CheckFailed, 1);
-    };
-    if taken.is_some() {
-        counters.reused.fetch_add(1, Relaxed);
     }
-    taken
 }
 
 /// How a session gets its upstream connection.

@@ -275,6 +275,7 @@ pub async fn open_upstream(
     };
     let (conn, relay) = match acquired {
         pool::Acquired::Pooled(conn) => {
+            target.counters.pool.reused.fetch_add(1, Relaxed);
             let conn = *conn;
             let relay = conn.state.relay();
             (conn, relay)

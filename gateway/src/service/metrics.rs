@@ -159,7 +159,7 @@ impl std::fmt::Debug for Live {
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let registry = &self.shared.registry;
-        let targets = registry.target_snapshots();
+        let targets = registry.target_snapshots(&self.shared.routes());
         let sessions = registry.sessions();
 
         let held = sessions
@@ -257,31 +257,28 @@ impl Collector for Live {
             }
         }
         drop(shown);
-        encode_pool(&targets, &mut encoder)?;
+        encode_upstream(&targets, &mut encoder)?;
         encode_identity(&self.shared, &mut encoder)
     }
 }
 
-/// Each target's warm upstream connections (`[target.pool]`), over all I/O workers.
-fn encode_pool(
+/// Each target's upstream connections, over all I/O workers: those open against
+/// `max_upstream_connections`, and what its pool (`[target.pool]`) did.
+fn encode_upstream(
     targets: &[crate::metrics::TargetSnapshot],
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
     use prometheus_client::metrics::MetricType;
-    let mut m = encoder.encode_descriptor(
-        "portcullis_pool_idle",
-        "Idle upstream connections kept warm now, per target.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for t in targets {
-        ConstGauge::new(t.pool.idle as i64).encode(m.encode_family(&[("target", &*t.target)])?)?;
-    }
     for (name, help, value) in [
+        (
+            "portcullis_pool_idle",
+            "Idle upstream connections kept warm now, per target.",
+            (|t| t.pool.idle) as fn(&crate::metrics::TargetSnapshot) -> u64,
+        ),
         (
             "portcullis_upstream_connections",
             "Upstream connections open now, busy and idle, per target.",
-            (|t| t.upstream_open) as fn(&crate::metrics::TargetSnapshot) -> u64,
+            |t| t.upstream_open,
         ),
         (
             "portcullis_upstream_waiting",
