@@ -1015,3 +1015,69 @@ async fn an_idle_connection_makes_room_for_a_session_with_another_key() {
     assert_pool(env.h.gw(), &[("closed.shed", 1)]);
     assert!(app_backends(&env.h.pg) <= 1);
 }
+
+/// One agent's burst cannot keep another agent out at the cap. Eight sessions of one pool key
+/// loop through a cap of two, each released connection handed on to a waiting session of that
+/// key on its worker; a session of another key (its own `application_name`) queued behind them
+/// has waited longest after a second, and then the next connection released is closed to make
+/// room for it. Without that it is refused with 53300 at its queue timeout, the burst's own
+/// sessions taking every connection released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_one_key_does_not_starve_another_key_at_the_cap() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let env = Env::capped(2, "5s", true, "2");
+    let stop = Arc::new(AtomicBool::new(false));
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let (ep, stop) = (env.ep(), stop.clone());
+            tokio::spawn(async move {
+                let mut sessions = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let c = ep.connect().await.expect("a burst session connects");
+                    c.simple_query("SELECT pg_sleep(0.1)")
+                        .await
+                        .expect("its statement runs");
+                    sessions += 1;
+                }
+                sessions
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let target = main_target(env.h.gw());
+    assert!(
+        target["upstream_open"] == 2 && target["upstream_waiting"].as_u64().unwrap() > 0,
+        "the burst should hold the cap, with sessions waiting: {target:#}"
+    );
+
+    let started = std::time::Instant::now();
+    let (other, conn) = env
+        .ep()
+        .pg_config()
+        .application_name("other-agent")
+        .connect(NoTls)
+        .await
+        .expect("the other agent's session gets a place before its queue timeout");
+    let waited = started.elapsed();
+    tokio::spawn(conn);
+    assert_eq!(
+        text(&other, "SELECT current_setting('application_name')")
+            .await
+            .as_deref(),
+        Some("other-agent")
+    );
+    stop.store(true, Ordering::Relaxed);
+    drop(other);
+    let mut total = 0;
+    for b in burst {
+        total += b.await.unwrap();
+    }
+    assert!(total >= 8, "the burst ran {total} sessions");
+    assert!(
+        waited < Duration::from_secs(4),
+        "the other agent waited {waited:?}"
+    );
+    assert!(app_backends(&env.h.pg) <= 2);
+}

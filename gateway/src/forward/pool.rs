@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::conn::Stream;
-use super::slots::{AtCap, Slot};
+use super::slots::{AtCap, Slot, first_after};
 use super::upstream::{self, Login, UpstreamError};
 use crate::config::{PoolConfig, Upstream};
 use crate::metrics::{PoolClose, TargetCounters};
@@ -67,6 +67,13 @@ impl Key {
             minor,
             params: names,
         }
+    }
+
+    /// A short stand-in for the key in its target's queue at the cap. Two keys that collide
+    /// only cost the queue's first waiter one released connection it then cannot take.
+    pub fn id(&self) -> u64 {
+        use std::hash::BuildHasher as _;
+        foldhash::fast::FixedState::default().hash_one(self)
     }
 }
 
@@ -311,22 +318,57 @@ pub enum Acquired {
 
 /// A warm connection for `key` from this worker's pool, or a place to dial one. At the target's
 /// `max_upstream_connections`, an idle connection of another key on this worker is closed to
-/// make room; otherwise the session waits, up to `upstream_queue_timeout`, for a connection of
+/// make room; otherwise the session queues, up to `upstream_queue_timeout`, for a connection of
 /// its key released on this worker, a place freed by a session's end, or another worker's sweep
-/// closing an idle connection (within a second).
+/// closing an idle connection (within a second). A session that has waited longest goes first
+/// once it has waited [`first_after`] (see [`super::slots`]).
 pub async fn acquire(
     key: &Key,
     target: &Target,
     params: &[(String, String)],
     max_message: usize,
 ) -> Result<Acquired, AtCap> {
-    if let Some(conn) = take(key, target, params, max_message).await {
-        return Ok(Acquired::Pooled(Box::new(conn)));
-    }
+    let slots = &target.counters.upstream;
     let max = target.config.max_upstream_connections;
-    if let Some(slot) = Slot::try_take(&target.counters, max) {
-        return Ok(Acquired::Dial(slot));
+    let wait = target.config.upstream_queue_timeout;
+    let first = first_after(wait);
+    if max.is_none() || slots.overdue(first).is_none() {
+        if let Some(conn) = take(key, target, params, max_message).await {
+            return Ok(Acquired::Pooled(Box::new(conn)));
+        }
+        if let Some(slot) = Slot::try_take(&target.counters, max) {
+            return Ok(Acquired::Dial(slot));
+        }
+        shed_oldest_idle(target).await;
     }
+    let queued = slots.wait(key.id());
+    let deadline = Instant::now() + wait;
+    loop {
+        let changed = slots.listen();
+        if queued.may_take(first) {
+            if let Some(conn) = take(key, target, params, max_message).await {
+                return Ok(Acquired::Pooled(Box::new(conn)));
+            }
+            if let Some(slot) = Slot::try_take(&target.counters, max) {
+                return Ok(Acquired::Dial(slot));
+            }
+            if slots.overdue(first).is_some() && shed_oldest_idle(target).await {
+                continue;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || compio::time::timeout(left, changed).await.is_err() {
+            return Err(AtCap {
+                max: max.unwrap_or(0),
+                waited: wait,
+            });
+        }
+    }
+}
+
+/// Closes this worker's longest-idle connection to `target`, of any key, to free its place;
+/// false when there is none.
+async fn shed_oldest_idle(target: &Target) -> bool {
     let idle = POOL.with_borrow_mut(|p| {
         let (_, idle) = p
             .idle
@@ -338,28 +380,12 @@ pub async fn acquire(
         idle.closing(oldest, PoolClose::Shed, &mut closing);
         closing.pop()
     });
-    if let Some(conn) = idle {
-        close(conn).await;
-    }
-    let slots = &target.counters.upstream;
-    let _waiting = slots.wait();
-    let wait = target.config.upstream_queue_timeout;
-    let deadline = Instant::now() + wait;
-    loop {
-        let changed = slots.listen();
-        if let Some(conn) = take(key, target, params, max_message).await {
-            return Ok(Acquired::Pooled(Box::new(conn)));
+    match idle {
+        Some(conn) => {
+            close(conn).await;
+            true
         }
-        if let Some(slot) = Slot::try_take(&target.counters, max) {
-            return Ok(Acquired::Dial(slot));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || compio::time::timeout(left, changed).await.is_err() {
-            return Err(AtCap {
-                max: max.unwrap_or(0),
-                waited: wait,
-            });
-        }
+        None => false,
     }
 }
 
@@ -401,6 +427,15 @@ pub async fn release(
     }
     match run(&conn.stream, &queries, max_message).await {
         Ok(a) if a.clean(&tags) => {
+            let first = first_after(target.config.upstream_queue_timeout);
+            if target.config.max_upstream_connections.is_some()
+                && let Some(head) = counters.upstream.overdue(first)
+                && !head.can_use(key.id())
+            {
+                // The session that has waited longest cannot use it: its place goes to that one.
+                counters.pool.closed(PoolClose::Shed, 1);
+                return close(conn).await;
+            }
             conn.state.absorb(&a);
             conn.state.idle_since = Instant::now();
             if let Some(extra) = put(key, conn, target) {
@@ -605,9 +640,11 @@ async fn dial_ahead(
             }
         })
     };
-    // Never past the cap, and never waiting for a place a session could have.
-    let Some(slot) = Slot::try_take(&target.counters, target.config.max_upstream_connections)
-    else {
+    // Never past the cap, and never taking a place a session waits for.
+    let slot = (target.counters.upstream.waiting() == 0)
+        .then(|| Slot::try_take(&target.counters, target.config.max_upstream_connections))
+        .flatten();
+    let Some(slot) = slot else {
         return done();
     };
     let dialled = upstream::connect(&target, login, &borrowed, key.minor, max_message).await;

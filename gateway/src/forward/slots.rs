@@ -2,24 +2,66 @@
 //! every I/O worker. A connection holds its [`Slot`] from before it is dialled until it closes,
 //! in a session or idle in a pool, so the count is the connections PostgreSQL sees from the
 //! gateway for that target (cancel requests aside).
+//!
+//! Sessions that find the target at its cap queue. While none has waited long, a connection
+//! released to a pool goes to a waiting session of its key on its worker, and a freed place to
+//! whichever waiter takes it first: handing a warm connection on is what keeps a burst fast.
+//! Once the longest waiter has waited [`first_after`], it goes first: no other session takes a
+//! place or an idle connection, and connections released that it cannot use are closed to make
+//! room for it. So one agent's burst of sessions cannot keep another agent's session, of
+//! another pool key or on another worker, out until its `upstream_queue_timeout`.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 
 use crate::metrics::TargetCounters;
+
+/// How long the longest waiter waits before it goes first: a second, or half the queue timeout
+/// when that is shorter.
+pub fn first_after(queue_timeout: Duration) -> Duration {
+    (queue_timeout / 2).min(Duration::from_secs(1))
+}
 
 /// One target's count, kept with its counters so that it outlives reloads: connections opened
 /// before a reload keep their place.
 #[derive(Debug, Default)]
 pub struct UpstreamSlots {
     open: AtomicUsize,
-    /// Sessions waiting for a place now; each worker's pool closes idle connections of the
-    /// target while there are any.
-    waiting: AtomicUsize,
+    /// Sessions waiting for a place or a released connection, oldest first.
+    queue: Mutex<VecDeque<Waiter>>,
+    tickets: AtomicU64,
     changed: Event,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    since: Instant,
+    /// What it can use: a connection of this pool key ([`crate::forward::pool::Key::id`]) on
+    /// this worker.
+    key: u64,
+    worker: ThreadId,
+}
+
+/// The longest waiter, once it has waited long enough to go first.
+#[derive(Debug, Clone, Copy)]
+pub struct Overdue {
+    ticket: u64,
+    key: u64,
+    worker: ThreadId,
+}
+
+impl Overdue {
+    /// Whether a connection of pool key `key` released on this thread's worker can serve it.
+    pub fn can_use(&self, key: u64) -> bool {
+        self.key == key && self.worker == std::thread::current().id()
+    }
 }
 
 impl UpstreamSlots {
@@ -28,26 +70,49 @@ impl UpstreamSlots {
     }
 
     pub fn waiting(&self) -> usize {
-        self.waiting.load(Relaxed)
+        self.queue().len()
     }
 
-    /// Counts a session as waiting for a place (or a released connection) until the guard
-    /// drops, however its wait ends.
-    pub fn wait(&self) -> Waiting<'_> {
-        self.waiting.fetch_add(1, AcqRel);
-        Waiting(self)
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiter>> {
+        // The queue is consistent after every push and removal; a panic elsewhere leaves it so.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Resolves when a place is freed or a connection is released to a pool.
+    /// Queues a session of pool key `key` on this thread's worker until the guard drops,
+    /// however its wait ends.
+    pub fn wait(&self, key: u64) -> Waiting<'_> {
+        let ticket = self.tickets.fetch_add(1, Relaxed);
+        self.queue().push_back(Waiter {
+            ticket,
+            since: Instant::now(),
+            key,
+            worker: std::thread::current().id(),
+        });
+        Waiting {
+            slots: self,
+            ticket,
+        }
+    }
+
+    /// The longest waiter, if it has waited `after` or more.
+    pub fn overdue(&self, after: Duration) -> Option<Overdue> {
+        let queue = self.queue();
+        let head = queue.front()?;
+        (head.since.elapsed() >= after).then_some(Overdue {
+            ticket: head.ticket,
+            key: head.key,
+            worker: head.worker,
+        })
+    }
+
+    /// Resolves when a place is freed, a connection is released to a pool, or a waiter leaves.
     pub fn listen(&self) -> event_listener::EventListener {
         self.changed.listen()
     }
 
-    /// A connection went back to a pool: every waiter looks at its own worker's.
+    /// Something a waiter may take came free, or the order changed: every waiter looks again.
     pub fn released(&self) {
-        if self.waiting() > 0 {
-            self.changed.notify(usize::MAX);
-        }
+        self.changed.notify(usize::MAX);
     }
 
     /// One place more, unless `max` are taken.
@@ -76,7 +141,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let slots = &self.0.upstream;
         slots.open.fetch_sub(1, AcqRel);
-        slots.changed.notify(1);
+        slots.released();
     }
 }
 
@@ -97,12 +162,31 @@ pub struct AtCap {
     pub waited: std::time::Duration,
 }
 
-/// A session counted in [`UpstreamSlots::waiting`] until it stops waiting.
-pub struct Waiting<'a>(&'a UpstreamSlots);
+/// A session in its target's queue until it stops waiting.
+pub struct Waiting<'a> {
+    slots: &'a UpstreamSlots,
+    ticket: u64,
+}
+
+impl Waiting<'_> {
+    /// Whether this session may take a place or an idle connection now: no other session has
+    /// waited long enough to go first.
+    pub fn may_take(&self, after: Duration) -> bool {
+        self.slots
+            .overdue(after)
+            .is_none_or(|head| head.ticket == self.ticket)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, AcqRel);
+        let mut queue = self.slots.queue();
+        let was_head = queue.front().is_some_and(|w| w.ticket == self.ticket);
+        queue.retain(|w| w.ticket != self.ticket);
+        drop(queue);
+        if was_head {
+            self.slots.released();
+        }
     }
 }
 
@@ -122,5 +206,39 @@ mod tests {
         assert!(Slot::try_take(&counters, None).is_some(), "no cap");
         drop((b, c));
         assert_eq!(counters.upstream.open(), 0);
+    }
+
+    #[test]
+    fn the_longest_waiter_goes_first_once_overdue() {
+        let slots = UpstreamSlots::default();
+        let first = slots.wait(7);
+        let second = slots.wait(8);
+        let long = Duration::from_secs(3600);
+        assert!(slots.overdue(long).is_none());
+        assert!(
+            first.may_take(long) && second.may_take(long),
+            "none overdue yet"
+        );
+        let head = slots.overdue(Duration::ZERO).expect("the first is overdue");
+        assert!(head.can_use(7) && !head.can_use(8));
+        assert!(first.may_take(Duration::ZERO));
+        assert!(
+            !second.may_take(Duration::ZERO),
+            "the second waits its turn"
+        );
+        drop(first);
+        assert!(second.may_take(Duration::ZERO));
+        assert_eq!(slots.waiting(), 1);
+        drop(second);
+        assert_eq!(slots.waiting(), 0);
+    }
+
+    #[test]
+    fn first_after_is_a_second_or_half_the_queue_timeout() {
+        assert_eq!(first_after(Duration::from_secs(10)), Duration::from_secs(1));
+        assert_eq!(
+            first_after(Duration::from_millis(600)),
+            Duration::from_millis(300)
+        );
     }
 }
