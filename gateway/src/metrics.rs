@@ -141,13 +141,15 @@ pub struct TargetSnapshot {
     #[serde(default)]
     pub pool: PoolSnapshot,
     /// Upstream connections open now (busy and idle), the target's `max_upstream_connections`,
-    /// and the sessions waiting at it.
+    /// the sessions waiting at it, and how long the longest of them has waited.
     #[serde(default)]
     pub upstream_open: u64,
     #[serde(default)]
     pub upstream_max: Option<u64>,
     #[serde(default)]
     pub upstream_waiting: u64,
+    #[serde(default)]
+    pub upstream_longest_wait_ms: u64,
 }
 
 /// What a session is doing, for `portcullis sessions`.
@@ -419,6 +421,7 @@ impl Registry {
                     .and_then(|t| t.config.max_upstream_connections)
                     .map(|m| m as u64),
                 upstream_waiting: c.upstream.waiting() as u64,
+                upstream_longest_wait_ms: c.upstream.longest_wait().as_millis() as u64,
             })
             .collect();
         v.sort_by(|a, b| a.target.cmp(&b.target));

@@ -655,6 +655,7 @@ async fn pooling_off_by_config_and_on_by_reload() {
         r#"portcullis_pool_sessions_total{target="main",served="dialed"} 1"#,
         r#"portcullis_pool_dialed_ahead_total{target="main"} 0"#,
         r#"portcullis_pool_closed_total{target="main",reason="reset_failed"} 0"#,
+        r#"portcullis_upstream_longest_wait_seconds{target="main"} 0.0"#,
     ] {
         assert!(
             scrape.lines().any(|l| l == series),
@@ -943,19 +944,32 @@ async fn a_burst_of_sessions_waits_at_max_upstream_connections() {
 }
 
 /// At the cap, a session that waits past `upstream_queue_timeout` is refused with 53300 naming
-/// the setting; the session holding the place goes on, and the place serves the next session
-/// once it is free. With pooling off, too.
+/// the setting, and `status` shows it waiting meanwhile; the session holding the place goes on,
+/// and the place serves the next session once it is free. With pooling off, too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_waits_too_long_at_the_cap_is_refused() {
     let env = Env::capped(1, "1s", false, "1");
     let holder = env.connect().await;
     assert_eq!(upstream_open(env.h.gw()), 1);
-    let refused = env
-        .ep()
-        .pg_config()
-        .connect(NoTls)
+    let config = env.ep().pg_config();
+    let second = tokio::spawn(async move { config.connect(NoTls).await.err() });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let target = main_target(env.h.gw());
+    assert_eq!(target["upstream_waiting"], 1, "{target:#}");
+    let longest = target["upstream_longest_wait_ms"].as_u64().unwrap();
+    assert!(
+        (400..1000).contains(&longest),
+        "the waiting session has waited {longest} ms"
+    );
+    let status = env.h.gw().cli(&["status"]).unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("1/1 (1 waiting, longest 0."),
+        "portcullis status should show the wait:\n{status}"
+    );
+    let refused = second
         .await
-        .err()
+        .unwrap()
         .expect("a second session past the cap is refused");
     let db = refused.as_db_error().expect("a protocol-level error");
     assert_eq!(db.code().code(), "53300", "{db:?}");

@@ -91,7 +91,10 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
                     None => t.upstream_open.to_string(),
                 } + &match t.upstream_waiting {
                     0 => String::new(),
-                    n => format!(" ({n} waiting)"),
+                    n => format!(
+                        " ({n} waiting, longest {:.1}s)",
+                        t.upstream_longest_wait_ms as f64 / 1000.0
+                    ),
                 },
                 t.sessions_total.to_string(),
                 t.queries.to_string(),

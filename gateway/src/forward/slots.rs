@@ -73,6 +73,13 @@ impl UpstreamSlots {
         self.queue().len()
     }
 
+    /// How long the longest waiter has waited; zero when none waits.
+    pub fn longest_wait(&self) -> Duration {
+        self.queue()
+            .front()
+            .map_or(Duration::ZERO, |w| w.since.elapsed())
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiter>> {
         // The queue is consistent after every push and removal; a panic elsewhere leaves it so.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)

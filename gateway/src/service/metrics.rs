@@ -292,6 +292,16 @@ fn encode_upstream(
         }
     }
     let mut m = encoder.encode_descriptor(
+        "portcullis_upstream_longest_wait_seconds",
+        "How long the session waiting longest at max_upstream_connections has waited, per target; 0 when none waits.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in targets {
+        ConstGauge::new(t.upstream_longest_wait_ms as f64 / 1000.0)
+            .encode(m.encode_family(&[("target", &*t.target)])?)?;
+    }
+    let mut m = encoder.encode_descriptor(
         "portcullis_pool_sessions",
         "Sessions of a pooled target by how they got their upstream connection: reused (warm) \
          or dialed (none idle, or none passed its check).",
