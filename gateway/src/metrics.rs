@@ -399,29 +399,25 @@ impl Registry {
         let mut v: Vec<_> = map
             .iter()
             .map(|(name, c)| {
-                (
-                    name,
-                    c,
-                    routes.targets().iter().find(|t| t.config.name == *name),
-                )
-            })
-            .map(|(name, c, config)| TargetSnapshot {
-                target: name.clone(),
-                sessions_total: c.sessions_total.load(Relaxed),
-                sessions_active: c.sessions_active.load(Relaxed),
-                queries: c.queries.load(Relaxed),
-                blocked: c.blocked.load(Relaxed),
-                bytes_in: c.bytes_in.load(Relaxed),
-                bytes_out: c.bytes_out.load(Relaxed),
-                errors: c.errors.load(Relaxed),
-                pool_enabled: config.is_some_and(|t| t.config.pool.enabled),
-                pool: c.pool.snapshot(),
-                upstream_open: c.upstream.open() as u64,
-                upstream_max: config
-                    .and_then(|t| t.config.max_upstream_connections)
-                    .map(|m| m as u64),
-                upstream_waiting: c.upstream.waiting() as u64,
-                upstream_longest_wait_ms: c.upstream.longest_wait().as_millis() as u64,
+                let config = routes.target(name);
+                TargetSnapshot {
+                    target: name.clone(),
+                    sessions_total: c.sessions_total.load(Relaxed),
+                    sessions_active: c.sessions_active.load(Relaxed),
+                    queries: c.queries.load(Relaxed),
+                    blocked: c.blocked.load(Relaxed),
+                    bytes_in: c.bytes_in.load(Relaxed),
+                    bytes_out: c.bytes_out.load(Relaxed),
+                    errors: c.errors.load(Relaxed),
+                    pool_enabled: config.is_some_and(|t| t.config.pool.enabled),
+                    pool: c.pool.snapshot(),
+                    upstream_open: c.upstream.open() as u64,
+                    upstream_max: config
+                        .and_then(|t| t.config.max_upstream_connections)
+                        .map(|m| m as u64),
+                    upstream_waiting: c.upstream.waiting() as u64,
+                    upstream_longest_wait_ms: c.upstream.longest_wait().as_millis() as u64,
+                }
             })
             .collect();
         v.sort_by(|a, b| a.target.cmp(&b.target));

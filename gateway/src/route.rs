@@ -160,6 +160,11 @@ impl Routes {
     pub fn targets(&self) -> &[Arc<Target>] {
         &self.targets
     }
+
+    /// The target configured now under `name`.
+    pub fn target(&self, name: &str) -> Option<&Arc<Target>> {
+        self.targets.iter().find(|t| t.config.name == name)
+    }
 }
 
 fn contains(p: &ProtectedTarget, ip: std::net::IpAddr) -> bool {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::conn::Stream;
-use super::slots::{AtCap, Slot, first_after};
+use super::slots::{AtCap, Slot};
 use super::upstream::{self, Login, UpstreamError};
 use crate::config::{PoolConfig, Upstream};
 use crate::metrics::{PoolClose, TargetCounters};
@@ -321,7 +321,7 @@ pub enum Acquired {
 /// make room; otherwise the session queues, up to `upstream_queue_timeout`, for a connection of
 /// its key released on this worker, a place freed by a session's end, or another worker's sweep
 /// closing an idle connection (within a second). A session that has waited longest goes first
-/// once it has waited [`first_after`] (see [`super::slots`]).
+/// once it has waited a second or half its queue timeout (see [`super::slots`]).
 pub async fn acquire(
     key: &Key,
     target: &Target,
@@ -331,13 +331,9 @@ pub async fn acquire(
     let slots = &target.counters.upstream;
     let max = target.config.max_upstream_connections;
     let wait = target.config.upstream_queue_timeout;
-    let first = first_after(wait);
-    if max.is_none() || slots.overdue(first).is_none() {
-        if let Some(conn) = take(key, target, params, max_message).await {
-            return Ok(Acquired::Pooled(Box::new(conn)));
-        }
-        if let Some(slot) = Slot::try_take(&target.counters, max) {
-            return Ok(Acquired::Dial(slot));
+    if max.is_none() || slots.overdue(wait).is_none() {
+        if let Some(got) = available(key, target, params, max_message).await {
+            return Ok(got);
         }
         shed_oldest_idle(target).await;
     }
@@ -345,14 +341,11 @@ pub async fn acquire(
     let deadline = Instant::now() + wait;
     loop {
         let changed = slots.listen();
-        if queued.may_take(first) {
-            if let Some(conn) = take(key, target, params, max_message).await {
-                return Ok(Acquired::Pooled(Box::new(conn)));
+        if queued.may_take(wait) {
+            if let Some(got) = available(key, target, params, max_message).await {
+                return Ok(got);
             }
-            if let Some(slot) = Slot::try_take(&target.counters, max) {
-                return Ok(Acquired::Dial(slot));
-            }
-            if slots.overdue(first).is_some() && shed_oldest_idle(target).await {
+            if slots.overdue(wait).is_some() && shed_oldest_idle(target).await {
                 continue;
             }
         }
@@ -364,6 +357,19 @@ pub async fn acquire(
             });
         }
     }
+}
+
+/// A warm connection for `key` on this worker, or a free place under the target's cap.
+async fn available(
+    key: &Key,
+    target: &Target,
+    params: &[(String, String)],
+    max_message: usize,
+) -> Option<Acquired> {
+    if let Some(conn) = take(key, target, params, max_message).await {
+        return Some(Acquired::Pooled(Box::new(conn)));
+    }
+    Slot::try_take(&target.counters, target.config.max_upstream_connections).map(Acquired::Dial)
 }
 
 /// Closes this worker's longest-idle connection to `target`, of any key, to free its place;
@@ -427,9 +433,10 @@ pub async fn release(
     }
     match run(&conn.stream, &queries, max_message).await {
         Ok(a) if a.clean(&tags) => {
-            let first = first_after(target.config.upstream_queue_timeout);
             if target.config.max_upstream_connections.is_some()
-                && let Some(head) = counters.upstream.overdue(first)
+                && let Some(head) = counters
+                    .upstream
+                    .overdue(target.config.upstream_queue_timeout)
                 && !head.can_use(key.id())
             {
                 // The session that has waited longest cannot use it: its place goes to that one.

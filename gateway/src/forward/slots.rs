@@ -6,10 +6,11 @@
 //! Sessions that find the target at its cap queue. While none has waited long, a connection
 //! released to a pool goes to a waiting session of its key on its worker, and a freed place to
 //! whichever waiter takes it first: handing a warm connection on is what keeps a burst fast.
-//! Once the longest waiter has waited [`first_after`], it goes first: no other session takes a
-//! place or an idle connection, and connections released that it cannot use are closed to make
-//! room for it. So one agent's burst of sessions cannot keep another agent's session, of
-//! another pool key or on another worker, out until its `upstream_queue_timeout`.
+//! Once the longest waiter has waited a second (or half its queue timeout), it goes first: no
+//! other session takes a place or an idle connection, and connections released that it cannot
+//! use are closed to make room for it. So one agent's burst of sessions cannot keep another
+//! agent's session, of another pool key or on another worker, out until its
+//! `upstream_queue_timeout`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
@@ -24,7 +25,7 @@ use crate::metrics::TargetCounters;
 
 /// How long the longest waiter waits before it goes first: a second, or half the queue timeout
 /// when that is shorter.
-pub fn first_after(queue_timeout: Duration) -> Duration {
+fn first_after(queue_timeout: Duration) -> Duration {
     (queue_timeout / 2).min(Duration::from_secs(1))
 }
 
@@ -101,11 +102,11 @@ impl UpstreamSlots {
         }
     }
 
-    /// The longest waiter, if it has waited `after` or more.
-    pub fn overdue(&self, after: Duration) -> Option<Overdue> {
+    /// The longest waiter, if it has waited long enough to go first under `queue_timeout`.
+    pub fn overdue(&self, queue_timeout: Duration) -> Option<Overdue> {
         let queue = self.queue();
         let head = queue.front()?;
-        (head.since.elapsed() >= after).then_some(Overdue {
+        (head.since.elapsed() >= first_after(queue_timeout)).then_some(Overdue {
             ticket: head.ticket,
             key: head.key,
             worker: head.worker,
@@ -177,10 +178,10 @@ pub struct Waiting<'a> {
 
 impl Waiting<'_> {
     /// Whether this session may take a place or an idle connection now: no other session has
-    /// waited long enough to go first.
-    pub fn may_take(&self, after: Duration) -> bool {
+    /// waited long enough to go first under `queue_timeout`.
+    pub fn may_take(&self, queue_timeout: Duration) -> bool {
         self.slots
-            .overdue(after)
+            .overdue(queue_timeout)
             .is_none_or(|head| head.ticket == self.ticket)
     }
 }

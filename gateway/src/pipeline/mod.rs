@@ -219,10 +219,7 @@ async fn run(client: Rc<Stream>, identity: Identity, shared: &Arc<Shared>) -> an
     {
         drop(client);
         let now = shared.routes();
-        let current = now
-            .targets()
-            .iter()
-            .find(|t| t.config.name == target.config.name);
+        let current = now.target(&target.config.name);
         let conn = crate::forward::pool::Conn {
             stream,
             state: conn,
